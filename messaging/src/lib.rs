@@ -1,0 +1,5 @@
+//! chanio messaging layer.
+#![warn(missing_docs)]
+
+pub mod mr;
+pub mod provider;

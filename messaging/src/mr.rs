@@ -1,0 +1,630 @@
+//! Registered memory: protection domains, buffer pools and remote keys.
+//!
+//! ```text
+//! ProtectionDomain ── register() ──▶ BufPool ── checkout() ──▶ Buf
+//!        │                             │                        │
+//!   rkey → region table          one registration         one chunk, owned;
+//!   (for one-sided access)       (lkey, rkey, access)     checks itself back
+//!                                                          in on drop
+//! ```
+//!
+//! A [`BufPool`] is one registration: `count` chunks of `chunk_size` bytes in
+//! one page-aligned allocation, with a local key, a remote key and access
+//! flags. Each chunk is checked out as a [`Buf`], an owned handle that derefs
+//! to its bytes; posting a work request moves the `Buf` into the provider and
+//! its completion hands it back, so a buffer can never be touched locally
+//! while the fabric owns it. Dropping a `Buf` returns its chunk to the pool.
+//!
+//! One-sided operations (RDMA Write and Read) from a peer reach memory by
+//! remote key: [`ProtectionDomain::remote_target`] checks the key, the bounds
+//! and the access flags, exactly as an RDMA NIC does, and yields a
+//! [`RemoteTarget`] that keeps the region alive while the data moves.
+//!
+//! # The DMA hazard
+//! Memory registered with [`Access::REMOTE_WRITE`] can be written by the peer
+//! at any time, as with real RDMA hardware. The push-push protocol only
+//! writes into memory that the receiver granted and that no local handle is
+//! reading (a granted slot or an exposed buffer); a peer that breaks that
+//! rule can change bytes under a reader's feet, but can never reach memory
+//! outside the registration or read uninitialised memory (regions are
+//! zeroed when allocated).
+
+use std::alloc::{self, Layout};
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::ops::{BitOr, Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, RwLock};
+
+/// Access rights of a registration, as verbs' `ibv_access_flags`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Access(u8);
+
+impl Access {
+    /// Local reads only (every registration allows those).
+    pub const NONE: Access = Access(0);
+    /// The local fabric may write the memory (receives, RDMA Read results).
+    pub const LOCAL_WRITE: Access = Access(1);
+    /// A peer may RDMA-write the memory (needs `LOCAL_WRITE` too, as in verbs).
+    pub const REMOTE_WRITE: Access = Access(2);
+    /// A peer may RDMA-read the memory.
+    pub const REMOTE_READ: Access = Access(4);
+
+    /// Every right: local write, remote write and remote read.
+    pub const ALL: Access = Access(7);
+
+    /// Whether every right in `other` is also in `self`.
+    pub fn contains(self, other: Access) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// The raw bit set (bit 0 local write, bit 1 remote write, bit 2 remote read).
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+}
+
+impl BitOr for Access {
+    type Output = Access;
+    fn bitor(self, rhs: Access) -> Access {
+        Access(self.0 | rhs.0)
+    }
+}
+
+impl fmt::Debug for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names = Vec::new();
+        if self.contains(Access::LOCAL_WRITE) {
+            names.push("LOCAL_WRITE");
+        }
+        if self.contains(Access::REMOTE_WRITE) {
+            names.push("REMOTE_WRITE");
+        }
+        if self.contains(Access::REMOTE_READ) {
+            names.push("REMOTE_READ");
+        }
+        if names.is_empty() {
+            names.push("NONE");
+        }
+        write!(f, "{}", names.join("|"))
+    }
+}
+
+/// Local key of a registration (names it in local work requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LKey(pub u32);
+
+/// Remote key of a registration (a peer names it in one-sided operations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RKey(pub u32);
+
+/// A keyed descriptor of remote memory: what a peer advertises so that we
+/// can write into it or read from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RemoteBuf {
+    /// Virtual address of the first byte on the peer.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// The peer's remote key for the registration.
+    pub rkey: RKey,
+}
+
+impl RemoteBuf {
+    /// Encoded size of [`RemoteBuf::encode`].
+    pub const ENCODED_LEN: usize = 16;
+
+    /// Encodes as little-endian `addr u64, len u32, rkey u32`.
+    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
+        let mut out = [0u8; Self::ENCODED_LEN];
+        out[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        out[8..12].copy_from_slice(&self.len.to_le_bytes());
+        out[12..16].copy_from_slice(&self.rkey.0.to_le_bytes());
+        out
+    }
+
+    /// Decodes what [`RemoteBuf::encode`] wrote; `None` if `bytes` is short.
+    pub fn decode(bytes: &[u8]) -> Option<RemoteBuf> {
+        let b = bytes.get(..Self::ENCODED_LEN)?;
+        Some(RemoteBuf {
+            addr: u64::from_le_bytes(b[0..8].try_into().ok()?),
+            len: u32::from_le_bytes(b[8..12].try_into().ok()?),
+            rkey: RKey(u32::from_le_bytes(b[12..16].try_into().ok()?)),
+        })
+    }
+}
+
+/// Why registration failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MrError {
+    /// A zero-sized or overflowing pool was asked for.
+    #[error("invalid registration size: {count} chunks of {chunk_size} bytes")]
+    InvalidSize {
+        /// Requested chunk size.
+        chunk_size: usize,
+        /// Requested chunk count.
+        count: usize,
+    },
+    /// The allocator could not provide the memory.
+    #[error("out of memory registering {bytes} bytes")]
+    OutOfMemory {
+        /// Requested total size.
+        bytes: usize,
+    },
+}
+
+/// Why a one-sided access by remote key was refused. Every kind maps to the
+/// verbs completion status "remote access error" for the initiator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RemoteAccessError {
+    /// No live registration has that remote key.
+    #[error("unknown remote key {0:#x}")]
+    BadKey(u32),
+    /// The range leaves the registration.
+    #[error("range {addr:#x}+{len} is outside the registration")]
+    OutOfBounds {
+        /// First byte asked for.
+        addr: u64,
+        /// Length asked for.
+        len: u64,
+    },
+    /// The registration lacks the access right.
+    #[error("registration does not allow {0:?}")]
+    NoPermission(Access),
+}
+
+/// A protection domain: the set of registrations that peers may reach by
+/// remote key. Each fabric instance owns one; clones share it.
+#[derive(Clone)]
+pub struct ProtectionDomain {
+    inner: Arc<PdInner>,
+}
+
+struct PdInner {
+    next_key: AtomicU32,
+    regions: RwLock<HashMap<u32, Weak<Region>>>,
+}
+
+impl ProtectionDomain {
+    /// Creates an empty domain. Keys start at a random point so that a stale
+    /// key from an earlier process is unlikely to name a live region.
+    pub fn new() -> ProtectionDomain {
+        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish() as u32;
+        ProtectionDomain {
+            inner: Arc::new(PdInner {
+                next_key: AtomicU32::new(seed | 1),
+                regions: RwLock::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Registers `count` chunks of `chunk_size` bytes (zeroed, page-aligned)
+    /// with the given access rights.
+    ///
+    /// # Errors
+    /// [`MrError::InvalidSize`] for an empty or overflowing size,
+    /// [`MrError::OutOfMemory`] when the allocation fails.
+    pub fn register(&self, chunk_size: usize, count: usize, access: Access) -> Result<BufPool, MrError> {
+        let bytes = chunk_size
+            .checked_mul(count)
+            .filter(|&b| b > 0 && count <= u32::MAX as usize && b <= isize::MAX as usize / 2)
+            .ok_or(MrError::InvalidSize { chunk_size, count })?;
+        let layout =
+            Layout::from_size_align(bytes, 4096).map_err(|_| MrError::InvalidSize { chunk_size, count })?;
+        // SAFETY: `layout` has a non-zero size (checked above).
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).ok_or(MrError::OutOfMemory { bytes })?;
+        let key = loop {
+            let k = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
+            if k != 0 && !self.inner.regions.read().contains_key(&k) {
+                break k;
+            }
+        };
+        let region = Arc::new(Region {
+            ptr,
+            layout,
+            chunk_size,
+            count,
+            lkey: LKey(key),
+            rkey: RKey(key),
+            access,
+            free: Mutex::new((0..count as u32).rev().collect()),
+            pd: Arc::downgrade(&self.inner),
+        });
+        self.inner.regions.write().insert(key, Arc::downgrade(&region));
+        Ok(BufPool { region })
+    }
+
+    /// Looks up `len` bytes at `addr` under remote key `rkey`, needing the
+    /// rights in `need`: the check an RDMA NIC makes before it places or
+    /// serves one-sided data.
+    ///
+    /// # Errors
+    /// The [`RemoteAccessError`] that the initiator will see as a remote
+    /// access error completion.
+    pub fn remote_target(&self, rkey: RKey, addr: u64, len: u64, need: Access) -> Result<RemoteTarget, RemoteAccessError> {
+        let region = self
+            .inner
+            .regions
+            .read()
+            .get(&rkey.0)
+            .and_then(Weak::upgrade)
+            .ok_or(RemoteAccessError::BadKey(rkey.0))?;
+        if !region.access.contains(need) {
+            return Err(RemoteAccessError::NoPermission(need));
+        }
+        let base = region.ptr.as_ptr() as u64;
+        let size = region.layout.size() as u64;
+        let end = addr.checked_add(len).ok_or(RemoteAccessError::OutOfBounds { addr, len })?;
+        if addr < base || end > base + size {
+            return Err(RemoteAccessError::OutOfBounds { addr, len });
+        }
+        Ok(RemoteTarget {
+            offset: (addr - base) as usize,
+            len: len as usize,
+            region,
+        })
+    }
+
+    /// Number of live registrations (for tests and diagnostics).
+    pub fn registrations(&self) -> usize {
+        self.inner.regions.read().values().filter(|w| w.strong_count() > 0).count()
+    }
+}
+
+impl Default for ProtectionDomain {
+    fn default() -> Self {
+        ProtectionDomain::new()
+    }
+}
+
+impl fmt::Debug for ProtectionDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProtectionDomain").field("registrations", &self.registrations()).finish()
+    }
+}
+
+struct Region {
+    ptr: NonNull<u8>,
+    layout: Layout,
+    chunk_size: usize,
+    count: usize,
+    lkey: LKey,
+    rkey: RKey,
+    access: Access,
+    free: Mutex<Vec<u32>>,
+    pd: Weak<PdInner>,
+}
+
+// SAFETY: the region is a plain heap allocation of bytes that nothing else
+// frees while the `Arc<Region>` lives; all access to the bytes goes through
+// `Buf` (exclusive per chunk) or `RemoteTarget` (the documented DMA hazard),
+// and the free list is behind a mutex.
+unsafe impl Send for Region {}
+// SAFETY: as for `Send`: shared access only reads immutable fields or goes
+// through the mutex-protected free list.
+unsafe impl Sync for Region {}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        if let Some(pd) = self.pd.upgrade() {
+            let mut regions = pd.regions.write();
+            if regions.get(&self.rkey.0).is_some_and(|w| w.strong_count() == 0) {
+                regions.remove(&self.rkey.0);
+            }
+        }
+        // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` and is freed once,
+        // here, after the last `Arc` (and so the last `Buf`/`RemoteTarget`) died.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// One registration split into equal chunks that are checked out as [`Buf`]s.
+/// Clones share the registration; it is deregistered when the pool and every
+/// `Buf` from it are gone.
+#[derive(Clone)]
+pub struct BufPool {
+    region: Arc<Region>,
+}
+
+impl BufPool {
+    /// Checks out a free chunk, or `None` when all are in use.
+    pub fn checkout(&self) -> Option<Buf> {
+        let index = self.region.free.lock().pop()?;
+        Some(Buf {
+            region: self.region.clone(),
+            index,
+            len: 0,
+        })
+    }
+
+    /// Size of each chunk in bytes.
+    pub fn chunk_size(&self) -> usize {
+        self.region.chunk_size
+    }
+
+    /// Number of chunks.
+    pub fn count(&self) -> usize {
+        self.region.count
+    }
+
+    /// Number of chunks not checked out.
+    pub fn available(&self) -> usize {
+        self.region.free.lock().len()
+    }
+
+    /// Local key of the registration.
+    pub fn lkey(&self) -> LKey {
+        self.region.lkey
+    }
+
+    /// Remote key of the registration.
+    pub fn rkey(&self) -> RKey {
+        self.region.rkey
+    }
+
+    /// Access rights of the registration.
+    pub fn access(&self) -> Access {
+        self.region.access
+    }
+
+    /// The whole registration as a remote descriptor.
+    pub fn remote(&self) -> RemoteBuf {
+        RemoteBuf {
+            addr: self.region.ptr.as_ptr() as u64,
+            len: u32::try_from(self.region.layout.size()).unwrap_or(u32::MAX),
+            rkey: self.region.rkey,
+        }
+    }
+}
+
+impl fmt::Debug for BufPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufPool")
+            .field("chunk_size", &self.chunk_size())
+            .field("count", &self.count())
+            .field("available", &self.available())
+            .field("access", &self.region.access)
+            .field("rkey", &self.region.rkey)
+            .finish()
+    }
+}
+
+/// One chunk of registered memory, owned exclusively.
+///
+/// A `Buf` has a capacity (its chunk size) and a length (how many bytes hold
+/// data); it derefs to the first `len` bytes. Dropping it returns the chunk
+/// to its pool.
+pub struct Buf {
+    region: Arc<Region>,
+    index: u32,
+    len: usize,
+}
+
+impl Buf {
+    /// Chunk index within its pool.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> usize {
+        self.region.chunk_size
+    }
+
+    /// Sets the data length.
+    ///
+    /// # Panics
+    /// If `len` exceeds the capacity (a local programming error).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity(), "Buf::set_len({len}) beyond capacity {}", self.capacity());
+        self.len = len;
+    }
+
+    /// Copies `data` to the start of the buffer and sets the length.
+    ///
+    /// # Errors
+    /// Returns the capacity when `data` does not fit.
+    pub fn fill(&mut self, data: &[u8]) -> Result<(), usize> {
+        if data.len() > self.capacity() {
+            return Err(self.capacity());
+        }
+        self.spare_capacity()[..data.len()].copy_from_slice(data);
+        self.len = data.len();
+        Ok(())
+    }
+
+    /// The whole chunk, whatever the length, for filling in place.
+    pub fn spare_capacity(&mut self) -> &mut [u8] {
+        // SAFETY: the chunk lies inside the live allocation (index < count) and
+        // this `Buf` is its only local handle (the free list hands each index
+        // out once), so no other local reference aliases it; `&mut self`
+        // makes this borrow exclusive among this handle's own borrows.
+        unsafe { std::slice::from_raw_parts_mut(self.chunk_ptr(), self.region.chunk_size) }
+    }
+
+    /// Local key of the registration the chunk belongs to.
+    pub fn lkey(&self) -> LKey {
+        self.region.lkey
+    }
+
+    /// Access rights of the registration the chunk belongs to.
+    pub fn access(&self) -> Access {
+        self.region.access
+    }
+
+    /// Virtual address of the chunk's first byte.
+    pub fn addr(&self) -> u64 {
+        self.chunk_ptr() as u64
+    }
+
+    /// The chunk (whole capacity) as a remote descriptor, for advertising it
+    /// to a peer. Meaningful only if the pool was registered with remote access.
+    pub fn remote(&self) -> RemoteBuf {
+        RemoteBuf {
+            addr: self.addr(),
+            len: u32::try_from(self.capacity()).unwrap_or(u32::MAX),
+            rkey: self.region.rkey,
+        }
+    }
+
+    /// Whether this buffer belongs to `pool`.
+    pub fn is_from(&self, pool: &BufPool) -> bool {
+        Arc::ptr_eq(&self.region, &pool.region)
+    }
+
+    fn chunk_ptr(&self) -> *mut u8 {
+        // SAFETY: index < count, so the offset stays inside the allocation.
+        unsafe { self.region.ptr.as_ptr().add(self.index as usize * self.region.chunk_size) }
+    }
+}
+
+impl Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: as in `spare_capacity`; `len <= chunk_size` is kept by `set_len`/`fill`.
+        unsafe { std::slice::from_raw_parts(self.chunk_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        &mut self.spare_capacity()[..len]
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        self.region.free.lock().push(self.index);
+    }
+}
+
+impl fmt::Debug for Buf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Buf")
+            .field("index", &self.index)
+            .field("len", &self.len)
+            .field("capacity", &self.capacity())
+            .field("lkey", &self.region.lkey)
+            .finish()
+    }
+}
+
+/// A checked range of registered memory reached by remote key: the place a
+/// peer's RDMA Write lands or an RDMA Read is served from. It holds the
+/// region alive while data moves.
+pub struct RemoteTarget {
+    region: Arc<Region>,
+    offset: usize,
+    len: usize,
+}
+
+impl RemoteTarget {
+    /// Length of the range.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes, for serving an RDMA Read.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `offset + len` was bounds-checked against the live allocation
+        // in `remote_target`. Concurrent local writers exist only if the peer
+        // reads memory it was not granted: the DMA hazard in the module docs.
+        unsafe { std::slice::from_raw_parts(self.region.ptr.as_ptr().add(self.offset), self.len) }
+    }
+
+    /// The bytes, for placing an RDMA Write.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: bounds as in `as_slice`. The range was granted to the peer,
+        // so no local `Buf` is reading it unless the peer breaks its grant:
+        // the DMA hazard in the module docs. Bytes have no invalid values.
+        unsafe { std::slice::from_raw_parts_mut(self.region.ptr.as_ptr().add(self.offset), self.len) }
+    }
+}
+
+impl fmt::Debug for RemoteTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteTarget")
+            .field("rkey", &self.region.rkey)
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkout_and_return() {
+        let pd = ProtectionDomain::new();
+        let pool = pd.register(64, 2, Access::LOCAL_WRITE).unwrap();
+        let mut a = pool.checkout().unwrap();
+        let b = pool.checkout().unwrap();
+        assert!(pool.checkout().is_none());
+        assert_ne!(a.index(), b.index());
+        a.fill(b"hello").unwrap();
+        assert_eq!(&a[..], b"hello");
+        assert_eq!(a.fill(&[0; 65]), Err(64));
+        drop(a);
+        assert_eq!(pool.available(), 1);
+    }
+
+    #[test]
+    fn remote_checks_key_bounds_access() {
+        let pd = ProtectionDomain::new();
+        let pool = pd.register(64, 2, Access::LOCAL_WRITE | Access::REMOTE_WRITE).unwrap();
+        let r = pool.remote();
+        assert_eq!(r.len, 128);
+        let mut t = pd.remote_target(r.rkey, r.addr + 64, 64, Access::REMOTE_WRITE).unwrap();
+        t.as_mut_slice().copy_from_slice(&[7; 64]);
+        let mut bufs: Vec<_> = std::iter::from_fn(|| pool.checkout()).collect();
+        bufs.sort_by_key(|b| b.index());
+        bufs[1].set_len(64);
+        assert_eq!(&bufs[1][..], &[7; 64]);
+        assert!(matches!(
+            pd.remote_target(RKey(r.rkey.0 ^ 0x8000_0000), r.addr, 1, Access::REMOTE_WRITE),
+            Err(RemoteAccessError::BadKey(_))
+        ));
+        assert!(matches!(
+            pd.remote_target(r.rkey, r.addr + 1, 128, Access::REMOTE_WRITE),
+            Err(RemoteAccessError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            pd.remote_target(r.rkey, r.addr, 8, Access::REMOTE_READ),
+            Err(RemoteAccessError::NoPermission(_))
+        ));
+    }
+
+    #[test]
+    fn deregisters_when_last_handle_drops() {
+        let pd = ProtectionDomain::new();
+        let pool = pd.register(16, 1, Access::LOCAL_WRITE | Access::REMOTE_READ).unwrap();
+        let key = pool.rkey();
+        let buf = pool.checkout().unwrap();
+        drop(pool);
+        assert_eq!(pd.registrations(), 1);
+        drop(buf);
+        assert_eq!(pd.registrations(), 0);
+        assert!(pd.remote_target(key, 0, 0, Access::NONE).is_err());
+    }
+
+    #[test]
+    fn remote_buf_round_trip() {
+        let r = RemoteBuf { addr: 0x1234_5678_9abc, len: 4096, rkey: RKey(77) };
+        assert_eq!(RemoteBuf::decode(&r.encode()), Some(r));
+        assert_eq!(RemoteBuf::decode(&[0; 15]), None);
+    }
+}

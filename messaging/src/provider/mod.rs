@@ -1,0 +1,438 @@
+//! Fabric providers: one small trait with verbs reliable-connected semantics.
+//!
+//! ```text
+//!  Fabric ──listen──▶ Listener ──accept──▶ Incoming ──accept(params, recvs)──┐
+//!     │                                                                      ▼
+//!     └──────────────connect(addr, params, recvs)─────────────────────▶ QueuePair
+//!                                                   post_send / post_recv / poll / wait
+//! ```
+//!
+//! The model is verbs RC, kept small and explicit:
+//! - memory is registered in the fabric's [`ProtectionDomain`] and moves
+//!   through work requests as owned [`Buf`]s: posting moves a buffer in,
+//!   its [`Completion`] hands it back;
+//! - a [`QueuePair`] takes receives ([`RecvWr`]) and sends ([`SendWr`]:
+//!   Send, Send with immediate, RDMA Write, Write with immediate, RDMA Read),
+//!   each carrying a [`WrId`];
+//! - each queue pair has one completion queue: [`QueuePair::poll`] drains a
+//!   batch without blocking, [`QueuePair::wait`] sleeps until one is ready,
+//!   and [`QueuePair::set_notify`] installs a callback run after new
+//!   completions arrive (how async wakers and condvars are fed);
+//! - completions carry verbs status codes ([`WcStatus`]);
+//! - RC guarantees: per queue pair, operations are executed by the peer in
+//!   posting order and complete in that order; once a queue pair fails,
+//!   every outstanding and every later work request completes with
+//!   [`WcStatus::Flushed`]. Nothing is dropped silently;
+//! - connection set-up exchanges opaque protocol parameters in a versioned
+//!   hello. Initial receives are posted before the connection goes live, so
+//!   the peer's first Send always finds a buffer (as verbs requires them to
+//!   be posted before the queue pair reaches ready-to-receive).
+//!
+//! Providers: [`loopback`] (in-process, deterministic, with fault injection)
+//! and [`tcp`] (verbs semantics emulated over TCP).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::mr::{Buf, ProtectionDomain, RKey};
+
+mod cq;
+pub mod conformance;
+pub mod loopback;
+pub mod tcp;
+
+/// Identifier the poster gives a work request; its completion carries it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WrId(pub u64);
+
+/// Where a one-sided operation goes on the peer: an address under a remote key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RemoteAddr {
+    /// Peer virtual address.
+    pub addr: u64,
+    /// Peer remote key.
+    pub rkey: RKey,
+}
+
+/// A receive work request: a buffer for one incoming Send or Write with immediate.
+#[derive(Debug)]
+pub struct RecvWr {
+    /// Identifier returned in the completion.
+    pub id: WrId,
+    /// The buffer; incoming data fills it from the start, up to its capacity.
+    pub buf: Buf,
+}
+
+/// The operation of a send-queue work request.
+#[derive(Debug)]
+pub enum SendOp {
+    /// Two-sided Send of `buf[..len]` into the peer's next posted receive.
+    Send {
+        /// Payload.
+        buf: Buf,
+        /// Immediate data delivered with the receive completion, if any.
+        imm: Option<u32>,
+    },
+    /// One-sided RDMA Write of `buf[..len]` to `remote`.
+    Write {
+        /// Payload.
+        buf: Buf,
+        /// Destination on the peer.
+        remote: RemoteAddr,
+        /// With immediate data: the write also consumes a posted receive on
+        /// the peer, whose completion carries `imm` and the length.
+        imm: Option<u32>,
+    },
+    /// One-sided RDMA Read of `buf.len()` bytes from `remote` into `buf`.
+    Read {
+        /// Destination; its length says how many bytes to read.
+        buf: Buf,
+        /// Source on the peer.
+        remote: RemoteAddr,
+    },
+}
+
+/// A send-queue work request.
+#[derive(Debug)]
+pub struct SendWr {
+    /// Identifier returned in the completion.
+    pub id: WrId,
+    /// What to do.
+    pub op: SendOp,
+}
+
+impl SendWr {
+    /// Opcode the completion of this request will carry.
+    pub fn opcode(&self) -> WcOpcode {
+        match self.op {
+            SendOp::Send { .. } => WcOpcode::Send,
+            SendOp::Write { .. } => WcOpcode::RdmaWrite,
+            SendOp::Read { .. } => WcOpcode::RdmaRead,
+        }
+    }
+
+    /// Takes the buffer out (to hand back in a completion).
+    pub fn into_buf(self) -> Buf {
+        match self.op {
+            SendOp::Send { buf, .. } | SendOp::Write { buf, .. } | SendOp::Read { buf, .. } => buf,
+        }
+    }
+}
+
+/// Completion status, as verbs' `ibv_wc_status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WcStatus {
+    /// The operation completed.
+    Success,
+    /// The peer refused a one-sided access: unknown key, out of bounds, or
+    /// no permission (`IBV_WC_REM_ACCESS_ERR`).
+    RemoteAccessError,
+    /// A Send (or Write with immediate) found no posted receive on the peer
+    /// (`IBV_WC_RNR_RETRY_EXC_ERR`; chanio runs with no RNR retries since
+    /// credits make it impossible for a correct sender).
+    ReceiverNotReady,
+    /// The peer's posted receive was too small for the message
+    /// (`IBV_WC_REM_INV_REQ_ERR` for the sender).
+    RemoteInvalidRequest,
+    /// An incoming message did not fit the posted receive
+    /// (`IBV_WC_LOC_LEN_ERR` for the receiver).
+    LocalLengthError,
+    /// A local buffer could not be used for the operation, e.g. an RDMA Read
+    /// into memory registered without local write (`IBV_WC_LOC_PROT_ERR`).
+    LocalProtectionError,
+    /// The peer broke a protocol rule of the transport itself.
+    RemoteOperationError,
+    /// The queue pair failed or was disconnected before the request
+    /// executed (`IBV_WC_WR_FLUSH_ERR`).
+    Flushed,
+}
+
+impl WcStatus {
+    /// Whether the status is [`WcStatus::Success`].
+    pub fn is_success(self) -> bool {
+        self == WcStatus::Success
+    }
+
+    /// Wire code (stable).
+    pub fn code(self) -> u8 {
+        match self {
+            WcStatus::Success => 0,
+            WcStatus::RemoteAccessError => 1,
+            WcStatus::ReceiverNotReady => 2,
+            WcStatus::RemoteInvalidRequest => 3,
+            WcStatus::LocalLengthError => 4,
+            WcStatus::LocalProtectionError => 5,
+            WcStatus::RemoteOperationError => 6,
+            WcStatus::Flushed => 7,
+        }
+    }
+
+    /// Inverse of [`WcStatus::code`].
+    pub fn from_code(code: u8) -> Option<WcStatus> {
+        Some(match code {
+            0 => WcStatus::Success,
+            1 => WcStatus::RemoteAccessError,
+            2 => WcStatus::ReceiverNotReady,
+            3 => WcStatus::RemoteInvalidRequest,
+            4 => WcStatus::LocalLengthError,
+            5 => WcStatus::LocalProtectionError,
+            6 => WcStatus::RemoteOperationError,
+            7 => WcStatus::Flushed,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for WcStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WcStatus::Success => "success",
+            WcStatus::RemoteAccessError => "remote access error",
+            WcStatus::ReceiverNotReady => "receiver not ready",
+            WcStatus::RemoteInvalidRequest => "remote invalid request",
+            WcStatus::LocalLengthError => "local length error",
+            WcStatus::LocalProtectionError => "local protection error",
+            WcStatus::RemoteOperationError => "remote operation error",
+            WcStatus::Flushed => "flushed (queue pair in error state)",
+        })
+    }
+}
+
+/// What a completion completes, as verbs' `ibv_wc_opcode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WcOpcode {
+    /// A Send (with or without immediate).
+    Send,
+    /// An RDMA Write (with or without immediate).
+    RdmaWrite,
+    /// An RDMA Read.
+    RdmaRead,
+    /// A receive consumed by a Send.
+    Recv,
+    /// A receive consumed by an RDMA Write with immediate.
+    RecvRdmaWithImm,
+}
+
+/// A work completion. The buffer that was posted comes back in it.
+#[derive(Debug)]
+pub struct Completion {
+    /// The work request's identifier.
+    pub id: WrId,
+    /// Outcome.
+    pub status: WcStatus,
+    /// What completed. For flushed receives this is [`WcOpcode::Recv`].
+    pub opcode: WcOpcode,
+    /// For receives: bytes received (for Write with immediate: bytes written).
+    pub byte_len: u32,
+    /// Immediate data, for receives that carried it.
+    pub imm: Option<u32>,
+    /// The posted buffer, handed back. For receives its length is set to
+    /// the bytes received (zero for a Write with immediate).
+    pub buf: Buf,
+}
+
+/// What a provider can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Whether Writes may carry immediate data (false on iWARP/siw).
+    pub immediate_data: bool,
+    /// Largest message in bytes.
+    pub max_message: u32,
+    /// Most outstanding send work requests per queue pair.
+    pub max_send_wr: u32,
+    /// Most posted receives per queue pair.
+    pub max_recv_wr: u32,
+}
+
+/// Errors of fabric providers.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FabricError {
+    /// The send or receive queue has no room; retry after reaping completions.
+    #[error("{queue} queue full ({depth} outstanding)")]
+    QueueFull {
+        /// "send" or "receive".
+        queue: &'static str,
+        /// The queue's depth.
+        depth: u32,
+    },
+    /// The address could not be parsed or resolved.
+    #[error("bad address {addr:?}: {reason}")]
+    BadAddress {
+        /// What was given.
+        addr: String,
+        /// Why it is bad.
+        reason: String,
+    },
+    /// Listening failed.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting failed at the transport level.
+    #[error("cannot connect to {addr}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hello exchange failed (bad magic, version, truncated, timeout).
+    #[error("handshake with {peer} failed: {reason}")]
+    Handshake {
+        /// The peer address.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer refused the connection.
+    #[error("{peer} rejected the connection: {reason}")]
+    Rejected {
+        /// The peer address.
+        peer: String,
+        /// The reason it gave.
+        reason: String,
+    },
+    /// Waiting for a connection timed out.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The listener or fabric was shut down.
+    #[error("shut down")]
+    Shutdown,
+    /// The provider is unusable on this machine.
+    #[error("{provider} provider unavailable: {reason}")]
+    Unavailable {
+        /// Provider name.
+        provider: &'static str,
+        /// Why, and how to fix it.
+        reason: String,
+    },
+    /// An operating-system call failed.
+    #[error("{op} failed")]
+    Io {
+        /// The call.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Callback run by a provider after it queued new completions. It must be
+/// cheap and must not call back into the queue pair.
+pub type Notify = Arc<dyn Fn() + Send + Sync>;
+
+/// A fabric provider instance: one protection domain plus connection management.
+pub trait Fabric: Send + Sync + fmt::Debug {
+    /// Provider name (`"loopback"`, `"tcp"`, ...).
+    fn name(&self) -> &'static str;
+
+    /// What this provider supports.
+    fn capabilities(&self) -> Capabilities;
+
+    /// The protection domain where memory for this fabric's queue pairs is
+    /// registered. Buffers posted to its queue pairs must come from it.
+    fn domain(&self) -> &ProtectionDomain;
+
+    /// Starts listening on `addr` (provider-specific syntax, e.g.
+    /// `127.0.0.1:0` for tcp).
+    ///
+    /// # Errors
+    /// [`FabricError::BadAddress`] or [`FabricError::Listen`].
+    fn listen(&self, addr: &str) -> Result<Box<dyn Listener>, FabricError>;
+
+    /// Connects to a listener, sending `params` in the hello. `recvs` are
+    /// posted before the connection goes live. Returns the queue pair; the
+    /// peer's parameters are in [`QueuePair::peer_params`].
+    ///
+    /// # Errors
+    /// Address, transport, handshake or rejection errors.
+    fn connect(&self, addr: &str, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError>;
+}
+
+/// A listening endpoint.
+pub trait Listener: Send + Sync + fmt::Debug {
+    /// The address peers connect to (with the real port if 0 was asked for).
+    fn local_addr(&self) -> String;
+
+    /// Waits for the next connection whose hello was valid. Connections with
+    /// a bad hello are refused and logged without disturbing the listener.
+    ///
+    /// # Errors
+    /// [`FabricError::Timeout`] or [`FabricError::Shutdown`].
+    fn accept(&self, timeout: Option<Duration>) -> Result<Box<dyn Incoming>, FabricError>;
+
+    /// Stops accepting; pending and later `accept` calls return `Shutdown`.
+    fn shutdown(&self);
+}
+
+/// A connection request whose hello was received and checked.
+pub trait Incoming: Send + fmt::Debug {
+    /// The parameters the peer sent in its hello.
+    fn peer_params(&self) -> &[u8];
+
+    /// The peer's address, for logs.
+    fn peer_addr(&self) -> String;
+
+    /// Accepts: posts `recvs`, answers with `params` and returns the live
+    /// queue pair.
+    ///
+    /// # Errors
+    /// Transport errors while answering.
+    fn accept(self: Box<Self>, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError>;
+
+    /// Refuses the connection with a reason the peer will see.
+    fn reject(self: Box<Self>, reason: &str);
+}
+
+/// A connected reliable queue pair with its completion queue.
+pub trait QueuePair: Send + Sync + fmt::Debug {
+    /// Posts a batch of send-queue work requests, executed in order. The
+    /// whole batch is accepted or, when the send queue lacks room for all
+    /// of it, handed back with [`FabricError::QueueFull`]. On a failed queue
+    /// pair the requests are accepted and complete with `Flushed`.
+    ///
+    /// # Errors
+    /// `QueueFull`, with the batch.
+    fn post_send(&self, wrs: Vec<SendWr>) -> Result<(), (FabricError, Vec<SendWr>)>;
+
+    /// Posts a receive.
+    ///
+    /// # Errors
+    /// `QueueFull`, with the request.
+    fn post_recv(&self, wr: RecvWr) -> Result<(), (FabricError, RecvWr)>;
+
+    /// Moves up to `max` completions into `out` without blocking; returns
+    /// how many.
+    fn poll(&self, out: &mut Vec<Completion>, max: usize) -> usize;
+
+    /// Blocks until a completion is ready or `timeout` passes; returns
+    /// whether one is ready.
+    fn wait(&self, timeout: Option<Duration>) -> bool;
+
+    /// Installs (or removes) the callback run after completions arrive.
+    fn set_notify(&self, notify: Option<Notify>);
+
+    /// The parameters the peer sent in its hello.
+    fn peer_params(&self) -> &[u8];
+
+    /// A description of the peer, for logs.
+    fn peer_addr(&self) -> String;
+
+    /// Whether the queue pair failed or was disconnected.
+    fn is_failed(&self) -> bool;
+
+    /// Disconnects: the queue pair moves to the error state and every
+    /// outstanding request completes with `Flushed`, here and on the peer.
+    fn disconnect(&self);
+
+    /// Capabilities of the provider this queue pair runs on.
+    fn capabilities(&self) -> Capabilities;
+}
+

@@ -1,0 +1,1440 @@
+//! The tcp provider: verbs RC semantics emulated faithfully over TCP.
+//!
+//! Each queue pair is one TCP connection (`TCP_NODELAY`) served by one I/O
+//! thread that reads frames and places their payloads, while posting threads
+//! write their own frames straight to the socket (no thread hop on the send
+//! path). The socket is non-blocking: whatever does not fit stays queued as
+//! owned work requests (no copy) and the I/O thread finishes it when the
+//! socket drains, so a full socket never blocks a poster nor deadlocks two
+//! peers sending to each other.
+//!
+//! # Frames
+//! Every frame is a 32-byte little-endian header plus `len` payload bytes:
+//!
+//! ```text
+//!  0      1       2          4        8         16         24      28
+//!  │opcode│status │reserved=0│len u32 │psn u64  │addr u64  │rkey u32│imm u32│ payload…
+//! ```
+//!
+//! Requests (`SEND`, `SEND_IMM`, `WRITE`, `WRITE_IMM`, `READ_REQ`) carry a
+//! packet sequence number (psn) counted per direction from 0; the responder
+//! checks it is exactly the next one. The responder answers with a
+//! cumulative `ACK psn` once it has executed requests (one ACK per batch of
+//! frames read), with `READ_RESP psn` carrying read data (it also acks every
+//! earlier request), or with `NAK psn status` followed by closing the
+//! connection. Send completions are reported when the ACK arrives, after the
+//! peer executed the request, as an RC NIC does; a remote access violation
+//! thus reaches the sender as a `RemoteAccessError` completion.
+//!
+//! One-sided writes are placed by the receiving I/O thread straight into the
+//! registered region after checking key, bounds and access. Payloads larger
+//! than the read-ahead buffer are read from the socket directly into their
+//! final place; smaller ones are copied once out of the read-ahead buffer,
+//! which saves a system call per frame.
+//!
+//! # Hello
+//! `"CHIO" | version u16 | kind u16 | reserved u32 | len u32 | params[len]`,
+//! kind 1 = hello (client), 2 = accept, 3 = reject (params hold the reason).
+//! The listener validates magic, version, kind and length under a timeout on
+//! its own thread per connection, logs a refusal and keeps accepting.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token, Waker};
+use parking_lot::{Condvar, Mutex};
+
+use super::cq::CompletionQueue;
+use super::{
+    Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
+    WcOpcode, WcStatus, WrId,
+};
+use crate::mr::{Access, Buf, ProtectionDomain, RKey, RemoteTarget};
+
+/// Hello magic.
+pub const HELLO_MAGIC: [u8; 4] = *b"CHIO";
+/// Hello version this build speaks.
+pub const HELLO_VERSION: u16 = 1;
+/// Largest parameter block accepted in a hello.
+pub const MAX_PARAMS: usize = 4096;
+/// Size of a frame header.
+pub const FRAME_HEADER: usize = 32;
+
+const HELLO_HEADER: usize = 16;
+const KIND_HELLO: u16 = 1;
+const KIND_ACCEPT: u16 = 2;
+const KIND_REJECT: u16 = 3;
+
+const OP_SEND: u8 = 1;
+const OP_SEND_IMM: u8 = 2;
+const OP_WRITE: u8 = 3;
+const OP_WRITE_IMM: u8 = 4;
+const OP_READ_REQ: u8 = 5;
+const OP_READ_RESP: u8 = 6;
+const OP_ACK: u8 = 7;
+const OP_NAK: u8 = 8;
+const OP_DISCONNECT: u8 = 9;
+
+const READ_AHEAD: usize = 64 * 1024;
+const MAX_IOVECS: usize = 64;
+const SOCKET: Token = Token(0);
+const WAKE: Token = Token(1);
+
+/// Tunables of the tcp provider.
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    /// How long a listener waits for a new connection's hello.
+    pub handshake_timeout: Duration,
+    /// How long `connect` waits for the TCP connection and the peer's answer.
+    pub connect_timeout: Duration,
+    /// Largest message in bytes.
+    pub max_message: u32,
+    /// Most outstanding send work requests per queue pair.
+    pub max_send_wr: u32,
+    /// Most posted receives per queue pair.
+    pub max_recv_wr: u32,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions {
+            handshake_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            max_message: 1 << 30,
+            max_send_wr: 4096,
+            max_recv_wr: 4096,
+        }
+    }
+}
+
+/// The tcp fabric: one protection domain and TCP connection management.
+#[derive(Debug, Clone)]
+pub struct TcpFabric {
+    pd: ProtectionDomain,
+    opts: TcpOptions,
+}
+
+impl TcpFabric {
+    /// A fabric with default options.
+    pub fn new() -> TcpFabric {
+        TcpFabric::with_options(TcpOptions::default())
+    }
+
+    /// A fabric with the given options.
+    pub fn with_options(opts: TcpOptions) -> TcpFabric {
+        TcpFabric {
+            pd: ProtectionDomain::new(),
+            opts,
+        }
+    }
+}
+
+impl Default for TcpFabric {
+    fn default() -> Self {
+        TcpFabric::new()
+    }
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, FabricError> {
+    let bad = |reason: String| FabricError::BadAddress {
+        addr: addr.to_string(),
+        reason,
+    };
+    addr.to_socket_addrs()
+        .map_err(|e| bad(e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("resolves to no address".into()))
+}
+
+impl Fabric for TcpFabric {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            immediate_data: true,
+            max_message: self.opts.max_message,
+            max_send_wr: self.opts.max_send_wr,
+            max_recv_wr: self.opts.max_recv_wr,
+        }
+    }
+
+    fn domain(&self) -> &ProtectionDomain {
+        &self.pd
+    }
+
+    fn listen(&self, addr: &str) -> Result<Box<dyn Listener>, FabricError> {
+        let sa = resolve(addr)?;
+        let listen_err = |source| FabricError::Listen {
+            addr: addr.to_string(),
+            source,
+        };
+        let std_listener = std::net::TcpListener::bind(sa).map_err(listen_err)?;
+        let local = std_listener.local_addr().map_err(listen_err)?;
+        std_listener.set_nonblocking(true).map_err(listen_err)?;
+        let mut listener = mio::net::TcpListener::from_std(std_listener);
+        let poll = Poll::new().map_err(listen_err)?;
+        poll.registry()
+            .register(&mut listener, SOCKET, Interest::READABLE)
+            .map_err(listen_err)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE).map_err(listen_err)?);
+        let shared = Arc::new(ListenShared {
+            queue: Mutex::new(VecDeque::new()),
+            ready: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+        });
+        let thread = {
+            let shared = shared.clone();
+            let fabric = self.clone();
+            std::thread::Builder::new()
+                .name("chanio-tcp-accept".into())
+                .spawn(move || accept_loop(poll, listener, shared, fabric))
+                .map_err(|source| FabricError::Io {
+                    op: "spawn accept thread",
+                    source,
+                })?
+        };
+        tracing::debug!(%local, "tcp listener up");
+        Ok(Box::new(TcpListener {
+            local,
+            shared,
+            waker,
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    fn connect(&self, addr: &str, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError> {
+        let sa = resolve(addr)?;
+        let peer = format!("tcp://{sa}");
+        let conn_err = |source| FabricError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        if params.len() > MAX_PARAMS {
+            return Err(FabricError::Handshake {
+                peer,
+                reason: format!("local parameters too long ({} bytes)", params.len()),
+            });
+        }
+        let mut stream = TcpStream::connect_timeout(&sa, self.opts.connect_timeout).map_err(conn_err)?;
+        stream.set_nodelay(true).map_err(conn_err)?;
+        stream
+            .set_read_timeout(Some(self.opts.connect_timeout))
+            .map_err(conn_err)?;
+        stream
+            .write_all(&hello_bytes(KIND_HELLO, params))
+            .map_err(conn_err)?;
+        let (kind, body) = read_hello(&mut stream).map_err(|reason| FabricError::Handshake {
+            peer: peer.clone(),
+            reason,
+        })?;
+        match kind {
+            KIND_ACCEPT => TcpQp::start(self.clone(), stream, peer, body, recvs).map(|qp| Box::new(qp) as _),
+            KIND_REJECT => Err(FabricError::Rejected {
+                peer,
+                reason: String::from_utf8_lossy(&body).into_owned(),
+            }),
+            other => Err(FabricError::Handshake {
+                peer,
+                reason: format!("unexpected hello kind {other} in answer"),
+            }),
+        }
+    }
+}
+
+fn hello_bytes(kind: u16, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HELLO_HEADER + body.len());
+    out.extend_from_slice(&HELLO_MAGIC);
+    out.extend_from_slice(&HELLO_VERSION.to_le_bytes());
+    out.extend_from_slice(&kind.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Reads and validates one hello message; the error is a reason for logs.
+fn read_hello(stream: &mut TcpStream) -> Result<(u16, Vec<u8>), String> {
+    let mut header = [0u8; HELLO_HEADER];
+    read_exact_described(stream, &mut header, "hello header")?;
+    if header[0..4] != HELLO_MAGIC {
+        return Err(format!("bad magic {:02x?} (not a chanio peer)", &header[0..4]));
+    }
+    let version = u16::from_le_bytes([header[4], header[5]]);
+    if version != HELLO_VERSION {
+        return Err(format!("unsupported hello version {version} (this side speaks {HELLO_VERSION})"));
+    }
+    let kind = u16::from_le_bytes([header[6], header[7]]);
+    let reserved = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if reserved != 0 {
+        return Err(format!("reserved hello field is {reserved:#x}, not 0"));
+    }
+    let len = u32::from_le_bytes([header[12], header[13], header[14], header[15]]) as usize;
+    if len > MAX_PARAMS {
+        return Err(format!("hello parameters too long ({len} > {MAX_PARAMS} bytes)"));
+    }
+    let mut body = vec![0u8; len];
+    read_exact_described(stream, &mut body, "hello parameters")?;
+    Ok((kind, body))
+}
+
+fn read_exact_described(stream: &mut TcpStream, buf: &mut [u8], what: &str) -> Result<(), String> {
+    let mut have = 0;
+    while have < buf.len() {
+        match stream.read(&mut buf[have..]) {
+            Ok(0) => return Err(format!("truncated {what}: connection closed after {have} of {} bytes", buf.len())),
+            Ok(n) => have += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(format!("timed out reading {what} ({have} of {} bytes)", buf.len()))
+            }
+            Err(e) => return Err(format!("reading {what}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Listener
+
+struct ListenShared {
+    queue: Mutex<VecDeque<TcpIncoming>>,
+    ready: Condvar,
+    shutdown: AtomicBool,
+}
+
+/// A listening tcp endpoint.
+pub struct TcpListener {
+    local: SocketAddr,
+    shared: Arc<ListenShared>,
+    waker: Arc<Waker>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for TcpListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpListener").field("local", &self.local).finish()
+    }
+}
+
+const MAX_PENDING: usize = 128;
+
+fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<ListenShared>, fabric: TcpFabric) {
+    let mut events = Events::with_capacity(16);
+    while !shared.shutdown.load(Ordering::Acquire) {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!(error = %e, "tcp listener poll failed; listener stops");
+            break;
+        }
+        loop {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    let shared = shared.clone();
+                    let fabric = fabric.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("chanio-tcp-hello".into())
+                        .spawn(move || handshake(stream, peer, shared, fabric));
+                    if let Err(e) = spawned {
+                        tracing::warn!(%peer, error = %e, "refusing connection: cannot spawn handshake thread");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Per-connection accept errors (ECONNABORTED, EMFILE) must not
+                    // stop the listener; back off briefly on resource exhaustion.
+                    tracing::warn!(error = %e, "accept failed; listener keeps going");
+                    std::thread::sleep(Duration::from_millis(10));
+                    break;
+                }
+            }
+        }
+    }
+    shared.ready.notify_all();
+}
+
+fn handshake(stream: mio::net::TcpStream, peer: SocketAddr, shared: Arc<ListenShared>, fabric: TcpFabric) {
+    let refuse = |reason: &str| tracing::warn!(%peer, "refusing tcp connection: {reason}");
+    let stream = TcpStream::from(stream);
+    let setup = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_nodelay(true))
+        .and_then(|()| stream.set_read_timeout(Some(fabric.opts.handshake_timeout)));
+    if let Err(e) = setup {
+        return refuse(&format!("socket setup: {e}"));
+    }
+    let mut stream = stream;
+    let (kind, params) = match read_hello(&mut stream) {
+        Ok(hello) => hello,
+        Err(reason) => {
+            if reason.starts_with("unsupported hello version") {
+                let _ = stream.write_all(&hello_bytes(KIND_REJECT, reason.as_bytes()));
+            }
+            return refuse(&reason);
+        }
+    };
+    if kind != KIND_HELLO {
+        return refuse(&format!("first message is hello kind {kind}, not a hello"));
+    }
+    let mut queue = shared.queue.lock();
+    if shared.shutdown.load(Ordering::Acquire) {
+        return;
+    }
+    if queue.len() >= MAX_PENDING {
+        drop(queue);
+        let _ = stream.write_all(&hello_bytes(KIND_REJECT, b"too many pending connections"));
+        return refuse("accept queue full");
+    }
+    queue.push_back(TcpIncoming {
+        stream,
+        peer: format!("tcp://{peer}"),
+        params,
+        fabric,
+    });
+    shared.ready.notify_one();
+}
+
+impl Listener for TcpListener {
+    fn local_addr(&self) -> String {
+        self.local.to_string()
+    }
+
+    fn accept(&self, timeout: Option<Duration>) -> Result<Box<dyn Incoming>, FabricError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut queue = self.shared.queue.lock();
+        loop {
+            if self.shared.shutdown.load(Ordering::Acquire) {
+                return Err(FabricError::Shutdown);
+            }
+            if let Some(incoming) = queue.pop_front() {
+                return Ok(Box::new(incoming));
+            }
+            match deadline {
+                Some(d) => {
+                    if self.shared.ready.wait_until(&mut queue, d).timed_out() && queue.is_empty() {
+                        return Err(FabricError::Timeout(timeout.unwrap_or_default()));
+                    }
+                }
+                None => self.shared.ready.wait(&mut queue),
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        let _ = self.waker.wake();
+        self.shared.ready.notify_all();
+        if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+        self.shared.queue.lock().clear();
+    }
+}
+
+impl Drop for TcpListener {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A connection whose hello was accepted by the listener.
+pub struct TcpIncoming {
+    stream: TcpStream,
+    peer: String,
+    params: Vec<u8>,
+    fabric: TcpFabric,
+}
+
+impl std::fmt::Debug for TcpIncoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpIncoming").field("peer", &self.peer).finish()
+    }
+}
+
+impl Incoming for TcpIncoming {
+    fn peer_params(&self) -> &[u8] {
+        &self.params
+    }
+
+    fn peer_addr(&self) -> String {
+        self.peer.clone()
+    }
+
+    fn accept(self: Box<Self>, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError> {
+        let TcpIncoming {
+            stream,
+            peer,
+            params: peer_params,
+            fabric,
+        } = *self;
+        if params.len() > MAX_PARAMS {
+            return Err(FabricError::Handshake {
+                peer,
+                reason: format!("local parameters too long ({} bytes)", params.len()),
+            });
+        }
+        // The answer goes out only once the receives are posted: `start`
+        // posts them before the I/O thread reads anything.
+        let answer = hello_bytes(KIND_ACCEPT, params);
+        TcpQp::start_with_answer(fabric, stream, peer, peer_params, recvs, Some(answer)).map(|qp| Box::new(qp) as _)
+    }
+
+    fn reject(mut self: Box<Self>, reason: &str) {
+        let _ = self.stream.write_all(&hello_bytes(KIND_REJECT, reason.as_bytes()));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Queue pair
+
+/// A tcp queue pair.
+pub struct TcpQp {
+    shared: Arc<QpShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct QpShared {
+    stream: mio::net::TcpStream,
+    peer: String,
+    peer_params: Vec<u8>,
+    fabric: TcpFabric,
+    cq: CompletionQueue,
+    recvs: Mutex<VecDeque<RecvWr>>,
+    tx: Mutex<Tx>,
+    failed: AtomicBool,
+    waker: Waker,
+}
+
+#[derive(Default)]
+struct Tx {
+    /// Frames not yet fully written; bytes of the first already written.
+    frames: VecDeque<TxFrame>,
+    head_written: usize,
+    /// Requests written or being written, awaiting ACK or READ_RESP.
+    outstanding: VecDeque<Pending>,
+    next_psn: u64,
+    failed: bool,
+}
+
+struct TxFrame {
+    header: [u8; FRAME_HEADER],
+    payload: TxPayload,
+    /// For requests: the psn whose pending entry gets the buffer back once written.
+    request_psn: Option<u64>,
+}
+
+enum TxPayload {
+    None,
+    Buf(Buf),
+    Region(RemoteTarget),
+}
+
+impl TxPayload {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            TxPayload::None => &[],
+            TxPayload::Buf(b) => b,
+            TxPayload::Region(t) => t.as_slice(),
+        }
+    }
+}
+
+struct Pending {
+    psn: u64,
+    id: WrId,
+    opcode: WcOpcode,
+    buf: Option<Buf>,
+    written: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Header {
+    opcode: u8,
+    status: u8,
+    len: u32,
+    psn: u64,
+    addr: u64,
+    rkey: u32,
+    imm: u32,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; FRAME_HEADER] {
+        let mut h = [0u8; FRAME_HEADER];
+        h[0] = self.opcode;
+        h[1] = self.status;
+        h[4..8].copy_from_slice(&self.len.to_le_bytes());
+        h[8..16].copy_from_slice(&self.psn.to_le_bytes());
+        h[16..24].copy_from_slice(&self.addr.to_le_bytes());
+        h[24..28].copy_from_slice(&self.rkey.to_le_bytes());
+        h[28..32].copy_from_slice(&self.imm.to_le_bytes());
+        h
+    }
+
+    fn decode(h: &[u8; FRAME_HEADER]) -> Result<Header, String> {
+        let le32 = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        let le64 = |i: usize| u64::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3], h[i + 4], h[i + 5], h[i + 6], h[i + 7]]);
+        if h[2] != 0 || h[3] != 0 {
+            return Err("reserved header bytes are not zero".into());
+        }
+        let header = Header {
+            opcode: h[0],
+            status: h[1],
+            len: le32(4),
+            psn: le64(8),
+            addr: le64(16),
+            rkey: le32(24),
+            imm: le32(28),
+        };
+        if !(OP_SEND..=OP_DISCONNECT).contains(&header.opcode) {
+            return Err(format!("unknown opcode {}", header.opcode));
+        }
+        Ok(header)
+    }
+
+    fn control(opcode: u8, psn: u64, status: WcStatus) -> Header {
+        Header {
+            opcode,
+            status: status.code(),
+            len: 0,
+            psn,
+            addr: 0,
+            rkey: 0,
+            imm: 0,
+        }
+    }
+}
+
+impl TcpQp {
+    fn start(
+        fabric: TcpFabric,
+        stream: TcpStream,
+        peer: String,
+        peer_params: Vec<u8>,
+        recvs: Vec<RecvWr>,
+    ) -> Result<TcpQp, FabricError> {
+        TcpQp::start_with_answer(fabric, stream, peer, peer_params, recvs, None)
+    }
+
+    fn start_with_answer(
+        fabric: TcpFabric,
+        mut stream: TcpStream,
+        peer: String,
+        peer_params: Vec<u8>,
+        recvs: Vec<RecvWr>,
+        answer: Option<Vec<u8>>,
+    ) -> Result<TcpQp, FabricError> {
+        let io_err = |op| move |source| FabricError::Io { op, source };
+        if recvs.len() > fabric.opts.max_recv_wr as usize {
+            return Err(FabricError::QueueFull {
+                queue: "receive",
+                depth: fabric.opts.max_recv_wr,
+            });
+        }
+        stream.set_read_timeout(None).map_err(io_err("set_read_timeout"))?;
+        if let Some(answer) = answer {
+            stream.write_all(&answer).map_err(io_err("write hello answer"))?;
+        }
+        stream.set_nonblocking(true).map_err(io_err("set_nonblocking"))?;
+        let mut stream = mio::net::TcpStream::from_std(stream);
+        let poll = Poll::new().map_err(io_err("epoll_create"))?;
+        poll.registry()
+            .register(&mut stream, SOCKET, Interest::READABLE | Interest::WRITABLE)
+            .map_err(io_err("epoll_ctl"))?;
+        let waker = Waker::new(poll.registry(), WAKE).map_err(io_err("eventfd"))?;
+        let shared = Arc::new(QpShared {
+            stream,
+            peer,
+            peer_params,
+            fabric,
+            cq: CompletionQueue::default(),
+            recvs: Mutex::new(recvs.into()),
+            tx: Mutex::new(Tx::default()),
+            failed: AtomicBool::new(false),
+            waker,
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("chanio-tcp-qp".into())
+                .spawn(move || IoThread::new(shared, poll).run())
+                .map_err(io_err("spawn I/O thread"))?
+        };
+        Ok(TcpQp {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+}
+
+impl std::fmt::Debug for TcpQp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpQp")
+            .field("peer", &self.shared.peer)
+            .field("failed", &self.is_failed())
+            .finish()
+    }
+}
+
+impl QueuePair for TcpQp {
+    fn post_send(&self, wrs: Vec<SendWr>) -> Result<(), (FabricError, Vec<SendWr>)> {
+        let shared = &self.shared;
+        let mut tx = shared.tx.lock();
+        if tx.failed {
+            drop(tx);
+            shared.cq.push_all(wrs.into_iter().map(flushed_send));
+            return Ok(());
+        }
+        let depth = shared.fabric.opts.max_send_wr;
+        if tx.outstanding.len() + wrs.len() > depth as usize {
+            return Err((FabricError::QueueFull { queue: "send", depth }, wrs));
+        }
+        let mut local_errors = Vec::new();
+        for wr in wrs {
+            let opcode = wr.opcode();
+            if let Err(status) = check_local(&wr, shared.fabric.opts.max_message) {
+                // A local error completes at once and fails the queue pair, as in verbs.
+                local_errors.push(Completion {
+                    id: wr.id,
+                    status,
+                    opcode,
+                    byte_len: 0,
+                    imm: None,
+                    buf: wr.into_buf(),
+                });
+                continue;
+            }
+            let psn = tx.next_psn;
+            tx.next_psn += 1;
+            let (header, payload, pending_buf) = match wr.op {
+                SendOp::Send { buf, imm } => (
+                    Header {
+                        opcode: if imm.is_some() { OP_SEND_IMM } else { OP_SEND },
+                        status: 0,
+                        len: buf.len() as u32,
+                        psn,
+                        addr: 0,
+                        rkey: 0,
+                        imm: imm.unwrap_or(0),
+                    },
+                    TxPayload::Buf(buf),
+                    None,
+                ),
+                SendOp::Write { buf, remote, imm } => (
+                    Header {
+                        opcode: if imm.is_some() { OP_WRITE_IMM } else { OP_WRITE },
+                        status: 0,
+                        len: buf.len() as u32,
+                        psn,
+                        addr: remote.addr,
+                        rkey: remote.rkey.0,
+                        imm: imm.unwrap_or(0),
+                    },
+                    TxPayload::Buf(buf),
+                    None,
+                ),
+                SendOp::Read { buf, remote } => (
+                    Header {
+                        opcode: OP_READ_REQ,
+                        status: 0,
+                        len: buf.len() as u32,
+                        psn,
+                        addr: remote.addr,
+                        rkey: remote.rkey.0,
+                        imm: 0,
+                    },
+                    TxPayload::None,
+                    Some(buf),
+                ),
+            };
+            tx.outstanding.push_back(Pending {
+                psn,
+                id: wr.id,
+                opcode,
+                buf: pending_buf,
+                written: false,
+            });
+            tx.frames.push_back(TxFrame {
+                header: header.encode(),
+                payload,
+                request_psn: Some(psn),
+            });
+        }
+        let flushed = flush_tx(&shared.stream, &mut tx);
+        drop(tx);
+        if !local_errors.is_empty() {
+            shared.cq.push_all(local_errors);
+            shared.fail_from_outside();
+        } else if let Err(e) = flushed {
+            tracing::debug!(peer = %shared.peer, error = %e, "tcp write failed");
+            shared.fail_from_outside();
+        }
+        Ok(())
+    }
+
+    fn post_recv(&self, wr: RecvWr) -> Result<(), (FabricError, RecvWr)> {
+        let shared = &self.shared;
+        let mut recvs = shared.recvs.lock();
+        if shared.failed.load(Ordering::Acquire) {
+            drop(recvs);
+            shared.cq.push(flushed_recv(wr));
+            return Ok(());
+        }
+        let depth = shared.fabric.opts.max_recv_wr;
+        if recvs.len() >= depth as usize {
+            return Err((FabricError::QueueFull { queue: "receive", depth }, wr));
+        }
+        recvs.push_back(wr);
+        Ok(())
+    }
+
+    fn poll(&self, out: &mut Vec<Completion>, max: usize) -> usize {
+        self.shared.cq.poll(out, max)
+    }
+
+    fn wait(&self, timeout: Option<Duration>) -> bool {
+        self.shared.cq.wait(timeout)
+    }
+
+    fn set_notify(&self, notify: Option<Notify>) {
+        self.shared.cq.set_notify(notify);
+    }
+
+    fn peer_params(&self) -> &[u8] {
+        &self.shared.peer_params
+    }
+
+    fn peer_addr(&self) -> String {
+        self.shared.peer.clone()
+    }
+
+    fn is_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
+    }
+
+    fn disconnect(&self) {
+        let shared = &self.shared;
+        {
+            let mut tx = shared.tx.lock();
+            if !tx.failed {
+                tx.frames.push_back(TxFrame {
+                    header: Header::control(OP_DISCONNECT, 0, WcStatus::Success).encode(),
+                    payload: TxPayload::None,
+                    request_psn: None,
+                });
+                let _ = flush_tx(&shared.stream, &mut tx);
+            }
+        }
+        shared.fail_from_outside();
+        if let Some(thread) = self.thread.lock().take() {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.shared.fabric.capabilities()
+    }
+}
+
+impl Drop for TcpQp {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
+fn check_local(wr: &SendWr, max_message: u32) -> Result<(), WcStatus> {
+    let len = match &wr.op {
+        SendOp::Send { buf, .. } | SendOp::Write { buf, .. } => buf.len(),
+        SendOp::Read { buf, .. } => buf.len(),
+    };
+    if len > max_message as usize {
+        return Err(WcStatus::LocalLengthError);
+    }
+    Ok(())
+}
+
+fn flushed_send(wr: SendWr) -> Completion {
+    Completion {
+        id: wr.id,
+        status: WcStatus::Flushed,
+        opcode: wr.opcode(),
+        byte_len: 0,
+        imm: None,
+        buf: wr.into_buf(),
+    }
+}
+
+fn flushed_recv(wr: RecvWr) -> Completion {
+    Completion {
+        id: wr.id,
+        status: WcStatus::Flushed,
+        opcode: WcOpcode::Recv,
+        byte_len: 0,
+        imm: None,
+        buf: wr.buf,
+    }
+}
+
+/// Writes as much of the queued frames as the socket takes without blocking.
+fn flush_tx(stream: &mio::net::TcpStream, tx: &mut Tx) -> io::Result<()> {
+    while !tx.frames.is_empty() {
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOVECS);
+        let mut skip = tx.head_written;
+        for frame in tx.frames.iter() {
+            if slices.len() + 2 > MAX_IOVECS {
+                break;
+            }
+            for part in [&frame.header[..], frame.payload.bytes()] {
+                if skip >= part.len() {
+                    skip -= part.len();
+                } else {
+                    slices.push(IoSlice::new(&part[skip..]));
+                    skip = 0;
+                }
+            }
+        }
+        let written = match (&*stream).write_vectored(&slices) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes")),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        drop(slices);
+        let mut left = written + tx.head_written;
+        tx.head_written = 0;
+        while let Some(frame) = tx.frames.front() {
+            let size = FRAME_HEADER + frame.payload.bytes().len();
+            if left < size {
+                tx.head_written = left;
+                break;
+            }
+            left -= size;
+            let frame = tx.frames.pop_front().expect("front exists");
+            if let Some(psn) = frame.request_psn {
+                let front = tx.outstanding.front().map_or(psn, |p| p.psn);
+                if let Some(p) = tx.outstanding.get_mut((psn - front) as usize) {
+                    p.written = true;
+                    if let TxPayload::Buf(buf) = frame.payload {
+                        p.buf = Some(buf);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl QpShared {
+    /// Fails the queue pair from a posting thread: the I/O thread does the flushing.
+    fn fail_from_outside(&self) {
+        self.failed.store(true, Ordering::Release);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        let _ = self.waker.wake();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// I/O thread
+
+struct IoThread {
+    shared: Arc<QpShared>,
+    poll: Poll,
+    staging: Box<[u8]>,
+    start: usize,
+    end: usize,
+    sink: Sink,
+    expected_psn: u64,
+    ack_due: Option<u64>,
+    completions: Vec<Completion>,
+}
+
+/// Where the payload of the frame being read goes.
+enum Sink {
+    Idle,
+    Recv { wr: RecvWr, header: Header, filled: usize },
+    Remote { target: RemoteTarget, recv: Option<RecvWr>, header: Header, filled: usize },
+    ReadResp { pending: Pending, filled: usize },
+}
+
+/// Why the I/O thread stops; `nak` is what to tell the peer first.
+struct Fatal {
+    reason: String,
+    nak: Option<(u64, WcStatus)>,
+}
+
+fn fatal(reason: impl Into<String>) -> Fatal {
+    Fatal {
+        reason: reason.into(),
+        nak: None,
+    }
+}
+
+impl IoThread {
+    fn new(shared: Arc<QpShared>, poll: Poll) -> IoThread {
+        IoThread {
+            shared,
+            poll,
+            staging: vec![0u8; READ_AHEAD].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            sink: Sink::Idle,
+            expected_psn: 0,
+            ack_due: None,
+            completions: Vec::new(),
+        }
+    }
+
+    fn run(mut self) {
+        let mut events = Events::with_capacity(8);
+        let outcome = loop {
+            if self.shared.failed.load(Ordering::Acquire) {
+                break fatal("disconnected locally");
+            }
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                break fatal(format!("epoll_wait: {e}"));
+            }
+            if let Err(f) = self.read_available() {
+                break f;
+            }
+            self.publish();
+            let mut tx = self.shared.tx.lock();
+            if let Some(psn) = self.ack_due.take() {
+                tx.frames.push_back(TxFrame {
+                    header: Header::control(OP_ACK, psn, WcStatus::Success).encode(),
+                    payload: TxPayload::None,
+                    request_psn: None,
+                });
+            }
+            if let Err(e) = flush_tx(&self.shared.stream, &mut tx) {
+                break fatal(format!("write: {e}"));
+            }
+        };
+        self.fail(outcome);
+    }
+
+    fn publish(&mut self) {
+        if !self.completions.is_empty() {
+            self.shared.cq.push_all(self.completions.drain(..));
+        }
+    }
+
+    /// Reads and executes frames until the socket has no more bytes.
+    fn read_available(&mut self) -> Result<(), Fatal> {
+        loop {
+            if !matches!(self.sink, Sink::Idle) {
+                let remaining = sink_dest(&mut self.sink).len();
+                if remaining == 0 {
+                    self.finish_sink();
+                    continue;
+                }
+                let buffered = self.end - self.start;
+                if buffered > 0 {
+                    let n = buffered.min(remaining);
+                    sink_dest(&mut self.sink)[..n].copy_from_slice(&self.staging[self.start..self.start + n]);
+                    self.start += n;
+                    advance_sink(&mut self.sink, n);
+                    continue;
+                }
+                if remaining >= READ_AHEAD / 4 {
+                    // Large payloads go from the socket straight to their place.
+                    match read_some(&self.shared.stream, sink_dest(&mut self.sink))? {
+                        Some(n) => advance_sink(&mut self.sink, n),
+                        None => return Ok(()),
+                    }
+                    continue;
+                }
+                if !self.refill()? {
+                    return Ok(());
+                }
+                continue;
+            }
+            if self.end - self.start < FRAME_HEADER {
+                if !self.refill()? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let mut raw = [0u8; FRAME_HEADER];
+            raw.copy_from_slice(&self.staging[self.start..self.start + FRAME_HEADER]);
+            self.start += FRAME_HEADER;
+            let header = Header::decode(&raw).map_err(|r| fatal(format!("malformed frame: {r}")))?;
+            self.begin_frame(header)?;
+        }
+    }
+
+    /// Compacts the read-ahead buffer and reads more; false when the socket is drained.
+    fn refill(&mut self) -> Result<bool, Fatal> {
+        if self.start > 0 {
+            self.staging.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        match read_some(&self.shared.stream, &mut self.staging[self.end..])? {
+            Some(n) => {
+                self.end += n;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn check_psn(&mut self, header: &Header) -> Result<(), Fatal> {
+        if header.psn != self.expected_psn {
+            return Err(fatal(format!(
+                "out-of-order request psn {} (expected {})",
+                header.psn, self.expected_psn
+            )));
+        }
+        self.expected_psn += 1;
+        Ok(())
+    }
+
+    fn nak(psn: u64, status: WcStatus, reason: String) -> Fatal {
+        Fatal {
+            reason,
+            nak: Some((psn, status)),
+        }
+    }
+
+    fn begin_frame(&mut self, header: Header) -> Result<(), Fatal> {
+        let max = self.shared.fabric.opts.max_message;
+        if header.len > max {
+            return Err(fatal(format!("frame of {} bytes exceeds the {max}-byte limit", header.len)));
+        }
+        match header.opcode {
+            OP_SEND | OP_SEND_IMM => {
+                self.check_psn(&header)?;
+                let wr = self.shared.recvs.lock().pop_front();
+                let Some(wr) = wr else {
+                    return Err(Self::nak(header.psn, WcStatus::ReceiverNotReady, "Send found no posted receive".into()));
+                };
+                if header.len as usize > wr.buf.capacity() {
+                    let reason = format!("Send of {} bytes into a {}-byte receive", header.len, wr.buf.capacity());
+                    self.completions.push(Completion {
+                        id: wr.id,
+                        status: WcStatus::LocalLengthError,
+                        opcode: WcOpcode::Recv,
+                        byte_len: header.len,
+                        imm: None,
+                        buf: wr.buf,
+                    });
+                    return Err(Self::nak(header.psn, WcStatus::RemoteInvalidRequest, reason));
+                }
+                self.sink = Sink::Recv { wr, header, filled: 0 };
+            }
+            OP_WRITE | OP_WRITE_IMM => {
+                self.check_psn(&header)?;
+                let target = self
+                    .shared
+                    .fabric
+                    .pd
+                    .remote_target(RKey(header.rkey), header.addr, header.len.into(), Access::REMOTE_WRITE)
+                    .map_err(|e| Self::nak(header.psn, WcStatus::RemoteAccessError, format!("RDMA Write refused: {e}")))?;
+                let recv = if header.opcode == OP_WRITE_IMM {
+                    let wr = self.shared.recvs.lock().pop_front();
+                    match wr {
+                        Some(wr) => Some(wr),
+                        None => {
+                            return Err(Self::nak(
+                                header.psn,
+                                WcStatus::ReceiverNotReady,
+                                "Write with immediate found no posted receive".into(),
+                            ))
+                        }
+                    }
+                } else {
+                    None
+                };
+                self.sink = Sink::Remote {
+                    target,
+                    recv,
+                    header,
+                    filled: 0,
+                };
+            }
+            OP_READ_REQ => {
+                self.check_psn(&header)?;
+                let target = self
+                    .shared
+                    .fabric
+                    .pd
+                    .remote_target(RKey(header.rkey), header.addr, header.len.into(), Access::REMOTE_READ)
+                    .map_err(|e| Self::nak(header.psn, WcStatus::RemoteAccessError, format!("RDMA Read refused: {e}")))?;
+                // The response acks everything before it; drop a pending ACK for those.
+                if self.ack_due.is_some_and(|p| p < header.psn) {
+                    self.ack_due = None;
+                }
+                let response = Header {
+                    opcode: OP_READ_RESP,
+                    status: 0,
+                    len: header.len,
+                    psn: header.psn,
+                    addr: 0,
+                    rkey: 0,
+                    imm: 0,
+                };
+                self.shared.tx.lock().frames.push_back(TxFrame {
+                    header: response.encode(),
+                    payload: TxPayload::Region(target),
+                    request_psn: None,
+                });
+            }
+            OP_READ_RESP => {
+                let mut tx = self.shared.tx.lock();
+                complete_acked(&mut self.completions, &mut tx, header.psn.wrapping_sub(1), header.psn > 0)?;
+                let front = tx.outstanding.pop_front();
+                drop(tx);
+                match front {
+                    Some(p) if p.psn == header.psn && p.opcode == WcOpcode::RdmaRead && p.written => {
+                        let want = p.buf.as_ref().map_or(0, |b| b.len());
+                        if want != header.len as usize {
+                            return Err(fatal(format!("read response of {} bytes for a {want}-byte read", header.len)));
+                        }
+                        self.sink = Sink::ReadResp { pending: p, filled: 0 };
+                    }
+                    other => {
+                        if let Some(p) = other {
+                            self.shared.tx.lock().outstanding.push_front(p);
+                        }
+                        return Err(fatal(format!("read response for psn {} matches no read", header.psn)));
+                    }
+                }
+            }
+            OP_ACK => {
+                let mut tx = self.shared.tx.lock();
+                complete_acked(&mut self.completions, &mut tx, header.psn, true)?;
+            }
+            OP_NAK => {
+                let status = WcStatus::from_code(header.status)
+                    .filter(|s| !s.is_success())
+                    .unwrap_or(WcStatus::RemoteOperationError);
+                let mut tx = self.shared.tx.lock();
+                complete_acked(&mut self.completions, &mut tx, header.psn.wrapping_sub(1), header.psn > 0)?;
+                if let Some(pos) = tx.outstanding.iter().position(|p| p.psn == header.psn) {
+                    if let Some(mut p) = tx.outstanding.remove(pos) {
+                        let buf = p.buf.take().or_else(|| take_frame_buf(&mut tx, p.psn));
+                        if let Some(buf) = buf {
+                            self.completions.push(Completion {
+                                id: p.id,
+                                status,
+                                opcode: p.opcode,
+                                byte_len: 0,
+                                imm: None,
+                                buf,
+                            });
+                        }
+                    }
+                }
+                return Err(fatal(format!("peer refused request {}: {status}", header.psn)));
+            }
+            OP_DISCONNECT => return Err(fatal("peer disconnected")),
+            _ => return Err(fatal(format!("unknown opcode {}", header.opcode))),
+        }
+        Ok(())
+    }
+
+    fn finish_sink(&mut self) {
+        match std::mem::replace(&mut self.sink, Sink::Idle) {
+            Sink::Idle => {}
+            Sink::Recv { mut wr, header, .. } => {
+                wr.buf.set_len(header.len as usize);
+                self.completions.push(Completion {
+                    id: wr.id,
+                    status: WcStatus::Success,
+                    opcode: WcOpcode::Recv,
+                    byte_len: header.len,
+                    imm: (header.opcode == OP_SEND_IMM).then_some(header.imm),
+                    buf: wr.buf,
+                });
+                self.ack_due = Some(header.psn);
+            }
+            Sink::Remote { recv, header, .. } => {
+                if let Some(mut wr) = recv {
+                    wr.buf.set_len(0);
+                    self.completions.push(Completion {
+                        id: wr.id,
+                        status: WcStatus::Success,
+                        opcode: WcOpcode::RecvRdmaWithImm,
+                        byte_len: header.len,
+                        imm: Some(header.imm),
+                        buf: wr.buf,
+                    });
+                }
+                self.ack_due = Some(header.psn);
+            }
+            Sink::ReadResp { pending, .. } => {
+                if let Some(buf) = pending.buf {
+                    self.completions.push(Completion {
+                        id: pending.id,
+                        status: WcStatus::Success,
+                        opcode: WcOpcode::RdmaRead,
+                        byte_len: buf.len() as u32,
+                        imm: None,
+                        buf,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Moves the queue pair to the error state: tell the peer why (best
+    /// effort), close, and flush every outstanding request.
+    fn fail(mut self, why: Fatal) {
+        let shared = self.shared.clone();
+        let was_failed = shared.failed.swap(true, Ordering::AcqRel);
+        if !was_failed || why.nak.is_some() {
+            match &why.nak {
+                Some((_, status)) => {
+                    tracing::warn!(peer = %shared.peer, "closing tcp queue pair: {} ({status})", why.reason)
+                }
+                None => tracing::debug!(peer = %shared.peer, "tcp queue pair closed: {}", why.reason),
+            }
+        }
+        {
+            let mut tx = shared.tx.lock();
+            tx.failed = true;
+            if let Some((psn, status)) = why.nak {
+                tx.frames.push_back(TxFrame {
+                    header: Header::control(OP_NAK, psn, status).encode(),
+                    payload: TxPayload::None,
+                    request_psn: None,
+                });
+                let _ = shared.stream.set_nodelay(true);
+                let _ = flush_tx(&shared.stream, &mut tx);
+            }
+        }
+        let _ = shared.stream.shutdown(Shutdown::Both);
+        // Everything still in flight completes with a flush error, in order.
+        match std::mem::replace(&mut self.sink, Sink::Idle) {
+            Sink::Idle => {}
+            Sink::Recv { wr, .. } => self.completions.push(flushed_recv(wr)),
+            Sink::Remote { recv, .. } => self.completions.extend(recv.map(flushed_recv)),
+            Sink::ReadResp { pending, .. } => self.completions.extend(pending.buf.map(|buf| Completion {
+                id: pending.id,
+                status: WcStatus::Flushed,
+                opcode: pending.opcode,
+                byte_len: 0,
+                imm: None,
+                buf,
+            })),
+        }
+        {
+            let mut tx = shared.tx.lock();
+            let frames: Vec<TxFrame> = tx.frames.drain(..).collect();
+            tx.head_written = 0;
+            for frame in frames {
+                if let (Some(psn), TxPayload::Buf(buf)) = (frame.request_psn, frame.payload) {
+                    if let Some(p) = tx.outstanding.iter_mut().find(|p| p.psn == psn) {
+                        p.buf = Some(buf);
+                    }
+                }
+            }
+            for p in tx.outstanding.drain(..) {
+                if let Some(buf) = p.buf {
+                    self.completions.push(Completion {
+                        id: p.id,
+                        status: WcStatus::Flushed,
+                        opcode: p.opcode,
+                        byte_len: 0,
+                        imm: None,
+                        buf,
+                    });
+                }
+            }
+        }
+        let recvs: Vec<RecvWr> = shared.recvs.lock().drain(..).collect();
+        self.completions.extend(recvs.into_iter().map(flushed_recv));
+        self.publish();
+    }
+}
+
+/// The part of the current payload's destination not yet filled.
+fn sink_dest(sink: &mut Sink) -> &mut [u8] {
+    match sink {
+        Sink::Idle => &mut [],
+        Sink::Recv { wr, header, filled } => &mut wr.buf.spare_capacity()[*filled..header.len as usize],
+        Sink::Remote { target, filled, .. } => &mut target.as_mut_slice()[*filled..],
+        Sink::ReadResp { pending, filled } => match pending.buf.as_mut() {
+            Some(b) => &mut b[*filled..],
+            None => &mut [],
+        },
+    }
+}
+
+fn advance_sink(sink: &mut Sink, n: usize) {
+    match sink {
+        Sink::Idle => {}
+        Sink::Recv { filled, .. } | Sink::Remote { filled, .. } | Sink::ReadResp { filled, .. } => *filled += n,
+    }
+}
+
+/// Completes every outstanding request up to `psn` (inclusive) as executed.
+fn complete_acked(completions: &mut Vec<Completion>, tx: &mut Tx, psn: u64, any: bool) -> Result<(), Fatal> {
+    if !any {
+        return Ok(());
+    }
+    while let Some(front) = tx.outstanding.front() {
+        if front.psn > psn {
+            break;
+        }
+        if !front.written {
+            return Err(fatal(format!("peer acknowledged psn {psn} before it was sent")));
+        }
+        if front.opcode == WcOpcode::RdmaRead {
+            // A read completes only with its data.
+            return Err(fatal(format!("peer acknowledged read {} without data", front.psn)));
+        }
+        let p = tx.outstanding.pop_front().expect("front exists");
+        if let Some(buf) = p.buf {
+            completions.push(Completion {
+                id: p.id,
+                status: WcStatus::Success,
+                opcode: p.opcode,
+                byte_len: buf.len() as u32,
+                imm: None,
+                buf,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn take_frame_buf(tx: &mut Tx, psn: u64) -> Option<Buf> {
+    let pos = tx.frames.iter().position(|f| f.request_psn == Some(psn))?;
+    let frame = tx.frames.remove(pos)?;
+    match frame.payload {
+        TxPayload::Buf(b) => Some(b),
+        _ => None,
+    }
+}
+
+/// One non-blocking read: `Some(n)` bytes, `None` when the socket is drained.
+fn read_some(stream: &mio::net::TcpStream, dest: &mut [u8]) -> Result<Option<usize>, Fatal> {
+    if dest.is_empty() {
+        return Err(fatal("internal: read into an empty buffer"));
+    }
+    loop {
+        match (&*stream).read(dest) {
+            Ok(0) => return Err(fatal("peer closed the connection")),
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(fatal(format!("read: {e}"))),
+        }
+    }
+}
