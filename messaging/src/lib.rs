@@ -2,4 +2,5 @@
 #![warn(missing_docs)]
 
 pub mod mr;
+pub mod proto;
 pub mod provider;

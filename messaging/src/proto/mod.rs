@@ -1,0 +1,1058 @@
+//! The push-push protocol core: every rule, no I/O.
+//!
+//! A [`Connection`] holds one side of a channel: its pre-posted receive
+//! buffers, its pool of push slots granted to the peer, the credits it holds
+//! for the peer's receives, the peer's slots it may write, and every work
+//! request in flight. It opens no socket, starts no thread and reads no
+//! clock: the driver feeds it completions and drains the work it asks for.
+//!
+//! Method kinds, as in quinn-proto:
+//! - getters (`&self`): [`Connection::credits`], [`Connection::is_open`], ...;
+//! - input: [`Connection::handle_connected`], [`Connection::handle_completion`];
+//! - application commands: [`Connection::send`], [`Connection::push`],
+//!   [`Connection::push_direct`], [`Connection::expose`],
+//!   [`Connection::release`], [`Connection::close`];
+//! - output, drained in this order after any input or command:
+//!   [`Connection::poll_work`] (receives to post, send-queue batches, a
+//!   disconnect) and then [`Connection::poll_event`] (deliveries, send
+//!   results, closure).
+//!
+//! ```text
+//! conn.handle_completion(completion);
+//! while let Some(work) = conn.poll_work() { post(work) }
+//! while let Some(event) = conn.poll_event() { deliver(event) }
+//! ```
+//!
+//! # Rules
+//! - **Credits.** A side may Send (or Write with immediate, which also
+//!   consumes a receive) only while it holds a credit for a receive the peer
+//!   posted; it starts with the peer's `recv_depth`. Data and pushes keep
+//!   the last credit in reserve; only a control message may spend it, so
+//!   credits can always be returned. Every message header returns the
+//!   credits owed for receives reposted since the last message; when no
+//!   traffic flows back, an explicit control message returns them once half
+//!   the window is owed. So one-way traffic never deadlocks.
+//! - **Slots.** Each side registers `slot_count` slots of `slot_size` bytes
+//!   for the peer to push into. The pusher takes a free slot, writes into it
+//!   and names it in the transfer indication; the receiver hands the slot to
+//!   the application and, when the application releases it, returns it in a
+//!   header's release list (or a control message once a quarter of the
+//!   slots wait).
+//! - **Transfer indication.** By default the immediate data of the write
+//!   itself ([`wire::encode_imm`]); with `separate_indication` (asked by
+//!   either side, or forced by a fabric without immediate data) a small
+//!   indication message Sent right after the write, which RC ordering
+//!   delivers after the data.
+//! - **Direct placement.** [`Connection::expose`] turns a registered buffer
+//!   into a [`DirectTarget`] (tag + keyed descriptor) for the peer; the peer
+//!   pushes into it with [`Connection::push_direct`] and the indication
+//!   names the tag.
+//! - **Order.** Data messages and pushes carry one delivery sequence
+//!   (32 bits in headers, the low 16 in immediates); the receiver checks
+//!   that each is the next one, so delivery is exactly once and in order.
+//! - **Errors.** Any failed completion or protocol violation closes the
+//!   connection: a [`Event::Closed`] with the reason, a [`Work::Disconnect`]
+//!   for the driver, and every request still in flight resolves with an
+//!   error when its flushed completion returns.
+
+use std::collections::VecDeque;
+
+use slab::Slab;
+
+use crate::mr::{Access, Buf, BufPool, MrError, ProtectionDomain, RemoteBuf};
+use crate::provider::{Capabilities, Completion, RecvWr, RemoteAddr, SendOp, SendWr, WcOpcode, WcStatus, WrId};
+
+pub mod wire;
+
+use wire::{Header, Kind, Params, Target, HEADER_LEN, MAX_INDEX, MAX_RELEASES};
+
+/// Smallest receive depth a side may advertise.
+pub const MIN_RECV_DEPTH: u16 = 4;
+/// Largest message payload a side may advertise.
+pub const MAX_MSG_SIZE: u32 = 1 << 20;
+
+const RECV_TAG: u64 = 1 << 63;
+
+/// Per-connection settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Receives pre-posted for the peer (the peer's credits), at least 4.
+    pub recv_depth: u16,
+    /// Send-queue work requests in flight at most (and send buffers).
+    pub send_depth: u16,
+    /// Largest message payload, for both directions' buffers.
+    pub msg_size: u32,
+    /// Size of each push slot granted to the peer.
+    pub slot_size: u32,
+    /// Number of push slots granted to the peer (0 disables pushes to us).
+    pub slot_count: u16,
+    /// Ask for transfer indications as separate messages instead of
+    /// immediate data.
+    pub separate_indication: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            recv_depth: 64,
+            send_depth: 128,
+            msg_size: 4096,
+            slot_size: 128 * 1024,
+            slot_count: 16,
+            separate_indication: false,
+        }
+    }
+}
+
+/// Errors setting a connection up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtoError {
+    /// The configuration is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// Registering the connection's buffers failed.
+    #[error("registering connection buffers")]
+    Register(#[source] MrError),
+    /// The peer's parameters were refused.
+    #[error("peer parameters refused: {0}")]
+    BadParams(#[source] wire::WireError),
+    /// The connection was already set up.
+    #[error("connection already set up")]
+    AlreadyConnected,
+}
+
+/// Why a connection closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// This side closed it.
+    #[error("closed locally")]
+    Local,
+    /// The queue pair failed or the peer went away (flushed completions).
+    #[error("connection lost (peer disconnected or fabric failed)")]
+    Disconnected,
+    /// A work request failed on the fabric.
+    #[error("fabric error: {0}")]
+    Fabric(WcStatus),
+    /// The peer broke the protocol.
+    #[error("protocol violation by the peer: {0}")]
+    Violation(String),
+    /// Posting to the fabric failed locally.
+    #[error("local fabric error: {0}")]
+    LocalError(String),
+}
+
+/// Why a send or push was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// No credit, slot, send buffer or send-queue room right now: retry
+    /// after the connection makes progress (back-pressure, not failure).
+    #[error("would block: no credit, slot or send-queue room")]
+    Full,
+    /// The payload exceeds what the peer accepts.
+    #[error("payload of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Payload length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The buffer cannot be used (wrong access rights).
+    #[error("unusable buffer: {0}")]
+    BadBuffer(&'static str),
+    /// The connection is not set up yet.
+    #[error("not connected")]
+    NotConnected,
+    /// The connection closed.
+    #[error("connection closed: {0}")]
+    Closed(CloseReason),
+}
+
+/// A push that was not accepted, with its buffer handed back.
+#[derive(Debug)]
+pub struct PushError {
+    /// Why.
+    pub error: SendError,
+    /// The source buffer, untouched.
+    pub buf: Buf,
+}
+
+/// A buffer exposed for direct placement: the tag and keyed descriptor the
+/// peer needs to push into it. Send it to the peer in a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectTarget {
+    /// Tag that the transfer indication names.
+    pub tag: u16,
+    /// Where to write.
+    pub remote: RemoteBuf,
+}
+
+impl DirectTarget {
+    /// Encoded size.
+    pub const ENCODED_LEN: usize = 20;
+
+    /// Encodes as `tag u16 | pad u16 | RemoteBuf`.
+    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
+        let mut b = [0u8; Self::ENCODED_LEN];
+        b[0..2].copy_from_slice(&self.tag.to_le_bytes());
+        b[4..20].copy_from_slice(&self.remote.encode());
+        b
+    }
+
+    /// Decodes [`DirectTarget::encode`]'s output; `None` if malformed.
+    pub fn decode(b: &[u8]) -> Option<DirectTarget> {
+        if b.len() < Self::ENCODED_LEN || b[2] != 0 || b[3] != 0 {
+            return None;
+        }
+        let tag = u16::from_le_bytes([b[0], b[1]]);
+        (tag <= MAX_INDEX).then_some(())?;
+        Some(DirectTarget {
+            tag,
+            remote: RemoteBuf::decode(&b[4..20])?,
+        })
+    }
+}
+
+/// Work for the driver, in order.
+#[derive(Debug)]
+pub enum Work {
+    /// Post this receive.
+    Recv(RecvWr),
+    /// Post this send-queue request (consecutive ones may be batched).
+    Send(SendWr),
+    /// Disconnect the queue pair (the connection closed).
+    Disconnect,
+}
+
+/// Output for the application.
+#[derive(Debug)]
+pub enum Event {
+    /// A message or push arrived.
+    Received(Received),
+    /// A send or push finished: `Ok` once the peer's fabric executed it.
+    Sent {
+        /// The token given to `send`/`push`.
+        token: u64,
+        /// Outcome.
+        result: Result<(), WcStatus>,
+    },
+    /// The connection closed; in-flight requests resolve with errors.
+    Closed(CloseReason),
+}
+
+/// What kind of delivery a [`Received`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceivedKind {
+    /// A message that was Sent into a pre-posted receive.
+    Message,
+    /// A push into one of our slots.
+    Push,
+    /// A push into a buffer we exposed under `tag`.
+    Direct {
+        /// The exposure's tag.
+        tag: u16,
+    },
+}
+
+/// A delivery: a zero-copy view of the receive buffer or slot where the
+/// data landed. Give it back with [`Connection::release`] so that the
+/// buffer (and its credit) or the slot returns to the peer; a direct
+/// placement's buffer can instead be kept with [`Received::into_buf`].
+#[derive(Debug)]
+pub struct Received {
+    buf: Buf,
+    offset: usize,
+    len: usize,
+    origin: Origin,
+    seq: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Message,
+    Slot(u16),
+    Direct(u16),
+}
+
+impl Received {
+    /// The delivered bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.buf[self.offset..self.offset + self.len]
+    }
+
+    /// Delivery kind.
+    pub fn kind(&self) -> ReceivedKind {
+        match self.origin {
+            Origin::Message => ReceivedKind::Message,
+            Origin::Slot(_) => ReceivedKind::Push,
+            Origin::Direct(tag) => ReceivedKind::Direct { tag },
+        }
+    }
+
+    /// Delivery sequence number (per connection and direction, from 0).
+    pub fn seq(&self) -> u32 {
+        self.seq
+    }
+
+    /// For a direct placement: the application's buffer, with its length
+    /// set to the bytes pushed. Other deliveries are handed back unchanged.
+    ///
+    /// # Errors
+    /// `Err(self)` when this is not a direct placement.
+    pub fn into_buf(self) -> Result<Buf, Received> {
+        match self.origin {
+            Origin::Direct(_) => Ok(self.buf),
+            _ => Err(self),
+        }
+    }
+}
+
+enum Slot {
+    /// The peer may write it.
+    Granted(Buf),
+    /// Delivered to the application.
+    Delivered,
+}
+
+struct Peer {
+    params: Params,
+    free_slots: VecDeque<u16>,
+    slot_busy: Vec<bool>,
+}
+
+struct Inflight {
+    token: Option<u64>,
+}
+
+enum State {
+    Setup,
+    Open,
+    Closed(CloseReason),
+}
+
+/// One side of a push-push channel (see the module docs).
+pub struct Connection {
+    cfg: Config,
+    state: State,
+    recv_pool: BufPool,
+    send_pool: BufPool,
+    slot_pool: Option<BufPool>,
+    slots: Vec<Slot>,
+    released: Vec<u16>,
+    peer: Option<Peer>,
+    separate: bool,
+    max_send: usize,
+    credits: u32,
+    owed: u32,
+    inflight: Slab<Inflight>,
+    work: VecDeque<Work>,
+    events: VecDeque<Event>,
+    tx_seq: u32,
+    rx_seq: u32,
+    direct: Slab<Buf>,
+    recvs_posted: u32,
+    held: u32,
+}
+
+impl Connection {
+    /// Prepares one side: validates `cfg` and registers its receive
+    /// buffers, send buffers and push slots in `pd`.
+    ///
+    /// # Errors
+    /// [`ProtoError::InvalidConfig`] or [`ProtoError::Register`].
+    pub fn new(pd: &ProtectionDomain, cfg: Config) -> Result<Connection, ProtoError> {
+        let bad = |m: String| Err(ProtoError::InvalidConfig(m));
+        if cfg.recv_depth < MIN_RECV_DEPTH {
+            return bad(format!("recv_depth {} below {MIN_RECV_DEPTH}", cfg.recv_depth));
+        }
+        if cfg.send_depth < 2 {
+            return bad(format!("send_depth {} below 2", cfg.send_depth));
+        }
+        if cfg.msg_size == 0 || cfg.msg_size > MAX_MSG_SIZE {
+            return bad(format!("msg_size {} outside 1..={MAX_MSG_SIZE}", cfg.msg_size));
+        }
+        if cfg.slot_count > MAX_INDEX + 1 {
+            return bad(format!("slot_count {} above {}", cfg.slot_count, MAX_INDEX as u32 + 1));
+        }
+        if cfg.slot_count > 0 && cfg.slot_size == 0 {
+            return bad("slot_size 0 with slots".into());
+        }
+        let buf_size = HEADER_LEN + 2 * MAX_RELEASES + cfg.msg_size as usize;
+        let recv_pool = pd
+            .register(buf_size, cfg.recv_depth.into(), Access::LOCAL_WRITE)
+            .map_err(ProtoError::Register)?;
+        let send_pool = pd
+            .register(buf_size, cfg.send_depth.into(), Access::NONE)
+            .map_err(ProtoError::Register)?;
+        let (slot_pool, slots) = if cfg.slot_count > 0 {
+            let pool = pd
+                .register(cfg.slot_size as usize, cfg.slot_count.into(), Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+                .map_err(ProtoError::Register)?;
+            let mut bufs: Vec<Buf> = std::iter::from_fn(|| pool.checkout()).collect();
+            bufs.sort_by_key(Buf::index);
+            (Some(pool), bufs.into_iter().map(Slot::Granted).collect())
+        } else {
+            (None, Vec::new())
+        };
+        Ok(Connection {
+            cfg,
+            state: State::Setup,
+            recv_pool,
+            send_pool,
+            slot_pool,
+            slots,
+            released: Vec::new(),
+            peer: None,
+            separate: false,
+            max_send: 0,
+            credits: 0,
+            owed: 0,
+            inflight: Slab::new(),
+            work: VecDeque::new(),
+            events: VecDeque::new(),
+            tx_seq: 0,
+            rx_seq: 0,
+            direct: Slab::new(),
+            recvs_posted: 0,
+            held: 0,
+        })
+    }
+
+    /// The parameter block to send in the hello.
+    pub fn local_params(&self) -> Vec<u8> {
+        let (slot_addr, slot_rkey) = match &self.slot_pool {
+            Some(p) => (p.remote().addr, p.rkey()),
+            None => (0, crate::mr::RKey(0)),
+        };
+        Params {
+            recv_depth: self.cfg.recv_depth,
+            msg_size: self.cfg.msg_size,
+            slot_count: self.cfg.slot_count,
+            slot_size: self.cfg.slot_size,
+            slot_addr,
+            slot_rkey,
+            separate_indication: self.cfg.separate_indication,
+        }
+        .encode()
+        .to_vec()
+    }
+
+    /// The receives to post before the connection goes live (all of them,
+    /// once; later calls return nothing).
+    pub fn initial_recvs(&mut self) -> Vec<RecvWr> {
+        let mut out = Vec::new();
+        while let Some(buf) = self.recv_pool.checkout() {
+            out.push(RecvWr {
+                id: WrId(RECV_TAG | u64::from(buf.index())),
+                buf,
+            });
+        }
+        self.recvs_posted += out.len() as u32;
+        out
+    }
+
+    /// The connection is live: takes the peer's parameters and the fabric's
+    /// capabilities and opens.
+    ///
+    /// # Errors
+    /// [`ProtoError::BadParams`] for parameters that fail validation or do
+    /// not fit the fabric; the caller should refuse the connection.
+    pub fn handle_connected(&mut self, peer_params: &[u8], caps: Capabilities) -> Result<(), ProtoError> {
+        if !matches!(self.state, State::Setup) {
+            return Err(ProtoError::AlreadyConnected);
+        }
+        let params = Params::decode(peer_params).map_err(ProtoError::BadParams)?;
+        let bad = |m: String| Err(ProtoError::BadParams(wire::WireError(m)));
+        if u32::from(self.cfg.send_depth) > caps.max_send_wr || u32::from(self.cfg.recv_depth) > caps.max_recv_wr {
+            return bad(format!(
+                "queue depths {}/{} exceed the fabric's {}/{}",
+                self.cfg.send_depth, self.cfg.recv_depth, caps.max_send_wr, caps.max_recv_wr
+            ));
+        }
+        if params.slot_size > caps.max_message {
+            return bad(format!("peer slot size {} above the fabric's message limit", params.slot_size));
+        }
+        self.separate = self.cfg.separate_indication || params.separate_indication || !caps.immediate_data;
+        self.max_send = params.msg_size.min(self.cfg.msg_size) as usize;
+        self.credits = params.recv_depth.into();
+        self.peer = Some(Peer {
+            free_slots: (0..params.slot_count).collect(),
+            slot_busy: vec![false; params.slot_count.into()],
+            params,
+        });
+        self.state = State::Open;
+        Ok(())
+    }
+
+    // ----- getters -----
+
+    /// Whether the connection is open.
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, State::Open)
+    }
+
+    /// Why the connection closed, if it did.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        match &self.state {
+            State::Closed(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection closed and every request it posted came back:
+    /// nothing of it is left with the fabric.
+    pub fn is_drained(&self) -> bool {
+        matches!(self.state, State::Closed(_)) && self.inflight.is_empty() && self.recvs_posted == 0
+    }
+
+    /// Credits held for the peer's receives.
+    pub fn credits(&self) -> u32 {
+        self.credits
+    }
+
+    /// Credits owed to the peer (reposted receives not yet advertised).
+    pub fn owed(&self) -> u32 {
+        self.owed
+    }
+
+    /// Receives currently posted to the fabric.
+    pub fn recvs_posted(&self) -> u32 {
+        self.recvs_posted
+    }
+
+    /// Messages and slot pushes handed out and not yet released.
+    pub fn held(&self) -> u32 {
+        self.held
+    }
+
+    /// Send-queue requests in flight.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// The peer's slots this side may push into now.
+    pub fn free_peer_slots(&self) -> usize {
+        self.peer.as_ref().map_or(0, |p| p.free_slots.len())
+    }
+
+    /// Our slots released by the application but not yet returned to the peer.
+    pub fn released_pending(&self) -> usize {
+        self.released.len()
+    }
+
+    /// This side's configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The peer's parameters, once connected.
+    pub fn peer_params(&self) -> Option<&Params> {
+        self.peer.as_ref().map(|p| &p.params)
+    }
+
+    /// Whether transfer indications go as separate messages.
+    pub fn separate_indication(&self) -> bool {
+        self.separate
+    }
+
+    /// Largest message [`Connection::send`] accepts.
+    pub fn max_message(&self) -> usize {
+        self.max_send
+    }
+
+    /// Largest push [`Connection::push`] accepts.
+    pub fn max_push(&self) -> usize {
+        self.peer.as_ref().map_or(0, |p| p.params.slot_size as usize)
+    }
+
+    /// Whether a `send` would be accepted now.
+    pub fn can_send(&self) -> bool {
+        self.is_open() && self.credits >= 2 && self.has_send_room(1)
+    }
+
+    /// Whether a `push` would be accepted now.
+    pub fn can_push(&self) -> bool {
+        self.can_send() && self.free_peer_slots() > 0 && self.has_send_room(if self.separate { 2 } else { 1 })
+    }
+
+    // ----- application commands -----
+
+    /// Sends `data` as one message into a receive the peer pre-posted
+    /// (copied into a registered send buffer). `token` comes back in
+    /// [`Event::Sent`].
+    ///
+    /// # Errors
+    /// [`SendError::Full`] while out of credits or send room (retry after
+    /// progress), `TooLarge`, `NotConnected`, `Closed`.
+    pub fn send(&mut self, token: u64, data: &[u8]) -> Result<(), SendError> {
+        self.check_open()?;
+        if data.len() > self.max_send {
+            return Err(SendError::TooLarge {
+                len: data.len(),
+                max: self.max_send,
+            });
+        }
+        if !self.can_send() {
+            return Err(SendError::Full);
+        }
+        self.send_message(Kind::Data, Some(token), data)
+    }
+
+    /// Pushes `src` into a slot the peer granted, with the transfer
+    /// indication in the write's immediate data (or a separate message).
+    /// `src` must be registered in the same protection domain; it is
+    /// dropped (back to its pool) once the push completes.
+    ///
+    /// # Errors
+    /// As [`Connection::send`], with the buffer handed back.
+    pub fn push(&mut self, token: u64, src: Buf) -> Result<(), PushError> {
+        if let Err(error) = self.check_open() {
+            return Err(PushError { error, buf: src });
+        }
+        let max = self.max_push();
+        if src.len() > max {
+            return Err(PushError {
+                error: SendError::TooLarge { len: src.len(), max },
+                buf: src,
+            });
+        }
+        if !self.can_push() {
+            return Err(PushError {
+                error: SendError::Full,
+                buf: src,
+            });
+        }
+        let peer = self.peer.as_mut().expect("open implies peer");
+        let slot = peer.free_slots.pop_front().expect("can_push checked a free slot");
+        peer.slot_busy[slot as usize] = true;
+        let remote = RemoteAddr {
+            addr: peer.params.slot_addr + u64::from(slot) * u64::from(peer.params.slot_size),
+            rkey: peer.params.slot_rkey,
+        };
+        self.post_push(token, src, remote, Target::Slot(slot));
+        Ok(())
+    }
+
+    /// Pushes `src` straight into a buffer the peer exposed (see
+    /// [`Connection::expose`]).
+    ///
+    /// # Errors
+    /// As [`Connection::push`]; `TooLarge` when `src` exceeds the target.
+    pub fn push_direct(&mut self, token: u64, src: Buf, target: DirectTarget) -> Result<(), PushError> {
+        if let Err(error) = self.check_open() {
+            return Err(PushError { error, buf: src });
+        }
+        if src.len() > target.remote.len as usize {
+            return Err(PushError {
+                error: SendError::TooLarge {
+                    len: src.len(),
+                    max: target.remote.len as usize,
+                },
+                buf: src,
+            });
+        }
+        if !self.can_send() || !self.has_send_room(if self.separate { 2 } else { 1 }) {
+            return Err(PushError {
+                error: SendError::Full,
+                buf: src,
+            });
+        }
+        let remote = RemoteAddr {
+            addr: target.remote.addr,
+            rkey: target.remote.rkey,
+        };
+        self.post_push(token, src, remote, Target::Direct(target.tag));
+        Ok(())
+    }
+
+    /// Exposes `buf` (registered with remote write) for the peer to push
+    /// into directly. The buffer comes back in the [`Received`] of that
+    /// push, or through [`Connection::unexpose`].
+    ///
+    /// # Errors
+    /// The buffer back when it lacks remote write access or 32768
+    /// buffers are already exposed.
+    pub fn expose(&mut self, buf: Buf) -> Result<DirectTarget, Buf> {
+        if !buf.access().contains(Access::REMOTE_WRITE | Access::LOCAL_WRITE) || self.direct.len() > MAX_INDEX as usize
+        {
+            return Err(buf);
+        }
+        let remote = buf.remote();
+        let tag = self.direct.insert(buf);
+        Ok(DirectTarget { tag: tag as u16, remote })
+    }
+
+    /// Withdraws an exposure that was not pushed to.
+    pub fn unexpose(&mut self, tag: u16) -> Option<Buf> {
+        self.direct.try_remove(tag.into())
+    }
+
+    /// Gives a delivery back: a message's receive buffer is reposted (and
+    /// its credit owed to the peer), a slot is returned to the peer.
+    pub fn release(&mut self, received: Received) {
+        if !matches!(received.origin, Origin::Direct(_)) {
+            self.held = self.held.saturating_sub(1);
+        }
+        if !self.is_open() {
+            return;
+        }
+        match received.origin {
+            Origin::Message => self.repost(received.buf),
+            Origin::Slot(i) => {
+                self.slots[i as usize] = Slot::Granted(received.buf);
+                self.released.push(i);
+            }
+            Origin::Direct(_) => {}
+        }
+        self.maybe_control();
+    }
+
+    /// Closes the connection locally.
+    pub fn close(&mut self) {
+        self.close_with(CloseReason::Local);
+    }
+
+    /// Closes because posting to the fabric failed; `wrs` are the requests
+    /// the fabric handed back (their tokens resolve as flushed).
+    pub fn handle_post_failure(&mut self, reason: String, wrs: Vec<SendWr>) {
+        for wr in wrs {
+            self.complete_send(wr.id, WcStatus::Flushed);
+        }
+        self.close_with(CloseReason::LocalError(reason));
+    }
+
+    /// A receive the fabric refused to take back (queue full): counts it
+    /// as returned and closes.
+    pub fn handle_recv_post_failure(&mut self, reason: String, _wr: RecvWr) {
+        self.recvs_posted = self.recvs_posted.saturating_sub(1);
+        self.close_with(CloseReason::LocalError(reason));
+    }
+
+    // ----- input -----
+
+    /// Takes one completion from the fabric.
+    pub fn handle_completion(&mut self, c: Completion) {
+        if c.id.0 & RECV_TAG != 0 {
+            self.handle_recv(c);
+        } else {
+            self.complete_send(c.id, c.status);
+        }
+        self.maybe_control();
+    }
+
+    // ----- output -----
+
+    /// Next piece of work for the driver.
+    pub fn poll_work(&mut self) -> Option<Work> {
+        self.work.pop_front()
+    }
+
+    /// Next event for the application.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    // ----- internals -----
+
+    fn check_open(&self) -> Result<(), SendError> {
+        match &self.state {
+            State::Open => Ok(()),
+            State::Setup => Err(SendError::NotConnected),
+            State::Closed(r) => Err(SendError::Closed(r.clone())),
+        }
+    }
+
+    fn has_send_room(&self, wrs: usize) -> bool {
+        self.inflight.len() + wrs <= self.cfg.send_depth as usize && self.send_pool.available() >= 1
+    }
+
+    fn credit_threshold(&self) -> u32 {
+        u32::from(self.cfg.recv_depth / 2).max(2)
+    }
+
+    fn release_threshold(&self) -> usize {
+        (self.cfg.slot_count as usize / 4).max(1)
+    }
+
+    /// Sends one message (data, control or indication). The caller checked
+    /// the credit and the send room.
+    fn send_message(&mut self, kind: Kind, token: Option<u64>, payload: &[u8]) -> Result<(), SendError> {
+        let mut buf = self.send_pool.checkout().ok_or(SendError::Full)?;
+        let releases: Vec<u16> = {
+            let n = self.released.len().min(MAX_RELEASES);
+            self.released.drain(..n).collect()
+        };
+        let seq = if kind == Kind::Control {
+            0
+        } else {
+            let s = self.tx_seq;
+            self.tx_seq = self.tx_seq.wrapping_add(1);
+            s
+        };
+        let header = Header {
+            kind,
+            credits: u16::try_from(self.owed).unwrap_or(u16::MAX),
+            releases: releases.len() as u16,
+            seq,
+            len: payload.len() as u32,
+        };
+        self.owed -= u32::from(header.credits);
+        let total = header.payload_offset() + payload.len();
+        {
+            let space = buf.spare_capacity();
+            header.encode(space);
+            for (i, r) in releases.iter().enumerate() {
+                let at = HEADER_LEN + 2 * i;
+                space[at..at + 2].copy_from_slice(&r.to_le_bytes());
+            }
+            space[header.payload_offset()..total].copy_from_slice(payload);
+        }
+        buf.set_len(total);
+        self.credits -= 1;
+        let key = self.inflight.insert(Inflight { token });
+        self.work.push_back(Work::Send(SendWr {
+            id: WrId(key as u64),
+            op: SendOp::Send { buf, imm: None },
+        }));
+        Ok(())
+    }
+
+    fn post_push(&mut self, token: u64, src: Buf, remote: RemoteAddr, target: Target) {
+        let len = src.len() as u32;
+        if self.separate {
+            let key = self.inflight.insert(Inflight { token: None });
+            self.work.push_back(Work::Send(SendWr {
+                id: WrId(key as u64),
+                op: SendOp::Write {
+                    buf: src,
+                    remote,
+                    imm: None,
+                },
+            }));
+            let indication = wire::encode_indication(target, len);
+            // Room and credit were checked by the caller, so this cannot fail.
+            let sent = self.send_message(Kind::Indication, Some(token), &indication);
+            debug_assert!(sent.is_ok());
+        } else {
+            let seq = self.tx_seq;
+            self.tx_seq = self.tx_seq.wrapping_add(1);
+            self.credits -= 1;
+            let key = self.inflight.insert(Inflight { token: Some(token) });
+            self.work.push_back(Work::Send(SendWr {
+                id: WrId(key as u64),
+                op: SendOp::Write {
+                    buf: src,
+                    remote,
+                    imm: Some(wire::encode_imm(target, seq)),
+                },
+            }));
+        }
+    }
+
+    /// Sends control messages while credits or slot releases are owed past
+    /// their thresholds.
+    fn maybe_control(&mut self) {
+        while self.is_open()
+            && (self.owed >= self.credit_threshold() || self.released.len() >= self.release_threshold())
+            && self.credits >= 1
+            && self.has_send_room(1)
+        {
+            if self.send_message(Kind::Control, None, &[]).is_err() {
+                break;
+            }
+        }
+    }
+
+    fn repost(&mut self, mut buf: Buf) {
+        buf.set_len(0);
+        self.work.push_back(Work::Recv(RecvWr {
+            id: WrId(RECV_TAG | u64::from(buf.index())),
+            buf,
+        }));
+        self.recvs_posted += 1;
+        self.owed += 1;
+    }
+
+    fn complete_send(&mut self, id: WrId, status: WcStatus) {
+        let Some(entry) = usize::try_from(id.0).ok().and_then(|k| self.inflight.try_remove(k)) else {
+            tracing::warn!(id = id.0, "completion for an unknown send request");
+            return;
+        };
+        let result = if status.is_success() { Ok(()) } else { Err(status) };
+        if let Some(token) = entry.token {
+            self.events.push_back(Event::Sent { token, result });
+        }
+        if !status.is_success() {
+            self.close_with(if status == WcStatus::Flushed {
+                CloseReason::Disconnected
+            } else {
+                CloseReason::Fabric(status)
+            });
+        }
+    }
+
+    fn handle_recv(&mut self, c: Completion) {
+        self.recvs_posted = self.recvs_posted.saturating_sub(1);
+        if !c.status.is_success() {
+            self.close_with(if c.status == WcStatus::Flushed {
+                CloseReason::Disconnected
+            } else {
+                CloseReason::Fabric(c.status)
+            });
+            return;
+        }
+        if !self.is_open() {
+            return;
+        }
+        let outcome = match c.opcode {
+            WcOpcode::Recv => self.handle_message(c.buf),
+            WcOpcode::RecvRdmaWithImm => match c.imm {
+                Some(imm) => {
+                    let (target, seq16) = wire::decode_imm(imm);
+                    self.check_seq16(seq16)
+                        .and_then(|seq| self.deliver_push(target, c.byte_len, seq))
+                        .map(|()| self.repost(c.buf))
+                }
+                None => Err("write-with-immediate completion without immediate data".into()),
+            },
+            other => Err(format!("receive completion with opcode {other:?}")),
+        };
+        if let Err(reason) = outcome {
+            self.close_with(CloseReason::Violation(reason));
+        }
+    }
+
+    fn handle_message(&mut self, buf: Buf) -> Result<(), String> {
+        let header = Header::decode(&buf).map_err(|e| e.0)?;
+        let peer = self.peer.as_mut().expect("open implies peer");
+        if self.credits + u32::from(header.credits) > u32::from(peer.params.recv_depth) {
+            return Err(format!(
+                "{} credits granted while holding {} of {}",
+                header.credits, self.credits, peer.params.recv_depth
+            ));
+        }
+        self.credits += u32::from(header.credits);
+        for slot in header.releases(&buf) {
+            match peer.slot_busy.get_mut(slot as usize) {
+                Some(busy) if *busy => {
+                    *busy = false;
+                    peer.free_slots.push_back(slot);
+                }
+                _ => return Err(format!("release of slot {slot}, which was not pushed to")),
+            }
+        }
+        match header.kind {
+            Kind::Control => {
+                self.repost(buf);
+                Ok(())
+            }
+            Kind::Data => {
+                self.check_seq(header.seq)?;
+                self.held += 1;
+                self.events.push_back(Event::Received(Received {
+                    offset: header.payload_offset(),
+                    len: header.len as usize,
+                    buf,
+                    origin: Origin::Message,
+                    seq: header.seq,
+                }));
+                Ok(())
+            }
+            Kind::Indication => {
+                self.check_seq(header.seq)?;
+                let at = header.payload_offset();
+                let (target, len) = wire::decode_indication(&buf[at..at + header.len as usize]).map_err(|e| e.0)?;
+                self.deliver_push(target, len, header.seq)?;
+                self.repost(buf);
+                Ok(())
+            }
+        }
+    }
+
+    fn check_seq(&mut self, seq: u32) -> Result<(), String> {
+        if seq != self.rx_seq {
+            return Err(format!("delivery {seq} out of order (expected {})", self.rx_seq));
+        }
+        self.rx_seq = self.rx_seq.wrapping_add(1);
+        Ok(())
+    }
+
+    fn check_seq16(&mut self, seq16: u16) -> Result<u32, String> {
+        if seq16 != self.rx_seq as u16 {
+            return Err(format!("push {seq16} out of order (expected {})", self.rx_seq as u16));
+        }
+        let seq = self.rx_seq;
+        self.rx_seq = self.rx_seq.wrapping_add(1);
+        Ok(seq)
+    }
+
+    fn deliver_push(&mut self, target: Target, len: u32, seq: u32) -> Result<(), String> {
+        let (mut buf, origin) = match target {
+            Target::Slot(i) => match self.slots.get_mut(i as usize) {
+                Some(slot @ Slot::Granted(_)) => match std::mem::replace(slot, Slot::Delivered) {
+                    Slot::Granted(b) => (b, Origin::Slot(i)),
+                    Slot::Delivered => unreachable!("matched Granted above"),
+                },
+                _ => return Err(format!("push into slot {i}, which is not granted")),
+            },
+            Target::Direct(tag) => match self.direct.try_remove(tag.into()) {
+                Some(b) => (b, Origin::Direct(tag)),
+                None => return Err(format!("push to direct tag {tag}, which is not exposed")),
+            },
+        };
+        if len as usize > buf.capacity() {
+            return Err(format!("push of {len} bytes into a {}-byte buffer", buf.capacity()));
+        }
+        buf.set_len(len as usize);
+        if matches!(origin, Origin::Slot(_)) {
+            self.held += 1;
+        }
+        self.events.push_back(Event::Received(Received {
+            buf,
+            offset: 0,
+            len: len as usize,
+            origin,
+            seq,
+        }));
+        Ok(())
+    }
+
+    fn close_with(&mut self, reason: CloseReason) {
+        if matches!(self.state, State::Closed(_)) {
+            return;
+        }
+        match &reason {
+            CloseReason::Local | CloseReason::Disconnected => tracing::debug!(%reason, "connection closed"),
+            _ => tracing::warn!(%reason, "connection closed"),
+        }
+        let was_setup = matches!(self.state, State::Setup);
+        self.state = State::Closed(reason.clone());
+        self.direct.clear();
+        self.slots.clear();
+        self.released.clear();
+        if was_setup {
+            // Nothing was posted beyond the initial receives the caller holds.
+            self.recvs_posted = 0;
+        }
+        self.events.push_back(Event::Closed(reason));
+        self.work.push_back(Work::Disconnect);
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("open", &self.is_open())
+            .field("credits", &self.credits)
+            .field("owed", &self.owed)
+            .field("inflight", &self.inflight.len())
+            .field("free_peer_slots", &self.free_peer_slots())
+            .field("held", &self.held)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests;
