@@ -852,15 +852,20 @@ impl Connection {
     }
 
     /// Sends control messages while credits or slot releases are owed past
-    /// their thresholds.
+    /// their thresholds. Only a control that returns credits may spend the
+    /// last credit: it hands the peer at least `credit_threshold` (>= 2)
+    /// credits, so the peer can always answer, and two sides can never both
+    /// sit at zero credits while owing each other (see docs/protocol.md).
     fn maybe_control(&mut self) {
-        while self.is_open()
-            && (self.owed >= self.credit_threshold() || self.released.len() >= self.release_threshold())
-            && self.credits >= 1
-            && self.has_send_room(1)
-        {
+        loop {
+            let credit_due = self.owed >= self.credit_threshold();
+            let release_due = self.released.len() >= self.release_threshold();
+            let reserve = if credit_due { 1 } else { 2 };
+            if !(self.is_open() && (credit_due || release_due) && self.credits >= reserve && self.has_send_room(1)) {
+                return;
+            }
             if self.send_message(Kind::Control, None, &[]).is_err() {
-                break;
+                return;
             }
         }
     }
