@@ -522,9 +522,13 @@ proptest! {
     fn random_operations_keep_the_books(
         ops in proptest::collection::vec(op(), 1..120),
         separate in any::<bool>(),
+        delay in 0u64..3,
+        reorder_seed in proptest::option::of(any::<u64>()),
     ) {
         let cfg = Config { separate_indication: separate, ..small() };
         let mut p = Pair::new(cfg.clone(), cfg);
+        // Held and interleaved operations make the two directions cross.
+        p.fabric.set_faults(Faults { delay, reorder_seed, break_at: None });
         let mut sent: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
         let mut counter = 0u32;
         for op in ops {

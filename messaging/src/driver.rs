@@ -1,0 +1,739 @@
+//! The thin driver: an [`Endpoint`] runs a protocol [`Connection`] over a
+//! fabric [`QueuePair`], with blocking and async forms of every call.
+//!
+//! # Threading model
+//! An `Endpoint` is `Clone + Send + Sync`; clones share one channel. There
+//! is no driver thread: whichever thread calls into the endpoint reaps the
+//! queue pair's completions, feeds them to the protocol core, posts the
+//! work it asks for and routes its events (deliveries to the inbox, send
+//! results to their [`Ticket`]s). A caller that must wait sleeps on a
+//! condvar that the provider's completion notification wakes; async
+//! futures register their `Waker` with the same notification, so they need
+//! no particular runtime (tokio is not required). Providers may have their
+//! own threads (tcp has one I/O thread per queue pair), the driver none.
+//!
+//! # Resource cleanup
+//! Dropping a [`Delivery`] gives its buffer or slot back to the peer.
+//! Dropping a [`Ticket`] forgets the send's result, not the send. Dropping
+//! the last `Endpoint` clone disconnects; requests in flight are flushed.
+
+use std::future::Future;
+use std::ops::Deref;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use slab::Slab;
+
+use crate::mr::{Access, Buf, BufPool};
+use crate::proto::{
+    CloseReason, Config, Connection, DirectTarget, Event, ProtoError, PushError, Received, ReceivedKind, SendError,
+    Work,
+};
+use crate::provider::{Completion, Fabric, FabricError, Listener, QueuePair, WcStatus};
+
+/// Errors of the endpoint API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Setting up the fabric connection failed.
+    #[error(transparent)]
+    Fabric(#[from] FabricError),
+    /// Setting up the protocol failed (configuration, registration, or the
+    /// peer's parameters).
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    /// The connection closed.
+    #[error("connection closed: {0}")]
+    Closed(CloseReason),
+    /// A send or push failed on the fabric.
+    #[error("transfer failed: {0}")]
+    Transfer(WcStatus),
+    /// The payload exceeds what the peer accepts.
+    #[error("payload of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Payload length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The operation would have to wait (non-blocking calls only).
+    #[error("would block")]
+    WouldBlock,
+    /// A timed wait expired.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The buffer cannot be used for this operation.
+    #[error("unusable buffer: {0}")]
+    BadBuffer(&'static str),
+}
+
+impl From<SendError> for Error {
+    fn from(e: SendError) -> Error {
+        match e {
+            SendError::Full => Error::WouldBlock,
+            SendError::TooLarge { len, max } => Error::TooLarge { len, max },
+            SendError::BadBuffer(what) => Error::BadBuffer(what),
+            SendError::NotConnected => Error::Closed(CloseReason::Local),
+            SendError::Closed(r) => Error::Closed(r),
+        }
+    }
+}
+
+/// One side of a push-push channel over a fabric.
+#[derive(Clone)]
+pub struct Endpoint {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    qp: Box<dyn QueuePair>,
+    inner: Mutex<Inner>,
+    generation: Mutex<u64>,
+    wake: Condvar,
+    wakers: Mutex<Vec<Waker>>,
+    staging: Option<BufPool>,
+    fabric: &'static str,
+    peer: String,
+}
+
+struct Inner {
+    conn: Connection,
+    inbox: std::collections::VecDeque<Received>,
+    tickets: Slab<TicketState>,
+    closed: Option<CloseReason>,
+    scratch: Vec<Completion>,
+}
+
+struct TicketState {
+    result: Option<Result<(), WcStatus>>,
+    detached: bool,
+}
+
+/// How many staging buffers an endpoint keeps for copy-in pushes.
+const STAGING_BUFFERS: usize = 8;
+const POLL_BATCH: usize = 64;
+
+impl Endpoint {
+    /// Connects to `addr` on `fabric` with `cfg`.
+    ///
+    /// # Errors
+    /// Fabric errors (address, refused, handshake), protocol set-up errors.
+    pub fn connect(fabric: &dyn Fabric, addr: &str, cfg: Config) -> Result<Endpoint, Error> {
+        let mut conn = Connection::new(fabric.domain(), cfg)?;
+        let params = conn.local_params();
+        let qp = fabric.connect(addr, &params, conn.initial_recvs())?;
+        Endpoint::start(fabric, conn, qp)
+    }
+
+    /// Accepts the next connection on `listener` (created by `fabric`). A
+    /// peer whose parameters are refused is rejected with the reason and
+    /// this call returns the error; the listener keeps serving.
+    ///
+    /// # Errors
+    /// `Timeout`, `Shutdown`, protocol set-up errors.
+    pub fn accept(
+        fabric: &dyn Fabric,
+        listener: &dyn Listener,
+        cfg: Config,
+        timeout: Option<Duration>,
+    ) -> Result<Endpoint, Error> {
+        let incoming = listener.accept(timeout)?;
+        if let Err(e) = crate::proto::wire::Params::decode(incoming.peer_params()) {
+            tracing::warn!(peer = %incoming.peer_addr(), "refusing connection: {e}");
+            incoming.reject(&e.to_string());
+            return Err(Error::Proto(ProtoError::BadParams(e)));
+        }
+        let mut conn = Connection::new(fabric.domain(), cfg)?;
+        let params = conn.local_params();
+        let qp = incoming.accept(&params, conn.initial_recvs())?;
+        Endpoint::start(fabric, conn, qp)
+    }
+
+    fn start(fabric: &dyn Fabric, mut conn: Connection, qp: Box<dyn QueuePair>) -> Result<Endpoint, Error> {
+        if let Err(e) = conn.handle_connected(qp.peer_params(), qp.capabilities()) {
+            qp.disconnect();
+            return Err(e.into());
+        }
+        let staging = if conn.max_push() > 0 {
+            Some(
+                fabric
+                    .domain()
+                    .register(conn.max_push(), STAGING_BUFFERS, Access::LOCAL_WRITE)
+                    .map_err(ProtoError::Register)?,
+            )
+        } else {
+            None
+        };
+        let peer = qp.peer_addr();
+        tracing::debug!(fabric = fabric.name(), %peer, separate = conn.separate_indication(), "channel open");
+        let shared = Arc::new(Shared {
+            qp,
+            inner: Mutex::new(Inner {
+                conn,
+                inbox: Default::default(),
+                tickets: Slab::new(),
+                closed: None,
+                scratch: Vec::with_capacity(POLL_BATCH),
+            }),
+            generation: Mutex::new(0),
+            wake: Condvar::new(),
+            wakers: Mutex::new(Vec::new()),
+            staging,
+            fabric: fabric.name(),
+            peer,
+        });
+        let weak: Weak<Shared> = Arc::downgrade(&shared);
+        shared.qp.set_notify(Some(Arc::new(move || {
+            if let Some(s) = weak.upgrade() {
+                s.signal();
+            }
+        })));
+        Ok(Endpoint { shared })
+    }
+
+    /// Name of the fabric provider carrying this channel.
+    pub fn fabric(&self) -> &'static str {
+        self.shared.fabric
+    }
+
+    /// The peer's address, for logs.
+    pub fn peer_addr(&self) -> &str {
+        &self.shared.peer
+    }
+
+    /// Largest message [`Endpoint::send`] accepts.
+    pub fn max_message(&self) -> usize {
+        self.shared.inner.lock().conn.max_message()
+    }
+
+    /// Largest push [`Endpoint::push`] accepts.
+    pub fn max_push(&self) -> usize {
+        self.shared.inner.lock().conn.max_push()
+    }
+
+    /// Whether transfer indications travel as separate messages.
+    pub fn separate_indication(&self) -> bool {
+        self.shared.inner.lock().conn.separate_indication()
+    }
+
+    /// Why the channel closed, if it did.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.shared.inner.lock().closed.clone()
+    }
+
+    /// Sends a message (copied into a registered send buffer), waiting while
+    /// the peer has no receive credit for us.
+    ///
+    /// # Errors
+    /// `TooLarge`, `Closed`.
+    pub fn send(&self, data: &[u8]) -> Result<Ticket, Error> {
+        self.blocking(None, |inner, token| inner.conn.send(token, data))
+    }
+
+    /// As [`Endpoint::send`], but fails with `WouldBlock` instead of waiting.
+    ///
+    /// # Errors
+    /// `WouldBlock`, `TooLarge`, `Closed`.
+    pub fn try_send(&self, data: &[u8]) -> Result<Ticket, Error> {
+        self.attempt(|inner, token| inner.conn.send(token, data))
+            .and_then(|t| t.ok_or(Error::WouldBlock))
+    }
+
+    /// Async form of [`Endpoint::send`].
+    pub fn send_async<'a>(&'a self, data: &'a [u8]) -> impl Future<Output = Result<Ticket, Error>> + 'a {
+        self.async_op(move |inner, token| inner.conn.send(token, data))
+    }
+
+    /// Pushes `data` into a slot the peer granted (copied once into a
+    /// registered staging buffer), waiting for a slot and a credit.
+    ///
+    /// # Errors
+    /// `TooLarge`, `Closed`.
+    pub fn push(&self, data: &[u8]) -> Result<Ticket, Error> {
+        let buf = self.staging_buf(data, None)?;
+        self.push_buf(buf)
+    }
+
+    /// Pushes a registered buffer without copying, waiting for a slot and a
+    /// credit. The buffer returns to its pool when the push completes.
+    ///
+    /// # Errors
+    /// `TooLarge`, `Closed`.
+    pub fn push_buf(&self, buf: Buf) -> Result<Ticket, Error> {
+        let mut slot = Some(buf);
+        self.blocking(None, |inner, token| push_with(&mut slot, |b| inner.conn.push(token, b)))
+    }
+
+    /// Async form of [`Endpoint::push_buf`].
+    pub fn push_buf_async(&self, buf: Buf) -> impl Future<Output = Result<Ticket, Error>> + '_ {
+        let mut slot = Some(buf);
+        self.async_op(move |inner, token| push_with(&mut slot, |b| inner.conn.push(token, b)))
+    }
+
+    /// Pushes a registered buffer straight into a buffer the peer exposed.
+    ///
+    /// # Errors
+    /// `TooLarge`, `Closed`.
+    pub fn push_direct(&self, buf: Buf, target: DirectTarget) -> Result<Ticket, Error> {
+        let mut slot = Some(buf);
+        self.blocking(None, |inner, token| {
+            push_with(&mut slot, |b| inner.conn.push_direct(token, b, target))
+        })
+    }
+
+    /// A staging buffer of [`Endpoint::max_push`] bytes to fill and hand to
+    /// [`Endpoint::push_buf`] (zero-copy pushes), waiting while all are in use.
+    ///
+    /// # Errors
+    /// `Closed`; `BadBuffer` when the peer granted no slots.
+    pub fn alloc_push_buf(&self) -> Result<Buf, Error> {
+        self.staging_buf(&[], None)
+    }
+
+    /// Exposes a buffer (registered with local and remote write) for the
+    /// peer to push into directly; send the returned target to the peer.
+    ///
+    /// # Errors
+    /// `BadBuffer` (with the buffer dropped) if it lacks remote write.
+    pub fn expose(&self, buf: Buf) -> Result<DirectTarget, Error> {
+        self.shared
+            .inner
+            .lock()
+            .conn
+            .expose(buf)
+            .map_err(|_| Error::BadBuffer("direct placement needs local and remote write access"))
+    }
+
+    /// Waits for the next delivery.
+    ///
+    /// # Errors
+    /// `Closed` once the channel closed and every earlier delivery was taken.
+    pub fn recv(&self) -> Result<Delivery, Error> {
+        self.recv_deadline(None)
+    }
+
+    /// As [`Endpoint::recv`] with a timeout.
+    ///
+    /// # Errors
+    /// `Timeout`, `Closed`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Delivery, Error> {
+        self.recv_deadline(Some(Instant::now() + timeout)).map_err(|e| match e {
+            Error::Timeout(_) => Error::Timeout(timeout),
+            e => e,
+        })
+    }
+
+    /// The next delivery if one is ready.
+    ///
+    /// # Errors
+    /// `WouldBlock`, `Closed`.
+    pub fn try_recv(&self) -> Result<Delivery, Error> {
+        let mut inner = self.shared.inner.lock();
+        self.shared.progress(&mut inner);
+        match take_delivery(&mut inner) {
+            Some(r) => r.map(|r| self.delivery(r)),
+            None => Err(Error::WouldBlock),
+        }
+    }
+
+    /// Async form of [`Endpoint::recv`].
+    pub fn recv_async(&self) -> impl Future<Output = Result<Delivery, Error>> + '_ {
+        std::future::poll_fn(move |cx| {
+            self.shared.register(cx.waker());
+            let mut inner = self.shared.inner.lock();
+            self.shared.progress(&mut inner);
+            match take_delivery(&mut inner) {
+                Some(r) => Poll::Ready(r.map(|r| self.delivery(r))),
+                None => Poll::Pending,
+            }
+        })
+    }
+
+    /// Closes the channel; requests in flight complete with errors.
+    pub fn close(&self) {
+        let mut inner = self.shared.inner.lock();
+        inner.conn.close();
+        self.shared.progress(&mut inner);
+    }
+
+    fn recv_deadline(&self, deadline: Option<Instant>) -> Result<Delivery, Error> {
+        let r = self.shared.wait(deadline, take_delivery)?;
+        r.map(|r| self.delivery(r))
+    }
+
+    fn delivery(&self, received: Received) -> Delivery {
+        Delivery {
+            received: Some(received),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// One attempt of a send-like operation: `Ok(None)` when it must wait.
+    fn attempt(
+        &self,
+        mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>,
+    ) -> Result<Option<Ticket>, Error> {
+        let mut inner = self.shared.inner.lock();
+        self.shared.progress(&mut inner);
+        let key = inner.tickets.insert(TicketState {
+            result: None,
+            detached: false,
+        });
+        match op(&mut inner, key as u64) {
+            Ok(()) => {
+                self.shared.progress(&mut inner);
+                Ok(Some(Ticket {
+                    shared: self.shared.clone(),
+                    key,
+                    done: false,
+                }))
+            }
+            Err(e) => {
+                inner.tickets.remove(key);
+                match e {
+                    SendError::Full => Ok(None),
+                    e => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    fn blocking(
+        &self,
+        deadline: Option<Instant>,
+        mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>,
+    ) -> Result<Ticket, Error> {
+        loop {
+            let generation = *self.shared.generation.lock();
+            if let Some(ticket) = self.attempt(&mut op)? {
+                return Ok(ticket);
+            }
+            self.shared.sleep(generation, deadline)?;
+        }
+    }
+
+    fn async_op<'a>(
+        &'a self,
+        mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError> + 'a,
+    ) -> impl Future<Output = Result<Ticket, Error>> + 'a {
+        std::future::poll_fn(move |cx: &mut Context<'_>| {
+            self.shared.register(cx.waker());
+            match self.attempt(&mut op) {
+                Ok(Some(t)) => Poll::Ready(Ok(t)),
+                Ok(None) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            }
+        })
+    }
+
+    fn staging_buf(&self, data: &[u8], deadline: Option<Instant>) -> Result<Buf, Error> {
+        let pool = self
+            .shared
+            .staging
+            .as_ref()
+            .ok_or(Error::BadBuffer("the peer granted no push slots"))?;
+        if data.len() > pool.chunk_size() {
+            return Err(Error::TooLarge {
+                len: data.len(),
+                max: pool.chunk_size(),
+            });
+        }
+        let mut buf = self.shared.wait(deadline, |inner| match &inner.closed {
+            Some(reason) => Some(Err(Error::Closed(reason.clone()))),
+            None => pool.checkout().map(Ok),
+        })??;
+        buf.fill(data).map_err(|max| Error::TooLarge { len: data.len(), max })?;
+        Ok(buf)
+    }
+}
+
+fn push_with(slot: &mut Option<Buf>, op: impl FnOnce(Buf) -> Result<(), PushError>) -> Result<(), SendError> {
+    let buf = slot.take().ok_or(SendError::BadBuffer("buffer already pushed"))?;
+    op(buf).map_err(|e| {
+        *slot = Some(e.buf);
+        e.error
+    })
+}
+
+fn take_delivery(inner: &mut Inner) -> Option<Result<Received, Error>> {
+    if let Some(r) = inner.inbox.pop_front() {
+        return Some(Ok(r));
+    }
+    inner.closed.clone().map(|r| Err(Error::Closed(r)))
+}
+
+impl Shared {
+    /// Reaps completions, runs the core, posts its work and routes its events.
+    fn progress(&self, inner: &mut Inner) {
+        let mut changed = false;
+        loop {
+            let mut batch = std::mem::take(&mut inner.scratch);
+            let n = self.qp.poll(&mut batch, POLL_BATCH);
+            for c in batch.drain(..) {
+                inner.conn.handle_completion(c);
+            }
+            inner.scratch = batch;
+            changed |= self.flush(inner);
+            if n < POLL_BATCH {
+                break;
+            }
+        }
+        if changed {
+            self.signal();
+        }
+    }
+
+    /// Posts the core's work and routes its events; true if anything moved.
+    fn flush(&self, inner: &mut Inner) -> bool {
+        let mut moved = false;
+        let mut sends = Vec::new();
+        while let Some(work) = inner.conn.poll_work() {
+            moved = true;
+            match work {
+                Work::Recv(wr) => {
+                    if let Err((e, wr)) = self.qp.post_recv(wr) {
+                        inner.conn.handle_recv_post_failure(e.to_string(), wr);
+                    }
+                }
+                Work::Send(wr) => sends.push(wr),
+                Work::Disconnect => {
+                    if !sends.is_empty() {
+                        self.post_sends(inner, std::mem::take(&mut sends));
+                    }
+                    self.qp.disconnect();
+                }
+            }
+        }
+        if !sends.is_empty() {
+            self.post_sends(inner, sends);
+        }
+        while let Some(event) = inner.conn.poll_event() {
+            moved = true;
+            match event {
+                Event::Received(r) => inner.inbox.push_back(r),
+                Event::Sent { token, result } => {
+                    let key = token as usize;
+                    if let Some(t) = inner.tickets.get_mut(key) {
+                        if t.detached {
+                            inner.tickets.remove(key);
+                        } else {
+                            t.result = Some(result);
+                        }
+                    }
+                }
+                Event::Closed(reason) => inner.closed = Some(reason),
+            }
+        }
+        moved
+    }
+
+    fn post_sends(&self, inner: &mut Inner, sends: Vec<crate::provider::SendWr>) {
+        if let Err((e, wrs)) = self.qp.post_send(sends) {
+            inner.conn.handle_post_failure(e.to_string(), wrs);
+        }
+    }
+
+    /// Wakes blocked threads and async tasks: something may have changed.
+    fn signal(&self) {
+        *self.generation.lock() += 1;
+        self.wake.notify_all();
+        let wakers = std::mem::take(&mut *self.wakers.lock());
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    fn register(&self, waker: &Waker) {
+        let mut wakers = self.wakers.lock();
+        if !wakers.iter().any(|w| w.will_wake(waker)) {
+            wakers.push(waker.clone());
+        }
+    }
+
+    /// Sleeps until the generation moves past `seen` or `deadline` passes.
+    fn sleep(&self, seen: u64, deadline: Option<Instant>) -> Result<(), Error> {
+        let mut generation = self.generation.lock();
+        while *generation == seen {
+            match deadline {
+                Some(d) => {
+                    if self.wake.wait_until(&mut generation, d).timed_out() {
+                        return Err(Error::Timeout(d.saturating_duration_since(Instant::now())));
+                    }
+                }
+                None => self.wake.wait(&mut generation),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `check` after each bit of progress until it yields a value.
+    fn wait<T>(&self, deadline: Option<Instant>, mut check: impl FnMut(&mut Inner) -> Option<T>) -> Result<T, Error> {
+        loop {
+            let seen = *self.generation.lock();
+            {
+                let mut inner = self.inner.lock();
+                self.progress(&mut inner);
+                if let Some(v) = check(&mut inner) {
+                    return Ok(v);
+                }
+            }
+            self.sleep(seen, deadline)?;
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.qp.set_notify(None);
+        self.qp.disconnect();
+    }
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("fabric", &self.shared.fabric)
+            .field("peer", &self.shared.peer)
+            .field("conn", &self.shared.inner.lock().conn)
+            .finish()
+    }
+}
+
+/// The pending result of a send or push. Wait on it to learn that the
+/// peer's fabric executed the transfer; drop it to not care.
+#[must_use = "a ticket reports whether the transfer reached the peer"]
+pub struct Ticket {
+    shared: Arc<Shared>,
+    key: usize,
+    done: bool,
+}
+
+impl Ticket {
+    /// Waits for the transfer's completion.
+    ///
+    /// # Errors
+    /// `Transfer(status)` when it failed (`Flushed` if the channel closed first).
+    pub fn wait(self) -> Result<(), Error> {
+        self.wait_deadline(None)
+    }
+
+    /// As [`Ticket::wait`] with a timeout.
+    ///
+    /// # Errors
+    /// `Timeout` or the transfer's failure.
+    pub fn wait_timeout(self, timeout: Duration) -> Result<(), Error> {
+        self.wait_deadline(Some(Instant::now() + timeout))
+    }
+
+    /// Async form of [`Ticket::wait`].
+    pub fn completion(mut self) -> impl Future<Output = Result<(), Error>> {
+        std::future::poll_fn(move |cx| {
+            let shared = self.shared.clone();
+            shared.register(cx.waker());
+            let mut inner = shared.inner.lock();
+            shared.progress(&mut inner);
+            match self.take(&mut inner) {
+                Some(r) => Poll::Ready(r),
+                None => Poll::Pending,
+            }
+        })
+    }
+
+    fn wait_deadline(mut self, deadline: Option<Instant>) -> Result<(), Error> {
+        let shared = self.shared.clone();
+        shared.wait(deadline, |inner| self.take(inner))?
+    }
+
+    fn take(&mut self, inner: &mut Inner) -> Option<Result<(), Error>> {
+        let result = inner.tickets.get_mut(self.key)?.result.take()?;
+        inner.tickets.remove(self.key);
+        self.done = true;
+        Some(result.map_err(Error::Transfer))
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut inner = self.shared.inner.lock();
+        if let Some(t) = inner.tickets.get_mut(self.key) {
+            if t.result.is_some() {
+                inner.tickets.remove(self.key);
+            } else {
+                t.detached = true;
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").field("key", &self.key).finish()
+    }
+}
+
+/// A received message or push: a zero-copy view of the receive buffer or
+/// slot it landed in. Dropping it returns the buffer or slot to the peer.
+pub struct Delivery {
+    received: Option<Received>,
+    shared: Arc<Shared>,
+}
+
+impl Delivery {
+    /// Kind of delivery.
+    pub fn kind(&self) -> ReceivedKind {
+        self.received.as_ref().map_or(ReceivedKind::Message, Received::kind)
+    }
+
+    /// Delivery sequence number on this channel.
+    pub fn seq(&self) -> u32 {
+        self.received.as_ref().map_or(0, Received::seq)
+    }
+
+    /// For a direct placement: keeps the application's buffer (length set to
+    /// the bytes pushed). Other deliveries come back unchanged.
+    ///
+    /// # Errors
+    /// `Err(self)` when this is not a direct placement.
+    pub fn into_buf(mut self) -> Result<Buf, Delivery> {
+        match self.received.take().map(Received::into_buf) {
+            Some(Ok(buf)) => Ok(buf),
+            Some(Err(r)) => {
+                self.received = Some(r);
+                Err(self)
+            }
+            None => Err(self),
+        }
+    }
+}
+
+impl Deref for Delivery {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.received.as_ref().map_or(&[], Received::data)
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if let Some(r) = self.received.take() {
+            let mut inner = self.shared.inner.lock();
+            inner.conn.release(r);
+            self.shared.flush(&mut inner);
+        }
+    }
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("kind", &self.kind())
+            .field("len", &self.len())
+            .field("seq", &self.seq())
+            .finish()
+    }
+}
