@@ -371,10 +371,7 @@ impl Endpoint {
     }
 
     /// One attempt of a send-like operation: `Ok(None)` when it must wait.
-    fn attempt(
-        &self,
-        mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>,
-    ) -> Result<Option<Ticket>, Error> {
+    fn attempt(&self, mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>) -> Result<Option<Ticket>, Error> {
         let mut inner = self.shared.inner.lock();
         self.shared.progress(&mut inner);
         let key = inner.tickets.insert(TicketState {
@@ -603,7 +600,6 @@ impl std::fmt::Debug for Endpoint {
 
 /// The pending result of a send or push. Wait on it to learn that the
 /// peer's fabric executed the transfer; drop it to not care.
-#[must_use = "a ticket reports whether the transfer reached the peer"]
 pub struct Ticket {
     shared: Arc<Shared>,
     key: usize,

@@ -214,8 +214,7 @@ impl ProtectionDomain {
             .checked_mul(count)
             .filter(|&b| b > 0 && count <= u32::MAX as usize && b <= isize::MAX as usize / 2)
             .ok_or(MrError::InvalidSize { chunk_size, count })?;
-        let layout =
-            Layout::from_size_align(bytes, 4096).map_err(|_| MrError::InvalidSize { chunk_size, count })?;
+        let layout = Layout::from_size_align(bytes, 4096).map_err(|_| MrError::InvalidSize { chunk_size, count })?;
         // SAFETY: `layout` has a non-zero size (checked above).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or(MrError::OutOfMemory { bytes })?;
@@ -247,7 +246,13 @@ impl ProtectionDomain {
     /// # Errors
     /// The [`RemoteAccessError`] that the initiator will see as a remote
     /// access error completion.
-    pub fn remote_target(&self, rkey: RKey, addr: u64, len: u64, need: Access) -> Result<RemoteTarget, RemoteAccessError> {
+    pub fn remote_target(
+        &self,
+        rkey: RKey,
+        addr: u64,
+        len: u64,
+        need: Access,
+    ) -> Result<RemoteTarget, RemoteAccessError> {
         let region = self
             .inner
             .regions
@@ -260,7 +265,9 @@ impl ProtectionDomain {
         }
         let base = region.ptr.as_ptr() as u64;
         let size = region.layout.size() as u64;
-        let end = addr.checked_add(len).ok_or(RemoteAccessError::OutOfBounds { addr, len })?;
+        let end = addr
+            .checked_add(len)
+            .ok_or(RemoteAccessError::OutOfBounds { addr, len })?;
         if addr < base || end > base + size {
             return Err(RemoteAccessError::OutOfBounds { addr, len });
         }
@@ -273,7 +280,12 @@ impl ProtectionDomain {
 
     /// Number of live registrations (for tests and diagnostics).
     pub fn registrations(&self) -> usize {
-        self.inner.regions.read().values().filter(|w| w.strong_count() > 0).count()
+        self.inner
+            .regions
+            .read()
+            .values()
+            .filter(|w| w.strong_count() > 0)
+            .count()
     }
 }
 
@@ -285,7 +297,9 @@ impl Default for ProtectionDomain {
 
 impl fmt::Debug for ProtectionDomain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ProtectionDomain").field("registrations", &self.registrations()).finish()
+        f.debug_struct("ProtectionDomain")
+            .field("registrations", &self.registrations())
+            .finish()
     }
 }
 
@@ -422,7 +436,11 @@ impl Buf {
     /// # Panics
     /// If `len` exceeds the capacity (a local programming error).
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.capacity(), "Buf::set_len({len}) beyond capacity {}", self.capacity());
+        assert!(
+            len <= self.capacity(),
+            "Buf::set_len({len}) beyond capacity {}",
+            self.capacity()
+        );
         self.len = len;
     }
 
@@ -480,7 +498,12 @@ impl Buf {
 
     fn chunk_ptr(&self) -> *mut u8 {
         // SAFETY: index < count, so the offset stays inside the allocation.
-        unsafe { self.region.ptr.as_ptr().add(self.index as usize * self.region.chunk_size) }
+        unsafe {
+            self.region
+                .ptr
+                .as_ptr()
+                .add(self.index as usize * self.region.chunk_size)
+        }
     }
 }
 
@@ -623,7 +646,11 @@ mod tests {
 
     #[test]
     fn remote_buf_round_trip() {
-        let r = RemoteBuf { addr: 0x1234_5678_9abc, len: 4096, rkey: RKey(77) };
+        let r = RemoteBuf {
+            addr: 0x1234_5678_9abc,
+            len: 4096,
+            rkey: RKey(77),
+        };
         assert_eq!(RemoteBuf::decode(&r.encode()), Some(r));
         assert_eq!(RemoteBuf::decode(&[0; 15]), None);
     }

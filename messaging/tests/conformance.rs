@@ -21,11 +21,28 @@ macro_rules! suite {
 
 macro_rules! all_checks {
     ($provider:ident, $fabric:expr, $addr:expr) => {
-        suite!($provider, $fabric, $addr, [
-            send_recv, send_in_order, write, write_with_imm, read, bad_key, out_of_bounds, no_permission,
-            receiver_not_ready, receive_too_small, disconnect_flush, back_pressure, large_transfers_both_ways,
-            hello_params,
-        ]);
+        suite!(
+            $provider,
+            $fabric,
+            $addr,
+            [
+                send_recv,
+                send_in_order,
+                write,
+                write_with_imm,
+                read,
+                bad_key,
+                out_of_bounds,
+                no_permission,
+                receiver_not_ready,
+                receive_too_small,
+                disconnect_flush,
+                executed_before_disconnect,
+                back_pressure,
+                large_transfers_both_ways,
+                hello_params,
+            ]
+        );
     };
 }
 
@@ -35,5 +52,5 @@ all_checks!(tcp, TcpFabric::new(), "127.0.0.1:0");
 #[test]
 fn every_check_is_run_above() {
     // The macro lists checks by name; this keeps it in step with the suite.
-    assert_eq!(conformance::CHECKS.len(), 14, "update all_checks! when the suite grows");
+    assert_eq!(conformance::CHECKS.len(), 15, "update all_checks! when the suite grows");
 }

@@ -388,7 +388,11 @@ impl Connection {
             .map_err(ProtoError::Register)?;
         let (slot_pool, slots) = if cfg.slot_count > 0 {
             let pool = pd
-                .register(cfg.slot_size as usize, cfg.slot_count.into(), Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+                .register(
+                    cfg.slot_size as usize,
+                    cfg.slot_count.into(),
+                    Access::LOCAL_WRITE | Access::REMOTE_WRITE,
+                )
                 .map_err(ProtoError::Register)?;
             let mut bufs: Vec<Buf> = std::iter::from_fn(|| pool.checkout()).collect();
             bufs.sort_by_key(Buf::index);
@@ -472,7 +476,10 @@ impl Connection {
             ));
         }
         if params.slot_size > caps.max_message {
-            return bad(format!("peer slot size {} above the fabric's message limit", params.slot_size));
+            return bad(format!(
+                "peer slot size {} above the fabric's message limit",
+                params.slot_size
+            ));
         }
         self.separate = self.cfg.separate_indication || params.separate_indication || !caps.immediate_data;
         self.max_send = params.msg_size.min(self.cfg.msg_size) as usize;
@@ -681,7 +688,10 @@ impl Connection {
         }
         let remote = buf.remote();
         let tag = self.direct.insert(buf);
-        Ok(DirectTarget { tag: tag as u16, remote })
+        Ok(DirectTarget {
+            tag: tag as u16,
+            remote,
+        })
     }
 
     /// Withdraws an exposure that was not pushed to.

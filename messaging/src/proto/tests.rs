@@ -127,7 +127,10 @@ impl Side {
                     self.held.push_back(r);
                 }
                 Event::Sent { token, result } => {
-                    assert!(self.results.insert(token, result).is_none(), "token {token} resolved twice");
+                    assert!(
+                        self.results.insert(token, result).is_none(),
+                        "token {token} resolved twice"
+                    );
                 }
                 Event::Closed(reason) => {
                     assert!(self.closed.is_none(), "closed twice");
@@ -149,7 +152,11 @@ impl Side {
     }
 
     fn push(&mut self, data: &[u8]) -> Result<u64, SendError> {
-        let pool = self.fabric.domain().register(data.len().max(1), 1, Access::LOCAL_WRITE).unwrap();
+        let pool = self
+            .fabric
+            .domain()
+            .register(data.len().max(1), 1, Access::LOCAL_WRITE)
+            .unwrap();
         let mut buf = pool.checkout().unwrap();
         buf.fill(data).unwrap();
         let t = self.token();
@@ -220,7 +227,11 @@ fn one_way_traffic_never_deadlocks() {
         }
     }
     p.drive();
-    let order: Vec<u32> = p.b.got.iter().map(|(_, d, _)| u32::from_le_bytes(d[..4].try_into().unwrap())).collect();
+    let order: Vec<u32> =
+        p.b.got
+            .iter()
+            .map(|(_, d, _)| u32::from_le_bytes(d[..4].try_into().unwrap()))
+            .collect();
     assert_eq!(order, (0..5000).collect::<Vec<_>>());
     assert!(p.b.closed.is_none() && p.a.closed.is_none());
 }
@@ -235,11 +246,20 @@ fn slots_are_reused_after_release() {
     assert!(matches!(p.a.push(b"x"), Err(SendError::Full)));
     p.drive();
     assert_eq!(p.b.got.len(), 4);
-    assert!(p.b.got.iter().enumerate().all(|(i, (k, d, _))| *k == ReceivedKind::Push && d == &vec![i as u8; 1000]));
+    assert!(p
+        .b
+        .got
+        .iter()
+        .enumerate()
+        .all(|(i, (k, d, _))| *k == ReceivedKind::Push && d == &vec![i as u8; 1000]));
     let first = p.b.held.pop_front().unwrap();
     p.b.conn.release(first);
     p.drive();
-    assert_eq!(p.a.conn.free_peer_slots(), 1, "one release crosses the threshold of slot_count / 4");
+    assert_eq!(
+        p.a.conn.free_peer_slots(),
+        1,
+        "one release crosses the threshold of slot_count / 4"
+    );
     p.a.push(b"again").unwrap();
     p.drive();
     assert_eq!(p.b.got.last().unwrap().1, b"again");
@@ -264,7 +284,10 @@ fn separate_indication_mode() {
         ..small()
     };
     let mut p = Pair::new(small(), cfg_b);
-    assert!(p.a.conn.separate_indication() && p.b.conn.separate_indication(), "either side can ask");
+    assert!(
+        p.a.conn.separate_indication() && p.b.conn.separate_indication(),
+        "either side can ask"
+    );
     let t = p.a.push(b"written, then indicated").unwrap();
     assert_eq!(p.a.conn.inflight(), 2, "a write and an indication message");
     p.a.send(b"after").unwrap();
@@ -283,7 +306,11 @@ fn direct_placement_lands_in_the_exposed_buffer() {
             ..small()
         };
         let mut p = Pair::new(cfg.clone(), cfg);
-        let pool = p.b.fabric.domain().register(8192, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE).unwrap();
+        let pool =
+            p.b.fabric
+                .domain()
+                .register(8192, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+                .unwrap();
         let target = p.b.conn.expose(pool.checkout().unwrap()).unwrap();
         // The target travels to the pusher in an ordinary message.
         p.b.send(&target.encode()).unwrap();
@@ -328,7 +355,10 @@ fn disconnect_flushes_everything_in_flight() {
     assert_eq!(p.a.results[&t2], Err(WcStatus::Flushed));
     assert_eq!(p.a.closed, Some(CloseReason::Local));
     assert_eq!(p.b.closed, Some(CloseReason::Disconnected));
-    assert!(p.a.conn.is_drained() && p.b.conn.is_drained(), "nothing left with the fabric");
+    assert!(
+        p.a.conn.is_drained() && p.b.conn.is_drained(),
+        "nothing left with the fabric"
+    );
     assert!(p.b.got.is_empty());
     assert!(matches!(p.a.send(b"late"), Err(SendError::Closed(CloseReason::Local))));
 }
@@ -388,7 +418,11 @@ fn credit_inflation_is_a_violation() {
         }])
         .unwrap();
     p.drive();
-    assert!(matches!(&p.b.closed, Some(CloseReason::Violation(r)) if r.contains("credits")), "{:?}", p.b.closed);
+    assert!(
+        matches!(&p.b.closed, Some(CloseReason::Violation(r)) if r.contains("credits")),
+        "{:?}",
+        p.b.closed
+    );
     assert!(p.a.closed.is_some(), "the violator's connection went down too");
 }
 
@@ -416,7 +450,11 @@ fn malformed_and_misdirected_pushes_are_violations() {
         }])
         .unwrap();
     p.drive();
-    assert!(matches!(&p.b.closed, Some(CloseReason::Violation(r)) if r.contains("not granted")), "{:?}", p.b.closed);
+    assert!(
+        matches!(&p.b.closed, Some(CloseReason::Violation(r)) if r.contains("not granted")),
+        "{:?}",
+        p.b.closed
+    );
 }
 
 #[test]
@@ -446,16 +484,28 @@ fn reordering_across_queue_pairs_keeps_each_in_order() {
 fn bad_configs_and_params_are_refused() {
     let pd = ProtectionDomain::new();
     for cfg in [
-        Config { recv_depth: 2, ..small() },
+        Config {
+            recv_depth: 2,
+            ..small()
+        },
         Config { msg_size: 0, ..small() },
-        Config { slot_size: 0, ..small() },
-        Config { send_depth: 1, ..small() },
+        Config {
+            slot_size: 0,
+            ..small()
+        },
+        Config {
+            send_depth: 1,
+            ..small()
+        },
     ] {
         assert!(matches!(Connection::new(&pd, cfg), Err(ProtoError::InvalidConfig(_))));
     }
     let mut conn = Connection::new(&pd, small()).unwrap();
     let caps = LoopbackFabric::new().capabilities();
-    assert!(matches!(conn.handle_connected(b"garbage", caps), Err(ProtoError::BadParams(_))));
+    assert!(matches!(
+        conn.handle_connected(b"garbage", caps),
+        Err(ProtoError::BadParams(_))
+    ));
     assert!(matches!(conn.send(1, b"x"), Err(SendError::NotConnected)));
 }
 
@@ -502,7 +552,12 @@ fn check_quiescent(p: &Pair) -> Result<(), TestCaseError> {
         prop_assert_eq!(rx.conn.recvs_posted() + held_msgs, window, "{}: receive buffers", name);
         // Every posted receive backs exactly one credit or one owed credit:
         // no Send without a posted buffer, no credit created or lost.
-        prop_assert_eq!(tx.conn.credits() + rx.conn.owed(), rx.conn.recvs_posted(), "{}: credits", name);
+        prop_assert_eq!(
+            tx.conn.credits() + rx.conn.owed(),
+            rx.conn.recvs_posted(),
+            "{}: credits",
+            name
+        );
         // Every slot is free at the sender, waiting to be returned, or held.
         prop_assert_eq!(
             tx.conn.free_peer_slots() + rx.conn.released_pending() + held_slots,

@@ -52,7 +52,11 @@ impl Params {
     pub fn encode(&self) -> [u8; PARAMS_LEN] {
         let mut b = [0u8; PARAMS_LEN];
         b[0..2].copy_from_slice(&u16::from(VERSION).to_le_bytes());
-        let flags = if self.separate_indication { FLAG_SEPARATE_INDICATION } else { 0 };
+        let flags = if self.separate_indication {
+            FLAG_SEPARATE_INDICATION
+        } else {
+            0
+        };
         b[2..4].copy_from_slice(&flags.to_le_bytes());
         b[4..6].copy_from_slice(&self.recv_depth.to_le_bytes());
         b[6..8].copy_from_slice(&self.slot_count.to_le_bytes());
@@ -94,10 +98,18 @@ impl Params {
             separate_indication: flags & FLAG_SEPARATE_INDICATION != 0,
         };
         if p.recv_depth < super::MIN_RECV_DEPTH {
-            return err(format!("receive depth {} below the minimum {}", p.recv_depth, super::MIN_RECV_DEPTH));
+            return err(format!(
+                "receive depth {} below the minimum {}",
+                p.recv_depth,
+                super::MIN_RECV_DEPTH
+            ));
         }
         if p.msg_size == 0 || p.msg_size > super::MAX_MSG_SIZE {
-            return err(format!("message size {} outside 1..={}", p.msg_size, super::MAX_MSG_SIZE));
+            return err(format!(
+                "message size {} outside 1..={}",
+                p.msg_size,
+                super::MAX_MSG_SIZE
+            ));
         }
         if p.slot_count > MAX_INDEX + 1 {
             return err(format!("{} slots, at most {}", p.slot_count, MAX_INDEX as u32 + 1));
@@ -192,11 +204,17 @@ impl Header {
             len: u32::from_le_bytes([msg[12], msg[13], msg[14], msg[15]]),
         };
         if h.releases as usize > MAX_RELEASES {
-            return err(format!("{} slot releases in one message (at most {MAX_RELEASES})", h.releases));
+            return err(format!(
+                "{} slot releases in one message (at most {MAX_RELEASES})",
+                h.releases
+            ));
         }
         let expected = HEADER_LEN + 2 * h.releases as usize + h.len as usize;
         if expected != msg.len() {
-            return err(format!("message lengths add up to {expected} bytes but {} arrived", msg.len()));
+            return err(format!(
+                "message lengths add up to {expected} bytes but {} arrived",
+                msg.len()
+            ));
         }
         match kind {
             Kind::Control if h.len != 0 => err("control message with a payload"),
@@ -245,7 +263,11 @@ pub fn encode_imm(target: Target, seq: u32) -> u32 {
 /// Inverse of [`encode_imm`]: `(target, low 16 bits of seq)`.
 pub fn decode_imm(imm: u32) -> (Target, u16) {
     let index = ((imm >> 16) & u32::from(MAX_INDEX)) as u16;
-    let target = if imm >> 31 == 1 { Target::Direct(index) } else { Target::Slot(index) };
+    let target = if imm >> 31 == 1 {
+        Target::Direct(index)
+    } else {
+        Target::Slot(index)
+    };
     (target, imm as u16)
 }
 

@@ -26,6 +26,7 @@ pub const CHECKS: &[Check] = &[
     ("receiver_not_ready", receiver_not_ready),
     ("receive_too_small", receive_too_small),
     ("disconnect_flush", disconnect_flush),
+    ("executed_before_disconnect", executed_before_disconnect),
     ("back_pressure", back_pressure),
     ("large_transfers_both_ways", large_transfers_both_ways),
     ("hello_params", hello_params),
@@ -122,14 +123,22 @@ fn send_wr(pool: &BufPool, id: u64, data: &[u8], imm: Option<u32>) -> SendWr {
 pub fn send_recv(fabric: &dyn Fabric, addr: &str) {
     let p = pool(fabric, 4096, 8, RW);
     let (a, b) = connect_pair(fabric, addr, (b"a", vec![]), (b"b", recvs(&p, 2, 100)));
-    a.post_send(vec![send_wr(&p, 1, b"hello", None), send_wr(&p, 2, b"with imm", Some(0xdead_beef))])
-        .expect("post");
+    a.post_send(vec![
+        send_wr(&p, 1, b"hello", None),
+        send_wr(&p, 2, b"with imm", Some(0xdead_beef)),
+    ])
+    .expect("post");
     let sent = wait_for(&*a, 2);
-    assert!(sent.iter().all(|c| c.status == WcStatus::Success && c.opcode == WcOpcode::Send));
+    assert!(sent
+        .iter()
+        .all(|c| c.status == WcStatus::Success && c.opcode == WcOpcode::Send));
     assert_eq!(sent.iter().map(|c| c.id).collect::<Vec<_>>(), vec![WrId(1), WrId(2)]);
     let got = wait_for(&*b, 2);
     assert_eq!(got[0].id, WrId(100));
-    assert_eq!((got[0].status, got[0].opcode, got[0].byte_len), (WcStatus::Success, WcOpcode::Recv, 5));
+    assert_eq!(
+        (got[0].status, got[0].opcode, got[0].byte_len),
+        (WcStatus::Success, WcOpcode::Recv, 5)
+    );
     assert_eq!(&got[0].buf[..], b"hello");
     assert_eq!(got[0].imm, None);
     assert_eq!(&got[1].buf[..], b"with imm");
@@ -183,10 +192,16 @@ pub fn write(fabric: &dyn Fabric, addr: &str) {
     }])
     .expect("post");
     let done = wait_for(&*a, 1);
-    assert_eq!((done[0].id, done[0].status, done[0].opcode), (WrId(9), WcStatus::Success, WcOpcode::RdmaWrite));
+    assert_eq!(
+        (done[0].id, done[0].status, done[0].opcode),
+        (WrId(9), WcStatus::Success, WcOpcode::RdmaWrite)
+    );
     target.set_len(8192);
     assert_eq!(&target[100..5100], &data[..]);
-    assert!(target[..100].iter().all(|&b| b == 0), "bytes before the write untouched");
+    assert!(
+        target[..100].iter().all(|&b| b == 0),
+        "bytes before the write untouched"
+    );
     assert_quiet(&*b);
 }
 
@@ -246,7 +261,10 @@ pub fn read(fabric: &dyn Fabric, addr: &str) {
     }])
     .expect("post");
     let got = wait_for(&*a, 1);
-    assert_eq!((got[0].status, got[0].opcode, got[0].byte_len), (WcStatus::Success, WcOpcode::RdmaRead, 40000));
+    assert_eq!(
+        (got[0].status, got[0].opcode, got[0].byte_len),
+        (WcStatus::Success, WcOpcode::RdmaRead, 40000)
+    );
     assert_eq!(&got[0].buf[..], &data[1000..41000]);
 }
 
@@ -262,9 +280,17 @@ fn expect_remote_access_error(fabric: &dyn Fabric, addr: &str, op: impl FnOnce(&
     let (bad, rest): (Vec<_>, Vec<_>) = got.into_iter().partition(|c| c.id == WrId(1));
     assert_eq!(bad.len(), 1);
     assert_eq!(bad[0].status, WcStatus::RemoteAccessError, "{:?}", bad[0]);
-    assert_eq!((rest[0].id, rest[0].status), (WrId(10), WcStatus::Flushed), "the connection breaks");
+    assert_eq!(
+        (rest[0].id, rest[0].status),
+        (WrId(10), WcStatus::Flushed),
+        "the connection breaks"
+    );
     let peer = wait_for(&*b, 1);
-    assert_eq!((peer[0].id, peer[0].status), (WrId(20), WcStatus::Flushed), "the peer's queue pair fails too");
+    assert_eq!(
+        (peer[0].id, peer[0].status),
+        (WrId(20), WcStatus::Flushed),
+        "the peer's queue pair fails too"
+    );
     assert!(a.is_failed());
 }
 
@@ -282,7 +308,9 @@ fn write_op(local: &BufPool, addr: u64, rkey: RKey, len: usize) -> SendOp {
 pub fn bad_key(fabric: &dyn Fabric, addr: &str) {
     let remote = pool(fabric, 4096, 1, RW);
     let desc = remote.remote();
-    expect_remote_access_error(fabric, addr, |l| write_op(l, desc.addr, RKey(desc.rkey.0 ^ 0x5a5a_0000), 16));
+    expect_remote_access_error(fabric, addr, |l| {
+        write_op(l, desc.addr, RKey(desc.rkey.0 ^ 0x5a5a_0000), 16)
+    });
 }
 
 /// A Write past the end of the registration fails with a remote access error.
@@ -316,8 +344,11 @@ pub fn no_permission(fabric: &dyn Fabric, addr: &str) {
 pub fn receiver_not_ready(fabric: &dyn Fabric, addr: &str) {
     let p = pool(fabric, 256, 4, RW);
     let (a, b) = connect_pair(fabric, addr, (b"", vec![]), (b"", vec![]));
-    a.post_send(vec![send_wr(&p, 1, b"nobody listens", None), send_wr(&p, 2, b"queued behind", None)])
-        .expect("post");
+    a.post_send(vec![
+        send_wr(&p, 1, b"nobody listens", None),
+        send_wr(&p, 2, b"queued behind", None),
+    ])
+    .expect("post");
     let got = wait_for(&*a, 2);
     assert_eq!((got[0].id, got[0].status), (WrId(1), WcStatus::ReceiverNotReady));
     assert_eq!((got[1].id, got[1].status), (WrId(2), WcStatus::Flushed));
@@ -347,11 +378,14 @@ pub fn disconnect_flush(fabric: &dyn Fabric, addr: &str) {
     let (a, b) = connect_pair(fabric, addr, (b"", recvs(&p, 3, 10)), (b"", recvs(&p, 4, 20)));
     a.disconnect();
     let mine = wait_for(&*a, 3);
-    assert!(mine.iter().all(|c| c.status == WcStatus::Flushed && c.opcode == WcOpcode::Recv));
+    assert!(mine
+        .iter()
+        .all(|c| c.status == WcStatus::Flushed && c.opcode == WcOpcode::Recv));
     assert_eq!(mine.iter().map(|c| c.id.0).collect::<Vec<_>>(), vec![10, 11, 12]);
     let theirs = wait_for(&*b, 4);
     assert!(theirs.iter().all(|c| c.status == WcStatus::Flushed));
-    b.post_send(vec![send_wr(&p, 99, b"too late", None)]).expect("post after failure is accepted");
+    b.post_send(vec![send_wr(&p, 99, b"too late", None)])
+        .expect("post after failure is accepted");
     let late = wait_for(&*b, 1);
     assert_eq!((late[0].id, late[0].status), (WrId(99), WcStatus::Flushed));
     b.post_recv(RecvWr {
@@ -362,6 +396,25 @@ pub fn disconnect_flush(fabric: &dyn Fabric, addr: &str) {
     assert_eq!(wait_for(&*b, 1)[0].status, WcStatus::Flushed);
     drop((mine, theirs, late));
     assert_eq!(p.available(), 16, "every buffer came back through a completion");
+}
+
+/// A Send the peer received completes successfully even if the peer
+/// disconnects the moment it sees it: the acknowledgement is not overtaken.
+pub fn executed_before_disconnect(fabric: &dyn Fabric, addr: &str) {
+    let p = pool(fabric, 128, 8, RW);
+    for round in 0..20 {
+        let (a, b) = connect_pair(fabric, addr, (b"", vec![]), (b"", recvs(&p, 1, 1)));
+        a.post_send(vec![send_wr(&p, 5, b"last words", None)]).expect("post");
+        let got = wait_for(&*b, 1);
+        assert_eq!(got[0].status, WcStatus::Success);
+        b.disconnect();
+        let sent = wait_for(&*a, 1);
+        assert_eq!(
+            (sent[0].id, sent[0].status),
+            (WrId(5), WcStatus::Success),
+            "round {round}"
+        );
+    }
 }
 
 /// A send queue without room hands the whole batch back; nothing is lost.
@@ -434,7 +487,10 @@ pub fn large_transfers_both_ways(fabric: &dyn Fabric, addr: &str) {
             assert_eq!(c.status, WcStatus::Success);
             assert_eq!(c.byte_len as usize, CHUNK - i);
             let tag = seed.wrapping_add(i as u8);
-            assert!(c.buf.iter().enumerate().all(|(j, &x)| x == tag ^ (j as u8)), "message {i} intact");
+            assert!(
+                c.buf.iter().enumerate().all(|(j, &x)| x == tag ^ (j as u8)),
+                "message {i} intact"
+            );
         }
     }
 }

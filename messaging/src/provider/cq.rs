@@ -67,6 +67,8 @@ impl CompletionQueue {
 
 impl std::fmt::Debug for CompletionQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CompletionQueue").field("ready", &self.queue.lock().len()).finish()
+        f.debug_struct("CompletionQueue")
+            .field("ready", &self.queue.lock().len())
+            .finish()
     }
 }

@@ -75,10 +75,13 @@ struct Held {
     wr: SendWr,
 }
 
+/// Where the listener's answer to a pending connect lands.
+type AnswerSlot = (Mutex<Option<Result<(), String>>>, Condvar);
+
 struct PendingConnect {
     client: Arc<QpCore>,
     params: Vec<u8>,
-    answer: Arc<(Mutex<Option<Result<(), String>>>, Condvar)>,
+    answer: Arc<AnswerSlot>,
 }
 
 const MAX_WR: u32 = 1 << 16;
@@ -142,7 +145,11 @@ impl LoopbackFabric {
         loop {
             let next = {
                 let st = self.world.state.lock();
-                st.held.iter().map(|h| h.due).min().map(|due| due.saturating_sub(st.clock))
+                st.held
+                    .iter()
+                    .map(|h| h.due)
+                    .min()
+                    .map(|due| due.saturating_sub(st.clock))
             };
             match next {
                 Some(ticks) => executed += self.advance(ticks.max(1)),
@@ -190,7 +197,12 @@ fn pick_due(st: &mut WorldState, clock: u64) -> Option<usize> {
         .iter()
         .enumerate()
         .filter(|(i, h)| {
-            h.due <= clock && !st.held.iter().take(*i).any(|earlier| Arc::ptr_eq(&earlier.from, &h.from))
+            h.due <= clock
+                && !st
+                    .held
+                    .iter()
+                    .take(*i)
+                    .any(|earlier| Arc::ptr_eq(&earlier.from, &h.from))
         })
         .map(|(i, _)| i)
         .collect();
@@ -353,7 +365,7 @@ impl Drop for LoopbackListener {
     }
 }
 
-fn answer(slot: &(Mutex<Option<Result<(), String>>>, Condvar), value: Result<(), String>) {
+fn answer(slot: &AnswerSlot, value: Result<(), String>) {
     *slot.0.lock() = Some(value);
     slot.1.notify_all();
 }
@@ -577,7 +589,12 @@ fn execute(st: &mut WorldState, from: &Arc<QpCore>, wr: SendWr) {
         }
         SendOp::Read { ref buf, remote } => {
             if !buf.access().contains(Access::LOCAL_WRITE) {
-                return fail(st, wr, WcStatus::LocalProtectionError, "read into memory without local write".into());
+                return fail(
+                    st,
+                    wr,
+                    WcStatus::LocalProtectionError,
+                    "read into memory without local write".into(),
+                );
             }
             let target = peer
                 .pd
@@ -633,7 +650,11 @@ impl QueuePair for LoopbackQp {
                 continue;
             }
             if st.faults.break_at == Some(st.ops) {
-                tracing::debug!(qp = self.core.id, op = st.ops, "loopback fault: breaking the connection");
+                tracing::debug!(
+                    qp = self.core.id,
+                    op = st.ops,
+                    "loopback fault: breaking the connection"
+                );
                 self.core.cq.push(flushed_send(wr));
                 break_connection(&mut st, &self.core);
                 continue;

@@ -37,8 +37,8 @@ use std::time::Duration;
 
 use crate::mr::{Buf, ProtectionDomain, RKey};
 
-mod cq;
 pub mod conformance;
+mod cq;
 pub mod loopback;
 pub mod tcp;
 
@@ -435,4 +435,3 @@ pub trait QueuePair: Send + Sync + fmt::Debug {
     /// Capabilities of the provider this queue pair runs on.
     fn capabilities(&self) -> Capabilities;
 }
-

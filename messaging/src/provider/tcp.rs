@@ -227,9 +227,7 @@ impl Fabric for TcpFabric {
         stream
             .set_read_timeout(Some(self.opts.connect_timeout))
             .map_err(conn_err)?;
-        stream
-            .write_all(&hello_bytes(KIND_HELLO, params))
-            .map_err(conn_err)?;
+        stream.write_all(&hello_bytes(KIND_HELLO, params)).map_err(conn_err)?;
         let (kind, body) = read_hello(&mut stream).map_err(|reason| FabricError::Handshake {
             peer: peer.clone(),
             reason,
@@ -268,7 +266,9 @@ fn read_hello(stream: &mut TcpStream) -> Result<(u16, Vec<u8>), String> {
     }
     let version = u16::from_le_bytes([header[4], header[5]]);
     if version != HELLO_VERSION {
-        return Err(format!("unsupported hello version {version} (this side speaks {HELLO_VERSION})"));
+        return Err(format!(
+            "unsupported hello version {version} (this side speaks {HELLO_VERSION})"
+        ));
     }
     let kind = u16::from_le_bytes([header[6], header[7]]);
     let reserved = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
@@ -288,7 +288,12 @@ fn read_exact_described(stream: &mut TcpStream, buf: &mut [u8], what: &str) -> R
     let mut have = 0;
     while have < buf.len() {
         match stream.read(&mut buf[have..]) {
-            Ok(0) => return Err(format!("truncated {what}: connection closed after {have} of {} bytes", buf.len())),
+            Ok(0) => {
+                return Err(format!(
+                    "truncated {what}: connection closed after {have} of {} bytes",
+                    buf.len()
+                ))
+            }
             Ok(n) => have += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
@@ -582,7 +587,18 @@ impl Header {
 
     fn decode(h: &[u8; FRAME_HEADER]) -> Result<Header, String> {
         let le32 = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-        let le64 = |i: usize| u64::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3], h[i + 4], h[i + 5], h[i + 6], h[i + 7]]);
+        let le64 = |i: usize| {
+            u64::from_le_bytes([
+                h[i],
+                h[i + 1],
+                h[i + 2],
+                h[i + 3],
+                h[i + 4],
+                h[i + 5],
+                h[i + 6],
+                h[i + 7],
+            ])
+        };
         if h[2] != 0 || h[3] != 0 {
             return Err("reserved header bytes are not zero".into());
         }
@@ -791,7 +807,13 @@ impl QueuePair for TcpQp {
         }
         let depth = shared.fabric.opts.max_recv_wr;
         if recvs.len() >= depth as usize {
-            return Err((FabricError::QueueFull { queue: "receive", depth }, wr));
+            return Err((
+                FabricError::QueueFull {
+                    queue: "receive",
+                    depth,
+                },
+                wr,
+            ));
         }
         recvs.push_back(wr);
         Ok(())
@@ -963,21 +985,43 @@ struct IoThread {
 /// Where the payload of the frame being read goes.
 enum Sink {
     Idle,
-    Recv { wr: RecvWr, header: Header, filled: usize },
-    Remote { target: RemoteTarget, recv: Option<RecvWr>, header: Header, filled: usize },
-    ReadResp { pending: Pending, filled: usize },
+    Recv {
+        wr: RecvWr,
+        header: Header,
+        filled: usize,
+    },
+    Remote {
+        target: RemoteTarget,
+        recv: Option<RecvWr>,
+        header: Header,
+        filled: usize,
+    },
+    ReadResp {
+        pending: Pending,
+        filled: usize,
+    },
 }
 
 /// Why the I/O thread stops; `nak` is what to tell the peer first.
 struct Fatal {
     reason: String,
     nak: Option<(u64, WcStatus)>,
+    /// The peer broke the transport protocol (logged as a warning).
+    violation: bool,
 }
 
 fn fatal(reason: impl Into<String>) -> Fatal {
     Fatal {
         reason: reason.into(),
         nak: None,
+        violation: false,
+    }
+}
+
+fn violation(reason: impl Into<String>) -> Fatal {
+    Fatal {
+        violation: true,
+        ..fatal(reason)
     }
 }
 
@@ -1008,19 +1052,26 @@ impl IoThread {
                 }
                 break fatal(format!("epoll_wait: {e}"));
             }
-            if let Err(f) = self.read_available() {
+            let read = self.read_available();
+            // The ACK is queued before the completions are published: an
+            // application that disconnects as soon as it sees a message must
+            // not overtake the acknowledgement of that message.
+            let flushed = {
+                let mut tx = self.shared.tx.lock();
+                if let Some(psn) = self.ack_due.take() {
+                    tx.frames.push_back(TxFrame {
+                        header: Header::control(OP_ACK, psn, WcStatus::Success).encode(),
+                        payload: TxPayload::None,
+                        request_psn: None,
+                    });
+                }
+                flush_tx(&self.shared.stream, &mut tx)
+            };
+            self.publish();
+            if let Err(f) = read {
                 break f;
             }
-            self.publish();
-            let mut tx = self.shared.tx.lock();
-            if let Some(psn) = self.ack_due.take() {
-                tx.frames.push_back(TxFrame {
-                    header: Header::control(OP_ACK, psn, WcStatus::Success).encode(),
-                    payload: TxPayload::None,
-                    request_psn: None,
-                });
-            }
-            if let Err(e) = flush_tx(&self.shared.stream, &mut tx) {
+            if let Err(e) = flushed {
                 break fatal(format!("write: {e}"));
             }
         };
@@ -1072,7 +1123,7 @@ impl IoThread {
             let mut raw = [0u8; FRAME_HEADER];
             raw.copy_from_slice(&self.staging[self.start..self.start + FRAME_HEADER]);
             self.start += FRAME_HEADER;
-            let header = Header::decode(&raw).map_err(|r| fatal(format!("malformed frame: {r}")))?;
+            let header = Header::decode(&raw).map_err(|r| violation(format!("malformed frame: {r}")))?;
             self.begin_frame(header)?;
         }
     }
@@ -1095,7 +1146,7 @@ impl IoThread {
 
     fn check_psn(&mut self, header: &Header) -> Result<(), Fatal> {
         if header.psn != self.expected_psn {
-            return Err(fatal(format!(
+            return Err(violation(format!(
                 "out-of-order request psn {} (expected {})",
                 header.psn, self.expected_psn
             )));
@@ -1108,20 +1159,28 @@ impl IoThread {
         Fatal {
             reason,
             nak: Some((psn, status)),
+            violation: true,
         }
     }
 
     fn begin_frame(&mut self, header: Header) -> Result<(), Fatal> {
         let max = self.shared.fabric.opts.max_message;
         if header.len > max {
-            return Err(fatal(format!("frame of {} bytes exceeds the {max}-byte limit", header.len)));
+            return Err(violation(format!(
+                "frame of {} bytes exceeds the {max}-byte limit",
+                header.len
+            )));
         }
         match header.opcode {
             OP_SEND | OP_SEND_IMM => {
                 self.check_psn(&header)?;
                 let wr = self.shared.recvs.lock().pop_front();
                 let Some(wr) = wr else {
-                    return Err(Self::nak(header.psn, WcStatus::ReceiverNotReady, "Send found no posted receive".into()));
+                    return Err(Self::nak(
+                        header.psn,
+                        WcStatus::ReceiverNotReady,
+                        "Send found no posted receive".into(),
+                    ));
                 };
                 if header.len as usize > wr.buf.capacity() {
                     let reason = format!("Send of {} bytes into a {}-byte receive", header.len, wr.buf.capacity());
@@ -1144,7 +1203,13 @@ impl IoThread {
                     .fabric
                     .pd
                     .remote_target(RKey(header.rkey), header.addr, header.len.into(), Access::REMOTE_WRITE)
-                    .map_err(|e| Self::nak(header.psn, WcStatus::RemoteAccessError, format!("RDMA Write refused: {e}")))?;
+                    .map_err(|e| {
+                        Self::nak(
+                            header.psn,
+                            WcStatus::RemoteAccessError,
+                            format!("RDMA Write refused: {e}"),
+                        )
+                    })?;
                 let recv = if header.opcode == OP_WRITE_IMM {
                     let wr = self.shared.recvs.lock().pop_front();
                     match wr {
@@ -1174,7 +1239,13 @@ impl IoThread {
                     .fabric
                     .pd
                     .remote_target(RKey(header.rkey), header.addr, header.len.into(), Access::REMOTE_READ)
-                    .map_err(|e| Self::nak(header.psn, WcStatus::RemoteAccessError, format!("RDMA Read refused: {e}")))?;
+                    .map_err(|e| {
+                        Self::nak(
+                            header.psn,
+                            WcStatus::RemoteAccessError,
+                            format!("RDMA Read refused: {e}"),
+                        )
+                    })?;
                 // The response acks everything before it; drop a pending ACK for those.
                 if self.ack_due.is_some_and(|p| p < header.psn) {
                     self.ack_due = None;
@@ -1196,14 +1267,22 @@ impl IoThread {
             }
             OP_READ_RESP => {
                 let mut tx = self.shared.tx.lock();
-                complete_acked(&mut self.completions, &mut tx, header.psn.wrapping_sub(1), header.psn > 0)?;
+                complete_acked(
+                    &mut self.completions,
+                    &mut tx,
+                    header.psn.wrapping_sub(1),
+                    header.psn > 0,
+                )?;
                 let front = tx.outstanding.pop_front();
                 drop(tx);
                 match front {
                     Some(p) if p.psn == header.psn && p.opcode == WcOpcode::RdmaRead && p.written => {
                         let want = p.buf.as_ref().map_or(0, |b| b.len());
                         if want != header.len as usize {
-                            return Err(fatal(format!("read response of {} bytes for a {want}-byte read", header.len)));
+                            return Err(violation(format!(
+                                "read response of {} bytes for a {want}-byte read",
+                                header.len
+                            )));
                         }
                         self.sink = Sink::ReadResp { pending: p, filled: 0 };
                     }
@@ -1211,7 +1290,10 @@ impl IoThread {
                         if let Some(p) = other {
                             self.shared.tx.lock().outstanding.push_front(p);
                         }
-                        return Err(fatal(format!("read response for psn {} matches no read", header.psn)));
+                        return Err(violation(format!(
+                            "read response for psn {} matches no read",
+                            header.psn
+                        )));
                     }
                 }
             }
@@ -1224,7 +1306,12 @@ impl IoThread {
                     .filter(|s| !s.is_success())
                     .unwrap_or(WcStatus::RemoteOperationError);
                 let mut tx = self.shared.tx.lock();
-                complete_acked(&mut self.completions, &mut tx, header.psn.wrapping_sub(1), header.psn > 0)?;
+                complete_acked(
+                    &mut self.completions,
+                    &mut tx,
+                    header.psn.wrapping_sub(1),
+                    header.psn > 0,
+                )?;
                 if let Some(pos) = tx.outstanding.iter().position(|p| p.psn == header.psn) {
                     if let Some(mut p) = tx.outstanding.remove(pos) {
                         let buf = p.buf.take().or_else(|| take_frame_buf(&mut tx, p.psn));
@@ -1243,7 +1330,7 @@ impl IoThread {
                 return Err(fatal(format!("peer refused request {}: {status}", header.psn)));
             }
             OP_DISCONNECT => return Err(fatal("peer disconnected")),
-            _ => return Err(fatal(format!("unknown opcode {}", header.opcode))),
+            _ => return Err(violation(format!("unknown opcode {}", header.opcode))),
         }
         Ok(())
     }
@@ -1297,13 +1384,15 @@ impl IoThread {
     fn fail(mut self, why: Fatal) {
         let shared = self.shared.clone();
         let was_failed = shared.failed.swap(true, Ordering::AcqRel);
-        if !was_failed || why.nak.is_some() {
-            match &why.nak {
-                Some((_, status)) => {
-                    tracing::warn!(peer = %shared.peer, "closing tcp queue pair: {} ({status})", why.reason)
-                }
-                None => tracing::debug!(peer = %shared.peer, "tcp queue pair closed: {}", why.reason),
+        match (&why.nak, why.violation) {
+            (Some((_, status)), _) => {
+                tracing::warn!(peer = %shared.peer, "closing tcp queue pair: {} ({status})", why.reason)
             }
+            (None, true) => tracing::warn!(peer = %shared.peer, "closing tcp queue pair: {}", why.reason),
+            (None, false) if !was_failed => {
+                tracing::debug!(peer = %shared.peer, "tcp queue pair closed: {}", why.reason)
+            }
+            (None, false) => {}
         }
         {
             let mut tx = shared.tx.lock();
@@ -1393,11 +1482,11 @@ fn complete_acked(completions: &mut Vec<Completion>, tx: &mut Tx, psn: u64, any:
             break;
         }
         if !front.written {
-            return Err(fatal(format!("peer acknowledged psn {psn} before it was sent")));
+            return Err(violation(format!("peer acknowledged psn {psn} before it was sent")));
         }
         if front.opcode == WcOpcode::RdmaRead {
             // A read completes only with its data.
-            return Err(fatal(format!("peer acknowledged read {} without data", front.psn)));
+            return Err(violation(format!("peer acknowledged read {} without data", front.psn)));
         }
         let p = tx.outstanding.pop_front().expect("front exists");
         if let Some(buf) = p.buf {

@@ -1,0 +1,298 @@
+//! The endpoint API end to end, over loopback and tcp: blocking and async
+//! forms, back-pressure, pushes, direct placement and disconnects.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use messaging::mr::Access;
+use messaging::provider::loopback::LoopbackFabric;
+use messaging::provider::tcp::TcpFabric;
+use messaging::provider::Fabric;
+use messaging::{CloseReason, Config, DirectTarget, Endpoint, Error, ReceivedKind};
+
+const LONG: Duration = Duration::from_secs(20);
+
+fn pair_with(fabric: &dyn Fabric, addr: &str, client: Config, server: Config) -> (Endpoint, Endpoint) {
+    let listener = fabric.listen(addr).expect("listen");
+    let local = listener.local_addr();
+    std::thread::scope(|s| {
+        let accepted = s.spawn(|| Endpoint::accept(fabric, &*listener, server, Some(LONG)).expect("accept"));
+        let a = Endpoint::connect(fabric, &local, client).expect("connect");
+        (a, accepted.join().expect("accept thread"))
+    })
+}
+
+fn pair(fabric: &dyn Fabric, addr: &str) -> (Endpoint, Endpoint) {
+    pair_with(fabric, addr, Config::default(), Config::default())
+}
+
+fn fabrics() -> Vec<(Box<dyn Fabric>, &'static str)> {
+    vec![
+        (Box::new(LoopbackFabric::new()), ""),
+        (Box::new(TcpFabric::new()), "127.0.0.1:0"),
+    ]
+}
+
+/// A minimal executor: parks the thread until the future's waker fires. A
+/// lost wake-up shows up as a park that times out, which fails the test.
+fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        let before = Instant::now();
+        std::thread::park_timeout(LONG);
+        assert!(before.elapsed() < LONG, "future was never woken (lost wake-up)");
+    }
+}
+
+#[test]
+fn messages_flow_both_ways_in_order() {
+    for (fabric, addr) in fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        const N: u32 = 3000;
+        std::thread::scope(|s| {
+            for (tx, rx) in [(&a, &b), (&b, &a)] {
+                s.spawn(move || {
+                    for i in 0..N {
+                        let len = (i % 200) as usize + 4;
+                        let mut msg = vec![i as u8; len];
+                        msg[..4].copy_from_slice(&i.to_le_bytes());
+                        let _ = tx.send(&msg).expect("send");
+                    }
+                });
+                s.spawn(move || {
+                    for i in 0..N {
+                        let m = rx.recv_timeout(LONG).expect("recv");
+                        assert_eq!(m.kind(), ReceivedKind::Message);
+                        assert_eq!(u32::from_le_bytes(m[..4].try_into().unwrap()), i, "in order");
+                        assert_eq!(m.len(), (i % 200) as usize + 4);
+                        assert!(m[4..].iter().all(|&x| x == i as u8));
+                    }
+                });
+            }
+        });
+        assert!(
+            a.close_reason().is_none() && b.close_reason().is_none(),
+            "{}",
+            fabric.name()
+        );
+    }
+}
+
+#[test]
+fn pushes_land_in_slots_and_tickets_resolve() {
+    for (fabric, addr) in fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        let max = a.max_push();
+        assert_eq!(max, Config::default().slot_size as usize);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut tickets = Vec::new();
+                for i in 0..100u32 {
+                    let data = vec![i as u8; 1000 + i as usize * 997 % max];
+                    tickets.push(a.push(&data).expect("push"));
+                }
+                for t in tickets {
+                    t.wait_timeout(LONG).expect("push completed");
+                }
+                // Zero-copy form: fill a staging buffer in place.
+                let mut buf = a.alloc_push_buf().expect("staging buffer");
+                buf.fill(b"zero-copy").unwrap();
+                a.push_buf(buf).expect("push_buf").wait().expect("done");
+            });
+            for i in 0..100u32 {
+                let d = b.recv_timeout(LONG).expect("recv");
+                assert_eq!(d.kind(), ReceivedKind::Push);
+                assert_eq!(d.len(), 1000 + i as usize * 997 % max);
+                assert!(d.iter().all(|&x| x == i as u8));
+            }
+            assert_eq!(&b.recv_timeout(LONG).unwrap()[..], b"zero-copy");
+        });
+        let too_big = vec![0u8; max + 1];
+        assert!(matches!(a.push(&too_big), Err(Error::TooLarge { .. })));
+        assert!(matches!(a.send(&too_big), Err(Error::TooLarge { .. })));
+    }
+}
+
+#[test]
+fn direct_placement_into_an_application_buffer() {
+    for (fabric, addr) in fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        let pool = fabric
+            .domain()
+            .register(1 << 20, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+            .unwrap();
+        let target = b.expose(pool.checkout().unwrap()).expect("expose");
+        b.send(&target.encode()).unwrap();
+        let advert = a.recv_timeout(LONG).unwrap();
+        let target = DirectTarget::decode(&advert).expect("target decodes");
+        drop(advert);
+        let src_pool = fabric.domain().register(1 << 20, 1, Access::LOCAL_WRITE).unwrap();
+        let mut src = src_pool.checkout().unwrap();
+        src.set_len(700_000);
+        src.iter_mut().enumerate().for_each(|(i, x)| *x = (i % 253) as u8);
+        a.push_direct(src, target).unwrap().wait_timeout(LONG).unwrap();
+        let d = b.recv_timeout(LONG).unwrap();
+        assert_eq!(d.kind(), ReceivedKind::Direct { tag: target.tag });
+        let buf = d.into_buf().expect("direct placement hands the buffer back");
+        assert_eq!(buf.len(), 700_000);
+        assert!(buf.iter().enumerate().all(|(i, &x)| x == (i % 253) as u8));
+        let unregistered = fabric.domain().register(64, 1, Access::LOCAL_WRITE).unwrap();
+        assert!(matches!(
+            b.expose(unregistered.checkout().unwrap()),
+            Err(Error::BadBuffer(_))
+        ));
+    }
+}
+
+#[test]
+fn back_pressure_waits_and_never_drops() {
+    for (fabric, addr) in fabrics() {
+        let cfg = Config {
+            recv_depth: 8,
+            ..Config::default()
+        };
+        let (a, b) = pair_with(&*fabric, addr, cfg.clone(), cfg);
+        let mut accepted = 0;
+        let deadline = Instant::now() + LONG;
+        loop {
+            match a.try_send(b"x") {
+                Ok(_) => accepted += 1,
+                Err(Error::WouldBlock) => break,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(Instant::now() < deadline);
+        }
+        assert_eq!(accepted, 7, "{}: one credit stays in reserve", fabric.name());
+        // A blocked sender proceeds as soon as the receiver drains.
+        std::thread::scope(|s| {
+            let sender = s.spawn(|| {
+                for _ in 0..50 {
+                    let _ = a.send(b"y").expect("send waits, then succeeds");
+                }
+            });
+            for i in 0..57 {
+                let m = b.recv_timeout(LONG).expect("recv");
+                assert_eq!(&m[..], if i < 7 { b"x" } else { b"y" });
+            }
+            sender.join().unwrap();
+        });
+    }
+}
+
+#[test]
+fn close_wakes_blocked_receivers_and_flushes() {
+    for (fabric, addr) in fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| b.recv_timeout(LONG));
+            std::thread::sleep(Duration::from_millis(50));
+            a.close();
+            match waiter.join().unwrap() {
+                Err(Error::Closed(CloseReason::Disconnected)) => {}
+                other => panic!("{}: expected Closed(Disconnected), got {other:?}", fabric.name()),
+            }
+        });
+        assert!(matches!(a.send(b"late"), Err(Error::Closed(CloseReason::Local))));
+        assert!(matches!(b.recv(), Err(Error::Closed(_))));
+    }
+}
+
+#[test]
+fn dropping_the_peer_fails_its_channel() {
+    let fabric = TcpFabric::new();
+    let (a, b) = pair(&fabric, "127.0.0.1:0");
+    let ticket = a.send(b"before").unwrap();
+    ticket.wait_timeout(LONG).unwrap();
+    drop(b);
+    assert!(matches!(
+        a.recv_timeout(LONG),
+        Err(Error::Closed(CloseReason::Disconnected))
+    ));
+}
+
+#[test]
+fn timeouts_are_reported() {
+    let fabric = LoopbackFabric::new();
+    let (a, _b) = pair(&fabric, "");
+    let started = Instant::now();
+    assert!(matches!(
+        a.recv_timeout(Duration::from_millis(30)),
+        Err(Error::Timeout(_))
+    ));
+    assert!(started.elapsed() >= Duration::from_millis(30));
+    assert!(matches!(a.try_recv(), Err(Error::WouldBlock)));
+}
+
+#[test]
+fn async_api_without_a_runtime() {
+    for (fabric, addr) in fabrics() {
+        let cfg = Config {
+            recv_depth: 8,
+            ..Config::default()
+        };
+        let (a, b) = pair_with(&*fabric, addr, cfg.clone(), cfg);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                block_on(async {
+                    for i in 0..500u32 {
+                        let t = a.send_async(&i.to_le_bytes()).await.expect("send");
+                        if i % 50 == 0 {
+                            t.completion().await.expect("completion");
+                        }
+                    }
+                    let mut buf = a.alloc_push_buf().unwrap();
+                    buf.fill(b"async push").unwrap();
+                    a.push_buf_async(buf).await.unwrap().completion().await.unwrap();
+                })
+            });
+            block_on(async {
+                for i in 0..500u32 {
+                    let m = b.recv_async().await.expect("recv");
+                    assert_eq!(&m[..], &i.to_le_bytes());
+                }
+                assert_eq!(&b.recv_async().await.unwrap()[..], b"async push");
+            });
+        });
+    }
+}
+
+#[test]
+fn bad_peer_parameters_are_rejected() {
+    let fabric = TcpFabric::new();
+    let listener = fabric.listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    std::thread::scope(|s| {
+        let server = s.spawn(|| Endpoint::accept(&fabric, &*listener, Config::default(), Some(LONG)));
+        let refused = fabric.connect(&addr, b"not a parameter block", vec![]);
+        match refused {
+            Err(messaging::provider::FabricError::Rejected { reason, .. }) => {
+                assert!(reason.contains("parameter block"), "{reason}")
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        assert!(matches!(server.join().unwrap(), Err(Error::Proto(_))));
+    });
+    // The listener still serves a well-behaved peer.
+    std::thread::scope(|s| {
+        let server = s.spawn(|| Endpoint::accept(&fabric, &*listener, Config::default(), Some(LONG)));
+        let a = Endpoint::connect(&fabric, &addr, Config::default()).unwrap();
+        let b = server.join().unwrap().unwrap();
+        a.send(b"fine").unwrap();
+        assert_eq!(&b.recv_timeout(LONG).unwrap()[..], b"fine");
+    });
+}

@@ -1,0 +1,171 @@
+//! Bad input on the tcp listener's port: refused with a clear log line,
+//! closing only the offending connection; the listener keeps accepting.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use messaging::proto::Connection;
+use messaging::provider::tcp::{TcpFabric, TcpOptions};
+use messaging::provider::Fabric;
+use messaging::{CloseReason, Config, Endpoint, Error};
+
+const LONG: Duration = Duration::from_secs(20);
+
+/// Log lines of the whole test binary (the listener logs from its own threads).
+fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one subscriber per test binary");
+        buf
+    })
+}
+
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        std::io::stderr().write_all(b)?;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn wait_for_log(needle: &str) {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let text = String::from_utf8_lossy(&logs().lock().unwrap()).into_owned();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "log never said {needle:?}; log:\n{text}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn hello(version: u16, kind: u16, params: &[u8], declared_len: u32) -> Vec<u8> {
+    let mut b = b"CHIO".to_vec();
+    b.extend_from_slice(&version.to_le_bytes());
+    b.extend_from_slice(&kind.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&declared_len.to_le_bytes());
+    b.extend_from_slice(params);
+    b
+}
+
+/// Reads until the server closes; returns what it sent.
+fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(LONG)).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+fn fabric() -> TcpFabric {
+    TcpFabric::with_options(TcpOptions {
+        handshake_timeout: Duration::from_millis(300),
+        ..TcpOptions::default()
+    })
+}
+
+fn good_pair(fabric: &TcpFabric, listener: &dyn messaging::provider::Listener) -> (Endpoint, Endpoint) {
+    let addr = listener.local_addr();
+    std::thread::scope(|s| {
+        let server = s.spawn(|| Endpoint::accept(fabric, listener, Config::default(), Some(LONG)).expect("accept"));
+        let client = Endpoint::connect(fabric, &addr, Config::default()).expect("connect");
+        (client, server.join().unwrap())
+    })
+}
+
+#[test]
+fn bad_hellos_are_refused_and_the_listener_keeps_accepting() {
+    logs();
+    let fabric = fabric();
+    let listener = fabric.listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+
+    let mut garbage = TcpStream::connect(&addr).unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\nHost: chanio\r\n\r\n").unwrap();
+    assert!(
+        read_to_close(&mut garbage).is_empty(),
+        "garbage gets no answer, only a close"
+    );
+    wait_for_log("refusing tcp connection: bad magic");
+
+    let mut truncated = TcpStream::connect(&addr).unwrap();
+    truncated.write_all(&hello(1, 1, &[], 0)[..6]).unwrap();
+    truncated.shutdown(Shutdown::Write).unwrap();
+    read_to_close(&mut truncated);
+    wait_for_log("truncated hello header: connection closed after 6 of 16 bytes");
+
+    let mut silent = TcpStream::connect(&addr).unwrap();
+    read_to_close(&mut silent);
+    wait_for_log("timed out reading hello header");
+
+    let mut old = TcpStream::connect(&addr).unwrap();
+    old.write_all(&hello(99, 1, &[], 0)).unwrap();
+    let answer = read_to_close(&mut old);
+    assert_eq!(&answer[..4], b"CHIO");
+    assert_eq!(u16::from_le_bytes([answer[6], answer[7]]), 3, "a reject");
+    let reason = String::from_utf8_lossy(&answer[16..]).into_owned();
+    assert!(reason.contains("unsupported hello version 99"), "{reason}");
+    wait_for_log("refusing tcp connection: unsupported hello version 99 (this side speaks 1)");
+
+    let mut huge = TcpStream::connect(&addr).unwrap();
+    huge.write_all(&hello(1, 1, &[], 1 << 20)).unwrap();
+    read_to_close(&mut huge);
+    wait_for_log("hello parameters too long (1048576 > 4096 bytes)");
+
+    // After all that, a well-behaved peer is served.
+    let (a, b) = good_pair(&fabric, &*listener);
+    a.send(b"still serving").unwrap().wait_timeout(LONG).unwrap();
+    assert_eq!(&b.recv_timeout(LONG).unwrap()[..], b"still serving");
+}
+
+#[test]
+fn a_malformed_frame_closes_only_its_own_connection() {
+    logs();
+    let fabric = fabric();
+    let listener = fabric.listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    let (good_client, good_server) = good_pair(&fabric, &*listener);
+
+    // A peer that completes a valid hello, then sends a bogus frame.
+    let params = Connection::new(fabric.domain(), Config::default())
+        .unwrap()
+        .local_params();
+    let mut rogue = TcpStream::connect(&addr).unwrap();
+    rogue.write_all(&hello(1, 1, &params, params.len() as u32)).unwrap();
+    let victim = Endpoint::accept(&fabric, &*listener, Config::default(), Some(LONG)).expect("accept rogue");
+    let mut answer = [0u8; 16];
+    rogue.set_read_timeout(Some(LONG)).unwrap();
+    rogue.read_exact(&mut answer).unwrap();
+    assert_eq!(u16::from_le_bytes([answer[6], answer[7]]), 2, "accepted");
+    let mut frame = [0u8; 32];
+    frame[0] = 200;
+    rogue.write_all(&frame).unwrap();
+
+    assert!(matches!(
+        victim.recv_timeout(LONG),
+        Err(Error::Closed(CloseReason::Disconnected))
+    ));
+    wait_for_log("malformed frame: unknown opcode 200");
+
+    // The other connection and the listener carry on.
+    good_client.send(b"unaffected").unwrap();
+    assert_eq!(&good_server.recv_timeout(LONG).unwrap()[..], b"unaffected");
+    let (c, d) = good_pair(&fabric, &*listener);
+    d.send(b"new peer").unwrap();
+    assert_eq!(&c.recv_timeout(LONG).unwrap()[..], b"new peer");
+}
