@@ -14,8 +14,9 @@
 //!
 //! # Resource cleanup
 //! Dropping a [`Delivery`] gives its buffer or slot back to the peer.
-//! Dropping a [`Ticket`] forgets the send's result, not the send. Dropping
-//! the last `Endpoint` clone disconnects; requests in flight are flushed.
+//! Dropping a [`Ticket`] forgets the send's result, not the send. The
+//! channel disconnects when the last `Endpoint` clone, `Ticket` and
+//! `Delivery` of it are gone; requests in flight are then flushed.
 
 use std::future::Future;
 use std::ops::Deref;
@@ -75,7 +76,7 @@ impl From<SendError> for Error {
             SendError::Full => Error::WouldBlock,
             SendError::TooLarge { len, max } => Error::TooLarge { len, max },
             SendError::BadBuffer(what) => Error::BadBuffer(what),
-            SendError::NotConnected => Error::Closed(CloseReason::Local),
+            SendError::NotConnected => Error::Closed(CloseReason::LocalError("not connected".into())),
             SendError::Closed(r) => Error::Closed(r),
         }
     }
@@ -140,12 +141,19 @@ impl Endpoint {
         timeout: Option<Duration>,
     ) -> Result<Endpoint, Error> {
         let incoming = listener.accept(timeout)?;
-        if let Err(e) = crate::proto::wire::Params::decode(incoming.peer_params()) {
+        let mut conn = match Connection::new(fabric.domain(), cfg) {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::error!(peer = %incoming.peer_addr(), "refusing connection: {e}");
+                incoming.reject(&format!("the server cannot set up a connection: {e}"));
+                return Err(e.into());
+            }
+        };
+        if let Err(e) = conn.check_peer(incoming.peer_params(), fabric.capabilities()) {
             tracing::warn!(peer = %incoming.peer_addr(), "refusing connection: {e}");
             incoming.reject(&e.to_string());
-            return Err(Error::Proto(ProtoError::BadParams(e)));
+            return Err(e.into());
         }
-        let mut conn = Connection::new(fabric.domain(), cfg)?;
         let params = conn.local_params();
         let qp = incoming.accept(&params, conn.initial_recvs())?;
         Endpoint::start(fabric, conn, qp)
@@ -430,6 +438,7 @@ impl Endpoint {
             .shared
             .staging
             .as_ref()
+            .filter(|_| self.max_push() > 0)
             .ok_or(Error::BadBuffer("the peer granted no push slots"))?;
         if data.len() > pool.chunk_size() {
             return Err(Error::TooLarge {

@@ -150,6 +150,9 @@ pub enum MrError {
         /// Requested chunk count.
         count: usize,
     },
+    /// Remote write without local write, which verbs refuses too.
+    #[error("remote write access needs local write access as well")]
+    InvalidAccess,
     /// The allocator could not provide the memory.
     #[error("out of memory registering {bytes} bytes")]
     OutOfMemory {
@@ -208,8 +211,12 @@ impl ProtectionDomain {
     ///
     /// # Errors
     /// [`MrError::InvalidSize`] for an empty or overflowing size,
-    /// [`MrError::OutOfMemory`] when the allocation fails.
+    /// [`MrError::OutOfMemory`] when the allocation fails,
+    /// [`MrError::InvalidAccess`] for remote write without local write.
     pub fn register(&self, chunk_size: usize, count: usize, access: Access) -> Result<BufPool, MrError> {
+        if access.contains(Access::REMOTE_WRITE) && !access.contains(Access::LOCAL_WRITE) {
+            return Err(MrError::InvalidAccess);
+        }
         let bytes = chunk_size
             .checked_mul(count)
             .filter(|&b| b > 0 && count <= u32::MAX as usize && b <= isize::MAX as usize / 2)

@@ -457,6 +457,37 @@ impl Connection {
         out
     }
 
+    /// Checks a peer's parameters against this side and the fabric without
+    /// changing anything: what a listener calls before it accepts, so that
+    /// it can refuse with the reason.
+    ///
+    /// # Errors
+    /// [`ProtoError::BadParams`].
+    pub fn check_peer(&self, peer_params: &[u8], caps: Capabilities) -> Result<Params, ProtoError> {
+        let params = Params::decode(peer_params).map_err(ProtoError::BadParams)?;
+        let bad = |m: String| Err(ProtoError::BadParams(wire::WireError(m)));
+        if u32::from(self.cfg.send_depth) > caps.max_send_wr || u32::from(self.cfg.recv_depth) > caps.max_recv_wr {
+            return bad(format!(
+                "queue depths {}/{} exceed the fabric's {}/{}",
+                self.cfg.send_depth, self.cfg.recv_depth, caps.max_send_wr, caps.max_recv_wr
+            ));
+        }
+        let own_buf = (HEADER_LEN + 2 * MAX_RELEASES) as u32 + self.cfg.msg_size;
+        if own_buf > caps.max_message || self.cfg.slot_size > caps.max_message {
+            return bad(format!(
+                "message buffers of {own_buf} bytes or slots of {} bytes exceed the fabric's {}-byte limit",
+                self.cfg.slot_size, caps.max_message
+            ));
+        }
+        if params.slot_size > caps.max_message {
+            return bad(format!(
+                "peer slot size {} above the fabric's message limit",
+                params.slot_size
+            ));
+        }
+        Ok(params)
+    }
+
     /// The connection is live: takes the peer's parameters and the fabric's
     /// capabilities and opens.
     ///
@@ -467,20 +498,7 @@ impl Connection {
         if !matches!(self.state, State::Setup) {
             return Err(ProtoError::AlreadyConnected);
         }
-        let params = Params::decode(peer_params).map_err(ProtoError::BadParams)?;
-        let bad = |m: String| Err(ProtoError::BadParams(wire::WireError(m)));
-        if u32::from(self.cfg.send_depth) > caps.max_send_wr || u32::from(self.cfg.recv_depth) > caps.max_recv_wr {
-            return bad(format!(
-                "queue depths {}/{} exceed the fabric's {}/{}",
-                self.cfg.send_depth, self.cfg.recv_depth, caps.max_send_wr, caps.max_recv_wr
-            ));
-        }
-        if params.slot_size > caps.max_message {
-            return bad(format!(
-                "peer slot size {} above the fabric's message limit",
-                params.slot_size
-            ));
-        }
+        let params = self.check_peer(peer_params, caps)?;
         self.separate = self.cfg.separate_indication || params.separate_indication || !caps.immediate_data;
         self.max_send = params.msg_size.min(self.cfg.msg_size) as usize;
         self.credits = params.recv_depth.into();
@@ -571,7 +589,10 @@ impl Connection {
 
     /// Largest push [`Connection::push`] accepts.
     pub fn max_push(&self) -> usize {
-        self.peer.as_ref().map_or(0, |p| p.params.slot_size as usize)
+        self.peer
+            .as_ref()
+            .filter(|p| p.params.slot_count > 0)
+            .map_or(0, |p| p.params.slot_size as usize)
     }
 
     /// Whether a `send` would be accepted now.
@@ -619,6 +640,12 @@ impl Connection {
             return Err(PushError { error, buf: src });
         }
         let max = self.max_push();
+        if max == 0 {
+            return Err(PushError {
+                error: SendError::BadBuffer("the peer granted no push slots"),
+                buf: src,
+            });
+        }
         if src.len() > max {
             return Err(PushError {
                 error: SendError::TooLarge { len: src.len(), max },
@@ -960,6 +987,9 @@ impl Connection {
         }
         match header.kind {
             Kind::Control => {
+                if header.seq != 0 {
+                    return Err(format!("control message with sequence number {}", header.seq));
+                }
                 self.repost(buf);
                 Ok(())
             }
@@ -1044,8 +1074,9 @@ impl Connection {
         }
         let was_setup = matches!(self.state, State::Setup);
         self.state = State::Closed(reason.clone());
-        self.direct.clear();
-        self.slots.clear();
+        // Slots and exposed buffers stay owned by the connection (not back
+        // in their pools) until it is dropped: the fabric may still be
+        // placing a write into them until the driver has disconnected.
         self.released.clear();
         if was_setup {
             // Nothing was posted beyond the initial receives the caller holds.

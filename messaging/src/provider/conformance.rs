@@ -25,6 +25,7 @@ pub const CHECKS: &[Check] = &[
     ("no_permission", no_permission),
     ("receiver_not_ready", receiver_not_ready),
     ("receive_too_small", receive_too_small),
+    ("local_protection", local_protection),
     ("disconnect_flush", disconnect_flush),
     ("executed_before_disconnect", executed_before_disconnect),
     ("back_pressure", back_pressure),
@@ -358,6 +359,41 @@ pub fn receiver_not_ready(fabric: &dyn Fabric, addr: &str) {
         assert!(Instant::now() < deadline, "peer never failed");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// An RDMA Read into memory without local write fails with a local
+/// protection error, after the requests posted before it and before those
+/// posted after it (which are flushed).
+pub fn local_protection(fabric: &dyn Fabric, addr: &str) {
+    let p = pool(fabric, 256, 8, RW);
+    let read_only = pool(fabric, 256, 1, Access::REMOTE_READ);
+    let source = pool(fabric, 256, 1, Access::LOCAL_WRITE | Access::REMOTE_READ);
+    let d = source.remote();
+    let (a, _b) = connect_pair(fabric, addr, (b"", vec![]), (b"", recvs(&p, 4, 0)));
+    let mut bad = read_only.checkout().expect("chunk");
+    bad.set_len(16);
+    a.post_send(vec![
+        send_wr(&p, 1, b"before", None),
+        SendWr {
+            id: WrId(2),
+            op: SendOp::Read {
+                buf: bad,
+                remote: RemoteAddr {
+                    addr: d.addr,
+                    rkey: d.rkey,
+                },
+            },
+        },
+        send_wr(&p, 3, b"after", None),
+    ])
+    .expect("post");
+    let got = wait_for(&*a, 3);
+    let ids: Vec<u64> = got.iter().map(|c| c.id.0).collect();
+    assert_eq!(ids, vec![1, 2, 3], "completions in posting order");
+    assert!(matches!(got[0].status, WcStatus::Success | WcStatus::Flushed));
+    assert_eq!(got[1].status, WcStatus::LocalProtectionError);
+    assert_eq!(got[2].status, WcStatus::Flushed);
+    assert!(a.is_failed());
 }
 
 /// A Send larger than the posted receive fails on both sides.

@@ -33,7 +33,8 @@
 //! next headers read ahead in the same vectored read. Between frames the I/O
 //! thread reads ahead at most 4 KiB; payload bytes caught in that read-ahead
 //! are copied once (at most 4 KiB per read), which saves a system call per
-//! small frame. Payloads larger than that are never copied.
+//! small frame: of any payload, at most the first 4 KiB can be copied, the
+//! rest is always read into place.
 //!
 //! # Hello
 //! `"CHIO" | version u16 | kind u16 | reserved u32 | len u32 | params[len]`,
@@ -190,6 +191,7 @@ impl Fabric for TcpFabric {
             .map_err(listen_err)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE).map_err(listen_err)?);
         let shared = Arc::new(ListenShared {
+            handshakes: std::sync::atomic::AtomicUsize::new(0),
             queue: Mutex::new(VecDeque::new()),
             ready: Condvar::new(),
             shutdown: AtomicBool::new(false),
@@ -233,10 +235,11 @@ impl Fabric for TcpFabric {
             .set_read_timeout(Some(self.opts.connect_timeout))
             .map_err(conn_err)?;
         stream.write_all(&hello_bytes(KIND_HELLO, params)).map_err(conn_err)?;
-        let (kind, body) = read_hello(&mut stream).map_err(|reason| FabricError::Handshake {
-            peer: peer.clone(),
-            reason,
-        })?;
+        let (kind, body) =
+            read_hello(&mut stream, self.opts.connect_timeout).map_err(|reason| FabricError::Handshake {
+                peer: peer.clone(),
+                reason,
+            })?;
         match kind {
             KIND_ACCEPT => TcpQp::start(self.clone(), stream, peer, body, recvs).map(|qp| Box::new(qp) as _),
             KIND_REJECT => Err(FabricError::Rejected {
@@ -262,13 +265,23 @@ fn hello_bytes(kind: u16, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Reads and validates one hello message; the error is a reason for logs.
-fn read_hello(stream: &mut TcpStream) -> Result<(u16, Vec<u8>), String> {
+/// Reads and validates one hello message within `timeout` (a deadline for
+/// the whole hello, not per read); the error is a reason for logs. The body
+/// is read before the version is judged, so that a reject sent after a
+/// version mismatch is not destroyed by a reset for unread data.
+fn read_hello(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), String> {
+    let deadline = Instant::now() + timeout;
     let mut header = [0u8; HELLO_HEADER];
-    read_exact_described(stream, &mut header, "hello header")?;
+    read_exact_described(stream, &mut header, "hello header", deadline)?;
     if header[0..4] != HELLO_MAGIC {
         return Err(format!("bad magic {:02x?} (not a chanio peer)", &header[0..4]));
     }
+    let len = u32::from_le_bytes([header[12], header[13], header[14], header[15]]) as usize;
+    if len > MAX_PARAMS {
+        return Err(format!("hello parameters too long ({len} > {MAX_PARAMS} bytes)"));
+    }
+    let mut body = vec![0u8; len];
+    read_exact_described(stream, &mut body, "hello parameters", deadline)?;
     let version = u16::from_le_bytes([header[4], header[5]]);
     if version != HELLO_VERSION {
         return Err(format!(
@@ -280,18 +293,19 @@ fn read_hello(stream: &mut TcpStream) -> Result<(u16, Vec<u8>), String> {
     if reserved != 0 {
         return Err(format!("reserved hello field is {reserved:#x}, not 0"));
     }
-    let len = u32::from_le_bytes([header[12], header[13], header[14], header[15]]) as usize;
-    if len > MAX_PARAMS {
-        return Err(format!("hello parameters too long ({len} > {MAX_PARAMS} bytes)"));
-    }
-    let mut body = vec![0u8; len];
-    read_exact_described(stream, &mut body, "hello parameters")?;
     Ok((kind, body))
 }
 
-fn read_exact_described(stream: &mut TcpStream, buf: &mut [u8], what: &str) -> Result<(), String> {
+fn read_exact_described(stream: &mut TcpStream, buf: &mut [u8], what: &str, deadline: Instant) -> Result<(), String> {
     let mut have = 0;
     while have < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("timed out reading {what} ({have} of {} bytes)", buf.len()));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| format!("reading {what}: {e}"))?;
         match stream.read(&mut buf[have..]) {
             Ok(0) => {
                 return Err(format!(
@@ -314,6 +328,7 @@ fn read_exact_described(stream: &mut TcpStream, buf: &mut [u8], what: &str) -> R
 // Listener
 
 struct ListenShared {
+    handshakes: std::sync::atomic::AtomicUsize,
     queue: Mutex<VecDeque<TcpIncoming>>,
     ready: Condvar,
     shutdown: AtomicBool,
@@ -334,6 +349,8 @@ impl std::fmt::Debug for TcpListener {
 }
 
 const MAX_PENDING: usize = 128;
+/// Most connections whose hello is still being read.
+const MAX_HANDSHAKES: usize = 64;
 
 fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<ListenShared>, fabric: TcpFabric) {
     let mut events = Events::with_capacity(16);
@@ -348,11 +365,20 @@ fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<List
         loop {
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    if shared.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+                        shared.handshakes.fetch_sub(1, Ordering::AcqRel);
+                        tracing::warn!(%peer, "refusing tcp connection: {MAX_HANDSHAKES} hellos already pending");
+                        continue;
+                    }
                     let shared = shared.clone();
                     let fabric = fabric.clone();
                     let spawned = std::thread::Builder::new()
                         .name("chanio-tcp-hello".into())
-                        .spawn(move || handshake(stream, peer, shared, fabric));
+                        .spawn(move || {
+                            let counter = shared.clone();
+                            handshake(stream, peer, shared, fabric);
+                            counter.handshakes.fetch_sub(1, Ordering::AcqRel);
+                        });
                     if let Err(e) = spawned {
                         tracing::warn!(%peer, error = %e, "refusing connection: cannot spawn handshake thread");
                     }
@@ -375,19 +401,17 @@ fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<List
 fn handshake(stream: mio::net::TcpStream, peer: SocketAddr, shared: Arc<ListenShared>, fabric: TcpFabric) {
     let refuse = |reason: &str| tracing::warn!(%peer, "refusing tcp connection: {reason}");
     let stream = TcpStream::from(stream);
-    let setup = stream
-        .set_nonblocking(false)
-        .and_then(|()| stream.set_nodelay(true))
-        .and_then(|()| stream.set_read_timeout(Some(fabric.opts.handshake_timeout)));
+    let setup = stream.set_nonblocking(false).and_then(|()| stream.set_nodelay(true));
     if let Err(e) = setup {
         return refuse(&format!("socket setup: {e}"));
     }
     let mut stream = stream;
-    let (kind, params) = match read_hello(&mut stream) {
+    let (kind, params) = match read_hello(&mut stream, fabric.opts.handshake_timeout) {
         Ok(hello) => hello,
         Err(reason) => {
             if reason.starts_with("unsupported hello version") {
                 let _ = stream.write_all(&hello_bytes(KIND_REJECT, reason.as_bytes()));
+                let _ = stream.shutdown(Shutdown::Write);
             }
             return refuse(&reason);
         }
@@ -564,6 +588,8 @@ struct Pending {
     opcode: WcOpcode,
     buf: Option<Buf>,
     written: bool,
+    /// A local error found at posting: the status it completes with.
+    error: Option<WcStatus>,
 }
 
 #[derive(Clone, Copy)]
@@ -719,18 +745,28 @@ impl QueuePair for TcpQp {
         if tx.outstanding.len() + wrs.len() > depth as usize {
             return Err((FabricError::QueueFull { queue: "send", depth }, wrs));
         }
-        let mut local_errors = Vec::new();
+        let mut local_error = false;
         for wr in wrs {
             let opcode = wr.opcode();
-            if let Err(status) = check_local(&wr, shared.fabric.opts.max_message) {
-                // A local error completes at once and fails the queue pair, as in verbs.
-                local_errors.push(Completion {
+            let status = if local_error {
+                Some(WcStatus::Flushed)
+            } else {
+                check_local(&wr, shared.fabric.opts.max_message).err()
+            };
+            if let Some(status) = status {
+                // A local error fails the queue pair, as in verbs: the request
+                // completes with its error after every earlier one (which the
+                // I/O thread flushes in order), and the rest are flushed.
+                local_error = true;
+                let psn = tx.next_psn;
+                tx.next_psn += 1;
+                tx.outstanding.push_back(Pending {
+                    psn,
                     id: wr.id,
-                    status,
                     opcode,
-                    byte_len: 0,
-                    imm: None,
-                    buf: wr.into_buf(),
+                    buf: Some(wr.into_buf()),
+                    written: false,
+                    error: Some(status),
                 });
                 continue;
             }
@@ -783,6 +819,7 @@ impl QueuePair for TcpQp {
                 opcode,
                 buf: pending_buf,
                 written: false,
+                error: None,
             });
             tx.frames.push_back(TxFrame {
                 header: header.encode(),
@@ -792,8 +829,7 @@ impl QueuePair for TcpQp {
         }
         let flushed = flush_tx(&shared.stream, &mut tx);
         drop(tx);
-        if !local_errors.is_empty() {
-            shared.cq.push_all(local_errors);
+        if local_error {
             shared.fail_from_outside();
         } else if let Err(e) = flushed {
             tracing::debug!(peer = %shared.peer, error = %e, "tcp write failed");
@@ -887,6 +923,11 @@ fn check_local(wr: &SendWr, max_message: u32) -> Result<(), WcStatus> {
     };
     if len > max_message as usize {
         return Err(WcStatus::LocalLengthError);
+    }
+    if let SendOp::Read { buf, .. } = &wr.op {
+        if !buf.access().contains(Access::LOCAL_WRITE) {
+            return Err(WcStatus::LocalProtectionError);
+        }
     }
     Ok(())
 }
@@ -1449,7 +1490,7 @@ impl IoThread {
                 if let Some(buf) = p.buf {
                     self.completions.push(Completion {
                         id: p.id,
-                        status: WcStatus::Flushed,
+                        status: p.error.unwrap_or(WcStatus::Flushed),
                         opcode: p.opcode,
                         byte_len: 0,
                         imm: None,
