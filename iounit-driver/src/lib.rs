@@ -6,4 +6,6 @@
 //! messaging layer it will be built on.
 #![warn(missing_docs)]
 
+pub mod nvme;
+
 pub use messaging;
