@@ -1,11 +1,24 @@
-//! chanio I/O-unit module.
+//! chanio I/O-unit module: NVMe namespaces served over push-push channels.
 //!
-//! The storage-node side of the split-model driver: it will serve NVMe
-//! namespaces over the [`messaging`] layer. This crate is a placeholder until
-//! the "I/O unit daemon and host library" issue lands; it only re-exports the
-//! messaging layer it will be built on.
+//! ```text
+//!  hosts ──channels──▶ target (controllers, queues: NVMe command execution)
+//!                          │
+//!                     backend::Registry  ◀── attach / detach (callbacks)
+//!                          │
+//!                 BlockBackend: ram │ file (io_uring)
+//! ```
+//!
+//! - [`nvme`]: NVMe wire formats (SQE, CQE, SGL, status codes, Identify,
+//!   log pages, Fabrics Connect);
+//! - [`transport`]: chanio's binding of NVMe capsules to messaging channels;
+//! - [`backend`]: the common block layer, its backends and the namespace
+//!   registry.
 #![warn(missing_docs)]
 
+pub mod backend;
+pub mod config;
 pub mod nvme;
+pub mod target;
+pub mod transport;
 
 pub use messaging;

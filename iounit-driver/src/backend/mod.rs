@@ -158,7 +158,7 @@ impl<T: BlockIo + WriteZeroes + Discard> BlockBackend for T {}
 /// `InvalidArgument` for misalignment, `OutOfRange` past the end.
 pub fn check_range(geo: Geometry, offset: u64, len: u64) -> Result<(), BlockError> {
     let bs = u64::from(geo.block_size);
-    if offset % bs != 0 || len % bs != 0 {
+    if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
         return Err(BlockError::new(
             ErrorKind::InvalidArgument,
             format!("{len} bytes at {offset} are not aligned to {bs}-byte blocks"),
@@ -190,7 +190,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("unknown size unit {other:?} in {text:?} (use KiB, MiB, GiB, TiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?} (use KiB, MiB, GiB, TiB)"
+            ))
+        }
     };
     n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
 }
@@ -316,20 +320,40 @@ pub mod conformance {
         backend.write(0, &vec![9u8; bs], true).expect("fua write");
         backend.flush().expect("flush");
         // Zeroing and discard read back as zeros.
-        backend.write(bs as u64 * 100, &vec![0xffu8; 4 * bs], false).expect("write");
+        backend
+            .write(bs as u64 * 100, &vec![0xffu8; 4 * bs], false)
+            .expect("write");
         backend.write_zeroes(bs as u64 * 101, bs as u64).expect("write zeroes");
         backend.discard(bs as u64 * 102, bs as u64).expect("discard");
         let mut back = vec![1u8; 4 * bs];
         backend.read(bs as u64 * 100, &mut back).expect("read");
         assert!(back[..bs].iter().all(|&b| b == 0xff));
-        assert!(back[bs..3 * bs].iter().all(|&b| b == 0), "zeroed and discarded blocks read as zeros");
+        assert!(
+            back[bs..3 * bs].iter().all(|&b| b == 0),
+            "zeroed and discarded blocks read as zeros"
+        );
         assert!(back[3 * bs..].iter().all(|&b| b == 0xff));
         // Out of range is refused, never clamped.
         let mut one = vec![0u8; bs];
-        assert_eq!(backend.read(geo.bytes(), &mut one).unwrap_err().kind(), ErrorKind::OutOfRange);
-        assert_eq!(backend.write(geo.bytes(), &one, false).unwrap_err().kind(), ErrorKind::OutOfRange);
-        assert_eq!(backend.write_zeroes(geo.bytes() - bs as u64, 2 * bs as u64).unwrap_err().kind(), ErrorKind::OutOfRange);
-        assert_eq!(backend.read(1, &mut one).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        assert_eq!(
+            backend.read(geo.bytes(), &mut one).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            backend.write(geo.bytes(), &one, false).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            backend
+                .write_zeroes(geo.bytes() - bs as u64, 2 * bs as u64)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            backend.read(1, &mut one).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
     }
 }
 
@@ -383,7 +407,13 @@ mod tests {
         };
         assert!(check_range(geo, 0, 4096).is_ok());
         assert_eq!(check_range(geo, 512, 4096).unwrap_err().kind(), ErrorKind::OutOfRange);
-        assert_eq!(check_range(geo, 100, 512).unwrap_err().kind(), ErrorKind::InvalidArgument);
-        assert_eq!(check_range(geo, u64::MAX - 511, 512).unwrap_err().kind(), ErrorKind::OutOfRange);
+        assert_eq!(
+            check_range(geo, 100, 512).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(
+            check_range(geo, u64::MAX - 511, 512).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
     }
 }

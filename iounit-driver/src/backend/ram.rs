@@ -21,16 +21,22 @@ impl RamBackend {
     /// `Open` for a bad size or block size.
     pub fn new(size: u64, block_size: u32) -> Result<RamBackend, BlockError> {
         if block_size != 512 && block_size != 4096 {
-            return Err(BlockError::new(ErrorKind::Open, format!("block size {block_size}: use 512 or 4096")));
+            return Err(BlockError::new(
+                ErrorKind::Open,
+                format!("block size {block_size}: use 512 or 4096"),
+            ));
         }
-        if size == 0 || size % u64::from(block_size) != 0 {
+        if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
             return Err(BlockError::new(
                 ErrorKind::Open,
                 format!("RAM size {size} is not a positive multiple of {block_size}"),
             ));
         }
         if size > 1 << 40 {
-            return Err(BlockError::new(ErrorKind::Open, format!("RAM size {size} is unreasonably large")));
+            return Err(BlockError::new(
+                ErrorKind::Open,
+                format!("RAM size {size} is unreasonably large"),
+            ));
         }
         let stripes = size.div_ceil(STRIPE);
         let stripes = (0..stripes)

@@ -117,7 +117,11 @@ impl Registry {
     /// # Errors
     /// `NotFound`, or `Busy` if commands were still running at the deadline.
     pub fn detach(&self, nsid: u32, timeout: Duration) -> Result<Arc<dyn BlockBackend>, RegistryError> {
-        let ns = self.namespaces.write().remove(&nsid).ok_or(RegistryError::NotFound(nsid))?;
+        let ns = self
+            .namespaces
+            .write()
+            .remove(&nsid)
+            .ok_or(RegistryError::NotFound(nsid))?;
         let started = Instant::now();
         let deadline = started + timeout;
         let mut left = ns.inflight.lock();
@@ -272,6 +276,9 @@ mod tests {
         });
         reg.attach(Some(1), ram()).unwrap();
         let _held = reg.get(1).unwrap();
-        assert!(matches!(reg.detach(1, Duration::from_millis(20)), Err(RegistryError::Busy { inflight: 1, .. })));
+        assert!(matches!(
+            reg.detach(1, Duration::from_millis(20)),
+            Err(RegistryError::Busy { inflight: 1, .. })
+        ));
     }
 }

@@ -49,13 +49,19 @@ impl FileBackend {
             BlockError::with_source(ErrorKind::Open, format!("{what} {}", path.display()), e)
         };
         if block_size != 512 && block_size != 4096 {
-            return Err(BlockError::new(ErrorKind::Open, format!("block size {block_size}: use 512 or 4096")));
+            return Err(BlockError::new(
+                ErrorKind::Open,
+                format!("block size {block_size}: use 512 or 4096"),
+            ));
         }
         let exists = path.exists();
         if !exists && size.is_none() {
             return Err(BlockError::new(
                 ErrorKind::Open,
-                format!("{} does not exist; give a size to create it (file:PATH:SIZE)", path.display()),
+                format!(
+                    "{} does not exist; give a size to create it (file:PATH:SIZE)",
+                    path.display()
+                ),
             ));
         }
         let mut buffered = OpenOptions::new()
@@ -110,7 +116,7 @@ impl FileBackend {
 
     fn pick(&self, offset: u64, buf: *const u8, len: usize) -> &File {
         match &self.direct {
-            Some(d) if offset % ALIGN as u64 == 0 && len % ALIGN == 0 && (buf as usize) % ALIGN == 0 => d,
+            Some(d) if offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN) && (buf as usize).is_multiple_of(ALIGN) => d,
             _ => &self.buffered,
         }
     }
@@ -175,7 +181,9 @@ unsafe fn submit(entry: io_uring::squeue::Entry) -> std::io::Result<u32> {
         if slot.is_none() {
             *slot = Some(IoUring::new(8)?);
         }
-        let ring = slot.as_mut().ok_or_else(|| std::io::Error::other("io_uring unavailable"))?;
+        let ring = slot
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("io_uring unavailable"))?;
         // SAFETY: forwarded from the caller: the memory the entry uses stays
         // valid until the completion below is reaped.
         unsafe { ring.submission().push(&entry.user_data(0x6368)) }
@@ -240,7 +248,12 @@ impl BlockIo for FileBackend {
             // returns only after the kernel completed the write.
             let n = unsafe { submit(entry) }.map_err(|e| self.io_error(ErrorKind::WriteFailed, "write", at, e))?;
             if n == 0 {
-                return Err(self.io_error(ErrorKind::WriteFailed, "write", at, std::io::ErrorKind::WriteZero.into()));
+                return Err(self.io_error(
+                    ErrorKind::WriteFailed,
+                    "write",
+                    at,
+                    std::io::ErrorKind::WriteZero.into(),
+                ));
             }
             done += n as usize;
         }
@@ -322,7 +335,10 @@ mod tests {
     #[test]
     fn data_survives_reopen_and_missing_needs_size() {
         let path = temp("reopen");
-        assert!(FileBackend::open(&path, None, 512).is_err(), "a missing file needs a size");
+        assert!(
+            FileBackend::open(&path, None, 512).is_err(),
+            "a missing file needs a size"
+        );
         {
             let b = FileBackend::open(&path, Some(1 << 20), 512).unwrap();
             b.write(4096, &[7u8; 4096], true).unwrap();

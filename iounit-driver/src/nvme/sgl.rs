@@ -23,6 +23,9 @@ pub const KEYED_MAX_LEN: u32 = 0x00ff_ffff;
 pub const TYPE_DATA_BLOCK: u8 = 0x0;
 /// Descriptor type: Keyed SGL Data Block.
 pub const TYPE_KEYED_DATA_BLOCK: u8 = 0x4;
+/// Descriptor type: Transport SGL Data Block (NVMe-oF: the transport moves
+/// the data its own way).
+pub const TYPE_TRANSPORT_DATA_BLOCK: u8 = 0x5;
 /// Subtype: the address field is a memory address.
 pub const SUBTYPE_ADDRESS: u8 = 0x0;
 /// Subtype: the address field is an offset (into in-capsule data).
@@ -64,6 +67,13 @@ pub enum Sgl {
         /// Length in bytes.
         len: u32,
     },
+    /// Transport SGL Data Block (identifier 50h): the transport carries the
+    /// data. In chanio's binding, the host pushes it into slots the I/O unit
+    /// granted, right after the command, in order.
+    TransportDataBlock {
+        /// Length in bytes.
+        len: u32,
+    },
 }
 
 impl Sgl {
@@ -87,6 +97,7 @@ impl Sgl {
                 put_u64(&mut b, 0, offset);
                 put_u32(&mut b, 8, len);
             }
+            Sgl::TransportDataBlock { len } => put_u32(&mut b, 8, len),
         }
         b[15] = self.identifier();
         Ok(b)
@@ -121,6 +132,7 @@ impl Sgl {
                 offset: get_u64(b, 0),
                 len: get_u32(b, 8),
             }),
+            (TYPE_TRANSPORT_DATA_BLOCK, SUBTYPE_ADDRESS) => Ok(Sgl::TransportDataBlock { len: get_u32(b, 8) }),
             _ => Err(NvmeError::UnsupportedSgl { sgl_type, subtype }),
         }
     }
@@ -131,6 +143,7 @@ impl Sgl {
             Sgl::KeyedDataBlock { .. } => TYPE_KEYED_DATA_BLOCK << 4 | SUBTYPE_ADDRESS,
             Sgl::KeyedDataBlockInvalidate { .. } => TYPE_KEYED_DATA_BLOCK << 4 | SUBTYPE_INVALIDATE_KEY,
             Sgl::DataBlockOffset { .. } => TYPE_DATA_BLOCK << 4 | SUBTYPE_OFFSET,
+            Sgl::TransportDataBlock { .. } => TYPE_TRANSPORT_DATA_BLOCK << 4 | SUBTYPE_ADDRESS,
         }
     }
 
@@ -139,7 +152,8 @@ impl Sgl {
         match *self {
             Sgl::KeyedDataBlock { len, .. }
             | Sgl::KeyedDataBlockInvalidate { len, .. }
-            | Sgl::DataBlockOffset { len, .. } => len,
+            | Sgl::DataBlockOffset { len, .. }
+            | Sgl::TransportDataBlock { len } => len,
         }
     }
 

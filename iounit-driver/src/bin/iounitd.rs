@@ -1,0 +1,196 @@
+//! `iounitd`: the chanio I/O-unit daemon. Parses arguments and runs the
+//! library's target; all behaviour lives in the `iounit` crate.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use iounit::backend::{self, BackendSpec};
+use iounit::config::{self, DaemonConfig, NamespaceEntry};
+use iounit::target::{Target, TargetConfig};
+
+/// The chanio I/O-unit daemon: serves NVMe namespaces to hosts over
+/// push-push channels (NVMe capsules, RDMA-style writes with immediate data).
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "\
+Namespaces (SPEC):
+  ram:SIZE[:BS]               memory, e.g. ram:64MiB or ram:1GiB:4096
+  file:PATH[:SIZE[:BS]]       a file or block device through io_uring (O_DIRECT where
+                              supported); a missing file is created at SIZE
+  BS is the logical block size, 512 (default) or 4096.
+
+Examples:
+  iounitd --listen tcp://127.0.0.1:4520 --ns ram:64MiB
+  iounitd --listen tcp://0.0.0.0:4520 --ns ram:64MiB --ns file:/srv/disk.img:1GiB
+  iounitd --config /etc/chanio/iounit.toml
+
+Signals: SIGINT/SIGTERM drain in-flight I/O and exit; SIGHUP re-reads --config and
+attaches or detaches namespaces to match it (hosts receive an asynchronous event).
+Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
+)]
+struct Args {
+    /// Configuration file (TOML); command-line options override it.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on, repeatable: tcp://HOST:PORT.
+    #[arg(long = "listen", value_name = "URI")]
+    listen: Vec<String>,
+    /// Namespace to serve, repeatable; NSIDs 1, 2, ... in order (see below).
+    #[arg(long = "ns", value_name = "SPEC")]
+    namespaces: Vec<String>,
+    /// Subsystem NQN hosts must name.
+    #[arg(long, value_name = "NQN")]
+    nqn: Option<String>,
+    /// Host NQN allowed to connect, repeatable (default: any host).
+    #[arg(long = "allow-host", value_name = "NQN")]
+    allow_hosts: Vec<String>,
+    /// Most I/O queues per connected host.
+    #[arg(long, value_name = "N")]
+    max_io_queues: Option<u16>,
+    /// Most entries per queue.
+    #[arg(long, value_name = "N")]
+    queue_depth: Option<u16>,
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("iounitd: {e}");
+        let mut source = e.source();
+        while let Some(s) = source {
+            eprintln!("  caused by: {s}");
+            source = s.source();
+        }
+        std::process::exit(1);
+    }
+}
+
+fn settings(args: &Args) -> Res<DaemonConfig> {
+    let mut cfg = match &args.config {
+        Some(path) => config::load(path)?,
+        None => DaemonConfig {
+            target: TargetConfig::default(),
+            namespaces: Vec::new(),
+        },
+    };
+    if !args.listen.is_empty() {
+        cfg.target.listen = args.listen.clone();
+    }
+    if !args.namespaces.is_empty() {
+        cfg.namespaces = args
+            .namespaces
+            .iter()
+            .map(|s| {
+                s.parse::<BackendSpec>()
+                    .map(|spec| NamespaceEntry { nsid: None, spec })
+                    .map_err(|m| format!("--ns {s}: {m}"))
+            })
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(nqn) = &args.nqn {
+        cfg.target.nqn = nqn.clone();
+    }
+    if !args.allow_hosts.is_empty() {
+        cfg.target.allowed_hosts = args.allow_hosts.clone();
+    }
+    if let Some(n) = args.max_io_queues {
+        cfg.target.max_io_queues = n;
+    }
+    if let Some(n) = args.queue_depth {
+        cfg.target.max_queue_depth = n;
+    }
+    if cfg.namespaces.is_empty() {
+        tracing::warn!("no namespaces configured (use --ns ram:64MiB or a [[namespace]] in --config)");
+    }
+    Ok(cfg)
+}
+
+fn run(args: Args) -> Res<()> {
+    let cfg = settings(&args)?;
+    let target = Target::start(cfg.target.clone())?;
+    let mut attached = BTreeMap::new();
+    for ns in &cfg.namespaces {
+        attach(&target, ns, &mut attached)?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let reload = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+    {
+        let mut out = std::io::stdout().lock();
+        for uri in target.local_uris() {
+            writeln!(out, "listening on {uri}")?;
+        }
+        out.flush()?;
+    }
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(100));
+        if reload.swap(false, Ordering::AcqRel) {
+            match &args.config {
+                Some(path) => match config::load(path) {
+                    Ok(new) => resync(&target, &new.namespaces, &mut attached),
+                    Err(e) => tracing::error!("reload failed, keeping the current namespaces: {e}"),
+                },
+                None => tracing::warn!("SIGHUP ignored: no --config file to reload"),
+            }
+        }
+    }
+    target.shutdown();
+    Ok(())
+}
+
+fn attach(target: &Target, ns: &NamespaceEntry, attached: &mut BTreeMap<u32, BackendSpec>) -> Res<u32> {
+    let backend = backend::open(&ns.spec).map_err(|e| format!("namespace {}: {e}", ns.spec))?;
+    let nsid = target
+        .registry()
+        .attach(ns.nsid, backend)
+        .map_err(|e| format!("namespace {}: {e}", ns.spec))?;
+    attached.insert(nsid, ns.spec.clone());
+    Ok(nsid)
+}
+
+/// Makes the attached namespaces match `wanted`.
+fn resync(target: &Target, wanted: &[NamespaceEntry], attached: &mut BTreeMap<u32, BackendSpec>) {
+    let keep: Vec<u32> = attached
+        .iter()
+        .filter(|(nsid, spec)| {
+            wanted
+                .iter()
+                .any(|w| &w.spec == *spec && w.nsid.is_none_or(|n| n == **nsid))
+        })
+        .map(|(n, _)| *n)
+        .collect();
+    let gone: Vec<u32> = attached.keys().filter(|n| !keep.contains(n)).copied().collect();
+    for nsid in gone {
+        match target.registry().detach(nsid, Duration::from_secs(30)) {
+            Ok(_) => tracing::info!(nsid, "namespace detached by reload"),
+            Err(e) => tracing::warn!(nsid, "detach: {e}"),
+        }
+        attached.remove(&nsid);
+    }
+    for w in wanted {
+        let present = attached
+            .iter()
+            .any(|(n, spec)| spec == &w.spec && w.nsid.is_none_or(|want| want == *n));
+        if !present {
+            match attach(target, w, attached) {
+                Ok(nsid) => tracing::info!(nsid, spec = %w.spec, "namespace attached by reload"),
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
+    }
+}

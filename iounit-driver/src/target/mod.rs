@@ -1,0 +1,488 @@
+//! The I/O-unit target: an NVMe subsystem served over push-push channels.
+//!
+//! A [`Target`] owns the namespace [`Registry`], one fabric and its
+//! listeners. Every accepted channel is one NVMe queue served by its own
+//! thread ([`queue`]): the first capsule must be a Fabrics Connect, which
+//! creates a controller (admin queue) or joins one (I/O queue). Commands are
+//! checked (namespace, range, length, alignment, descriptor) before they
+//! touch storage, and run against the block layer on the queue's thread.
+//!
+//! Controllers keep an admin-queue keep-alive timer: a host silent for
+//! longer than its KATO loses its controller, and every channel of it is
+//! closed, which frees its buffers and slots. Namespace changes in the
+//! registry complete outstanding Asynchronous Event Requests on every
+//! controller.
+//!
+//! Shutdown drains: listeners stop, every queue finishes the command it is
+//! running (including the pushes of a write in progress, for a grace
+//! period), then its channel closes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use messaging::provider::tcp::TcpFabric;
+use messaging::provider::{Fabric, FabricError, Listener};
+use messaging::Endpoint;
+use parking_lot::Mutex;
+
+use crate::backend::{self, BackendSpec, BlockError, Registry, RegistryEvent};
+use crate::nvme::{AsyncEvent, CommandId, Cqe, ErrorLogEntry, Nqn, Status};
+use crate::transport;
+
+pub mod queue;
+
+/// The subsystem NQN a target uses unless configured otherwise.
+pub const DEFAULT_NQN: &str = "nqn.2026-11.io.chanio:iounit";
+/// Most Asynchronous Event Requests a controller holds (AERL + 1).
+pub const MAX_AERS: usize = 4;
+/// Error log entries kept per controller.
+pub const ERROR_LOG_LEN: usize = 64;
+
+/// How a target is set up.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// Subsystem NQN hosts must name.
+    pub nqn: String,
+    /// Listen addresses: `tcp://HOST:PORT` (port 0 picks one).
+    pub listen: Vec<String>,
+    /// Namespaces, attached as NSID 1, 2, ... in order.
+    pub namespaces: Vec<BackendSpec>,
+    /// Host NQNs allowed to connect; empty allows any.
+    pub allowed_hosts: Vec<String>,
+    /// Most I/O queues per controller.
+    pub max_io_queues: u16,
+    /// Most entries per queue.
+    pub max_queue_depth: u16,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        TargetConfig {
+            nqn: DEFAULT_NQN.into(),
+            listen: vec!["tcp://127.0.0.1:4520".into()],
+            namespaces: Vec::new(),
+            allowed_hosts: Vec::new(),
+            max_io_queues: 8,
+            max_queue_depth: 128,
+        }
+    }
+}
+
+/// Errors starting a target.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TargetError {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A namespace could not be opened.
+    #[error("namespace {spec}")]
+    Namespace {
+        /// The spec.
+        spec: String,
+        /// Why.
+        #[source]
+        source: BlockError,
+    },
+    /// A listener could not start.
+    #[error("listener {uri}")]
+    Listen {
+        /// The address.
+        uri: String,
+        /// Why.
+        #[source]
+        source: FabricError,
+    },
+}
+
+/// Splits a listen or connect URI into its transport and address.
+///
+/// # Errors
+/// A message for unknown schemes or a missing address.
+pub fn parse_uri(uri: &str) -> Result<(&'static str, String), String> {
+    let (scheme, addr) = match uri.split_once("://") {
+        Some((s, a)) => (s, a),
+        None => ("tcp", uri),
+    };
+    if addr.is_empty() {
+        return Err(format!("{uri:?}: missing address (e.g. tcp://127.0.0.1:4520)"));
+    }
+    match scheme {
+        "tcp" => Ok(("tcp", addr.to_string())),
+        other => Err(format!(
+            "{uri:?}: transport {other:?} is not available in this build (use tcp://HOST:PORT)"
+        )),
+    }
+}
+
+/// A running I/O-unit target. Clones share it.
+#[derive(Clone)]
+pub struct Target {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) cfg: TargetConfig,
+    pub(crate) nqn: Nqn,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) fabric: TcpFabric,
+    pub(crate) shutdown: AtomicBool,
+    controllers: Mutex<HashMap<u16, Arc<Controller>>>,
+    next_cntlid: AtomicU16,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    uris: Vec<String>,
+    listeners: Mutex<Vec<Arc<dyn Listener>>>,
+}
+
+impl Target {
+    /// Opens the namespaces, starts the listeners and serves.
+    ///
+    /// # Errors
+    /// Bad configuration, a namespace that cannot be opened, a listener that
+    /// cannot bind.
+    pub fn start(cfg: TargetConfig) -> Result<Target, TargetError> {
+        let nqn = Nqn::new(cfg.nqn.clone()).map_err(|e| TargetError::Config(format!("subsystem NQN: {e}")))?;
+        for host in &cfg.allowed_hosts {
+            Nqn::new(host.clone()).map_err(|e| TargetError::Config(format!("allowed host {host:?}: {e}")))?;
+        }
+        if cfg.listen.is_empty() {
+            return Err(TargetError::Config("no listen address".into()));
+        }
+        if cfg.max_queue_depth < 2 || cfg.max_queue_depth > transport::MAX_QUEUE_DEPTH {
+            return Err(TargetError::Config(format!(
+                "queue depth {} outside 2..={}",
+                cfg.max_queue_depth,
+                transport::MAX_QUEUE_DEPTH
+            )));
+        }
+        if cfg.max_io_queues == 0 {
+            return Err(TargetError::Config("max I/O queues must be at least 1".into()));
+        }
+        let registry = Registry::new();
+        for spec in &cfg.namespaces {
+            let backend = backend::open(spec).map_err(|source| TargetError::Namespace {
+                spec: spec.to_string(),
+                source,
+            })?;
+            registry
+                .attach(None, backend)
+                .map_err(|e| TargetError::Config(format!("namespace {spec}: {e}")))?;
+        }
+        let fabric = TcpFabric::new();
+        let mut listeners: Vec<Arc<dyn Listener>> = Vec::new();
+        let mut uris = Vec::new();
+        for uri in &cfg.listen {
+            let (scheme, addr) = parse_uri(uri).map_err(TargetError::Config)?;
+            let listener: Arc<dyn Listener> =
+                Arc::from(fabric.listen(&addr).map_err(|source| TargetError::Listen {
+                    uri: uri.clone(),
+                    source,
+                })?);
+            uris.push(format!("{scheme}://{}", listener.local_addr()));
+            listeners.push(listener);
+        }
+        let shared = Arc::new(Shared {
+            cfg,
+            nqn,
+            registry,
+            fabric,
+            shutdown: AtomicBool::new(false),
+            controllers: Mutex::new(HashMap::new()),
+            next_cntlid: AtomicU16::new(1),
+            threads: Mutex::new(Vec::new()),
+            uris,
+            listeners: Mutex::new(listeners.clone()),
+        });
+        let weak = Arc::downgrade(&shared);
+        shared.registry.subscribe(move |event| {
+            if let Some(shared) = weak.upgrade() {
+                shared.namespace_changed(event);
+            }
+        });
+        for listener in listeners {
+            let s = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name("iounit-accept".into())
+                .spawn(move || accept_loop(s, listener))
+                .map_err(|e| TargetError::Config(format!("cannot start a thread: {e}")))?;
+            shared.threads.lock().push(handle);
+        }
+        Ok(Target { shared })
+    }
+
+    /// The addresses hosts connect to, e.g. `tcp://127.0.0.1:4520`.
+    pub fn local_uris(&self) -> Vec<String> {
+        self.shared.uris.clone()
+    }
+
+    /// The namespace registry (attach and detach at run time here).
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.shared.registry
+    }
+
+    /// Number of live controllers (connected hosts).
+    pub fn controllers(&self) -> usize {
+        self.shared.controllers.lock().len()
+    }
+
+    /// Stops accepting, lets every queue finish its in-flight command,
+    /// closes every channel and waits for the threads.
+    pub fn shutdown(&self) {
+        if self.shared.shutdown.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::info!("shutting down: draining in-flight commands");
+        for l in self.shared.listeners.lock().drain(..) {
+            l.shutdown();
+        }
+        loop {
+            let handle = self.shared.threads.lock().pop();
+            match handle {
+                Some(h) => {
+                    let _ = h.join();
+                }
+                None => break,
+            }
+        }
+        tracing::info!("shut down");
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("uris", &self.shared.uris)
+            .field("namespaces", &self.shared.registry.nsids())
+            .finish()
+    }
+}
+
+fn accept_loop(shared: Arc<Shared>, listener: Arc<dyn Listener>) {
+    let depth = shared.cfg.max_queue_depth;
+    while !shared.shutdown.load(Ordering::Acquire) {
+        match Endpoint::accept(
+            &shared.fabric,
+            &*listener,
+            transport::iounit_channel(depth),
+            Some(Duration::from_millis(200)),
+        ) {
+            Ok(ep) => {
+                let s = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("iounit-queue".into())
+                    .spawn(move || queue::serve(s, ep));
+                match spawned {
+                    Ok(h) => {
+                        let mut threads = shared.threads.lock();
+                        threads.retain(|t| !t.is_finished());
+                        threads.push(h);
+                    }
+                    Err(e) => tracing::error!("cannot start a queue thread: {e}"),
+                }
+            }
+            Err(messaging::Error::Fabric(FabricError::Timeout(_))) => {}
+            Err(messaging::Error::Fabric(FabricError::Shutdown)) => break,
+            Err(e) => tracing::warn!("refused a connection: {e}"),
+        }
+    }
+}
+
+/// One host's controller: its queues, keep-alive timer, events and error log.
+pub(crate) struct Controller {
+    pub(crate) cntlid: u16,
+    pub(crate) hostnqn: String,
+    pub(crate) kato: Mutex<Duration>,
+    pub(crate) last_seen: Mutex<Instant>,
+    pub(crate) io_queues: AtomicU16,
+    pub(crate) dead: AtomicBool,
+    admin: Mutex<Option<Endpoint>>,
+    queues: Mutex<Vec<Endpoint>>,
+    aers: Mutex<VecDeque<CommandId>>,
+    changed: Mutex<Vec<u32>>,
+    event_pending: AtomicBool,
+    errors: Mutex<VecDeque<ErrorLogEntry>>,
+    error_count: AtomicU64,
+}
+
+impl Controller {
+    pub(crate) fn touch(&self) {
+        *self.last_seen.lock() = Instant::now();
+    }
+
+    /// Whether the keep-alive timer expired.
+    pub(crate) fn expired(&self) -> Option<Duration> {
+        let kato = *self.kato.lock();
+        let silent = self.last_seen.lock().elapsed();
+        (!kato.is_zero() && silent > kato).then_some(silent)
+    }
+
+    pub(crate) fn add_queue(&self, ep: &Endpoint, admin: bool) {
+        if admin {
+            *self.admin.lock() = Some(ep.clone());
+        }
+        self.queues.lock().push(ep.clone());
+    }
+
+    /// Holds an AER, or completes it at once if an event is waiting.
+    /// Returns the status to complete with now, if any.
+    pub(crate) fn hold_aer(&self, cid: CommandId) -> Option<(Status, u32)> {
+        if self.event_pending.swap(false, Ordering::AcqRel) {
+            return Some((Status::SUCCESS, AsyncEvent::namespace_attribute_changed().to_dw0()));
+        }
+        let mut aers = self.aers.lock();
+        if aers.len() >= MAX_AERS {
+            return Some((Status::ASYNC_EVENT_LIMIT_EXCEEDED, 0));
+        }
+        aers.push_back(cid);
+        None
+    }
+
+    pub(crate) fn take_changed(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.changed.lock())
+    }
+
+    pub(crate) fn log_error(&self, qid: u16, cid: CommandId, status: Status) {
+        let count = self.error_count.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut errors = self.errors.lock();
+        if errors.len() >= ERROR_LOG_LEN {
+            errors.pop_back();
+        }
+        errors.push_front(ErrorLogEntry::new(count, qid, cid, status));
+    }
+
+    pub(crate) fn error_log(&self) -> Vec<ErrorLogEntry> {
+        self.errors.lock().iter().cloned().collect()
+    }
+
+    fn namespace_changed(&self, nsid: u32) {
+        {
+            let mut changed = self.changed.lock();
+            if !changed.contains(&nsid) {
+                changed.push(nsid);
+            }
+        }
+        let aer = self.aers.lock().pop_front();
+        let admin = self.admin.lock().clone();
+        match (aer, admin) {
+            (Some(cid), Some(ep)) => {
+                let mut cqe = Cqe::new(cid, Status::SUCCESS);
+                cqe.dw0 = AsyncEvent::namespace_attribute_changed().to_dw0();
+                if let Err(e) = ep.send(&transport::encode_response(&cqe)) {
+                    tracing::debug!(cntlid = self.cntlid, "cannot deliver an event: {e}");
+                }
+            }
+            _ => self.event_pending.store(true, Ordering::Release),
+        }
+    }
+
+    /// Closes every channel of this controller.
+    pub(crate) fn teardown(&self) {
+        if self.dead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for ep in self.queues.lock().drain(..) {
+            ep.close();
+        }
+        self.admin.lock().take();
+    }
+}
+
+impl Shared {
+    pub(crate) fn new_controller(&self, hostnqn: &str, kato: Duration) -> Arc<Controller> {
+        let mut ctrls = self.controllers.lock();
+        let cntlid = loop {
+            let id = self.next_cntlid.fetch_add(1, Ordering::AcqRel);
+            if (1..0xffef).contains(&id) && !ctrls.contains_key(&id) {
+                break id;
+            }
+            if id >= 0xffef {
+                self.next_cntlid.store(1, Ordering::Release);
+            }
+        };
+        let ctrl = Arc::new(Controller {
+            cntlid,
+            hostnqn: hostnqn.to_string(),
+            kato: Mutex::new(kato),
+            last_seen: Mutex::new(Instant::now()),
+            io_queues: AtomicU16::new(self.cfg.max_io_queues),
+            dead: AtomicBool::new(false),
+            admin: Mutex::new(None),
+            queues: Mutex::new(Vec::new()),
+            aers: Mutex::new(VecDeque::new()),
+            changed: Mutex::new(Vec::new()),
+            event_pending: AtomicBool::new(false),
+            errors: Mutex::new(VecDeque::new()),
+            error_count: AtomicU64::new(0),
+        });
+        ctrls.insert(cntlid, ctrl.clone());
+        ctrl
+    }
+
+    pub(crate) fn controller(&self, cntlid: u16) -> Option<Arc<Controller>> {
+        self.controllers.lock().get(&cntlid).cloned()
+    }
+
+    pub(crate) fn remove_controller(&self, cntlid: u16) {
+        if let Some(c) = self.controllers.lock().remove(&cntlid) {
+            c.teardown();
+            tracing::info!(cntlid, host = %c.hostnqn, "controller freed");
+        }
+    }
+
+    pub(crate) fn host_allowed(&self, hostnqn: &str) -> bool {
+        self.cfg.allowed_hosts.is_empty() || self.cfg.allowed_hosts.iter().any(|h| h == hostnqn)
+    }
+
+    fn namespace_changed(&self, event: &RegistryEvent) {
+        let nsid = match event {
+            RegistryEvent::Attached(n) | RegistryEvent::Detached(n) => *n,
+        };
+        let ctrls: Vec<Arc<Controller>> = self.controllers.lock().values().cloned().collect();
+        for c in ctrls {
+            c.namespace_changed(nsid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse() {
+        assert_eq!(
+            parse_uri("tcp://127.0.0.1:4520").unwrap(),
+            ("tcp", "127.0.0.1:4520".into())
+        );
+        assert_eq!(parse_uri("127.0.0.1:1").unwrap(), ("tcp", "127.0.0.1:1".into()));
+        assert!(parse_uri("rdma://x:1").unwrap_err().contains("not available"));
+        assert!(parse_uri("tcp://").is_err());
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let bad = |cfg: TargetConfig| Target::start(cfg).unwrap_err().to_string();
+        assert!(bad(TargetConfig {
+            nqn: "not-an-nqn".into(),
+            ..TargetConfig::default()
+        })
+        .contains("NQN"));
+        assert!(bad(TargetConfig {
+            listen: vec![],
+            ..TargetConfig::default()
+        })
+        .contains("listen"));
+        assert!(bad(TargetConfig {
+            listen: vec!["tcp://127.0.0.1:0".into()],
+            namespaces: vec![BackendSpec::Ram {
+                size: 1000,
+                block_size: 512
+            }],
+            ..TargetConfig::default()
+        })
+        .contains("namespace"));
+    }
+}

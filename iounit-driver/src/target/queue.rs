@@ -1,0 +1,673 @@
+//! One NVMe queue: a channel's thread. It connects the queue to a
+//! controller, then takes capsules and pushed data in channel order and
+//! runs each command to its completion.
+//!
+//! Command life cycle:
+//!
+//! ```text
+//! capsule ──decode──▶ Checked ──┬─▶ Executing ──▶ Completed (CQE sent)
+//!                               └─▶ NeedData (write with pushed data)
+//!                                      └─ each push ─▶ written ─▶ … ─▶ Completed
+//! ```
+//!
+//! A malformed capsule, a push nobody waits for, or a direct placement
+//! (an I/O unit never exposes memory) is a protocol violation: the channel
+//! closes and only it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use messaging::mr::{Access, BufPool, RKey, RemoteBuf};
+use messaging::{DirectTarget, Endpoint, Error as MsgError, ReceivedKind, Ticket};
+
+use super::{Controller, Shared};
+use crate::backend::{BlockError, ErrorKind, NamespaceRef};
+use crate::nvme::{
+    AdminOpcode, ChangedNamespaceList, Cns, CommandId, Connect, ConnectData, ConnectResponse, Cqe, DsmRange,
+    ErrorLogEntry, FabricsCommandType, FeatureId, GetLogPage, IdentifyController, IdentifyNamespace, IoOpcode,
+    KeepAliveTimer, LogPageId, NamespaceList, Nsid, NumberOfQueues, Sgl, Sqe, Status,
+};
+use crate::transport;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const TICK: Duration = Duration::from_millis(250);
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+const STAGING_BUFFERS: usize = 4;
+
+/// Serves one channel until it closes, the controller dies or the target
+/// shuts down.
+pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
+    let peer = ep.peer_addr().to_string();
+    let Some((ctrl, qid, depth)) = connect(&shared, &ep) else {
+        ep.close();
+        return;
+    };
+    let staging = match shared.fabric_domain_register() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("cannot register staging buffers: {e}");
+            ep.close();
+            return;
+        }
+    };
+    tracing::debug!(%peer, cntlid = ctrl.cntlid, qid, depth, "queue connected");
+    let mut q = Queue {
+        shared: shared.clone(),
+        ctrl: ctrl.clone(),
+        ep: ep.clone(),
+        qid,
+        depth,
+        sq_head: 0,
+        writes: VecDeque::new(),
+        staging,
+        pushes: VecDeque::new(),
+    };
+    let mut draining_since: Option<Instant> = None;
+    loop {
+        if ctrl.dead.load(Ordering::Acquire) {
+            break;
+        }
+        if shared.shutdown.load(Ordering::Acquire) {
+            let since = *draining_since.get_or_insert_with(Instant::now);
+            if q.writes.is_empty() || since.elapsed() > DRAIN_GRACE {
+                break;
+            }
+        }
+        if qid == 0 {
+            if let Some(silent) = ctrl.expired() {
+                tracing::warn!(
+                    cntlid = ctrl.cntlid,
+                    host = %ctrl.hostnqn,
+                    "keep-alive expired: no command for {silent:?}; freeing the controller"
+                );
+                break;
+            }
+        }
+        match ep.recv_timeout(TICK) {
+            Ok(d) => {
+                let outcome = match d.kind() {
+                    ReceivedKind::Message => q.capsule(&d),
+                    ReceivedKind::Push => q.pushed(d),
+                    ReceivedKind::Direct { .. } => Err("a direct placement into an I/O unit".into()),
+                };
+                if let Err(reason) = outcome {
+                    tracing::warn!(%peer, qid, "closing the channel: {reason}");
+                    break;
+                }
+            }
+            Err(MsgError::Timeout(_)) => {}
+            Err(MsgError::Closed(reason)) => {
+                tracing::debug!(%peer, qid, "channel closed: {reason}");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, qid, "channel error: {e}");
+                break;
+            }
+        }
+    }
+    // Commands waiting for data that will never come release their namespaces.
+    q.writes.clear();
+    ep.close();
+    if qid == 0 {
+        shared.remove_controller(ctrl.cntlid);
+    }
+}
+
+impl Shared {
+    fn fabric_domain_register(&self) -> Result<BufPool, messaging::mr::MrError> {
+        use messaging::provider::Fabric;
+        self.fabric
+            .domain()
+            .register(transport::MAX_TRANSFER, STAGING_BUFFERS, Access::LOCAL_WRITE)
+    }
+}
+
+/// Waits for the Connect capsule and binds the queue to a controller.
+fn connect(shared: &Arc<Shared>, ep: &Endpoint) -> Option<(Arc<Controller>, u16, u16)> {
+    let peer = ep.peer_addr().to_string();
+    let d = match ep.recv_timeout(CONNECT_TIMEOUT) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(%peer, "no Connect command: {e}");
+            return None;
+        }
+    };
+    let (sqe, data) = match transport::decode_capsule(&d) {
+        Ok(c) if d.kind() == ReceivedKind::Message => c,
+        Ok(_) => {
+            tracing::warn!(%peer, "first transfer is not a command capsule");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(%peer, "malformed Connect capsule: {e}");
+            return None;
+        }
+    };
+    let cid = sqe.command_id;
+    let reply = |status: Status, dw0: u32| {
+        let mut cqe = Cqe::new(cid, status);
+        cqe.dw0 = dw0;
+        let _ = ep
+            .send(&transport::encode_response(&cqe))
+            .map(|t| t.wait_timeout(CONNECT_TIMEOUT));
+    };
+    let refuse = |status: Status, why: String| {
+        tracing::warn!(%peer, "refusing Connect: {why}");
+        reply(status.with_dnr(), 0);
+        None
+    };
+    if sqe.opcode != AdminOpcode::Fabrics as u8
+        || !matches!(sqe.fabrics_command_type(), Ok(FabricsCommandType::Connect))
+    {
+        return refuse(
+            Status::COMMAND_SEQUENCE_ERROR,
+            format!("first command has opcode {:#04x}, not Connect", sqe.opcode),
+        );
+    }
+    let connect = match Connect::from_sqe(&sqe) {
+        Ok(c) => c,
+        Err(e) => return refuse(Status::CONNECT_INVALID_PARAMETERS, e.to_string()),
+    };
+    let cdata = match ConnectData::decode(data) {
+        Ok(c) => c,
+        Err(e) => return refuse(Status::CONNECT_INVALID_PARAMETERS, format!("connect data: {e}")),
+    };
+    if cdata.subnqn != shared.nqn {
+        return refuse(
+            Status::CONNECT_INVALID_HOST,
+            format!("subsystem {} is not {}", cdata.subnqn, shared.nqn),
+        );
+    }
+    if !shared.host_allowed(cdata.hostnqn.as_str()) {
+        return refuse(
+            Status::CONNECT_INVALID_HOST,
+            format!("host {} is not allowed", cdata.hostnqn),
+        );
+    }
+    let size = connect.queue_size();
+    if size < 2 || size > u32::from(shared.cfg.max_queue_depth) {
+        return refuse(
+            Status::CONNECT_INVALID_PARAMETERS,
+            format!("queue size {size} outside 2..={}", shared.cfg.max_queue_depth),
+        );
+    }
+    let ctrl = if connect.qid == 0 {
+        shared.new_controller(cdata.hostnqn.as_str(), Duration::from_millis(connect.kato.into()))
+    } else {
+        let Some(ctrl) = shared.controller(cdata.cntlid) else {
+            return refuse(
+                Status::CONNECT_INVALID_PARAMETERS,
+                format!("no controller {}", cdata.cntlid),
+            );
+        };
+        if ctrl.hostnqn != cdata.hostnqn.as_str() {
+            return refuse(Status::CONNECT_INVALID_HOST, "I/O queue from another host".into());
+        }
+        if connect.qid > ctrl.io_queues.load(Ordering::Acquire) {
+            return refuse(
+                Status::CONNECT_INVALID_PARAMETERS,
+                format!(
+                    "queue {} beyond the {} granted",
+                    connect.qid,
+                    ctrl.io_queues.load(Ordering::Acquire)
+                ),
+            );
+        }
+        ctrl
+    };
+    ctrl.add_queue(ep, connect.qid == 0);
+    ctrl.touch();
+    tracing::info!(%peer, host = %cdata.hostnqn, cntlid = ctrl.cntlid, qid = connect.qid, size, "queue connected");
+    reply(Status::SUCCESS, ConnectResponse::new(ctrl.cntlid).to_dw0());
+    Some((ctrl, connect.qid, size as u16))
+}
+
+/// A write waiting for its pushed data.
+struct PendingWrite {
+    cid: CommandId,
+    ns: NamespaceRef,
+    offset: u64,
+    len: u64,
+    received: u64,
+    fua: bool,
+    status: Status,
+}
+
+struct Queue {
+    shared: Arc<Shared>,
+    ctrl: Arc<Controller>,
+    ep: Endpoint,
+    qid: u16,
+    depth: u16,
+    sq_head: u16,
+    writes: VecDeque<PendingWrite>,
+    staging: BufPool,
+    pushes: VecDeque<Ticket>,
+}
+
+/// What running a command led to.
+enum Outcome {
+    /// Complete now with this status and DW0.
+    Done(Status, u32),
+    /// The completion comes later (data to arrive, or an event).
+    Later,
+}
+
+impl Outcome {
+    fn status(s: Status) -> Outcome {
+        Outcome::Done(s, 0)
+    }
+}
+
+impl Queue {
+    /// One command capsule. `Err` closes the channel.
+    fn capsule(&mut self, msg: &[u8]) -> Result<(), String> {
+        let (sqe, inline) = transport::decode_capsule(msg).map_err(|e| format!("malformed capsule: {e}"))?;
+        self.sq_head = (self.sq_head + 1) % self.depth.max(1);
+        if self.qid == 0 {
+            self.ctrl.touch();
+        }
+        let outcome = if self.qid == 0 {
+            self.admin(&sqe, inline)
+        } else {
+            self.io(&sqe, inline)
+        }?;
+        if let Outcome::Done(status, dw0) = outcome {
+            self.complete(sqe.command_id, status, dw0)?;
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, cid: CommandId, status: Status, dw0: u32) -> Result<(), String> {
+        if !status.is_success() {
+            self.ctrl.log_error(self.qid, cid, status);
+            tracing::debug!(qid = self.qid, cid = cid.0, %status, "command failed");
+        }
+        let mut cqe = Cqe::new(cid, status);
+        cqe.dw0 = dw0;
+        cqe.sq_head = self.sq_head;
+        cqe.sq_id = self.qid;
+        self.ep
+            .send(&transport::encode_response(&cqe))
+            .map(drop)
+            .map_err(|e| format!("cannot send a completion: {e}"))
+    }
+
+    /// Pushes `data` into the host buffer the command's keyed descriptor names.
+    fn push_to_host(
+        &mut self,
+        sqe: &Sqe,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, Status>,
+    ) -> Result<Outcome, String> {
+        let (addr, len, key) = match sqe.sgl() {
+            Ok(Sgl::KeyedDataBlock { addr, len, key }) | Ok(Sgl::KeyedDataBlockInvalidate { addr, len, key }) => {
+                (addr, len, key)
+            }
+            Ok(_) => return Ok(Outcome::status(Status::SGL_INVALID_DESCRIPTOR_TYPE.with_dnr())),
+            Err(e) => return Ok(Outcome::status(e.status())),
+        };
+        let mut buf = self.staging_buf()?;
+        let room = (len as usize).min(buf.capacity());
+        buf.set_len(room);
+        let n = match fill(&mut buf) {
+            Ok(n) => n,
+            Err(status) => return Ok(Outcome::status(status)),
+        };
+        if n > len as usize {
+            return Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr()));
+        }
+        buf.set_len(n);
+        let target = DirectTarget {
+            tag: transport::transfer_tag(sqe),
+            remote: RemoteBuf {
+                addr,
+                len,
+                rkey: RKey(key),
+            },
+        };
+        let ticket = self
+            .ep
+            .push_direct(buf, target)
+            .map_err(|e| format!("cannot push data to the host: {e}"))?;
+        // Each push in flight holds a staging buffer, so the newest
+        // STAGING_BUFFERS tickets cover every push that can still be running.
+        self.pushes.push_back(ticket);
+        if self.pushes.len() > STAGING_BUFFERS {
+            self.pushes.pop_front();
+        }
+        Ok(Outcome::status(Status::SUCCESS))
+    }
+
+    /// A staging buffer, waiting for the oldest data push if all are in flight.
+    fn staging_buf(&mut self) -> Result<messaging::mr::Buf, String> {
+        loop {
+            if let Some(b) = self.staging.checkout() {
+                return Ok(b);
+            }
+            match self.pushes.pop_front() {
+                Some(t) => t
+                    .wait_timeout(Duration::from_secs(30))
+                    .map_err(|e| format!("data push to the host failed: {e}"))?,
+                None => return Err("no staging buffer and no push in flight".into()),
+            }
+        }
+    }
+
+    fn admin(&mut self, sqe: &Sqe, inline: &[u8]) -> Result<Outcome, String> {
+        let Some(op) = AdminOpcode::from_u8(sqe.opcode) else {
+            return Ok(Outcome::status(Status::INVALID_OPCODE.with_dnr()));
+        };
+        match op {
+            AdminOpcode::Identify => self.identify(sqe),
+            AdminOpcode::GetLogPage => self.get_log_page(sqe),
+            AdminOpcode::SetFeatures => Ok(self.set_features(sqe)),
+            AdminOpcode::GetFeatures => Ok(self.get_features(sqe)),
+            AdminOpcode::KeepAlive => Ok(Outcome::status(Status::SUCCESS)),
+            AdminOpcode::AsyncEventRequest => Ok(match self.ctrl.hold_aer(sqe.command_id) {
+                Some((status, dw0)) => Outcome::Done(status, dw0),
+                None => Outcome::Later,
+            }),
+            AdminOpcode::Fabrics => {
+                let _ = inline;
+                Ok(Outcome::status(Status::COMMAND_SEQUENCE_ERROR.with_dnr()))
+            }
+            _ => Ok(Outcome::status(Status::INVALID_OPCODE.with_dnr())),
+        }
+    }
+
+    fn identify(&mut self, sqe: &Sqe) -> Result<Outcome, String> {
+        let data = match sqe.identify_cns() {
+            Ok(Cns::Controller) => self.identify_controller().encode(),
+            Ok(Cns::Namespace) => match self.shared.registry.get(sqe.nsid.0) {
+                Some(ns) => {
+                    let geo = ns.geometry();
+                    match IdentifyNamespace::new(geo.blocks, geo.block_size) {
+                        Ok(id) => id.encode(),
+                        Err(_) => return Ok(Outcome::status(Status::INTERNAL_ERROR)),
+                    }
+                }
+                None => return Ok(Outcome::status(Status::INVALID_NAMESPACE.with_dnr())),
+            },
+            Ok(Cns::ActiveNamespaceList) => {
+                let active = self.shared.registry.nsids().into_iter().map(Nsid);
+                NamespaceList::active_after(active, sqe.nsid).encode()
+            }
+            _ => return Ok(Outcome::status(Status::INVALID_FIELD.with_dnr())),
+        };
+        self.push_to_host(sqe, |buf| copy_out(&data, buf))
+    }
+
+    fn identify_controller(&self) -> IdentifyController {
+        use crate::nvme::AsciiField;
+        IdentifyController {
+            vid: 0,
+            ssvid: 0,
+            sn: AsciiField::new(&format!("CHANIO{:08X}", std::process::id())).unwrap_or_default(),
+            mn: AsciiField::new("chanio I/O unit").unwrap_or_default(),
+            fr: AsciiField::new(env!("CARGO_PKG_VERSION")).unwrap_or_default(),
+            mdts: transport::MDTS,
+            cntlid: self.ctrl.cntlid,
+            ver: IdentifyController::version(2, 0, 0),
+            oaes: IdentifyController::OAES_NAMESPACE_ATTRIBUTE,
+            cntrltype: IdentifyController::CNTRLTYPE_IO,
+            acl: 3,
+            aerl: (super::MAX_AERS - 1) as u8,
+            lpa: IdentifyController::LPA_EXTENDED_DATA,
+            elpe: (super::ERROR_LOG_LEN - 1) as u8,
+            kas: 1,
+            sqes: 0x66,
+            cqes: 0x44,
+            maxcmd: self.shared.cfg.max_queue_depth,
+            nn: crate::backend::registry::MAX_NAMESPACES,
+            oncs: IdentifyController::ONCS_DATASET_MANAGEMENT | IdentifyController::ONCS_WRITE_ZEROES,
+            vwc: IdentifyController::VWC_PRESENT,
+            sgls: IdentifyController::SGLS_SUPPORTED | IdentifyController::SGLS_KEYED | IdentifyController::SGLS_OFFSET,
+            subnqn: Some(self.shared.nqn.clone()),
+            ioccsz: ((crate::nvme::SQE_LEN + transport::INLINE_DATA_MAX) / 16) as u32,
+            iorcsz: 1,
+            icdoff: 0,
+            fcatt: 0,
+            msdbd: 1,
+            ..IdentifyController::default()
+        }
+    }
+
+    fn get_log_page(&mut self, sqe: &Sqe) -> Result<Outcome, String> {
+        let lp = match GetLogPage::from_sqe(sqe) {
+            Ok(lp) => lp,
+            Err(e) => return Ok(Outcome::status(e.status())),
+        };
+        let data = match lp.log_page_id() {
+            Some(LogPageId::ErrorInformation) => ErrorLogEntry::encode_list(&self.ctrl.error_log()),
+            Some(LogPageId::ChangedNamespaceList) => {
+                let nsids = self.ctrl.take_changed().into_iter().map(Nsid).collect();
+                match ChangedNamespaceList::new(nsids) {
+                    Ok(list) => list.encode(),
+                    Err(_) => return Ok(Outcome::status(Status::INTERNAL_ERROR)),
+                }
+            }
+            _ => return Ok(Outcome::status(Status::INVALID_LOG_PAGE.with_dnr())),
+        };
+        let offset = lp.offset.min(data.len() as u64) as usize;
+        let want = lp.byte_len().min(transport::MAX_TRANSFER as u64) as usize;
+        let mut page = data[offset..].to_vec();
+        page.resize(want, 0);
+        self.push_to_host(sqe, |buf| copy_out(&page, buf))
+    }
+
+    fn set_features(&mut self, sqe: &Sqe) -> Outcome {
+        match sqe.feature_id() {
+            Ok(FeatureId::NumberOfQueues) => match NumberOfQueues::from_dword(sqe.cdw11) {
+                Ok(req) => {
+                    let granted = req
+                        .submission()
+                        .min(req.completion())
+                        .min(self.shared.cfg.max_io_queues)
+                        .max(1);
+                    self.ctrl.io_queues.store(granted, Ordering::Release);
+                    match NumberOfQueues::new(granted, granted) {
+                        Ok(n) => Outcome::Done(Status::SUCCESS, n.to_dword()),
+                        Err(_) => Outcome::status(Status::INTERNAL_ERROR),
+                    }
+                }
+                Err(e) => Outcome::status(e.status()),
+            },
+            Ok(FeatureId::KeepAliveTimer) => {
+                let kato = KeepAliveTimer::from_dword(sqe.cdw11);
+                *self.ctrl.kato.lock() = Duration::from_millis(kato.timeout_ms.into());
+                Outcome::status(Status::SUCCESS)
+            }
+            _ => Outcome::status(Status::INVALID_FIELD.with_dnr()),
+        }
+    }
+
+    fn get_features(&mut self, sqe: &Sqe) -> Outcome {
+        match sqe.feature_id() {
+            Ok(FeatureId::NumberOfQueues) => {
+                let n = self.ctrl.io_queues.load(Ordering::Acquire);
+                match NumberOfQueues::new(n, n) {
+                    Ok(q) => Outcome::Done(Status::SUCCESS, q.to_dword()),
+                    Err(_) => Outcome::status(Status::INTERNAL_ERROR),
+                }
+            }
+            Ok(FeatureId::KeepAliveTimer) => {
+                let ms = self.ctrl.kato.lock().as_millis().min(u32::MAX as u128) as u32;
+                Outcome::Done(Status::SUCCESS, KeepAliveTimer { timeout_ms: ms }.to_dword())
+            }
+            _ => Outcome::status(Status::INVALID_FIELD.with_dnr()),
+        }
+    }
+
+    fn io(&mut self, sqe: &Sqe, inline: &[u8]) -> Result<Outcome, String> {
+        let Some(op) = IoOpcode::from_u8(sqe.opcode) else {
+            return Ok(Outcome::status(Status::INVALID_OPCODE.with_dnr()));
+        };
+        let Some(ns) = self.shared.registry.get(sqe.nsid.0) else {
+            return Ok(Outcome::status(Status::INVALID_NAMESPACE.with_dnr()));
+        };
+        let geo = ns.geometry();
+        let bs = u64::from(geo.block_size);
+        // Range of the commands that address blocks.
+        let range = || -> Result<(u64, u64), Status> {
+            let blocks = u64::from(sqe.block_count());
+            let end = sqe
+                .slba()
+                .checked_add(blocks)
+                .ok_or(Status::LBA_OUT_OF_RANGE.with_dnr())?;
+            if end > geo.blocks {
+                return Err(Status::LBA_OUT_OF_RANGE.with_dnr());
+            }
+            Ok((sqe.slba() * bs, blocks * bs))
+        };
+        match op {
+            IoOpcode::Read => {
+                let (offset, len) = match range() {
+                    Ok(r) => r,
+                    Err(s) => return Ok(Outcome::status(s)),
+                };
+                if len > transport::MAX_TRANSFER as u64 {
+                    return Ok(Outcome::status(Status::INVALID_FIELD.with_dnr()));
+                }
+                if sqe.sgl().map(|s| u64::from(s.len()) < len).unwrap_or(false) {
+                    return Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr()));
+                }
+                self.push_to_host(sqe, |buf| {
+                    let dest = buf.get_mut(..len as usize).ok_or(Status::INTERNAL_ERROR)?;
+                    ns.read(offset, dest).map_err(|e| block_status(&e))?;
+                    Ok(len as usize)
+                })
+            }
+            IoOpcode::Write => {
+                let (offset, len) = match range() {
+                    Ok(r) => r,
+                    Err(s) => return Ok(Outcome::status(s)),
+                };
+                if len > transport::MAX_TRANSFER as u64 {
+                    return Ok(Outcome::status(Status::INVALID_FIELD.with_dnr()));
+                }
+                match sqe.sgl() {
+                    Ok(Sgl::DataBlockOffset { offset: 0, len: l })
+                        if u64::from(l) == len && inline.len() as u64 == len =>
+                    {
+                        Ok(Outcome::status(match ns.write(offset, inline, sqe.fua()) {
+                            Ok(()) => Status::SUCCESS,
+                            Err(e) => block_status(&e),
+                        }))
+                    }
+                    Ok(Sgl::DataBlockOffset { .. }) => Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr())),
+                    Ok(Sgl::TransportDataBlock { len: l }) if u64::from(l) == len => {
+                        self.writes.push_back(PendingWrite {
+                            cid: sqe.command_id,
+                            ns,
+                            offset,
+                            len,
+                            received: 0,
+                            fua: sqe.fua(),
+                            status: Status::SUCCESS,
+                        });
+                        Ok(Outcome::Later)
+                    }
+                    Ok(Sgl::TransportDataBlock { .. }) => {
+                        // The host will still push the data it announced: take it
+                        // and complete with the error then.
+                        Err("write whose pushed length disagrees with its block count".into())
+                    }
+                    // chanio never pulls: keyed descriptors are not accepted for writes.
+                    Ok(_) => Ok(Outcome::status(Status::SGL_INVALID_DESCRIPTOR_TYPE.with_dnr())),
+                    Err(e) => Ok(Outcome::status(e.status())),
+                }
+            }
+            IoOpcode::Flush => Ok(Outcome::status(match ns.flush() {
+                Ok(()) => Status::SUCCESS,
+                Err(e) => block_status(&e),
+            })),
+            IoOpcode::WriteZeroes => {
+                let (offset, len) = match range() {
+                    Ok(r) => r,
+                    Err(s) => return Ok(Outcome::status(s)),
+                };
+                let r = if sqe.write_zeroes_deallocate() {
+                    ns.discard(offset, len)
+                } else {
+                    ns.write_zeroes(offset, len)
+                };
+                Ok(Outcome::status(
+                    r.map_or_else(|e| block_status(&e), |()| Status::SUCCESS),
+                ))
+            }
+            IoOpcode::DatasetManagement => {
+                let ranges = match DsmRange::decode_list(inline, sqe.dsm_range_count()) {
+                    Ok(r) => r,
+                    Err(e) => return Ok(Outcome::status(e.status())),
+                };
+                for r in &ranges {
+                    let end = r.slba.checked_add(u64::from(r.block_count));
+                    if end.is_none_or(|e| e > geo.blocks) {
+                        return Ok(Outcome::status(Status::LBA_OUT_OF_RANGE.with_dnr()));
+                    }
+                }
+                if sqe.dsm_deallocate() {
+                    for r in &ranges {
+                        if let Err(e) = ns.discard(r.slba * bs, u64::from(r.block_count) * bs) {
+                            return Ok(Outcome::status(block_status(&e)));
+                        }
+                    }
+                }
+                Ok(Outcome::status(Status::SUCCESS))
+            }
+        }
+    }
+
+    /// A chunk of pushed write data: it belongs to the oldest write waiting.
+    fn pushed(&mut self, d: messaging::Delivery) -> Result<(), String> {
+        let Some(w) = self.writes.front_mut() else {
+            return Err("pushed data for no write command".into());
+        };
+        let len = d.len() as u64;
+        if w.received + len > w.len {
+            return Err(format!("pushed {} bytes for a {}-byte write", w.received + len, w.len));
+        }
+        if w.status.is_success() {
+            if let Err(e) = w.ns.write(w.offset + w.received, &d, w.fua) {
+                w.status = block_status(&e);
+            }
+        }
+        drop(d);
+        w.received += len;
+        if w.received == w.len {
+            let done = self.writes.pop_front().expect("front exists");
+            let (cid, status) = (done.cid, done.status);
+            drop(done);
+            self.complete(cid, status, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies `data` into the front of `buf`; the count copied.
+fn copy_out(data: &[u8], buf: &mut [u8]) -> Result<usize, Status> {
+    let n = data.len().min(buf.len());
+    buf[..n].copy_from_slice(&data[..n]);
+    Ok(n)
+}
+
+/// The NVMe status for a block-layer error.
+fn block_status(e: &BlockError) -> Status {
+    match e.kind() {
+        ErrorKind::OutOfRange => Status::LBA_OUT_OF_RANGE.with_dnr(),
+        ErrorKind::InvalidArgument => Status::INVALID_FIELD.with_dnr(),
+        ErrorKind::ReadFailed => {
+            tracing::error!("read failed: {e}");
+            Status::UNRECOVERED_READ_ERROR
+        }
+        ErrorKind::WriteFailed => {
+            tracing::error!("write failed: {e}");
+            Status::WRITE_FAULT
+        }
+        ErrorKind::NotReady => Status::NAMESPACE_NOT_READY,
+        _ => Status::INTERNAL_ERROR,
+    }
+}

@@ -1,0 +1,166 @@
+//! chanio's NVMe transport binding: how NVMe capsules travel on push-push
+//! channels. The host module and the I/O-unit module both follow it.
+//!
+//! - **Queues.** Every NVMe queue (one admin queue, N I/O queues) is its own
+//!   messaging channel ([`messaging::Endpoint`]). Its first message is a
+//!   Fabrics Connect command; the answer's DW0 is the controller ID.
+//! - **Command capsule** (host → I/O unit, one Send): the 64-byte SQE, then
+//!   up to [`INLINE_DATA_MAX`] bytes of in-capsule data.
+//! - **Response capsule** (I/O unit → host, one Send): the 16-byte CQE.
+//! - **Host writes.** Up to [`INLINE_DATA_MAX`] bytes travel in the capsule
+//!   (SGL Data Block, offset subtype, offset 0). Larger data (SGL Transport
+//!   Data Block) is pushed by the host right after the capsule, on the same
+//!   channel, into slots the I/O unit granted: RDMA Writes with immediate,
+//!   each at most one slot, in order. The I/O unit writes each chunk to
+//!   storage as it lands and releases the slot.
+//! - **Host reads** (and admin data such as Identify): the capsule carries a
+//!   Keyed SGL Data Block naming the host's registered destination (address,
+//!   length, key) and, in CDW3 bits 15:0, the transfer tag under which the
+//!   host exposed it ([`transfer_tag`]). The I/O unit pushes the data there
+//!   with one RDMA Write with immediate; the immediate names the tag.
+//! - **Completions** always arrive as a response capsule. Because a channel
+//!   is reliable and ordered, a read's data has landed before its CQE
+//!   arrives, and a write's CQE leaves only after its last chunk was written.
+//!   No completion needs a separate data-ready notice.
+//! - **Flow control.** Queue depth is bounded by the channel's credits: each
+//!   side pre-posts `queue depth + CHANNEL_SLACK` receives.
+
+use messaging::Config;
+
+use crate::nvme::{Cqe, NvmeError, Sqe, CQE_LEN, SQE_LEN};
+
+/// Largest in-capsule data.
+pub const INLINE_DATA_MAX: usize = 4096;
+/// Largest data transfer of one command (Identify Controller MDTS = 7,
+/// in units of 4 KiB pages: 512 KiB).
+pub const MAX_TRANSFER: usize = 512 * 1024;
+/// MDTS as reported in Identify Controller.
+pub const MDTS: u8 = 7;
+/// Size of each slot an I/O unit grants for host-pushed write data.
+pub const SLOT_SIZE: u32 = 128 * 1024;
+/// Slots an I/O unit grants per queue.
+pub const SLOT_COUNT: u16 = 32;
+/// Receives posted beyond the queue depth (keep alive, events, control).
+pub const CHANNEL_SLACK: u16 = 8;
+/// Largest queue depth (entries) an I/O unit accepts.
+pub const MAX_QUEUE_DEPTH: u16 = 1024;
+/// Message size of every channel: a capsule with full in-capsule data.
+pub const CAPSULE_MAX: u32 = (SQE_LEN + INLINE_DATA_MAX) as u32;
+
+/// Channel configuration of an I/O-unit queue of `depth` entries.
+pub fn iounit_channel(depth: u16) -> Config {
+    Config {
+        recv_depth: depth.saturating_add(CHANNEL_SLACK),
+        send_depth: depth.saturating_mul(2).saturating_add(CHANNEL_SLACK),
+        msg_size: CAPSULE_MAX,
+        slot_size: SLOT_SIZE,
+        slot_count: SLOT_COUNT,
+        separate_indication: false,
+    }
+}
+
+/// Channel configuration of a host queue of `depth` entries. Hosts grant no
+/// slots: the I/O unit pushes read data straight into exposed buffers.
+pub fn host_channel(depth: u16) -> Config {
+    Config {
+        recv_depth: depth.saturating_add(CHANNEL_SLACK),
+        send_depth: depth.saturating_mul(2).saturating_add(CHANNEL_SLACK),
+        msg_size: CAPSULE_MAX,
+        slot_size: 0,
+        slot_count: 0,
+        separate_indication: false,
+    }
+}
+
+/// Encodes a command capsule into `out` (cleared first).
+///
+/// # Errors
+/// [`NvmeError::Length`] when `data` exceeds [`INLINE_DATA_MAX`].
+pub fn encode_capsule(sqe: &Sqe, data: &[u8], out: &mut Vec<u8>) -> Result<(), NvmeError> {
+    if data.len() > INLINE_DATA_MAX {
+        return Err(NvmeError::Length {
+            what: "in-capsule data",
+            len: data.len(),
+            expected: INLINE_DATA_MAX,
+        });
+    }
+    out.clear();
+    out.extend_from_slice(&sqe.encode());
+    out.extend_from_slice(data);
+    Ok(())
+}
+
+/// Splits a command capsule into its SQE and in-capsule data.
+///
+/// # Errors
+/// [`NvmeError::Length`] for a capsule shorter than an SQE or with more
+/// in-capsule data than allowed.
+pub fn decode_capsule(msg: &[u8]) -> Result<(Sqe, &[u8]), NvmeError> {
+    if msg.len() < SQE_LEN || msg.len() > SQE_LEN + INLINE_DATA_MAX {
+        return Err(NvmeError::Length {
+            what: "command capsule",
+            len: msg.len(),
+            expected: SQE_LEN,
+        });
+    }
+    let sqe = Sqe::decode(&msg[..SQE_LEN])?;
+    Ok((sqe, &msg[SQE_LEN..]))
+}
+
+/// Encodes a response capsule.
+pub fn encode_response(cqe: &Cqe) -> [u8; CQE_LEN] {
+    cqe.encode()
+}
+
+/// Decodes a response capsule.
+///
+/// # Errors
+/// [`NvmeError::Length`] unless the message is exactly one CQE.
+pub fn decode_response(msg: &[u8]) -> Result<Cqe, NvmeError> {
+    Cqe::decode(msg)
+}
+
+/// The transfer tag of a command with a keyed descriptor (CDW3 bits 15:0).
+pub fn transfer_tag(sqe: &Sqe) -> u16 {
+    sqe.cdw3 as u16
+}
+
+/// Sets the transfer tag (CDW3 bits 15:0).
+pub fn set_transfer_tag(sqe: &mut Sqe, tag: u16) {
+    sqe.cdw3 = (sqe.cdw3 & 0xffff_0000) | u32::from(tag);
+}
+
+/// Chunks of `len` bytes of host-pushed data: `(offset, length)` per push.
+pub fn push_chunks(len: usize, slot: usize) -> impl Iterator<Item = (usize, usize)> {
+    let slot = slot.max(1);
+    (0..len.div_ceil(slot)).map(move |i| (i * slot, (len - i * slot).min(slot)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nvme::{CommandId, Nsid, Status};
+
+    #[test]
+    fn capsules_round_trip() {
+        let mut sqe = Sqe::read(CommandId(7), Nsid(1), 100, 8).unwrap();
+        set_transfer_tag(&mut sqe, 0x1234);
+        let mut out = Vec::new();
+        encode_capsule(&sqe, b"inline", &mut out).unwrap();
+        let (back, data) = decode_capsule(&out).unwrap();
+        assert_eq!(back, sqe);
+        assert_eq!(transfer_tag(&back), 0x1234);
+        assert_eq!(data, b"inline");
+        assert!(decode_capsule(&out[..63]).is_err());
+        assert!(encode_capsule(&sqe, &[0; INLINE_DATA_MAX + 1], &mut out).is_err());
+        let cqe = Cqe::new(CommandId(7), Status::LBA_OUT_OF_RANGE);
+        assert_eq!(decode_response(&encode_response(&cqe)).unwrap(), cqe);
+    }
+
+    #[test]
+    fn chunks_cover_the_data() {
+        let c: Vec<_> = push_chunks(300, 128).collect();
+        assert_eq!(c, vec![(0, 128), (128, 128), (256, 44)]);
+        assert_eq!(push_chunks(0, 128).count(), 0);
+    }
+}

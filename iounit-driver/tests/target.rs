@@ -1,0 +1,222 @@
+//! The target at the capsule level: a bare-bones host written against the
+//! transport binding drives it over tcp.
+
+use std::time::Duration;
+
+use iounit::nvme::{
+    AsyncEvent, Cns, CommandId, Connect, ConnectData, ConnectResponse, Cqe, HostId, IdentifyController,
+    IdentifyNamespace, Nqn, Nsid, Sgl, Sqe, Status,
+};
+use iounit::target::{Target, TargetConfig, DEFAULT_NQN};
+use iounit::transport;
+use messaging::mr::{Access, Buf};
+use messaging::provider::tcp::TcpFabric;
+use messaging::provider::Fabric;
+use messaging::{Endpoint, ReceivedKind};
+
+const LONG: Duration = Duration::from_secs(20);
+const HOST: &str = "nqn.2026-11.io.chanio:test-host";
+
+fn target() -> Target {
+    Target::start(TargetConfig {
+        listen: vec!["tcp://127.0.0.1:0".into()],
+        namespaces: vec!["ram:4MiB".parse().unwrap(), "ram:1MiB:4096".parse().unwrap()],
+        ..TargetConfig::default()
+    })
+    .unwrap()
+}
+
+#[derive(Debug)]
+struct RawHost {
+    fabric: TcpFabric,
+    ep: Endpoint,
+    cid: u16,
+    cntlid: u16,
+}
+
+impl RawHost {
+    fn connect(t: &Target, qid: u16, cntlid: u16, fabric: Option<TcpFabric>) -> Result<RawHost, Status> {
+        let fabric = fabric.unwrap_or_default();
+        let addr = t.local_uris()[0].trim_start_matches("tcp://").to_string();
+        let ep = Endpoint::connect(&fabric, &addr, transport::host_channel(32)).unwrap();
+        let mut h = RawHost {
+            fabric,
+            ep,
+            cid: 0,
+            cntlid,
+        };
+        let sqe = Connect::new(qid, 32, 10_000)
+            .unwrap()
+            .to_sqe(CommandId(0), &Sgl::DataBlockOffset { offset: 0, len: 1024 })
+            .unwrap();
+        let data = ConnectData {
+            host_id: HostId([7; 16]),
+            cntlid: if qid == 0 { ConnectData::CNTLID_DYNAMIC } else { cntlid },
+            subnqn: Nqn::new(DEFAULT_NQN).unwrap(),
+            hostnqn: Nqn::new(HOST).unwrap(),
+        }
+        .encode();
+        let cqe = h.exchange(&sqe, &data);
+        if !cqe.status().is_success() {
+            return Err(cqe.status());
+        }
+        h.cntlid = ConnectResponse::from_dw0(cqe.dw0).cntlid;
+        Ok(h)
+    }
+
+    fn exchange(&mut self, sqe: &Sqe, data: &[u8]) -> Cqe {
+        let mut capsule = Vec::new();
+        transport::encode_capsule(sqe, data, &mut capsule).unwrap();
+        self.ep.send(&capsule).unwrap();
+        let d = self.ep.recv_timeout(LONG).unwrap();
+        assert_eq!(d.kind(), ReceivedKind::Message);
+        transport::decode_response(&d).unwrap()
+    }
+
+    fn next(&mut self) -> CommandId {
+        self.cid += 1;
+        CommandId(self.cid)
+    }
+
+    /// A command that returns data into an exposed buffer.
+    fn fetch(&mut self, mut sqe: Sqe, len: usize) -> (Cqe, Option<Buf>) {
+        let pool = self
+            .fabric
+            .domain()
+            .register(len, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+            .unwrap();
+        let target = self.ep.expose(pool.checkout().unwrap()).unwrap();
+        sqe.set_sgl(&Sgl::KeyedDataBlock {
+            addr: target.remote.addr,
+            len: len as u32,
+            key: target.remote.rkey.0,
+        })
+        .unwrap();
+        transport::set_transfer_tag(&mut sqe, target.tag);
+        let mut capsule = Vec::new();
+        transport::encode_capsule(&sqe, &[], &mut capsule).unwrap();
+        self.ep.send(&capsule).unwrap();
+        let mut data = None;
+        loop {
+            let d = self.ep.recv_timeout(LONG).unwrap();
+            match d.kind() {
+                ReceivedKind::Direct { tag } => {
+                    assert_eq!(tag, target.tag);
+                    data = Some(d.into_buf().unwrap());
+                }
+                _ => return (transport::decode_response(&d).unwrap(), data),
+            }
+        }
+    }
+}
+
+#[test]
+fn connect_identify_write_read() {
+    let t = target();
+    let mut h = RawHost::connect(&t, 0, 0, None).unwrap();
+    assert!(h.cntlid > 0);
+    let cid = h.next();
+    let (cqe, data) = h.fetch(Sqe::identify(cid, Cns::Controller, Nsid(0)), 4096);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    let id = IdentifyController::decode(&data.unwrap()).unwrap();
+    assert_eq!(id.cntlid, h.cntlid);
+    assert_eq!(id.subnqn.unwrap().as_str(), DEFAULT_NQN);
+    let cid = h.next();
+    let (cqe, data) = h.fetch(Sqe::identify(cid, Cns::Namespace, Nsid(2)), 4096);
+    assert!(cqe.status().is_success());
+    let ns = IdentifyNamespace::decode(&data.unwrap()).unwrap();
+    assert_eq!((ns.nsze, ns.block_size().unwrap()), (256, 4096));
+
+    // An I/O queue of the same controller.
+    let mut io = RawHost::connect(&t, 1, h.cntlid, Some(h.fabric.clone())).unwrap();
+    // Inline write, then a pushed write, then read both back.
+    let cid = io.next();
+    let mut sqe = Sqe::write(cid, Nsid(1), 10, 2).unwrap();
+    sqe.set_sgl(&Sgl::DataBlockOffset { offset: 0, len: 1024 }).unwrap();
+    assert!(io.exchange(&sqe, &[0x11; 1024]).status().is_success());
+    let big: Vec<u8> = (0..300 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let cid = io.next();
+    let mut sqe = Sqe::write(cid, Nsid(1), 100, 600).unwrap();
+    sqe.set_sgl(&Sgl::TransportDataBlock { len: big.len() as u32 }).unwrap();
+    let mut capsule = Vec::new();
+    transport::encode_capsule(&sqe, &[], &mut capsule).unwrap();
+    io.ep.send(&capsule).unwrap();
+    for (off, len) in transport::push_chunks(big.len(), io.ep.max_push()) {
+        io.ep.push(&big[off..off + len]).unwrap();
+    }
+    let cqe = transport::decode_response(&io.ep.recv_timeout(LONG).unwrap()).unwrap();
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    let cid = io.next();
+    let (cqe, data) = io.fetch(Sqe::read(cid, Nsid(1), 100, 600).unwrap(), big.len());
+    assert!(cqe.status().is_success());
+    assert_eq!(&data.unwrap()[..], &big[..]);
+    let cid = io.next();
+    let (cqe, data) = io.fetch(Sqe::read(cid, Nsid(1), 10, 2).unwrap(), 1024);
+    assert!(cqe.status().is_success());
+    assert_eq!(&data.unwrap()[..], &[0x11; 1024][..]);
+
+    // Errors: out of range, unknown namespace, unknown opcode.
+    let cid = io.next();
+    let (cqe, data) = io.fetch(Sqe::read(cid, Nsid(1), 8191, 2).unwrap(), 1024);
+    assert!(cqe.status().same_code(Status::LBA_OUT_OF_RANGE), "{}", cqe.status());
+    assert!(data.is_none(), "no data pushed for a failed read");
+    let cid = io.next();
+    let (cqe, _) = io.fetch(Sqe::read(cid, Nsid(9), 0, 1).unwrap(), 512);
+    assert!(cqe.status().same_code(Status::INVALID_NAMESPACE));
+    let cid = io.next();
+    let cqe = io.exchange(&Sqe::new(0x55, cid), &[]);
+    assert!(cqe.status().same_code(Status::INVALID_OPCODE));
+    t.shutdown();
+}
+
+#[test]
+fn bad_connects_are_refused() {
+    let t = target();
+    // An I/O queue for a controller that does not exist.
+    assert!(RawHost::connect(&t, 1, 4242, None)
+        .unwrap_err()
+        .same_code(Status::CONNECT_INVALID_PARAMETERS));
+    t.shutdown();
+}
+
+#[test]
+fn malformed_capsule_closes_only_its_channel() {
+    let t = target();
+    let mut good = RawHost::connect(&t, 0, 0, None).unwrap();
+    let bad = RawHost::connect(&t, 0, 0, None).unwrap();
+    bad.ep.send(b"garbage, not a capsule").unwrap();
+    assert!(matches!(bad.ep.recv_timeout(LONG), Err(messaging::Error::Closed(_))));
+    let cid = good.next();
+    let cqe = good.exchange(&Sqe::keep_alive(cid), &[]);
+    assert!(cqe.status().is_success());
+    t.shutdown();
+}
+
+#[test]
+fn namespace_changes_complete_event_requests() {
+    let t = target();
+    let mut h = RawHost::connect(&t, 0, 0, None).unwrap();
+    let cid = h.next();
+    let mut capsule = Vec::new();
+    transport::encode_capsule(&Sqe::async_event_request(cid), &[], &mut capsule).unwrap();
+    h.ep.send(&capsule).unwrap();
+    assert!(matches!(
+        h.ep.recv_timeout(Duration::from_millis(100)),
+        Err(messaging::Error::Timeout(_))
+    ));
+    t.registry().detach(2, LONG).unwrap();
+    let cqe = transport::decode_response(&h.ep.recv_timeout(LONG).unwrap()).unwrap();
+    assert_eq!(cqe.command_id, cid);
+    assert_eq!(AsyncEvent::from_dw0(cqe.dw0), AsyncEvent::namespace_attribute_changed());
+    let cid = h.next();
+    let (cqe, data) = h.fetch(
+        iounit::nvme::GetLogPage::new(iounit::nvme::LogPageId::ChangedNamespaceList, 4096)
+            .unwrap()
+            .to_sqe(cid, Nsid::BROADCAST),
+        4096,
+    );
+    assert!(cqe.status().is_success());
+    let list = iounit::nvme::ChangedNamespaceList::decode(&data.unwrap()).unwrap();
+    assert_eq!(list.nsids(), &[Nsid(2)]);
+    t.shutdown();
+}
