@@ -505,6 +505,17 @@ impl Queue {
         let Some(op) = IoOpcode::from_u8(sqe.opcode) else {
             return Ok(Outcome::status(Status::INVALID_OPCODE.with_dnr()));
         };
+        if op == IoOpcode::Flush && sqe.nsid == Nsid::BROADCAST {
+            // Flush of every namespace.
+            for nsid in self.shared.registry.nsids() {
+                if let Some(ns) = self.shared.registry.get(nsid) {
+                    if let Err(e) = ns.flush() {
+                        return Ok(Outcome::status(block_status(&e)));
+                    }
+                }
+            }
+            return Ok(Outcome::status(Status::SUCCESS));
+        }
         let Some(ns) = self.shared.registry.get(sqe.nsid.0) else {
             return Ok(Outcome::status(Status::INVALID_NAMESPACE.with_dnr()));
         };
