@@ -20,7 +20,8 @@
 
 use std::future::Future;
 use std::ops::Deref;
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -91,9 +92,10 @@ pub struct Endpoint {
 struct Shared {
     qp: Box<dyn QueuePair>,
     inner: Mutex<Inner>,
-    generation: Mutex<u64>,
-    wake: Condvar,
-    wakers: Mutex<Vec<Waker>>,
+    /// Wake-ups. The provider's notification holds only this (never the
+    /// `Shared`), so a completion can never drop the last endpoint handle
+    /// from inside the provider.
+    signal: Arc<Signal>,
     staging: Option<BufPool>,
     fabric: &'static str,
     peer: String,
@@ -110,6 +112,17 @@ struct Inner {
 struct TicketState {
     result: Option<Result<(), WcStatus>>,
     detached: bool,
+}
+
+/// How long a waiting thread spins before it sleeps, unless the environment
+/// variable `CHANIO_SPIN_US` says otherwise (0 disables spinning).
+const DEFAULT_SPIN: Duration = Duration::ZERO;
+
+fn spin_budget() -> Duration {
+    std::env::var("CHANIO_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(DEFAULT_SPIN, Duration::from_micros)
 }
 
 /// How many staging buffers an endpoint keeps for copy-in pushes.
@@ -185,19 +198,20 @@ impl Endpoint {
                 closed: None,
                 scratch: Vec::with_capacity(POLL_BATCH),
             }),
-            generation: Mutex::new(0),
-            wake: Condvar::new(),
-            wakers: Mutex::new(Vec::new()),
+            signal: Arc::new(Signal {
+                generation: AtomicU64::new(0),
+                sleepers: AtomicUsize::new(0),
+                sleep_lock: Mutex::new(()),
+                spin: spin_budget(),
+                wake: Condvar::new(),
+                wakers: Mutex::new(Vec::new()),
+            }),
             staging,
             fabric: fabric.name(),
             peer,
         });
-        let weak: Weak<Shared> = Arc::downgrade(&shared);
-        shared.qp.set_notify(Some(Arc::new(move || {
-            if let Some(s) = weak.upgrade() {
-                s.signal();
-            }
-        })));
+        let signal = shared.signal.clone();
+        shared.qp.set_notify(Some(Arc::new(move || signal.signal())));
         Ok(Endpoint { shared })
     }
 
@@ -349,7 +363,7 @@ impl Endpoint {
     /// Async form of [`Endpoint::recv`].
     pub fn recv_async(&self) -> impl Future<Output = Result<Delivery, Error>> + '_ {
         std::future::poll_fn(move |cx| {
-            self.shared.register(cx.waker());
+            self.shared.signal.register(cx.waker());
             let mut inner = self.shared.inner.lock();
             self.shared.progress(&mut inner);
             match take_delivery(&mut inner) {
@@ -411,11 +425,11 @@ impl Endpoint {
         mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>,
     ) -> Result<Ticket, Error> {
         loop {
-            let generation = *self.shared.generation.lock();
+            let generation = self.shared.signal.generation.load(Ordering::SeqCst);
             if let Some(ticket) = self.attempt(&mut op)? {
                 return Ok(ticket);
             }
-            self.shared.sleep(generation, deadline)?;
+            self.shared.signal.sleep(generation, deadline)?;
         }
     }
 
@@ -424,7 +438,7 @@ impl Endpoint {
         mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError> + 'a,
     ) -> impl Future<Output = Result<Ticket, Error>> + 'a {
         std::future::poll_fn(move |cx: &mut Context<'_>| {
-            self.shared.register(cx.waker());
+            self.shared.signal.register(cx.waker());
             match self.attempt(&mut op) {
                 Ok(Some(t)) => Poll::Ready(Ok(t)),
                 Ok(None) => Poll::Pending,
@@ -487,7 +501,7 @@ impl Shared {
             }
         }
         if changed {
-            self.signal();
+            self.signal.signal();
         }
     }
 
@@ -541,10 +555,45 @@ impl Shared {
         }
     }
 
+    /// Runs `check` after each bit of progress until it yields a value.
+    fn wait<T>(&self, deadline: Option<Instant>, mut check: impl FnMut(&mut Inner) -> Option<T>) -> Result<T, Error> {
+        loop {
+            let seen = self.signal.generation.load(Ordering::SeqCst);
+            {
+                let mut inner = self.inner.lock();
+                self.progress(&mut inner);
+                if let Some(v) = check(&mut inner) {
+                    return Ok(v);
+                }
+            }
+            self.signal.sleep(seen, deadline)?;
+        }
+    }
+}
+
+/// Wake-up state shared by an endpoint's waiters and its provider
+/// notification.
+struct Signal {
+    /// Bumped whenever something may have changed.
+    generation: AtomicU64,
+    /// Threads sleeping in `sleep`; `signal` takes the lock only if any.
+    sleepers: AtomicUsize,
+    sleep_lock: Mutex<()>,
+    wake: Condvar,
+    wakers: Mutex<Vec<Waker>>,
+    spin: Duration,
+}
+
+impl Signal {
     /// Wakes blocked threads and async tasks: something may have changed.
     fn signal(&self) {
-        *self.generation.lock() += 1;
-        self.wake.notify_all();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        // A sleeper registers (under the lock) before it re-checks the
+        // generation, so either it sees the new value or we see it here.
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = self.sleep_lock.lock();
+            self.wake.notify_all();
+        }
         let wakers = std::mem::take(&mut *self.wakers.lock());
         for w in wakers {
             w.wake();
@@ -558,35 +607,42 @@ impl Shared {
         }
     }
 
-    /// Sleeps until the generation moves past `seen` or `deadline` passes.
+    /// Waits until the generation moves past `seen` or `deadline` passes:
+    /// first spinning briefly (adaptive polling: a reply that is already on
+    /// its way costs no sleep and wake-up), then sleeping on the condvar.
     fn sleep(&self, seen: u64, deadline: Option<Instant>) -> Result<(), Error> {
-        let mut generation = self.generation.lock();
-        while *generation == seen {
+        if !self.spin.is_zero() {
+            let until = Instant::now() + self.spin;
+            loop {
+                for _ in 0..64 {
+                    if self.generation.load(Ordering::SeqCst) != seen {
+                        return Ok(());
+                    }
+                    std::hint::spin_loop();
+                }
+                if Instant::now() >= until {
+                    break;
+                }
+            }
+        }
+        let mut guard = self.sleep_lock.lock();
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        let result = loop {
+            if self.generation.load(Ordering::SeqCst) != seen {
+                break Ok(());
+            }
             match deadline {
                 Some(d) => {
-                    if self.wake.wait_until(&mut generation, d).timed_out() {
-                        return Err(Error::Timeout(d.saturating_duration_since(Instant::now())));
+                    if self.wake.wait_until(&mut guard, d).timed_out() && self.generation.load(Ordering::SeqCst) == seen
+                    {
+                        break Err(Error::Timeout(d.saturating_duration_since(Instant::now())));
                     }
                 }
-                None => self.wake.wait(&mut generation),
+                None => self.wake.wait(&mut guard),
             }
-        }
-        Ok(())
-    }
-
-    /// Runs `check` after each bit of progress until it yields a value.
-    fn wait<T>(&self, deadline: Option<Instant>, mut check: impl FnMut(&mut Inner) -> Option<T>) -> Result<T, Error> {
-        loop {
-            let seen = *self.generation.lock();
-            {
-                let mut inner = self.inner.lock();
-                self.progress(&mut inner);
-                if let Some(v) = check(&mut inner) {
-                    return Ok(v);
-                }
-            }
-            self.sleep(seen, deadline)?;
-        }
+        };
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        result
     }
 }
 
@@ -636,7 +692,7 @@ impl Ticket {
     pub fn completion(mut self) -> impl Future<Output = Result<(), Error>> {
         std::future::poll_fn(move |cx| {
             let shared = self.shared.clone();
-            shared.register(cx.waker());
+            shared.signal.register(cx.waker());
             let mut inner = shared.inner.lock();
             shared.progress(&mut inner);
             match self.take(&mut inner) {

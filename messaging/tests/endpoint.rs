@@ -296,3 +296,31 @@ fn bad_peer_parameters_are_rejected() {
         assert_eq!(&b.recv_timeout(LONG).unwrap()[..], b"fine");
     });
 }
+
+#[test]
+fn dropping_an_endpoint_while_the_peer_sends_never_deadlocks() {
+    // The provider's completion notification must never hold the last
+    // handle of an endpoint (dropping it there would re-enter the provider).
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..50 {
+            let fabric = LoopbackFabric::new();
+            let (a, b) = pair(&fabric, "");
+            std::thread::scope(|s| {
+                s.spawn(move || {
+                    let _ = b.recv_timeout(LONG);
+                    drop(b);
+                });
+                for _ in 0..1000 {
+                    if a.send(b"x").is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("no deadlock between a dropped endpoint and its peer's sends");
+}
