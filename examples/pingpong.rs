@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example pingpong -- --transport tcp
+//! cargo run --release --features verbs --example pingpong -- --transport verbs
 //! cargo run --release --example pingpong -- --mode push --size 1MiB --iters 2000
 //! ```
 //!
@@ -34,6 +35,9 @@ enum Transport {
     Tcp,
     /// In-process loopback (both ends in this process only).
     Loopback,
+    /// RDMA verbs (NIC or soft-RoCE; needs `--features verbs`, and
+    /// CHANIO_VERBS_DEVICE to pick a device).
+    Verbs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -127,6 +131,18 @@ fn main() {
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+#[cfg(feature = "verbs")]
+fn verbs_fabric() -> Res<Box<dyn Fabric>> {
+    Ok(Box::new(chanio::messaging::provider::verbs::VerbsFabric::new()?))
+}
+
+#[cfg(not(feature = "verbs"))]
+fn verbs_fabric() -> Res<Box<dyn Fabric>> {
+    Err("this pingpong was built without the verbs provider: run it with \
+         `cargo run --release --features verbs --example pingpong -- --transport verbs`"
+        .into())
+}
+
 fn run(args: &Args) -> Res<()> {
     let max = match args.mode {
         Mode::Send => SEND_MAX,
@@ -146,6 +162,7 @@ fn run(args: &Args) -> Res<()> {
             }
             Box::new(LoopbackFabric::new())
         }
+        Transport::Verbs => verbs_fabric()?,
     };
     if let Some(addr) = &args.listen {
         let listener = fabric.listen(addr)?;
@@ -166,7 +183,7 @@ fn run(args: &Args) -> Res<()> {
         return client(args, &ep);
     }
     let listener = fabric.listen(match args.transport {
-        Transport::Tcp => "127.0.0.1:0",
+        Transport::Tcp | Transport::Verbs => "127.0.0.1:0",
         Transport::Loopback => "",
     })?;
     let addr = listener.local_addr();

@@ -20,6 +20,14 @@
 //! and the access flags, exactly as an RDMA NIC does, and yields a
 //! [`RemoteTarget`] that keeps the region alive while the data moves.
 //!
+//! # Device registration
+//! A domain made with [`ProtectionDomain::with_registrar`] also registers
+//! every allocation with a device (an RDMA NIC, through `ibv_reg_mr`): the
+//! [`Registrar`] hands back the device's local and remote keys, which the
+//! pool and its buffers then report, and the registration is undone before
+//! the memory is freed. Without a registrar (the software providers) keys
+//! are drawn by the domain itself.
+//!
 //! # The DMA hazard
 //! Memory registered with [`Access::REMOTE_WRITE`] can be written by the peer
 //! at any time, as with real RDMA hardware. The push-push protocol only
@@ -159,6 +167,62 @@ pub enum MrError {
         /// Requested total size.
         bytes: usize,
     },
+    /// The device refused the registration (a [`Registrar`] failed).
+    #[error("the device refused to register {bytes} bytes")]
+    Device {
+        /// Requested total size.
+        bytes: usize,
+        /// The cause the device gave.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Keys and handle of one device registration, as a [`Registrar`] returns them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registration {
+    /// The device's local key for the memory.
+    pub lkey: LKey,
+    /// The device's remote key for the memory.
+    pub rkey: RKey,
+    /// The registrar's own name for the registration, given back to
+    /// [`Registrar::deregister`].
+    pub handle: u64,
+}
+
+/// A hook that registers a domain's memory with a device, so that the keys
+/// a [`BufPool`] and its [`Buf`]s report are the device's own.
+///
+/// [`ProtectionDomain::register`] calls [`Registrar::register`] once per
+/// pool, after allocating (zeroed) memory, and the region calls
+/// [`Registrar::deregister`] exactly once, when its last handle is gone and
+/// before the memory is freed.
+///
+/// # Safety
+/// Implementors promise that:
+/// - a successful `register` lets the device (and peers holding the remote
+///   key) reach only `addr..addr + len`, and only with the rights in
+///   `access` (local reads always);
+/// - once `deregister(handle)` returns, the device no longer reads or writes
+///   that memory, so it may be freed;
+/// - both are safe to call from any thread (`Send + Sync`).
+pub unsafe trait Registrar: Send + Sync {
+    /// Registers `len` bytes at `addr` with the given rights.
+    ///
+    /// # Safety
+    /// `addr..addr + len` must be one live allocation that stays allocated
+    /// until `deregister` of the returned handle has returned.
+    ///
+    /// # Errors
+    /// [`MrError::Device`] (or another [`MrError`]) when the device refuses.
+    unsafe fn register(&self, addr: *mut u8, len: usize, access: Access) -> Result<Registration, MrError>;
+
+    /// Undoes the registration named by `handle`.
+    ///
+    /// # Safety
+    /// `handle` must come from a successful `register` on this registrar and
+    /// must not have been deregistered already.
+    unsafe fn deregister(&self, handle: u64);
 }
 
 /// Why a one-sided access by remote key was refused. Every kind maps to the
@@ -191,17 +255,30 @@ pub struct ProtectionDomain {
 struct PdInner {
     next_key: AtomicU32,
     regions: RwLock<HashMap<u32, Weak<Region>>>,
+    registrar: Option<Arc<dyn Registrar>>,
 }
 
 impl ProtectionDomain {
     /// Creates an empty domain. Keys start at a random point so that a stale
     /// key from an earlier process is unlikely to name a live region.
     pub fn new() -> ProtectionDomain {
+        ProtectionDomain::build(None)
+    }
+
+    /// Creates an empty domain whose registrations are also registered with
+    /// a device through `registrar`; pools and buffers report the keys the
+    /// registrar returns. The registrar lives as long as any region of it.
+    pub fn with_registrar(registrar: Arc<dyn Registrar>) -> ProtectionDomain {
+        ProtectionDomain::build(Some(registrar))
+    }
+
+    fn build(registrar: Option<Arc<dyn Registrar>>) -> ProtectionDomain {
         let seed = std::collections::hash_map::RandomState::new().build_hasher().finish() as u32;
         ProtectionDomain {
             inner: Arc::new(PdInner {
                 next_key: AtomicU32::new(seed | 1),
                 regions: RwLock::new(HashMap::new()),
+                registrar,
             }),
         }
     }
@@ -212,7 +289,8 @@ impl ProtectionDomain {
     /// # Errors
     /// [`MrError::InvalidSize`] for an empty or overflowing size,
     /// [`MrError::OutOfMemory`] when the allocation fails,
-    /// [`MrError::InvalidAccess`] for remote write without local write.
+    /// [`MrError::InvalidAccess`] for remote write without local write,
+    /// or the registrar's error ([`MrError::Device`]) when the device refuses.
     pub fn register(&self, chunk_size: usize, count: usize, access: Access) -> Result<BufPool, MrError> {
         if access.contains(Access::REMOTE_WRITE) && !access.contains(Access::LOCAL_WRITE) {
             return Err(MrError::InvalidAccess);
@@ -225,10 +303,28 @@ impl ProtectionDomain {
         // SAFETY: `layout` has a non-zero size (checked above).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).ok_or(MrError::OutOfMemory { bytes })?;
-        let key = loop {
-            let k = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
-            if k != 0 && !self.inner.regions.read().contains_key(&k) {
-                break k;
+        let (lkey, rkey, device) = match &self.inner.registrar {
+            Some(registrar) => {
+                // SAFETY: `ptr` is a live allocation of `bytes` bytes that is
+                // freed only in `Region::drop`, after `deregister` (below, or
+                // right here on failure, where nothing was registered).
+                match unsafe { registrar.register(ptr.as_ptr(), bytes, access) } {
+                    Ok(reg) => (reg.lkey, reg.rkey, Some((registrar.clone(), reg.handle))),
+                    Err(e) => {
+                        // SAFETY: allocated above with `layout`, never shared.
+                        unsafe { alloc::dealloc(ptr.as_ptr(), layout) };
+                        return Err(e);
+                    }
+                }
+            }
+            None => {
+                let key = loop {
+                    let k = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
+                    if k != 0 && !self.inner.regions.read().contains_key(&k) {
+                        break k;
+                    }
+                };
+                (LKey(key), RKey(key), None)
             }
         };
         let region = Arc::new(Region {
@@ -236,13 +332,14 @@ impl ProtectionDomain {
             layout,
             chunk_size,
             count,
-            lkey: LKey(key),
-            rkey: RKey(key),
+            lkey,
+            rkey,
             access,
             free: Mutex::new((0..count as u32).rev().collect()),
             pd: Arc::downgrade(&self.inner),
+            device,
         });
-        self.inner.regions.write().insert(key, Arc::downgrade(&region));
+        self.inner.regions.write().insert(rkey.0, Arc::downgrade(&region));
         Ok(BufPool { region })
     }
 
@@ -320,6 +417,8 @@ struct Region {
     access: Access,
     free: Mutex<Vec<u32>>,
     pd: Weak<PdInner>,
+    /// The device registration, undone before the memory is freed.
+    device: Option<(Arc<dyn Registrar>, u64)>,
 }
 
 // SAFETY: the region is a plain heap allocation of bytes that nothing else
@@ -338,6 +437,11 @@ impl Drop for Region {
             if regions.get(&self.rkey.0).is_some_and(|w| w.strong_count() == 0) {
                 regions.remove(&self.rkey.0);
             }
+        }
+        if let Some((registrar, handle)) = self.device.take() {
+            // SAFETY: `handle` came from `register` on this registrar and is
+            // deregistered once, here; the memory is still allocated.
+            unsafe { registrar.deregister(handle) };
         }
         // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` and is freed once,
         // here, after the last `Arc` (and so the last `Buf`/`RemoteTarget`) died.
@@ -649,6 +753,69 @@ mod tests {
         drop(buf);
         assert_eq!(pd.registrations(), 0);
         assert!(pd.remote_target(key, 0, 0, Access::NONE).is_err());
+    }
+
+    /// A registrar that hands out fixed keys and records what it was asked.
+    #[derive(Default)]
+    struct FakeDevice {
+        live: Mutex<HashMap<u64, (usize, usize)>>,
+        next: AtomicU32,
+        refuse: bool,
+    }
+
+    // SAFETY: it never touches the memory, so it trivially reaches nothing
+    // outside the registration and nothing after `deregister`.
+    unsafe impl Registrar for FakeDevice {
+        unsafe fn register(&self, addr: *mut u8, len: usize, _access: Access) -> Result<Registration, MrError> {
+            if self.refuse {
+                return Err(MrError::Device {
+                    bytes: len,
+                    source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+                });
+            }
+            let n = self.next.fetch_add(1, Ordering::Relaxed) as u64;
+            self.live.lock().insert(n, (addr as usize, len));
+            Ok(Registration {
+                lkey: LKey(0x1000 + n as u32),
+                rkey: RKey(0x2000 + n as u32),
+                handle: n,
+            })
+        }
+
+        unsafe fn deregister(&self, handle: u64) {
+            assert!(self.live.lock().remove(&handle).is_some(), "deregistered once");
+        }
+    }
+
+    #[test]
+    fn registrar_keys_are_reported_and_undone_on_drop() {
+        let device = Arc::new(FakeDevice::default());
+        let pd = ProtectionDomain::with_registrar(device.clone());
+        let pool = pd.register(4096, 2, Access::ALL).unwrap();
+        assert_eq!((pool.lkey(), pool.rkey()), (LKey(0x1000), RKey(0x2000)));
+        let buf = pool.checkout().unwrap();
+        assert_eq!(buf.lkey(), LKey(0x1000));
+        assert_eq!(buf.remote().rkey, RKey(0x2000));
+        assert_eq!(device.live.lock().get(&0), Some(&(pool.remote().addr as usize, 8192)));
+        drop(pool);
+        assert_eq!(device.live.lock().len(), 1, "a live Buf keeps the registration");
+        drop(buf);
+        assert!(device.live.lock().is_empty());
+        assert_eq!(pd.registrations(), 0);
+    }
+
+    #[test]
+    fn registrar_refusal_fails_register() {
+        let device = Arc::new(FakeDevice {
+            refuse: true,
+            ..FakeDevice::default()
+        });
+        let pd = ProtectionDomain::with_registrar(device);
+        assert!(matches!(
+            pd.register(64, 1, Access::LOCAL_WRITE),
+            Err(MrError::Device { bytes: 64, .. })
+        ));
+        assert_eq!(pd.registrations(), 0);
     }
 
     #[test]

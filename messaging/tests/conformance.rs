@@ -59,3 +59,41 @@ fn every_check_is_run_on_every_provider() {
     assert_eq!(loopback::RUN, &suite[..], "update all_checks! when the suite grows");
     assert_eq!(tcp::RUN, &suite[..]);
 }
+
+/// The verbs provider runs the suite when an RDMA device is there (soft-RoCE
+/// or a NIC; `CHANIO_VERBS_DEVICE` picks one), and otherwise says why not.
+#[cfg(feature = "verbs")]
+fn verbs_fabric() -> Option<messaging::provider::verbs::VerbsFabric> {
+    use std::io::Write;
+    static SKIP_NOTICE: std::sync::Once = std::sync::Once::new();
+    match messaging::provider::verbs::VerbsFabric::new() {
+        Ok(fabric) => Some(fabric),
+        Err(e) => {
+            // Written past the test harness's capture, once per run.
+            SKIP_NOTICE.call_once(|| {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "verbs conformance skipped: no RDMA device (see README 'Running over soft-RoCE')\n  ({e})"
+                );
+            });
+            None
+        }
+    }
+}
+
+#[cfg(feature = "verbs")]
+all_checks!(
+    verbs,
+    match verbs_fabric() {
+        Some(fabric) => fabric,
+        None => return,
+    },
+    "127.0.0.1:0"
+);
+
+#[cfg(feature = "verbs")]
+#[test]
+fn every_check_is_run_on_verbs() {
+    let suite: Vec<&str> = conformance::CHECKS.iter().map(|(name, _)| *name).collect();
+    assert_eq!(verbs::RUN, &suite[..], "update all_checks! when the suite grows");
+}

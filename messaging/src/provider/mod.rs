@@ -28,8 +28,9 @@
 //!   the peer's first Send always finds a buffer (as verbs requires them to
 //!   be posted before the queue pair reaches ready-to-receive).
 //!
-//! Providers: [`loopback`] (in-process, deterministic, with fault injection)
-//! and [`tcp`] (verbs semantics emulated over TCP).
+//! Providers: [`loopback`] (in-process, deterministic, with fault injection),
+//! [`tcp`] (verbs semantics emulated over TCP) and, with the cargo feature
+//! `verbs`, `verbs` (RDMA NICs and soft-RoCE through libibverbs).
 
 use std::fmt;
 use std::sync::Arc;
@@ -41,6 +42,8 @@ pub mod conformance;
 mod cq;
 pub mod loopback;
 pub mod tcp;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 /// Identifier the poster gives a work request; its completion carries it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
