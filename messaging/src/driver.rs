@@ -328,6 +328,13 @@ impl Endpoint {
             .map_err(|_| Error::BadBuffer("direct placement needs local and remote write access"))
     }
 
+    /// Withdraws an exposure the peer did not push to (for example after
+    /// the request that advertised it failed), handing the buffer back.
+    /// `None` if the tag is not exposed (already pushed to, or unknown).
+    pub fn unexpose(&self, tag: u16) -> Option<Buf> {
+        self.shared.inner.lock().conn.unexpose(tag)
+    }
+
     /// Waits for the next delivery.
     ///
     /// # Errors

@@ -55,7 +55,7 @@
 //!   for the driver, and every request still in flight resolves with an
 //!   error when its flushed completion returns.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use slab::Slab;
 
@@ -351,7 +351,8 @@ pub struct Connection {
     events: VecDeque<Event>,
     tx_seq: u32,
     rx_seq: u32,
-    direct: Slab<Buf>,
+    direct: HashMap<u16, Buf>,
+    next_tag: u16,
     recvs_posted: u32,
     held: u32,
 }
@@ -418,7 +419,8 @@ impl Connection {
             events: VecDeque::new(),
             tx_seq: 0,
             rx_seq: 0,
-            direct: Slab::new(),
+            direct: HashMap::new(),
+            next_tag: 0,
             recvs_posted: 0,
             held: 0,
         })
@@ -705,6 +707,11 @@ impl Connection {
     /// into directly. The buffer comes back in the [`Received`] of that
     /// push, or through [`Connection::unexpose`].
     ///
+    /// Tags rotate through all 32768 values: a tag freed by a delivery (or
+    /// an unexpose) is handed out again only after every other free tag,
+    /// so an application that matches deliveries to requests by tag is not
+    /// confused by a quick reuse.
+    ///
     /// # Errors
     /// The buffer back when it lacks remote write access or 32768
     /// buffers are already exposed.
@@ -714,16 +721,20 @@ impl Connection {
             return Err(buf);
         }
         let remote = buf.remote();
-        let tag = self.direct.insert(buf);
-        Ok(DirectTarget {
-            tag: tag as u16,
-            remote,
-        })
+        let tag = loop {
+            let t = self.next_tag;
+            self.next_tag = if t >= MAX_INDEX { 0 } else { t + 1 };
+            if !self.direct.contains_key(&t) {
+                break t;
+            }
+        };
+        self.direct.insert(tag, buf);
+        Ok(DirectTarget { tag, remote })
     }
 
     /// Withdraws an exposure that was not pushed to.
     pub fn unexpose(&mut self, tag: u16) -> Option<Buf> {
-        self.direct.try_remove(tag.into())
+        self.direct.remove(&tag)
     }
 
     /// Gives a delivery back: a message's receive buffer is reposted (and
@@ -1042,7 +1053,7 @@ impl Connection {
                 },
                 _ => return Err(format!("push into slot {i}, which is not granted")),
             },
-            Target::Direct(tag) => match self.direct.try_remove(tag.into()) {
+            Target::Direct(tag) => match self.direct.remove(&tag) {
                 Some(b) => (b, Origin::Direct(tag)),
                 None => return Err(format!("push to direct tag {tag}, which is not exposed")),
             },

@@ -647,3 +647,20 @@ proptest! {
         prop_assert!(p.a.conn.free_peer_slots() + p.b.conn.released_pending() == 4);
     }
 }
+
+#[test]
+fn exposure_tags_rotate_and_unexpose_returns_the_buffer() {
+    let mut p = Pair::new(small(), small());
+    let pool =
+        p.b.fabric
+            .domain()
+            .register(64, 3, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+            .unwrap();
+    let first = p.b.conn.expose(pool.checkout().unwrap()).unwrap();
+    let buf = p.b.conn.unexpose(first.tag).expect("not pushed to: handed back");
+    assert!(p.b.conn.unexpose(first.tag).is_none());
+    let second = p.b.conn.expose(buf).unwrap();
+    assert_ne!(second.tag, first.tag, "a freed tag is not reused at once");
+    let third = p.b.conn.expose(pool.checkout().unwrap()).unwrap();
+    assert_ne!(third.tag, second.tag);
+}

@@ -1,0 +1,341 @@
+//! A small I/O benchmark: `queue_depth` threads, each with one command in
+//! flight, for a fixed time; latencies go into an HDR histogram.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use host::bench::{BenchConfig, Pattern};
+//! # let host = host::Host::connect("127.0.0.1:4520", host::HostOptions::default())?;
+//! let cfg = BenchConfig {
+//!     nsid: host::Nsid(1),
+//!     pattern: Pattern::RandRead,
+//!     block_size: 4096,
+//!     queue_depth: 32,
+//!     duration: Duration::from_secs(10),
+//! };
+//! let report = host::bench::run(&host, &cfg, &|_, _| {})?;
+//! println!("{:.0} IOPS", report.iops());
+//! # Ok::<(), host::HostError>(())
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use iounit::nvme::Nsid;
+
+use crate::{Host, HostError};
+
+/// Access pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// Random reads.
+    RandRead,
+    /// Random writes.
+    RandWrite,
+    /// Sequential reads (each thread its own stream).
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Random mix, half reads and half writes.
+    RandRw,
+}
+
+impl Pattern {
+    /// The name as `--rw` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::RandRead => "randread",
+            Pattern::RandWrite => "randwrite",
+            Pattern::Read => "read",
+            Pattern::Write => "write",
+            Pattern::RandRw => "randrw",
+        }
+    }
+
+    fn random(self) -> bool {
+        matches!(self, Pattern::RandRead | Pattern::RandWrite | Pattern::RandRw)
+    }
+}
+
+impl FromStr for Pattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Pattern, String> {
+        Ok(match s {
+            "randread" => Pattern::RandRead,
+            "randwrite" => Pattern::RandWrite,
+            "read" => Pattern::Read,
+            "write" => Pattern::Write,
+            "randrw" => Pattern::RandRw,
+            _ => {
+                return Err(format!(
+                    "unknown pattern {s:?} (randread, randwrite, read, write, randrw)"
+                ))
+            }
+        })
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Namespace.
+    pub nsid: Nsid,
+    /// Access pattern.
+    pub pattern: Pattern,
+    /// Bytes per I/O: a whole number of blocks.
+    pub block_size: usize,
+    /// Concurrent submitters (threads), each with one I/O in flight.
+    pub queue_depth: usize,
+    /// How long to run.
+    pub duration: Duration,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    /// I/Os completed.
+    pub ios: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Mean latency in microseconds.
+    pub mean_us: f64,
+    /// Median latency in microseconds.
+    pub p50_us: u64,
+    /// 99th percentile latency in microseconds.
+    pub p99_us: u64,
+    /// 99.9th percentile latency in microseconds.
+    pub p999_us: u64,
+    /// Largest latency in microseconds.
+    pub max_us: u64,
+}
+
+impl BenchReport {
+    /// I/Os per second.
+    pub fn iops(&self) -> f64 {
+        self.ios as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Megabytes (10^6 bytes) per second.
+    pub fn bandwidth_mbps(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// One JSON object:
+    /// `{"iops":..,"bandwidth_mbps":..,"latency_us":{"mean":..,"p50":..,"p99":..,"p999":..}}`.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"iops\":{:.1},\"bandwidth_mbps\":{:.3},\"latency_us\":{{\"mean\":{:.1},\"p50\":{},\"p99\":{},\"p999\":{}}}}}",
+            self.iops(),
+            self.bandwidth_mbps(),
+            self.mean_us,
+            self.p50_us,
+            self.p99_us,
+            self.p999_us
+        )
+    }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} I/Os in {:.2}s: {:.0} IOPS, {:.1} MB/s",
+            self.ios,
+            self.elapsed.as_secs_f64(),
+            self.iops(),
+            self.bandwidth_mbps()
+        )?;
+        write!(
+            f,
+            "latency (us): mean {:.1}, p50 {}, p99 {}, p99.9 {}, max {}",
+            self.mean_us, self.p50_us, self.p99_us, self.p999_us, self.max_us
+        )
+    }
+}
+
+/// Runs the benchmark. `progress(elapsed, ios)` is called about five times
+/// a second from the calling thread.
+///
+/// # Errors
+/// [`HostError::InvalidArgument`] for a bad configuration; the first I/O
+/// error stops the run and is returned.
+pub fn run(host: &Host, cfg: &BenchConfig, progress: &dyn Fn(Duration, u64)) -> Result<BenchReport, HostError> {
+    let ns = host
+        .namespaces()?
+        .into_iter()
+        .find(|n| n.nsid == cfg.nsid)
+        .ok_or_else(|| HostError::InvalidArgument(format!("namespace {} is not active", cfg.nsid.0)))?;
+    let bs = ns.block_size as usize;
+    if cfg.block_size == 0 || !cfg.block_size.is_multiple_of(bs) {
+        return Err(HostError::InvalidArgument(format!(
+            "I/O size {} is not a whole number of {bs}-byte blocks",
+            cfg.block_size
+        )));
+    }
+    if cfg.queue_depth == 0 || cfg.queue_depth > 1024 {
+        return Err(HostError::InvalidArgument(format!(
+            "queue depth {} is outside 1..=1024",
+            cfg.queue_depth
+        )));
+    }
+    let blocks_per_io = (cfg.block_size / bs) as u64;
+    if blocks_per_io > ns.blocks {
+        return Err(HostError::InvalidArgument(format!(
+            "I/O size {} exceeds the namespace ({} blocks)",
+            cfg.block_size, ns.blocks
+        )));
+    }
+    let slots = ns.blocks / blocks_per_io;
+    let done = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let start = Instant::now();
+    let end = start + cfg.duration;
+    let results: Vec<Result<Histogram<u64>, HostError>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..cfg.queue_depth)
+            .map(|i| {
+                let (done, stop) = (&done, &stop);
+                s.spawn(move || worker(host, cfg, i as u64, slots, blocks_per_io, end, done, stop))
+            })
+            .collect();
+        while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200).min(end.saturating_duration_since(Instant::now())));
+            progress(start.elapsed(), done.load(Ordering::Relaxed));
+        }
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(HostError::Protocol("a benchmark thread panicked".into())))
+            })
+            .collect()
+    });
+    let elapsed = start.elapsed();
+    let mut hist = new_histogram()?;
+    for r in results {
+        let h = r?;
+        hist.add(&h)
+            .map_err(|e| HostError::InvalidArgument(format!("histogram: {e}")))?;
+    }
+    let ios = hist.len();
+    Ok(BenchReport {
+        ios,
+        bytes: ios * cfg.block_size as u64,
+        elapsed,
+        mean_us: hist.mean(),
+        p50_us: hist.value_at_quantile(0.5),
+        p99_us: hist.value_at_quantile(0.99),
+        p999_us: hist.value_at_quantile(0.999),
+        max_us: hist.max(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn worker(
+    host: &Host,
+    cfg: &BenchConfig,
+    index: u64,
+    slots: u64,
+    blocks_per_io: u64,
+    end: Instant,
+    done: &AtomicU64,
+    stop: &AtomicBool,
+) -> Result<Histogram<u64>, HostError> {
+    let mut hist = new_histogram()?;
+    let mut buf = host.alloc(cfg.block_size)?;
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i as u64 ^ index) as u8;
+    }
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (index + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let mut next_seq = index * (slots / cfg.queue_depth as u64).max(1) % slots;
+    while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        let r = xorshift(&mut rng);
+        let slot = if cfg.pattern.random() {
+            r % slots
+        } else {
+            let s = next_seq;
+            next_seq = (next_seq + 1) % slots;
+            s
+        };
+        let lba = slot * blocks_per_io;
+        let write = match cfg.pattern {
+            Pattern::RandWrite | Pattern::Write => true,
+            Pattern::RandRw => r >> 63 == 1,
+            Pattern::RandRead | Pattern::Read => false,
+        };
+        let t0 = Instant::now();
+        let result = if write {
+            host.write_from(cfg.nsid, lba, &buf, false)
+        } else {
+            host.read_into(cfg.nsid, lba, &mut buf)
+        };
+        if let Err(e) = result {
+            stop.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+        let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+        hist.saturating_record(us);
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(hist)
+}
+
+fn new_histogram() -> Result<Histogram<u64>, HostError> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| HostError::InvalidArgument(format!("histogram: {e}")))
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    let mut x = *state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *state = x;
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_parse() {
+        for p in [
+            Pattern::RandRead,
+            Pattern::RandWrite,
+            Pattern::Read,
+            Pattern::Write,
+            Pattern::RandRw,
+        ] {
+            assert_eq!(p.name().parse::<Pattern>(), Ok(p));
+        }
+        assert!("sideways".parse::<Pattern>().is_err());
+    }
+
+    #[test]
+    fn json_shape() {
+        let r = BenchReport {
+            ios: 1000,
+            bytes: 4_096_000,
+            elapsed: Duration::from_secs(1),
+            mean_us: 12.5,
+            p50_us: 10,
+            p99_us: 40,
+            p999_us: 90,
+            max_us: 100,
+        };
+        assert_eq!(
+            r.to_json(),
+            "{\"iops\":1000.0,\"bandwidth_mbps\":4.096,\"latency_us\":{\"mean\":12.5,\"p50\":10,\"p99\":40,\"p999\":90}}"
+        );
+        assert!(r.to_string().contains("1000 IOPS"));
+    }
+}

@@ -1,0 +1,525 @@
+//! `hostctl`: reach NVMe namespaces on a chanio I/O unit from the command
+//! line. Parses arguments and calls the `host` library.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use host::bench::{BenchConfig, Pattern};
+use host::describe::{Bytes, ControllerSummary, NamespaceSummary};
+use host::{Host, HostEvent, HostOptions, Nsid};
+
+const EXAMPLES: &str = "\
+Examples:
+  # Start an I/O unit with a 64 MiB RAM namespace, then look at it:
+  iounitd --listen tcp://127.0.0.1:4520 --ns ram:64MiB
+  hostctl --target tcp://127.0.0.1:4520 list
+  hostctl --target 127.0.0.1:4520 identify
+  hostctl --target 127.0.0.1:4520 identify --ns 1
+
+  # Write a file at LBA 0 (padding the last block), read it back:
+  hostctl --target 127.0.0.1:4520 write --ns 1 --lba 0 --input notes.txt --pad
+  hostctl --target 127.0.0.1:4520 read --ns 1 --lba 0 --blocks 8 --output back.bin
+
+  # Pipe data through stdin and stdout:
+  head -c 4096 /dev/urandom | hostctl --target 127.0.0.1:4520 write --ns 1 --lba 100
+  hostctl --target 127.0.0.1:4520 read --ns 1 --lba 100 --blocks 8 | xxd | head
+
+  # Measure 4 KiB random reads with 32 in flight for 10 seconds:
+  hostctl --target 127.0.0.1:4520 bench --ns 1 --rw randread --bs 4k --qd 32 --time 10s
+  hostctl --target 127.0.0.1:4520 bench --ns 1 --rw randwrite --bs 64k --qd 8 --time 5s --json
+
+  # Print namespace changes as namespaces are attached or detached:
+  hostctl --target 127.0.0.1:4520 watch --count 1 --timeout 60s
+
+Logs go to stderr; set RUST_LOG=debug for more.";
+
+/// Read and write NVMe namespaces on a chanio I/O unit.
+#[derive(Debug, Parser)]
+#[command(name = "hostctl", version, after_help = EXAMPLES)]
+struct Cli {
+    /// The I/O unit: tcp://HOST:PORT, or HOST:PORT for tcp.
+    #[arg(long, short = 't', value_name = "URI")]
+    target: String,
+    /// This host's NQN (default: derived from the hostname).
+    #[arg(long, value_name = "NQN")]
+    hostnqn: Option<String>,
+    /// The subsystem NQN to connect to.
+    #[arg(long, value_name = "NQN")]
+    subnqn: Option<String>,
+    /// Per-command timeout, e.g. 30s, 500ms, 2m.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// I/O queues to ask for.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    queues: u16,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List namespaces (ID, size, block size) and the transport in use.
+    List,
+    /// Show Identify Controller, or Identify Namespace with --ns.
+    Identify {
+        /// Namespace to identify instead of the controller.
+        #[arg(long, value_name = "NSID")]
+        ns: Option<u32>,
+    },
+    /// Read blocks to stdout or a file (raw bytes).
+    Read {
+        #[command(flatten)]
+        at: BlockRange,
+        /// Write the data here instead of stdout.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Write stdin or a file at an LBA; its length must be whole blocks.
+    Write {
+        #[command(flatten)]
+        at: Lba,
+        /// Read the data from here instead of stdin.
+        #[arg(long, short = 'i', value_name = "FILE")]
+        input: Option<PathBuf>,
+        /// Zero-pad the last block instead of refusing a partial block.
+        #[arg(long)]
+        pad: bool,
+        /// Force Unit Access: durable before it completes.
+        #[arg(long)]
+        fua: bool,
+    },
+    /// Flush the namespace's volatile write cache.
+    Flush {
+        /// Namespace ID.
+        #[arg(long, value_name = "NSID")]
+        ns: u32,
+    },
+    /// Deallocate (trim) blocks.
+    Trim {
+        #[command(flatten)]
+        at: BlockRange,
+    },
+    /// Write zeroes to blocks.
+    WriteZeroes {
+        #[command(flatten)]
+        at: BlockRange,
+    },
+    /// Measure IOPS, bandwidth and latency.
+    Bench(BenchArgs),
+    /// Print asynchronous events (namespace changes) as they arrive.
+    Watch {
+        /// Exit after this many events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Exit (with an error) if nothing arrives for this long.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        timeout: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Lba {
+    /// Namespace ID.
+    #[arg(long, value_name = "NSID")]
+    ns: u32,
+    /// Starting logical block address.
+    #[arg(long, value_name = "LBA")]
+    lba: u64,
+}
+
+#[derive(Debug, Args)]
+struct BlockRange {
+    #[command(flatten)]
+    at: Lba,
+    /// Number of blocks.
+    #[arg(long, value_name = "COUNT")]
+    blocks: u64,
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Namespace ID.
+    #[arg(long, value_name = "NSID")]
+    ns: u32,
+    /// Access pattern: randread, randwrite, read, write or randrw.
+    #[arg(long, default_value = "randread")]
+    rw: Pattern,
+    /// Bytes per I/O (4k, 64k, 1m, ...).
+    #[arg(long, default_value = "4k", value_parser = parse_size)]
+    bs: u64,
+    /// I/Os in flight (submitting threads).
+    #[arg(long, default_value_t = 32)]
+    qd: usize,
+    /// How long to run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    time: Duration,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("hostctl: {e}");
+            let mut source = e.source();
+            while let Some(s) = source {
+                msg.push_str(&format!("\n  caused by: {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type CliError = Box<dyn std::error::Error + Send + Sync>;
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    let mut opts = HostOptions {
+        io_queues: cli.queues,
+        command_timeout: cli.timeout,
+        ..HostOptions::default()
+    };
+    if let Some(n) = cli.hostnqn {
+        opts.hostnqn = n;
+    }
+    if let Some(n) = cli.subnqn {
+        opts.subnqn = n;
+    }
+    if let Command::Bench(b) = &cli.command {
+        opts.queue_depth = u16::try_from(b.qd.clamp(2, 1024)).unwrap_or(1024);
+    }
+    let host = Host::connect(&cli.target, opts)?;
+    let result = command(&host, cli.command);
+    host.close();
+    result
+}
+
+fn command(host: &Host, command: Command) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::List => {
+            writeln!(out, "transport: {} ({})", host.transport(), host.uri())?;
+            writeln!(out, "{:>6}  {:>12}  {:>10}  {:>14}", "NSID", "SIZE", "BLOCK", "BLOCKS")?;
+            for ns in host.namespaces()? {
+                writeln!(
+                    out,
+                    "{:>6}  {:>12}  {:>10}  {:>14}",
+                    ns.nsid.0,
+                    Bytes(ns.bytes()).to_string(),
+                    ns.block_size,
+                    ns.blocks
+                )?;
+            }
+        }
+        Command::Identify { ns: None } => {
+            writeln!(out, "{}", ControllerSummary(&host.identify_controller()?))?;
+        }
+        Command::Identify { ns: Some(n) } => {
+            writeln!(out, "namespace:          {n}")?;
+            writeln!(out, "{}", NamespaceSummary(&host.identify_namespace(Nsid(n))?))?;
+        }
+        Command::Read { at, output } => {
+            let blocks = u32::try_from(at.blocks).map_err(|_| format!("--blocks {} is too many", at.blocks))?;
+            let data = host.read(Nsid(at.at.ns), at.at.lba, blocks)?;
+            match output {
+                Some(path) => std::fs::write(&path, &data).map_err(|e| format!("writing {}: {e}", path.display()))?,
+                None => out.write_all(&data)?,
+            }
+        }
+        Command::Write { at, input, pad, fua } => {
+            let mut data = Vec::new();
+            match &input {
+                Some(path) => {
+                    data = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                }
+                None => {
+                    std::io::stdin().lock().read_to_end(&mut data)?;
+                }
+            }
+            let nsid = Nsid(at.ns);
+            let bs = host.identify_namespace(nsid)?.block_size()? as usize;
+            if data.is_empty() {
+                return Err("no data to write (empty input)".into());
+            }
+            if data.len() % bs != 0 {
+                if !pad {
+                    return Err(format!(
+                        "{} bytes is not a whole number of {bs}-byte blocks (use --pad to zero-pad the last block)",
+                        data.len()
+                    )
+                    .into());
+                }
+                data.resize(data.len().div_ceil(bs) * bs, 0);
+            }
+            host.write(nsid, at.lba, &data, fua)?;
+            eprintln!("wrote {} blocks at LBA {}", data.len() / bs, at.lba);
+        }
+        Command::Flush { ns } => host.flush(Nsid(ns))?,
+        Command::Trim { at } => host.trim(Nsid(at.at.ns), at.at.lba, at.blocks)?,
+        Command::WriteZeroes { at } => host.write_zeroes(Nsid(at.at.ns), at.at.lba, at.blocks)?,
+        Command::Bench(b) => bench(host, b, &mut out)?,
+        Command::Watch { count, timeout } => {
+            let events = host.events();
+            let mut seen = 0u64;
+            while count.is_none_or(|c| seen < c) {
+                let event = match timeout {
+                    Some(t) => events
+                        .recv_timeout(t)
+                        .map_err(|_| format!("no event within {}", humantime(t)))?,
+                    None => events.recv().map_err(|_| "the connection closed")?,
+                };
+                if let HostEvent::NamespacesChanged { .. } | HostEvent::AsyncEvent(_) = event {
+                    seen += 1;
+                }
+                writeln!(out, "{event}")?;
+                out.flush()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bench(host: &Host, b: BenchArgs, out: &mut impl Write) -> Result<(), CliError> {
+    let cfg = BenchConfig {
+        nsid: Nsid(b.ns),
+        pattern: b.rw,
+        block_size: usize::try_from(b.bs).map_err(|_| "--bs is too large")?,
+        queue_depth: b.qd,
+        duration: b.time,
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(b.time.as_millis() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let progress = |elapsed: Duration, ios: u64| {
+        if let Some(bar) = &bar {
+            bar.set_position(elapsed.as_millis() as u64);
+            let iops = ios as f64 / elapsed.as_secs_f64().max(1e-9);
+            bar.set_message(format!("{iops:.0} IOPS"));
+        }
+    };
+    let report = host::bench::run(host, &cfg, &progress);
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let report = report?;
+    if b.json {
+        writeln!(out, "{}", report.to_json())?;
+    } else {
+        writeln!(
+            out,
+            "{} {} qd={} on {} ({})",
+            b.rw,
+            Bytes(b.bs),
+            b.qd,
+            host.uri(),
+            host.transport()
+        )?;
+        writeln!(out, "{report}")?;
+    }
+    Ok(())
+}
+
+/// Parses sizes such as `4096`, `4k`, `64KiB`, `1m`, `2G`.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 4k, 64KiB, 1m)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (k, m, g)")),
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err(format!("{text:?}: size must be more than zero")),
+        Some(v) => Ok(v),
+        None => Err(format!("{text:?} is too large")),
+    }
+}
+
+/// Parses durations such as `30s`, `500ms`, `2m`, `1h`, or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 30s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "us" => n / 1e6,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+        return Err(format!("{text:?}: must be more than zero"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn humantime(d: Duration) -> String {
+    format!("{:.3}s", d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("hostctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_commands() {
+        let cli = parse(&[
+            "--target",
+            "127.0.0.1:4520",
+            "read",
+            "--ns",
+            "1",
+            "--lba",
+            "8",
+            "--blocks",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(cli.target, "127.0.0.1:4520");
+        assert_eq!(cli.timeout, Duration::from_secs(30));
+        match cli.command {
+            Command::Read { at, output } => {
+                assert_eq!((at.at.ns, at.at.lba, at.blocks), (1, 8, 2));
+                assert!(output.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = parse(&[
+            "-t",
+            "x:1",
+            "--timeout",
+            "500ms",
+            "write",
+            "--ns",
+            "2",
+            "--lba",
+            "0",
+            "--pad",
+            "--fua",
+            "-i",
+            "f",
+        ])
+        .unwrap();
+        assert_eq!(cli.timeout, Duration::from_millis(500));
+        assert!(matches!(
+            cli.command,
+            Command::Write {
+                pad: true,
+                fua: true,
+                ..
+            }
+        ));
+        let cli = parse(&[
+            "-t", "x:1", "bench", "--ns", "1", "--rw", "randrw", "--bs", "64k", "--qd", "4", "--time", "2s", "--json",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Bench(b) => {
+                assert_eq!(
+                    (b.rw, b.bs, b.qd, b.time, b.json),
+                    (Pattern::RandRw, 65536, 4, Duration::from_secs(2), true)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(&["-t", "x:1", "watch", "--count", "1"]).unwrap().command,
+            Command::Watch {
+                count: Some(1),
+                timeout: None
+            }
+        ));
+        assert!(matches!(
+            parse(&["-t", "x:1", "write-zeroes", "--ns", "1", "--lba", "0", "--blocks", "9"])
+                .unwrap()
+                .command,
+            Command::WriteZeroes { .. }
+        ));
+        assert!(matches!(
+            parse(&["-t", "x:1", "identify", "--ns", "3"]).unwrap().command,
+            Command::Identify { ns: Some(3) }
+        ));
+    }
+
+    #[test]
+    fn refuses_bad_input() {
+        for bad in [
+            &["list"][..],
+            &["-t", "x:1"],
+            &["-t", "x:1", "read", "--ns", "1", "--lba", "0"],
+            &["-t", "x:1", "read", "--ns", "x", "--lba", "0", "--blocks", "1"],
+            &["-t", "x:1", "bench", "--ns", "1", "--rw", "sideways"],
+            &["-t", "x:1", "bench", "--ns", "1", "--bs", "4q"],
+            &["-t", "x:1", "--timeout", "soon", "list"],
+            &["-t", "x:1", "frobnicate"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("1m"), Ok(1 << 20));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("k").is_err());
+        assert!(parse_size("99999999999999g").is_err());
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
+    }
+
+    #[test]
+    fn help_teaches_with_examples() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Examples:"));
+        assert!(help.contains("bench --ns 1 --rw randread"));
+    }
+}

@@ -1,0 +1,359 @@
+//! Runtime-free async plumbing: a thread-parking `block_on`, one timer
+//! thread per host that wakes futures at deadlines, an async lock and
+//! `join_all`. The blocking API is `block_on` over the async one.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::{JoinHandle, Thread};
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+
+/// Runs a future to completion on the calling thread, parking it between
+/// polls.
+pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
+    struct Unpark(Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let mut fut = std::pin::pin!(fut);
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+/// Wakes registered wakers at their deadlines, from one thread.
+#[derive(Debug)]
+pub(crate) struct Timer {
+    shared: Arc<TimerShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug, Default)]
+struct TimerShared {
+    state: Mutex<TimerState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct TimerState {
+    heap: BinaryHeap<Entry>,
+    seq: u64,
+    stop: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    at: Instant,
+    seq: u64,
+    waker: Waker,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Entry {
+    // Reversed: the heap pops the earliest deadline first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+impl Timer {
+    /// Starts the timer thread.
+    pub(crate) fn start() -> std::io::Result<Timer> {
+        let shared = Arc::new(TimerShared::default());
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("chanio-host-timer".into())
+                .spawn(move || shared.run())?
+        };
+        Ok(Timer {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Wakes `waker` once `at` has passed. Returns false, registering
+    /// nothing, once the timer is stopped: callers then treat the deadline
+    /// as reached rather than wait for a wake that never comes.
+    #[must_use]
+    pub(crate) fn wake_at(&self, at: Instant, waker: &Waker) -> bool {
+        let mut st = self.shared.state.lock();
+        if st.stop {
+            return false;
+        }
+        st.seq += 1;
+        let seq = st.seq;
+        let earliest = match st.heap.peek() {
+            Some(e) => at < e.at,
+            None => true,
+        };
+        st.heap.push(Entry {
+            at,
+            seq,
+            waker: waker.clone(),
+        });
+        if earliest {
+            self.shared.cv.notify_one();
+        }
+        true
+    }
+
+    /// A future that is ready once `at` has passed.
+    pub(crate) fn sleep_until(&self, at: Instant) -> Sleep<'_> {
+        Sleep {
+            timer: self,
+            at,
+            armed: false,
+        }
+    }
+
+    /// Stops the thread, waking everything still registered.
+    pub(crate) fn stop(&self) {
+        let entries = {
+            let mut st = self.shared.state.lock();
+            st.stop = true;
+            self.shared.cv.notify_one();
+            std::mem::take(&mut st.heap)
+        };
+        for e in entries {
+            e.waker.wake();
+        }
+        if let Some(t) = self.thread.lock().take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl TimerShared {
+    fn run(&self) {
+        let mut st = self.state.lock();
+        loop {
+            if st.stop {
+                return;
+            }
+            let now = Instant::now();
+            let mut due = Vec::new();
+            while st.heap.peek().is_some_and(|e| e.at <= now) {
+                if let Some(e) = st.heap.pop() {
+                    due.push(e.waker);
+                }
+            }
+            if !due.is_empty() {
+                drop(st);
+                due.into_iter().for_each(Waker::wake);
+                st = self.state.lock();
+                continue;
+            }
+            match st.heap.peek().map(|e| e.at) {
+                Some(at) => {
+                    self.cv.wait_until(&mut st, at);
+                }
+                None => self.cv.wait(&mut st),
+            }
+        }
+    }
+}
+
+/// See [`Timer::sleep_until`].
+#[derive(Debug)]
+pub(crate) struct Sleep<'a> {
+    timer: &'a Timer,
+    at: Instant,
+    armed: bool,
+}
+
+impl Future for Sleep<'_> {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if Instant::now() >= self.at {
+            return Poll::Ready(());
+        }
+        if !self.armed {
+            self.armed = true;
+            if !self.timer.wake_at(self.at, cx.waker()) {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Polls `fut` until it finishes or `at` passes (`None`): the timer wakes
+/// the task at the deadline.
+pub(crate) async fn deadline<F: Future>(timer: &Timer, at: Option<Instant>, fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut armed = false;
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        match at {
+            Some(at) if Instant::now() >= at => Poll::Ready(None),
+            Some(at) => {
+                if !armed {
+                    armed = true;
+                    if !timer.wake_at(at, cx.waker()) {
+                        return Poll::Ready(None);
+                    }
+                }
+                Poll::Pending
+            }
+            None => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// A lock held across await points (the per-queue submit lock: a capsule
+/// and its data pushes must not interleave with another command's).
+#[derive(Debug, Default)]
+pub(crate) struct AsyncLock {
+    state: Mutex<LockState>,
+}
+
+#[derive(Debug, Default)]
+struct LockState {
+    locked: bool,
+    waiters: Vec<Waker>,
+}
+
+impl AsyncLock {
+    /// Waits for the lock.
+    pub(crate) fn lock(&self) -> impl Future<Output = AsyncLockGuard<'_>> {
+        std::future::poll_fn(move |cx| {
+            let mut st = self.state.lock();
+            if st.locked {
+                if !st.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                    st.waiters.push(cx.waker().clone());
+                }
+                Poll::Pending
+            } else {
+                st.locked = true;
+                Poll::Ready(AsyncLockGuard { lock: self })
+            }
+        })
+    }
+}
+
+/// Holds an [`AsyncLock`]; dropping it releases the lock.
+#[derive(Debug)]
+pub(crate) struct AsyncLockGuard<'a> {
+    lock: &'a AsyncLock,
+}
+
+impl Drop for AsyncLockGuard<'_> {
+    fn drop(&mut self) {
+        let waiters = {
+            let mut st = self.lock.state.lock();
+            st.locked = false;
+            std::mem::take(&mut st.waiters)
+        };
+        waiters.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// Runs futures concurrently; outputs in input order.
+pub(crate) async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(move |cx| {
+        let mut pending = false;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *o = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(out.iter_mut().filter_map(Option::take).collect())
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn sleeps_and_deadlines() {
+        let timer = Timer::start().unwrap();
+        let t0 = Instant::now();
+        block_on(timer.sleep_until(t0 + Duration::from_millis(30)));
+        assert!(t0.elapsed() >= Duration::from_millis(30));
+        let never = std::future::pending::<()>();
+        let t1 = Instant::now();
+        assert_eq!(
+            block_on(deadline(&timer, Some(t1 + Duration::from_millis(20)), never)),
+            None
+        );
+        assert!(t1.elapsed() >= Duration::from_millis(20));
+        assert_eq!(block_on(deadline(&timer, None, async { 7 })), Some(7));
+        timer.stop();
+        // A stopped timer ends waits at once instead of never.
+        block_on(timer.sleep_until(Instant::now() + Duration::from_secs(60)));
+        let never = std::future::pending::<()>();
+        assert_eq!(
+            block_on(deadline(&timer, Some(Instant::now() + Duration::from_secs(60)), never)),
+            None
+        );
+    }
+
+    #[test]
+    fn lock_excludes_and_join_orders() {
+        let lock = AsyncLock::default();
+        let counter = Mutex::new((0u32, 0u32));
+        let timer = Timer::start().unwrap();
+        let work = |i: u32| {
+            let (lock, counter, timer) = (&lock, &counter, &timer);
+            async move {
+                let _g = lock.lock().await;
+                {
+                    let mut c = counter.lock();
+                    c.0 += 1;
+                    c.1 = c.1.max(c.0);
+                }
+                timer.sleep_until(Instant::now() + Duration::from_millis(2)).await;
+                counter.lock().0 -= 1;
+                i * 10
+            }
+        };
+        let out = block_on(join_all((0..5).map(work).collect()));
+        assert_eq!(out, vec![0, 10, 20, 30, 40]);
+        assert_eq!(counter.lock().1, 1, "never two holders at once");
+        timer.stop();
+    }
+}

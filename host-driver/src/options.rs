@@ -1,0 +1,392 @@
+//! Connection options and target URIs.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use iounit::nvme::{HostId, Nqn};
+use iounit::transport;
+
+use crate::HostError;
+
+/// Largest number of I/O queues a host asks for.
+pub const MAX_IO_QUEUES: u16 = 64;
+
+/// How a [`Host`](crate::Host) connects and behaves. `Default` gives
+/// sensible values; change fields as needed:
+///
+/// ```
+/// use std::time::Duration;
+/// let opts = host::HostOptions {
+///     io_queues: 4,
+///     command_timeout: Duration::from_secs(5),
+///     ..host::HostOptions::default()
+/// };
+/// assert!(opts.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostOptions {
+    /// This host's NQN, sent in every Connect. The default is derived from
+    /// the machine's hostname (see [`default_hostnqn`]).
+    pub hostnqn: String,
+    /// The subsystem to connect to.
+    pub subnqn: String,
+    /// I/O queues to ask for; the I/O unit may grant fewer (Set Features,
+    /// Number of Queues), and the host uses what it grants.
+    pub io_queues: u16,
+    /// Entries per I/O queue: commands in flight per queue.
+    pub queue_depth: u16,
+    /// How long one call (all its commands, retries included) may take.
+    pub command_timeout: Duration,
+    /// Keep Alive Timeout announced to the I/O unit; a Keep Alive is sent
+    /// every half of it. Zero disables keep alive.
+    pub keep_alive: Duration,
+    /// After a connection loss, how long commands wait for the host to
+    /// reconnect before failing with [`HostError::ConnectionLost`].
+    pub reconnect_deadline: Duration,
+    /// How long setting up one queue (TCP connection and Fabrics Connect)
+    /// may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for HostOptions {
+    fn default() -> Self {
+        HostOptions {
+            hostnqn: default_hostnqn(),
+            subnqn: iounit::target::DEFAULT_NQN.to_string(),
+            io_queues: 1,
+            queue_depth: 32,
+            command_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(10),
+            reconnect_deadline: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl HostOptions {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// [`HostError::InvalidArgument`] naming the first bad field.
+    pub fn validate(&self) -> Result<(), HostError> {
+        let bad = |msg: String| Err(HostError::InvalidArgument(msg));
+        if let Err(e) = Nqn::new(self.hostnqn.clone()) {
+            return bad(format!("host NQN {:?}: {e}", self.hostnqn));
+        }
+        if let Err(e) = Nqn::new(self.subnqn.clone()) {
+            return bad(format!("subsystem NQN {:?}: {e}", self.subnqn));
+        }
+        if self.io_queues == 0 || self.io_queues > MAX_IO_QUEUES {
+            return bad(format!("io_queues {} is outside 1..={MAX_IO_QUEUES}", self.io_queues));
+        }
+        if self.queue_depth < 2 || self.queue_depth > transport::MAX_QUEUE_DEPTH {
+            return bad(format!(
+                "queue_depth {} is outside 2..={}",
+                self.queue_depth,
+                transport::MAX_QUEUE_DEPTH
+            ));
+        }
+        if self.command_timeout.is_zero() {
+            return bad("command_timeout must be more than zero".into());
+        }
+        if self.connect_timeout.is_zero() {
+            return bad("connect_timeout must be more than zero".into());
+        }
+        if !self.keep_alive.is_zero() && self.keep_alive < Duration::from_millis(100) {
+            return bad(format!(
+                "keep_alive {:?} is below 100ms (use 0 to disable)",
+                self.keep_alive
+            ));
+        }
+        if self.keep_alive.as_millis() > u128::from(u32::MAX) {
+            return bad(format!(
+                "keep_alive {:?} does not fit KATO (32-bit milliseconds)",
+                self.keep_alive
+            ));
+        }
+        Ok(())
+    }
+
+    /// KATO in milliseconds.
+    pub(crate) fn kato_ms(&self) -> u32 {
+        u32::try_from(self.keep_alive.as_millis()).unwrap_or(u32::MAX)
+    }
+}
+
+/// The transport a [`TargetUri`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Transport {
+    /// The tcp fabric provider.
+    Tcp,
+}
+
+impl Transport {
+    /// The scheme / provider name (`"tcp"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// A parsed target address: `tcp://HOST:PORT`, or `HOST:PORT` for tcp.
+///
+/// ```
+/// let uri: host::TargetUri = "127.0.0.1:4520".parse().unwrap();
+/// assert_eq!(uri.to_string(), "tcp://127.0.0.1:4520");
+/// assert!("rdma://10.0.0.1:4420".parse::<host::TargetUri>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TargetUri {
+    transport: Transport,
+    addr: String,
+}
+
+impl TargetUri {
+    /// Parses a URI.
+    ///
+    /// # Errors
+    /// [`HostError::InvalidUri`] for an unknown or not yet available scheme,
+    /// or an address that is not `HOST:PORT`.
+    pub fn parse(uri: &str) -> Result<TargetUri, HostError> {
+        let bad = |reason: String| HostError::InvalidUri {
+            uri: uri.to_string(),
+            reason,
+        };
+        let uri_trimmed = uri.trim();
+        let (scheme, addr) = match uri_trimmed.split_once("://") {
+            Some((scheme, addr)) => (scheme.to_ascii_lowercase(), addr),
+            None => ("tcp".to_string(), uri_trimmed),
+        };
+        let transport = match scheme.as_str() {
+            "tcp" => Transport::Tcp,
+            "shm" | "rdma" | "auto" => {
+                return Err(bad(format!(
+                    "transport {scheme}:// is not available yet; use tcp://HOST:PORT"
+                )))
+            }
+            other => return Err(bad(format!("unknown transport {other:?}; use tcp://HOST:PORT"))),
+        };
+        let addr = addr.trim_end_matches('/');
+        let (host, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| bad("missing port; expected HOST:PORT, e.g. tcp://127.0.0.1:4520".into()))?;
+        let host_ok = if let Some(inner) = host.strip_prefix('[') {
+            inner.ends_with(']') && inner.len() > 1
+        } else {
+            !host.is_empty() && !host.contains(':') && !host.contains('/')
+        };
+        if !host_ok {
+            return Err(bad(format!("{host:?} is not a host name or address")));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p != 0 => {}
+            _ => return Err(bad(format!("port {port:?} is not a number in 1..=65535"))),
+        }
+        Ok(TargetUri {
+            transport,
+            addr: addr.to_string(),
+        })
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// The provider address (`HOST:PORT`).
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+}
+
+impl fmt::Display for TargetUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.transport.name(), self.addr)
+    }
+}
+
+impl FromStr for TargetUri {
+    type Err = HostError;
+
+    fn from_str(s: &str) -> Result<TargetUri, HostError> {
+        TargetUri::parse(s)
+    }
+}
+
+/// The default host NQN: `nqn.2014-08.org.nvmexpress:uuid:` and a stable
+/// UUID-shaped hash of the machine's hostname, so that one machine always
+/// presents the same identity.
+pub fn default_hostnqn() -> String {
+    format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid_text(&host_uuid(&hostname())))
+}
+
+/// The host identifier sent in Connect: the same 16 bytes as the UUID in the
+/// default host NQN, or a hash of a custom NQN.
+pub(crate) fn host_id(hostnqn: &str) -> HostId {
+    match hostnqn
+        .strip_prefix("nqn.2014-08.org.nvmexpress:uuid:")
+        .and_then(parse_uuid)
+    {
+        Some(bytes) => HostId(bytes),
+        None => HostId(host_uuid(hostnqn)),
+    }
+}
+
+fn hostname() -> String {
+    for path in ["/proc/sys/kernel/hostname", "/etc/hostname"] {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let name = text.trim();
+            if !name.is_empty() {
+                return name.to_string();
+            }
+        }
+    }
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".to_string())
+}
+
+/// 16 stable bytes from a name (two FNV-1a passes), shaped as a version 4,
+/// variant 1 UUID.
+fn host_uuid(name: &str) -> [u8; 16] {
+    let fnv = |seed: u64| {
+        name.bytes()
+            .fold(seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    };
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&fnv(0xcbf2_9ce4_8422_2325).to_be_bytes());
+    b[8..].copy_from_slice(&fnv(0x6c62_272e_07bb_0142).to_be_bytes());
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    b
+}
+
+fn uuid_text(b: &[u8; 16]) -> String {
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+fn parse_uuid(text: &str) -> Option<[u8; 16]> {
+    let hex: String = text.chars().filter(|&c| c != '-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut b = [0u8; 16];
+    for (i, byte) in b.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        let u = TargetUri::parse("tcp://127.0.0.1:4520").unwrap();
+        assert_eq!(u.transport(), Transport::Tcp);
+        assert_eq!(u.addr(), "127.0.0.1:4520");
+        assert_eq!(
+            TargetUri::parse("localhost:1").unwrap().to_string(),
+            "tcp://localhost:1"
+        );
+        assert_eq!(TargetUri::parse("TCP://[::1]:9/").unwrap().addr(), "[::1]:9");
+        for bad in [
+            "",
+            "tcp://",
+            "tcp://host",
+            "tcp://:80",
+            "tcp://h:0",
+            "tcp://h:99999",
+            "tcp://h:x",
+            "udp://h:1",
+            "a:b:c",
+        ] {
+            assert!(TargetUri::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        let e = TargetUri::parse("rdma://10.0.0.1:4420").unwrap_err().to_string();
+        assert!(e.contains("not available yet"), "{e}");
+        let e = TargetUri::parse("shm://x:1").unwrap_err().to_string();
+        assert!(e.contains("shm://"), "{e}");
+    }
+
+    #[test]
+    fn default_options_are_valid() {
+        let opts = HostOptions::default();
+        opts.validate().unwrap();
+        assert_eq!(opts.subnqn, "nqn.2026-11.io.chanio:iounit");
+        assert_eq!(opts.kato_ms(), 10_000);
+        assert!(Nqn::new(opts.hostnqn.clone()).is_ok());
+        assert_eq!(default_hostnqn(), default_hostnqn(), "stable");
+    }
+
+    #[test]
+    fn bad_options_are_named() {
+        let cases: Vec<(HostOptions, &str)> = vec![
+            (
+                HostOptions {
+                    hostnqn: "host".into(),
+                    ..HostOptions::default()
+                },
+                "host NQN",
+            ),
+            (
+                HostOptions {
+                    io_queues: 0,
+                    ..HostOptions::default()
+                },
+                "io_queues",
+            ),
+            (
+                HostOptions {
+                    queue_depth: 5000,
+                    ..HostOptions::default()
+                },
+                "queue_depth",
+            ),
+            (
+                HostOptions {
+                    command_timeout: Duration::ZERO,
+                    ..HostOptions::default()
+                },
+                "command_timeout",
+            ),
+            (
+                HostOptions {
+                    keep_alive: Duration::from_millis(5),
+                    ..HostOptions::default()
+                },
+                "keep_alive",
+            ),
+        ];
+        for (opts, field) in cases {
+            let e = opts.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e} should name {field}");
+        }
+        let off = HostOptions {
+            keep_alive: Duration::ZERO,
+            ..HostOptions::default()
+        };
+        assert!(off.validate().is_ok());
+    }
+
+    #[test]
+    fn host_ids_follow_the_nqn() {
+        let u = host_uuid("box");
+        let nqn = format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid_text(&u));
+        assert_eq!(host_id(&nqn).0, u);
+        assert_eq!(u[6] >> 4, 4, "version 4");
+        assert_eq!(parse_uuid(&uuid_text(&u)), Some(u));
+        assert_eq!(parse_uuid("xyz"), None);
+        assert_ne!(host_id("nqn.a").0, host_id("nqn.b").0);
+    }
+}

@@ -1,0 +1,655 @@
+//! One NVMe queue: a messaging channel, the table of commands in flight on
+//! it, and the receiver thread that completes them.
+//!
+//! ```text
+//!  caller future                       receiver thread
+//!  ─────────────                       ───────────────
+//!  acquire slot (CID) ──▶ slots ◀───── Direct{tag}: data into the slot
+//!  expose read buffer      │    ◀───── CQE: slot removed, cell completed
+//!  send capsule (+ pushes) │    ◀───── channel closed: every slot fails (Lost)
+//!  wait on the cell ◀──────┘
+//! ```
+//!
+//! A command's slot, and with it its CID, lives until its CQE arrives or the
+//! channel closes, even when the caller gave up (timeout or a dropped
+//! future): the slot is then marked ignored, so its CID is not reused and a
+//! buffer the I/O unit may still write to stays out of reach. Buffers that
+//! stay exposed because a command failed are kept as spares and reused by
+//! later reads on the same queue.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use iounit::nvme::fabrics::CONNECT_DATA_LEN;
+use iounit::nvme::{CommandId, Connect, ConnectData, ConnectResponse, Cqe, Sgl, Sqe};
+use iounit::transport;
+use messaging::mr::{Access, Buf, BufPool};
+use messaging::provider::tcp::TcpFabric;
+use messaging::provider::Fabric;
+use messaging::{DirectTarget, Endpoint, ReceivedKind, Ticket};
+use parking_lot::Mutex;
+use slab::Slab;
+
+use crate::buf::BufCache;
+use crate::command::{Op, OpData};
+use crate::exec::{self, AsyncLock, Timer};
+use crate::HostError;
+
+/// Staging buffers per queue for pushed write data.
+const PUSH_BUFFERS: usize = 8;
+
+/// A completed command: its CQE and, for reads, the buffer holding the data
+/// (its length is the bytes the I/O unit pushed).
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) cqe: Cqe,
+    pub(crate) data: Option<Buf>,
+}
+
+/// Why a command did not complete.
+#[derive(Debug)]
+pub(crate) enum ExecError {
+    /// The channel closed: the command may be re-issued on a new connection.
+    Lost,
+    /// The deadline passed.
+    Timeout,
+    /// A local failure that retrying will not fix.
+    Host(HostError),
+}
+
+/// What opening a queue needs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueParams<'a> {
+    pub(crate) fabric: &'a TcpFabric,
+    pub(crate) addr: &'a str,
+    pub(crate) depth: u16,
+    pub(crate) kato_ms: u32,
+    pub(crate) data: &'a ConnectData,
+    pub(crate) timeout: Duration,
+    pub(crate) generation: u64,
+}
+
+/// One queue of a controller.
+pub(crate) struct Queue {
+    pub(crate) qid: u16,
+    pub(crate) generation: u64,
+    ep: Endpoint,
+    depth: usize,
+    fabric: TcpFabric,
+    submit: AsyncLock,
+    pushes: Mutex<VecDeque<Ticket>>,
+    push_pool: Mutex<Option<BufPool>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    slots: Slab<Slot>,
+    /// Exposure tag → commands using it, oldest first. The channel frees a
+    /// tag when its data lands, possibly before this queue's receiver saw
+    /// that data, so a new exposure may reuse the tag while the old command
+    /// still waits for its data: deliveries go to the oldest user.
+    tags: HashMap<u16, VecDeque<usize>>,
+    spare: Vec<Exposure>,
+    closed: bool,
+    waiters: Vec<Waker>,
+}
+
+struct Slot {
+    cell: Arc<Cell>,
+    exposure: Option<Exposure>,
+    data: Option<Buf>,
+    ignored: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Exposure {
+    target: DirectTarget,
+    capacity: usize,
+}
+
+/// Where a command's completion lands for its waiter.
+#[derive(Default)]
+struct Cell {
+    inner: Mutex<CellInner>,
+}
+
+#[derive(Default)]
+struct CellInner {
+    result: Option<Result<Reply, ()>>,
+    waker: Option<Waker>,
+}
+
+impl Cell {
+    fn complete(&self, result: Result<Reply, ()>) {
+        let waker = {
+            let mut inner = self.inner.lock();
+            inner.result = Some(result);
+            inner.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn try_take(&self) -> Option<Result<Reply, ()>> {
+        self.inner.lock().result.take()
+    }
+
+    fn wait(&self) -> impl Future<Output = Result<Reply, ()>> + '_ {
+        std::future::poll_fn(move |cx| {
+            let mut inner = self.inner.lock();
+            match inner.result.take() {
+                Some(r) => Poll::Ready(r),
+                None => {
+                    inner.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+    }
+}
+
+/// Submission progress, to know what a cancelled submission left behind.
+const NOT_SENT: u8 = 0;
+const CAPSULE_SENT: u8 = 1;
+const ALL_SENT: u8 = 2;
+
+impl Queue {
+    /// Opens the channel of queue `qid` and runs the Fabrics Connect
+    /// exchange. Returns the queue and the controller ID.
+    ///
+    /// # Errors
+    /// Messaging errors, [`HostError::Timeout`] when no answer comes within
+    /// `timeout`, [`HostError::Nvme`] when the I/O unit refuses.
+    pub(crate) fn connect(p: &QueueParams<'_>, qid: u16) -> Result<(Queue, u16), HostError> {
+        let QueueParams {
+            fabric,
+            addr,
+            depth,
+            kato_ms,
+            data,
+            timeout,
+            generation,
+        } = *p;
+        let ep = Endpoint::connect(fabric, addr, transport::host_channel(depth))?;
+        let result = connect_exchange(&ep, qid, depth, kato_ms, data, timeout);
+        match result {
+            Ok(cntlid) => Ok((
+                Queue {
+                    qid,
+                    generation,
+                    ep,
+                    depth: usize::from(depth),
+                    fabric: fabric.clone(),
+                    submit: AsyncLock::default(),
+                    pushes: Mutex::new(VecDeque::new()),
+                    push_pool: Mutex::new(None),
+                    state: Mutex::new(State::default()),
+                },
+                cntlid,
+            )),
+            Err(e) => {
+                ep.close();
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the receiver thread; `on_lost` runs once the channel closed
+    /// and every command in flight failed.
+    pub(crate) fn spawn_receiver(
+        self: &Arc<Self>,
+        on_lost: Arc<dyn Fn(u64) + Send + Sync>,
+    ) -> Result<std::thread::JoinHandle<()>, HostError> {
+        let queue = self.clone();
+        let name = format!("chanio-host-q{}", self.qid);
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                queue.receive_loop();
+                on_lost(queue.generation);
+            })
+            .map_err(|source| HostError::Thread { name, source })
+    }
+
+    /// Closes the channel: every command in flight fails with `Lost`.
+    pub(crate) fn close(&self) {
+        self.ep.close();
+    }
+
+    /// Whether the channel is closed.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.lock().closed || self.ep.close_reason().is_some()
+    }
+
+    /// Runs one command: takes a CID, exposes the read destination
+    /// (`read_buf`, a spare exposure or one from `cache`), sends the capsule
+    /// and any pushed data, and waits for the completion until `deadline`.
+    pub(crate) async fn execute(
+        &self,
+        op: &Op<'_>,
+        read_buf: Option<Buf>,
+        cache: &BufCache,
+        deadline: Option<Instant>,
+        timer: &Timer,
+    ) -> Result<Reply, ExecError> {
+        let cell = Arc::new(Cell::default());
+        let cid = match exec::deadline(timer, deadline, self.acquire(&cell)).await {
+            None => return Err(ExecError::Timeout),
+            Some(Err(())) => return Err(ExecError::Lost),
+            Some(Ok(cid)) => cid,
+        };
+        let stage = AtomicU8::new(NOT_SENT);
+        let mut guard = SlotGuard {
+            queue: self,
+            cid,
+            cell: &cell,
+            stage: &stage,
+            done: false,
+        };
+        let mut sqe = op.sqe;
+        sqe.command_id = CommandId(cid as u16);
+        let sgl = match &op.data {
+            OpData::None => Sgl::KeyedDataBlock {
+                addr: 0,
+                len: 0,
+                key: 0,
+            },
+            OpData::Out(d) if d.len() <= transport::INLINE_DATA_MAX => Sgl::DataBlockOffset {
+                offset: 0,
+                len: d.len() as u32,
+            },
+            OpData::Out(d) => Sgl::TransportDataBlock {
+                len: u32::try_from(d.len()).map_err(|_| too_long(d.len()))?,
+            },
+            OpData::In(len) => {
+                let exposure = self.expose(cid, *len, read_buf, cache).map_err(ExecError::Host)?;
+                transport::set_transfer_tag(&mut sqe, exposure.target.tag);
+                Sgl::KeyedDataBlock {
+                    addr: exposure.target.remote.addr,
+                    len: u32::try_from(*len).map_err(|_| too_long(*len))?,
+                    key: exposure.target.remote.rkey.0,
+                }
+            }
+        };
+        sqe.set_sgl(&sgl).map_err(|e| ExecError::Host(e.into()))?;
+        match exec::deadline(timer, deadline, self.submit(&sqe, &op.data, &stage, timer)).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Err(ExecError::Timeout),
+        }
+        match exec::deadline(timer, deadline, cell.wait()).await {
+            Some(r) => {
+                guard.done = true;
+                r.map_err(|()| ExecError::Lost)
+            }
+            None => match cell.try_take() {
+                Some(r) => {
+                    guard.done = true;
+                    r.map_err(|()| ExecError::Lost)
+                }
+                None => Err(ExecError::Timeout),
+            },
+        }
+    }
+
+    fn acquire<'a>(&'a self, cell: &'a Arc<Cell>) -> impl Future<Output = Result<usize, ()>> + 'a {
+        std::future::poll_fn(move |cx| {
+            let mut st = self.state.lock();
+            if st.closed {
+                return Poll::Ready(Err(()));
+            }
+            if st.slots.len() < self.depth {
+                return Poll::Ready(Ok(st.slots.insert(Slot {
+                    cell: cell.clone(),
+                    exposure: None,
+                    data: None,
+                    ignored: false,
+                })));
+            }
+            if !st.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                st.waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+
+    fn expose(&self, cid: usize, len: usize, read_buf: Option<Buf>, cache: &BufCache) -> Result<Exposure, HostError> {
+        let spare = if read_buf.is_none() {
+            let mut st = self.state.lock();
+            let best = st
+                .spare
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.capacity >= len)
+                .min_by_key(|(_, e)| e.capacity)
+                .map(|(i, _)| i);
+            best.map(|i| st.spare.swap_remove(i))
+        } else {
+            None
+        };
+        let exposure = match spare {
+            Some(e) => e,
+            None => {
+                let buf = match read_buf {
+                    Some(b) => b,
+                    None => cache.checkout(len)?,
+                };
+                let capacity = buf.capacity();
+                Exposure {
+                    target: self.ep.expose(buf)?,
+                    capacity,
+                }
+            }
+        };
+        let mut st = self.state.lock();
+        if st.closed {
+            return Err(HostError::Messaging(messaging::Error::Closed(
+                messaging::CloseReason::Disconnected,
+            )));
+        }
+        st.tags.entry(exposure.target.tag).or_default().push_back(cid);
+        if let Some(slot) = st.slots.get_mut(cid) {
+            slot.exposure = Some(exposure);
+        }
+        Ok(exposure)
+    }
+
+    async fn submit(&self, sqe: &Sqe, data: &OpData<'_>, stage: &AtomicU8, timer: &Timer) -> Result<(), ExecError> {
+        let inline: &[u8] = match data {
+            OpData::Out(d) if d.len() <= transport::INLINE_DATA_MAX => d,
+            _ => &[],
+        };
+        let mut capsule = Vec::with_capacity(iounit::nvme::SQE_LEN + inline.len());
+        transport::encode_capsule(sqe, inline, &mut capsule).map_err(|e| ExecError::Host(e.into()))?;
+        let _lock = self.submit.lock().await;
+        let ticket = self.ep.send_async(&capsule).await.map_err(|e| self.send_failed(e))?;
+        drop(ticket);
+        stage.store(CAPSULE_SENT, Ordering::Release);
+        if let OpData::Out(d) = data {
+            if d.len() > transport::INLINE_DATA_MAX {
+                let chunk = self.ep.max_push();
+                if chunk == 0 {
+                    return Err(ExecError::Host(HostError::Protocol(
+                        "the I/O unit granted no slots for write data".into(),
+                    )));
+                }
+                for (off, len) in transport::push_chunks(d.len(), chunk) {
+                    let mut buf = self.push_buf(timer).await?;
+                    buf.fill(&d[off..off + len])
+                        .map_err(|cap| ExecError::Host(HostError::Protocol(format!("push chunk above {cap} bytes"))))?;
+                    let t = self.ep.push_buf_async(buf).await.map_err(|e| self.send_failed(e))?;
+                    self.pushes.lock().push_back(t);
+                }
+            }
+        }
+        stage.store(ALL_SENT, Ordering::Release);
+        Ok(())
+    }
+
+    fn send_failed(&self, e: messaging::Error) -> ExecError {
+        match e {
+            messaging::Error::Closed(_) | messaging::Error::Transfer(_) => ExecError::Lost,
+            e => {
+                // The stream may hold half a command: start over on a new channel.
+                self.ep.close();
+                ExecError::Host(e.into())
+            }
+        }
+    }
+
+    /// A staging buffer for pushed data, waiting for earlier pushes of this
+    /// queue to complete when all are in use.
+    async fn push_buf(&self, timer: &Timer) -> Result<Buf, ExecError> {
+        let pool = {
+            let mut slot = self.push_pool.lock();
+            match &*slot {
+                Some(p) => p.clone(),
+                None => {
+                    let p = self
+                        .fabric
+                        .domain()
+                        .register(self.ep.max_push(), PUSH_BUFFERS, Access::LOCAL_WRITE)
+                        .map_err(|e| ExecError::Host(e.into()))?;
+                    *slot = Some(p.clone());
+                    p
+                }
+            }
+        };
+        loop {
+            if let Some(b) = pool.checkout() {
+                return Ok(b);
+            }
+            let oldest = self.pushes.lock().pop_front();
+            match oldest {
+                Some(t) => {
+                    let _ = t.completion().await;
+                }
+                None => timer.sleep_until(Instant::now() + Duration::from_millis(1)).await,
+            }
+            if self.is_closed() {
+                return Err(ExecError::Lost);
+            }
+        }
+    }
+
+    fn receive_loop(&self) {
+        loop {
+            let delivery = match self.ep.recv() {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::debug!(qid = self.qid, "queue channel closed: {e}");
+                    break;
+                }
+            };
+            match delivery.kind() {
+                ReceivedKind::Direct { tag } => {
+                    if let Ok(buf) = delivery.into_buf() {
+                        self.handle_data(tag, buf);
+                    }
+                }
+                ReceivedKind::Message => {
+                    let cqe = transport::decode_response(&delivery);
+                    drop(delivery);
+                    match cqe {
+                        Ok(cqe) => self.handle_cqe(cqe),
+                        Err(e) => {
+                            tracing::warn!(qid = self.qid, "closing queue: bad response capsule: {e}");
+                            self.ep.close();
+                        }
+                    }
+                }
+                ReceivedKind::Push => {
+                    tracing::warn!(
+                        qid = self.qid,
+                        "closing queue: the I/O unit pushed into a slot we never granted"
+                    );
+                    self.ep.close();
+                }
+            }
+        }
+        self.fail_all();
+    }
+
+    fn handle_data(&self, tag: u16, buf: Buf) {
+        let mut st = self.state.lock();
+        let Some(cid) = take_tag(&mut st.tags, tag, None) else {
+            tracing::warn!(qid = self.qid, tag, "data for a transfer tag no command uses");
+            return;
+        };
+        if let Some(slot) = st.slots.get_mut(cid) {
+            slot.exposure = None;
+            if !slot.ignored {
+                slot.data = Some(buf);
+            }
+        }
+    }
+
+    fn handle_cqe(&self, cqe: Cqe) {
+        let cid = usize::from(cqe.command_id.0);
+        let (slot, waiters) = {
+            let mut st = self.state.lock();
+            let Some(slot) = st.slots.try_remove(cid) else {
+                tracing::warn!(qid = self.qid, cid, "completion for a command not in flight");
+                return;
+            };
+            if let Some(exposure) = slot.exposure {
+                // Not pushed to: the buffer is still exposed, keep it for reuse.
+                take_tag(&mut st.tags, exposure.target.tag, Some(cid));
+                st.spare.push(exposure);
+            }
+            (slot, std::mem::take(&mut st.waiters))
+        };
+        if !slot.ignored {
+            slot.cell.complete(Ok(Reply { cqe, data: slot.data }));
+        }
+        waiters.into_iter().for_each(Waker::wake);
+    }
+
+    fn fail_all(&self) {
+        let (slots, waiters) = {
+            let mut st = self.state.lock();
+            st.closed = true;
+            st.tags.clear();
+            st.spare.clear();
+            let slots: Vec<Slot> = st.slots.drain().collect();
+            (slots, std::mem::take(&mut st.waiters))
+        };
+        for slot in slots {
+            slot.cell.complete(Err(()));
+        }
+        waiters.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("qid", &self.qid)
+            .field("generation", &self.generation)
+            .field("depth", &self.depth)
+            .finish()
+    }
+}
+
+/// Cleans up a command's slot when its caller stops waiting early.
+struct SlotGuard<'a> {
+    queue: &'a Queue,
+    cid: usize,
+    cell: &'a Arc<Cell>,
+    stage: &'a AtomicU8,
+    done: bool,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let stage = self.stage.load(Ordering::Acquire);
+        if stage == CAPSULE_SENT {
+            // Half a command is on the wire: the channel's stream is unusable.
+            tracing::warn!(qid = self.queue.qid, "closing queue: a write's data push was abandoned");
+            self.queue.ep.close();
+            return;
+        }
+        let waiters = {
+            let mut st = self.queue.state.lock();
+            let ours = st.slots.get(self.cid).is_some_and(|s| Arc::ptr_eq(&s.cell, self.cell));
+            if !ours {
+                return;
+            }
+            if stage == ALL_SENT {
+                // The I/O unit may still answer, and write into the buffer:
+                // keep the CID and the buffer out of use until it does.
+                if let Some(slot) = st.slots.get_mut(self.cid) {
+                    slot.ignored = true;
+                    slot.data = None;
+                }
+                return;
+            }
+            let slot = st.slots.remove(self.cid);
+            if let Some(exposure) = slot.exposure {
+                take_tag(&mut st.tags, exposure.target.tag, Some(self.cid));
+                st.spare.push(exposure);
+            }
+            std::mem::take(&mut st.waiters)
+        };
+        waiters.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// Removes `cid` (or, with `None`, the oldest user) from `tag`'s users.
+fn take_tag(tags: &mut HashMap<u16, VecDeque<usize>>, tag: u16, cid: Option<usize>) -> Option<usize> {
+    let users = tags.get_mut(&tag)?;
+    let taken = match cid {
+        None => users.pop_front(),
+        Some(c) => {
+            let at = users.iter().position(|&u| u == c)?;
+            users.remove(at)
+        }
+    };
+    if users.is_empty() {
+        tags.remove(&tag);
+    }
+    taken
+}
+
+fn too_long(len: usize) -> ExecError {
+    ExecError::Host(HostError::InvalidArgument(format!(
+        "{len} bytes do not fit one command"
+    )))
+}
+
+fn connect_exchange(
+    ep: &Endpoint,
+    qid: u16,
+    depth: u16,
+    kato_ms: u32,
+    data: &ConnectData,
+    timeout: Duration,
+) -> Result<u16, HostError> {
+    let sqe = Connect::new(qid, u32::from(depth), kato_ms)?.to_sqe(
+        CommandId(0),
+        &Sgl::DataBlockOffset {
+            offset: 0,
+            len: CONNECT_DATA_LEN as u32,
+        },
+    )?;
+    let mut capsule = Vec::new();
+    transport::encode_capsule(&sqe, &data.encode(), &mut capsule)?;
+    drop(ep.send(&capsule)?);
+    let delivery = ep.recv_timeout(timeout).map_err(|e| match e {
+        messaging::Error::Timeout(_) => HostError::Timeout {
+            command: "Connect",
+            after: timeout,
+        },
+        e => e.into(),
+    })?;
+    if delivery.kind() != ReceivedKind::Message {
+        return Err(HostError::Protocol(format!(
+            "expected the Connect response, got {:?}",
+            delivery.kind()
+        )));
+    }
+    let cqe = transport::decode_response(&delivery)?;
+    drop(delivery);
+    if cqe.command_id != CommandId(0) {
+        return Err(HostError::Protocol(format!(
+            "Connect response names {}, expected cid 0",
+            cqe.command_id
+        )));
+    }
+    if !cqe.status().is_success() {
+        return Err(HostError::Nvme {
+            command: "Connect",
+            status: cqe.status(),
+        });
+    }
+    Ok(ConnectResponse::from_dw0(cqe.dw0).cntlid)
+}

@@ -1,0 +1,283 @@
+//! End-to-end tests of the whole system: real `iounitd` and `hostctl`
+//! processes over tcp on 127.0.0.1.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{hostctl, ok, pattern, Daemon, Scratch};
+
+fn write_blocks(uri: &str, ns: u32, lba: u64, data: &[u8]) {
+    let (out, _) = hostctl(
+        uri,
+        &["write", "--ns", &ns.to_string(), "--lba", &lba.to_string()],
+        Some(data),
+    );
+    ok(&out);
+}
+
+fn read_blocks(uri: &str, ns: u32, lba: u64, blocks: u64) -> Vec<u8> {
+    let (out, _) = hostctl(
+        uri,
+        &[
+            "read",
+            "--ns",
+            &ns.to_string(),
+            "--lba",
+            &lba.to_string(),
+            "--blocks",
+            &blocks.to_string(),
+        ],
+        None,
+    );
+    ok(&out)
+}
+
+#[test]
+fn data_written_is_data_read_at_every_size_and_edge() {
+    let d = Daemon::start(&["--ns", "ram:8MiB", "--ns", "ram:4MiB:4096"]);
+    let last_512 = 8 * 1024 * 1024 / 512 - 1;
+    for (ns, bs, lba, blocks) in [
+        (1u32, 512usize, 0u64, 1u64),
+        (1, 512, 0, 8),
+        (1, 512, 100, 9),
+        (1, 512, 1000, 300),
+        (1, 512, 4000, 2048), // 1 MiB: several commands of the largest transfer
+        (1, 512, last_512, 1),
+        (2, 4096, 0, 1),
+        (2, 4096, 1023, 1),
+        (2, 4096, 10, 40),
+    ] {
+        let data = pattern(bs * blocks as usize, (lba as u8) ^ (ns as u8));
+        write_blocks(&d.uri, ns, lba, &data);
+        let back = read_blocks(&d.uri, ns, lba, blocks);
+        assert!(back == data, "ns {ns} lba {lba} blocks {blocks}: data differs");
+    }
+    // The list shows both namespaces and the transport.
+    let (out, _) = hostctl(&d.uri, &["list"], None);
+    let text = String::from_utf8_lossy(&ok(&out)).into_owned();
+    assert!(text.contains("tcp"), "{text}");
+    assert!(
+        text.lines().filter(|l| l.contains("512") || l.contains("4096")).count() >= 2,
+        "{text}"
+    );
+    assert!(d.stop().success());
+}
+
+#[test]
+fn errors_name_the_nvme_status_and_exit_non_zero() {
+    let d = Daemon::start(&["--ns", "ram:1MiB"]);
+    let (out, _) = hostctl(&d.uri, &["read", "--ns", "1", "--lba", "2047", "--blocks", "2"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("LBA Out of Range"), "{err}");
+    let (out, _) = hostctl(&d.uri, &["read", "--ns", "7", "--lba", "0", "--blocks", "1"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Invalid Namespace"), "{err}");
+    // A length that is not whole blocks is refused unless padded.
+    let (out, _) = hostctl(&d.uri, &["write", "--ns", "1", "--lba", "0"], Some(&[1u8; 700]));
+    assert!(!out.status.success());
+    let (out, _) = hostctl(
+        &d.uri,
+        &["write", "--ns", "1", "--lba", "0", "--pad"],
+        Some(&[1u8; 700]),
+    );
+    ok(&out);
+    let back = read_blocks(&d.uri, 1, 0, 2);
+    assert_eq!(&back[..700], &[1u8; 700][..]);
+    assert!(back[700..].iter().all(|&b| b == 0), "padding is zeros");
+}
+
+#[test]
+fn garbage_and_malformed_capsules_close_only_their_connection() {
+    let d = Daemon::start(&["--ns", "ram:1MiB"]);
+    let addr = d.uri.trim_start_matches("tcp://").to_string();
+    // Garbage bytes on the port.
+    let mut raw = TcpStream::connect(&addr).unwrap();
+    raw.write_all(b"\x00\x01garbage that is no hello at all").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut sink = Vec::new();
+    let _ = raw.read_to_end(&mut sink);
+    // A valid channel carrying a malformed capsule.
+    let fabric = chanio::messaging::provider::tcp::TcpFabric::new();
+    let ep = chanio::messaging::Endpoint::connect(&fabric, &addr, chanio::iounit::transport::host_channel(8)).unwrap();
+    ep.send(b"not an NVMe capsule").unwrap();
+    assert!(matches!(
+        ep.recv_timeout(Duration::from_secs(20)),
+        Err(chanio::messaging::Error::Closed(_))
+    ));
+    d.wait_log("malformed", Duration::from_secs(20));
+    // Everyone else is served.
+    write_blocks(&d.uri, 1, 5, &pattern(512, 9));
+    assert_eq!(read_blocks(&d.uri, 1, 5, 1), pattern(512, 9));
+}
+
+#[test]
+fn a_host_killed_mid_io_frees_its_resources() {
+    let d = Daemon::start(&["--ns", "ram:16MiB"]);
+    let mut bench = Command::new(common::binary("hostctl"))
+        .args([
+            "--target",
+            &d.uri,
+            "bench",
+            "--ns",
+            "1",
+            "--rw",
+            "randwrite",
+            "--bs",
+            "4k",
+            "--qd",
+            "8",
+            "--time",
+            "30s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    d.wait_log("queue connected", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(500));
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    d.wait_log("controller freed", Duration::from_secs(30));
+    write_blocks(&d.uri, 1, 0, &pattern(4096, 3));
+    assert_eq!(read_blocks(&d.uri, 1, 0, 8), pattern(4096, 3));
+}
+
+#[test]
+fn a_killed_daemon_makes_hostctl_fail_within_its_timeout() {
+    let d = Daemon::start(&["--ns", "ram:1MiB"]);
+    let uri = d.uri.clone();
+    drop(d); // SIGKILL
+    let (out, took) = hostctl(
+        &uri,
+        &["--timeout", "3s", "read", "--ns", "1", "--lba", "0", "--blocks", "1"],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    // And against a daemon that dies while the host is connected.
+    let d = Daemon::start(&["--ns", "ram:16MiB"]);
+    let mut bench = Command::new(common::binary("hostctl"))
+        .args([
+            "--target",
+            &d.uri,
+            "--timeout",
+            "3s",
+            "bench",
+            "--ns",
+            "1",
+            "--rw",
+            "randread",
+            "--time",
+            "60s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    d.wait_log("queue connected", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    drop(d);
+    let deadline = killed + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = bench.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "hostctl hung after the daemon died");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "hostctl reports the failure");
+}
+
+#[test]
+fn file_backed_data_survives_a_restart() {
+    let scratch = Scratch::new("restart");
+    let img = scratch.path("disk.img");
+    let spec = format!("file:{}:4MiB", img.display());
+    let data = pattern(64 * 1024, 77);
+    {
+        let d = Daemon::start(&["--ns", &spec]);
+        let (out, _) = hostctl(&d.uri, &["write", "--ns", "1", "--lba", "64", "--fua"], Some(&data));
+        ok(&out);
+        assert!(d.stop().success(), "clean shutdown");
+    }
+    let d = Daemon::start(&["--ns", &format!("file:{}", img.display())]);
+    assert_eq!(read_blocks(&d.uri, 1, 64, 128), data);
+}
+
+#[test]
+fn four_hosts_write_disjoint_ranges_concurrently() {
+    let d = Daemon::start(&["--ns", "ram:16MiB"]);
+    std::thread::scope(|s| {
+        for host in 0..4u64 {
+            let uri = d.uri.clone();
+            s.spawn(move || {
+                for round in 0..3u64 {
+                    let lba = host * 4096 + round * 1024;
+                    let data = pattern(256 * 1024, (host * 10 + round) as u8);
+                    write_blocks(&uri, 1, lba, &data);
+                }
+            });
+        }
+    });
+    for host in 0..4u64 {
+        for round in 0..3u64 {
+            let lba = host * 4096 + round * 1024;
+            assert_eq!(
+                read_blocks(&d.uri, 1, lba, 512),
+                pattern(256 * 1024, (host * 10 + round) as u8),
+                "host {host} round {round}"
+            );
+        }
+    }
+}
+
+#[test]
+fn namespace_hot_detach_and_attach_deliver_events() {
+    let scratch = Scratch::new("hotplug");
+    let cfg = scratch.path("iounit.toml");
+    let with_two = "[[namespace]]\nbackend = \"ram:1MiB\"\n[[namespace]]\nbackend = \"ram:2MiB\"\n";
+    let with_one = "[[namespace]]\nbackend = \"ram:1MiB\"\n";
+    std::fs::write(&cfg, with_two).unwrap();
+    let mut cmd = Command::new(common::binary("iounitd"));
+    cmd.args(["--config", cfg.to_str().unwrap(), "--listen", "tcp://127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let d = Daemon::spawn(cmd);
+    let watch = |count: &str| {
+        Command::new(common::binary("hostctl"))
+            .args(["--target", &d.uri, "watch", "--count", count, "--timeout", "30s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Detach: the watcher hears of namespace 2.
+    let watcher = watch("1");
+    d.wait_log("queue connected", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&cfg, with_one).unwrap();
+    d.signal("-HUP");
+    let out = watcher.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains('2'), "event names namespace 2: {text}");
+    let (out, _) = hostctl(&d.uri, &["read", "--ns", "2", "--lba", "0", "--blocks", "1"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Invalid Namespace"));
+    // Attach it again: another event, and it serves I/O.
+    let watcher = watch("1");
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&cfg, with_two).unwrap();
+    d.signal("-HUP");
+    let out = watcher.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    write_blocks(&d.uri, 2, 0, &pattern(512, 1));
+    assert_eq!(read_blocks(&d.uri, 2, 0, 1), pattern(512, 1));
+}
