@@ -116,7 +116,13 @@ impl FileBackend {
 
     fn pick(&self, offset: u64, buf: *const u8, len: usize) -> &File {
         match &self.direct {
-            Some(d) if offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN) && (buf as usize).is_multiple_of(ALIGN) => d,
+            Some(d)
+                if offset.is_multiple_of(ALIGN as u64)
+                    && len.is_multiple_of(ALIGN)
+                    && (buf as usize).is_multiple_of(ALIGN) =>
+            {
+                d
+            }
             _ => &self.buffered,
         }
     }
