@@ -354,6 +354,14 @@ impl Host {
         self.write(nsid, slba, buf, fua)
     }
 
+    /// Async form of [`Host::write_from`].
+    ///
+    /// # Errors
+    /// As [`Host::write`].
+    pub async fn write_from_async(&self, nsid: Nsid, slba: u64, buf: &IoBuf, fua: bool) -> Result<(), HostError> {
+        self.write_async(nsid, slba, buf, fua).await
+    }
+
     /// Flushes the namespace's volatile write cache.
     ///
     /// # Errors
@@ -377,11 +385,19 @@ impl Host {
     /// # Errors
     /// As [`Host::read`].
     pub fn write_zeroes(&self, nsid: Nsid, slba: u64, blocks: u64) -> Result<(), HostError> {
+        exec::block_on(self.write_zeroes_async(nsid, slba, blocks))
+    }
+
+    /// Async form of [`Host::write_zeroes`].
+    ///
+    /// # Errors
+    /// As [`Host::write_zeroes`].
+    pub async fn write_zeroes_async(&self, nsid: Nsid, slba: u64, blocks: u64) -> Result<(), HostError> {
         let inner = &self.handle.inner;
         check_request("Write Zeroes", nsid, slba, blocks)?;
         let ops = command::split_blocks(slba, blocks, iounit::nvme::command::MAX_BLOCKS_PER_COMMAND)
             .map(|(lba, n, _)| Op::write_zeroes(nsid, lba, n));
-        exec::block_on(inner.run_all(ops))
+        inner.run_all(ops).await
     }
 
     /// Deallocates (trims) `blocks` blocks from `slba` with Dataset
@@ -390,12 +406,20 @@ impl Host {
     /// # Errors
     /// As [`Host::read`].
     pub fn trim(&self, nsid: Nsid, slba: u64, blocks: u64) -> Result<(), HostError> {
+        exec::block_on(self.trim_async(nsid, slba, blocks))
+    }
+
+    /// Async form of [`Host::trim`].
+    ///
+    /// # Errors
+    /// As [`Host::trim`].
+    pub async fn trim_async(&self, nsid: Nsid, slba: u64, blocks: u64) -> Result<(), HostError> {
         let inner = &self.handle.inner;
         check_request("Dataset Management", nsid, slba, blocks)?;
         let ops = command::dsm_commands(slba, blocks)
             .into_iter()
             .map(move |ranges| Op::deallocate(nsid, &ranges));
-        exec::block_on(inner.run_all(ops))
+        inner.run_all(ops).await
     }
 
     /// A registered buffer of `len` bytes for [`Host::read_into`] and

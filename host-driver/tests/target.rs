@@ -17,6 +17,7 @@ fn start_target(namespaces: &[&str], max_io_queues: u16) -> (Target, String) {
         allowed_hosts: vec![],
         max_io_queues,
         max_queue_depth: 128,
+        workers: 256,
     })
     .expect("target starts");
     let uri = target.local_uris()[0].clone();
@@ -313,6 +314,7 @@ fn reconnects_to_a_restarted_target() {
         allowed_hosts: vec![],
         max_io_queues: 8,
         max_queue_depth: 128,
+        workers: 256,
     })
     .expect("the port is free again");
     let t0 = Instant::now();

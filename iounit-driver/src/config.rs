@@ -6,6 +6,7 @@
 //! allowed_hosts = []                       # host NQNs; empty allows any
 //! max_io_queues = 8                        # per controller
 //! max_queue_depth = 128                    # entries per queue
+//! workers = 256                            # worker threads (one per queue)
 //!
 //! [[namespace]]
 //! backend = "ram:64MiB"                    # NSID 1
@@ -84,6 +85,7 @@ struct File {
     allowed_hosts: Vec<String>,
     max_io_queues: Option<u16>,
     max_queue_depth: Option<u16>,
+    workers: Option<usize>,
     #[serde(default)]
     namespace: Vec<Namespace>,
 }
@@ -134,6 +136,7 @@ pub fn parse(text: &str, origin: &str) -> Result<DaemonConfig, ConfigError> {
             allowed_hosts: file.allowed_hosts,
             max_io_queues: file.max_io_queues.unwrap_or(defaults.max_io_queues),
             max_queue_depth: file.max_queue_depth.unwrap_or(defaults.max_queue_depth),
+            workers: file.workers.unwrap_or(defaults.workers),
         },
         namespaces,
     })
@@ -151,6 +154,7 @@ mod tests {
             listen = ["tcp://127.0.0.1:0"]
             allowed_hosts = ["nqn.2026-11.io.chanio:host1"]
             max_queue_depth = 64
+            workers = 16
             [[namespace]]
             backend = "ram:16MiB"
             [[namespace]]
@@ -162,6 +166,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.target.max_queue_depth, 64);
         assert_eq!(cfg.target.max_io_queues, 8);
+        assert_eq!(cfg.target.workers, 16);
         assert_eq!(cfg.namespaces.len(), 2);
         assert_eq!(cfg.namespaces[1].nsid, Some(7));
     }

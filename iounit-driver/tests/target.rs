@@ -220,3 +220,30 @@ fn namespace_changes_complete_event_requests() {
     assert_eq!(list.nsids(), &[Nsid(2)]);
     t.shutdown();
 }
+
+#[test]
+fn worker_limit_refuses_extra_queues_with_controller_busy() {
+    let t = Target::start(TargetConfig {
+        listen: vec!["tcp://127.0.0.1:0".into()],
+        namespaces: vec!["ram:1MiB".parse().unwrap()],
+        workers: 1,
+        ..TargetConfig::default()
+    })
+    .unwrap();
+    let first = RawHost::connect(&t, 0, 0, None).unwrap();
+    let refused = RawHost::connect(&t, 0, 0, None).unwrap_err();
+    assert!(refused.same_code(Status::CONNECT_CONTROLLER_BUSY), "{refused}");
+    drop(first);
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        match RawHost::connect(&t, 0, 0, None) {
+            Ok(_) => break,
+            Err(s) if s.same_code(Status::CONNECT_CONTROLLER_BUSY) => {
+                assert!(std::time::Instant::now() < deadline, "the worker never came free");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(s) => panic!("{s}"),
+        }
+    }
+    t.shutdown();
+}

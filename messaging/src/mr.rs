@@ -25,8 +25,10 @@
 //! every allocation with a device (an RDMA NIC, through `ibv_reg_mr`): the
 //! [`Registrar`] hands back the device's local and remote keys, which the
 //! pool and its buffers then report, and the registration is undone before
-//! the memory is freed. Without a registrar (the software providers) keys
-//! are drawn by the domain itself.
+//! the memory is freed. Should the device fail to undo it, the memory is
+//! leaked rather than freed, since the device (or a peer's RDMA Write) may
+//! still reach it. Without a registrar (the software providers) keys are
+//! drawn by the domain itself.
 //!
 //! # The DMA hazard
 //! Memory registered with [`Access::REMOTE_WRITE`] can be written by the peer
@@ -176,6 +178,15 @@ pub enum MrError {
         #[source]
         source: std::io::Error,
     },
+    /// The device could not undo a registration; its memory is leaked.
+    #[error("the device could not deregister {bytes} bytes; the memory is leaked")]
+    Deregister {
+        /// Size of the registration.
+        bytes: usize,
+        /// The cause the device gave.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Keys and handle of one device registration, as a [`Registrar`] returns them.
@@ -196,22 +207,27 @@ pub struct Registration {
 /// [`ProtectionDomain::register`] calls [`Registrar::register`] once per
 /// pool, after allocating (zeroed) memory, and the region calls
 /// [`Registrar::deregister`] exactly once, when its last handle is gone and
-/// before the memory is freed.
+/// before the memory is freed. If `deregister` fails, the memory is never
+/// freed (the region leaks it and logs an error).
 ///
 /// # Safety
 /// Implementors promise that:
-/// - a successful `register` lets the device (and peers holding the remote
-///   key) reach only `addr..addr + len`, and only with the rights in
-///   `access` (local reads always);
-/// - once `deregister(handle)` returns, the device no longer reads or writes
-///   that memory, so it may be freed;
+/// - a successful `register` lets the device reach only `addr..addr + len`:
+///   peers holding the remote key only with the remote rights in `access`,
+///   the device itself (for this process's own work requests) with local
+///   reads and at most local write, which the provider checks against
+///   `access` before posting;
+/// - once `deregister(handle)` returns `Ok`, the device no longer reads or
+///   writes that memory, so it may be freed; whenever the device may still
+///   reach it, `deregister` returns `Err` instead;
 /// - both are safe to call from any thread (`Send + Sync`).
 pub unsafe trait Registrar: Send + Sync {
     /// Registers `len` bytes at `addr` with the given rights.
     ///
     /// # Safety
     /// `addr..addr + len` must be one live allocation that stays allocated
-    /// until `deregister` of the returned handle has returned.
+    /// until `deregister` of the returned handle has returned `Ok` (after
+    /// an `Err` it stays allocated for good).
     ///
     /// # Errors
     /// [`MrError::Device`] (or another [`MrError`]) when the device refuses.
@@ -221,8 +237,13 @@ pub unsafe trait Registrar: Send + Sync {
     ///
     /// # Safety
     /// `handle` must come from a successful `register` on this registrar and
-    /// must not have been deregistered already.
-    unsafe fn deregister(&self, handle: u64);
+    /// must not have been deregistered already (whether that returned `Ok`
+    /// or `Err`).
+    ///
+    /// # Errors
+    /// [`MrError::Deregister`] when the device may still reach the memory;
+    /// the caller then must never free it.
+    unsafe fn deregister(&self, handle: u64) -> Result<(), MrError>;
 }
 
 /// Why a one-sided access by remote key was refused. Every kind maps to the
@@ -441,10 +462,20 @@ impl Drop for Region {
         if let Some((registrar, handle)) = self.device.take() {
             // SAFETY: `handle` came from `register` on this registrar and is
             // deregistered once, here; the memory is still allocated.
-            unsafe { registrar.deregister(handle) };
+            if let Err(error) = unsafe { registrar.deregister(handle) } {
+                // The device (or a peer's RDMA Write) may still reach the
+                // memory: freeing it could let DMA land in reused heap.
+                tracing::error!(
+                    %error,
+                    bytes = self.layout.size(),
+                    "deregistration failed; leaking the memory instead of freeing it"
+                );
+                return;
+            }
         }
         // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` and is freed once,
-        // here, after the last `Arc` (and so the last `Buf`/`RemoteTarget`) died.
+        // here, after the last `Arc` (and so the last `Buf`/`RemoteTarget`)
+        // died and, with a registrar, after the device let go of it (`Ok`).
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
     }
 }
@@ -761,10 +792,14 @@ mod tests {
         live: Mutex<HashMap<u64, (usize, usize)>>,
         next: AtomicU32,
         refuse: bool,
+        /// Fail every deregistration, keeping the region in `stuck`.
+        refuse_dereg: bool,
+        stuck: Mutex<Vec<(usize, usize)>>,
     }
 
     // SAFETY: it never touches the memory, so it trivially reaches nothing
-    // outside the registration and nothing after `deregister`.
+    // outside the registration and nothing after a successful `deregister`;
+    // a failed one is reported as `Err`.
     unsafe impl Registrar for FakeDevice {
         unsafe fn register(&self, addr: *mut u8, len: usize, _access: Access) -> Result<Registration, MrError> {
             if self.refuse {
@@ -782,8 +817,16 @@ mod tests {
             })
         }
 
-        unsafe fn deregister(&self, handle: u64) {
-            assert!(self.live.lock().remove(&handle).is_some(), "deregistered once");
+        unsafe fn deregister(&self, handle: u64) -> Result<(), MrError> {
+            let region = self.live.lock().remove(&handle).expect("deregistered once");
+            if self.refuse_dereg {
+                self.stuck.lock().push(region);
+                return Err(MrError::Deregister {
+                    bytes: region.1,
+                    source: std::io::Error::from_raw_os_error(libc::EBUSY),
+                });
+            }
+            Ok(())
         }
     }
 
@@ -802,6 +845,26 @@ mod tests {
         drop(buf);
         assert!(device.live.lock().is_empty());
         assert_eq!(pd.registrations(), 0);
+    }
+
+    #[test]
+    fn failed_deregistration_leaks_the_memory() {
+        let device = Arc::new(FakeDevice {
+            refuse_dereg: true,
+            ..FakeDevice::default()
+        });
+        let pd = ProtectionDomain::with_registrar(device.clone());
+        let pool = pd.register(4096, 1, Access::ALL).unwrap();
+        let addr = pool.remote().addr as usize;
+        drop(pool);
+        assert!(device.live.lock().is_empty(), "deregistration was attempted");
+        assert_eq!(*device.stuck.lock(), vec![(addr, 4096)]);
+        assert_eq!(pd.registrations(), 0, "the key no longer resolves");
+        // What a device that still holds the mapping may do: write to the
+        // memory. It was leaked, not freed, so this is sound (a use after
+        // free otherwise, which Miri or a sanitizer would report).
+        // SAFETY: the region leaked its allocation of 4096 bytes at `addr`.
+        unsafe { std::ptr::write_bytes(addr as *mut u8, 0xa5, 4096) };
     }
 
     #[test]

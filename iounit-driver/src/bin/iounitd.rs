@@ -56,6 +56,9 @@ struct Args {
     /// Most entries per queue.
     #[arg(long, value_name = "N")]
     queue_depth: Option<u16>,
+    /// Worker threads: each connected queue gets one; at most N at once.
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
 }
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -110,6 +113,9 @@ fn settings(args: &Args) -> Res<DaemonConfig> {
     }
     if let Some(n) = args.queue_depth {
         cfg.target.max_queue_depth = n;
+    }
+    if let Some(n) = args.workers {
+        cfg.target.workers = n;
     }
     if cfg.namespaces.is_empty() {
         tracing::warn!("no namespaces configured (use --ns ram:64MiB or a [[namespace]] in --config)");

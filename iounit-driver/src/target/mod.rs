@@ -56,6 +56,10 @@ pub struct TargetConfig {
     pub max_io_queues: u16,
     /// Most entries per queue.
     pub max_queue_depth: u16,
+    /// Worker threads: every connected queue is served by its own worker
+    /// thread, and at most this many run at once. A Connect beyond the
+    /// limit is refused with Connect Controller Busy.
+    pub workers: usize,
 }
 
 impl Default for TargetConfig {
@@ -67,6 +71,7 @@ impl Default for TargetConfig {
             allowed_hosts: Vec::new(),
             max_io_queues: 8,
             max_queue_depth: 128,
+            workers: 256,
         }
     }
 }
@@ -130,6 +135,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     pub(crate) fabric: TcpFabric,
     pub(crate) shutdown: AtomicBool,
+    /// Queues being served (worker threads running).
+    pub(crate) active_queues: std::sync::atomic::AtomicUsize,
     controllers: Mutex<HashMap<u16, Arc<Controller>>>,
     next_cntlid: AtomicU16,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -157,6 +164,9 @@ impl Target {
                 cfg.max_queue_depth,
                 transport::MAX_QUEUE_DEPTH
             )));
+        }
+        if cfg.workers == 0 {
+            return Err(TargetError::Config("workers must be at least 1".into()));
         }
         if cfg.max_io_queues == 0 {
             return Err(TargetError::Config("max I/O queues must be at least 1".into()));
@@ -190,6 +200,7 @@ impl Target {
             registry,
             fabric,
             shutdown: AtomicBool::new(false),
+            active_queues: std::sync::atomic::AtomicUsize::new(0),
             controllers: Mutex::new(HashMap::new()),
             next_cntlid: AtomicU16::new(1),
             threads: Mutex::new(Vec::new()),

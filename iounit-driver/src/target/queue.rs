@@ -39,6 +39,7 @@ const STAGING_BUFFERS: usize = 4;
 /// Serves one channel until it closes, the controller dies or the target
 /// shuts down.
 pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
+    let _worker = WorkerSlot::take(&shared);
     let peer = ep.peer_addr().to_string();
     let Some((ctrl, qid, depth)) = connect(&shared, &ep) else {
         ep.close();
@@ -125,6 +126,22 @@ impl Shared {
     }
 }
 
+/// Counts this thread among the workers for as long as it serves a queue.
+struct WorkerSlot<'a>(&'a Shared);
+
+impl<'a> WorkerSlot<'a> {
+    fn take(shared: &'a Shared) -> WorkerSlot<'a> {
+        shared.active_queues.fetch_add(1, Ordering::AcqRel);
+        WorkerSlot(shared)
+    }
+}
+
+impl Drop for WorkerSlot<'_> {
+    fn drop(&mut self) {
+        self.0.active_queues.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Waits for the Connect capsule and binds the queue to a controller.
 fn connect(shared: &Arc<Shared>, ep: &Endpoint) -> Option<(Arc<Controller>, u16, u16)> {
     let peer = ep.peer_addr().to_string();
@@ -159,6 +176,13 @@ fn connect(shared: &Arc<Shared>, ep: &Endpoint) -> Option<(Arc<Controller>, u16,
         reply(status.with_dnr(), 0);
         None
     };
+    let busy = shared.active_queues.load(Ordering::Acquire);
+    if busy > shared.cfg.workers {
+        return refuse(
+            Status::CONNECT_CONTROLLER_BUSY,
+            format!("all {} worker threads serve other queues", shared.cfg.workers),
+        );
+    }
     if sqe.opcode != AdminOpcode::Fabrics as u8
         || !matches!(sqe.fabrics_command_type(), Ok(FabricsCommandType::Connect))
     {

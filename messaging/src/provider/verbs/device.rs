@@ -62,14 +62,42 @@ pub(super) struct DeviceInfo {
     pub gid_index: u8,
     /// That GID.
     pub gid: [u8; 16],
+    /// That GID's type (RoCE v1 and v2 peers cannot talk to each other).
+    pub gid_type: GidType,
     /// Device limits used to size queues.
     pub max_qp_wr: u32,
     /// Largest completion queue.
     pub max_cqe: u32,
-    /// Outstanding RDMA Reads this device serves per queue pair.
+    /// Outstanding RDMA Reads this device serves per queue pair (may be 0).
     pub max_qp_rd_atom: u8,
-    /// Outstanding RDMA Reads this device issues per queue pair.
+    /// Outstanding RDMA Reads this device issues per queue pair (may be 0:
+    /// then it cannot post RDMA Reads at all).
     pub max_qp_init_rd_atom: u8,
+}
+
+/// The type of a GID, told to the peer: both ends of a RoCE connection
+/// must use the same RoCE version, or packets are silently dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum GidType {
+    /// Not known (an older peer, or `ibv_query_gid_ex` unsupported).
+    Unknown,
+    /// An InfiniBand port.
+    InfiniBand,
+    /// RoCE v1 (Ethernet frames, not routable).
+    RoceV1,
+    /// RoCE v2 (UDP/IP).
+    RoceV2,
+}
+
+impl std::fmt::Display for GidType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GidType::Unknown => "unknown",
+            GidType::InfiniBand => "InfiniBand",
+            GidType::RoceV1 => "RoCE v1",
+            GidType::RoceV2 => "RoCE v2",
+        })
+    }
 }
 
 /// Which device, port and GID to open.
@@ -179,6 +207,7 @@ impl Context {
                 max_msg_sz: 0,
                 gid_index: 0,
                 gid: [0; 16],
+                gid_type: GidType::Unknown,
                 max_qp_wr: 0,
                 max_cqe: 0,
                 max_qp_rd_atom: 0,
@@ -235,6 +264,16 @@ impl Context {
         let (index, gid) = self.choose_gid(spec, port.gid_tbl_len)?;
         self.info.gid_index = index;
         self.info.gid = gid;
+        self.info.gid_type = if !self.info.ethernet {
+            GidType::InfiniBand
+        } else {
+            // On an Ethernet port the "IB/RoCE v1" type reads as either value.
+            match self.gid_type(index) {
+                Some(sys::IBV_GID_TYPE_ROCE_V2) => GidType::RoceV2,
+                Some(sys::IBV_GID_TYPE_ROCE_V1 | sys::IBV_GID_TYPE_IB) => GidType::RoceV1,
+                _ => GidType::Unknown,
+            }
+        };
         Ok(())
     }
 
@@ -254,9 +293,10 @@ impl Context {
         if !self.info.ethernet {
             return Ok((0, self.gid(0).unwrap_or([0; 16])));
         }
-        let len = u8::try_from(table_len.clamp(0, 255)).unwrap_or(0);
+        // Indices go up to 255, so a table of 256 entries is probed whole.
+        let len = u16::try_from(table_len.clamp(0, 256)).unwrap_or(0);
         let mut first_v4 = None;
-        for index in 0..len {
+        for index in (0..len).filter_map(|i| u8::try_from(i).ok()) {
             let Some(gid) = self.gid(index) else { continue };
             if !is_ipv4_mapped(&gid) {
                 continue;
@@ -374,20 +414,38 @@ fn access_flags(access: Access) -> u32 {
     flags
 }
 
-// SAFETY: `ibv_reg_mr` lets the NIC reach exactly `addr..addr + len` with
-// the mapped rights, and after `ibv_dereg_mr` returns the NIC no longer
-// touches the pages; libibverbs calls are thread safe.
+// SAFETY: `ibv_reg_mr` lets peers reach exactly `addr..addr + len` with the
+// mapped remote rights (the local NIC gets local write too, see below), and
+// only after `ibv_dereg_mr` succeeded does `deregister` return `Ok`: then the
+// NIC no longer touches the pages. libibverbs calls are thread safe.
 unsafe impl Registrar for Pd {
     unsafe fn register(&self, addr: *mut u8, len: usize, access: Access) -> Result<Registration, MrError> {
-        let flags = access_flags(access) as i32;
+        // Always local write, as perftest registers: some drivers refuse or
+        // mishandle regions without it. Only this process's own work
+        // requests use the local rights, and the queue pair checks them in
+        // software before posting (an RDMA Read into memory without
+        // `LOCAL_WRITE` fails there); what a peer may do stays the NIC's
+        // to enforce through the remote rights.
+        let flags = (access_flags(access) | sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0) as i32;
         // SAFETY: the caller guarantees `addr..addr + len` stays allocated
-        // until `deregister`; the PD is alive (`&self`).
+        // until `deregister` returns `Ok`; the PD is alive (`&self`).
         let mr = unsafe { sys::ibv_reg_mr(self.raw.as_ptr(), addr.cast(), len, flags) };
         let Some(mr) = NonNull::new(mr) else {
-            return Err(MrError::Device {
-                bytes: len,
-                source: io::Error::last_os_error(),
-            });
+            let err = io::Error::last_os_error();
+            let source = if err.raw_os_error() == Some(libc::ENOMEM) {
+                // Registration pins pages, counted against RLIMIT_MEMLOCK.
+                io::Error::new(
+                    io::ErrorKind::OutOfMemory,
+                    format!(
+                        "{err}: registering pins memory, which counts against the locked-memory limit; \
+                         raise it (`ulimit -l unlimited`, LimitMEMLOCK=infinity for a systemd service, \
+                         or memlock in /etc/security/limits.conf)"
+                    ),
+                )
+            } else {
+                err
+            };
+            return Err(MrError::Device { bytes: len, source });
         };
         // SAFETY: `mr` is the live region just registered.
         let (lkey, rkey) = unsafe { ((*mr.as_ptr()).lkey, (*mr.as_ptr()).rkey) };
@@ -398,14 +456,22 @@ unsafe impl Registrar for Pd {
         })
     }
 
-    unsafe fn deregister(&self, handle: u64) {
-        // SAFETY: the caller passes a handle from `register`, once.
-        let rc = unsafe { sys::ibv_dereg_mr(handle as usize as *mut sys::ibv_mr) };
+    unsafe fn deregister(&self, handle: u64) -> Result<(), MrError> {
+        let mr = handle as usize as *mut sys::ibv_mr;
+        // SAFETY: the caller passes a handle from `register`, once, so `mr`
+        // is a live region of this PD.
+        let bytes = unsafe { (*mr).length };
+        // SAFETY: as above; the region is not used after this call.
+        let rc = unsafe { sys::ibv_dereg_mr(mr) };
         if rc != 0 {
-            // The region stays pinned; freeing its memory is still safe for
-            // this process but the NIC mapping leaks.
-            tracing::error!(rc, "ibv_dereg_mr failed");
+            // The NIC may still map the pages (and a peer write into them):
+            // the caller must leak the memory.
+            return Err(MrError::Deregister {
+                bytes,
+                source: os_error(rc),
+            });
         }
+        Ok(())
     }
 }
 
@@ -488,7 +554,7 @@ impl Cq {
         // SAFETY: the CQ is live.
         match unsafe { sys::ibv_req_notify_cq(self.raw.as_ptr(), 0) } {
             0 => Ok(()),
-            rc => Err(io::Error::from_raw_os_error(rc)),
+            rc => Err(os_error(rc)),
         }
     }
 
@@ -580,6 +646,22 @@ pub(super) fn map_status(status: u32) -> WcStatus {
     }
 }
 
+/// `ibv_wc_status` of a receive completion → [`WcStatus`].
+///
+/// A Send larger than the posted receive is a local length error on the
+/// receiver. mlx5 says so (`IBV_WC_LOC_LEN_ERR`); rxe reports it as
+/// `IBV_WC_REM_INV_REQ_ERR` on the receive instead (`rxe_resp.c`:
+/// `RESPST_ERR_LENGTH` → `do_class_ac_error(..., IB_WC_REM_INV_REQ_ERR)`),
+/// the status it also NAKs the sender with. On a receive, the other causes
+/// of that status (missing first/last packet, unsupported opcode) cannot
+/// come from a conforming peer, so it is mapped as the length error.
+pub(super) fn map_recv_status(status: u32) -> WcStatus {
+    match status {
+        sys::ibv_wc_status::IBV_WC_REM_INV_REQ_ERR => WcStatus::LocalLengthError,
+        other => map_status(other),
+    }
+}
+
 /// The verbs name of a status, for logs.
 pub(super) fn status_name(status: u32) -> String {
     // SAFETY: `ibv_wc_status_str` returns a static string for any value
@@ -599,16 +681,32 @@ pub(super) struct Endpoint {
     pub psn: u32,
     pub lid: u16,
     pub mtu: u8,
-    /// RDMA Reads this side serves at once (its `max_dest_rd_atomic`).
+    /// RDMA Reads this side serves at once (its `max_dest_rd_atomic`; 0
+    /// when it serves none).
     pub read_depth: u8,
     pub gid: [u8; 16],
+    /// The type of `gid`.
+    pub gid_type: GidType,
+}
+
+/// How many RDMA Reads this side may have outstanding towards `remote`
+/// (`max_rd_atomic`): what this device issues and the peer serves. 0 means
+/// this queue pair cannot post RDMA Reads.
+pub(super) fn read_depth_towards(info: &DeviceInfo, remote: &Endpoint) -> u8 {
+    info.max_qp_init_rd_atom.min(remote.read_depth)
 }
 
 /// An RC queue pair (`ibv_qp`). Its completion queue and domain outlive it.
+///
+/// Destroy it with [`RawQp::destroy`] where buffers are still posted: only
+/// its `Ok` says the NIC let go of them. Dropping destroys it too, and only
+/// logs a failure, which is right only where nothing is posted.
 pub(super) struct RawQp {
     raw: NonNull<sys::ibv_qp>,
-    _cq: Arc<Cq>,
-    _pd: Arc<Pd>,
+    /// False once `destroy` ran (whatever its result).
+    live: bool,
+    cq: Arc<Cq>,
+    pd: Arc<Pd>,
 }
 
 // SAFETY: see `Context`: posting and modifying are thread safe.
@@ -664,8 +762,9 @@ impl RawQp {
             })?;
         Ok(RawQp {
             raw,
-            _cq: cq.clone(),
-            _pd: pd.clone(),
+            live: true,
+            cq: cq.clone(),
+            pd: pd.clone(),
         })
     }
 
@@ -679,10 +778,7 @@ impl RawQp {
         // SAFETY: the QP is live and `attr` is a valid attribute block for `mask`.
         match unsafe { sys::ibv_modify_qp(self.raw.as_ptr(), attr, mask.0 as i32) } {
             0 => Ok(()),
-            rc => Err(io::Error::other(format!(
-                "ibv_modify_qp to {op}: {}",
-                io::Error::from_raw_os_error(rc)
-            ))),
+            rc => Err(io::Error::other(format!("ibv_modify_qp to {op}: {}", os_error(rc)))),
         }
     }
 
@@ -752,7 +848,9 @@ impl RawQp {
         // Credits make a missing receive a protocol error: fail at once.
         attr.rnr_retry = 0;
         attr.sq_psn = local.psn;
-        attr.max_rd_atomic = info.max_qp_init_rd_atom.min(remote.read_depth).max(1);
+        // Never more than either side can take; 0 (no Reads) is valid, and
+        // the queue pair then refuses RDMA Reads before posting them.
+        attr.max_rd_atomic = read_depth_towards(info, remote);
         self.modify(
             &mut attr,
             m::IBV_QP_STATE
@@ -783,8 +881,11 @@ impl RawQp {
     /// the queue pair was destroyed).
     ///
     /// # Errors
-    /// The index of the first request not posted (all before it were) and
-    /// the errno.
+    /// How many requests were posted (those before the one the driver
+    /// names as bad) and the errno. When the driver names none, all of them
+    /// count as posted: rxe, like the kernel's `ib_post_send`, may fail
+    /// after queueing them, so their memory must stay with the device until
+    /// they complete or the queue pair is destroyed.
     pub(super) unsafe fn post_send(&self, descs: &[SendDesc]) -> Result<(), (usize, io::Error)> {
         if descs.is_empty() {
             return Ok(());
@@ -851,24 +952,25 @@ impl RawQp {
         if rc == 0 {
             return Ok(());
         }
-        let index = if bad.is_null() {
-            0
-        } else {
-            // SAFETY: `bad` points into `wrs` (libibverbs returns a WR of the chain).
-            usize::try_from(unsafe { bad.offset_from(base) }).unwrap_or(0)
-        };
-        Err((index, io::Error::from_raw_os_error(rc)))
+        // Compared by address, never dereferenced: a `bad` outside the
+        // chain (or null) counts everything as posted, the safe side.
+        let posted = (0..descs.len())
+            .find(|&i| ptr::eq(base.wrapping_add(i), bad))
+            .unwrap_or(descs.len());
+        Err((posted, os_error(rc)))
     }
 
     /// Posts one receive.
     ///
     /// # Safety
     /// As for [`RawQp::post_send`]: the memory stays registered, allocated
-    /// and untouched until the completion was polled.
+    /// and untouched until the completion was polled (or the queue pair was
+    /// destroyed), also when this fails with `true`.
     ///
     /// # Errors
-    /// The errno.
-    pub(super) unsafe fn post_recv(&self, wr_id: u64, sge: Sge) -> io::Result<()> {
+    /// Whether the request may have been posted anyway (the driver named no
+    /// bad request, see [`RawQp::post_send`]) and the errno.
+    pub(super) unsafe fn post_recv(&self, wr_id: u64, sge: Sge) -> Result<(), (bool, io::Error)> {
         let mut list = sys::ibv_sge {
             addr: sge.addr,
             length: sge.len,
@@ -881,24 +983,57 @@ impl RawQp {
             num_sge: i32::from(sge.len > 0),
         };
         let mut bad = ptr::null_mut();
+        let wr_ptr: *mut sys::ibv_recv_wr = &mut wr;
         // SAFETY: `wr` and `list` live across the call; the caller keeps the
         // memory alive until completion.
-        match unsafe { sys::ibv_post_recv(self.raw.as_ptr(), &mut wr, &mut bad) } {
+        match unsafe { sys::ibv_post_recv(self.raw.as_ptr(), wr_ptr, &mut bad) } {
             0 => Ok(()),
-            rc => Err(io::Error::from_raw_os_error(rc)),
+            // Compared by address only: the one request is named as bad
+            // exactly when it was not posted.
+            rc => Err((!ptr::eq(bad, wr_ptr), os_error(rc))),
         }
+    }
+
+    /// Destroys the queue pair (`ibv_destroy_qp`).
+    ///
+    /// # Errors
+    /// The errno. The NIC may then still access the memory of requests
+    /// that did not complete: the caller must never free it. The
+    /// completion queue and domain are leaked too (destroying them would
+    /// fail with the queue pair alive).
+    pub(super) fn destroy(mut self) -> io::Result<()> {
+        self.destroy_once()
+    }
+
+    fn destroy_once(&mut self) -> io::Result<()> {
+        if !std::mem::replace(&mut self.live, false) {
+            return Ok(());
+        }
+        // SAFETY: the QP is live and destroyed once (`live` was true and
+        // is now false); on success the NIC no longer touches the buffers
+        // of requests that never completed.
+        let rc = unsafe { sys::ibv_destroy_qp(self.raw.as_ptr()) };
+        if rc != 0 {
+            // Leaked references keep the CQ, PD and context alive for good.
+            std::mem::forget(self.cq.clone());
+            std::mem::forget(self.pd.clone());
+            return Err(os_error(rc));
+        }
+        Ok(())
     }
 }
 
 impl Drop for RawQp {
     fn drop(&mut self) {
-        // SAFETY: the QP is live and destroyed once; after this the NIC no
-        // longer touches the buffers of requests that never completed.
-        let rc = unsafe { sys::ibv_destroy_qp(self.raw.as_ptr()) };
-        if rc != 0 {
-            tracing::warn!(rc, "ibv_destroy_qp failed");
+        if let Err(error) = self.destroy_once() {
+            tracing::error!(%error, "ibv_destroy_qp failed");
         }
     }
+}
+
+/// An errno returned by a verb; older rxe returns it negated (`-EINVAL`).
+fn os_error(rc: i32) -> io::Error {
+    io::Error::from_raw_os_error(i32::try_from(rc.unsigned_abs()).unwrap_or(i32::MAX))
 }
 
 /// A non-blocking eventfd that wakes the completion thread.
@@ -942,8 +1077,13 @@ impl WakeFd {
 }
 
 /// Waits until one of `fds` is readable (or hung up) or `timeout` passes;
-/// returns which are.
-pub(super) fn wait_readable<const N: usize>(fds: [RawFd; N], timeout: Option<Duration>) -> [bool; N] {
+/// returns which are (none after a timeout or a signal). Negative fds are
+/// ignored.
+///
+/// # Errors
+/// A `poll` failure other than `EINTR`, or a closed fd (`POLLNVAL`): these
+/// persist, so the caller must not simply call again at once.
+pub(super) fn wait_readable<const N: usize>(fds: [RawFd; N], timeout: Option<Duration>) -> io::Result<[bool; N]> {
     let mut pfds = fds.map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -952,10 +1092,17 @@ pub(super) fn wait_readable<const N: usize>(fds: [RawFd; N], timeout: Option<Dur
     let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis().max(1)).unwrap_or(i32::MAX));
     // SAFETY: `pfds` is a valid array of N pollfd structs.
     let rc = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms) };
-    if rc <= 0 {
-        return [false; N];
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok([false; N]);
+        }
+        return Err(err);
     }
-    pfds.map(|p| p.revents != 0)
+    if pfds.iter().any(|p| p.revents & libc::POLLNVAL != 0) {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    Ok(pfds.map(|p| p.revents != 0))
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
@@ -969,4 +1116,28 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negative_errnos_from_old_rxe_are_normalised() {
+        assert_eq!(os_error(-libc::EINVAL).raw_os_error(), Some(libc::EINVAL));
+        assert_eq!(os_error(libc::ENOMEM).raw_os_error(), Some(libc::ENOMEM));
+    }
+
+    #[test]
+    fn wait_readable_reports_ready_fds_and_fails_on_a_closed_one() {
+        let wake = WakeFd::new().unwrap();
+        let quiet = wait_readable([wake.fd(), -1], Some(Duration::from_millis(1))).unwrap();
+        assert_eq!(quiet, [false, false]);
+        wake.wake();
+        assert_eq!(wait_readable([wake.fd(), -1], None).unwrap(), [true, false]);
+        wake.drain();
+        // A descriptor number far above any open one: POLLNVAL, an error
+        // the caller must not retry at once, rather than "readable".
+        assert!(wait_readable([wake.fd(), 1 << 20], None).is_err());
+    }
 }

@@ -26,9 +26,19 @@
 //! - QP attributes: path MTU the smaller active MTU of both ports, timeout
 //!   14, retry count 7, RNR retry 0 (credits make a missing receive a
 //!   protocol error, reported as [`WcStatus::ReceiverNotReady`]), Read depth
-//!   from the device (at least 1), remote write and read allowed on the QP
-//!   (each registration still decides). RoCE uses a GRH with the GID at
-//!   `CHANIO_VERBS_GID_INDEX`, else the first RoCE v2 IPv4-mapped GID.
+//!   the smaller of what this device issues and the peer's device serves
+//!   (when that is 0, RDMA Reads complete with
+//!   [`WcStatus::LocalProtectionError`] without being posted), remote write
+//!   and read allowed on the QP (each registration still decides). RoCE
+//!   uses a GRH with the GID at `CHANIO_VERBS_GID_INDEX`, else the first
+//!   RoCE v2 IPv4-mapped GID; a peer whose GID is of the other RoCE
+//!   version is refused.
+//! - Memory is registered with `IBV_ACCESS_LOCAL_WRITE` always (as
+//!   perftest does), plus the remote rights the registration asks for;
+//!   the local rights are checked in software before posting.
+//! - A receive too small for the Send completes with
+//!   [`WcStatus::LocalLengthError`] on every device (rxe reports
+//!   `IBV_WC_REM_INV_REQ_ERR` there, mlx5 `IBV_WC_LOC_LEN_ERR`).
 //! - Every send is signaled; one CQ per queue pair serves both queues. A
 //!   small thread per queue pair waits on the completion channel
 //!   (`ibv_get_cq_event`, `ibv_ack_cq_events`, `ibv_req_notify_cq`) and on
@@ -48,7 +58,9 @@
 //! pair one completion thread. Dropping a [`VerbsQp`] disconnects it,
 //! waits (at most [`qp::FLUSH_GRACE`]) until every posted request came
 //! back, then destroys QP, CQ and channel in that order; memory regions are
-//! deregistered when their last `Buf` goes.
+//! deregistered when their last `Buf` goes. Should `ibv_destroy_qp` or
+//! `ibv_dereg_mr` fail, the memory the device may still reach is leaked,
+//! never freed, and an error is logged.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -297,7 +309,7 @@ impl Fabric for VerbsFabric {
             reason,
         };
         // Receives are posted (INIT) before the peer can learn our QP number.
-        let prepared = qp::PreparedQp::new(&self.inner, recvs)?;
+        let mut prepared = qp::PreparedQp::new(&self.inner, recvs)?;
         let mut stream = TcpStream::connect_timeout(&sa, timeout).map_err(conn_err)?;
         stream.set_nodelay(true).map_err(conn_err)?;
         let hello = oob::endpoint_body(&prepared.endpoint(), params);
@@ -306,6 +318,7 @@ impl Fabric for VerbsFabric {
         match kind {
             oob::KIND_ACCEPT => {
                 let (remote, peer_params) = oob::parse_endpoint(&body).map_err(handshake)?;
+                oob::check_gid_types(self.inner.ctx.info().gid_type, remote.gid_type).map_err(handshake)?;
                 prepared.ready_to_send(&remote)?;
                 oob::write_message(&mut stream, oob::KIND_READY, &[]).map_err(conn_err)?;
                 prepared
@@ -349,10 +362,23 @@ const MAX_PENDING: usize = 128;
 const MAX_HANDSHAKES: usize = 64;
 
 fn accept_loop(listener: std::net::TcpListener, wake: Arc<WakeFd>, shared: Arc<ListenShared>, fabric: VerbsFabric) {
+    let mut poll_failed = false;
     while !shared.shutdown.load(Ordering::Acquire) {
-        let [_, woken] = device::wait_readable([listener.as_raw_fd(), wake.fd()], None);
-        if woken {
-            wake.drain();
+        match device::wait_readable([listener.as_raw_fd(), wake.fd()], None) {
+            Ok([_, woken]) => {
+                if woken {
+                    wake.drain();
+                }
+            }
+            Err(e) => {
+                // Persistent: go on by polling the (non-blocking) listener.
+                if !poll_failed {
+                    tracing::error!(error = %e, "poll on the verbs listener failed; polling every 10 ms instead");
+                    poll_failed = true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                wake.drain();
+            }
         }
         loop {
             match listener.accept() {
@@ -413,6 +439,10 @@ fn handshake(stream: TcpStream, peer: SocketAddr, shared: &ListenShared, fabric:
             return refuse(&reason);
         }
     };
+    if let Err(reason) = oob::check_gid_types(fabric.inner.ctx.info().gid_type, remote.gid_type) {
+        let _ = oob::write_message(&mut stream, oob::KIND_REJECT, reason.as_bytes());
+        return refuse(&reason);
+    }
     let mut queue = shared.queue.lock();
     if shared.shutdown.load(Ordering::Acquire) {
         return;
@@ -508,7 +538,7 @@ impl Incoming for VerbsIncoming {
             fabric,
         } = *self;
         params_fit(&peer, params)?;
-        let prepared = qp::PreparedQp::new(&fabric.inner, recvs).and_then(|p| p.ready_to_send(&remote).map(|()| p));
+        let prepared = qp::PreparedQp::new(&fabric.inner, recvs).and_then(|mut p| p.ready_to_send(&remote).map(|()| p));
         let prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -599,6 +629,18 @@ mod tests {
         for status in 0..=s::IBV_WC_TM_RNDV_INCOMPLETE + 5 {
             let mapped = map_status(status);
             assert_eq!(mapped == WcStatus::Success, status == s::IBV_WC_SUCCESS, "{status}");
+        }
+    }
+
+    #[test]
+    fn a_receive_too_small_is_a_local_length_error_on_rxe_and_mlx5() {
+        use device::{map_recv_status, map_status};
+        assert_eq!(map_recv_status(s::IBV_WC_REM_INV_REQ_ERR), WcStatus::LocalLengthError);
+        assert_eq!(map_recv_status(s::IBV_WC_LOC_LEN_ERR), WcStatus::LocalLengthError);
+        for status in 0..=s::IBV_WC_TM_RNDV_INCOMPLETE + 5 {
+            if status != s::IBV_WC_REM_INV_REQ_ERR {
+                assert_eq!(map_recv_status(status), map_status(status), "{status}");
+            }
         }
     }
 }

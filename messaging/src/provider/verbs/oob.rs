@@ -12,6 +12,12 @@
 //! followed by the parameters; REJECT carries a reason; READY (client, once
 //! its queue pair is ready to send) and DISCONNECT are empty.
 //!
+//! The endpoint is `qpn u32 | psn u32 | lid u16 | mtu u8 | read depth u8 |
+//! gid [16] | gid type u8 | reserved [3]`. The GID type (0 not stated,
+//! 1 InfiniBand, 2 RoCE v1, 3 RoCE v2) lets a RoCE v1/v2 mismatch, which
+//! would otherwise only show as timeouts, be refused with a clear reason;
+//! peers that leave it 0 are not checked.
+//!
 //! ```text
 //!  client                                   server
 //!  QP → INIT, post receives ── HELLO ──▶    check hello, queue Incoming
@@ -26,7 +32,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use super::device::Endpoint;
+use super::device::{Endpoint, GidType};
 
 /// Magic of the verbs exchange ("chanio verbs").
 pub const MAGIC: [u8; 4] = *b"CHIV";
@@ -65,9 +71,32 @@ pub(super) fn endpoint_body(ep: &Endpoint, params: &[u8]) -> Vec<u8> {
     out.push(ep.mtu);
     out.push(ep.read_depth);
     out.extend_from_slice(&ep.gid);
-    out.extend_from_slice(&[0; 4]);
+    out.push(gid_type_code(ep.gid_type));
+    out.extend_from_slice(&[0; 3]);
     out.extend_from_slice(params);
     out
+}
+
+fn gid_type_code(t: GidType) -> u8 {
+    match t {
+        GidType::Unknown => 0,
+        GidType::InfiniBand => 1,
+        GidType::RoceV1 => 2,
+        GidType::RoceV2 => 3,
+    }
+}
+
+/// Refuses a peer whose GID type differs from ours (RoCE v1 packets never
+/// reach a RoCE v2 GID and the other way round); unknown types pass.
+pub(super) fn check_gid_types(local: GidType, remote: GidType) -> Result<(), String> {
+    if local == GidType::Unknown || remote == GidType::Unknown || local == remote {
+        return Ok(());
+    }
+    Err(format!(
+        "GID type mismatch: this side uses a {local} GID, the peer a {remote} GID; choose GIDs of the same \
+         type on both sides with CHANIO_VERBS_GID_INDEX (`show_gids` or \
+         /sys/class/infiniband/<device>/ports/<port>/gid_attrs/types/ list them)"
+    ))
 }
 
 /// Splits and checks a HELLO or ACCEPT body.
@@ -78,24 +107,34 @@ pub(super) fn parse_endpoint(body: &[u8]) -> Result<(Endpoint, Vec<u8>), String>
     let le32 = |i: usize| u32::from_le_bytes([body[i], body[i + 1], body[i + 2], body[i + 3]]);
     let mut gid = [0u8; 16];
     gid.copy_from_slice(&body[12..28]);
+    let gid_type = match body[28] {
+        0 => GidType::Unknown,
+        1 => GidType::InfiniBand,
+        2 => GidType::RoceV1,
+        3 => GidType::RoceV2,
+        other => return Err(format!("unknown GID type code {other}")),
+    };
     let ep = Endpoint {
         qpn: le32(0),
         psn: le32(4),
         lid: u16::from_le_bytes([body[8], body[9]]),
         mtu: body[10],
+        // 0 is valid: that peer serves no RDMA Reads.
         read_depth: body[11],
         gid,
+        gid_type,
     };
     if ep.qpn > 0xff_ffff || ep.psn > 0xff_ffff {
         return Err(format!("QP number {:#x} or PSN {:#x} exceeds 24 bits", ep.qpn, ep.psn));
     }
+    if ep.qpn <= 1 {
+        // QP0 and QP1 are the special management queue pairs, never RC.
+        return Err(format!("QP number {} is a special queue pair", ep.qpn));
+    }
     if !(1..=5).contains(&ep.mtu) {
         return Err(format!("path MTU code {} is not 1..=5", ep.mtu));
     }
-    if ep.read_depth == 0 {
-        return Err("RDMA Read depth 0".into());
-    }
-    if body[28..32] != [0; 4] {
+    if body[29..32] != [0; 3] {
         return Err("reserved endpoint bytes are not zero".into());
     }
     Ok((ep, body[ENDPOINT..].to_vec()))
@@ -110,18 +149,20 @@ pub(super) fn read_message(stream: &mut TcpStream, timeout: Duration) -> Result<
     if header[0..4] != MAGIC {
         return Err(format!("bad magic {:02x?} (not a chanio verbs peer)", &header[0..4]));
     }
-    let len = u32::from_le_bytes([header[12], header[13], header[14], header[15]]) as usize;
-    if len > MAX_PARAMS + ENDPOINT {
-        return Err(format!("exchange message too long ({len} bytes)"));
-    }
-    let mut body = vec![0u8; len];
-    read_exact(stream, &mut body, "exchange body", deadline)?;
+    // The version first: another version may well allow longer messages,
+    // and its peer deserves the version reason rather than a length one.
     let version = u16::from_le_bytes([header[4], header[5]]);
     if version != VERSION {
         return Err(format!(
             "unsupported exchange version {version} (this side speaks {VERSION})"
         ));
     }
+    let len = u32::from_le_bytes([header[12], header[13], header[14], header[15]]) as usize;
+    if len > MAX_PARAMS + ENDPOINT {
+        return Err(format!("exchange message too long ({len} bytes)"));
+    }
+    let mut body = vec![0u8; len];
+    read_exact(stream, &mut body, "exchange body", deadline)?;
     if header[8..12] != [0; 4] {
         return Err("reserved header field is not 0".into());
     }
@@ -174,9 +215,11 @@ mod tests {
             mtu: 3,
             read_depth: 16,
             gid: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1],
+            gid_type: GidType::RoceV2,
         };
         let body = endpoint_body(&ep, b"params");
         assert_eq!(parse_endpoint(&body), Ok((ep, b"params".to_vec())));
+        assert_eq!(body[28], 3, "the GID type sits in the first reserved byte");
         let mut bad = body.clone();
         bad[10] = 9;
         assert!(parse_endpoint(&bad).unwrap_err().contains("MTU"));
@@ -184,8 +227,50 @@ mod tests {
         bad[3] = 1;
         assert!(parse_endpoint(&bad).unwrap_err().contains("24 bits"));
         assert!(parse_endpoint(&body[..31]).is_err());
+        for qpn in [0u8, 1] {
+            let mut bad = body.clone();
+            bad[..4].copy_from_slice(&[qpn, 0, 0, 0]);
+            assert!(parse_endpoint(&bad).unwrap_err().contains("special"));
+        }
+        let mut bad = body.clone();
+        bad[28] = 9;
+        assert!(parse_endpoint(&bad).unwrap_err().contains("GID type"));
+        let mut bad = body.clone();
+        bad[31] = 1;
+        assert!(parse_endpoint(&bad).unwrap_err().contains("reserved"));
+        let mut no_reads = body.clone();
+        no_reads[11] = 0;
+        assert_eq!(parse_endpoint(&no_reads).map(|(e, _)| e.read_depth), Ok(0));
+        let mut old_peer = body.clone();
+        old_peer[28] = 0;
+        assert_eq!(parse_endpoint(&old_peer).map(|(e, _)| e.gid_type), Ok(GidType::Unknown));
         let m = message(KIND_READY, &[]);
         assert_eq!(&m[..4], b"CHIV");
         assert_eq!(m.len(), 16);
+    }
+
+    #[test]
+    fn roce_versions_must_match() {
+        use GidType::*;
+        assert!(check_gid_types(RoceV2, RoceV2).is_ok());
+        assert!(check_gid_types(RoceV2, Unknown).is_ok());
+        assert!(check_gid_types(Unknown, RoceV1).is_ok());
+        let reason = check_gid_types(RoceV2, RoceV1).unwrap_err();
+        assert!(reason.contains("RoCE v2") && reason.contains("RoCE v1"), "{reason}");
+        assert!(reason.contains("CHANIO_VERBS_GID_INDEX"), "{reason}");
+    }
+
+    #[test]
+    fn a_newer_version_is_refused_for_its_version_not_its_length() {
+        use std::net::TcpListener;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let mut m = message(KIND_HELLO, &[]);
+        m[4..6].copy_from_slice(&2u16.to_le_bytes());
+        m[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        client.write_all(&m).unwrap();
+        let reason = read_message(&mut server, Duration::from_secs(5)).unwrap_err();
+        assert!(reason.starts_with("unsupported exchange version 2"), "{reason}");
     }
 }

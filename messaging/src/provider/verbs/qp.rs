@@ -7,7 +7,8 @@
 //! back, so a buffer is never reachable from safe code while the NIC owns
 //! it. Everything that touches the tables or the hardware queue pair (post,
 //! poll, move to error, destroy) runs under one lock, and completions are
-//! queued under it too, so they keep posting order.
+//! queued under it too, so they keep posting order; the notify callback runs
+//! only after that lock is released, so it may post or poll.
 //!
 //! Failure: an error completion, a local error found at posting,
 //! [`QueuePair::disconnect`] or the peer's DISCONNECT (or EOF) on the side
@@ -16,7 +17,14 @@
 //! software, queued behind the hardware completions still due. Should the
 //! device not flush within [`FLUSH_GRACE`], the queue pair is destroyed
 //! (after which the NIC no longer touches the buffers) and what is left is
-//! flushed in software, so every buffer always comes back.
+//! flushed in software, so every buffer always comes back. The one
+//! exception: if `ibv_destroy_qp` itself fails, the NIC may still reach the
+//! buffers, so they are leaked (never handed back or freed) and an error is
+//! logged.
+//!
+//! A peer's DISCONNECT can overtake the acknowledgement of a Send it has
+//! already received; sends still in flight then get [`DISCONNECT_DRAIN`] to
+//! complete before the queue pair moves to ERR and flushes them.
 
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
@@ -44,6 +52,16 @@ use crate::provider::{
 /// destroyed and the rest is flushed in software.
 pub const FLUSH_GRACE: Duration = Duration::from_secs(2);
 
+/// How long a DISCONNECT from the peer waits for sends in flight to
+/// complete before the queue pair moves to ERR: long enough for an
+/// acknowledgement already on the wire, far below the 67 ms ACK timeout
+/// (timeout 14), so a Send the peer executed is not reported as flushed.
+pub const DISCONNECT_DRAIN: Duration = Duration::from_millis(20);
+
+/// How often the completion thread polls the device when completion events
+/// cannot be relied on (`ibv_req_notify_cq` or `poll` failed).
+const POLL_INTERVAL: Duration = Duration::from_millis(1);
+
 const RECV_BIT: u64 = 1 << 63;
 
 struct SendSlot {
@@ -62,15 +80,19 @@ struct RecvSlot {
 /// A queue pair created, in INIT, with its first receives posted: not yet
 /// connected, so nothing can be sent on it.
 ///
-/// Field order matters: `qp` drops (is destroyed) before `recvs` gives the
-/// buffers back, so a set-up that fails never frees memory the NIC may
-/// still write.
+/// Dropping it (a set-up that fails) destroys `qp` before `recvs` gives the
+/// buffers back, and leaks them if the destroy fails, so it never frees
+/// memory the NIC may still write.
 pub(super) struct PreparedQp {
     cq: Arc<Cq>,
-    qp: RawQp,
+    /// `None` only once `start` moved it into the live queue pair.
+    qp: Option<RawQp>,
     recvs: VecDeque<RecvSlot>,
     next_seq: u64,
     local: Endpoint,
+    /// RDMA Reads this side may have outstanding (`max_rd_atomic`), known
+    /// once connected; 0 when Reads cannot be posted.
+    read_depth: u8,
     info: DeviceInfo,
     caps: Capabilities,
     domain: ProtectionDomain,
@@ -97,15 +119,18 @@ impl PreparedQp {
             psn,
             lid: info.lid,
             mtu: info.active_mtu,
-            read_depth: info.max_qp_rd_atom.max(1),
+            // The device's own limit, 0 included: the peer then posts no Reads.
+            read_depth: info.max_qp_rd_atom,
             gid: info.gid,
+            gid_type: info.gid_type,
         };
         let mut prepared = PreparedQp {
             cq,
-            qp,
+            qp: Some(qp),
             recvs: VecDeque::with_capacity(recvs.len()),
             next_seq: 0,
             local,
+            read_depth: 0,
             info,
             caps,
             domain: fabric.domain.clone(),
@@ -128,12 +153,20 @@ impl PreparedQp {
                 id: wr.id,
                 buf: wr.buf,
             });
+            let Some(qp) = prepared.qp.as_ref() else {
+                unreachable!("a queue pair being prepared holds its QP");
+            };
             // SAFETY: the buffer is registered in this QP's domain (checked
             // above) and now owned by `recvs`, which keeps it until its
-            // completion is polled or the QP is destroyed: `recvs` moves
-            // into the live queue pair's `State` with the QP, or, if set-up
-            // fails, is dropped after it (`qp` is declared before `recvs`).
-            unsafe { prepared.qp.post_recv(seq | RECV_BIT, sge) }.map_err(io("ibv_post_recv"))?;
+            // completion is polled or the QP is destroyed, also when the
+            // post fails (the driver may have queued it): `recvs` moves into
+            // the live queue pair's `State` with the QP, or, if set-up
+            // fails, `PreparedQp`'s `Drop` destroys the QP first and leaks
+            // `recvs` should that fail.
+            unsafe { qp.post_recv(seq | RECV_BIT, sge) }.map_err(|(_, source)| FabricError::Io {
+                op: "ibv_post_recv",
+                source,
+            })?;
         }
         Ok(prepared)
     }
@@ -144,41 +177,54 @@ impl PreparedQp {
     }
 
     /// INIT → RTR → RTS towards `remote`.
-    pub(super) fn ready_to_send(&self, remote: &Endpoint) -> Result<(), FabricError> {
-        self.qp
-            .to_rts(&self.info, &self.local, remote)
+    pub(super) fn ready_to_send(&mut self, remote: &Endpoint) -> Result<(), FabricError> {
+        let Some(qp) = self.qp.as_ref() else {
+            unreachable!("a queue pair being prepared holds its QP");
+        };
+        qp.to_rts(&self.info, &self.local, remote)
             .map_err(|source| FabricError::Io {
                 op: "ibv_modify_qp(RTR/RTS)",
                 source,
-            })
+            })?;
+        self.read_depth = device::read_depth_towards(&self.info, remote);
+        if self.read_depth == 0 {
+            tracing::warn!(
+                device = %self.info.name,
+                local_initiator_depth = self.info.max_qp_init_rd_atom,
+                peer_read_depth = remote.read_depth,
+                "this device or the peer supports no outstanding RDMA Reads: Reads on this queue pair will fail"
+            );
+        }
+        Ok(())
     }
 
     /// Starts the completion thread and hands out the live queue pair.
     /// `socket` is the exchange connection, kept as the side channel.
-    pub(super) fn start(self, socket: TcpStream, peer: String, peer_params: Vec<u8>) -> Result<VerbsQp, FabricError> {
+    pub(super) fn start(
+        mut self,
+        socket: TcpStream,
+        peer: String,
+        peer_params: Vec<u8>,
+    ) -> Result<VerbsQp, FabricError> {
         let io = |op| move |source| FabricError::Io { op, source };
         socket.set_nonblocking(true).map_err(io("set_nonblocking"))?;
         let wake = WakeFd::new().map_err(io("eventfd"))?;
-        let PreparedQp {
-            cq,
-            qp,
-            recvs,
-            next_seq,
-            caps,
-            domain,
-            ..
-        } = self;
+        // From here the QP and its receives move together into `State`,
+        // whose `Drop` destroys them in the same careful way.
+        let qp = self.qp.take();
+        let recvs = std::mem::take(&mut self.recvs);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                qp: Some(qp),
+                qp,
                 sends: VecDeque::new(),
                 recvs,
-                next_seq,
+                next_seq: self.next_seq,
                 failed_at: None,
                 deferred: Vec::new(),
             }),
-            cq,
+            cq: self.cq.clone(),
             queue: CompletionQueue::default(),
+            notify: Mutex::new(None),
             failed: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             told_peer: AtomicBool::new(false),
@@ -186,8 +232,9 @@ impl PreparedQp {
             wake,
             peer,
             peer_params,
-            caps,
-            domain,
+            caps: self.caps,
+            read_depth: self.read_depth,
+            domain: self.domain.clone(),
         });
         let thread = {
             let shared = shared.clone();
@@ -203,6 +250,35 @@ impl PreparedQp {
     }
 }
 
+impl Drop for PreparedQp {
+    fn drop(&mut self) {
+        if let Some(qp) = self.qp.take() {
+            destroy_or_leak(qp, &mut VecDeque::new(), &mut self.recvs);
+        }
+    }
+}
+
+/// Destroys `qp`. Should that fail, the NIC may still reach the buffers
+/// posted to it, so the tables are leaked (emptied without dropping their
+/// `Buf`s, so the memory is never freed nor handed back) and an error is
+/// logged. Returns whether the queue pair was destroyed.
+fn destroy_or_leak(qp: RawQp, sends: &mut VecDeque<SendSlot>, recvs: &mut VecDeque<RecvSlot>) -> bool {
+    match qp.destroy() {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(
+                %error,
+                sends = sends.len(),
+                receives = recvs.len(),
+                "ibv_destroy_qp failed: the device may still access the buffers posted to it, so they are leaked"
+            );
+            std::mem::forget(std::mem::take(sends));
+            std::mem::forget(std::mem::take(recvs));
+            false
+        }
+    }
+}
+
 /// A connected verbs RC queue pair.
 pub struct VerbsQp {
     shared: Arc<Shared>,
@@ -212,7 +288,10 @@ pub struct VerbsQp {
 struct Shared {
     state: Mutex<State>,
     cq: Arc<Cq>,
+    /// Its own callback is never set: ours is in `notify`, run only once
+    /// the state lock is released.
     queue: CompletionQueue,
+    notify: Mutex<Option<Notify>>,
     failed: AtomicBool,
     closing: AtomicBool,
     told_peer: AtomicBool,
@@ -221,11 +300,13 @@ struct Shared {
     peer: String,
     peer_params: Vec<u8>,
     caps: Capabilities,
+    /// Outstanding RDMA Reads allowed (`max_rd_atomic`); 0: none at all.
+    read_depth: u8,
     domain: ProtectionDomain,
 }
 
-/// As in [`PreparedQp`], `qp` is declared first so that it is destroyed
-/// before the tables give their buffers back.
+/// As in [`PreparedQp`], its `Drop` destroys `qp` before the tables give
+/// their buffers back, and leaks them if that fails.
 struct State {
     /// `None` once destroyed after a failed flush.
     qp: Option<RawQp>,
@@ -238,6 +319,14 @@ struct State {
     deferred: Vec<Completion>,
 }
 
+impl Drop for State {
+    fn drop(&mut self) {
+        if let Some(qp) = self.qp.take() {
+            destroy_or_leak(qp, &mut self.sends, &mut self.recvs);
+        }
+    }
+}
+
 impl State {
     fn outstanding(&self) -> usize {
         self.sends.len() + self.recvs.len()
@@ -245,8 +334,12 @@ impl State {
 
     /// Turns a device completion into the provider's, handing the buffer back.
     fn complete(&mut self, wc: &Wc) -> Option<Completion> {
-        let success = wc.status == WcStatus::Success;
         if wc.wr_id & RECV_BIT != 0 {
+            // rxe reports a receive too small for the Send as
+            // REM_INV_REQ_ERR, mlx5 as LOC_LEN_ERR: both are the receiver's
+            // local length error (see `device::map_recv_status`).
+            let status = device::map_recv_status(wc.raw_status);
+            let success = status == WcStatus::Success;
             let seq = wc.wr_id & !RECV_BIT;
             let pos = self.recvs.iter().position(|s| s.seq == seq)?;
             let RecvSlot { id, mut buf, .. } = self.recvs.remove(pos)?;
@@ -263,13 +356,14 @@ impl State {
             }
             Some(Completion {
                 id,
-                status: wc.status,
+                status,
                 opcode,
                 byte_len: if success { wc.byte_len } else { 0 },
                 imm: if success { wc.imm } else { None },
                 buf,
             })
         } else {
+            let success = wc.status == WcStatus::Success;
             let pos = self.sends.iter().position(|s| s.seq == wc.wr_id)?;
             let SendSlot { id, opcode, buf, .. } = self.sends.remove(pos)?;
             Some(Completion {
@@ -290,6 +384,7 @@ impl Shared {
     fn reap(&self) {
         let mut wcs = Vec::with_capacity(32);
         let mut newly_failed = false;
+        let mut pushed = false;
         let mut st = self.state.lock();
         loop {
             wcs.clear();
@@ -316,6 +411,7 @@ impl Shared {
             if st.outstanding() == 0 {
                 done.append(&mut st.deferred);
             }
+            pushed |= !done.is_empty();
             self.queue.push_all(done);
             if n < 32 {
                 break;
@@ -325,6 +421,53 @@ impl Shared {
         if newly_failed {
             self.tell_peer();
             self.wake.wake();
+        }
+        if pushed {
+            self.run_notify();
+        }
+    }
+
+    /// Runs the notify callback; never with the state lock held (it is not
+    /// re-entrant, and the callback may well poll or post).
+    fn run_notify(&self) {
+        let notify = self.notify.lock().clone();
+        if let Some(notify) = notify {
+            notify();
+        }
+    }
+
+    /// After a failure found outside the completion thread (state lock
+    /// released): tells the peer, wakes the thread so it starts the flush
+    /// grace, and runs the callback if completions were queued.
+    fn after_failure(&self, pushed: bool) {
+        self.tell_peer();
+        self.wake.wake();
+        if pushed {
+            self.run_notify();
+        }
+    }
+
+    /// Fails the queue pair and tells the peer (state lock not held).
+    fn fail(&self) {
+        self.fail_locked(&mut self.state.lock());
+        self.after_failure(false);
+    }
+
+    /// Asks for a completion event; returns whether events can be relied
+    /// on. If not, the queue pair is failed, so the device flushes what it
+    /// holds, and the caller must poll for that flush instead of waiting.
+    fn arm(&self) -> bool {
+        match self.cq.arm() {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(
+                    peer = %self.peer,
+                    %error,
+                    "ibv_req_notify_cq failed; failing the queue pair and polling for its flush"
+                );
+                self.fail();
+                false
+            }
         }
     }
 
@@ -340,12 +483,21 @@ impl Shared {
     }
 
     /// Queues software completions behind everything the device still owes.
-    fn complete_later(&self, st: &mut MutexGuard<'_, State>, completions: impl IntoIterator<Item = Completion>) {
+    /// Returns whether any were queued now: the caller then runs the notify
+    /// callback once it has released the lock.
+    #[must_use]
+    fn complete_later(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        completions: impl IntoIterator<Item = Completion>,
+    ) -> bool {
         st.deferred.extend(completions);
-        if st.outstanding() == 0 {
+        if st.outstanding() == 0 && !st.deferred.is_empty() {
             let due = std::mem::take(&mut st.deferred);
             self.queue.push_all(due);
+            return true;
         }
+        false
     }
 
     /// Sends DISCONNECT on the side channel, once.
@@ -356,9 +508,12 @@ impl Shared {
     }
 
     /// The device did not flush in time: destroy the queue pair (ending
-    /// the NIC's access to the buffers) and flush the rest in software.
+    /// the NIC's access to the buffers) and flush the rest in software. If
+    /// the destroy fails, the buffers still posted are leaked instead
+    /// (`destroy_or_leak`); only the software completions are delivered.
     fn abandon_hardware(&self) {
-        let mut st = self.state.lock();
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
         if st.outstanding() == 0 {
             return;
         }
@@ -367,7 +522,9 @@ impl Shared {
             outstanding = st.outstanding(),
             "device did not flush the failed queue pair in {FLUSH_GRACE:?}; destroying it and flushing in software"
         );
-        drop(st.qp.take());
+        if let Some(qp) = st.qp.take() {
+            destroy_or_leak(qp, &mut st.sends, &mut st.recvs);
+        }
         let mut done: Vec<Completion> = st.sends.drain(..).map(flushed_slot).collect();
         done.extend(
             st.recvs
@@ -375,7 +532,12 @@ impl Shared {
                 .map(|s| flushed_recv(RecvWr { id: s.id, buf: s.buf })),
         );
         done.append(&mut st.deferred);
+        let pushed = !done.is_empty();
         self.queue.push_all(done);
+        drop(guard);
+        if pushed {
+            self.run_notify();
+        }
     }
 
     fn grace_left(&self) -> Option<Duration> {
@@ -389,10 +551,11 @@ impl Shared {
 }
 
 fn completion_thread(shared: Arc<Shared>) {
-    if let Err(e) = shared.cq.arm() {
-        tracing::error!(error = %e, "ibv_req_notify_cq failed; failing the queue pair");
-        shared.fail_locked(&mut shared.state.lock());
-    }
+    // Whether completion events can be relied on (arming worked) and
+    // whether `poll` works; without either, the device is polled every
+    // POLL_INTERVAL while it still owes completions.
+    let mut events_ok = shared.arm();
+    let mut poll_ok = true;
     shared.reap();
     let mut peer_open = true;
     loop {
@@ -404,15 +567,49 @@ fn completion_thread(shared: Arc<Shared>) {
             shared.abandon_hardware();
             continue;
         }
+        let owed = shared.state.lock().outstanding() > 0;
+        let timeout = if events_ok && poll_ok {
+            grace
+        } else if owed {
+            Some(grace.map_or(POLL_INTERVAL, |g| g.min(POLL_INTERVAL)))
+        } else {
+            // Nothing left to poll for: only the wake fd and the side
+            // channel matter, and without `poll` they are checked this often.
+            Some(grace.map_or(POLL_INTERVAL * 10, |g| g.min(POLL_INTERVAL * 10)))
+        };
         let socket_fd = if peer_open { shared.socket.as_raw_fd() } else { -1 };
-        let [events, socket, wake] = device::wait_readable([shared.cq.fd(), socket_fd, shared.wake.fd()], grace);
-        if wake {
-            shared.wake.drain();
-        }
+        let ready = if poll_ok {
+            device::wait_readable([shared.cq.fd(), socket_fd, shared.wake.fd()], timeout)
+        } else {
+            Err(std::io::Error::other("poll failed before"))
+        };
+        let (events, socket) = match ready {
+            Ok([events, socket, wake]) => {
+                if wake {
+                    shared.wake.drain();
+                }
+                (events, socket)
+            }
+            Err(error) => {
+                if poll_ok {
+                    tracing::error!(
+                        peer = %shared.peer,
+                        %error,
+                        "poll on the completion channel failed; polling the queue pair instead"
+                    );
+                    poll_ok = false;
+                }
+                // Never spin: a failing `poll` returns at once.
+                std::thread::sleep(timeout.unwrap_or(POLL_INTERVAL));
+                shared.wake.drain();
+                // The events fd cannot be watched: take whatever is pending.
+                (true, peer_open)
+            }
+        };
         if events {
             shared.cq.take_events();
-            if let Err(e) = shared.cq.arm() {
-                tracing::warn!(error = %e, "ibv_req_notify_cq failed");
+            if events_ok {
+                events_ok = shared.arm();
             }
         }
         shared.reap();
@@ -420,9 +617,29 @@ fn completion_thread(shared: Arc<Shared>) {
             peer_open = false;
             // The peer disconnected or failed: it needs no answer.
             shared.told_peer.store(true, Ordering::Release);
+            drain_sends(&shared);
             shared.fail_locked(&mut shared.state.lock());
             tracing::debug!(peer = %shared.peer, "verbs peer disconnected");
         }
+    }
+}
+
+/// Gives sends still in flight up to [`DISCONNECT_DRAIN`] to complete, so
+/// a Send the peer executed before disconnecting completes successfully
+/// instead of being flushed by the move to ERR. Events that arrive
+/// meanwhile stay pending on the channel for the completion thread.
+fn drain_sends(shared: &Shared) {
+    let deadline = Instant::now() + DISCONNECT_DRAIN;
+    loop {
+        shared.reap();
+        if shared.failed.load(Ordering::Acquire) || shared.state.lock().sends.is_empty() {
+            return;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(POLL_INTERVAL));
     }
 }
 
@@ -457,7 +674,11 @@ impl QueuePair for VerbsQp {
         let shared = &self.shared;
         let mut st = shared.state.lock();
         if shared.failed.load(Ordering::Acquire) {
-            shared.complete_later(&mut st, wrs.into_iter().map(flushed_send));
+            let pushed = shared.complete_later(&mut st, wrs.into_iter().map(flushed_send));
+            drop(st);
+            if pushed {
+                shared.run_notify();
+            }
             return Ok(());
         }
         let depth = shared.caps.max_send_wr;
@@ -471,7 +692,7 @@ impl QueuePair for VerbsQp {
                 later.push(flushed_send(wr));
                 continue;
             }
-            if let Err(status) = check_local(&shared.domain, &wr, shared.caps.max_message) {
+            if let Err(status) = check_local(&shared.domain, &wr, shared.caps.max_message, shared.read_depth) {
                 // Checked before posting, as the NIC would, so that every
                 // device reports it alike: the request fails after the ones
                 // before it, those after it are flushed.
@@ -524,20 +745,33 @@ impl QueuePair for VerbsQp {
             Some(qp) => unsafe { qp.post_send(&descs) },
             None => Err((0, std::io::Error::other("queue pair destroyed"))),
         };
-        if let Err((index, error)) = posted {
-            tracing::warn!(peer = %shared.peer, %error, "ibv_post_send refused a request; failing the queue pair");
-            let keep = st.sends.len() - (descs.len() - index);
+        let mut failing = !later.is_empty();
+        if let Err((posted, error)) = posted {
+            failing = true;
+            let unposted = descs.len() - posted;
+            if unposted == 0 {
+                // The driver named no bad request: it may have queued them
+                // all (rxe does), so they stay in flight and come back with
+                // the flush after the move to ERR (or `abandon_hardware`).
+                tracing::warn!(
+                    peer = %shared.peer,
+                    %error,
+                    "ibv_post_send failed without naming a request; treating the batch as posted and failing the queue pair"
+                );
+            } else {
+                tracing::warn!(peer = %shared.peer, %error, "ibv_post_send refused a request; failing the queue pair");
+            }
+            let keep = st.sends.len() - unposted;
             let unposted = st.sends.split_off(keep);
             let mut flushed: Vec<Completion> = unposted.into_iter().map(flushed_slot).collect();
             flushed.append(&mut later);
             later = flushed;
         }
-        if !later.is_empty() {
+        if failing {
             shared.fail_locked(&mut st);
-            shared.complete_later(&mut st, later);
+            let pushed = shared.complete_later(&mut st, later);
             drop(st);
-            shared.tell_peer();
-            shared.wake.wake();
+            shared.after_failure(pushed);
         }
         Ok(())
     }
@@ -546,7 +780,11 @@ impl QueuePair for VerbsQp {
         let shared = &self.shared;
         let mut st = shared.state.lock();
         if shared.failed.load(Ordering::Acquire) {
-            shared.complete_later(&mut st, [flushed_recv(wr)]);
+            let pushed = shared.complete_later(&mut st, [flushed_recv(wr)]);
+            drop(st);
+            if pushed {
+                shared.run_notify();
+            }
             return Ok(());
         }
         let depth = shared.caps.max_recv_wr;
@@ -563,9 +801,9 @@ impl QueuePair for VerbsQp {
             let mut c = flushed_recv(wr);
             c.status = WcStatus::LocalProtectionError;
             shared.fail_locked(&mut st);
-            shared.complete_later(&mut st, [c]);
+            let pushed = shared.complete_later(&mut st, [c]);
             drop(st);
-            shared.tell_peer();
+            shared.after_failure(pushed);
             return Ok(());
         }
         let seq = st.next_seq;
@@ -579,23 +817,38 @@ impl QueuePair for VerbsQp {
         let posted = match st.qp.as_ref() {
             // SAFETY: the buffer is registered in this QP's domain (checked
             // above) and owned by `st.recvs` until its completion is polled
-            // or the QP is destroyed.
+            // or the QP is destroyed; on a failure that may have posted it
+            // anyway, it stays there (below).
             Some(qp) => unsafe { qp.post_recv(seq | RECV_BIT, sge) },
-            None => Err(std::io::Error::other("queue pair destroyed")),
+            None => Err((false, std::io::Error::other("queue pair destroyed"))),
         };
-        if let Err(error) = posted {
-            tracing::warn!(peer = %shared.peer, %error, "ibv_post_recv failed; failing the queue pair");
-            let slot = st.recvs.pop_back().expect("pushed above");
-            shared.fail_locked(&mut st);
-            shared.complete_later(
-                &mut st,
-                [flushed_recv(RecvWr {
-                    id: slot.id,
-                    buf: slot.buf,
-                })],
-            );
+        if let Err((maybe_posted, error)) = posted {
+            let pushed = if maybe_posted {
+                // The driver named no bad request: it may have queued it,
+                // so it stays in flight and comes back with the flush.
+                tracing::warn!(
+                    peer = %shared.peer,
+                    %error,
+                    "ibv_post_recv failed without naming the request; treating it as posted and failing the queue pair"
+                );
+                shared.fail_locked(&mut st);
+                false
+            } else {
+                tracing::warn!(peer = %shared.peer, %error, "ibv_post_recv failed; failing the queue pair");
+                // Local invariant: the slot was pushed just above, under the
+                // same lock, so it is the last one.
+                let slot = st.recvs.pop_back().expect("pushed above");
+                shared.fail_locked(&mut st);
+                shared.complete_later(
+                    &mut st,
+                    [flushed_recv(RecvWr {
+                        id: slot.id,
+                        buf: slot.buf,
+                    })],
+                )
+            };
             drop(st);
-            shared.tell_peer();
+            shared.after_failure(pushed);
         }
         Ok(())
     }
@@ -611,7 +864,7 @@ impl QueuePair for VerbsQp {
     }
 
     fn set_notify(&self, notify: Option<Notify>) {
-        self.shared.queue.set_notify(notify);
+        *self.shared.notify.lock() = notify;
     }
 
     fn peer_params(&self) -> &[u8] {
@@ -627,10 +880,7 @@ impl QueuePair for VerbsQp {
     }
 
     fn disconnect(&self) {
-        let shared = &self.shared;
-        shared.fail_locked(&mut shared.state.lock());
-        shared.tell_peer();
-        shared.wake.wake();
+        self.shared.fail();
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -661,7 +911,7 @@ fn owned_by(domain: &ProtectionDomain, buf: &Buf) -> bool {
         .is_ok()
 }
 
-fn check_local(domain: &ProtectionDomain, wr: &SendWr, max_message: u32) -> Result<(), WcStatus> {
+fn check_local(domain: &ProtectionDomain, wr: &SendWr, max_message: u32, read_depth: u8) -> Result<(), WcStatus> {
     let buf = match &wr.op {
         SendOp::Send { buf, .. } | SendOp::Write { buf, .. } | SendOp::Read { buf, .. } => buf,
     };
@@ -671,8 +921,18 @@ fn check_local(domain: &ProtectionDomain, wr: &SendWr, max_message: u32) -> Resu
     if !owned_by(domain, buf) {
         return Err(WcStatus::LocalProtectionError);
     }
-    if matches!(wr.op, SendOp::Read { .. }) && !buf.access().contains(Access::LOCAL_WRITE) {
-        return Err(WcStatus::LocalProtectionError);
+    if matches!(wr.op, SendOp::Read { .. }) {
+        // Registrations always carry local write for the NIC, so this
+        // right is enforced here.
+        if !buf.access().contains(Access::LOCAL_WRITE) {
+            return Err(WcStatus::LocalProtectionError);
+        }
+        if read_depth == 0 {
+            tracing::warn!(
+                "RDMA Read refused: this device or the peer supports no outstanding Reads (max_rd_atomic 0)"
+            );
+            return Err(WcStatus::LocalProtectionError);
+        }
     }
     Ok(())
 }
