@@ -40,6 +40,7 @@ use crate::mr::{Buf, ProtectionDomain, RKey};
 
 pub mod conformance;
 mod cq;
+mod handshake;
 pub mod loopback;
 pub mod tcp;
 #[cfg(feature = "verbs")]

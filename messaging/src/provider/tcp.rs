@@ -51,9 +51,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token, Waker};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
 use super::cq::CompletionQueue;
+use super::handshake::{read_exact_by, AcceptQueue, Refused};
 use super::{
     Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
     WcOpcode, WcStatus, WrId,
@@ -192,9 +193,7 @@ impl Fabric for TcpFabric {
         let waker = Arc::new(Waker::new(poll.registry(), WAKE).map_err(listen_err)?);
         let shared = Arc::new(ListenShared {
             handshakes: std::sync::atomic::AtomicUsize::new(0),
-            queue: Mutex::new(VecDeque::new()),
-            ready: Condvar::new(),
-            shutdown: AtomicBool::new(false),
+            queue: AcceptQueue::new(MAX_PENDING),
         });
         let thread = {
             let shared = shared.clone();
@@ -272,7 +271,7 @@ fn hello_bytes(kind: u16, body: &[u8]) -> Vec<u8> {
 fn read_hello(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), String> {
     let deadline = Instant::now() + timeout;
     let mut header = [0u8; HELLO_HEADER];
-    read_exact_described(stream, &mut header, "hello header", deadline)?;
+    read_exact_by(stream, &mut header, "hello header", deadline)?;
     if header[0..4] != HELLO_MAGIC {
         return Err(format!("bad magic {:02x?} (not a chanio peer)", &header[0..4]));
     }
@@ -281,7 +280,7 @@ fn read_hello(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>
         return Err(format!("hello parameters too long ({len} > {MAX_PARAMS} bytes)"));
     }
     let mut body = vec![0u8; len];
-    read_exact_described(stream, &mut body, "hello parameters", deadline)?;
+    read_exact_by(stream, &mut body, "hello parameters", deadline)?;
     let version = u16::from_le_bytes([header[4], header[5]]);
     if version != HELLO_VERSION {
         return Err(format!(
@@ -296,42 +295,12 @@ fn read_hello(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>
     Ok((kind, body))
 }
 
-fn read_exact_described(stream: &mut TcpStream, buf: &mut [u8], what: &str, deadline: Instant) -> Result<(), String> {
-    let mut have = 0;
-    while have < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!("timed out reading {what} ({have} of {} bytes)", buf.len()));
-        }
-        stream
-            .set_read_timeout(Some(left))
-            .map_err(|e| format!("reading {what}: {e}"))?;
-        match stream.read(&mut buf[have..]) {
-            Ok(0) => {
-                return Err(format!(
-                    "truncated {what}: connection closed after {have} of {} bytes",
-                    buf.len()
-                ))
-            }
-            Ok(n) => have += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(format!("timed out reading {what} ({have} of {} bytes)", buf.len()))
-            }
-            Err(e) => return Err(format!("reading {what}: {e}")),
-        }
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------
 // Listener
 
 struct ListenShared {
     handshakes: std::sync::atomic::AtomicUsize,
-    queue: Mutex<VecDeque<TcpIncoming>>,
-    ready: Condvar,
-    shutdown: AtomicBool,
+    queue: AcceptQueue<TcpIncoming>,
 }
 
 /// A listening tcp endpoint.
@@ -354,7 +323,7 @@ const MAX_HANDSHAKES: usize = 64;
 
 fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<ListenShared>, fabric: TcpFabric) {
     let mut events = Events::with_capacity(16);
-    while !shared.shutdown.load(Ordering::Acquire) {
+    while !shared.queue.is_closed() {
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -395,7 +364,6 @@ fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<List
             }
         }
     }
-    shared.ready.notify_all();
 }
 
 fn handshake(stream: mio::net::TcpStream, peer: SocketAddr, shared: Arc<ListenShared>, fabric: TcpFabric) {
@@ -419,22 +387,21 @@ fn handshake(stream: mio::net::TcpStream, peer: SocketAddr, shared: Arc<ListenSh
     if kind != KIND_HELLO {
         return refuse(&format!("first message is hello kind {kind}, not a hello"));
     }
-    let mut queue = shared.queue.lock();
-    if shared.shutdown.load(Ordering::Acquire) {
-        return;
-    }
-    if queue.len() >= MAX_PENDING {
-        drop(queue);
-        let _ = stream.write_all(&hello_bytes(KIND_REJECT, b"too many pending connections"));
-        return refuse("accept queue full");
-    }
-    queue.push_back(TcpIncoming {
+    let incoming = TcpIncoming {
         stream,
         peer: format!("tcp://{peer}"),
         params,
         fabric,
-    });
-    shared.ready.notify_one();
+    };
+    match shared.queue.offer(incoming) {
+        Ok(()) | Err(Refused::Closed) => {}
+        Err(Refused::Full(mut incoming)) => {
+            let _ = incoming
+                .stream
+                .write_all(&hello_bytes(KIND_REJECT, b"too many pending connections"));
+            refuse("accept queue full");
+        }
+    }
 }
 
 impl Listener for TcpListener {
@@ -443,34 +410,15 @@ impl Listener for TcpListener {
     }
 
     fn accept(&self, timeout: Option<Duration>) -> Result<Box<dyn Incoming>, FabricError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut queue = self.shared.queue.lock();
-        loop {
-            if self.shared.shutdown.load(Ordering::Acquire) {
-                return Err(FabricError::Shutdown);
-            }
-            if let Some(incoming) = queue.pop_front() {
-                return Ok(Box::new(incoming));
-            }
-            match deadline {
-                Some(d) => {
-                    if self.shared.ready.wait_until(&mut queue, d).timed_out() && queue.is_empty() {
-                        return Err(FabricError::Timeout(timeout.unwrap_or_default()));
-                    }
-                }
-                None => self.shared.ready.wait(&mut queue),
-            }
-        }
+        self.shared.queue.take(timeout).map(|i| Box::new(i) as _)
     }
 
     fn shutdown(&self) {
-        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.queue.close();
         let _ = self.waker.wake();
-        self.shared.ready.notify_all();
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
-        self.shared.queue.lock().clear();
     }
 }
 

@@ -62,17 +62,17 @@
 //! `ibv_dereg_mr` fail, the memory the device may still reach is leaked,
 //! never freed, and an error is logged.
 
-use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
+use super::handshake::{AcceptQueue, Refused};
 use super::{Capabilities, Fabric, FabricError, Incoming, Listener, QueuePair, RecvWr};
 use crate::mr::{ProtectionDomain, Registrar};
 
@@ -272,9 +272,7 @@ impl Fabric for VerbsFabric {
         let wake = Arc::new(WakeFd::new().map_err(listen_err)?);
         let shared = Arc::new(ListenShared {
             handshakes: AtomicUsize::new(0),
-            queue: Mutex::new(VecDeque::new()),
-            ready: Condvar::new(),
-            shutdown: AtomicBool::new(false),
+            queue: AcceptQueue::new(MAX_PENDING),
         });
         let thread = {
             let (shared, wake, fabric) = (shared.clone(), wake.clone(), self.clone());
@@ -339,9 +337,7 @@ impl Fabric for VerbsFabric {
 
 struct ListenShared {
     handshakes: AtomicUsize,
-    queue: Mutex<VecDeque<VerbsIncoming>>,
-    ready: Condvar,
-    shutdown: AtomicBool,
+    queue: AcceptQueue<VerbsIncoming>,
 }
 
 /// A listening verbs endpoint (the TCP side of the exchange).
@@ -363,7 +359,7 @@ const MAX_HANDSHAKES: usize = 64;
 
 fn accept_loop(listener: std::net::TcpListener, wake: Arc<WakeFd>, shared: Arc<ListenShared>, fabric: VerbsFabric) {
     let mut poll_failed = false;
-    while !shared.shutdown.load(Ordering::Acquire) {
+    while !shared.queue.is_closed() {
         match device::wait_readable([listener.as_raw_fd(), wake.fd()], None) {
             Ok([_, woken]) => {
                 if woken {
@@ -409,7 +405,6 @@ fn accept_loop(listener: std::net::TcpListener, wake: Arc<WakeFd>, shared: Arc<L
             }
         }
     }
-    shared.ready.notify_all();
 }
 
 fn handshake(stream: TcpStream, peer: SocketAddr, shared: &ListenShared, fabric: VerbsFabric) {
@@ -443,23 +438,20 @@ fn handshake(stream: TcpStream, peer: SocketAddr, shared: &ListenShared, fabric:
         let _ = oob::write_message(&mut stream, oob::KIND_REJECT, reason.as_bytes());
         return refuse(&reason);
     }
-    let mut queue = shared.queue.lock();
-    if shared.shutdown.load(Ordering::Acquire) {
-        return;
-    }
-    if queue.len() >= MAX_PENDING {
-        drop(queue);
-        let _ = oob::write_message(&mut stream, oob::KIND_REJECT, b"too many pending connections");
-        return refuse("accept queue full");
-    }
-    queue.push_back(VerbsIncoming {
+    let incoming = VerbsIncoming {
         stream,
         peer: format!("verbs://{peer}"),
         params,
         remote,
         fabric,
-    });
-    shared.ready.notify_one();
+    };
+    match shared.queue.offer(incoming) {
+        Ok(()) | Err(Refused::Closed) => {}
+        Err(Refused::Full(mut incoming)) => {
+            let _ = oob::write_message(&mut incoming.stream, oob::KIND_REJECT, b"too many pending connections");
+            refuse("accept queue full");
+        }
+    }
 }
 
 impl Listener for VerbsListener {
@@ -468,34 +460,15 @@ impl Listener for VerbsListener {
     }
 
     fn accept(&self, timeout: Option<Duration>) -> Result<Box<dyn Incoming>, FabricError> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut queue = self.shared.queue.lock();
-        loop {
-            if self.shared.shutdown.load(Ordering::Acquire) {
-                return Err(FabricError::Shutdown);
-            }
-            if let Some(incoming) = queue.pop_front() {
-                return Ok(Box::new(incoming));
-            }
-            match deadline {
-                Some(d) => {
-                    if self.shared.ready.wait_until(&mut queue, d).timed_out() && queue.is_empty() {
-                        return Err(FabricError::Timeout(timeout.unwrap_or_default()));
-                    }
-                }
-                None => self.shared.ready.wait(&mut queue),
-            }
-        }
+        self.shared.queue.take(timeout).map(|i| Box::new(i) as _)
     }
 
     fn shutdown(&self) {
-        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.queue.close();
         self.wake.wake();
-        self.shared.ready.notify_all();
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
-        self.shared.queue.lock().clear();
     }
 }
 
@@ -577,6 +550,8 @@ impl Incoming for VerbsIncoming {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
     use crate::provider::WcStatus;
     use rdma_mummy_sys::ibv_wc_status as s;

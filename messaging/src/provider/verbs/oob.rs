@@ -28,11 +28,12 @@
 //!        ... later, either way:  DISCONNECT or EOF → peer's QP → ERR
 //! ```
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use super::device::{Endpoint, GidType};
+use crate::provider::handshake::read_exact_by;
 
 /// Magic of the verbs exchange ("chanio verbs").
 pub const MAGIC: [u8; 4] = *b"CHIV";
@@ -145,7 +146,7 @@ pub(super) fn parse_endpoint(body: &[u8]) -> Result<(Endpoint, Vec<u8>), String>
 pub(super) fn read_message(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), String> {
     let deadline = Instant::now() + timeout;
     let mut header = [0u8; HEADER];
-    read_exact(stream, &mut header, "exchange header", deadline)?;
+    read_exact_by(stream, &mut header, "exchange header", deadline)?;
     if header[0..4] != MAGIC {
         return Err(format!("bad magic {:02x?} (not a chanio verbs peer)", &header[0..4]));
     }
@@ -162,39 +163,11 @@ pub(super) fn read_message(stream: &mut TcpStream, timeout: Duration) -> Result<
         return Err(format!("exchange message too long ({len} bytes)"));
     }
     let mut body = vec![0u8; len];
-    read_exact(stream, &mut body, "exchange body", deadline)?;
+    read_exact_by(stream, &mut body, "exchange body", deadline)?;
     if header[8..12] != [0; 4] {
         return Err("reserved header field is not 0".into());
     }
     Ok((u16::from_le_bytes([header[6], header[7]]), body))
-}
-
-fn read_exact(stream: &mut TcpStream, buf: &mut [u8], what: &str, deadline: Instant) -> Result<(), String> {
-    let mut have = 0;
-    while have < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!("timed out reading {what} ({have} of {} bytes)", buf.len()));
-        }
-        stream
-            .set_read_timeout(Some(left))
-            .map_err(|e| format!("reading {what}: {e}"))?;
-        match stream.read(&mut buf[have..]) {
-            Ok(0) => {
-                return Err(format!(
-                    "connection closed after {have} of {} bytes of {what}",
-                    buf.len()
-                ))
-            }
-            Ok(n) => have += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(format!("timed out reading {what} ({have} of {} bytes)", buf.len()))
-            }
-            Err(e) => return Err(format!("reading {what}: {e}")),
-        }
-    }
-    Ok(())
 }
 
 /// Writes one message (blocking socket).
