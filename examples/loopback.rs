@@ -21,6 +21,20 @@ use hdrhistogram::Histogram;
 enum Transport {
     /// TCP with RDMA semantics emulated (runs everywhere).
     Tcp,
+    /// The best fabric both ends have (verbs, shm, then tcp).
+    Auto,
+    /// RDMA through the verbs provider (build with `--features verbs`).
+    Rdma,
+}
+
+impl Transport {
+    fn listen_uri(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp://127.0.0.1:0",
+            Transport::Auto => "auto://127.0.0.1:0",
+            Transport::Rdma => "rdma://127.0.0.1:0",
+        }
+    }
 }
 
 /// Storage demo: an I/O unit with a RAM namespace and a host, in one process.
@@ -74,7 +88,7 @@ fn run(args: Args) -> Res<()> {
     }
     let spec = format!("ram:{ns_size}").parse().map_err(|e: String| e)?;
     let target = Target::start(TargetConfig {
-        listen: vec!["tcp://127.0.0.1:0".into()],
+        listen: vec![args.transport.listen_uri().into()],
         namespaces: vec![spec],
         ..TargetConfig::default()
     })?;

@@ -18,14 +18,15 @@ use iounit::nvme::{
 };
 use iounit::transport;
 use messaging::mr::Buf;
-use messaging::provider::tcp::{TcpFabric, TcpOptions};
-use messaging::provider::Fabric;
+use messaging::mr::ProtectionDomain;
+use messaging::provider::tcp::TcpOptions;
+use messaging::{Fabrics, TransportUri};
 use parking_lot::{Condvar, Mutex};
 
 use crate::buf::{BufCache, IoBuf};
 use crate::command::{self, Op, OpData, QueueKind};
 use crate::exec::{self, Timer};
-use crate::options::{host_id, HostOptions, TargetUri};
+use crate::options::{host_id, HostOptions, TargetUri, Transport};
 use crate::queue::{ExecError, Queue, QueueParams, Reply};
 use crate::HostError;
 
@@ -132,10 +133,13 @@ impl Drop for Handle {
 
 struct Inner {
     uri: TargetUri,
+    /// The concrete transport address in use (auto resolved).
+    resolved: TransportUri,
     opts: HostOptions,
     hostnqn: Nqn,
     subnqn: Nqn,
-    fabric: TcpFabric,
+    fabrics: Arc<Fabrics>,
+    domain: ProtectionDomain,
     cache: BufCache,
     timer: Timer,
     state: Mutex<ConnState>,
@@ -189,21 +193,63 @@ impl Host {
     pub fn connect(uri: &str, opts: HostOptions) -> Result<Host, HostError> {
         let uri = TargetUri::parse(uri)?;
         opts.validate()?;
-        let hostnqn = Nqn::new(opts.hostnqn.clone())?;
-        let subnqn = Nqn::new(opts.subnqn.clone())?;
-        let fabric = TcpFabric::with_options(TcpOptions {
+        let fabrics = Arc::new(Fabrics::with_tcp_options(TcpOptions {
             connect_timeout: opts.connect_timeout,
             ..TcpOptions::default()
-        });
+        }));
+        let candidates = match uri.transport() {
+            Transport::Auto => fabrics.auto_candidates(uri.addr()),
+            _ => vec![uri.to_transport_uri()],
+        };
+        let mut last = None;
+        for resolved in candidates {
+            match Host::connect_via(&uri, resolved.clone(), &fabrics, &opts) {
+                Ok(host) => {
+                    if uri.transport() == Transport::Auto {
+                        tracing::info!(%uri, chosen = %resolved, "auto transport selection");
+                    }
+                    return Ok(host);
+                }
+                Err(e) => {
+                    tracing::debug!(%resolved, "connect failed: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| HostError::InvalidUri {
+            uri: uri.to_string(),
+            reason: "no usable transport".into(),
+        }))
+    }
+
+    fn connect_via(
+        uri: &TargetUri,
+        resolved: TransportUri,
+        fabrics: &Arc<Fabrics>,
+        opts: &HostOptions,
+    ) -> Result<Host, HostError> {
+        let opts = opts.clone();
+        let hostnqn = Nqn::new(opts.hostnqn.clone())?;
+        let subnqn = Nqn::new(opts.subnqn.clone())?;
+        let domain = fabrics
+            .fabric(resolved.scheme)
+            .map_err(|e| HostError::InvalidUri {
+                uri: resolved.to_string(),
+                reason: e.to_string(),
+            })?
+            .domain()
+            .clone();
         let timer = Timer::start().map_err(|source| HostError::Thread {
             name: "chanio-host-timer".into(),
             source,
         })?;
         let (lost_tx, lost_rx) = mpsc::channel();
         let inner = Arc::new(Inner {
-            uri,
-            cache: BufCache::new(fabric.domain().clone()),
-            fabric,
+            uri: uri.clone(),
+            resolved,
+            cache: BufCache::new(domain.clone()),
+            fabrics: fabrics.clone(),
+            domain,
             timer,
             hostnqn,
             subnqn,
@@ -249,7 +295,7 @@ impl Host {
 
     /// The transport in use (`"tcp"`).
     pub fn transport(&self) -> &'static str {
-        self.handle.inner.uri.transport().name()
+        self.handle.inner.resolved.scheme.as_str()
     }
 
     /// The target URI.
@@ -428,7 +474,7 @@ impl Host {
     /// # Errors
     /// [`HostError::InvalidArgument`] for 0 bytes, [`HostError::Memory`].
     pub fn alloc(&self, len: usize) -> Result<IoBuf, HostError> {
-        IoBuf::new(self.handle.inner.fabric.domain(), len)
+        IoBuf::new(&self.handle.inner.domain, len)
     }
 
     /// A new receiver of [`HostEvent`]s (namespace changes, disconnects and
@@ -490,9 +536,16 @@ impl Inner {
             subnqn: self.subnqn.clone(),
             hostnqn: self.hostnqn.clone(),
         };
+        let fabric = self
+            .fabrics
+            .fabric(self.resolved.scheme)
+            .map_err(|e| HostError::InvalidUri {
+                uri: self.resolved.to_string(),
+                reason: e.to_string(),
+            })?;
         let mut params = QueueParams {
-            fabric: &self.fabric,
-            addr: self.uri.addr(),
+            fabric,
+            addr: &self.resolved.addr,
             depth: ADMIN_QUEUE_DEPTH,
             kato_ms: self.opts.kato_ms(),
             data: &data,

@@ -120,23 +120,42 @@ impl HostOptions {
 pub enum Transport {
     /// The tcp fabric provider.
     Tcp,
+    /// RDMA through the verbs provider (builds with the `verbs` feature).
+    Rdma,
+    /// Shared memory on one host.
+    Shm,
+    /// The best fabric both ends have (verbs, then shm, then tcp).
+    Auto,
 }
 
 impl Transport {
-    /// The scheme / provider name (`"tcp"`).
+    /// The scheme (`"tcp"`, `"rdma"`, `"shm"`, `"auto"`).
     pub fn name(self) -> &'static str {
         match self {
             Transport::Tcp => "tcp",
+            Transport::Rdma => "rdma",
+            Transport::Shm => "shm",
+            Transport::Auto => "auto",
+        }
+    }
+
+    pub(crate) fn scheme(self) -> messaging::Scheme {
+        match self {
+            Transport::Tcp => messaging::Scheme::Tcp,
+            Transport::Rdma => messaging::Scheme::Rdma,
+            Transport::Shm => messaging::Scheme::Shm,
+            Transport::Auto => messaging::Scheme::Auto,
         }
     }
 }
 
-/// A parsed target address: `tcp://HOST:PORT`, or `HOST:PORT` for tcp.
+/// A parsed target address: `tcp://HOST:PORT`, `rdma://HOST:PORT`,
+/// `shm://NAME`, or `auto://HOST:PORT` (also written `HOST:PORT`).
 ///
 /// ```
 /// let uri: host::TargetUri = "127.0.0.1:4520".parse().unwrap();
-/// assert_eq!(uri.to_string(), "tcp://127.0.0.1:4520");
-/// assert!("rdma://10.0.0.1:4420".parse::<host::TargetUri>().is_err());
+/// assert_eq!(uri.to_string(), "auto://127.0.0.1:4520");
+/// assert!("ftp://10.0.0.1:4420".parse::<host::TargetUri>().is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TargetUri {
@@ -148,8 +167,8 @@ impl TargetUri {
     /// Parses a URI.
     ///
     /// # Errors
-    /// [`HostError::InvalidUri`] for an unknown or not yet available scheme,
-    /// or an address that is not `HOST:PORT`.
+    /// [`HostError::InvalidUri`] for an unknown scheme, or an address that
+    /// is not `HOST:PORT` (not a name, for shm).
     pub fn parse(uri: &str) -> Result<TargetUri, HostError> {
         let bad = |reason: String| HostError::InvalidUri {
             uri: uri.to_string(),
@@ -158,18 +177,29 @@ impl TargetUri {
         let uri_trimmed = uri.trim();
         let (scheme, addr) = match uri_trimmed.split_once("://") {
             Some((scheme, addr)) => (scheme.to_ascii_lowercase(), addr),
-            None => ("tcp".to_string(), uri_trimmed),
+            None => ("auto".to_string(), uri_trimmed),
         };
         let transport = match scheme.as_str() {
             "tcp" => Transport::Tcp,
-            "shm" | "rdma" | "auto" => {
+            "rdma" => Transport::Rdma,
+            "shm" => Transport::Shm,
+            "auto" => Transport::Auto,
+            other => {
                 return Err(bad(format!(
-                    "transport {scheme}:// is not available yet; use tcp://HOST:PORT"
+                    "unknown transport {other:?}; use tcp://HOST:PORT, rdma://HOST:PORT, shm://NAME or auto://HOST:PORT"
                 )))
             }
-            other => return Err(bad(format!("unknown transport {other:?}; use tcp://HOST:PORT"))),
         };
         let addr = addr.trim_end_matches('/');
+        if transport == Transport::Shm {
+            if addr.is_empty() {
+                return Err(bad("missing shared-memory name, e.g. shm://unit0".into()));
+            }
+            return Ok(TargetUri {
+                transport,
+                addr: addr.to_string(),
+            });
+        }
         let (host, port) = addr
             .rsplit_once(':')
             .ok_or_else(|| bad("missing port; expected HOST:PORT, e.g. tcp://127.0.0.1:4520".into()))?;
@@ -196,9 +226,16 @@ impl TargetUri {
         self.transport
     }
 
-    /// The provider address (`HOST:PORT`).
+    /// The provider address (`HOST:PORT`, or a name for shm).
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    pub(crate) fn to_transport_uri(&self) -> messaging::TransportUri {
+        messaging::TransportUri {
+            scheme: self.transport.scheme(),
+            addr: self.addr.clone(),
+        }
     }
 }
 
@@ -297,7 +334,7 @@ mod tests {
         assert_eq!(u.addr(), "127.0.0.1:4520");
         assert_eq!(
             TargetUri::parse("localhost:1").unwrap().to_string(),
-            "tcp://localhost:1"
+            "auto://localhost:1"
         );
         assert_eq!(TargetUri::parse("TCP://[::1]:9/").unwrap().addr(), "[::1]:9");
         for bad in [
@@ -313,10 +350,12 @@ mod tests {
         ] {
             assert!(TargetUri::parse(bad).is_err(), "{bad:?} should be refused");
         }
-        let e = TargetUri::parse("rdma://10.0.0.1:4420").unwrap_err().to_string();
-        assert!(e.contains("not available yet"), "{e}");
-        let e = TargetUri::parse("shm://x:1").unwrap_err().to_string();
-        assert!(e.contains("shm://"), "{e}");
+        assert_eq!(
+            TargetUri::parse("rdma://10.0.0.1:4420").unwrap().transport(),
+            Transport::Rdma
+        );
+        assert_eq!(TargetUri::parse("shm://unit0").unwrap().addr(), "unit0");
+        assert!(TargetUri::parse("shm://").is_err());
     }
 
     #[test]

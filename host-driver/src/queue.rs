@@ -27,8 +27,7 @@ use std::time::{Duration, Instant};
 use iounit::nvme::fabrics::CONNECT_DATA_LEN;
 use iounit::nvme::{CommandId, Connect, ConnectData, ConnectResponse, Cqe, Sgl, Sqe};
 use iounit::transport;
-use messaging::mr::{Access, Buf, BufPool};
-use messaging::provider::tcp::TcpFabric;
+use messaging::mr::{Access, Buf, BufPool, ProtectionDomain};
 use messaging::provider::Fabric;
 use messaging::{DirectTarget, Endpoint, ReceivedKind, Ticket};
 use parking_lot::Mutex;
@@ -64,7 +63,7 @@ pub(crate) enum ExecError {
 /// What opening a queue needs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct QueueParams<'a> {
-    pub(crate) fabric: &'a TcpFabric,
+    pub(crate) fabric: &'a dyn Fabric,
     pub(crate) addr: &'a str,
     pub(crate) depth: u16,
     pub(crate) kato_ms: u32,
@@ -79,7 +78,7 @@ pub(crate) struct Queue {
     pub(crate) generation: u64,
     ep: Endpoint,
     depth: usize,
-    fabric: TcpFabric,
+    domain: ProtectionDomain,
     submit: AsyncLock,
     pushes: Mutex<VecDeque<Ticket>>,
     push_pool: Mutex<Option<BufPool>>,
@@ -185,7 +184,7 @@ impl Queue {
                     generation,
                     ep,
                     depth: usize::from(depth),
-                    fabric: fabric.clone(),
+                    domain: fabric.domain().clone(),
                     submit: AsyncLock::default(),
                     pushes: Mutex::new(VecDeque::new()),
                     push_pool: Mutex::new(None),
@@ -412,8 +411,7 @@ impl Queue {
                 Some(p) => p.clone(),
                 None => {
                     let p = self
-                        .fabric
-                        .domain()
+                        .domain
                         .register(self.ep.max_push(), PUSH_BUFFERS, Access::LOCAL_WRITE)
                         .map_err(|e| ExecError::Host(e.into()))?;
                     *slot = Some(p.clone());

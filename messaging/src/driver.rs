@@ -33,7 +33,7 @@ use crate::proto::{
     CloseReason, Config, Connection, DirectTarget, Event, ProtoError, PushError, Received, ReceivedKind, SendError,
     Work,
 };
-use crate::provider::{Completion, Fabric, FabricError, Listener, QueuePair, WcStatus};
+use crate::provider::{Completion, Fabric, FabricError, Incoming, Listener, QueuePair, WcStatus};
 
 /// Errors of the endpoint API.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +97,7 @@ struct Shared {
     /// from inside the provider.
     signal: Arc<Signal>,
     staging: Option<BufPool>,
+    domain: crate::mr::ProtectionDomain,
     fabric: &'static str,
     peer: String,
 }
@@ -112,6 +113,12 @@ struct Inner {
 struct TicketState {
     result: Option<Result<(), WcStatus>>,
     detached: bool,
+}
+
+/// What an endpoint keeps of the fabric it runs on.
+struct FabricRef {
+    name: &'static str,
+    domain: crate::mr::ProtectionDomain,
 }
 
 /// How long a waiting thread spins before it sleeps, unless the environment
@@ -138,7 +145,11 @@ impl Endpoint {
         let mut conn = Connection::new(fabric.domain(), cfg)?;
         let params = conn.local_params();
         let qp = fabric.connect(addr, &params, conn.initial_recvs())?;
-        Endpoint::start(fabric, conn, qp)
+        let fabric = FabricRef {
+            name: fabric.name(),
+            domain: fabric.domain().clone(),
+        };
+        Endpoint::start_on(&fabric, conn, qp)
     }
 
     /// Accepts the next connection on `listener` (created by `fabric`). A
@@ -154,7 +165,23 @@ impl Endpoint {
         timeout: Option<Duration>,
     ) -> Result<Endpoint, Error> {
         let incoming = listener.accept(timeout)?;
-        let mut conn = match Connection::new(fabric.domain(), cfg) {
+        debug_assert_eq!(incoming.fabric().name(), fabric.name());
+        Endpoint::accept_incoming(incoming, cfg)
+    }
+
+    /// Accepts a connection request already taken from a listener, on the
+    /// fabric it arrived on (what a listener over several fabrics needs). A
+    /// peer whose parameters are refused is rejected with the reason.
+    ///
+    /// # Errors
+    /// Protocol set-up errors, transport errors while answering.
+    pub fn accept_incoming(incoming: Box<dyn Incoming>, cfg: Config) -> Result<Endpoint, Error> {
+        if let Err(e) = crate::proto::wire::Params::decode(incoming.peer_params()) {
+            tracing::warn!(peer = %incoming.peer_addr(), "refusing connection: {e}");
+            incoming.reject(&e.to_string());
+            return Err(Error::Proto(ProtoError::BadParams(e)));
+        }
+        let mut conn = match Connection::new(incoming.fabric().domain(), cfg) {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::error!(peer = %incoming.peer_addr(), "refusing connection: {e}");
@@ -162,17 +189,21 @@ impl Endpoint {
                 return Err(e.into());
             }
         };
-        if let Err(e) = conn.check_peer(incoming.peer_params(), fabric.capabilities()) {
+        if let Err(e) = conn.check_peer(incoming.peer_params(), incoming.fabric().capabilities()) {
             tracing::warn!(peer = %incoming.peer_addr(), "refusing connection: {e}");
             incoming.reject(&e.to_string());
             return Err(e.into());
         }
         let params = conn.local_params();
+        let fabric = FabricRef {
+            name: incoming.fabric().name(),
+            domain: incoming.fabric().domain().clone(),
+        };
         let qp = incoming.accept(&params, conn.initial_recvs())?;
-        Endpoint::start(fabric, conn, qp)
+        Endpoint::start_on(&fabric, conn, qp)
     }
 
-    fn start(fabric: &dyn Fabric, mut conn: Connection, qp: Box<dyn QueuePair>) -> Result<Endpoint, Error> {
+    fn start_on(fabric: &FabricRef, mut conn: Connection, qp: Box<dyn QueuePair>) -> Result<Endpoint, Error> {
         if let Err(e) = conn.handle_connected(qp.peer_params(), qp.capabilities()) {
             qp.disconnect();
             return Err(e.into());
@@ -180,7 +211,7 @@ impl Endpoint {
         let staging = if conn.max_push() > 0 {
             Some(
                 fabric
-                    .domain()
+                    .domain
                     .register(conn.max_push(), STAGING_BUFFERS, Access::LOCAL_WRITE)
                     .map_err(ProtoError::Register)?,
             )
@@ -188,7 +219,7 @@ impl Endpoint {
             None
         };
         let peer = qp.peer_addr();
-        tracing::debug!(fabric = fabric.name(), %peer, separate = conn.separate_indication(), "channel open");
+        tracing::debug!(fabric = fabric.name, %peer, separate = conn.separate_indication(), "channel open");
         let shared = Arc::new(Shared {
             qp,
             inner: Mutex::new(Inner {
@@ -207,7 +238,8 @@ impl Endpoint {
                 wakers: Mutex::new(Vec::new()),
             }),
             staging,
-            fabric: fabric.name(),
+            domain: fabric.domain.clone(),
+            fabric: fabric.name,
             peer,
         });
         let signal = shared.signal.clone();
@@ -218,6 +250,12 @@ impl Endpoint {
     /// Name of the fabric provider carrying this channel.
     pub fn fabric(&self) -> &'static str {
         self.shared.fabric
+    }
+
+    /// The protection domain of the fabric this channel runs on: register
+    /// buffers to push or expose on this channel here.
+    pub fn domain(&self) -> &crate::mr::ProtectionDomain {
+        &self.shared.domain
     }
 
     /// The peer's address, for logs.

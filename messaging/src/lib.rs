@@ -51,6 +51,8 @@ pub mod driver;
 pub mod mr;
 pub mod proto;
 pub mod provider;
+pub mod transport;
 
 pub use driver::{Delivery, Endpoint, Error, Ticket};
 pub use proto::{CloseReason, Config, DirectTarget, ReceivedKind};
+pub use transport::{Fabrics, Scheme, TransportUri};

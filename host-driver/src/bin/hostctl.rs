@@ -40,7 +40,7 @@ Logs go to stderr; set RUST_LOG=debug for more.";
 #[derive(Debug, Parser)]
 #[command(name = "hostctl", version, after_help = EXAMPLES)]
 struct Cli {
-    /// The I/O unit: tcp://HOST:PORT, or HOST:PORT for tcp.
+    /// The I/O unit: tcp://HOST:PORT, rdma://HOST:PORT, shm://NAME, or auto://HOST:PORT (also plain HOST:PORT: the best transport both ends have).
     #[arg(long, short = 't', value_name = "URI")]
     target: String,
     /// This host's NQN (default: derived from the hostname).

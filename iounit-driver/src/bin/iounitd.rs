@@ -38,7 +38,7 @@ struct Args {
     /// Configuration file (TOML); command-line options override it.
     #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Address to listen on, repeatable: tcp://HOST:PORT.
+    /// Address to listen on, repeatable: tcp://HOST:PORT, rdma://HOST:PORT, shm://NAME, or auto://HOST:PORT (every usable fabric at once).
     #[arg(long = "listen", value_name = "URI")]
     listen: Vec<String>,
     /// Namespace to serve, repeatable; NSIDs 1, 2, ... in order (see below).

@@ -23,9 +23,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use messaging::provider::tcp::TcpFabric;
-use messaging::provider::{Fabric, FabricError, Listener};
-use messaging::Endpoint;
+use messaging::provider::{FabricError, Listener};
+use messaging::{Endpoint, Fabrics, TransportUri};
 use parking_lot::Mutex;
 
 use crate::backend::{self, BackendSpec, BlockError, Registry, RegistryEvent};
@@ -103,24 +102,13 @@ pub enum TargetError {
     },
 }
 
-/// Splits a listen or connect URI into its transport and address.
+/// Parses a listen or connect URI: `tcp://HOST:PORT`, `rdma://HOST:PORT`,
+/// `shm://NAME`, `auto://HOST:PORT` (or `HOST:PORT`).
 ///
 /// # Errors
 /// A message for unknown schemes or a missing address.
-pub fn parse_uri(uri: &str) -> Result<(&'static str, String), String> {
-    let (scheme, addr) = match uri.split_once("://") {
-        Some((s, a)) => (s, a),
-        None => ("tcp", uri),
-    };
-    if addr.is_empty() {
-        return Err(format!("{uri:?}: missing address (e.g. tcp://127.0.0.1:4520)"));
-    }
-    match scheme {
-        "tcp" => Ok(("tcp", addr.to_string())),
-        other => Err(format!(
-            "{uri:?}: transport {other:?} is not available in this build (use tcp://HOST:PORT)"
-        )),
-    }
+pub fn parse_uri(uri: &str) -> Result<TransportUri, String> {
+    TransportUri::parse(uri).map_err(|e| e.to_string())
 }
 
 /// A running I/O-unit target. Clones share it.
@@ -133,7 +121,8 @@ pub(crate) struct Shared {
     pub(crate) cfg: TargetConfig,
     pub(crate) nqn: Nqn,
     pub(crate) registry: Arc<Registry>,
-    pub(crate) fabric: TcpFabric,
+    /// Owns the fabrics (and their protection domains) for the target's lifetime.
+    _fabrics: Fabrics,
     pub(crate) shutdown: AtomicBool,
     /// Queues being served (worker threads running).
     pub(crate) active_queues: std::sync::atomic::AtomicUsize,
@@ -181,24 +170,24 @@ impl Target {
                 .attach(None, backend)
                 .map_err(|e| TargetError::Config(format!("namespace {spec}: {e}")))?;
         }
-        let fabric = TcpFabric::new();
+        let fabrics = Fabrics::new();
         let mut listeners: Vec<Arc<dyn Listener>> = Vec::new();
         let mut uris = Vec::new();
         for uri in &cfg.listen {
-            let (scheme, addr) = parse_uri(uri).map_err(TargetError::Config)?;
+            let parsed = parse_uri(uri).map_err(TargetError::Config)?;
             let listener: Arc<dyn Listener> =
-                Arc::from(fabric.listen(&addr).map_err(|source| TargetError::Listen {
+                Arc::from(fabrics.listen(&parsed).map_err(|source| TargetError::Listen {
                     uri: uri.clone(),
                     source,
                 })?);
-            uris.push(format!("{scheme}://{}", listener.local_addr()));
+            uris.push(format!("{}://{}", parsed.scheme.as_str(), listener.local_addr()));
             listeners.push(listener);
         }
         let shared = Arc::new(Shared {
             cfg,
             nqn,
             registry,
-            fabric,
+            _fabrics: fabrics,
             shutdown: AtomicBool::new(false),
             active_queues: std::sync::atomic::AtomicUsize::new(0),
             controllers: Mutex::new(HashMap::new()),
@@ -274,12 +263,11 @@ impl std::fmt::Debug for Target {
 fn accept_loop(shared: Arc<Shared>, listener: Arc<dyn Listener>) {
     let depth = shared.cfg.max_queue_depth;
     while !shared.shutdown.load(Ordering::Acquire) {
-        match Endpoint::accept(
-            &shared.fabric,
-            &*listener,
-            transport::iounit_channel(depth),
-            Some(Duration::from_millis(200)),
-        ) {
+        let accepted = listener
+            .accept(Some(Duration::from_millis(200)))
+            .map_err(messaging::Error::from)
+            .and_then(|incoming| Endpoint::accept_incoming(incoming, transport::iounit_channel(depth)));
+        match accepted {
             Ok(ep) => {
                 let s = shared.clone();
                 let spawned = std::thread::Builder::new()
@@ -465,11 +453,11 @@ mod tests {
     #[test]
     fn uris_parse() {
         assert_eq!(
-            parse_uri("tcp://127.0.0.1:4520").unwrap(),
-            ("tcp", "127.0.0.1:4520".into())
+            parse_uri("tcp://127.0.0.1:4520").unwrap().to_string(),
+            "tcp://127.0.0.1:4520"
         );
-        assert_eq!(parse_uri("127.0.0.1:1").unwrap(), ("tcp", "127.0.0.1:1".into()));
-        assert!(parse_uri("rdma://x:1").unwrap_err().contains("not available"));
+        assert_eq!(parse_uri("127.0.0.1:1").unwrap().to_string(), "auto://127.0.0.1:1");
+        assert!(parse_uri("ftp://x:1").is_err());
         assert!(parse_uri("tcp://").is_err());
     }
 

@@ -45,7 +45,10 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
         ep.close();
         return;
     };
-    let staging = match shared.fabric_domain_register() {
+    let staging = match ep
+        .domain()
+        .register(transport::MAX_TRANSFER, STAGING_BUFFERS, Access::LOCAL_WRITE)
+    {
         Ok(p) => p,
         Err(e) => {
             tracing::error!("cannot register staging buffers: {e}");
@@ -114,15 +117,6 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
     ep.close();
     if qid == 0 {
         shared.remove_controller(ctrl.cntlid);
-    }
-}
-
-impl Shared {
-    fn fabric_domain_register(&self) -> Result<BufPool, messaging::mr::MrError> {
-        use messaging::provider::Fabric;
-        self.fabric
-            .domain()
-            .register(transport::MAX_TRANSFER, STAGING_BUFFERS, Access::LOCAL_WRITE)
     }
 }
 

@@ -387,6 +387,10 @@ impl Incoming for LoopbackIncoming {
         self.pending.as_ref().map_or(&[], |p| &p.params)
     }
 
+    fn fabric(&self) -> &dyn Fabric {
+        &self.fabric
+    }
+
     fn peer_addr(&self) -> String {
         self.pending
             .as_ref()

@@ -40,7 +40,7 @@ use crate::mr::{Buf, ProtectionDomain, RKey};
 
 pub mod conformance;
 mod cq;
-mod handshake;
+pub(crate) mod handshake;
 pub mod loopback;
 pub mod tcp;
 #[cfg(feature = "verbs")]
@@ -383,6 +383,10 @@ pub trait Incoming: Send + fmt::Debug {
 
     /// The peer's address, for logs.
     fn peer_addr(&self) -> String;
+
+    /// The fabric the connection arrived on: its protection domain is where
+    /// the accepting side registers the connection's memory.
+    fn fabric(&self) -> &dyn Fabric;
 
     /// Accepts: posts `recvs`, answers with `params` and returns the live
     /// queue pair.

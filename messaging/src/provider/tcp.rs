@@ -447,6 +447,10 @@ impl Incoming for TcpIncoming {
         &self.params
     }
 
+    fn fabric(&self) -> &dyn Fabric {
+        &self.fabric
+    }
+
     fn peer_addr(&self) -> String {
         self.peer.clone()
     }

@@ -498,6 +498,10 @@ impl Incoming for VerbsIncoming {
         &self.params
     }
 
+    fn fabric(&self) -> &dyn Fabric {
+        &self.fabric
+    }
+
     fn peer_addr(&self) -> String {
         self.peer.clone()
     }
