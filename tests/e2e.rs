@@ -281,3 +281,37 @@ fn namespace_hot_detach_and_attach_deliver_events() {
     write_blocks(&d.uri, 2, 0, &pattern(512, 1));
     assert_eq!(read_blocks(&d.uri, 2, 0, 1), pattern(512, 1));
 }
+
+#[test]
+fn a_stalled_daemon_makes_hostctl_time_out_not_hang() {
+    let d = Daemon::start(&["--ns", "ram:16MiB"]);
+    // A host connected and busy when the I/O unit stops answering (SIGSTOP):
+    // its commands time out and it reports the failure.
+    let mut bench = Command::new(common::binary("hostctl"))
+        .args(["--target", &d.uri, "--timeout", "2s", "bench", "--ns", "1", "--rw", "randread", "--time", "60s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    d.wait_log("queue connected", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal("-STOP");
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(s) = bench.try_wait().unwrap() {
+            break s;
+        }
+        if stopped.elapsed() > Duration::from_secs(40) {
+            let _ = bench.kill();
+            d.signal("-CONT");
+            panic!("hostctl hung on a stalled I/O unit");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "the stall is reported as a failure");
+    // A new host against the stalled unit fails too, within its limits.
+    let (out, took) = hostctl(&d.uri, &["--timeout", "2s", "list"], None);
+    assert!(!out.status.success());
+    assert!(took < Duration::from_secs(40), "took {took:?}");
+    d.signal("-CONT");
+}
