@@ -322,7 +322,10 @@ impl Controller {
         if admin {
             *self.admin.lock() = Some(ep.clone());
         }
-        self.queues.lock().push(ep.clone());
+        let mut queues = self.queues.lock();
+        // Channels that closed since (a host re-creating an I/O queue) go.
+        queues.retain(|q| q.close_reason().is_none());
+        queues.push(ep.clone());
     }
 
     /// Holds an AER, or completes it at once if an event is waiting.
