@@ -21,6 +21,8 @@ use hdrhistogram::Histogram;
 enum Transport {
     /// TCP with RDMA semantics emulated (runs everywhere).
     Tcp,
+    /// Shared memory (both ends are on this host).
+    Shm,
     /// The best fabric both ends have (verbs, shm, then tcp).
     Auto,
     /// RDMA through the verbs provider (build with `--features verbs`).
@@ -28,11 +30,12 @@ enum Transport {
 }
 
 impl Transport {
-    fn listen_uri(self) -> &'static str {
+    fn listen_uri(self) -> String {
         match self {
-            Transport::Tcp => "tcp://127.0.0.1:0",
-            Transport::Auto => "auto://127.0.0.1:0",
-            Transport::Rdma => "rdma://127.0.0.1:0",
+            Transport::Tcp => "tcp://127.0.0.1:0".into(),
+            Transport::Shm => format!("shm://chanio-demo-{}", std::process::id()),
+            Transport::Auto => "auto://127.0.0.1:0".into(),
+            Transport::Rdma => "rdma://127.0.0.1:0".into(),
         }
     }
 }
@@ -88,7 +91,7 @@ fn run(args: Args) -> Res<()> {
     }
     let spec = format!("ram:{ns_size}").parse().map_err(|e: String| e)?;
     let target = Target::start(TargetConfig {
-        listen: vec![args.transport.listen_uri().into()],
+        listen: vec![args.transport.listen_uri()],
         namespaces: vec![spec],
         ..TargetConfig::default()
     })?;

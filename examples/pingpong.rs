@@ -35,6 +35,8 @@ enum Transport {
     Tcp,
     /// In-process loopback (both ends in this process only).
     Loopback,
+    /// Shared memory between processes of one host (`--listen NAME`).
+    Shm,
     /// RDMA verbs (NIC or soft-RoCE; needs `--features verbs`, and
     /// CHANIO_VERBS_DEVICE to pick a device).
     Verbs,
@@ -162,6 +164,7 @@ fn run(args: &Args) -> Res<()> {
             }
             Box::new(LoopbackFabric::new())
         }
+        Transport::Shm => Box::new(chanio::messaging::provider::shm::ShmFabric::new()),
         Transport::Verbs => verbs_fabric()?,
     };
     if let Some(addr) = &args.listen {
@@ -184,7 +187,7 @@ fn run(args: &Args) -> Res<()> {
     }
     let listener = fabric.listen(match args.transport {
         Transport::Tcp | Transport::Verbs => "127.0.0.1:0",
-        Transport::Loopback => "",
+        Transport::Loopback | Transport::Shm => "",
     })?;
     let addr = listener.local_addr();
     std::thread::scope(|s| {

@@ -36,9 +36,8 @@ fn read_blocks(uri: &str, ns: u32, lba: u64, blocks: u64) -> Vec<u8> {
     ok(&out)
 }
 
-#[test]
-fn data_written_is_data_read_at_every_size_and_edge() {
-    let d = Daemon::start(&["--ns", "ram:8MiB", "--ns", "ram:4MiB:4096"]);
+fn data_written_is_data_read_at_every_size_and_edge(t: &str) {
+    let d = Daemon::start_on(t, &["--ns", "ram:8MiB", "--ns", "ram:4MiB:4096"]);
     let last_512 = 8 * 1024 * 1024 / 512 - 1;
     for (ns, bs, lba, blocks) in [
         (1u32, 512usize, 0u64, 1u64),
@@ -59,7 +58,7 @@ fn data_written_is_data_read_at_every_size_and_edge() {
     // The list shows both namespaces and the transport.
     let (out, _) = hostctl(&d.uri, &["list"], None);
     let text = String::from_utf8_lossy(&ok(&out)).into_owned();
-    assert!(text.contains("tcp"), "{text}");
+    assert!(text.contains(&format!("transport: {t}")), "{text}");
     assert!(
         text.lines().filter(|l| l.contains("512") || l.contains("4096")).count() >= 2,
         "{text}"
@@ -67,9 +66,8 @@ fn data_written_is_data_read_at_every_size_and_edge() {
     assert!(d.stop().success());
 }
 
-#[test]
-fn errors_name_the_nvme_status_and_exit_non_zero() {
-    let d = Daemon::start(&["--ns", "ram:1MiB"]);
+fn errors_name_the_nvme_status_and_exit_non_zero(t: &str) {
+    let d = Daemon::start_on(t, &["--ns", "ram:1MiB"]);
     let (out, _) = hostctl(&d.uri, &["read", "--ns", "1", "--lba", "2047", "--blocks", "2"], None);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -116,9 +114,8 @@ fn garbage_and_malformed_capsules_close_only_their_connection() {
     assert_eq!(read_blocks(&d.uri, 1, 5, 1), pattern(512, 9));
 }
 
-#[test]
-fn a_host_killed_mid_io_frees_its_resources() {
-    let d = Daemon::start(&["--ns", "ram:16MiB"]);
+fn a_host_killed_mid_io_frees_its_resources(t: &str) {
+    let d = Daemon::start_on(t, &["--ns", "ram:16MiB"]);
     let mut bench = Command::new(common::binary("hostctl"))
         .args([
             "--target",
@@ -148,9 +145,8 @@ fn a_host_killed_mid_io_frees_its_resources() {
     assert_eq!(read_blocks(&d.uri, 1, 0, 8), pattern(4096, 3));
 }
 
-#[test]
-fn a_killed_daemon_makes_hostctl_fail_within_its_timeout() {
-    let d = Daemon::start(&["--ns", "ram:1MiB"]);
+fn a_killed_daemon_makes_hostctl_fail_within_its_timeout(t: &str) {
+    let d = Daemon::start_on(t, &["--ns", "ram:1MiB"]);
     let uri = d.uri.clone();
     drop(d); // SIGKILL
     let (out, took) = hostctl(
@@ -161,7 +157,7 @@ fn a_killed_daemon_makes_hostctl_fail_within_its_timeout() {
     assert!(!out.status.success());
     assert!(took < Duration::from_secs(20), "took {took:?}");
     // And against a daemon that dies while the host is connected.
-    let d = Daemon::start(&["--ns", "ram:16MiB"]);
+    let d = Daemon::start_on(t, &["--ns", "ram:16MiB"]);
     let mut bench = Command::new(common::binary("hostctl"))
         .args([
             "--target",
@@ -195,25 +191,23 @@ fn a_killed_daemon_makes_hostctl_fail_within_its_timeout() {
     assert!(!status.success(), "hostctl reports the failure");
 }
 
-#[test]
-fn file_backed_data_survives_a_restart() {
-    let scratch = Scratch::new("restart");
+fn file_backed_data_survives_a_restart(t: &str) {
+    let scratch = Scratch::new(&format!("restart-{t}"));
     let img = scratch.path("disk.img");
     let spec = format!("file:{}:4MiB", img.display());
     let data = pattern(64 * 1024, 77);
     {
-        let d = Daemon::start(&["--ns", &spec]);
+        let d = Daemon::start_on(t, &["--ns", &spec]);
         let (out, _) = hostctl(&d.uri, &["write", "--ns", "1", "--lba", "64", "--fua"], Some(&data));
         ok(&out);
         assert!(d.stop().success(), "clean shutdown");
     }
-    let d = Daemon::start(&["--ns", &format!("file:{}", img.display())]);
+    let d = Daemon::start_on(t, &["--ns", &format!("file:{}", img.display())]);
     assert_eq!(read_blocks(&d.uri, 1, 64, 128), data);
 }
 
-#[test]
-fn four_hosts_write_disjoint_ranges_concurrently() {
-    let d = Daemon::start(&["--ns", "ram:16MiB"]);
+fn four_hosts_write_disjoint_ranges_concurrently(t: &str) {
+    let d = Daemon::start_on(t, &["--ns", "ram:16MiB"]);
     std::thread::scope(|s| {
         for host in 0..4u64 {
             let uri = d.uri.clone();
@@ -282,13 +276,24 @@ fn namespace_hot_detach_and_attach_deliver_events() {
     assert_eq!(read_blocks(&d.uri, 2, 0, 1), pattern(512, 1));
 }
 
-#[test]
-fn a_stalled_daemon_makes_hostctl_time_out_not_hang() {
-    let d = Daemon::start(&["--ns", "ram:16MiB"]);
+fn a_stalled_daemon_makes_hostctl_time_out_not_hang(t: &str) {
+    let d = Daemon::start_on(t, &["--ns", "ram:16MiB"]);
     // A host connected and busy when the I/O unit stops answering (SIGSTOP):
     // its commands time out and it reports the failure.
     let mut bench = Command::new(common::binary("hostctl"))
-        .args(["--target", &d.uri, "--timeout", "2s", "bench", "--ns", "1", "--rw", "randread", "--time", "60s"])
+        .args([
+            "--target",
+            &d.uri,
+            "--timeout",
+            "2s",
+            "bench",
+            "--ns",
+            "1",
+            "--rw",
+            "randread",
+            "--time",
+            "60s",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -314,4 +319,114 @@ fn a_stalled_daemon_makes_hostctl_time_out_not_hang() {
     assert!(!out.status.success());
     assert!(took < Duration::from_secs(40), "took {took:?}");
     d.signal("-CONT");
+}
+
+// Every end-to-end scenario runs over tcp and over shm.
+
+#[test]
+fn data_written_is_data_read_at_every_size_and_edge_tcp() {
+    data_written_is_data_read_at_every_size_and_edge("tcp");
+}
+
+#[test]
+fn data_written_is_data_read_at_every_size_and_edge_shm() {
+    data_written_is_data_read_at_every_size_and_edge("shm");
+}
+
+#[test]
+fn errors_name_the_nvme_status_and_exit_non_zero_tcp() {
+    errors_name_the_nvme_status_and_exit_non_zero("tcp");
+}
+
+#[test]
+fn errors_name_the_nvme_status_and_exit_non_zero_shm() {
+    errors_name_the_nvme_status_and_exit_non_zero("shm");
+}
+
+#[test]
+fn a_host_killed_mid_io_frees_its_resources_tcp() {
+    a_host_killed_mid_io_frees_its_resources("tcp");
+}
+
+#[test]
+fn a_host_killed_mid_io_frees_its_resources_shm() {
+    a_host_killed_mid_io_frees_its_resources("shm");
+}
+
+#[test]
+fn a_killed_daemon_makes_hostctl_fail_within_its_timeout_tcp() {
+    a_killed_daemon_makes_hostctl_fail_within_its_timeout("tcp");
+}
+
+#[test]
+fn a_killed_daemon_makes_hostctl_fail_within_its_timeout_shm() {
+    a_killed_daemon_makes_hostctl_fail_within_its_timeout("shm");
+}
+
+#[test]
+fn file_backed_data_survives_a_restart_tcp() {
+    file_backed_data_survives_a_restart("tcp");
+}
+
+#[test]
+fn file_backed_data_survives_a_restart_shm() {
+    file_backed_data_survives_a_restart("shm");
+}
+
+#[test]
+fn four_hosts_write_disjoint_ranges_concurrently_tcp() {
+    four_hosts_write_disjoint_ranges_concurrently("tcp");
+}
+
+#[test]
+fn four_hosts_write_disjoint_ranges_concurrently_shm() {
+    four_hosts_write_disjoint_ranges_concurrently("shm");
+}
+
+#[test]
+fn a_stalled_daemon_makes_hostctl_time_out_not_hang_tcp() {
+    a_stalled_daemon_makes_hostctl_time_out_not_hang("tcp");
+}
+
+#[test]
+fn a_stalled_daemon_makes_hostctl_time_out_not_hang_shm() {
+    a_stalled_daemon_makes_hostctl_time_out_not_hang("shm");
+}
+
+#[test]
+fn auto_picks_shm_between_two_local_processes() {
+    let d = Daemon::start_on("auto", &["--ns", "ram:1MiB"]);
+    assert!(d.uri.starts_with("auto://"), "{}", d.uri);
+    let (out, _) = hostctl(&d.uri, &["list"], None);
+    let text = String::from_utf8_lossy(&ok(&out)).into_owned();
+    assert!(text.contains("transport: shm"), "{text}");
+    // A bare HOST:PORT means auto too.
+    let bare = d.uri.trim_start_matches("auto://").to_string();
+    let (out, _) = hostctl(&bare, &["list"], None);
+    assert!(String::from_utf8_lossy(&ok(&out)).contains("transport: shm"));
+    // And the tcp side of the same listener still serves tcp hosts.
+    let tcp = format!("tcp://{bare}");
+    let (out, _) = hostctl(&tcp, &["list"], None);
+    assert!(String::from_utf8_lossy(&ok(&out)).contains("transport: tcp"));
+    write_blocks(&d.uri, 1, 0, &pattern(512, 4));
+    assert_eq!(read_blocks(&tcp, 1, 0, 1), pattern(512, 4));
+}
+
+#[test]
+fn malformed_capsule_over_shm_closes_only_its_channel() {
+    let d = Daemon::start_on("shm", &["--ns", "ram:1MiB"]);
+    let fabrics = chanio::messaging::Fabrics::new();
+    let uri = chanio::messaging::TransportUri::parse(&d.uri).unwrap();
+    let ep = fabrics
+        .connect(&uri, chanio::iounit::transport::host_channel(8))
+        .unwrap();
+    assert_eq!(ep.fabric(), "shm");
+    ep.send(b"not an NVMe capsule").unwrap();
+    assert!(matches!(
+        ep.recv_timeout(Duration::from_secs(20)),
+        Err(chanio::messaging::Error::Closed(_))
+    ));
+    d.wait_log("malformed", Duration::from_secs(20));
+    write_blocks(&d.uri, 1, 5, &pattern(512, 9));
+    assert_eq!(read_blocks(&d.uri, 1, 5, 1), pattern(512, 9));
 }

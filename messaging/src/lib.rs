@@ -16,7 +16,8 @@
 //!        │
 //!  provider::{Fabric, QueuePair}   verbs RC semantics
 //!        ├── loopback      in-process, deterministic, fault injection
-//!        └── tcp           RDMA semantics emulated over TCP
+//!        ├── tcp           RDMA semantics emulated over TCP
+//!        └── shm           same host, separate processes, one copy (Linux)
 //!  mr                      registered memory: pools, buffers, keys
 //! ```
 //!

@@ -30,6 +30,13 @@
 //! still reach it. Without a registrar (the software providers) keys are
 //! drawn by the domain itself.
 //!
+//! # Where the memory comes from
+//! By default from the heap. A domain made with
+//! [`ProtectionDomain::with_allocator`] takes it from a [`RegionAllocator`]
+//! instead: the shm provider allocates every registration from a sealed
+//! memfd so that a peer process can map it; [`Buf::allocation`] names the
+//! allocation and the chunk's offset in it.
+//!
 //! # The DMA hazard
 //! Memory registered with [`Access::REMOTE_WRITE`] can be written by the peer
 //! at any time, as with real RDMA hardware. The push-push protocol only
@@ -246,6 +253,33 @@ pub unsafe trait Registrar: Send + Sync {
     unsafe fn deregister(&self, handle: u64) -> Result<(), MrError>;
 }
 
+/// A hook that provides the memory of a domain's registrations, for
+/// providers that must share it with other processes (the shm provider
+/// allocates every registration from a memfd). Without one, a domain
+/// allocates from the heap.
+///
+/// # Safety
+/// Implementors promise that a successful `allocate(len)` returns a pointer
+/// to `len` zeroed, writable bytes, aligned to 4096, that stay valid and
+/// are used by nothing else until `free` is called with the same pointer,
+/// length and handle, and that both are safe to call from any thread.
+pub unsafe trait RegionAllocator: Send + Sync {
+    /// Allocates `len` (non-zero) zeroed bytes; returns them and a handle
+    /// naming the allocation (given back to `free`, reported by
+    /// [`Buf::allocation`]).
+    ///
+    /// # Errors
+    /// [`MrError::OutOfMemory`] (or another [`MrError`]) when it cannot.
+    fn allocate(&self, len: usize) -> Result<(NonNull<u8>, u64), MrError>;
+
+    /// Frees an allocation.
+    ///
+    /// # Safety
+    /// `ptr`, `len` and `handle` must come from one successful `allocate`
+    /// on this allocator, freed once, and nothing may use the memory after.
+    unsafe fn free(&self, ptr: NonNull<u8>, len: usize, handle: u64);
+}
+
 /// Why a one-sided access by remote key was refused. Every kind maps to the
 /// verbs completion status "remote access error" for the initiator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -277,6 +311,7 @@ struct PdInner {
     next_key: AtomicU32,
     regions: RwLock<HashMap<u32, Weak<Region>>>,
     registrar: Option<Arc<dyn Registrar>>,
+    allocator: Option<Arc<dyn RegionAllocator>>,
 }
 
 impl ProtectionDomain {
@@ -293,6 +328,16 @@ impl ProtectionDomain {
         ProtectionDomain::build(Some(registrar))
     }
 
+    /// Creates an empty domain whose registrations take their memory from
+    /// `allocator` instead of the heap (the shm provider's memfds).
+    pub fn with_allocator(allocator: Arc<dyn RegionAllocator>) -> ProtectionDomain {
+        let mut pd = ProtectionDomain::build(None);
+        if let Some(inner) = Arc::get_mut(&mut pd.inner) {
+            inner.allocator = Some(allocator);
+        }
+        pd
+    }
+
     fn build(registrar: Option<Arc<dyn Registrar>>) -> ProtectionDomain {
         let seed = std::collections::hash_map::RandomState::new().build_hasher().finish() as u32;
         ProtectionDomain {
@@ -300,6 +345,7 @@ impl ProtectionDomain {
                 next_key: AtomicU32::new(seed | 1),
                 regions: RwLock::new(HashMap::new()),
                 registrar,
+                allocator: None,
             }),
         }
     }
@@ -321,9 +367,17 @@ impl ProtectionDomain {
             .filter(|&b| b > 0 && count <= u32::MAX as usize && b <= isize::MAX as usize / 2)
             .ok_or(MrError::InvalidSize { chunk_size, count })?;
         let layout = Layout::from_size_align(bytes, 4096).map_err(|_| MrError::InvalidSize { chunk_size, count })?;
-        // SAFETY: `layout` has a non-zero size (checked above).
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).ok_or(MrError::OutOfMemory { bytes })?;
+        let (ptr, allocation) = match &self.inner.allocator {
+            Some(allocator) => {
+                let (ptr, handle) = allocator.allocate(bytes)?;
+                (ptr, Some((allocator.clone(), handle)))
+            }
+            None => {
+                // SAFETY: `layout` has a non-zero size (checked above).
+                let raw = unsafe { alloc::alloc_zeroed(layout) };
+                (NonNull::new(raw).ok_or(MrError::OutOfMemory { bytes })?, None)
+            }
+        };
         let (lkey, rkey, device) = match &self.inner.registrar {
             Some(registrar) => {
                 // SAFETY: `ptr` is a live allocation of `bytes` bytes that is
@@ -332,8 +386,9 @@ impl ProtectionDomain {
                 match unsafe { registrar.register(ptr.as_ptr(), bytes, access) } {
                     Ok(reg) => (reg.lkey, reg.rkey, Some((registrar.clone(), reg.handle))),
                     Err(e) => {
-                        // SAFETY: allocated above with `layout`, never shared.
-                        unsafe { alloc::dealloc(ptr.as_ptr(), layout) };
+                        // SAFETY: allocated above with `layout` (or by the
+                        // allocator), never shared, freed once here.
+                        unsafe { release(ptr, layout, allocation) };
                         return Err(e);
                     }
                 }
@@ -359,6 +414,7 @@ impl ProtectionDomain {
             free: Mutex::new((0..count as u32).rev().collect()),
             pd: Arc::downgrade(&self.inner),
             device,
+            allocation,
         });
         self.inner.regions.write().insert(rkey.0, Arc::downgrade(&region));
         Ok(BufPool { region })
@@ -440,6 +496,23 @@ struct Region {
     pd: Weak<PdInner>,
     /// The device registration, undone before the memory is freed.
     device: Option<(Arc<dyn Registrar>, u64)>,
+    /// The allocator that provided the memory and its handle (heap if none).
+    allocation: Option<(Arc<dyn RegionAllocator>, u64)>,
+}
+
+/// Frees region memory where it came from.
+///
+/// # Safety
+/// `ptr` must come from `alloc_zeroed(layout)` when `allocation` is `None`,
+/// else from that allocator's `allocate(layout.size())` with that handle;
+/// it is freed once and never used after.
+unsafe fn release(ptr: NonNull<u8>, layout: Layout, allocation: Option<(Arc<dyn RegionAllocator>, u64)>) {
+    match allocation {
+        // SAFETY: the caller's contract, passed on.
+        Some((allocator, handle)) => unsafe { allocator.free(ptr, layout.size(), handle) },
+        // SAFETY: the caller's contract: a heap allocation of `layout`.
+        None => unsafe { alloc::dealloc(ptr.as_ptr(), layout) },
+    }
 }
 
 // SAFETY: the region is a plain heap allocation of bytes that nothing else
@@ -473,10 +546,11 @@ impl Drop for Region {
                 return;
             }
         }
-        // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` and is freed once,
-        // here, after the last `Arc` (and so the last `Buf`/`RemoteTarget`)
-        // died and, with a registrar, after the device let go of it (`Ok`).
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` (or the
+        // allocator in `allocation`) and is freed once, here, after the last
+        // `Arc` (and so the last `Buf`/`RemoteTarget`) died and, with a
+        // registrar, after the device let go of it (`Ok`).
+        unsafe { release(self.ptr, self.layout, self.allocation.take()) };
     }
 }
 
@@ -631,6 +705,13 @@ impl Buf {
             len: u32::try_from(self.capacity()).unwrap_or(u32::MAX),
             rkey: self.region.rkey,
         }
+    }
+
+    /// The allocator handle of the registration and the chunk's offset in
+    /// it, when the domain has a [`RegionAllocator`] (`None` for heap memory).
+    pub fn allocation(&self) -> Option<(u64, usize)> {
+        let (_, handle) = self.region.allocation.as_ref()?;
+        Some((*handle, self.index as usize * self.region.chunk_size))
     }
 
     /// Whether this buffer belongs to `pool`.

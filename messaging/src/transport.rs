@@ -145,6 +145,8 @@ impl fmt::Display for TransportUri {
 pub struct Fabrics {
     tcp: OnceLock<TcpFabric>,
     loopback: OnceLock<LoopbackFabric>,
+    #[cfg(target_os = "linux")]
+    shm: OnceLock<crate::provider::shm::ShmFabric>,
     #[cfg(feature = "verbs")]
     verbs: OnceLock<Result<crate::provider::verbs::VerbsFabric, String>>,
 }
@@ -171,15 +173,25 @@ impl Fabrics {
             Scheme::Tcp => Ok(self.tcp.get_or_init(TcpFabric::new)),
             Scheme::Loopback => Ok(self.loopback.get_or_init(LoopbackFabric::new)),
             Scheme::Rdma => self.verbs(),
-            Scheme::Shm => Err(FabricError::Unavailable {
-                provider: "shm",
-                reason: "the shm provider is not part of this build yet; use tcp://".into(),
-            }),
+            Scheme::Shm => self.shm(),
             Scheme::Auto => Err(FabricError::BadAddress {
                 addr: "auto://".into(),
                 reason: "auto is a selection, not a fabric".into(),
             }),
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn shm(&self) -> Result<&dyn Fabric, FabricError> {
+        Ok(self.shm.get_or_init(crate::provider::shm::ShmFabric::new))
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn shm(&self) -> Result<&dyn Fabric, FabricError> {
+        Err(FabricError::Unavailable {
+            provider: "shm",
+            reason: "the shm provider needs Linux (memfd, eventfd); use tcp://".into(),
+        })
     }
 
     #[cfg(feature = "verbs")]
@@ -432,6 +444,25 @@ mod tests {
     }
 
     #[test]
+    fn auto_falls_back_to_tcp_when_shm_is_not_listening() {
+        let fabrics = Fabrics::new();
+        // A plain tcp listener: no shm listener under auto-PORT.
+        let listener = fabrics.fabric(Scheme::Tcp).unwrap().listen("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr();
+        std::thread::scope(|s| {
+            let server = s.spawn(|| {
+                let incoming = listener.accept(Some(Duration::from_secs(20))).unwrap();
+                Endpoint::accept_incoming(incoming, Config::default()).unwrap()
+            });
+            let client = fabrics
+                .connect(&TransportUri::parse(&addr).unwrap(), Config::default())
+                .unwrap();
+            assert_eq!(client.fabric(), "tcp");
+            assert_eq!(server.join().unwrap().fabric(), "tcp");
+        });
+    }
+
+    #[test]
     fn local_hosts_are_recognised() {
         assert!(is_local("127.0.0.1:1"));
         assert!(is_local("localhost:1"));
@@ -441,7 +472,7 @@ mod tests {
     }
 
     #[test]
-    fn auto_falls_back_to_tcp_and_says_so() {
+    fn auto_picks_shm_on_one_host() {
         let fabrics = Fabrics::new();
         let listener = fabrics
             .listen(&TransportUri::parse("auto://127.0.0.1:0").unwrap())
@@ -456,8 +487,9 @@ mod tests {
                 .connect(&TransportUri::parse(&addr).unwrap(), Config::default())
                 .unwrap();
             let server = server.join().unwrap();
-            // No shm or verbs in this build or on this machine: tcp.
-            assert_eq!(client.fabric(), server.fabric());
+            // Both ends share this host: shm (no verbs device here).
+            assert_eq!(client.fabric(), "shm");
+            assert_eq!(server.fabric(), "shm");
             client.send(b"chosen").unwrap();
             assert_eq!(&server.recv_timeout(Duration::from_secs(20)).unwrap()[..], b"chosen");
         });

@@ -52,12 +52,17 @@ macro_rules! all_checks {
 
 all_checks!(loopback, LoopbackFabric::new(), "");
 all_checks!(tcp, TcpFabric::new(), "127.0.0.1:0");
+// "" makes the shm listener pick a name unique to this process and check.
+#[cfg(target_os = "linux")]
+all_checks!(shm, messaging::provider::shm::ShmFabric::new(), "");
 
 #[test]
 fn every_check_is_run_on_every_provider() {
     let suite: Vec<&str> = conformance::CHECKS.iter().map(|(name, _)| *name).collect();
     assert_eq!(loopback::RUN, &suite[..], "update all_checks! when the suite grows");
     assert_eq!(tcp::RUN, &suite[..]);
+    #[cfg(target_os = "linux")]
+    assert_eq!(shm::RUN, &suite[..]);
 }
 
 /// The verbs provider runs the suite when an RDMA device is there (soft-RoCE

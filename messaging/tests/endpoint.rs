@@ -1,4 +1,4 @@
-//! The endpoint API end to end, over loopback and tcp: blocking and async
+//! The endpoint API end to end, over loopback, tcp and shm: blocking and async
 //! forms, back-pressure, pushes, direct placement and disconnects.
 
 use std::future::Future;
@@ -34,6 +34,9 @@ fn fabrics() -> Vec<(Box<dyn Fabric>, &'static str)> {
     vec![
         (Box::new(LoopbackFabric::new()), ""),
         (Box::new(TcpFabric::new()), "127.0.0.1:0"),
+        // "" makes the shm listener pick a unique name.
+        #[cfg(target_os = "linux")]
+        (Box::new(messaging::provider::shm::ShmFabric::new()), ""),
     ]
 }
 
@@ -214,15 +217,20 @@ fn close_wakes_blocked_receivers_and_flushes() {
 
 #[test]
 fn dropping_the_peer_fails_its_channel() {
-    let fabric = TcpFabric::new();
-    let (a, b) = pair(&fabric, "127.0.0.1:0");
-    let ticket = a.send(b"before").unwrap();
-    ticket.wait_timeout(LONG).unwrap();
-    drop(b);
-    assert!(matches!(
-        a.recv_timeout(LONG),
-        Err(Error::Closed(CloseReason::Disconnected))
-    ));
+    let mut fabrics: Vec<(Box<dyn Fabric>, &str)> = vec![(Box::new(TcpFabric::new()), "127.0.0.1:0")];
+    #[cfg(target_os = "linux")]
+    fabrics.push((Box::new(messaging::provider::shm::ShmFabric::new()), ""));
+    for (fabric, addr) in fabrics {
+        let (a, b) = pair(&*fabric, addr);
+        let ticket = a.send(b"before").unwrap();
+        ticket.wait_timeout(LONG).unwrap();
+        drop(b);
+        assert!(
+            matches!(a.recv_timeout(LONG), Err(Error::Closed(CloseReason::Disconnected))),
+            "{}",
+            fabric.name()
+        );
+    }
 }
 
 #[test]

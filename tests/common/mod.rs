@@ -57,6 +57,22 @@ impl Drop for Scratch {
     }
 }
 
+/// A fresh listen address of `transport`: a free tcp port, or a shared
+/// memory name unique to this test process.
+pub fn listen_address(transport: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    match transport {
+        "shm" => format!(
+            "shm://e2e-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ),
+        "auto" => "auto://127.0.0.1:0".into(),
+        _ => "tcp://127.0.0.1:0".into(),
+    }
+}
+
 /// A running `iounitd`, killed on drop. Its stderr is collected for checks.
 pub struct Daemon {
     pub child: Child,
@@ -67,8 +83,15 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `iounitd` listening on a free port with `args`.
     pub fn start(args: &[&str]) -> Daemon {
+        Daemon::start_on("tcp", args)
+    }
+
+    /// Starts `iounitd` listening on a fresh address of `transport`
+    /// (`tcp`, `shm` or `auto`) with `args`.
+    pub fn start_on(transport: &str, args: &[&str]) -> Daemon {
+        let listen = listen_address(transport);
         let mut cmd = Command::new(binary("iounitd"));
-        cmd.args(["--listen", "tcp://127.0.0.1:0"])
+        cmd.args(["--listen", &listen])
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

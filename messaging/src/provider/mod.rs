@@ -29,7 +29,8 @@
 //!   be posted before the queue pair reaches ready-to-receive).
 //!
 //! Providers: [`loopback`] (in-process, deterministic, with fault injection),
-//! [`tcp`] (verbs semantics emulated over TCP) and, with the cargo feature
+//! [`tcp`] (verbs semantics emulated over TCP), `shm` (separate processes on
+//! one Linux host, shared memory, one copy) and, with the cargo feature
 //! `verbs`, `verbs` (RDMA NICs and soft-RoCE through libibverbs).
 
 use std::fmt;
@@ -42,6 +43,8 @@ pub mod conformance;
 mod cq;
 pub(crate) mod handshake;
 pub mod loopback;
+#[cfg(target_os = "linux")]
+pub mod shm;
 pub mod tcp;
 #[cfg(feature = "verbs")]
 pub mod verbs;

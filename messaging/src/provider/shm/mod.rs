@@ -1,0 +1,1314 @@
+//! The shm provider: verbs RC semantics between processes on one host,
+//! with data moved by a single memory copy.
+//!
+//! ```text
+//!  client process                                   server process
+//!  ──────────────                                   ──────────────
+//!  SOCK_SEQPACKET "\0chanio-NAME" ── hello + fds ──▶ listener
+//!    (rings memfd, 2 eventfds)     ◀── accept ────
+//!  ring 0 (client → server): requests, responses ──▶ progress thread
+//!  progress thread ◀── ring 1 (server → client): requests, responses
+//!  registrations: memfds, exported over the socket when first used
+//! ```
+//!
+//! # Memory
+//! The fabric's [`ProtectionDomain`] takes every registration from a sealed
+//! memfd ([`RegionAllocator`]). When a work request first uses a
+//! registration on a queue pair, the poster sends its memfd over the socket
+//! (`SCM_RIGHTS`, before the request is published), and the peer maps it.
+//!
+//! # Execution
+//! Every request is executed by the responder's progress thread, which makes
+//! the one copy: a Send copies from the initiator's mapped buffer into the
+//! posted receive; an RDMA Write copies from the initiator's buffer into the
+//! responder's registration; an RDMA Read copies from the registration into
+//! the initiator's buffer. The remote key, bounds and access are checked in
+//! the responder's own domain ([`ProtectionDomain::remote_target`]), the
+//! same check as tcp's, so a stale or forged key can never reach memory.
+//! The responder answers with a cumulative `ACK psn` (which also completes
+//! Reads: their data is in place before the ACK is published) or a
+//! `NAK psn status` followed by closing the socket.
+//!
+//! # Rings and wake-ups
+//! One ring per direction in a memfd the client creates (`docs/protocol.md`
+//! §7b); each side's progress thread consumes its incoming ring and sleeps
+//! in `poll` on its eventfd and the socket after setting the ring's
+//! `sleeping` flag; producers ring the eventfd only when that flag is set.
+//!
+//! # Failure
+//! The socket's end of file is the disconnect signal: a process that dies
+//! or disconnects closes it, and the peer flushes everything outstanding
+//! after executing what was already in its ring.
+//!
+//! # Addresses
+//! `shm://NAME` (or `NAME`) is the abstract Unix socket `\0chanio-NAME`; a
+//! name starting with `/` is a filesystem path. `listen("")` picks a unique
+//! name. Linux only.
+
+mod ring;
+mod sys;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use self::ring::{Entry, Ring, RING_BYTES};
+use self::sys::{Mapping, Socket};
+use super::cq::CompletionQueue;
+use super::{
+    Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
+    WcOpcode, WcStatus,
+};
+use crate::mr::{Access, MrError, ProtectionDomain, RKey, RegionAllocator};
+
+/// Hello magic of the shm provider.
+pub const HELLO_MAGIC: [u8; 4] = *b"CHSM";
+/// Hello version this build speaks.
+pub const HELLO_VERSION: u16 = 1;
+/// Largest parameter block accepted in a hello.
+pub const MAX_PARAMS: usize = 4096;
+
+const HELLO_HEADER: usize = 16;
+const KIND_HELLO: u16 = 1;
+const KIND_ACCEPT: u16 = 2;
+const KIND_REJECT: u16 = 3;
+
+const OP_SEND: u8 = 1;
+const OP_SEND_IMM: u8 = 2;
+const OP_WRITE: u8 = 3;
+const OP_WRITE_IMM: u8 = 4;
+const OP_READ: u8 = 5;
+const OP_ACK: u8 = 7;
+const OP_NAK: u8 = 8;
+
+const CTL_EXPORT: u8 = 1;
+const CTL_UNEXPORT: u8 = 2;
+const CTL_BYTES: usize = 16;
+
+/// Entries taken from the ring per batch.
+const BATCH: usize = 64;
+
+/// Tunables of the shm provider.
+#[derive(Debug, Clone)]
+pub struct ShmOptions {
+    /// How long handshakes and memfd exports may take.
+    pub handshake_timeout: Duration,
+    /// Largest message in bytes.
+    pub max_message: u32,
+    /// Most outstanding send work requests per queue pair (with the peer's,
+    /// at most half a ring).
+    pub max_send_wr: u32,
+    /// Most posted receives per queue pair.
+    pub max_recv_wr: u32,
+}
+
+impl Default for ShmOptions {
+    fn default() -> Self {
+        ShmOptions {
+            handshake_timeout: Duration::from_secs(5),
+            max_message: 1 << 30,
+            max_send_wr: 1024,
+            max_recv_wr: 4096,
+        }
+    }
+}
+
+/// The shm fabric: a memfd-backed protection domain and connection management.
+#[derive(Debug, Clone)]
+pub struct ShmFabric {
+    pd: ProtectionDomain,
+    memory: Arc<MemfdAllocator>,
+    opts: ShmOptions,
+}
+
+impl ShmFabric {
+    /// A fabric with default options.
+    pub fn new() -> ShmFabric {
+        ShmFabric::with_options(ShmOptions::default())
+    }
+
+    /// A fabric with the given options (`max_send_wr` is capped to a
+    /// quarter of a ring, so that requests and responses always fit).
+    pub fn with_options(mut opts: ShmOptions) -> ShmFabric {
+        opts.max_send_wr = opts.max_send_wr.clamp(1, (ring::RING_ENTRIES / 4) as u32);
+        let memory = Arc::new(MemfdAllocator::default());
+        ShmFabric {
+            pd: ProtectionDomain::with_allocator(memory.clone()),
+            memory,
+            opts,
+        }
+    }
+}
+
+impl Default for ShmFabric {
+    fn default() -> Self {
+        ShmFabric::new()
+    }
+}
+
+/// Allocates registrations from sealed memfds, so that peers can map them.
+#[derive(Default)]
+struct MemfdAllocator {
+    live: Mutex<HashMap<u64, (Arc<OwnedFd>, Mapping)>>,
+}
+
+/// Names memfds process-wide, so that a buffer of another fabric never
+/// matches an export of this one.
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
+
+impl MemfdAllocator {
+    fn fd(&self, serial: u64) -> Option<Arc<OwnedFd>> {
+        self.live.lock().get(&serial).map(|(fd, _)| fd.clone())
+    }
+
+    fn is_live(&self, serial: u64) -> bool {
+        self.live.lock().contains_key(&serial)
+    }
+}
+
+impl std::fmt::Debug for MemfdAllocator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemfdAllocator")
+            .field("live", &self.live.lock().len())
+            .finish()
+    }
+}
+
+// SAFETY: a fresh memfd reads as zeroes; its shared mapping is page-aligned,
+// `len` bytes long, and stays mapped (in `live`) until `free` removes it; the
+// table is behind a mutex.
+unsafe impl RegionAllocator for MemfdAllocator {
+    fn allocate(&self, len: usize) -> Result<(NonNull<u8>, u64), MrError> {
+        let oom = |_| MrError::OutOfMemory { bytes: len };
+        let fd = sys::sealed_memfd("chanio-shm", len).map_err(oom)?;
+        let map = Mapping::new(&fd, len).map_err(oom)?;
+        let ptr = map.ptr();
+        let serial = NEXT_SERIAL.fetch_add(1, Ordering::Relaxed);
+        self.live.lock().insert(serial, (Arc::new(fd), map));
+        Ok((ptr, serial))
+    }
+
+    unsafe fn free(&self, _ptr: NonNull<u8>, _len: usize, handle: u64) {
+        // Dropping the mapping unmaps it; peers that mapped the memfd keep
+        // their own mappings until they see the unexport.
+        self.live.lock().remove(&handle);
+    }
+}
+
+fn socket_name(addr: &str) -> Result<String, FabricError> {
+    let name = addr.strip_prefix("shm://").unwrap_or(addr);
+    if name.is_empty() || name.contains('\0') || name.len() > 90 {
+        return Err(FabricError::BadAddress {
+            addr: addr.to_string(),
+            reason: "expected shm://NAME (1 to 90 bytes, no NUL)".into(),
+        });
+    }
+    Ok(name.to_string())
+}
+
+fn unique_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{}-{}-{nanos:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Fabric for ShmFabric {
+    fn name(&self) -> &'static str {
+        "shm"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            immediate_data: true,
+            max_message: self.opts.max_message,
+            max_send_wr: self.opts.max_send_wr,
+            max_recv_wr: self.opts.max_recv_wr,
+        }
+    }
+
+    fn domain(&self) -> &ProtectionDomain {
+        &self.pd
+    }
+
+    fn listen(&self, addr: &str) -> Result<Box<dyn Listener>, FabricError> {
+        let name = if addr.is_empty() || addr == "shm://" {
+            unique_name()
+        } else {
+            socket_name(addr)?
+        };
+        let listen_err = |source| FabricError::Listen {
+            addr: addr.to_string(),
+            source,
+        };
+        let sock = Socket::listen(&name).map_err(listen_err)?;
+        let wake = sys::eventfd().map_err(listen_err)?;
+        tracing::debug!(%name, "shm listener up");
+        Ok(Box::new(ShmListener {
+            name,
+            sock,
+            wake,
+            shutdown: AtomicBool::new(false),
+            pending: Mutex::new(Vec::new()),
+            fabric: self.clone(),
+        }))
+    }
+
+    fn connect(&self, addr: &str, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError> {
+        let name = socket_name(addr)?;
+        let peer = format!("shm://{name}");
+        let conn_err = |source| FabricError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        if params.len() > MAX_PARAMS {
+            return Err(FabricError::Handshake {
+                peer,
+                reason: format!("local parameters too long ({} bytes)", params.len()),
+            });
+        }
+        let sock = Socket::connect(&name).map_err(conn_err)?;
+        let rings_fd = sys::sealed_memfd("chanio-shm-rings", 2 * RING_BYTES).map_err(conn_err)?;
+        let rings = Arc::new(Mapping::new(&rings_fd, 2 * RING_BYTES).map_err(conn_err)?);
+        let to_server = sys::eventfd().map_err(conn_err)?;
+        let to_client = sys::eventfd().map_err(conn_err)?;
+        sock.send(
+            &hello_bytes(KIND_HELLO, params),
+            &[rings_fd.as_raw_fd(), to_server.as_raw_fd(), to_client.as_raw_fd()],
+        )
+        .map_err(conn_err)?;
+        let deadline = Instant::now() + self.opts.handshake_timeout;
+        let msg = sock
+            .recv_until(HELLO_HEADER + MAX_PARAMS + 1, deadline)
+            .map_err(|e| FabricError::Handshake {
+                peer: peer.clone(),
+                reason: format!("reading the answer: {e}"),
+            })?;
+        let (kind, body) = parse_hello(&msg).map_err(|reason| FabricError::Handshake {
+            peer: peer.clone(),
+            reason,
+        })?;
+        match kind {
+            KIND_ACCEPT => {
+                let links = Links {
+                    sock,
+                    rings,
+                    tx_base: 0,
+                    rx_base: RING_BYTES,
+                    wake_peer: to_server,
+                    wake_me: to_client,
+                };
+                start(self.clone(), links, peer, body, recvs).map(|qp| qp as Box<dyn QueuePair>)
+            }
+            KIND_REJECT => Err(FabricError::Rejected {
+                peer,
+                reason: String::from_utf8_lossy(&body).into_owned(),
+            }),
+            other => Err(FabricError::Handshake {
+                peer,
+                reason: format!("unexpected hello kind {other} in answer"),
+            }),
+        }
+    }
+}
+
+fn hello_bytes(kind: u16, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HELLO_HEADER + body.len());
+    out.extend_from_slice(&HELLO_MAGIC);
+    out.extend_from_slice(&HELLO_VERSION.to_le_bytes());
+    out.extend_from_slice(&kind.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Validates one hello message: magic, version, reserved field, length.
+fn parse_hello(msg: &sys::Message) -> Result<(u16, Vec<u8>), String> {
+    if msg.truncated {
+        return Err("hello message too long (or too many descriptors)".into());
+    }
+    let b = &msg.bytes;
+    if b.len() < HELLO_HEADER {
+        return Err(format!("truncated hello ({} bytes)", b.len()));
+    }
+    if b[0..4] != HELLO_MAGIC {
+        return Err(format!("bad magic {:02x?} (not a chanio shm peer)", &b[0..4]));
+    }
+    let version = u16::from_le_bytes([b[4], b[5]]);
+    if version != HELLO_VERSION {
+        return Err(format!(
+            "unsupported hello version {version} (this side speaks {HELLO_VERSION})"
+        ));
+    }
+    let kind = u16::from_le_bytes([b[6], b[7]]);
+    let reserved = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    if reserved != 0 {
+        return Err(format!("reserved hello field is {reserved:#x}, not 0"));
+    }
+    let len = u32::from_le_bytes([b[12], b[13], b[14], b[15]]) as usize;
+    if len > MAX_PARAMS {
+        return Err(format!("hello parameters too long ({len} > {MAX_PARAMS} bytes)"));
+    }
+    if len != b.len() - HELLO_HEADER {
+        return Err(format!(
+            "hello says {len} parameter bytes but carries {}",
+            b.len() - HELLO_HEADER
+        ));
+    }
+    Ok((kind, b[HELLO_HEADER..].to_vec()))
+}
+
+// ---------------------------------------------------------------------------
+// Listener
+
+/// A listening shm endpoint.
+pub struct ShmListener {
+    name: String,
+    sock: Socket,
+    wake: OwnedFd,
+    shutdown: AtomicBool,
+    /// Connections whose hello has not arrived yet, with their deadlines.
+    pending: Mutex<Vec<(Socket, Instant)>>,
+    fabric: ShmFabric,
+}
+
+/// Most connections whose hello is still awaited.
+const MAX_HANDSHAKES: usize = 64;
+
+impl std::fmt::Debug for ShmListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmListener").field("name", &self.name).finish()
+    }
+}
+
+impl Listener for ShmListener {
+    fn local_addr(&self) -> String {
+        // Like tcp's HOST:PORT, the bare address (connect also takes shm://NAME).
+        self.name.clone()
+    }
+
+    fn accept(&self, timeout: Option<Duration>) -> Result<Box<dyn Incoming>, FabricError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if self.shutdown.load(Ordering::Acquire) {
+                return Err(FabricError::Shutdown);
+            }
+            self.take_new_connections();
+            if let Some(incoming) = self.take_hello() {
+                return Ok(Box::new(incoming));
+            }
+            // Sleep until a connection, a hello, the shutdown or the earliest
+            // deadline (the caller's or a pending hello's).
+            let now = Instant::now();
+            let (mut fds, hello_deadline) = {
+                let pending = self.pending.lock();
+                let fds: Vec<_> = pending.iter().map(|(s, _)| s.raw()).collect();
+                (fds, pending.iter().map(|(_, d)| *d).min())
+            };
+            fds.extend([self.sock.raw(), self.wake.as_raw_fd()]);
+            if deadline.is_some_and(|d| d <= now) {
+                return Err(FabricError::Timeout(timeout.unwrap_or_default()));
+            }
+            let wake_at = match (deadline, hello_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let left = wake_at.map(|at| at.saturating_duration_since(now).max(Duration::from_millis(1)));
+            sys::poll(&fds, left).map_err(|source| FabricError::Io { op: "poll", source })?;
+        }
+    }
+
+    fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        sys::ring_eventfd(&self.wake);
+    }
+}
+
+impl ShmListener {
+    /// Accepts every queued connection into the table of pending hellos.
+    fn take_new_connections(&self) {
+        loop {
+            match self.sock.accept() {
+                Ok(conn) => {
+                    let mut pending = self.pending.lock();
+                    if pending.len() >= MAX_HANDSHAKES {
+                        tracing::warn!(listener = %self.name, "refusing shm connection: {MAX_HANDSHAKES} hellos already pending");
+                        continue;
+                    }
+                    pending.push((conn, Instant::now() + self.fabric.opts.handshake_timeout));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // Per-connection errors (ECONNABORTED, EMFILE) must not
+                    // stop the listener.
+                    tracing::warn!(listener = %self.name, error = %e, "shm accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads the hellos that arrived; returns the first valid one, refusing
+    /// (and logging) bad, closed and timed-out ones. Never blocks.
+    fn take_hello(&self) -> Option<ShmIncoming> {
+        let mut pending = self.pending.lock();
+        let now = Instant::now();
+        let mut i = 0;
+        while i < pending.len() {
+            let outcome = match pending[i].0.try_recv(HELLO_HEADER + MAX_PARAMS + 1) {
+                Ok(Some(msg)) => Some(Ok(msg)),
+                Ok(None) if pending[i].1 <= now => Some(Err("timed out waiting for the hello".to_string())),
+                Ok(None) => None,
+                Err(e) => Some(Err(format!("reading hello: {e}"))),
+            };
+            let Some(outcome) = outcome else {
+                i += 1;
+                continue;
+            };
+            let (sock, _) = pending.swap_remove(i);
+            match outcome.and_then(|msg| self.handshake(sock, msg)) {
+                Ok(incoming) => return Some(incoming),
+                Err(reason) => tracing::warn!(listener = %self.name, "refusing shm connection: {reason}"),
+            }
+        }
+        None
+    }
+
+    fn handshake(&self, sock: Socket, mut msg: sys::Message) -> Result<ShmIncoming, String> {
+        let (kind, params) = parse_hello(&msg)?;
+        if kind != KIND_HELLO {
+            return Err(format!("unexpected hello kind {kind}"));
+        }
+        if msg.fds.len() != 3 {
+            return Err(format!("hello carries {} descriptors, not 3", msg.fds.len()));
+        }
+        let to_client = msg.fds.pop().expect("three descriptors");
+        let to_server = msg.fds.pop().expect("three descriptors");
+        let rings_fd = msg.fds.pop().expect("three descriptors");
+        let size = sys::sealed_size(&rings_fd).map_err(|e| format!("ring memfd: {e}"))?;
+        if size != 2 * RING_BYTES {
+            return Err(format!("ring memfd has {size} bytes, not {}", 2 * RING_BYTES));
+        }
+        let rings = Arc::new(Mapping::new(&rings_fd, size).map_err(|e| format!("mapping rings: {e}"))?);
+        for fd in [&to_client, &to_server] {
+            sys::set_nonblocking(fd).map_err(|e| format!("wake-up descriptor: {e}"))?;
+        }
+        Ok(ShmIncoming {
+            links: Links {
+                sock,
+                rings,
+                tx_base: RING_BYTES,
+                rx_base: 0,
+                wake_peer: to_client,
+                wake_me: to_server,
+            },
+            peer: format!("shm://{} (client)", self.name),
+            params,
+            fabric: self.fabric.clone(),
+        })
+    }
+}
+
+impl Drop for ShmListener {
+    fn drop(&mut self) {
+        if self.name.starts_with('/') {
+            let _ = std::fs::remove_file(&self.name);
+        }
+    }
+}
+
+/// A connection request whose hello was received and checked.
+pub struct ShmIncoming {
+    links: Links,
+    peer: String,
+    params: Vec<u8>,
+    fabric: ShmFabric,
+}
+
+impl std::fmt::Debug for ShmIncoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmIncoming").field("peer", &self.peer).finish()
+    }
+}
+
+impl Incoming for ShmIncoming {
+    fn peer_params(&self) -> &[u8] {
+        &self.params
+    }
+
+    fn peer_addr(&self) -> String {
+        self.peer.clone()
+    }
+
+    fn fabric(&self) -> &dyn Fabric {
+        &self.fabric
+    }
+
+    fn accept(self: Box<Self>, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError> {
+        let this = *self;
+        if params.len() > MAX_PARAMS {
+            return Err(FabricError::Handshake {
+                peer: this.peer,
+                reason: format!("local parameters too long ({} bytes)", params.len()),
+            });
+        }
+        let answer = hello_bytes(KIND_ACCEPT, params);
+        // Receives are posted (inside `start`) before the answer goes out.
+        let qp = start(this.fabric, this.links, this.peer, this.params, recvs)?;
+        let shared = qp.shared.clone();
+        shared.links.sock.send(&answer, &[]).map_err(|source| FabricError::Io {
+            op: "send shm accept",
+            source,
+        })?;
+        Ok(qp)
+    }
+
+    fn reject(self: Box<Self>, reason: &str) {
+        let body = &reason.as_bytes()[..reason.len().min(MAX_PARAMS)];
+        let _ = self.links.sock.send(&hello_bytes(KIND_REJECT, body), &[]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Queue pair
+
+/// What connects a queue pair to its peer.
+struct Links {
+    sock: Socket,
+    rings: Arc<Mapping>,
+    tx_base: usize,
+    rx_base: usize,
+    /// The eventfd the peer's progress thread sleeps on.
+    wake_peer: OwnedFd,
+    /// The eventfd ours sleeps on.
+    wake_me: OwnedFd,
+}
+
+struct Shared {
+    fabric: ShmFabric,
+    links: Links,
+    peer: String,
+    peer_params: Vec<u8>,
+    state: Mutex<State>,
+    cq: CompletionQueue,
+    failed: AtomicBool,
+}
+
+struct State {
+    failed: bool,
+    tx: Ring,
+    next_psn: u64,
+    outstanding: VecDeque<Pending>,
+    recvs: VecDeque<RecvWr>,
+    /// Memfds (by serial) this side has sent to the peer.
+    exported: HashSet<u64>,
+}
+
+struct Pending {
+    psn: u64,
+    id: super::WrId,
+    opcode: WcOpcode,
+    buf: crate::mr::Buf,
+    /// A local error to complete with when the queue pair is flushed.
+    error: Option<WcStatus>,
+}
+
+/// A connected shm queue pair.
+pub struct ShmQp {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ShmQp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmQp")
+            .field("peer", &self.shared.peer)
+            .field("failed", &self.shared.failed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+fn start(
+    fabric: ShmFabric,
+    links: Links,
+    peer: String,
+    peer_params: Vec<u8>,
+    recvs: Vec<RecvWr>,
+) -> Result<Box<ShmQp>, FabricError> {
+    let tx = Ring::new(links.rings.clone(), links.tx_base);
+    let rx = Ring::new(links.rings.clone(), links.rx_base);
+    let shared = Arc::new(Shared {
+        fabric,
+        links,
+        peer,
+        peer_params,
+        state: Mutex::new(State {
+            failed: false,
+            tx,
+            next_psn: 0,
+            outstanding: VecDeque::new(),
+            recvs: recvs.into(),
+            exported: HashSet::new(),
+        }),
+        cq: CompletionQueue::default(),
+        failed: AtomicBool::new(false),
+    });
+    let progress = Progress {
+        shared: shared.clone(),
+        rx,
+        expected_psn: 0,
+        maps: HashMap::new(),
+    };
+    std::thread::Builder::new()
+        .name("chanio-shm-qp".into())
+        .spawn(move || progress.run())
+        .map_err(|source| FabricError::Io {
+            op: "spawn shm progress thread",
+            source,
+        })?;
+    Ok(Box::new(ShmQp { shared }))
+}
+
+impl QueuePair for ShmQp {
+    fn post_send(&self, wrs: Vec<SendWr>) -> Result<(), (FabricError, Vec<SendWr>)> {
+        let shared = &self.shared;
+        let mut st = shared.state.lock();
+        if st.failed {
+            shared.cq.push_all(wrs.into_iter().map(flushed_send));
+            return Ok(());
+        }
+        let depth = shared.fabric.opts.max_send_wr;
+        if st.outstanding.len() + wrs.len() > depth as usize {
+            return Err((FabricError::QueueFull { queue: "send", depth }, wrs));
+        }
+        let mut entries = Vec::with_capacity(wrs.len());
+        let mut local_error: Option<String> = None;
+        for wr in wrs {
+            let opcode = wr.opcode();
+            let id = wr.id;
+            if local_error.is_some() {
+                st.outstanding.push_back(Pending {
+                    psn: u64::MAX,
+                    id,
+                    opcode,
+                    buf: wr.into_buf(),
+                    error: None,
+                });
+                continue;
+            }
+            match shared.prepare(&mut st, &wr) {
+                Ok(entry) => {
+                    entries.push(entry);
+                    let psn = st.next_psn;
+                    st.next_psn += 1;
+                    st.outstanding.push_back(Pending {
+                        psn,
+                        id,
+                        opcode,
+                        buf: wr.into_buf(),
+                        error: None,
+                    });
+                }
+                Err((status, reason)) => {
+                    // A local error fails the queue pair, as in verbs: the
+                    // request completes with its error after every earlier
+                    // one, and the rest are flushed.
+                    local_error = Some(reason);
+                    st.outstanding.push_back(Pending {
+                        psn: u64::MAX,
+                        id,
+                        opcode,
+                        buf: wr.into_buf(),
+                        error: Some(status),
+                    });
+                }
+            }
+        }
+        if !entries.is_empty() {
+            if st.tx.push(&entries).is_err() {
+                local_error = Some("the peer corrupted the ring".into());
+            } else if st.tx.consumer_sleeping() {
+                sys::ring_eventfd(&shared.links.wake_peer);
+            }
+        }
+        if let Some(reason) = local_error {
+            shared.fail_locked(&mut st, &reason, true);
+        }
+        Ok(())
+    }
+
+    fn post_recv(&self, wr: RecvWr) -> Result<(), (FabricError, RecvWr)> {
+        let shared = &self.shared;
+        let mut st = shared.state.lock();
+        if st.failed {
+            shared.cq.push(flushed_recv(wr));
+            return Ok(());
+        }
+        let depth = shared.fabric.opts.max_recv_wr;
+        if st.recvs.len() >= depth as usize {
+            return Err((
+                FabricError::QueueFull {
+                    queue: "receive",
+                    depth,
+                },
+                wr,
+            ));
+        }
+        st.recvs.push_back(wr);
+        Ok(())
+    }
+
+    fn poll(&self, out: &mut Vec<Completion>, max: usize) -> usize {
+        self.shared.cq.poll(out, max)
+    }
+
+    fn wait(&self, timeout: Option<Duration>) -> bool {
+        self.shared.cq.wait(timeout)
+    }
+
+    fn set_notify(&self, notify: Option<Notify>) {
+        self.shared.cq.set_notify(notify);
+    }
+
+    fn peer_params(&self) -> &[u8] {
+        &self.shared.peer_params
+    }
+
+    fn peer_addr(&self) -> String {
+        self.shared.peer.clone()
+    }
+
+    fn is_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
+    }
+
+    fn disconnect(&self) {
+        let mut st = self.shared.state.lock();
+        self.shared.fail_locked(&mut st, "disconnected locally", false);
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.shared.fabric.capabilities()
+    }
+}
+
+impl Drop for ShmQp {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
+impl Shared {
+    /// Checks a request locally, exports its memfd if needed and builds its
+    /// ring entry (psn `next_psn`).
+    fn prepare(&self, st: &mut State, wr: &SendWr) -> Result<Entry, (WcStatus, String)> {
+        let (opcode, buf, remote, imm) = match &wr.op {
+            SendOp::Send { buf, imm } => (if imm.is_some() { OP_SEND_IMM } else { OP_SEND }, buf, None, *imm),
+            SendOp::Write { buf, remote, imm } => (
+                if imm.is_some() { OP_WRITE_IMM } else { OP_WRITE },
+                buf,
+                Some(*remote),
+                *imm,
+            ),
+            SendOp::Read { buf, remote } => (OP_READ, buf, Some(*remote), None),
+        };
+        if buf.len() > self.fabric.opts.max_message as usize {
+            return Err((WcStatus::LocalLengthError, "message longer than max_message".into()));
+        }
+        if opcode == OP_READ && !buf.access().contains(Access::LOCAL_WRITE) {
+            return Err((
+                WcStatus::LocalProtectionError,
+                "RDMA Read into memory without local write".into(),
+            ));
+        }
+        let (serial, offset) = buf
+            .allocation()
+            .filter(|(serial, _)| self.fabric.memory.is_live(*serial))
+            .ok_or_else(|| {
+                (
+                    WcStatus::LocalProtectionError,
+                    "buffer not registered in this fabric's domain".to_string(),
+                )
+            })?;
+        self.export(st, serial).map_err(|reason| (WcStatus::Flushed, reason))?;
+        Ok(Entry {
+            opcode,
+            status: 0,
+            len: buf.len() as u32,
+            psn: st.next_psn,
+            serial,
+            offset: offset as u64,
+            addr: remote.map_or(0, |r| r.addr),
+            rkey: remote.map_or(0, |r| r.rkey.0),
+            imm: imm.unwrap_or(0),
+        })
+    }
+
+    /// Sends memfd `serial` to the peer unless it has it; first tells it to
+    /// drop the memfds of registrations that are gone.
+    fn export(&self, st: &mut State, serial: u64) -> Result<(), String> {
+        if st.exported.contains(&serial) {
+            return Ok(());
+        }
+        let memory = &self.fabric.memory;
+        let dead: Vec<u64> = st.exported.iter().copied().filter(|s| !memory.is_live(*s)).collect();
+        for s in dead {
+            st.exported.remove(&s);
+            self.links
+                .sock
+                .send(&control(CTL_UNEXPORT, s), &[])
+                .map_err(|e| format!("unexport: {e}"))?;
+        }
+        let fd = memory
+            .fd(serial)
+            .ok_or_else(|| "registration vanished while posted".to_string())?;
+        self.links
+            .sock
+            .send(&control(CTL_EXPORT, serial), &[fd.as_raw_fd()])
+            .map_err(|e| format!("export: {e}"))?;
+        st.exported.insert(serial);
+        Ok(())
+    }
+
+    /// Moves the queue pair to the error state: close the socket (the peer
+    /// fails too) and flush everything outstanding, in order.
+    fn fail_locked(&self, st: &mut State, reason: &str, warn: bool) {
+        if st.failed {
+            return;
+        }
+        st.failed = true;
+        self.failed.store(true, Ordering::Release);
+        if warn {
+            tracing::warn!(peer = %self.peer, "closing shm queue pair: {reason}");
+        } else {
+            tracing::debug!(peer = %self.peer, "shm queue pair closed: {reason}");
+        }
+        self.links.sock.shutdown();
+        let mut completions: Vec<Completion> = st
+            .outstanding
+            .drain(..)
+            .map(|p| Completion {
+                id: p.id,
+                status: p.error.unwrap_or(WcStatus::Flushed),
+                opcode: p.opcode,
+                byte_len: 0,
+                imm: None,
+                buf: p.buf,
+            })
+            .collect();
+        completions.extend(st.recvs.drain(..).map(flushed_recv));
+        self.cq.push_all(completions);
+    }
+}
+
+fn control(kind: u8, serial: u64) -> [u8; CTL_BYTES] {
+    let mut out = [0u8; CTL_BYTES];
+    out[0] = kind;
+    out[8..].copy_from_slice(&serial.to_le_bytes());
+    out
+}
+
+fn flushed_send(wr: SendWr) -> Completion {
+    Completion {
+        id: wr.id,
+        status: WcStatus::Flushed,
+        opcode: wr.opcode(),
+        byte_len: 0,
+        imm: None,
+        buf: wr.into_buf(),
+    }
+}
+
+fn flushed_recv(wr: RecvWr) -> Completion {
+    Completion {
+        id: wr.id,
+        status: WcStatus::Flushed,
+        opcode: WcOpcode::Recv,
+        byte_len: 0,
+        imm: None,
+        buf: wr.buf,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Progress thread
+
+/// Why processing stopped: a NAK to send first, or just a reason.
+struct Fatal {
+    reason: String,
+    nak: Option<(u64, WcStatus)>,
+    warn: bool,
+}
+
+fn violation(reason: impl Into<String>) -> Fatal {
+    Fatal {
+        reason: format!("protocol violation: {}", reason.into()),
+        nak: None,
+        warn: true,
+    }
+}
+
+fn nak(psn: u64, status: WcStatus, reason: impl Into<String>) -> Fatal {
+    Fatal {
+        reason: reason.into(),
+        nak: Some((psn, status)),
+        warn: true,
+    }
+}
+
+/// The progress thread's own state: its incoming ring and the peer's memfds.
+struct Progress {
+    shared: Arc<Shared>,
+    rx: Ring,
+    expected_psn: u64,
+    maps: HashMap<u64, Mapping>,
+}
+
+impl Progress {
+    fn run(mut self) {
+        let mut entries = Vec::with_capacity(BATCH);
+        // The socket is read only when `poll` says so (exports a request
+        // needs are fetched on demand by `ensure_mapped`).
+        let mut socket_ready = true;
+        let mut socket = Ok(());
+        loop {
+            if socket_ready && socket.is_ok() {
+                socket = self.drain_socket();
+                socket_ready = false;
+            }
+            entries.clear();
+            let popped = self.rx.pop(&mut entries, BATCH);
+            let result = match popped {
+                Err(_) => Err(violation("ring counters out of range")),
+                Ok(0) => Ok(()),
+                Ok(_) => self.process(&entries),
+            };
+            if let Err(fatal) = result {
+                self.fail(fatal);
+                return;
+            }
+            if self.shared.failed.load(Ordering::Acquire) {
+                return;
+            }
+            if !entries.is_empty() {
+                continue;
+            }
+            if let Err(fatal) = socket {
+                // The peer's last entries were published before it closed
+                // the socket and have been executed above.
+                self.fail(fatal);
+                return;
+            }
+            if self.rx.prepare_sleep() {
+                continue;
+            }
+            let links = &self.shared.links;
+            let polled = sys::poll(&[links.wake_me.as_raw_fd(), links.sock.raw()], None);
+            self.rx.woke();
+            match polled {
+                Ok(ready) => {
+                    if ready[0] {
+                        sys::drain_eventfd(&links.wake_me);
+                    }
+                    socket_ready = ready[1];
+                }
+                Err(e) => {
+                    self.fail(Fatal {
+                        reason: format!("poll: {e}"),
+                        nak: None,
+                        warn: true,
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, fatal: Fatal) {
+        let shared = self.shared.clone();
+        let mut st = shared.state.lock();
+        if let Some((psn, status)) = fatal.nak {
+            if !st.failed {
+                let entry = Entry {
+                    opcode: OP_NAK,
+                    status: status.code(),
+                    psn,
+                    ..Entry::default()
+                };
+                if st.tx.push(&[entry]).is_ok() && st.tx.consumer_sleeping() {
+                    sys::ring_eventfd(&shared.links.wake_peer);
+                }
+            }
+        }
+        shared.fail_locked(&mut st, &fatal.reason, fatal.warn);
+    }
+
+    /// Takes every queued control message (memfd exports) off the socket;
+    /// `Err` once the socket reached end of file.
+    fn drain_socket(&mut self) -> Result<(), Fatal> {
+        loop {
+            match self.shared.links.sock.try_recv(CTL_BYTES + 1) {
+                Ok(Some(msg)) => self.handle_control(msg)?,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    return Err(Fatal {
+                        reason: if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            "peer closed the connection".into()
+                        } else {
+                            format!("socket: {e}")
+                        },
+                        nak: None,
+                        warn: false,
+                    })
+                }
+            }
+        }
+    }
+
+    fn handle_control(&mut self, mut msg: sys::Message) -> Result<(), Fatal> {
+        if msg.truncated || msg.bytes.len() != CTL_BYTES {
+            return Err(violation("malformed control message"));
+        }
+        let serial = u64::from_le_bytes(msg.bytes[8..16].try_into().expect("8 bytes"));
+        match (msg.bytes[0], msg.fds.len()) {
+            (CTL_EXPORT, 1) => {
+                let fd = msg.fds.pop().expect("one descriptor");
+                let size = sys::sealed_size(&fd).map_err(|e| violation(format!("exported memfd: {e}")))?;
+                let map = Mapping::new(&fd, size).map_err(|e| violation(format!("mapping exported memfd: {e}")))?;
+                self.maps.insert(serial, map);
+            }
+            (CTL_UNEXPORT, 0) => {
+                self.maps.remove(&serial);
+            }
+            (kind, fds) => return Err(violation(format!("control message {kind} with {fds} descriptors"))),
+        }
+        Ok(())
+    }
+
+    /// The peer's memfd `serial`, waiting for its export if it is not here
+    /// yet (the peer sends it before publishing the request).
+    fn ensure_mapped(&mut self, serial: u64) -> Result<(), Fatal> {
+        let deadline = Instant::now() + self.shared.fabric.opts.handshake_timeout;
+        while !self.maps.contains_key(&serial) {
+            let msg = self
+                .shared
+                .links
+                .sock
+                .recv_until(CTL_BYTES + 1, deadline)
+                .map_err(|e| violation(format!("request names memfd {serial}, never exported ({e})")))?;
+            self.handle_control(msg)?;
+        }
+        Ok(())
+    }
+
+    fn process(&mut self, entries: &[Entry]) -> Result<(), Fatal> {
+        let shared = self.shared.clone();
+        let mut st = shared.state.lock();
+        if st.failed {
+            return Ok(());
+        }
+        let mut completions = Vec::new();
+        let mut ack = None;
+        let mut result = Ok(());
+        for e in entries {
+            let step = match e.opcode {
+                OP_SEND | OP_SEND_IMM | OP_WRITE | OP_WRITE_IMM | OP_READ => {
+                    if e.psn != self.expected_psn {
+                        Err(violation(format!("psn {} where {} was due", e.psn, self.expected_psn)))
+                    } else {
+                        self.expected_psn += 1;
+                        self.execute(&mut st, e, &mut completions).map(|()| ack = Some(e.psn))
+                    }
+                }
+                OP_ACK => complete_acked(&mut st, e.psn, &mut completions),
+                OP_NAK => {
+                    let status = WcStatus::from_code(e.status)
+                        .filter(|s| !s.is_success())
+                        .unwrap_or(WcStatus::RemoteOperationError);
+                    let acked = if e.psn > 0 {
+                        complete_acked(&mut st, e.psn - 1, &mut completions)
+                    } else {
+                        Ok(())
+                    };
+                    acked.and_then(|()| {
+                        if let Some(p) = st.outstanding.front() {
+                            if p.psn == e.psn {
+                                let p = st.outstanding.pop_front().expect("front exists");
+                                completions.push(Completion {
+                                    id: p.id,
+                                    status,
+                                    opcode: p.opcode,
+                                    byte_len: 0,
+                                    imm: None,
+                                    buf: p.buf,
+                                });
+                            }
+                        }
+                        Err(Fatal {
+                            reason: format!("peer refused request {}: {status}", e.psn),
+                            nak: None,
+                            warn: false,
+                        })
+                    })
+                }
+                other => Err(violation(format!("unknown opcode {other}"))),
+            };
+            if let Err(fatal) = step {
+                result = Err(fatal);
+                break;
+            }
+        }
+        // The acknowledgement is published before the receives complete,
+        // so a peer that disconnects on seeing them cannot overtake it.
+        if let Some(psn) = ack {
+            let entry = Entry {
+                opcode: OP_ACK,
+                psn,
+                ..Entry::default()
+            };
+            if st.tx.push(&[entry]).is_err() {
+                result = Err(violation("the peer corrupted the ring"));
+            } else if st.tx.consumer_sleeping() {
+                sys::ring_eventfd(&shared.links.wake_peer);
+            }
+        }
+        shared.cq.push_all(completions);
+        drop(st);
+        result
+    }
+
+    /// Executes one request: the check and the single copy.
+    fn execute(&mut self, st: &mut State, e: &Entry, completions: &mut Vec<Completion>) -> Result<(), Fatal> {
+        let len = e.len as usize;
+        let offset = usize::try_from(e.offset).map_err(|_| violation("offset out of range"))?;
+        match e.opcode {
+            OP_SEND | OP_SEND_IMM => {
+                let Some(mut wr) = st.recvs.pop_front() else {
+                    return Err(nak(e.psn, WcStatus::ReceiverNotReady, "Send found no posted receive"));
+                };
+                if len > wr.buf.capacity() {
+                    let reason = format!("Send of {len} bytes into a {}-byte receive", wr.buf.capacity());
+                    completions.push(Completion {
+                        id: wr.id,
+                        status: WcStatus::LocalLengthError,
+                        opcode: WcOpcode::Recv,
+                        byte_len: e.len,
+                        imm: None,
+                        buf: wr.buf,
+                    });
+                    return Err(nak(e.psn, WcStatus::RemoteInvalidRequest, reason));
+                }
+                if let Err(fatal) = self.ensure_mapped(e.serial) {
+                    st.recvs.push_front(wr);
+                    return Err(fatal);
+                }
+                let map = &self.maps[&e.serial];
+                if !map.read_into(offset, &mut wr.buf.spare_capacity()[..len]) {
+                    st.recvs.push_front(wr);
+                    return Err(violation("Send source outside its memfd"));
+                }
+                wr.buf.set_len(len);
+                completions.push(Completion {
+                    id: wr.id,
+                    status: WcStatus::Success,
+                    opcode: WcOpcode::Recv,
+                    byte_len: e.len,
+                    imm: (e.opcode == OP_SEND_IMM).then_some(e.imm),
+                    buf: wr.buf,
+                });
+            }
+            OP_WRITE | OP_WRITE_IMM => {
+                let mut target = self
+                    .shared
+                    .fabric
+                    .pd
+                    .remote_target(RKey(e.rkey), e.addr, len as u64, Access::REMOTE_WRITE)
+                    .map_err(|err| nak(e.psn, WcStatus::RemoteAccessError, format!("RDMA Write refused: {err}")))?;
+                let recv = if e.opcode == OP_WRITE_IMM {
+                    match st.recvs.pop_front() {
+                        Some(wr) => Some(wr),
+                        None => {
+                            return Err(nak(
+                                e.psn,
+                                WcStatus::ReceiverNotReady,
+                                "Write with immediate found no posted receive",
+                            ))
+                        }
+                    }
+                } else {
+                    None
+                };
+                let copied = match self.ensure_mapped(e.serial) {
+                    Ok(()) => self.maps[&e.serial].read_into(offset, target.as_mut_slice()),
+                    Err(fatal) => {
+                        st.recvs.extend(recv);
+                        return Err(fatal);
+                    }
+                };
+                if !copied {
+                    if let Some(wr) = recv {
+                        st.recvs.push_front(wr);
+                    }
+                    return Err(violation("Write source outside its memfd"));
+                }
+                if let Some(mut wr) = recv {
+                    wr.buf.set_len(0);
+                    completions.push(Completion {
+                        id: wr.id,
+                        status: WcStatus::Success,
+                        opcode: WcOpcode::RecvRdmaWithImm,
+                        byte_len: e.len,
+                        imm: Some(e.imm),
+                        buf: wr.buf,
+                    });
+                }
+            }
+            _ => {
+                let target = self
+                    .shared
+                    .fabric
+                    .pd
+                    .remote_target(RKey(e.rkey), e.addr, len as u64, Access::REMOTE_READ)
+                    .map_err(|err| nak(e.psn, WcStatus::RemoteAccessError, format!("RDMA Read refused: {err}")))?;
+                self.ensure_mapped(e.serial)?;
+                if !self.maps[&e.serial].write_from(offset, target.as_slice()) {
+                    return Err(violation("Read destination outside its memfd"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Completes every outstanding request up to `psn` (inclusive) as executed.
+fn complete_acked(st: &mut State, psn: u64, completions: &mut Vec<Completion>) -> Result<(), Fatal> {
+    if psn >= st.next_psn {
+        return Err(violation(format!("peer acknowledged psn {psn} before it was sent")));
+    }
+    while st.outstanding.front().is_some_and(|p| p.psn <= psn) {
+        let p = st.outstanding.pop_front().expect("front exists");
+        completions.push(Completion {
+            id: p.id,
+            status: WcStatus::Success,
+            opcode: p.opcode,
+            byte_len: p.buf.len() as u32,
+            imm: None,
+            buf: p.buf,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
