@@ -232,18 +232,22 @@ fn four_hosts_write_disjoint_ranges_concurrently(t: &str) {
     }
 }
 
-#[test]
-fn namespace_hot_detach_and_attach_deliver_events() {
-    let scratch = Scratch::new("hotplug");
+fn namespace_hot_detach_and_attach_deliver_events(t: &str) {
+    let scratch = Scratch::new(&format!("hotplug-{t}"));
     let cfg = scratch.path("iounit.toml");
     let with_two = "[[namespace]]\nbackend = \"ram:1MiB\"\n[[namespace]]\nbackend = \"ram:2MiB\"\n";
     let with_one = "[[namespace]]\nbackend = \"ram:1MiB\"\n";
     std::fs::write(&cfg, with_two).unwrap();
     let mut cmd = Command::new(common::binary("iounitd"));
-    cmd.args(["--config", cfg.to_str().unwrap(), "--listen", "tcp://127.0.0.1:0"])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "--config",
+        cfg.to_str().unwrap(),
+        "--listen",
+        &common::listen_address(t),
+    ])
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let d = Daemon::spawn(cmd);
     let watch = |count: &str| {
         Command::new(common::binary("hostctl"))
@@ -429,4 +433,24 @@ fn malformed_capsule_over_shm_closes_only_its_channel() {
     d.wait_log("malformed", Duration::from_secs(20));
     write_blocks(&d.uri, 1, 5, &pattern(512, 9));
     assert_eq!(read_blocks(&d.uri, 1, 5, 1), pattern(512, 9));
+}
+
+#[test]
+fn namespace_hot_detach_and_attach_deliver_events_tcp() {
+    namespace_hot_detach_and_attach_deliver_events("tcp");
+}
+
+#[test]
+fn namespace_hot_detach_and_attach_deliver_events_shm() {
+    namespace_hot_detach_and_attach_deliver_events("shm");
+}
+
+#[test]
+fn hostctl_transport_flag_picks_the_fabric() {
+    let d = Daemon::start_on("auto", &["--ns", "ram:1MiB"]);
+    for (flag, want) in [("tcp", "transport: tcp"), ("auto", "transport: shm")] {
+        let (out, _) = hostctl(&d.uri, &["--transport", flag, "list"], None);
+        let text = String::from_utf8_lossy(&ok(&out)).into_owned();
+        assert!(text.contains(want), "--transport {flag}: {text}");
+    }
 }

@@ -43,6 +43,9 @@ struct Cli {
     /// The I/O unit: tcp://HOST:PORT, rdma://HOST:PORT, shm://NAME, or auto://HOST:PORT (also plain HOST:PORT: the best transport both ends have).
     #[arg(long, short = 't', value_name = "URI")]
     target: String,
+    /// Transport to use, replacing the scheme of --target: tcp, rdma, shm or auto.
+    #[arg(long, value_name = "NAME", value_parser = ["tcp", "rdma", "shm", "auto"])]
+    transport: Option<String>,
     /// This host's NQN (default: derived from the hostname).
     #[arg(long, value_name = "NQN")]
     hostnqn: Option<String>,
@@ -202,7 +205,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
     if let Command::Bench(b) = &cli.command {
         opts.queue_depth = u16::try_from(b.qd.clamp(2, 1024)).unwrap_or(1024);
     }
-    let host = Host::connect(&cli.target, opts)?;
+    let target = match &cli.transport {
+        Some(t) => {
+            let addr = cli.target.split_once("://").map_or(cli.target.as_str(), |(_, a)| a);
+            format!("{t}://{addr}")
+        }
+        None => cli.target.clone(),
+    };
+    let host = Host::connect(&target, opts)?;
     let result = command(&host, cli.command);
     host.close();
     result
