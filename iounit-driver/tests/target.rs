@@ -247,3 +247,35 @@ fn worker_limit_refuses_extra_queues_with_controller_busy() {
     }
     t.shutdown();
 }
+
+#[test]
+fn refused_pushed_writes_complete_with_their_status_and_keep_the_channel() {
+    let t = target();
+    let h = RawHost::connect(&t, 0, 0, None).unwrap();
+    let mut io = RawHost::connect(&t, 1, h.cntlid, Some(h.fabric.clone())).unwrap();
+    let data = vec![7u8; 64 * 1024];
+    for (nsid, slba, want) in [
+        (1u32, 8190u64, Status::LBA_OUT_OF_RANGE),
+        (9, 0, Status::INVALID_NAMESPACE),
+    ] {
+        let cid = io.next();
+        let mut sqe = Sqe::write(cid, Nsid(nsid), slba, 128).unwrap();
+        sqe.set_sgl(&Sgl::TransportDataBlock { len: data.len() as u32 })
+            .unwrap();
+        let mut capsule = Vec::new();
+        transport::encode_capsule(&sqe, &[], &mut capsule).unwrap();
+        io.ep.send(&capsule).unwrap();
+        for (off, len) in transport::push_chunks(data.len(), io.ep.max_push()) {
+            io.ep.push(&data[off..off + len]).unwrap();
+        }
+        let cqe = transport::decode_response(&io.ep.recv_timeout(LONG).unwrap()).unwrap();
+        assert_eq!(cqe.command_id, cid);
+        assert!(cqe.status().same_code(want), "{}", cqe.status());
+    }
+    // The channel is still in step: a good command works.
+    let cid = io.next();
+    let mut sqe = Sqe::write(cid, Nsid(1), 0, 1).unwrap();
+    sqe.set_sgl(&Sgl::DataBlockOffset { offset: 0, len: 512 }).unwrap();
+    assert!(io.exchange(&sqe, &[1; 512]).status().is_success());
+    t.shutdown();
+}

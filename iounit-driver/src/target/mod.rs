@@ -289,6 +289,13 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<dyn Listener>) {
     }
 }
 
+/// Asynchronous Event Requests held by a controller.
+#[derive(Default)]
+struct Aers {
+    held: VecDeque<CommandId>,
+    event_pending: bool,
+}
+
 /// One host's controller: its queues, keep-alive timer, events and error log.
 pub(crate) struct Controller {
     pub(crate) cntlid: u16,
@@ -299,9 +306,12 @@ pub(crate) struct Controller {
     pub(crate) dead: AtomicBool,
     admin: Mutex<Option<Endpoint>>,
     queues: Mutex<Vec<Endpoint>>,
-    aers: Mutex<VecDeque<CommandId>>,
+    /// Held AERs and whether an event waits for one; one lock for both so
+    /// an event can never slip between the check and the hold.
+    aers: Mutex<Aers>,
     changed: Mutex<Vec<u32>>,
-    event_pending: AtomicBool,
+    /// I/O queues of this controller being served (shutdown waits for them).
+    pub(crate) io_active: std::sync::atomic::AtomicUsize,
     errors: Mutex<VecDeque<ErrorLogEntry>>,
     error_count: AtomicU64,
 }
@@ -331,14 +341,14 @@ impl Controller {
     /// Holds an AER, or completes it at once if an event is waiting.
     /// Returns the status to complete with now, if any.
     pub(crate) fn hold_aer(&self, cid: CommandId) -> Option<(Status, u32)> {
-        if self.event_pending.swap(false, Ordering::AcqRel) {
+        let mut aers = self.aers.lock();
+        if std::mem::take(&mut aers.event_pending) {
             return Some((Status::SUCCESS, AsyncEvent::namespace_attribute_changed().to_dw0()));
         }
-        let mut aers = self.aers.lock();
-        if aers.len() >= MAX_AERS {
+        if aers.held.len() >= MAX_AERS {
             return Some((Status::ASYNC_EVENT_LIMIT_EXCEEDED, 0));
         }
-        aers.push_back(cid);
+        aers.held.push_back(cid);
         None
     }
 
@@ -366,17 +376,28 @@ impl Controller {
                 changed.push(nsid);
             }
         }
-        let aer = self.aers.lock().pop_front();
         let admin = self.admin.lock().clone();
-        match (aer, admin) {
-            (Some(cid), Some(ep)) => {
-                let mut cqe = Cqe::new(cid, Status::SUCCESS);
-                cqe.dw0 = AsyncEvent::namespace_attribute_changed().to_dw0();
-                if let Err(e) = ep.send(&transport::encode_response(&cqe)) {
-                    tracing::debug!(cntlid = self.cntlid, "cannot deliver an event: {e}");
-                }
+        let mut aers = self.aers.lock();
+        let Some(cid) = aers.held.pop_front() else {
+            aers.event_pending = true;
+            return;
+        };
+        let Some(ep) = admin else {
+            aers.held.push_front(cid);
+            aers.event_pending = true;
+            return;
+        };
+        let mut cqe = Cqe::new(cid, Status::SUCCESS);
+        cqe.dw0 = AsyncEvent::namespace_attribute_changed().to_dw0();
+        // Never block the thread that attached or detached the namespace on
+        // a host that stopped returning credits: keep the event pending.
+        match ep.try_send(&transport::encode_response(&cqe)) {
+            Ok(_) => {}
+            Err(messaging::Error::WouldBlock) => {
+                aers.held.push_front(cid);
+                aers.event_pending = true;
             }
-            _ => self.event_pending.store(true, Ordering::Release),
+            Err(e) => tracing::debug!(cntlid = self.cntlid, "cannot deliver an event: {e}"),
         }
     }
 
@@ -413,9 +434,9 @@ impl Shared {
             dead: AtomicBool::new(false),
             admin: Mutex::new(None),
             queues: Mutex::new(Vec::new()),
-            aers: Mutex::new(VecDeque::new()),
+            aers: Mutex::new(Aers::default()),
             changed: Mutex::new(Vec::new()),
-            event_pending: AtomicBool::new(false),
+            io_active: std::sync::atomic::AtomicUsize::new(0),
             errors: Mutex::new(VecDeque::new()),
             error_count: AtomicU64::new(0),
         });

@@ -68,6 +68,9 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
         staging,
         pushes: VecDeque::new(),
     };
+    if qid > 0 {
+        ctrl.io_active.fetch_add(1, Ordering::AcqRel);
+    }
     let mut draining_since: Option<Instant> = None;
     loop {
         if ctrl.dead.load(Ordering::Acquire) {
@@ -75,7 +78,14 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
         }
         if shared.shutdown.load(Ordering::Acquire) {
             let since = *draining_since.get_or_insert_with(Instant::now);
-            if q.writes.is_empty() || since.elapsed() > DRAIN_GRACE {
+            // The admin queue stays until the controller's I/O queues have
+            // drained: tearing the controller down closes them.
+            let drained = if qid == 0 {
+                ctrl.io_active.load(Ordering::Acquire) == 0
+            } else {
+                q.writes.is_empty()
+            };
+            if drained || since.elapsed() > DRAIN_GRACE {
                 break;
             }
         }
@@ -117,6 +127,8 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
     ep.close();
     if qid == 0 {
         shared.remove_controller(ctrl.cntlid);
+    } else {
+        ctrl.io_active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -246,7 +258,9 @@ fn connect(shared: &Arc<Shared>, ep: &Endpoint) -> Option<(Arc<Controller>, u16,
 /// A write waiting for its pushed data.
 struct PendingWrite {
     cid: CommandId,
-    ns: NamespaceRef,
+    /// `None` for a write refused before storage was touched: its pushed
+    /// data is still taken in (and dropped) so the channel stays in step.
+    ns: Option<NamespaceRef>,
     offset: u64,
     len: u64,
     received: u64,
@@ -520,6 +534,27 @@ impl Queue {
     }
 
     fn io(&mut self, sqe: &Sqe, inline: &[u8]) -> Result<Outcome, String> {
+        let outcome = self.io_checked(sqe, inline)?;
+        // A write whose data the host pushes after the capsule, refused
+        // before storage was touched: take the pushes in, then complete.
+        if let (Ok(Sgl::TransportDataBlock { len }), Outcome::Done(status, _)) = (sqe.sgl(), &outcome) {
+            if sqe.opcode == IoOpcode::Write as u8 && !status.is_success() && len > 0 {
+                self.writes.push_back(PendingWrite {
+                    cid: sqe.command_id,
+                    ns: None,
+                    offset: 0,
+                    len: u64::from(len),
+                    received: 0,
+                    fua: false,
+                    status: *status,
+                });
+                return Ok(Outcome::Later);
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn io_checked(&mut self, sqe: &Sqe, inline: &[u8]) -> Result<Outcome, String> {
         let Some(op) = IoOpcode::from_u8(sqe.opcode) else {
             return Ok(Outcome::status(Status::INVALID_OPCODE.with_dnr()));
         };
@@ -590,7 +625,7 @@ impl Queue {
                     Ok(Sgl::TransportDataBlock { len: l }) if u64::from(l) == len => {
                         self.writes.push_back(PendingWrite {
                             cid: sqe.command_id,
-                            ns,
+                            ns: Some(ns),
                             offset,
                             len,
                             received: 0,
@@ -600,9 +635,9 @@ impl Queue {
                         Ok(Outcome::Later)
                     }
                     Ok(Sgl::TransportDataBlock { .. }) => {
-                        // The host will still push the data it announced: take it
-                        // and complete with the error then.
-                        Err("write whose pushed length disagrees with its block count".into())
+                        // The host still pushes the data it announced: `io`
+                        // sinks it and completes with this status then.
+                        Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr()))
                     }
                     // chanio never pulls: keyed descriptors are not accepted for writes.
                     Ok(_) => Ok(Outcome::status(Status::SGL_INVALID_DESCRIPTOR_TYPE.with_dnr())),
@@ -659,8 +694,8 @@ impl Queue {
         if w.received + len > w.len {
             return Err(format!("pushed {} bytes for a {}-byte write", w.received + len, w.len));
         }
-        if w.status.is_success() {
-            if let Err(e) = w.ns.write(w.offset + w.received, &d, w.fua) {
+        if let (true, Some(ns)) = (w.status.is_success(), &w.ns) {
+            if let Err(e) = ns.write(w.offset + w.received, &d, w.fua) {
                 w.status = block_status(&e);
             }
         }
