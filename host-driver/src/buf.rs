@@ -79,8 +79,42 @@ impl IoBuf {
         Ok(())
     }
 
+    /// Copies `data`, exactly [`IoBuf::len`] bytes, in.
+    ///
+    /// # Errors
+    /// [`HostError::Protocol`] when the length differs; registration errors
+    /// when the buffer needs fresh memory and none can be registered.
+    pub(crate) fn copy_in(&mut self, data: &[u8]) -> Result<(), HostError> {
+        if data.len() != self.len {
+            return Err(HostError::Protocol(format!(
+                "{} bytes of data for a buffer of {}",
+                data.len(),
+                self.len
+            )));
+        }
+        let mine = match &mut self.buf {
+            Some(b) => b,
+            None => {
+                self.refresh()?;
+                self.buf
+                    .as_mut()
+                    .ok_or_else(|| HostError::InvalidArgument("the buffer has no memory".into()))?
+            }
+        };
+        mine[..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Lends the registered memory out for a transfer. The returned
+    /// [`Lent`] puts memory back however the transfer ends, a dropped
+    /// future included, so the `IoBuf` is never left without memory.
+    pub(crate) fn lend(&mut self) -> Result<(Buf, Lent<'_>), HostError> {
+        let raw = self.take()?;
+        Ok((raw, Lent { owner: self }))
+    }
+
     /// Takes the registered memory out for a transfer.
-    pub(crate) fn take(&mut self) -> Result<Buf, HostError> {
+    fn take(&mut self) -> Result<Buf, HostError> {
         match self.buf.take() {
             Some(b) => Ok(b),
             None => {
@@ -117,6 +151,38 @@ impl IoBuf {
         buf.set_len(self.len);
         self.buf = Some(buf);
         Ok(())
+    }
+}
+
+/// An [`IoBuf`] whose memory is out on a transfer, from [`IoBuf::lend`].
+/// Dropped without [`Lent::restore`], it gives the `IoBuf` fresh memory:
+/// the I/O unit may still write into the lent one.
+#[must_use = "dropping it gives the IoBuf fresh memory"]
+pub(crate) struct Lent<'a> {
+    owner: &'a mut IoBuf,
+}
+
+impl Lent<'_> {
+    /// Puts the transfer's memory back (see [`IoBuf::restore`]).
+    pub(crate) fn restore(self, buf: Buf) -> Result<(), HostError> {
+        self.owner.restore(buf)
+    }
+
+    /// Gives the `IoBuf` fresh memory now, reporting a failure.
+    pub(crate) fn refresh(self) -> Result<(), HostError> {
+        self.owner.refresh()
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if self.owner.buf.is_none() {
+            if let Err(e) = self.owner.refresh() {
+                // Left without memory: the next use refreshes again or fails
+                // with this error, never reads another transfer's memory.
+                tracing::warn!("no fresh memory for a buffer after a cancelled read: {e}");
+            }
+        }
     }
 }
 
@@ -242,9 +308,8 @@ mod tests {
         let mut b = IoBuf::new(&pd, 8192).unwrap();
         assert_eq!(b.len(), 8192);
         b[0] = 7;
-        let raw = b.take().unwrap();
-        assert!(b.is_empty() || b.iter().all(|_| true));
-        b.restore(raw).unwrap();
+        let (raw, lent) = b.lend().unwrap();
+        lent.restore(raw).unwrap();
         assert_eq!(b[0], 7, "same memory back");
         let other = {
             let mut o = BufCache::new(pd.clone()).checkout(100).unwrap();
@@ -257,5 +322,20 @@ mod tests {
         b.set_len(4096).unwrap();
         assert_eq!(b.len(), 4096);
         assert!(IoBuf::new(&pd, 0).is_err());
+    }
+
+    #[test]
+    fn iobuf_lent_and_dropped_keeps_memory() {
+        let pd = ProtectionDomain::new();
+        let mut b = IoBuf::new(&pd, 8192).unwrap();
+        let (raw, lent) = b.lend().unwrap();
+        // A cancelled read: the memory stays with the I/O unit.
+        drop(lent);
+        assert_eq!(b.len(), 8192, "fresh memory, not an empty slice");
+        assert_eq!(b[..].len(), 8192);
+        drop(raw);
+        b.copy_in(&[3; 8192]).unwrap();
+        assert_eq!(b[8191], 3);
+        assert!(matches!(b.copy_in(&[3; 100]), Err(HostError::Protocol(_))));
     }
 }

@@ -2,8 +2,7 @@
 //! thread per host that wakes futures at deadlines, an async lock and
 //! `join_all`. The blocking API is `block_on` over the async one.
 
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -51,33 +50,30 @@ struct TimerShared {
 
 #[derive(Debug, Default)]
 struct TimerState {
-    heap: BinaryHeap<Entry>,
+    /// Pending deadlines, earliest first. An entry leaves when its deadline
+    /// passes or when its [`TimerEntry`] is dropped, so a finished wait
+    /// neither piles up here nor keeps its task alive through the waker.
+    entries: BTreeMap<EntryKey, Waker>,
     seq: u64,
     stop: bool,
 }
 
+/// A deadline and a sequence number that tells equal deadlines apart.
+type EntryKey = (Instant, u64);
+
+/// A registered wake-up; dropping it cancels the wake-up.
 #[derive(Debug)]
-struct Entry {
-    at: Instant,
-    seq: u64,
-    waker: Waker,
+#[must_use = "dropping the entry cancels the wake-up"]
+pub(crate) struct TimerEntry<'a> {
+    timer: &'a Timer,
+    key: EntryKey,
 }
 
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Entry {}
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Entry {
-    // Reversed: the heap pops the earliest deadline first.
-    fn cmp(&self, other: &Self) -> Ordering {
-        (other.at, other.seq).cmp(&(self.at, self.seq))
+impl Drop for TimerEntry<'_> {
+    fn drop(&mut self) {
+        let waker = self.timer.shared.state.lock().entries.remove(&self.key);
+        // Dropped outside the lock: a waker's drop may run arbitrary code.
+        drop(waker);
     }
 }
 
@@ -97,30 +93,32 @@ impl Timer {
         })
     }
 
-    /// Wakes `waker` once `at` has passed. Returns false, registering
-    /// nothing, once the timer is stopped: callers then treat the deadline
-    /// as reached rather than wait for a wake that never comes.
-    #[must_use]
-    pub(crate) fn wake_at(&self, at: Instant, waker: &Waker) -> bool {
+    /// Wakes `waker` once `at` has passed, unless the returned entry is
+    /// dropped first. Returns `None`, registering nothing, once the timer is
+    /// stopped: callers then treat the deadline as reached rather than wait
+    /// for a wake that never comes.
+    pub(crate) fn wake_at(&self, at: Instant, waker: &Waker) -> Option<TimerEntry<'_>> {
         let mut st = self.shared.state.lock();
         if st.stop {
-            return false;
+            return None;
         }
         st.seq += 1;
-        let seq = st.seq;
-        let earliest = match st.heap.peek() {
-            Some(e) => at < e.at,
+        let key = (at, st.seq);
+        let earliest = match st.entries.first_key_value() {
+            Some((first, _)) => key < *first,
             None => true,
         };
-        st.heap.push(Entry {
-            at,
-            seq,
-            waker: waker.clone(),
-        });
+        st.entries.insert(key, waker.clone());
         if earliest {
             self.shared.cv.notify_one();
         }
-        true
+        Some(TimerEntry { timer: self, key })
+    }
+
+    /// Wake-ups registered and not yet due or cancelled.
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> usize {
+        self.shared.state.lock().entries.len()
     }
 
     /// A future that is ready once `at` has passed.
@@ -128,7 +126,7 @@ impl Timer {
         Sleep {
             timer: self,
             at,
-            armed: false,
+            entry: None,
         }
     }
 
@@ -138,10 +136,10 @@ impl Timer {
             let mut st = self.shared.state.lock();
             st.stop = true;
             self.shared.cv.notify_one();
-            std::mem::take(&mut st.heap)
+            std::mem::take(&mut st.entries)
         };
-        for e in entries {
-            e.waker.wake();
+        for waker in entries.into_values() {
+            waker.wake();
         }
         if let Some(t) = self.thread.lock().take() {
             if t.thread().id() != std::thread::current().id() {
@@ -160,9 +158,9 @@ impl TimerShared {
             }
             let now = Instant::now();
             let mut due = Vec::new();
-            while st.heap.peek().is_some_and(|e| e.at <= now) {
-                if let Some(e) = st.heap.pop() {
-                    due.push(e.waker);
+            while st.entries.first_key_value().is_some_and(|(&(at, _), _)| at <= now) {
+                if let Some((_, waker)) = st.entries.pop_first() {
+                    due.push(waker);
                 }
             }
             if !due.is_empty() {
@@ -171,7 +169,7 @@ impl TimerShared {
                 st = self.state.lock();
                 continue;
             }
-            match st.heap.peek().map(|e| e.at) {
+            match st.entries.first_key_value().map(|(&(at, _), _)| at) {
                 Some(at) => {
                     self.cv.wait_until(&mut st, at);
                 }
@@ -186,19 +184,20 @@ impl TimerShared {
 pub(crate) struct Sleep<'a> {
     timer: &'a Timer,
     at: Instant,
-    armed: bool,
+    entry: Option<TimerEntry<'a>>,
 }
 
 impl Future for Sleep<'_> {
     type Output = ();
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if Instant::now() >= self.at {
+            self.entry = None;
             return Poll::Ready(());
         }
-        if !self.armed {
-            self.armed = true;
-            if !self.timer.wake_at(self.at, cx.waker()) {
-                return Poll::Ready(());
+        if self.entry.is_none() {
+            match self.timer.wake_at(self.at, cx.waker()) {
+                Some(e) => self.entry = Some(e),
+                None => return Poll::Ready(()),
             }
         }
         Poll::Pending
@@ -209,18 +208,23 @@ impl Future for Sleep<'_> {
 /// the task at the deadline.
 pub(crate) async fn deadline<F: Future>(timer: &Timer, at: Option<Instant>, fut: F) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
-    let mut armed = false;
+    // Dropped when the wait ends, however it ends: the timer forgets it.
+    let mut entry: Option<TimerEntry<'_>> = None;
     std::future::poll_fn(move |cx| {
         if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            entry = None;
             return Poll::Ready(Some(v));
         }
         match at {
-            Some(at) if Instant::now() >= at => Poll::Ready(None),
+            Some(at) if Instant::now() >= at => {
+                entry = None;
+                Poll::Ready(None)
+            }
             Some(at) => {
-                if !armed {
-                    armed = true;
-                    if !timer.wake_at(at, cx.waker()) {
-                        return Poll::Ready(None);
+                if entry.is_none() {
+                    match timer.wake_at(at, cx.waker()) {
+                        Some(e) => entry = Some(e),
+                        None => return Poll::Ready(None),
                     }
                 }
                 Poll::Pending
@@ -355,5 +359,39 @@ mod tests {
         assert_eq!(out, vec![0, 10, 20, 30, 40]);
         assert_eq!(counter.lock().1, 1, "never two holders at once");
         timer.stop();
+    }
+
+    #[test]
+    fn finished_waits_leave_no_timer_entries() {
+        let timer = Timer::start().unwrap();
+        let far = Instant::now() + Duration::from_secs(30);
+        for _ in 0..100 {
+            // Pending once, so the deadline registers, then done.
+            let mut polled = false;
+            let once = std::future::poll_fn(|cx| {
+                if polled {
+                    Poll::Ready(5)
+                } else {
+                    polled = true;
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                }
+            });
+            assert_eq!(block_on(deadline(&timer, Some(far), once)), Some(5));
+        }
+        assert_eq!(timer.pending(), 0, "a finished deadline is removed");
+        {
+            let mut sleep = std::pin::pin!(timer.sleep_until(far));
+            let waker = Waker::from(Arc::new(Noop));
+            assert!(sleep.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+            assert_eq!(timer.pending(), 1);
+        }
+        assert_eq!(timer.pending(), 0, "a dropped sleep is removed");
+        timer.stop();
+    }
+
+    struct Noop;
+    impl Wake for Noop {
+        fn wake(self: Arc<Self>) {}
     }
 }

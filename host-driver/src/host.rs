@@ -613,7 +613,7 @@ impl Inner {
         let reply = exec::block_on(queue.execute(op, None, &self.cache, Some(deadline), &self.timer));
         match reply {
             Ok(r) => check_reply(op, r),
-            Err(ExecError::Timeout) => Err(HostError::Timeout {
+            Err(ExecError::Timeout { .. }) => Err(HostError::Timeout {
                 command: op.name,
                 after: self.opts.connect_timeout,
             }),
@@ -643,11 +643,21 @@ impl Inner {
                     tracing::debug!(command = op.name, "channel lost; re-issuing after reconnect");
                     self.report_lost(session.generation, "a queue's channel closed");
                 }
-                Err(ExecError::Timeout) => {
+                Err(ExecError::Timeout { in_flight }) => {
+                    if in_flight {
+                        // The command keeps its CID (and read buffer) until
+                        // the I/O unit answers, which a hung queue never
+                        // does: reset the connection, as a controller reset
+                        // would, so the queue does not fill up for good.
+                        self.report_lost(
+                            session.generation,
+                            &format!("{} timed out on queue {}", op.name, queue.qid),
+                        );
+                    }
                     return Err(HostError::Timeout {
                         command: op.name,
                         after: self.opts.command_timeout,
-                    })
+                    });
                 }
                 Err(ExecError::Host(e)) => return Err(e),
             }
@@ -669,7 +679,8 @@ impl Inner {
     /// The current session, waiting while reconnecting (until the reconnect
     /// deadline or `deadline`).
     fn session(&self, deadline: Instant) -> impl Future<Output = Result<Arc<Session>, HostError>> + '_ {
-        let mut armed = false;
+        // Dropped with the future: the timer forgets the wake-up.
+        let mut entry = None;
         std::future::poll_fn(move |cx| {
             let st = self.state.lock();
             match &*st {
@@ -689,10 +700,10 @@ impl Inner {
                         waiters.push(cx.waker().clone());
                     }
                     drop(waiters);
-                    if !armed {
-                        armed = true;
-                        if !self.timer.wake_at(limit, cx.waker()) {
-                            return Poll::Ready(Err(HostError::Closed));
+                    if entry.is_none() {
+                        match self.timer.wake_at(limit, cx.waker()) {
+                            Some(e) => entry = Some(e),
+                            None => return Poll::Ready(Err(HostError::Closed)),
                         }
                     }
                     Poll::Pending
@@ -802,18 +813,18 @@ impl Inner {
         check_request("Read", nsid, slba, u64::from(blocks))?;
         if blocks > command::max_blocks(self.max_transfer(), ns.block_size) {
             let data = self.read(nsid, slba, blocks).await?;
-            buf.copy_from_slice(&data);
-            return Ok(());
+            return buf.copy_in(&data);
         }
         let op = Op::read(nsid, slba, blocks, ns.block_size)?;
-        let raw = buf.take()?;
+        // `lent` refills `buf` if this future is dropped mid-read.
+        let (raw, lent) = buf.lend()?;
         match self.run(&op, Some(raw)).await {
             Ok(reply) => match reply.data {
-                Some(data) => buf.restore(data),
+                Some(data) => lent.restore(data),
                 None => Err(HostError::Protocol("Read completed without its data".into())),
             },
             Err(e) => {
-                buf.refresh()?;
+                lent.refresh()?;
                 Err(e)
             }
         }
@@ -942,7 +953,7 @@ impl Inner {
                     session.generation,
                     &format!("Keep Alive failed: {}", reply.cqe.status()),
                 ),
-                Err(ExecError::Timeout) => self.report_lost(session.generation, "Keep Alive timed out"),
+                Err(ExecError::Timeout { .. }) => self.report_lost(session.generation, "Keep Alive timed out"),
                 Err(ExecError::Lost) => self.report_lost(session.generation, "a queue's channel closed"),
                 Err(ExecError::Host(e)) => tracing::warn!("Keep Alive not sent: {e}"),
             }
@@ -976,7 +987,7 @@ impl Inner {
                     failed_generation = session.generation;
                 }
                 Err(ExecError::Lost) => self.report_lost(session.generation, "a queue's channel closed"),
-                Err(ExecError::Timeout) => {}
+                Err(ExecError::Timeout { .. }) => {}
                 Err(ExecError::Host(e)) => {
                     tracing::warn!("Asynchronous Event Request not sent: {e}");
                     failed_generation = session.generation;
@@ -1086,4 +1097,38 @@ fn check_request(what: &str, nsid: Nsid, slba: u64, blocks: u64) -> Result<(), H
     command::check_nsid(nsid, false)?;
     command::check_range(what, slba, blocks, u64::MAX)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use iounit::target::{Target, TargetConfig, DEFAULT_NQN};
+
+    use super::*;
+
+    #[test]
+    fn push_tickets_stay_bounded() {
+        let target = Target::start(TargetConfig {
+            nqn: DEFAULT_NQN.into(),
+            listen: vec!["tcp://127.0.0.1:0".into()],
+            namespaces: vec!["ram:8MiB".parse().unwrap()],
+            allowed_hosts: vec![],
+            max_io_queues: 1,
+            max_queue_depth: 32,
+            workers: 4,
+        })
+        .unwrap();
+        let host = Host::connect(&target.local_uris()[0], HostOptions::default()).unwrap();
+        let data = vec![0x5a; 512 * 1024];
+        for _ in 0..16 {
+            host.write(Nsid(1), 0, &data, false).unwrap();
+        }
+        let held = match &*host.handle.inner.state.lock() {
+            ConnState::Connected(s) => s.io[0].held_push_tickets(),
+            _ => panic!("not connected"),
+        };
+        assert!(held <= crate::queue::PUSH_BUFFERS, "{held} push tickets held");
+        assert_eq!(host.read(Nsid(1), 0, 1024).unwrap(), data);
+        host.close();
+        target.shutdown();
+    }
 }

@@ -39,7 +39,7 @@ use crate::exec::{self, AsyncLock, Timer};
 use crate::HostError;
 
 /// Staging buffers per queue for pushed write data.
-const PUSH_BUFFERS: usize = 8;
+pub(crate) const PUSH_BUFFERS: usize = 8;
 
 /// A completed command: its CQE and, for reads, the buffer holding the data
 /// (its length is the bytes the I/O unit pushed).
@@ -54,8 +54,11 @@ pub(crate) struct Reply {
 pub(crate) enum ExecError {
     /// The channel closed: the command may be re-issued on a new connection.
     Lost,
-    /// The deadline passed.
-    Timeout,
+    /// The deadline passed. With `in_flight`, the command reached the I/O
+    /// unit and still holds its CID and any read buffer until the queue is
+    /// reset: callers treat the queue as lost, else enough such commands
+    /// leave it full for good.
+    Timeout { in_flight: bool },
     /// A local failure that retrying will not fix.
     Host(HostError),
 }
@@ -221,6 +224,12 @@ impl Queue {
         self.ep.close();
     }
 
+    /// Push tickets this queue still holds.
+    #[cfg(test)]
+    pub(crate) fn held_push_tickets(&self) -> usize {
+        self.pushes.lock().len()
+    }
+
     /// Whether the channel is closed.
     pub(crate) fn is_closed(&self) -> bool {
         self.state.lock().closed || self.ep.close_reason().is_some()
@@ -239,7 +248,7 @@ impl Queue {
     ) -> Result<Reply, ExecError> {
         let cell = Arc::new(Cell::default());
         let cid = match exec::deadline(timer, deadline, self.acquire(&cell)).await {
-            None => return Err(ExecError::Timeout),
+            None => return Err(ExecError::Timeout { in_flight: false }),
             Some(Err(())) => return Err(ExecError::Lost),
             Some(Ok(cid)) => cid,
         };
@@ -280,7 +289,9 @@ impl Queue {
         match exec::deadline(timer, deadline, self.submit(&sqe, &op.data, &stage, timer)).await {
             Some(Ok(())) => {}
             Some(Err(e)) => return Err(e),
-            None => return Err(ExecError::Timeout),
+            // A half-sent command closes the channel (the guard), an unsent
+            // one frees its slot: either way nothing is left holding a CID.
+            None => return Err(ExecError::Timeout { in_flight: false }),
         }
         match exec::deadline(timer, deadline, cell.wait()).await {
             Some(r) => {
@@ -292,7 +303,7 @@ impl Queue {
                     guard.done = true;
                     r.map_err(|()| ExecError::Lost)
                 }
-                None => Err(ExecError::Timeout),
+                None => Err(ExecError::Timeout { in_flight: true }),
             },
         }
     }
@@ -383,7 +394,15 @@ impl Queue {
                     buf.fill(&d[off..off + len])
                         .map_err(|cap| ExecError::Host(HostError::Protocol(format!("push chunk above {cap} bytes"))))?;
                     let t = self.ep.push_buf_async(buf).await.map_err(|e| self.send_failed(e))?;
-                    self.pushes.lock().push_back(t);
+                    let mut pushes = self.pushes.lock();
+                    pushes.push_back(t);
+                    // Each push in flight holds one of PUSH_BUFFERS staging
+                    // buffers, so a ticket older than the newest PUSH_BUFFERS
+                    // is done: keeping it would only grow the deque and the
+                    // endpoint's ticket table.
+                    while pushes.len() > PUSH_BUFFERS {
+                        pushes.pop_front();
+                    }
                 }
             }
         }

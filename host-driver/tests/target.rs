@@ -513,3 +513,136 @@ mod hostctl {
         target.shutdown();
     }
 }
+
+/// A backend whose I/O waits until its gate opens: a hung I/O unit queue.
+#[derive(Debug, Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.cv.wait(open).unwrap();
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+#[derive(Debug)]
+struct GatedBackend(Arc<Gate>);
+
+impl iounit::backend::BlockIo for GatedBackend {
+    fn describe(&self) -> String {
+        "gated:1MiB".into()
+    }
+    fn geometry(&self) -> iounit::backend::Geometry {
+        iounit::backend::Geometry {
+            block_size: 512,
+            blocks: 2048,
+        }
+    }
+    fn read(&self, _offset: u64, _buf: &mut [u8]) -> Result<(), iounit::backend::BlockError> {
+        self.0.wait();
+        Ok(())
+    }
+    fn write(&self, _offset: u64, _data: &[u8], _fua: bool) -> Result<(), iounit::backend::BlockError> {
+        self.0.wait();
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), iounit::backend::BlockError> {
+        self.0.wait();
+        Ok(())
+    }
+}
+
+impl iounit::backend::WriteZeroes for GatedBackend {
+    fn write_zeroes(&self, _offset: u64, _len: u64) -> Result<(), iounit::backend::BlockError> {
+        self.0.wait();
+        Ok(())
+    }
+}
+
+impl iounit::backend::Discard for GatedBackend {
+    fn discard(&self, _offset: u64, _len: u64) -> Result<(), iounit::backend::BlockError> {
+        self.0.wait();
+        Ok(())
+    }
+}
+
+/// A target with `ram:8MiB` as namespace 1 and a closed [`Gate`] as 2.
+fn start_gated_target() -> (Target, String, Arc<Gate>) {
+    let (target, uri) = start_target(&["ram:8MiB"], 8);
+    let gate = Arc::new(Gate::default());
+    target
+        .registry()
+        .attach(Some(2), Arc::new(GatedBackend(gate.clone())))
+        .unwrap();
+    (target, uri, gate)
+}
+
+#[test]
+fn timeouts_on_a_hung_queue_do_not_fill_it_for_good() {
+    let (target, uri, gate) = start_gated_target();
+    let depth = 4;
+    let host = Host::connect(
+        &uri,
+        HostOptions {
+            queue_depth: depth,
+            command_timeout: Duration::from_millis(300),
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert_eq!(host.namespaces().unwrap().len(), 2);
+    for _ in 0..depth {
+        match host.read(Nsid(2), 0, 1) {
+            Err(HostError::Timeout { .. }) => {}
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
+    // Every CID of the first queue went to a command that never answers;
+    // the host must have reset the queue rather than leave it full.
+    host.write(Nsid(1), 0, &pattern(4096, 1), false).unwrap();
+    assert_eq!(host.read(Nsid(1), 0, 8).unwrap(), pattern(4096, 1));
+    gate.open();
+    host.close();
+    target.shutdown();
+}
+
+#[test]
+fn read_into_after_a_cancelled_read_into() {
+    let (target, uri, gate) = start_gated_target();
+    let host = Host::connect(&uri, opts()).unwrap();
+    assert_eq!(host.namespaces().unwrap().len(), 2);
+    let big = 1 << 20;
+    host.write(Nsid(1), 0, &pattern(big, 4), false).unwrap();
+    let mut buf = host.alloc(big).unwrap();
+    buf.set_len(4096).unwrap();
+    {
+        // Started, then dropped while the I/O unit holds the read.
+        let mut fut = std::pin::pin!(host.read_into_async(Nsid(2), 0, &mut buf));
+        struct Noop;
+        impl Wake for Noop {
+            fn wake(self: Arc<Self>) {}
+        }
+        let waker = Waker::from(Arc::new(Noop));
+        assert!(fut.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+    }
+    assert_eq!(buf.len(), 4096);
+    assert_eq!(buf[..].len(), 4096, "the buffer still has memory");
+    // The queue runs commands in order: let the abandoned read finish.
+    gate.open();
+    // Above the transfer limit: read in parts and copied in.
+    buf.set_len(big).unwrap();
+    host.read_into(Nsid(1), 0, &mut buf).unwrap();
+    assert!(buf[..] == pattern(big, 4)[..]);
+    host.close();
+    target.shutdown();
+}
