@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{hostctl, ok, pattern, Daemon, Scratch};
 
@@ -116,28 +116,7 @@ fn garbage_and_malformed_capsules_close_only_their_connection() {
 
 fn a_host_killed_mid_io_frees_its_resources(t: &str) {
     let d = Daemon::start_on(t, &["--ns", "ram:16MiB"]);
-    let mut bench = Command::new(common::binary("hostctl"))
-        .args([
-            "--target",
-            &d.uri,
-            "bench",
-            "--ns",
-            "1",
-            "--rw",
-            "randwrite",
-            "--bs",
-            "4k",
-            "--qd",
-            "8",
-            "--time",
-            "30s",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    d.wait_log("queue connected", Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(500));
+    let mut bench = common::background_bench(&d, "30s", "randwrite");
     bench.kill().unwrap();
     bench.wait().unwrap();
     d.wait_log("controller freed", Duration::from_secs(30));
@@ -158,36 +137,9 @@ fn a_killed_daemon_makes_hostctl_fail_within_its_timeout(t: &str) {
     assert!(took < Duration::from_secs(20), "took {took:?}");
     // And against a daemon that dies while the host is connected.
     let d = Daemon::start_on(t, &["--ns", "ram:16MiB"]);
-    let mut bench = Command::new(common::binary("hostctl"))
-        .args([
-            "--target",
-            &d.uri,
-            "--timeout",
-            "3s",
-            "bench",
-            "--ns",
-            "1",
-            "--rw",
-            "randread",
-            "--time",
-            "60s",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    d.wait_log("queue connected", Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
-    let killed = Instant::now();
+    let mut bench = common::background_bench(&d, "3s", "randread");
     drop(d);
-    let deadline = killed + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = bench.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "hostctl hung after the daemon died");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = common::wait_exit(&mut bench, Duration::from_secs(30), "hostctl after the daemon died");
     assert!(!status.success(), "hostctl reports the failure");
 }
 
@@ -284,39 +236,9 @@ fn a_stalled_daemon_makes_hostctl_time_out_not_hang(t: &str) {
     let d = Daemon::start_on(t, &["--ns", "ram:16MiB"]);
     // A host connected and busy when the I/O unit stops answering (SIGSTOP):
     // its commands time out and it reports the failure.
-    let mut bench = Command::new(common::binary("hostctl"))
-        .args([
-            "--target",
-            &d.uri,
-            "--timeout",
-            "2s",
-            "bench",
-            "--ns",
-            "1",
-            "--rw",
-            "randread",
-            "--time",
-            "60s",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    d.wait_log("queue connected", Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
+    let mut bench = common::background_bench(&d, "2s", "randread");
     d.signal("-STOP");
-    let stopped = Instant::now();
-    let status = loop {
-        if let Some(s) = bench.try_wait().unwrap() {
-            break s;
-        }
-        if stopped.elapsed() > Duration::from_secs(40) {
-            let _ = bench.kill();
-            d.signal("-CONT");
-            panic!("hostctl hung on a stalled I/O unit");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = common::wait_exit(&mut bench, Duration::from_secs(40), "hostctl on a stalled I/O unit");
     assert!(!status.success(), "the stall is reported as a failure");
     // A new host against the stalled unit fails too, within its limits.
     let (out, took) = hostctl(&d.uri, &["--timeout", "2s", "list"], None);

@@ -249,3 +249,47 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .map(|i| (i as u32).wrapping_mul(31).wrapping_add(u32::from(seed)) as u8)
         .collect()
 }
+
+/// Starts `hostctl --target URI --timeout T bench ...` in the background
+/// (random reads for a minute) and waits until the daemon has its queue.
+pub fn background_bench(d: &Daemon, timeout: &str, rw: &str) -> Child {
+    let child = Command::new(binary("hostctl"))
+        .args([
+            "--target",
+            &d.uri,
+            "--timeout",
+            timeout,
+            "bench",
+            "--ns",
+            "1",
+            "--rw",
+            rw,
+            "--qd",
+            "8",
+            "--time",
+            "60s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start hostctl bench");
+    d.wait_log("queue connected", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(300));
+    child
+}
+
+/// Waits up to `limit` for `child` to exit; a child still running then has
+/// hung: it is killed and the test fails.
+pub fn wait_exit(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
