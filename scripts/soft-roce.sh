@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates a soft-RoCE (rxe) RDMA device over a network interface, checks it,
-# and runs chanio's pingpong example over the verbs provider on it.
+# and runs chanio's storage demo (examples/loopback) and pingpong example
+# over the verbs provider on it.
 set -euo pipefail
 
 usage() {
@@ -9,11 +10,13 @@ Usage: scripts/soft-roce.sh [--help] [--no-pingpong] [INTERFACE]
 
 Creates the soft-RoCE device rxe_<INTERFACE> over INTERFACE (default: the
 interface of the default route), unless an rxe device already sits on it,
-verifies it with `rdma link` and `ibv_devices`, then runs
+verifies it with `rdma link` and `ibv_devices`, then runs the storage demo
+and the messaging ping-pong over it:
 
+  cargo run --release --features verbs --example loopback -- --transport rdma
   cargo run --release --features verbs --example pingpong -- --transport verbs
 
-with CHANIO_VERBS_DEVICE set to that device.
+with CHANIO_VERBS_DEVICE set to that device (--no-pingpong skips both).
 
 Needs root (modprobe, rdma link add) and the Debian packages rdma-core,
 ibverbs-providers, ibverbs-utils and iproute2, and a kernel with the
@@ -77,6 +80,8 @@ ibv_devices | tee /dev/stderr | grep -qw "$dev" || die "ibv_devices does not lis
 if ((run_pingpong)); then
   need_tool cargo "rustup (https://rustup.rs), or cargo"
   cd "$(dirname "$0")/.."
+  echo "--- storage demo (I/O unit and host) over verbs on $dev"
+  CHANIO_VERBS_DEVICE="$dev" cargo run --release --features verbs --example loopback -- --transport rdma
   echo "--- pingpong over verbs on $dev"
   CHANIO_VERBS_DEVICE="$dev" cargo run --release --features verbs --example pingpong -- --transport verbs
 fi

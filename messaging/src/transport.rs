@@ -196,10 +196,12 @@ impl Fabrics {
 
     #[cfg(feature = "verbs")]
     fn verbs(&self) -> Result<&dyn Fabric, FabricError> {
-        match self
-            .verbs
-            .get_or_init(|| crate::provider::verbs::VerbsFabric::new().map_err(|e| e.to_string()))
-        {
+        match self.verbs.get_or_init(|| {
+            crate::provider::verbs::VerbsFabric::new().map_err(|e| match e {
+                FabricError::Unavailable { reason, .. } => reason,
+                other => other.to_string(),
+            })
+        }) {
             Ok(f) => Ok(f),
             Err(reason) => Err(FabricError::Unavailable {
                 provider: "verbs",
