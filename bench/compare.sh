@@ -18,11 +18,18 @@ alternating):
              4 KiB randread/randwrite QD1 latency (mean/p50/p99),
              4 KiB randread/randwrite QD32 IOPS, 128 KiB read/write QD8 MB/s,
              CPU seconds per million I/Os (client + server) at 4 KiB QD32
+  block shm  chanio: the same block workloads with iounitd --listen shm://NAME
+                     (a second iounitd, unique NAME per run) + hostctl --target
+                     shm://NAME bench; rows "... (shm)", compared with the same
+                     fio nbd -> nbdkit results of the same repeat
   messaging  chanio: examples/pingpong (send mode 8 B/4 KiB, push mode
                      64 KiB/1 MiB) over tcp, and over shm if built
              peers:  ucx_perftest tag_lat (latency) and ucp_am_bw (bandwidth),
                      UCX_TLS=tcp / UCX_TLS=shm; fi_pingpong -p tcp -e msg /
                      -p shm -e rdm (latency; it has no streaming test)
+  memcpy     chanio: pingpong --transport shm --mode push --size 1MiB MB/s
+             peer:   bench/memcpy.c (cc -O2, built in the work directory):
+                     single-thread memcpy of a 1 MiB buffer, MB/s
   daemon     iounitd idle CPU over 10 s with 4 hosts connected (hostctl watch),
              iounitd VmRSS with 0 hosts and per connected queue
              (4 hosts x (admin + 1 I/O queue) = 8 queues)
@@ -41,7 +48,8 @@ Peers that cannot be installed or do not work show "n/a (why)" in the table;
 the run goes on. ucx_perftest and fi_pingpong have no option to bind their
 rendezvous sockets to 127.0.0.1, so they run in a private network namespace
 (unshare -n) that only has lo; without one they are skipped.
-Needs: bash, python3, iproute2 (ss), util-linux (unshare), cargo.
+Needs: bash, python3, iproute2 (ss), util-linux (unshare), cargo, cc (for
+bench/memcpy.c; build-essential is installed with apt when cc is missing).
 EOF
 }
 
@@ -80,10 +88,11 @@ BLOCK_TIME="${BLOCK_TIME%s}"
 LAT_ITERS=20000      # 8 B and 4 KiB ping-pong round trips
 BW64K_ITERS=20000    # 64 KiB messages streamed
 BW1M_ITERS=2000      # 1 MiB messages streamed
+MEMCPY_ITERS=10000   # 1 MiB copies timed by bench/memcpy.c (well under 1 s)
 IDLE_SECS=10
 if [[ $QUICK == 1 ]]; then
     REPEATS=1; BLOCK_TIME=2
-    LAT_ITERS=5000; BW64K_ITERS=5000; BW1M_ITERS=500
+    LAT_ITERS=5000; BW64K_ITERS=5000; BW1M_ITERS=500; MEMCPY_ITERS=2500
 fi
 if [[ -n "$MARKDOWN" ]]; then
     MARKDOWN="$(cd "$(dirname "$MARKDOWN")" && pwd)/$(basename "$MARKDOWN")"
@@ -260,6 +269,10 @@ def fi(path):
                 pass
     raise SystemExit("no result line")
 
+def memcpy(path):
+    """bench/memcpy.c JSON line -> MB/s (1e6 B/s)"""
+    print(load_json(path)["mbps"])
+
 def fmt(v, kind_label):
     if v is None:
         return None
@@ -272,7 +285,7 @@ def fmt(v, kind_label):
         return "%.1f" % v
     return "%.2f" % v
 
-def table(rows_f, samples_f, na_f, meta_f, md_f):
+def table(rows_f, samples_f, na_f, meta_f, md_f, targets_f=""):
     samples, nas = {}, {}
     for line in open(samples_f):
         k, s, v = line.rstrip("\n").split("\t")
@@ -281,7 +294,7 @@ def table(rows_f, samples_f, na_f, meta_f, md_f):
         k, s, why = line.rstrip("\n").split("\t", 2)
         nas.setdefault((k, s), why)
     meta = [l.rstrip("\n") for l in open(meta_f)]
-    out = []
+    out, ratios, whys = [], {}, {}
     for line in open(rows_f):
         key, kind, label, peer, has_floor = line.rstrip("\n").split("\t")
         def val(side):
@@ -299,6 +312,7 @@ def table(rows_f, samples_f, na_f, meta_f, md_f):
             ratio, better = "n/a (chanio only)", ""
         elif cv is not None and pv is not None and pv != 0:
             r = cv / pv
+            ratios[key] = r
             ratio = "%.2fx" % r
             if abs(r - 1) < 0.05:
                 better = "even"
@@ -309,7 +323,23 @@ def table(rows_f, samples_f, na_f, meta_f, md_f):
         else:
             why = (nas.get((key, "chanio")) if cv is None else None) or nas.get((key, "peer")) or "no result"
             ratio, better = "n/a (%s)" % why, ""
+            whys[key] = why
         out.append([label, cs, peer, ps, ratio, better, fs])
+    # Targets: KEY OP(ge|le) FACTOR TEXT -> one note line each, met / missed / n/a.
+    if targets_f:
+        tl = []
+        for line in open(targets_f):
+            key, op, factor, text = line.rstrip("\n").split("\t", 3)
+            factor = float(factor)
+            r = ratios.get(key)
+            if r is None:
+                verdict = "n/a (%s)" % whys.get(key, "no result")
+            else:
+                ok = r >= factor if op == "ge" else r <= factor
+                verdict = "%.2fx, %s" % (r, "met" if ok else "missed")
+            tl.append("  %s %s %gx: %s" % (text, ">=" if op == "ge" else "<=", factor, verdict))
+        if tl:
+            meta = ["Targets (ratio = chanio / peer):"] + tl + meta
     hdr = ["workload", "chanio", "peer", "peer value", "ratio", "better", "floor"]
     widths = [max(len(r[i]) for r in out + [hdr]) for i in range(len(hdr))]
     def line(r):
@@ -338,8 +368,10 @@ elif cmd == "ucx":
     ucx(sys.argv[2])
 elif cmd == "fi":
     fi(sys.argv[2])
+elif cmd == "memcpy":
+    memcpy(sys.argv[2])
 elif cmd == "table":
-    table(*sys.argv[2:6], sys.argv[6] if len(sys.argv) > 6 else "")
+    table(*sys.argv[2:6], *sys.argv[6:8])
 PY
 py() { python3 "$HELPER" "$@"; }
 
@@ -349,6 +381,7 @@ command -v fio >/dev/null || need_pkgs+=(fio)
 command -v nbdkit >/dev/null || need_pkgs+=(nbdkit)   # Debian 12: the memory plugin is in nbdkit itself
 command -v ucx_perftest >/dev/null || need_pkgs+=(ucx-utils)
 command -v fi_pingpong >/dev/null || need_pkgs+=(libfabric-bin)
+command -v cc >/dev/null || need_pkgs+=(build-essential)   # for bench/memcpy.c
 INSTALL_NOTE=""
 if [[ ${#need_pkgs[@]} -gt 0 ]]; then
     if [[ $DO_INSTALL == 0 ]]; then
@@ -399,6 +432,14 @@ FI_TCP_PROV=tcp
 if [[ $HAVE_FI == 1 ]] && command -v fi_info >/dev/null && ! fi_info -l 2>/dev/null | grep -q '^tcp:'; then
     FI_TCP_PROV=sockets
 fi
+# Single-thread memcpy baseline (bench/memcpy.c), built into the work directory.
+HAVE_MEMCPY=1; MEMCPY_WHY=""; MEMCPY_BIN="$WORK/memcpy"
+if ! command -v cc >/dev/null; then HAVE_MEMCPY=0; MEMCPY_WHY="no cc to build bench/memcpy.c"
+elif [[ ! -f "$ROOT/bench/memcpy.c" ]]; then HAVE_MEMCPY=0; MEMCPY_WHY="bench/memcpy.c missing"
+elif ! cc -O2 -o "$MEMCPY_BIN" "$ROOT/bench/memcpy.c" >"$WORK/memcpy-build.log" 2>&1; then
+    HAVE_MEMCPY=0; MEMCPY_WHY="cc -O2 bench/memcpy.c failed: $(short_err "$WORK/memcpy-build.log")"
+fi
+[[ $HAVE_MEMCPY == 0 ]] && log "memcpy baseline: $MEMCPY_WHY"
 
 # ---------------------------------------------------------------- 2. build
 if [[ $DO_BUILD == 1 ]]; then
@@ -430,6 +471,17 @@ defrow b.sw128.mbps higher "128k write QD8 MB/s"            "$NBD_PEER" 1
 defrow cpu.rr32    lower  "CPU s/1M IO 4k randread QD32 (client+server)"  "$NBD_PEER" 0
 defrow cpu.rw32    lower  "CPU s/1M IO 4k randwrite QD32 (client+server)" "$NBD_PEER" 0
 defrow cpu.rr32.srv lower "CPU s/1M IO 4k randread QD32 (server only)"    "iounitd vs nbdkit" 0
+# Block over shm: same workloads, same peer (and floor) samples as the tcp rows.
+defrow bs.rr1.mean  lower  "4k randread QD1 lat mean (us) (shm)"   "$NBD_PEER" 1
+defrow bs.rr1.p50   lower  "4k randread QD1 lat p50 (us) (shm)"    "$NBD_PEER" 1
+defrow bs.rr1.p99   lower  "4k randread QD1 lat p99 (us) (shm)"    "$NBD_PEER" 1
+defrow bs.rw1.mean  lower  "4k randwrite QD1 lat mean (us) (shm)"  "$NBD_PEER" 1
+defrow bs.rw1.p50   lower  "4k randwrite QD1 lat p50 (us) (shm)"   "$NBD_PEER" 1
+defrow bs.rw1.p99   lower  "4k randwrite QD1 lat p99 (us) (shm)"   "$NBD_PEER" 1
+defrow bs.rr32.iops higher "4k randread QD32 IOPS (shm)"           "$NBD_PEER" 1
+defrow bs.rw32.iops higher "4k randwrite QD32 IOPS (shm)"          "$NBD_PEER" 1
+defrow bs.sr128.mbps higher "128k read QD8 MB/s (shm)"             "$NBD_PEER" 1
+defrow bs.sw128.mbps higher "128k write QD8 MB/s (shm)"            "$NBD_PEER" 1
 for t in tcp shm; do
     if [[ $t == tcp ]]; then fip="fi_pingpong -p $FI_TCP_PROV -e msg"; else fip="fi_pingpong -p shm -e rdm"; fi
     defrow "m.$t.8.p50"   lower  "msg $t 8 B one-way p50 (us)"      "ucx_perftest tag_lat UCX_TLS=$t" 0
@@ -439,6 +491,16 @@ for t in tcp shm; do
     defrow "m.$t.64k.bw"  higher "msg $t 64 KiB stream MB/s"        "ucx_perftest ucp_am_bw UCX_TLS=$t" 0
     defrow "m.$t.1m.bw"   higher "msg $t 1 MiB stream MB/s"         "ucx_perftest ucp_am_bw UCX_TLS=$t" 0
 done
+defrow memcpy.1m higher "shm 1 MiB one-sided write vs single-thread memcpy" "memcpy 1 MiB, 1 thread (MB/s)" 0
+
+# Targets the table is read against: KEY OP(ge|le) FACTOR TEXT
+TARGETS="$WORK/targets.tsv"
+{
+    printf '%s\t%s\t%s\t%s\n' bs.rr32.iops ge 5    "shm 4k randread QD32 IOPS vs fio nbd"
+    printf '%s\t%s\t%s\t%s\n' bs.rr1.mean  le 0.1  "shm 4k randread QD1 lat mean vs fio nbd"
+    printf '%s\t%s\t%s\t%s\n' bs.rr1.p50   le 0.1  "shm 4k randread QD1 lat p50 vs fio nbd"
+    printf '%s\t%s\t%s\t%s\n' memcpy.1m    ge 0.75 "shm 1 MiB one-sided write vs single-thread memcpy"
+} >"$TARGETS"
 defrow idle.cpu  info "iounitd idle CPU, 4 hosts (ms CPU/s)" "-" 0
 defrow rss.base  info "iounitd VmRSS, 0 hosts (MiB)"         "-" 0
 defrow rss.perq  info "iounitd VmRSS per connected queue (MiB)" "-" 0
@@ -447,10 +509,12 @@ defrow rss.perq  info "iounitd VmRSS per connected queue (MiB)" "-" 0
 if [[ $HAVE_NBD == 0 ]]; then
     for k in b.rr1.mean b.rr1.p50 b.rr1.p99 b.rw1.mean b.rw1.p50 b.rw1.p99 b.rr32.iops b.rw32.iops \
              b.sr128.mbps b.sw128.mbps cpu.rr32 cpu.rw32 cpu.rr32.srv; do na "$k" peer "$NBD_WHY"; done
+    for k in rr1.mean rr1.p50 rr1.p99 rw1.mean rw1.p50 rw1.p99 rr32.iops rw32.iops \
+             sr128.mbps sw128.mbps; do na "bs.$k" peer "$NBD_WHY"; done
 fi
 if [[ $HAVE_FLOOR == 0 ]]; then
-    for k in b.rr1.mean b.rr1.p50 b.rr1.p99 b.rw1.mean b.rw1.p50 b.rw1.p99 b.rr32.iops b.rw32.iops \
-             b.sr128.mbps b.sw128.mbps; do na "$k" floor "$FLOOR_WHY"; done
+    for k in rr1.mean rr1.p50 rr1.p99 rw1.mean rw1.p50 rw1.p99 rr32.iops rw32.iops \
+             sr128.mbps sw128.mbps; do na "b.$k" floor "$FLOOR_WHY"; na "bs.$k" floor "$FLOOR_WHY"; done
 fi
 for t in tcp shm; do
     [[ $HAVE_UCX == 0 ]] && for k in 8.p50 4k.p50 64k.bw 1m.bw; do na "m.$t.$k" peer "$UCX_WHY"; done
@@ -459,7 +523,9 @@ done
 if [[ $HAVE_PP_SHM == 0 ]]; then
     log "shm: not built yet"
     for k in 8.p50 8.mean 4k.p50 4k.mean 64k.bw 1m.bw; do na "m.shm.$k" chanio "shm: not built yet"; done
+    na memcpy.1m chanio "shm: not built yet"
 fi
+[[ $HAVE_MEMCPY == 0 ]] && na memcpy.1m peer "$MEMCPY_WHY"
 
 # ---------------------------------------------------------------- 3a. block
 # workload table: ID RW BS QD (run order: writes first so both RAM targets are populated)
@@ -484,22 +550,23 @@ if [[ $HAVE_FLOOR == 1 ]]; then
     fi
 fi
 
-# record IOPS/MB/s/latency of one block run: ID SIDE "iops mbps mean p50 p99 total"
+# record IOPS/MB/s/latency of one block run: ID SIDE "iops mbps mean p50 p99 total" [PREFIX]
+# PREFIX: b = the tcp rows (default), bs = the "(shm)" rows.
 rec_block() {
-    local id=$1 side=$2 iops mbps mean p50 p99 total
+    local id=$1 side=$2 k="${4:-b}.$1" iops mbps mean p50 p99 total
     read -r iops mbps mean p50 p99 total <<<"$3"
     case $id in
-        rr1|rw1) rec "b.$id.mean" "$side" "$mean"; rec "b.$id.p50" "$side" "$p50"; rec "b.$id.p99" "$side" "$p99" ;;
-        rr32|rw32) rec "b.$id.iops" "$side" "$iops" ;;
-        sr128|sw128) rec "b.$id.mbps" "$side" "$mbps" ;;
+        rr1|rw1) rec "$k.mean" "$side" "$mean"; rec "$k.p50" "$side" "$p50"; rec "$k.p99" "$side" "$p99" ;;
+        rr32|rw32) rec "$k.iops" "$side" "$iops" ;;
+        sr128|sw128) rec "$k.mbps" "$side" "$mbps" ;;
     esac
 }
-na_block() { # ID SIDE WHY
-    local id=$1 side=$2 why=$3
+na_block() { # ID SIDE WHY [PREFIX]
+    local id=$1 side=$2 why=$3 k="${4:-b}.$1"
     case $id in
-        rr1|rw1) na "b.$id.mean" "$side" "$why"; na "b.$id.p50" "$side" "$why"; na "b.$id.p99" "$side" "$why" ;;
-        rr32|rw32) na "b.$id.iops" "$side" "$why" ;;
-        sr128|sw128) na "b.$id.mbps" "$side" "$why" ;;
+        rr1|rw1) na "$k.mean" "$side" "$why"; na "$k.p50" "$side" "$why"; na "$k.p99" "$side" "$why" ;;
+        rr32|rw32) na "$k.iops" "$side" "$why" ;;
+        sr128|sw128) na "$k.mbps" "$side" "$why" ;;
     esac
 }
 
@@ -510,6 +577,15 @@ log "starting iounitd on tcp://127.0.0.1:$IOU_PORT (ram:1GiB)"
 IOU_PID=$!; PIDS+=("$IOU_PID")
 wait_ready "$IOU_PID" 30 "$IOU_PORT" "$WORK/iounitd.out" "listening on" ||
     { cat "$WORK/iounitd.err" >&2; die "iounitd did not come up"; }
+# A second iounitd for the "(shm)" rows; if it cannot start, those rows say why.
+SHM_NAME="chanio-bench-$$-1"; SHM_PID=""; HAVE_BSHM=1; BSHM_WHY=""
+log "starting iounitd on shm://$SHM_NAME (ram:1GiB)"
+"$IOUNITD" --listen "shm://$SHM_NAME" --ns ram:1GiB >"$WORK/iounitd-shm.out" 2>"$WORK/iounitd-shm.err" &
+SHM_PID=$!; PIDS+=("$SHM_PID")
+if ! wait_ready "$SHM_PID" 30 - "$WORK/iounitd-shm.out" "listening on"; then
+    HAVE_BSHM=0; BSHM_WHY="shm iounitd did not start: $(short_err "$WORK/iounitd-shm.err")"
+    log "$BSHM_WHY"; stop_pid "$SHM_PID"; SHM_PID=""
+fi
 if [[ $HAVE_NBD == 1 ]]; then
     NBD_PORT="$(free_port)"
     log "starting nbdkit memory 1G on 127.0.0.1:$NBD_PORT"
@@ -517,7 +593,7 @@ if [[ $HAVE_NBD == 1 ]]; then
     NBD_PID=$!; PIDS+=("$NBD_PID")
     if ! wait_ready "$NBD_PID" 30 "$NBD_PORT"; then
         NBD_WHY="nbdkit did not start: $(short_err "$WORK/nbdkit.log")"; HAVE_NBD=0
-        for w in "${BLOCK_WORKLOADS[@]}"; do na_block "${w%% *}" peer "$NBD_WHY"; done
+        for w in "${BLOCK_WORKLOADS[@]}"; do na_block "${w%% *}" peer "$NBD_WHY"; na_block "${w%% *}" peer "$NBD_WHY" bs; done
         for k in cpu.rr32 cpu.rw32 cpu.rr32.srv; do na "$k" peer "$NBD_WHY"; done
     fi
 fi
@@ -549,6 +625,24 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
             na_block "$id" chanio "$why"; summary+=" chanio FAILED ($why)"
             [[ $id == rr32 || $id == rw32 ]] && na "cpu.$id" chanio "$why"
         fi
+        # chanio over shm (same workload, second iounitd)
+        if [[ $HAVE_BSHM == 1 ]] && ! kill -0 "$SHM_PID" 2>/dev/null; then
+            HAVE_BSHM=0; BSHM_WHY="iounitd shm exited: $(short_err "$WORK/iounitd-shm.err")"; log "$BSHM_WHY"
+        fi
+        if [[ $HAVE_BSHM == 1 ]]; then
+            j="$WORK/chanio-shm-$id-$rep.json"
+            if timeout $((BLOCK_TIME + 60)) "$HOSTCTL" --target "shm://$SHM_NAME" bench --ns 1 --rw "$rw" --bs "$bs" \
+                   --qd "$qd" --time "${BLOCK_TIME}s" --json >"$j" 2>"$j.err" &&
+               r="$(py block hostctl "$j" 2>"$j.perr")"; then
+                rec_block "$id" chanio "$r" bs
+                summary+=" shm {$r}"
+            else
+                why="hostctl shm failed: $(short_err "$j.err")"
+                na_block "$id" chanio "$why" bs; summary+=" shm FAILED ($why)"
+            fi
+        else
+            na_block "$id" chanio "$BSHM_WHY" bs
+        fi
         # peer: fio nbd -> nbdkit
         if [[ $HAVE_NBD == 1 ]]; then
             j="$WORK/nbd-$id-$rep.json"
@@ -559,7 +653,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                    --output-format=json --output="$j" &&
                r="$(py block fio "$j" 2>"$j.perr")"; then
                 s1="$(proc_ticks "$NBD_PID")"
-                rec_block "$id" peer "$r"
+                rec_block "$id" peer "$r"; rec_block "$id" peer "$r" bs   # the shm rows compare with the same run
                 summary+=" nbd {$r}"
                 if [[ $id == rr32 || $id == rw32 ]]; then
                     read -r _ _ _ _ _ total <<<"$r"
@@ -568,7 +662,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                 fi
             else
                 why="fio nbd failed: $(short_err "$j.err")"
-                na_block "$id" peer "$why"; summary+=" nbd FAILED"
+                na_block "$id" peer "$why"; na_block "$id" peer "$why" bs; summary+=" nbd FAILED"
                 [[ $id == rr32 || $id == rw32 ]] && na "cpu.$id" peer "$why"
             fi
         fi
@@ -586,15 +680,17 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                    --rw="$rw" --bs="$bs" --time_based --runtime="$BLOCK_TIME" --lat_percentiles=1 \
                    --output-format=json --output="$j" >"$j.stdout" 2>"$j.err" &&
                r="$(py block fio "$j" 2>"$j.perr")"; then
-                rec_block "$id" floor "$r"; summary+=" floor {$r}"
+                rec_block "$id" floor "$r"; rec_block "$id" floor "$r" bs; summary+=" floor {$r}"
             else
-                na_block "$id" floor "fio on tmpfs failed: $(short_err "$j.err")"; summary+=" floor FAILED"
+                why="fio on tmpfs failed: $(short_err "$j.err")"
+                na_block "$id" floor "$why"; na_block "$id" floor "$why" bs; summary+=" floor FAILED"
             fi
         fi
         log "$summary"
     done
 done
 [[ -n "$NBD_PID" ]] && stop_pid "$NBD_PID"
+[[ -n "$SHM_PID" ]] && stop_pid "$SHM_PID"
 stop_pid "$IOU_PID"
 rm -f "$FLOOR_FILE"
 
@@ -658,12 +754,14 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                         rec "m.$t.$id.p50" chanio "$p50"; rec "m.$t.$id.mean" chanio "$mean"
                     else
                         rec "m.$t.$id.bw" chanio "$mbps"
+                        [[ $t == shm && $id == 1m ]] && rec memcpy.1m chanio "$mbps"
                     fi
                     summary+=" chanio {p50 $p50 mean $mean MB/s $mbps}"
                 else
                     why="pingpong failed: $(short_err "$j.err")"; summary+=" chanio FAILED"
                     if [[ $mode == send ]]; then na "m.$t.$id.p50" chanio "$why"; na "m.$t.$id.mean" chanio "$why"
                     else na "m.$t.$id.bw" chanio "$why"; fi
+                    [[ $t == shm && $id == 1m ]] && na memcpy.1m chanio "$why"
                 fi
             else
                 summary+=" chanio: shm not built yet"
@@ -689,6 +787,16 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     rec "m.$t.$id.mean" peer "$r"; summary+=" fi_pingpong {mean $r}"
                 else
                     na "m.$t.$id.mean" peer "fi_pingpong -p $prov failed: $(short_err "$o")"; summary+=" fi FAILED"
+                fi
+            fi
+            # single-thread memcpy of 1 MiB, next to the shm 1 MiB one-sided write
+            if [[ $HAVE_MEMCPY == 1 && $t == shm && $id == 1m ]]; then
+                o="$WORK/memcpy-$rep.json"
+                if timeout 120 "$MEMCPY_BIN" "$bytes" "$MEMCPY_ITERS" >"$o" 2>"$o.err" &&
+                   r="$(py memcpy "$o" 2>"$o.perr")"; then
+                    rec memcpy.1m peer "$r"; summary+=" memcpy {MB/s $r}"
+                else
+                    na memcpy.1m peer "memcpy failed: $(short_err "$o.err")"; summary+=" memcpy FAILED"
                 fi
             fi
             log "$summary"
@@ -751,12 +859,16 @@ cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     else
         echo "  floor: fio on a 1 GiB file in /dev/shm (tmpfs, buffered): psync 1 job for QD1, psync numjobs=QD (group_reporting) for QD8/QD32."
     fi
+    echo "  block (shm): the same workloads with a second iounitd --listen shm://NAME --ns ram:1GiB and hostctl --target shm://NAME, run right after"
+    echo "  the tcp run of each workload; peer and floor are the same fio runs as the tcp rows."
     echo "  CPU s/1M IO: utime+stime of client (hostctl / fio, incl. children) + server (iounitd / nbdkit, /proc/PID/stat delta) per 10^6 I/Os."
     echo "  messaging: pingpong --transport tcp|shm (server and client in one process; send mode 8 B/4 KiB, ${LAT_ITERS} round trips;"
     echo "  push mode = RDMA Write with immediate, 64 KiB x ${BW64K_ITERS} / 1 MiB x ${BW1M_ITERS} streamed). ucx_perftest -w 1000 -n same:"
     echo "  tag_lat = UCP tagged send/recv ping-pong, p50 of one-way (RTT/2); ucp_am_bw = UCP active messages streamed, overall MiB/s converted to MB/s."
     echo "  fi_pingpong ($FI_TCP_PROV: msg endpoint; shm: rdm endpoint) reports only mean one-way usec/xfer and has no streaming test, so it is compared on mean latency."
     echo "  ucx_perftest and fi_pingpong ran in a private network namespace with only lo (their listeners bind 0.0.0.0)."
+    echo "  memcpy: bench/memcpy.c (cc -O2), one thread copying a touched 1 MiB buffer to another ${MEMCPY_ITERS} times, MB/s; run right after"
+    echo "  pingpong --transport shm --mode push --size 1MiB, whose MB/s is the chanio value (the same sample as msg shm 1 MiB stream)."
     echo "  daemon: VmRSS per queue = (RSS with 4 hosts x (admin + 1 I/O queue) - RSS with 0 hosts) / 8; idle CPU over ${IDLE_SECS} s."
     [[ $HAVE_PP_SHM == 0 ]] && echo "  shm: not built yet (pingpong --help lists no shm transport)."
     [[ -n "$INSTALL_NOTE" ]] && echo "  install: $INSTALL_NOTE"
@@ -764,6 +876,6 @@ cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "Command: $CMDLINE"
 } >"$META"
 echo
-py table "$ROWS" "$SAMPLES" "$NAS" "$META" "$MARKDOWN"
+py table "$ROWS" "$SAMPLES" "$NAS" "$META" "$MARKDOWN" "$TARGETS"
 [[ -n "$MARKDOWN" ]] && log "markdown table written to $MARKDOWN"
 exit 0
