@@ -239,6 +239,32 @@ pub struct Completion {
     pub buf: Buf,
 }
 
+/// The completion of a send-queue request that the queue pair failed
+/// before executing (every provider flushes this way).
+pub(crate) fn flushed_send(wr: SendWr) -> Completion {
+    Completion {
+        id: wr.id,
+        status: WcStatus::Flushed,
+        opcode: wr.opcode(),
+        byte_len: 0,
+        imm: None,
+        buf: wr.into_buf(),
+    }
+}
+
+/// The completion of a posted receive that the queue pair failed before
+/// anything arrived in it.
+pub(crate) fn flushed_recv(wr: RecvWr) -> Completion {
+    Completion {
+        id: wr.id,
+        status: WcStatus::Flushed,
+        opcode: WcOpcode::Recv,
+        byte_len: 0,
+        imm: None,
+        buf: wr.buf,
+    }
+}
+
 /// What a provider can do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {

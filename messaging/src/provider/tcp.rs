@@ -60,6 +60,7 @@ use super::{
     WcOpcode, WcStatus, WrId,
 };
 use crate::mr::{Access, Buf, ProtectionDomain, RKey, RemoteTarget};
+use crate::provider::{flushed_recv, flushed_send};
 
 /// Hello magic.
 pub const HELLO_MAGIC: [u8; 4] = *b"CHIO";
@@ -882,28 +883,6 @@ fn check_local(wr: &SendWr, max_message: u32) -> Result<(), WcStatus> {
         }
     }
     Ok(())
-}
-
-fn flushed_send(wr: SendWr) -> Completion {
-    Completion {
-        id: wr.id,
-        status: WcStatus::Flushed,
-        opcode: wr.opcode(),
-        byte_len: 0,
-        imm: None,
-        buf: wr.into_buf(),
-    }
-}
-
-fn flushed_recv(wr: RecvWr) -> Completion {
-    Completion {
-        id: wr.id,
-        status: WcStatus::Flushed,
-        opcode: WcOpcode::Recv,
-        byte_len: 0,
-        imm: None,
-        buf: wr.buf,
-    }
 }
 
 /// Writes as much of the queued frames as the socket takes without blocking.

@@ -65,6 +65,7 @@ use super::{
     WcOpcode, WcStatus,
 };
 use crate::mr::{Access, MrError, ProtectionDomain, RKey, RegionAllocator};
+use crate::provider::{flushed_recv, flushed_send};
 
 /// Hello magic of the shm provider.
 pub const HELLO_MAGIC: [u8; 4] = *b"CHSM";
@@ -917,28 +918,6 @@ fn control(kind: u8, serial: u64) -> [u8; CTL_BYTES] {
     out[0] = kind;
     out[8..].copy_from_slice(&serial.to_le_bytes());
     out
-}
-
-fn flushed_send(wr: SendWr) -> Completion {
-    Completion {
-        id: wr.id,
-        status: WcStatus::Flushed,
-        opcode: wr.opcode(),
-        byte_len: 0,
-        imm: None,
-        buf: wr.into_buf(),
-    }
-}
-
-fn flushed_recv(wr: RecvWr) -> Completion {
-    Completion {
-        id: wr.id,
-        status: WcStatus::Flushed,
-        opcode: WcOpcode::Recv,
-        byte_len: 0,
-        imm: None,
-        buf: wr.buf,
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -44,6 +44,7 @@ use super::oob;
 use super::Inner;
 use crate::mr::{Access, Buf, ProtectionDomain};
 use crate::provider::cq::CompletionQueue;
+use crate::provider::{flushed_recv, flushed_send};
 use crate::provider::{
     Capabilities, Completion, FabricError, Notify, QueuePair, RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WrId,
 };
@@ -953,27 +954,5 @@ fn flushed_slot(slot: SendSlot) -> Completion {
         byte_len: 0,
         imm: None,
         buf: slot.buf,
-    }
-}
-
-fn flushed_send(wr: SendWr) -> Completion {
-    Completion {
-        id: wr.id,
-        status: WcStatus::Flushed,
-        opcode: wr.opcode(),
-        byte_len: 0,
-        imm: None,
-        buf: wr.into_buf(),
-    }
-}
-
-fn flushed_recv(wr: RecvWr) -> Completion {
-    Completion {
-        id: wr.id,
-        status: WcStatus::Flushed,
-        opcode: WcOpcode::Recv,
-        byte_len: 0,
-        imm: None,
-        buf: wr.buf,
     }
 }
