@@ -61,28 +61,7 @@ fn two_processes_over_shm() {
 }
 
 fn two_processes(name: &str) {
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut child = Command::new(exe)
-        .args([
-            "server_process",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ROLE, name)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start server process");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("server printed its address").expect("utf-8 line");
-        // libtest may print "test server_process ... " on the same line.
-        if let Some(at) = line.find("listening on ") {
-            break line[at + "listening on ".len()..].trim().to_string();
-        }
-    };
+    let (mut child, addr) = spawn_server("server_process", ROLE, name);
     let (fabric, _) = fabric(name);
     let ep = Endpoint::connect(&*fabric, &addr, Config::default()).expect("connect to the other process");
     for i in 0..200u32 {
@@ -136,28 +115,7 @@ fn dying_server_process() {
 fn shm_peer_death_flushes() {
     use messaging::provider::conformance::{pool, recvs, wait_for};
     use messaging::provider::{RecvWr, SendOp, SendWr, WcStatus, WrId};
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut child = Command::new(exe)
-        .args([
-            "dying_server_process",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(DIE_ROLE, "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start server process");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("server printed its address").expect("utf-8 line");
-        if let Some(at) = line.find("listening on ") {
-            break line[at + "listening on ".len()..].trim().to_string();
-        }
-    };
+    let (mut child, addr) = spawn_server("dying_server_process", DIE_ROLE, "1");
     let fabric = messaging::provider::shm::ShmFabric::new();
     let p = pool(&fabric, 64, 8, messaging::mr::Access::ALL);
     let qp = fabric.connect(&addr, b"", recvs(&p, 3, 10)).expect("connect");
@@ -181,4 +139,30 @@ fn shm_peer_death_flushes() {
     assert_eq!(wait_for(&*qp, 1)[0].status, WcStatus::Flushed);
     let status = child.wait().expect("server exit");
     assert!(!status.success(), "the server aborted");
+}
+
+/// Starts this test binary again running only the `#[ignore]`d helper test
+/// `test` with `key=value` in its environment; returns the child and the
+/// address it printed ("listening on ADDR").
+fn spawn_server(test: &str, key: &str, value: &str) -> (std::process::Child, String) {
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut child = Command::new(exe)
+        .args([test, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .env(key, value)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start server process");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("server printed its address").expect("utf-8 line");
+        // libtest may print "test NAME ... " on the same line.
+        if let Some(at) = line.find("listening on ") {
+            break line[at + "listening on ".len()..].trim().to_string();
+        }
+    };
+    // Keep draining: a closed pipe would fail the child's later output.
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, addr)
 }

@@ -1514,13 +1514,5 @@ fn read_some(stream: &mio::net::TcpStream, dest: &mut [u8]) -> Result<Option<usi
     if dest.is_empty() {
         return Err(fatal("internal: read into an empty buffer"));
     }
-    loop {
-        match (&*stream).read(dest) {
-            Ok(0) => return Err(fatal("peer closed the connection")),
-            Ok(n) => return Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(fatal(format!("read: {e}"))),
-        }
-    }
+    read_vectored_some(stream, &mut [IoSliceMut::new(dest)])
 }
