@@ -20,7 +20,7 @@
 
 use std::future::Future;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -100,6 +100,9 @@ struct Shared {
     domain: crate::mr::ProtectionDomain,
     fabric: &'static str,
     peer: String,
+    /// The provider makes progress in [`QueuePair::wait`]: one waiting
+    /// thread at a time drives it there (run to completion).
+    driven: bool,
 }
 
 struct Inner {
@@ -220,6 +223,7 @@ impl Endpoint {
         };
         let peer = qp.peer_addr();
         tracing::debug!(fabric = fabric.name, %peer, separate = conn.separate_indication(), "channel open");
+        let driven = qp.drives_on_wait();
         let shared = Arc::new(Shared {
             qp,
             inner: Mutex::new(Inner {
@@ -231,6 +235,7 @@ impl Endpoint {
             }),
             signal: Arc::new(Signal {
                 generation: AtomicU64::new(0),
+                driving: AtomicBool::new(false),
                 sleepers: AtomicUsize::new(0),
                 sleep_lock: Mutex::new(()),
                 spin: spin_budget(),
@@ -241,6 +246,7 @@ impl Endpoint {
             domain: fabric.domain.clone(),
             fabric: fabric.name,
             peer,
+            driven,
         });
         let signal = shared.signal.clone();
         shared.qp.set_notify(Some(Arc::new(move || signal.signal())));
@@ -397,6 +403,7 @@ impl Endpoint {
     /// # Errors
     /// `WouldBlock`, `Closed`.
     pub fn try_recv(&self) -> Result<Delivery, Error> {
+        self.shared.drive_once();
         let mut inner = self.shared.inner.lock();
         self.shared.progress(&mut inner);
         match take_delivery(&mut inner) {
@@ -409,6 +416,7 @@ impl Endpoint {
     pub fn recv_async(&self) -> impl Future<Output = Result<Delivery, Error>> + '_ {
         std::future::poll_fn(move |cx| {
             self.shared.signal.register(cx.waker());
+            self.shared.drive_once();
             let mut inner = self.shared.inner.lock();
             self.shared.progress(&mut inner);
             match take_delivery(&mut inner) {
@@ -474,7 +482,7 @@ impl Endpoint {
             if let Some(ticket) = self.attempt(&mut op)? {
                 return Ok(ticket);
             }
-            self.shared.signal.sleep(generation, deadline)?;
+            self.shared.sleep(generation, deadline)?;
         }
     }
 
@@ -530,9 +538,63 @@ fn take_delivery(inner: &mut Inner) -> Option<Result<Received, Error>> {
 }
 
 impl Shared {
+    /// Waits until the generation moves past `seen` or `deadline` passes.
+    /// On a provider that makes progress in `wait`, one waiting thread
+    /// drives it (reading the transport itself, so its completion reaches it
+    /// without a thread hop); the others sleep on the signal.
+    fn sleep(&self, seen: u64, deadline: Option<Instant>) -> Result<(), Error> {
+        if !self.driven || self.signal.driving.swap(true, Ordering::SeqCst) {
+            return self.signal.sleep(seen, deadline);
+        }
+        let result = self.drive(seen, deadline);
+        self.signal.driving.store(false, Ordering::SeqCst);
+        // A thread that slept while this one drove takes over if it still waits.
+        self.signal.wake_sleepers();
+        result
+    }
+
+    fn drive(&self, seen: u64, deadline: Option<Instant>) -> Result<(), Error> {
+        let moved = || self.signal.generation.load(Ordering::SeqCst) != seen;
+        if !self.signal.spin.is_zero() {
+            // Adaptive polling: a reply already on its way costs no sleep.
+            let until = Instant::now() + self.signal.spin;
+            while Instant::now() < until {
+                if moved() || self.qp.wait(Some(Duration::ZERO)) {
+                    return Ok(());
+                }
+            }
+        }
+        if moved() {
+            return Ok(());
+        }
+        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let ready = timeout != Some(Duration::ZERO) && self.qp.wait(timeout);
+        match deadline {
+            Some(d) if !ready && !moved() && Instant::now() >= d => Err(Error::Timeout(Duration::ZERO)),
+            _ => Ok(()),
+        }
+    }
+
+    /// One non-blocking round of provider progress, when no thread drives.
+    fn drive_once(&self) {
+        if self.driven && !self.signal.driving.swap(true, Ordering::SeqCst) {
+            self.qp.wait(Some(Duration::ZERO));
+            self.signal.driving.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Tells a thread driving the provider that events it may wait for were
+    /// routed by another thread.
+    fn routed(&self) {
+        if self.signal.driving.load(Ordering::SeqCst) {
+            self.qp.interrupt();
+        }
+    }
+
     /// Reaps completions, runs the core, posts its work and routes its events.
     fn progress(&self, inner: &mut Inner) {
         let mut changed = false;
+        let mut routed = false;
         loop {
             let mut batch = std::mem::take(&mut inner.scratch);
             let n = self.qp.poll(&mut batch, POLL_BATCH);
@@ -540,7 +602,9 @@ impl Shared {
                 inner.conn.handle_completion(c);
             }
             inner.scratch = batch;
-            changed |= self.flush(inner);
+            let (m, r) = self.flush(inner);
+            changed |= m;
+            routed |= r;
             if n < POLL_BATCH {
                 break;
             }
@@ -548,11 +612,16 @@ impl Shared {
         if changed {
             self.signal.signal();
         }
+        if routed {
+            self.routed();
+        }
     }
 
-    /// Posts the core's work and routes its events; true if anything moved.
-    fn flush(&self, inner: &mut Inner) -> bool {
+    /// Posts the core's work and routes its events: whether anything moved,
+    /// and whether events were routed.
+    fn flush(&self, inner: &mut Inner) -> (bool, bool) {
         let mut moved = false;
+        let mut routed = false;
         let mut sends = Vec::new();
         while let Some(work) = inner.conn.poll_work() {
             moved = true;
@@ -576,6 +645,7 @@ impl Shared {
         }
         while let Some(event) = inner.conn.poll_event() {
             moved = true;
+            routed = true;
             match event {
                 Event::Received(r) => inner.inbox.push_back(r),
                 Event::Sent { token, result } => {
@@ -591,7 +661,7 @@ impl Shared {
                 Event::Closed(reason) => inner.closed = Some(reason),
             }
         }
-        moved
+        (moved, routed)
     }
 
     fn post_sends(&self, inner: &mut Inner, sends: Vec<crate::provider::SendWr>) {
@@ -611,7 +681,7 @@ impl Shared {
                     return Ok(v);
                 }
             }
-            self.signal.sleep(seen, deadline)?;
+            self.sleep(seen, deadline)?;
         }
     }
 }
@@ -621,6 +691,8 @@ impl Shared {
 struct Signal {
     /// Bumped whenever something may have changed.
     generation: AtomicU64,
+    /// A thread drives the provider in `QueuePair::wait`.
+    driving: AtomicBool,
     /// Threads sleeping in `sleep`; `signal` takes the lock only if any.
     sleepers: AtomicUsize,
     sleep_lock: Mutex<()>,
@@ -642,6 +714,16 @@ impl Signal {
         let wakers = std::mem::take(&mut *self.wakers.lock());
         for w in wakers {
             w.wake();
+        }
+    }
+
+    /// Wakes threads sleeping in `sleep` without a new generation (they
+    /// re-check, and one of them may take over driving the provider).
+    fn wake_sleepers(&self) {
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _guard = self.sleep_lock.lock();
+            self.generation.fetch_add(1, Ordering::SeqCst);
+            self.wake.notify_all();
         }
     }
 
@@ -829,7 +911,12 @@ impl Drop for Delivery {
         if let Some(r) = self.received.take() {
             let mut inner = self.shared.inner.lock();
             inner.conn.release(r);
-            self.shared.flush(&mut inner);
+            let (_, routed) = self.shared.flush(&mut inner);
+            drop(inner);
+            if routed {
+                self.shared.signal.signal();
+                self.shared.routed();
+            }
         }
     }
 }

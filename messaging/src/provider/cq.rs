@@ -2,6 +2,7 @@
 //! condvar for blocking waits and an optional notification callback.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -13,6 +14,8 @@ pub(crate) struct CompletionQueue {
     queue: Mutex<VecDeque<Completion>>,
     ready: Condvar,
     notify: Mutex<Option<Notify>>,
+    /// Bumped by `interrupt`: blocked waiters return early.
+    interrupts: AtomicU64,
 }
 
 impl CompletionQueue {
@@ -44,10 +47,25 @@ impl CompletionQueue {
         n
     }
 
+    pub(crate) fn has_completions(&self) -> bool {
+        !self.queue.lock().is_empty()
+    }
+
+    /// Makes every blocked `wait` return (reporting whether completions are ready).
+    pub(crate) fn interrupt(&self) {
+        let _queue = self.queue.lock();
+        self.interrupts.fetch_add(1, Ordering::SeqCst);
+        self.ready.notify_all();
+    }
+
     pub(crate) fn wait(&self, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut queue = self.queue.lock();
+        let seen = self.interrupts.load(Ordering::SeqCst);
         while queue.is_empty() {
+            if self.interrupts.load(Ordering::SeqCst) != seen {
+                return false;
+            }
             match deadline {
                 Some(d) => {
                     if self.ready.wait_until(&mut queue, d).timed_out() {

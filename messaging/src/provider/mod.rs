@@ -453,6 +453,18 @@ pub trait QueuePair: Send + Sync + fmt::Debug {
     /// whether one is ready.
     fn wait(&self, timeout: Option<Duration>) -> bool;
 
+    /// Makes a thread blocked in [`QueuePair::wait`] return now (reporting
+    /// whether a completion is ready): how a driver tells the thread that
+    /// drives the queue pair that something it waits for happened elsewhere.
+    fn interrupt(&self) {}
+
+    /// Whether [`QueuePair::wait`] makes progress on the calling thread (run
+    /// to completion: the waiting thread reads the transport itself), so that
+    /// a driver should wait in it rather than on the completion notification.
+    fn drives_on_wait(&self) -> bool {
+        false
+    }
+
     /// Installs (or removes) the callback run after completions arrive.
     fn set_notify(&self, notify: Option<Notify>);
 

@@ -45,7 +45,9 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -498,7 +500,26 @@ struct QpShared {
     recvs: Mutex<VecDeque<RecvWr>>,
     tx: Mutex<Tx>,
     failed: AtomicBool,
+    /// Wakes the I/O thread's epoll.
     waker: Waker,
+    /// The receive side; its holder reads the socket.
+    rx: Mutex<Rx>,
+    /// Callers drive the socket until this instant (nanoseconds since
+    /// `epoch`); the I/O thread stays parked until then.
+    lease: AtomicU64,
+    epoch: Instant,
+    /// The I/O thread holds `rx` (only for a non-blocking pump): a caller
+    /// that wants to drive waits for it instead of sleeping on the CQ.
+    io_holds: AtomicBool,
+    /// A caller holds `rx` and may be blocked in `poll` on the socket.
+    caller_drives: AtomicBool,
+    /// An interrupt not yet seen by a driving caller (it may have come just
+    /// before the caller started to drive).
+    kick_pending: AtomicBool,
+    /// Interrupts a driving caller's `poll`: one byte written to `kick`
+    /// makes `kicked` readable.
+    kick: UnixStream,
+    kicked: UnixStream,
 }
 
 #[derive(Default)]
@@ -651,6 +672,9 @@ impl TcpQp {
             .register(&mut stream, SOCKET, Interest::READABLE | Interest::WRITABLE)
             .map_err(io_err("epoll_ctl"))?;
         let waker = Waker::new(poll.registry(), WAKE).map_err(io_err("eventfd"))?;
+        let (kick, kicked) = UnixStream::pair().map_err(io_err("socketpair"))?;
+        kick.set_nonblocking(true).map_err(io_err("set_nonblocking"))?;
+        kicked.set_nonblocking(true).map_err(io_err("set_nonblocking"))?;
         let shared = Arc::new(QpShared {
             stream,
             peer,
@@ -661,12 +685,20 @@ impl TcpQp {
             tx: Mutex::new(Tx::default()),
             failed: AtomicBool::new(false),
             waker,
+            rx: Mutex::new(Rx::new()),
+            lease: AtomicU64::new(0),
+            epoch: Instant::now(),
+            io_holds: AtomicBool::new(false),
+            caller_drives: AtomicBool::new(false),
+            kick_pending: AtomicBool::new(false),
+            kick,
+            kicked,
         });
         let thread = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("chanio-tcp-qp".into())
-                .spawn(move || IoThread::new(shared, poll).run())
+                .spawn(move || io_thread(&shared, poll))
                 .map_err(io_err("spawn I/O thread"))?
         };
         Ok(TcpQp {
@@ -817,8 +849,25 @@ impl QueuePair for TcpQp {
         self.shared.cq.poll(out, max)
     }
 
+    /// Drives the socket from the calling thread (run to completion: no
+    /// thread hop between the socket and the caller) until a completion is
+    /// ready, `timeout` passes or [`QueuePair::interrupt`] is called. When
+    /// another caller drives already, sleeps on the completion queue.
     fn wait(&self, timeout: Option<Duration>) -> bool {
-        self.shared.cq.wait(timeout)
+        self.shared.drive(timeout.map(|t| Instant::now() + t))
+    }
+
+    fn interrupt(&self) {
+        let shared = &self.shared;
+        shared.kick_pending.store(true, Ordering::SeqCst);
+        if shared.caller_drives.load(Ordering::SeqCst) {
+            let _ = (&shared.kick).write(&[1]);
+        }
+        shared.cq.interrupt();
+    }
+
+    fn drives_on_wait(&self) -> bool {
+        true
     }
 
     fn set_notify(&self, notify: Option<Notify>) {
@@ -853,6 +902,7 @@ impl QueuePair for TcpQp {
         shared.fail_from_outside();
         if let Some(thread) = self.thread.lock().take() {
             if thread.thread().id() != std::thread::current().id() {
+                thread.thread().unpark();
                 let _ = thread.join();
             }
         }
@@ -945,11 +995,12 @@ impl QpShared {
 }
 
 // ---------------------------------------------------------------------------
-// I/O thread
+// Receive side: driven by waiting callers, or by the I/O thread
 
-struct IoThread {
-    shared: Arc<QpShared>,
-    poll: Poll,
+/// The receive side of a queue pair: the read-ahead buffer, the frame being
+/// read and what it produced. Whoever holds it (a waiting caller or the I/O
+/// thread) reads the socket.
+struct Rx {
     staging: Box<[u8]>,
     start: usize,
     end: usize,
@@ -957,6 +1008,8 @@ struct IoThread {
     expected_psn: u64,
     ack_due: Option<u64>,
     completions: Vec<Completion>,
+    /// The queue pair failed and everything was flushed.
+    dead: bool,
 }
 
 /// Where the payload of the frame being read goes.
@@ -1002,11 +1055,184 @@ fn violation(reason: impl Into<String>) -> Fatal {
     }
 }
 
-impl IoThread {
-    fn new(shared: Arc<QpShared>, poll: Poll) -> IoThread {
-        IoThread {
-            shared,
-            poll,
+/// How long a caller's drive keeps the I/O thread away from the socket.
+const LEASE: Duration = Duration::from_millis(1);
+
+impl QpShared {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn renew_lease(&self) {
+        let until = self.now_ns().saturating_add(LEASE.as_nanos() as u64);
+        self.lease.store(until, Ordering::Release);
+    }
+
+    /// Time left on the callers' lease.
+    fn lease_left(&self) -> Option<Duration> {
+        let until = self.lease.load(Ordering::Acquire);
+        let now = self.now_ns();
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// One round of work without blocking: read and execute what the socket
+    /// holds, queue the ACK, write what is queued, publish completions. The
+    /// ACK goes out before completions are published: an application that
+    /// disconnects as soon as it sees a message must not overtake the
+    /// acknowledgement of that message. False once the queue pair failed
+    /// (everything is flushed by then).
+    fn pump(&self, rx: &mut Rx) -> bool {
+        if rx.dead {
+            return false;
+        }
+        if self.failed.load(Ordering::Acquire) {
+            rx.fail(self, fatal("disconnected locally"));
+            return false;
+        }
+        let read = rx.read_available(self);
+        let flushed = {
+            let mut tx = self.tx.lock();
+            if let Some(psn) = rx.ack_due.take() {
+                tx.frames.push_back(TxFrame {
+                    header: Header::control(OP_ACK, psn, WcStatus::Success).encode(),
+                    payload: TxPayload::None,
+                    request_psn: None,
+                });
+            }
+            flush_tx(&self.stream, &mut tx)
+        };
+        rx.publish(self);
+        if let Err(f) = read {
+            rx.fail(self, f);
+            return false;
+        }
+        if let Err(e) = flushed {
+            rx.fail(self, fatal(format!("write: {e}")));
+            return false;
+        }
+        true
+    }
+
+    /// The caller side of [`QueuePair::wait`]: see there.
+    fn drive(&self, deadline: Option<Instant>) -> bool {
+        let mut rx = match self.rx.try_lock() {
+            Some(rx) => rx,
+            // The I/O thread only pumps without blocking: wait for it.
+            None if self.io_holds.load(Ordering::Acquire) => self.rx.lock(),
+            None => {
+                return self
+                    .cq
+                    .wait(deadline.map(|d| d.saturating_duration_since(Instant::now())))
+            }
+        };
+        self.renew_lease();
+        self.caller_drives.store(true, Ordering::SeqCst);
+        let ready = loop {
+            if !self.pump(&mut rx) || self.cq.has_completions() || self.kick_pending.swap(false, Ordering::SeqCst) {
+                break self.cq.has_completions();
+            }
+            let want_write = !self.tx.lock().frames.is_empty();
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if timeout == Some(Duration::ZERO) {
+                break false;
+            }
+            let (readable, kicked) = poll_socket(&self.stream, want_write, &self.kicked, timeout);
+            self.renew_lease();
+            if kicked {
+                let mut sink = [0u8; 64];
+                while matches!((&self.kicked).read(&mut sink), Ok(n) if n > 0) {}
+                self.kick_pending.store(false, Ordering::SeqCst);
+                self.pump(&mut rx);
+                break self.cq.has_completions();
+            }
+            if !readable && deadline.is_some_and(|d| Instant::now() >= d) {
+                self.pump(&mut rx);
+                break self.cq.has_completions();
+            }
+        };
+        self.caller_drives.store(false, Ordering::SeqCst);
+        self.renew_lease();
+        ready
+    }
+}
+
+/// The I/O thread: it reads the socket whenever no caller drives it (an
+/// asynchronous application, a peer's traffic nobody waits for), and
+/// finishes writes the socket did not take.
+fn io_thread(shared: &QpShared, mut poll: Poll) {
+    let mut events = Events::with_capacity(8);
+    loop {
+        if !shared.failed.load(Ordering::Acquire) {
+            if let Some(left) = shared.lease_left() {
+                std::thread::park_timeout(left);
+                continue;
+            }
+        }
+        {
+            // Blocks while a caller drives (no CPU spent), then leaves the
+            // socket to callers that drove since.
+            let mut rx = shared.rx.lock();
+            if !shared.failed.load(Ordering::Acquire) && shared.lease_left().is_some() {
+                continue;
+            }
+            shared.io_holds.store(true, Ordering::Release);
+            let alive = shared.pump(&mut rx);
+            shared.io_holds.store(false, Ordering::Release);
+            if !alive {
+                return;
+            }
+        }
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() != io::ErrorKind::Interrupted {
+                shared.failed.store(true, Ordering::Release);
+                shared.rx.lock().fail(shared, fatal(format!("epoll_wait: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+/// Waits in `poll(2)` until the socket is readable (or writable, with
+/// `want_write`), `kicked` is readable or `timeout` passes. Returns
+/// (socket ready, kicked).
+fn poll_socket(
+    stream: &mio::net::TcpStream,
+    want_write: bool,
+    kicked: &UnixStream,
+    timeout: Option<Duration>,
+) -> (bool, bool) {
+    let mut events = libc::POLLIN;
+    if want_write {
+        events |= libc::POLLOUT;
+    }
+    let mut fds = [
+        libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: kicked.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms = timeout.map_or(-1, |t| {
+        // Round up: a sub-millisecond timeout must not become a busy loop.
+        libc::c_int::try_from(t.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX)
+    });
+    // SAFETY: `fds` is a valid array of two initialised pollfd structures
+    // that lives across the call; poll writes only their `revents`.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if n <= 0 {
+        return (false, false);
+    }
+    (fds[0].revents != 0, fds[1].revents != 0)
+}
+
+impl Rx {
+    fn new() -> Rx {
+        Rx {
             staging: vec![0u8; STAGING].into_boxed_slice(),
             start: 0,
             end: 0,
@@ -1014,55 +1240,18 @@ impl IoThread {
             expected_psn: 0,
             ack_due: None,
             completions: Vec::new(),
+            dead: false,
         }
     }
 
-    fn run(mut self) {
-        let mut events = Events::with_capacity(8);
-        let outcome = loop {
-            if self.shared.failed.load(Ordering::Acquire) {
-                break fatal("disconnected locally");
-            }
-            if let Err(e) = self.poll.poll(&mut events, None) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                break fatal(format!("epoll_wait: {e}"));
-            }
-            let read = self.read_available();
-            // The ACK is queued before the completions are published: an
-            // application that disconnects as soon as it sees a message must
-            // not overtake the acknowledgement of that message.
-            let flushed = {
-                let mut tx = self.shared.tx.lock();
-                if let Some(psn) = self.ack_due.take() {
-                    tx.frames.push_back(TxFrame {
-                        header: Header::control(OP_ACK, psn, WcStatus::Success).encode(),
-                        payload: TxPayload::None,
-                        request_psn: None,
-                    });
-                }
-                flush_tx(&self.shared.stream, &mut tx)
-            };
-            self.publish();
-            if let Err(f) = read {
-                break f;
-            }
-            if let Err(e) = flushed {
-                break fatal(format!("write: {e}"));
-            }
-        };
-        self.fail(outcome);
-    }
-
-    fn publish(&mut self) {
+    fn publish(&mut self, sh: &QpShared) {
         if !self.completions.is_empty() {
-            self.shared.cq.push_all(self.completions.drain(..));
+            sh.cq.push_all(self.completions.drain(..));
         }
     }
 
     /// Reads and executes frames until the socket has no more bytes.
-    fn read_available(&mut self) -> Result<(), Fatal> {
+    fn read_available(&mut self, sh: &QpShared) -> Result<(), Fatal> {
         loop {
             if !matches!(self.sink, Sink::Idle) {
                 let remaining = sink_dest(&mut self.sink).len();
@@ -1085,7 +1274,7 @@ impl IoThread {
                 self.end = 0;
                 let dest = sink_dest(&mut self.sink);
                 let mut iov = [IoSliceMut::new(dest), IoSliceMut::new(&mut self.staging[..READ_AHEAD])];
-                match read_vectored_some(&self.shared.stream, &mut iov)? {
+                match read_vectored_some(&sh.stream, &mut iov)? {
                     Some(n) => {
                         let placed = n.min(remaining);
                         advance_sink(&mut self.sink, placed);
@@ -1096,7 +1285,7 @@ impl IoThread {
                 continue;
             }
             if self.end - self.start < FRAME_HEADER {
-                if !self.refill()? {
+                if !self.refill(sh)? {
                     return Ok(());
                 }
                 continue;
@@ -1105,12 +1294,12 @@ impl IoThread {
             raw.copy_from_slice(&self.staging[self.start..self.start + FRAME_HEADER]);
             self.start += FRAME_HEADER;
             let header = Header::decode(&raw).map_err(|r| violation(format!("malformed frame: {r}")))?;
-            self.begin_frame(header)?;
+            self.begin_frame(sh, header)?;
         }
     }
 
     /// Compacts the read-ahead buffer and reads more; false when the socket is drained.
-    fn refill(&mut self) -> Result<bool, Fatal> {
+    fn refill(&mut self, sh: &QpShared) -> Result<bool, Fatal> {
         if self.start > 0 {
             self.staging.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -1119,7 +1308,7 @@ impl IoThread {
         // Between frames, read ahead at most READ_AHEAD bytes: payload bytes
         // caught in it are copied once, larger ones go straight to their place.
         let limit = (self.end + READ_AHEAD).min(self.staging.len());
-        match read_some(&self.shared.stream, &mut self.staging[self.end..limit])? {
+        match read_some(&sh.stream, &mut self.staging[self.end..limit])? {
             Some(n) => {
                 self.end += n;
                 Ok(true)
@@ -1147,8 +1336,8 @@ impl IoThread {
         }
     }
 
-    fn begin_frame(&mut self, header: Header) -> Result<(), Fatal> {
-        let max = self.shared.fabric.opts.max_message;
+    fn begin_frame(&mut self, sh: &QpShared, header: Header) -> Result<(), Fatal> {
+        let max = sh.fabric.opts.max_message;
         if header.len > max {
             return Err(violation(format!(
                 "frame of {} bytes exceeds the {max}-byte limit",
@@ -1158,7 +1347,7 @@ impl IoThread {
         match header.opcode {
             OP_SEND | OP_SEND_IMM => {
                 self.check_psn(&header)?;
-                let wr = self.shared.recvs.lock().pop_front();
+                let wr = sh.recvs.lock().pop_front();
                 let Some(wr) = wr else {
                     return Err(Self::nak(
                         header.psn,
@@ -1182,8 +1371,7 @@ impl IoThread {
             }
             OP_WRITE | OP_WRITE_IMM => {
                 self.check_psn(&header)?;
-                let target = self
-                    .shared
+                let target = sh
                     .fabric
                     .pd
                     .remote_target(RKey(header.rkey), header.addr, header.len.into(), Access::REMOTE_WRITE)
@@ -1195,7 +1383,7 @@ impl IoThread {
                         )
                     })?;
                 let recv = if header.opcode == OP_WRITE_IMM {
-                    let wr = self.shared.recvs.lock().pop_front();
+                    let wr = sh.recvs.lock().pop_front();
                     match wr {
                         Some(wr) => Some(wr),
                         None => {
@@ -1218,8 +1406,7 @@ impl IoThread {
             }
             OP_READ_REQ => {
                 self.check_psn(&header)?;
-                let target = self
-                    .shared
+                let target = sh
                     .fabric
                     .pd
                     .remote_target(RKey(header.rkey), header.addr, header.len.into(), Access::REMOTE_READ)
@@ -1243,14 +1430,14 @@ impl IoThread {
                     rkey: 0,
                     imm: 0,
                 };
-                self.shared.tx.lock().frames.push_back(TxFrame {
+                sh.tx.lock().frames.push_back(TxFrame {
                     header: response.encode(),
                     payload: TxPayload::Region(target),
                     request_psn: None,
                 });
             }
             OP_READ_RESP => {
-                let mut tx = self.shared.tx.lock();
+                let mut tx = sh.tx.lock();
                 complete_acked(
                     &mut self.completions,
                     &mut tx,
@@ -1272,7 +1459,7 @@ impl IoThread {
                     }
                     other => {
                         if let Some(p) = other {
-                            self.shared.tx.lock().outstanding.push_front(p);
+                            sh.tx.lock().outstanding.push_front(p);
                         }
                         return Err(violation(format!(
                             "read response for psn {} matches no read",
@@ -1282,14 +1469,14 @@ impl IoThread {
                 }
             }
             OP_ACK => {
-                let mut tx = self.shared.tx.lock();
+                let mut tx = sh.tx.lock();
                 complete_acked(&mut self.completions, &mut tx, header.psn, true)?;
             }
             OP_NAK => {
                 let status = WcStatus::from_code(header.status)
                     .filter(|s| !s.is_success())
                     .unwrap_or(WcStatus::RemoteOperationError);
-                let mut tx = self.shared.tx.lock();
+                let mut tx = sh.tx.lock();
                 complete_acked(
                     &mut self.completions,
                     &mut tx,
@@ -1365,8 +1552,11 @@ impl IoThread {
 
     /// Moves the queue pair to the error state: tell the peer why (best
     /// effort), close, and flush every outstanding request.
-    fn fail(mut self, why: Fatal) {
-        let shared = self.shared.clone();
+    fn fail(&mut self, shared: &QpShared, why: Fatal) {
+        if self.dead {
+            return;
+        }
+        self.dead = true;
         let was_failed = shared.failed.swap(true, Ordering::AcqRel);
         match (&why.nak, why.violation) {
             (Some((_, status)), _) => {
@@ -1432,7 +1622,7 @@ impl IoThread {
         }
         let recvs: Vec<RecvWr> = shared.recvs.lock().drain(..).collect();
         self.completions.extend(recvs.into_iter().map(flushed_recv));
-        self.publish();
+        self.publish(shared);
     }
 }
 
