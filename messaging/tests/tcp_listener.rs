@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use messaging::proto::Connection;
-use messaging::provider::tcp::{TcpFabric, TcpOptions};
+use messaging::provider::tcp::{TcpFabric, TcpOptions, FRAME_HEADER, HELLO_VERSION};
 use messaging::provider::Fabric;
 use messaging::{CloseReason, Config, Endpoint, Error};
 
@@ -104,7 +104,7 @@ fn bad_hellos_are_refused_and_the_listener_keeps_accepting() {
     wait_for_log("refusing tcp connection: bad magic");
 
     let mut truncated = TcpStream::connect(&addr).unwrap();
-    truncated.write_all(&hello(1, 1, &[], 0)[..6]).unwrap();
+    truncated.write_all(&hello(HELLO_VERSION, 1, &[], 0)[..6]).unwrap();
     truncated.shutdown(Shutdown::Write).unwrap();
     read_to_close(&mut truncated);
     wait_for_log("truncated hello header: connection closed after 6 of 16 bytes");
@@ -122,10 +122,10 @@ fn bad_hellos_are_refused_and_the_listener_keeps_accepting() {
     assert_eq!(u16::from_le_bytes([answer[6], answer[7]]), 3, "a reject");
     let reason = String::from_utf8_lossy(&answer[16..]).into_owned();
     assert!(reason.contains("unsupported hello version 99"), "{reason}");
-    wait_for_log("refusing tcp connection: unsupported hello version 99 (this side speaks 1)");
+    wait_for_log("refusing tcp connection: unsupported hello version 99 (this side speaks 2)");
 
     let mut huge = TcpStream::connect(&addr).unwrap();
-    huge.write_all(&hello(1, 1, &[], 1 << 20)).unwrap();
+    huge.write_all(&hello(HELLO_VERSION, 1, &[], 1 << 20)).unwrap();
     read_to_close(&mut huge);
     wait_for_log("hello parameters too long (1048576 > 4096 bytes)");
 
@@ -148,13 +148,15 @@ fn a_malformed_frame_closes_only_its_own_connection() {
         .unwrap()
         .local_params();
     let mut rogue = TcpStream::connect(&addr).unwrap();
-    rogue.write_all(&hello(1, 1, &params, params.len() as u32)).unwrap();
+    rogue
+        .write_all(&hello(HELLO_VERSION, 1, &params, params.len() as u32))
+        .unwrap();
     let victim = Endpoint::accept(&fabric, &*listener, Config::default(), Some(LONG)).expect("accept rogue");
     let mut answer = [0u8; 16];
     rogue.set_read_timeout(Some(LONG)).unwrap();
     rogue.read_exact(&mut answer).unwrap();
     assert_eq!(u16::from_le_bytes([answer[6], answer[7]]), 2, "accepted");
-    let mut frame = [0u8; 32];
+    let mut frame = [0u8; FRAME_HEADER];
     frame[0] = 200;
     rogue.write_all(&frame).unwrap();
 

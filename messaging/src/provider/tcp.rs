@@ -67,11 +67,11 @@ use crate::provider::{flushed_recv, flushed_send};
 /// Hello magic.
 pub const HELLO_MAGIC: [u8; 4] = *b"CHIO";
 /// Hello version this build speaks.
-pub const HELLO_VERSION: u16 = 1;
+pub const HELLO_VERSION: u16 = 2;
 /// Largest parameter block accepted in a hello.
 pub const MAX_PARAMS: usize = 4096;
 /// Size of a frame header.
-pub const FRAME_HEADER: usize = 32;
+pub const FRAME_HEADER: usize = 40;
 
 const HELLO_HEADER: usize = 16;
 const KIND_HELLO: u16 = 1;
@@ -531,6 +531,41 @@ struct Tx {
     outstanding: VecDeque<Pending>,
     next_psn: u64,
     failed: bool,
+    /// The newest request executed for the peer and not yet acknowledged:
+    /// it rides on the next frame written, or goes out as an ACK.
+    ack_due: Option<u64>,
+    /// `ack_due` waited one pump for a reply to carry it.
+    ack_deferred: bool,
+}
+
+impl Tx {
+    /// Queues an explicit ACK for whatever is due.
+    fn ack_now(&mut self) {
+        if let Some(psn) = self.ack_due.take() {
+            self.ack_deferred = false;
+            self.frames.push_back(TxFrame {
+                header: Header::control(OP_ACK, psn, WcStatus::Success).encode(),
+                payload: TxPayload::None,
+                request_psn: None,
+            });
+        }
+    }
+
+    /// Puts the due acknowledgement into the header of the first frame not
+    /// yet started. Not past a queued READ_RESP: the peer must see a read's
+    /// data before an acknowledgement that covers the read.
+    fn piggyback_ack(&mut self) {
+        let Some(psn) = self.ack_due else { return };
+        if self.frames.iter().any(|f| f.header[0] == OP_READ_RESP) {
+            return;
+        }
+        let fresh = usize::from(self.head_written > 0);
+        if let Some(frame) = self.frames.get_mut(fresh) {
+            frame.header[32..40].copy_from_slice(&(psn + 1).to_le_bytes());
+            self.ack_due = None;
+            self.ack_deferred = false;
+        }
+    }
 }
 
 struct TxFrame {
@@ -575,6 +610,9 @@ struct Header {
     addr: u64,
     rkey: u32,
     imm: u32,
+    /// Piggybacked cumulative acknowledgement: every request up to psn
+    /// `ack - 1` was executed; 0 carries none.
+    ack: u64,
 }
 
 impl Header {
@@ -587,6 +625,7 @@ impl Header {
         h[16..24].copy_from_slice(&self.addr.to_le_bytes());
         h[24..28].copy_from_slice(&self.rkey.to_le_bytes());
         h[28..32].copy_from_slice(&self.imm.to_le_bytes());
+        h[32..40].copy_from_slice(&self.ack.to_le_bytes());
         h
     }
 
@@ -615,6 +654,7 @@ impl Header {
             addr: le64(16),
             rkey: le32(24),
             imm: le32(28),
+            ack: le64(32),
         };
         if !(OP_SEND..=OP_DISCONNECT).contains(&header.opcode) {
             return Err(format!("unknown opcode {}", header.opcode));
@@ -631,6 +671,7 @@ impl Header {
             addr: 0,
             rkey: 0,
             imm: 0,
+            ack: 0,
         }
     }
 }
@@ -767,6 +808,7 @@ impl QueuePair for TcpQp {
                         addr: 0,
                         rkey: 0,
                         imm: imm.unwrap_or(0),
+                        ack: 0,
                     },
                     TxPayload::Buf(buf),
                     None,
@@ -780,6 +822,7 @@ impl QueuePair for TcpQp {
                         addr: remote.addr,
                         rkey: remote.rkey.0,
                         imm: imm.unwrap_or(0),
+                        ack: 0,
                     },
                     TxPayload::Buf(buf),
                     None,
@@ -793,6 +836,7 @@ impl QueuePair for TcpQp {
                         addr: remote.addr,
                         rkey: remote.rkey.0,
                         imm: 0,
+                        ack: 0,
                     },
                     TxPayload::None,
                     Some(buf),
@@ -937,6 +981,7 @@ fn check_local(wr: &SendWr, max_message: u32) -> Result<(), WcStatus> {
 
 /// Writes as much of the queued frames as the socket takes without blocking.
 fn flush_tx(stream: &mio::net::TcpStream, tx: &mut Tx) -> io::Result<()> {
+    tx.piggyback_ack();
     while !tx.frames.is_empty() {
         let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOVECS);
         let mut skip = tx.head_written;
@@ -1092,12 +1137,19 @@ impl QpShared {
         let read = rx.read_available(self);
         let flushed = {
             let mut tx = self.tx.lock();
+            // An acknowledgement waits for the application's reply to carry
+            // it only while the application reacts to what it was handed:
+            // one that waited through a pump already goes out now.
+            if tx.ack_deferred {
+                tx.ack_now();
+            }
             if let Some(psn) = rx.ack_due.take() {
-                tx.frames.push_back(TxFrame {
-                    header: Header::control(OP_ACK, psn, WcStatus::Success).encode(),
-                    payload: TxPayload::None,
-                    request_psn: None,
-                });
+                tx.ack_due = Some(psn);
+                if rx.completions.is_empty() {
+                    tx.ack_now();
+                } else {
+                    tx.ack_deferred = true;
+                }
             }
             flush_tx(&self.stream, &mut tx)
         };
@@ -1111,6 +1163,18 @@ impl QpShared {
             return false;
         }
         true
+    }
+
+    /// Sends the acknowledgement still due before this side sleeps (nothing
+    /// it could ride on is coming); returns whether frames remain unwritten.
+    fn ack_before_sleep(&self) -> io::Result<bool> {
+        let mut tx = self.tx.lock();
+        if tx.failed {
+            return Ok(false);
+        }
+        tx.ack_now();
+        flush_tx(&self.stream, &mut tx)?;
+        Ok(!tx.frames.is_empty())
     }
 
     /// The caller side of [`QueuePair::wait`]: see there.
@@ -1131,11 +1195,17 @@ impl QpShared {
             if !self.pump(&mut rx) || self.cq.has_completions() || self.kick_pending.swap(false, Ordering::SeqCst) {
                 break self.cq.has_completions();
             }
-            let want_write = !self.tx.lock().frames.is_empty();
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if timeout == Some(Duration::ZERO) {
                 break false;
             }
+            let want_write = match self.ack_before_sleep() {
+                Ok(pending) => pending,
+                Err(e) => {
+                    rx.fail(self, fatal(format!("write: {e}")));
+                    break self.cq.has_completions();
+                }
+            };
             let (readable, kicked) = poll_socket(&self.stream, want_write, &self.kicked, timeout);
             self.renew_lease();
             if kicked {
@@ -1176,7 +1246,13 @@ fn io_thread(shared: &QpShared, mut poll: Poll) {
                 continue;
             }
             shared.io_holds.store(true, Ordering::Release);
-            let alive = shared.pump(&mut rx);
+            let mut alive = shared.pump(&mut rx);
+            if alive {
+                if let Err(e) = shared.ack_before_sleep() {
+                    rx.fail(shared, fatal(format!("write: {e}")));
+                    alive = false;
+                }
+            }
             shared.io_holds.store(false, Ordering::Release);
             if !alive {
                 return;
@@ -1294,6 +1370,10 @@ impl Rx {
             raw.copy_from_slice(&self.staging[self.start..self.start + FRAME_HEADER]);
             self.start += FRAME_HEADER;
             let header = Header::decode(&raw).map_err(|r| violation(format!("malformed frame: {r}")))?;
+            if header.ack > 0 {
+                let mut tx = sh.tx.lock();
+                complete_acked(&mut self.completions, &mut tx, header.ack - 1, true)?;
+            }
             self.begin_frame(sh, header)?;
         }
     }
@@ -1421,6 +1501,12 @@ impl Rx {
                 if self.ack_due.is_some_and(|p| p < header.psn) {
                     self.ack_due = None;
                 }
+                let mut tx = sh.tx.lock();
+                if tx.ack_due.is_some_and(|p| p < header.psn) {
+                    tx.ack_due = None;
+                    tx.ack_deferred = false;
+                }
+                drop(tx);
                 let response = Header {
                     opcode: OP_READ_RESP,
                     status: 0,
@@ -1429,6 +1515,7 @@ impl Rx {
                     addr: 0,
                     rkey: 0,
                     imm: 0,
+                    ack: 0,
                 };
                 sh.tx.lock().frames.push_back(TxFrame {
                     header: response.encode(),
