@@ -1,5 +1,7 @@
-//! A small I/O benchmark: `queue_depth` threads, each with one command in
-//! flight, for a fixed time; latencies go into an HDR histogram.
+//! A small I/O benchmark: `queue_depth` commands kept in flight for a fixed
+//! time by `threads` submitting threads (one by default, as a fio job), each
+//! running its share of the commands as futures over the async API; latencies
+//! go into an HDR histogram.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -10,6 +12,7 @@
 //!     pattern: Pattern::RandRead,
 //!     block_size: 4096,
 //!     queue_depth: 32,
+//!     threads: 1,
 //!     duration: Duration::from_secs(10),
 //! };
 //! let report = host::bench::run(&host, &cfg, &|_, _| {})?;
@@ -92,8 +95,11 @@ pub struct BenchConfig {
     pub pattern: Pattern,
     /// Bytes per I/O: a whole number of blocks.
     pub block_size: usize,
-    /// Concurrent submitters (threads), each with one I/O in flight.
+    /// I/Os kept in flight.
     pub queue_depth: usize,
+    /// Submitting threads (at most `queue_depth`); the I/Os in flight are
+    /// shared out among them.
+    pub threads: usize,
     /// How long to run.
     pub duration: Duration,
 }
@@ -195,16 +201,30 @@ pub fn run(host: &Host, cfg: &BenchConfig, progress: &dyn Fn(Duration, u64)) -> 
             cfg.block_size, ns.blocks
         )));
     }
+    let threads = cfg.threads.clamp(1, cfg.queue_depth);
     let slots = ns.blocks / blocks_per_io;
     let done = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let start = Instant::now();
     let end = start + cfg.duration;
     let results: Vec<Result<Histogram<u64>, HostError>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..cfg.queue_depth)
-            .map(|i| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
                 let (done, stop) = (&done, &stop);
-                s.spawn(move || worker(host, cfg, i as u64, slots, blocks_per_io, end, done, stop))
+                // Thread t runs streams t, t + threads, t + 2 * threads, ...
+                let streams: Vec<u64> = (t..cfg.queue_depth).step_by(threads).map(|i| i as u64).collect();
+                s.spawn(move || {
+                    let runs = streams
+                        .into_iter()
+                        .map(|i| worker(host, cfg, i, slots, blocks_per_io, end, done, stop))
+                        .collect();
+                    let mut hist = new_histogram()?;
+                    for h in crate::exec::block_on(crate::exec::join_all(runs)) {
+                        hist.add(&h?)
+                            .map_err(|e| HostError::InvalidArgument(format!("histogram: {e}")))?;
+                    }
+                    Ok(hist)
+                })
             })
             .collect();
         while Instant::now() < end && !stop.load(Ordering::Relaxed) {
@@ -239,8 +259,9 @@ pub fn run(host: &Host, cfg: &BenchConfig, progress: &dyn Fn(Duration, u64)) -> 
     })
 }
 
+/// One stream of I/Os, one in flight at a time.
 #[allow(clippy::too_many_arguments)]
-fn worker(
+async fn worker(
     host: &Host,
     cfg: &BenchConfig,
     index: u64,
@@ -274,9 +295,9 @@ fn worker(
         };
         let t0 = Instant::now();
         let result = if write {
-            host.write_from(cfg.nsid, lba, &buf, false)
+            host.write_from_async(cfg.nsid, lba, &buf, false).await
         } else {
-            host.read_into(cfg.nsid, lba, &mut buf)
+            host.read_into_async(cfg.nsid, lba, &mut buf).await
         };
         if let Err(e) = result {
             stop.store(true, Ordering::Relaxed);

@@ -1,10 +1,13 @@
-//! Runtime-free async plumbing: a thread-parking `block_on`, one timer
-//! thread per host that wakes futures at deadlines, an async lock and
-//! `join_all`. The blocking API is `block_on` over the async one.
+//! Runtime-free async plumbing: a `block_on` whose thread does the work its
+//! future waits for (run to completion), one timer thread per host that
+//! wakes futures at deadlines, an async lock and `join_all`. The blocking
+//! API is `block_on` over the async one.
 
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{JoinHandle, Thread};
@@ -12,27 +15,85 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
-/// Runs a future to completion on the calling thread, parking it between
-/// polls.
+/// Work a thread blocked in [`block_on`] can do for the future it waits on:
+/// reaping the queue whose completion the future awaits, so that the
+/// completion reaches the waiting thread without a hop through another.
+pub(crate) trait Helper: Send + Sync {
+    /// Does that work until `woken` is set (or gives up and sleeps briefly).
+    fn help(&self, woken: &AtomicBool);
+
+    /// Runs `f` with this helper's posting held back, so that what `f`
+    /// submits goes out as one batch.
+    fn corked(&self, f: &mut dyn FnMut());
+}
+
+thread_local! {
+    /// Whether this thread is inside `block_on` (only then is help taken).
+    static IN_BLOCK_ON: Cell<bool> = const { Cell::new(false) };
+    /// The help offered by the future `block_on` polled last.
+    static OFFERED: RefCell<Option<Arc<dyn Helper>>> = const { RefCell::new(None) };
+}
+
+/// Called by a future about to return `Pending`: if it runs under
+/// [`block_on`], the blocked thread will do `helper`'s work instead of sleeping.
+pub(crate) fn offer_help(helper: Arc<dyn Helper>) {
+    if IN_BLOCK_ON.get() {
+        OFFERED.set(Some(helper));
+    }
+}
+
+/// Runs a future to completion on the calling thread. Between polls the
+/// thread does the work the future offered (see [`offer_help`]) or parks.
 pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
-    struct Unpark(Thread);
+    struct Unpark {
+        thread: Thread,
+        woken: AtomicBool,
+    }
     impl Wake for Unpark {
         fn wake(self: Arc<Self>) {
-            self.0.unpark();
+            self.wake_by_ref();
         }
         fn wake_by_ref(self: &Arc<Self>) {
-            self.0.unpark();
+            self.woken.store(true, Ordering::Release);
+            self.thread.unpark();
         }
     }
     let mut fut = std::pin::pin!(fut);
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let unpark = Arc::new(Unpark {
+        thread: std::thread::current(),
+        woken: AtomicBool::new(false),
+    });
+    let waker = Waker::from(unpark.clone());
     let mut cx = Context::from_waker(&waker);
-    loop {
-        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
-            return v;
+    let outer = IN_BLOCK_ON.replace(true);
+    let mut helper: Option<Arc<dyn Helper>> = None;
+    let result = loop {
+        unpark.woken.store(false, Ordering::Release);
+        let mut ready = None;
+        let mut poll = || {
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                ready = Some(v);
+            }
+        };
+        match &helper {
+            Some(h) => h.corked(&mut poll),
+            None => poll(),
         }
-        std::thread::park();
-    }
+        if let Some(v) = ready {
+            break v;
+        }
+        if unpark.woken.load(Ordering::Acquire) {
+            continue;
+        }
+        helper = OFFERED.take();
+        match &helper {
+            Some(h) => h.help(&unpark.woken),
+            None => std::thread::park(),
+        }
+    };
+    IN_BLOCK_ON.set(outer);
+    OFFERED.set(None);
+    result
 }
 
 /// Wakes registered wakers at their deadlines, from one thread.

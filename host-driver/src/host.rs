@@ -553,7 +553,6 @@ impl Inner {
             generation,
         };
         let (admin, cntlid) = Queue::connect(&params, 0).map_err(|e| HostError::connect(&uri, "admin queue", e))?;
-        let admin = Arc::new(admin);
         let mut io = Vec::new();
         let result = (|| {
             let receiver = admin.spawn_receiver(on_lost.clone())?;
@@ -584,7 +583,6 @@ impl Inner {
         params.kato_ms = 0;
         for qid in 1..=queues {
             let opened = Queue::connect(&params, qid).and_then(|(q, _)| {
-                let q = Arc::new(q);
                 let receiver = q.spawn_receiver(on_lost.clone())?;
                 self.threads.lock().push(receiver);
                 Ok(q)

@@ -1,9 +1,17 @@
 //! One NVMe queue: a messaging channel, the table of commands in flight on
-//! it, and the receiver thread that completes them.
+//! it, and the reaping that completes them.
+//!
+//! Reaping (taking deliveries off the channel and completing commands) is
+//! done by one thread at a time, the holder of `reaper`: preferably a
+//! thread blocked in `block_on` on one of this queue's commands (run to
+//! completion: its completion reaches it without a thread hop, and one
+//! submitting thread can keep many commands in flight), otherwise the
+//! queue's receiver thread, which stands aside while such callers come by
+//! (a short lease) and serves async users and quiet periods.
 //!
 //! ```text
-//!  caller future                       receiver thread
-//!  ─────────────                       ───────────────
+//!  caller future                       reaper (blocked caller or receiver thread)
+//!  ─────────────                       ───────────────────────────────────────────
 //!  acquire slot (CID) ──▶ slots ◀───── Direct{tag}: data into the slot
 //!  expose read buffer      │    ◀───── CQE: slot removed, cell completed
 //!  send capsule (+ pushes) │    ◀───── channel closed: every slot fails (Lost)
@@ -19,8 +27,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -40,6 +48,15 @@ use crate::HostError;
 
 /// Staging buffers per queue for pushed write data.
 pub(crate) const PUSH_BUFFERS: usize = 8;
+/// How long a blocked caller's reaping keeps the receiver thread aside.
+const REAP_LEASE: Duration = Duration::from_millis(2);
+/// How long a blocked caller waits for a delivery before it re-checks.
+const REAP_SLICE: Duration = Duration::from_millis(1);
+/// Most deliveries a blocked caller handles in one go.
+const REAP_BATCH: usize = 64;
+/// How long a caller parked behind another reaper sleeps before it
+/// re-checks (a safety net: it is normally woken well before).
+const PARKED_RECHECK: Duration = Duration::from_millis(5);
 
 /// A completed command: its CQE and, for reads, the buffer holding the data
 /// (its length is the bytes the I/O unit pushed).
@@ -86,6 +103,17 @@ pub(crate) struct Queue {
     pushes: Mutex<VecDeque<Ticket>>,
     push_pool: Mutex<Option<BufPool>>,
     state: Mutex<State>,
+    /// This queue, for offering its reaping to a blocked caller.
+    me: Weak<Queue>,
+    /// Held by the thread that reaps.
+    reaper: Mutex<()>,
+    /// Blocked callers reap until this instant (ns since `epoch`); the
+    /// receiver thread stays aside until then.
+    lease: AtomicU64,
+    epoch: Instant,
+    /// Blocked callers parked because another thread reaps: the reaper
+    /// wakes one when it stops, so that someone keeps reaping for them.
+    parked: Mutex<Vec<std::thread::Thread>>,
 }
 
 #[derive(Default)]
@@ -141,19 +169,6 @@ impl Cell {
     fn try_take(&self) -> Option<Result<Reply, ()>> {
         self.inner.lock().result.take()
     }
-
-    fn wait(&self) -> impl Future<Output = Result<Reply, ()>> + '_ {
-        std::future::poll_fn(move |cx| {
-            let mut inner = self.inner.lock();
-            match inner.result.take() {
-                Some(r) => Poll::Ready(r),
-                None => {
-                    inner.waker = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            }
-        })
-    }
 }
 
 /// Submission progress, to know what a cancelled submission left behind.
@@ -168,7 +183,7 @@ impl Queue {
     /// # Errors
     /// Messaging errors, [`HostError::Timeout`] when no answer comes within
     /// `timeout`, [`HostError::Nvme`] when the I/O unit refuses.
-    pub(crate) fn connect(p: &QueueParams<'_>, qid: u16) -> Result<(Queue, u16), HostError> {
+    pub(crate) fn connect(p: &QueueParams<'_>, qid: u16) -> Result<(Arc<Queue>, u16), HostError> {
         let QueueParams {
             fabric,
             addr,
@@ -182,7 +197,7 @@ impl Queue {
         let result = connect_exchange(&ep, qid, depth, kato_ms, data, timeout);
         match result {
             Ok(cntlid) => Ok((
-                Queue {
+                Arc::new_cyclic(|me| Queue {
                     qid,
                     generation,
                     ep,
@@ -192,7 +207,12 @@ impl Queue {
                     pushes: Mutex::new(VecDeque::new()),
                     push_pool: Mutex::new(None),
                     state: Mutex::new(State::default()),
-                },
+                    me: me.clone(),
+                    reaper: Mutex::new(()),
+                    lease: AtomicU64::new(0),
+                    epoch: Instant::now(),
+                    parked: Mutex::new(Vec::new()),
+                }),
                 cntlid,
             )),
             Err(e) => {
@@ -239,6 +259,30 @@ impl Queue {
     /// (`read_buf`, a spare exposure or one from `cache`), sends the capsule
     /// and any pushed data, and waits for the completion until `deadline`.
     pub(crate) async fn execute(
+        &self,
+        op: &Op<'_>,
+        read_buf: Option<Buf>,
+        cache: &BufCache,
+        deadline: Option<Instant>,
+        timer: &Timer,
+    ) -> Result<Reply, ExecError> {
+        // Whatever the command waits for (a CID, send credits, a staging
+        // buffer, its completion) comes from this queue's channel: a thread
+        // blocked on it reaps the queue meanwhile.
+        let mut run = std::pin::pin!(self.run_command(op, read_buf, cache, deadline, timer));
+        std::future::poll_fn(|cx| {
+            let r = run.as_mut().poll(cx);
+            if r.is_pending() {
+                if let Some(me) = self.me.upgrade() {
+                    exec::offer_help(me);
+                }
+            }
+            r
+        })
+        .await
+    }
+
+    async fn run_command(
         &self,
         op: &Op<'_>,
         read_buf: Option<Buf>,
@@ -293,7 +337,7 @@ impl Queue {
             // one frees its slot: either way nothing is left holding a CID.
             None => return Err(ExecError::Timeout { in_flight: false }),
         }
-        match exec::deadline(timer, deadline, cell.wait()).await {
+        match exec::deadline(timer, deadline, self.wait_reply(&cell)).await {
             Some(r) => {
                 guard.done = true;
                 r.map_err(|()| ExecError::Lost)
@@ -455,15 +499,115 @@ impl Queue {
         }
     }
 
+    /// Waits for a command's reply.
+    fn wait_reply<'a>(&'a self, cell: &'a Cell) -> impl Future<Output = Result<Reply, ()>> + 'a {
+        std::future::poll_fn(move |cx| {
+            let mut inner = cell.inner.lock();
+            match inner.result.take() {
+                Some(r) => Poll::Ready(r),
+                None => {
+                    inner.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn renew_lease(&self) {
+        let until = self.now_ns().saturating_add(REAP_LEASE.as_nanos() as u64);
+        self.lease.store(until, Ordering::Release);
+    }
+
+    fn lease_left(&self) -> Option<Duration> {
+        let (until, now) = (self.lease.load(Ordering::Acquire), self.now_ns());
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// The receiver thread: reaps whenever no blocked caller does, until
+    /// the channel closes; then fails every command in flight.
     fn receive_loop(&self) {
         loop {
-            let delivery = match self.ep.recv() {
-                Ok(d) => d,
+            if let Some(left) = self.lease_left() {
+                self.wake_parked();
+                std::thread::park_timeout(left);
+                continue;
+            }
+            // Blocks (without spinning) while a caller reaps.
+            let reaper = self.reaper.lock();
+            if self.lease_left().is_some() {
+                // A caller came by meanwhile, and may have parked because
+                // this thread held the lock: hand the reaping back.
+                drop(reaper);
+                self.wake_parked();
+                continue;
+            }
+            match self.ep.recv() {
+                Ok(d) => self.handle_ready(d),
                 Err(e) => {
                     tracing::debug!(qid = self.qid, "queue channel closed: {e}");
                     break;
                 }
-            };
+            }
+        }
+        self.fail_all();
+    }
+
+    /// Takes deliveries off the channel for a blocked caller until `woken`.
+    fn reap_for_caller(&self, woken: &AtomicBool) {
+        self.renew_lease();
+        let Some(reaper) = self.reaper.try_lock() else {
+            // Another thread reaps: it completes our command, or wakes us
+            // when it stops.
+            self.parked.lock().push(std::thread::current());
+            if !woken.load(Ordering::Acquire) {
+                std::thread::park_timeout(PARKED_RECHECK);
+            }
+            let me = std::thread::current().id();
+            self.parked.lock().retain(|t| t.id() != me);
+            return;
+        };
+        while !woken.load(Ordering::Acquire) {
+            match self.ep.recv_timeout(REAP_SLICE) {
+                Ok(d) => self.handle_ready(d),
+                Err(messaging::Error::Timeout(_)) => {}
+                Err(_) => {
+                    // Closed: the receiver thread fails what is in flight.
+                    drop(reaper);
+                    self.lease.store(0, Ordering::Release);
+                    std::thread::park_timeout(PARKED_RECHECK);
+                    return;
+                }
+            }
+            self.renew_lease();
+        }
+        drop(reaper);
+        self.renew_lease();
+        self.wake_parked();
+    }
+
+    /// Wakes the callers parked behind the reaper, so that one takes over.
+    fn wake_parked(&self) {
+        let parked = std::mem::take(&mut *self.parked.lock());
+        parked.iter().for_each(std::thread::Thread::unpark);
+    }
+
+    /// Handles `first` and every delivery already there after it.
+    fn handle_ready(&self, first: messaging::Delivery) {
+        self.handle(first);
+        for _ in 1..REAP_BATCH {
+            match self.ep.try_recv() {
+                Ok(d) => self.handle(d),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn handle(&self, delivery: messaging::Delivery) {
+        {
             match delivery.kind() {
                 ReceivedKind::Direct { tag } => {
                     if let Ok(buf) = delivery.into_buf() {
@@ -490,7 +634,6 @@ impl Queue {
                 }
             }
         }
-        self.fail_all();
     }
 
     fn handle_data(&self, tag: u16, buf: Buf) {
@@ -541,6 +684,17 @@ impl Queue {
             slot.cell.complete(Err(()));
         }
         waiters.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl exec::Helper for Queue {
+    fn help(&self, woken: &AtomicBool) {
+        self.reap_for_caller(woken);
+    }
+
+    fn corked(&self, f: &mut dyn FnMut()) {
+        let _cork = self.ep.cork();
+        f();
     }
 }
 

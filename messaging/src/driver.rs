@@ -111,6 +111,9 @@ struct Inner {
     tickets: Slab<TicketState>,
     closed: Option<CloseReason>,
     scratch: Vec<Completion>,
+    /// Open [`Cork`]s: while any, sends wait in `held` to go out as one batch.
+    corks: usize,
+    held: Vec<crate::provider::SendWr>,
 }
 
 struct TicketState {
@@ -124,9 +127,13 @@ struct FabricRef {
     domain: crate::mr::ProtectionDomain,
 }
 
-/// How long a waiting thread spins before it sleeps, unless the environment
-/// variable `CHANIO_SPIN_US` says otherwise (0 disables spinning).
-const DEFAULT_SPIN: Duration = Duration::ZERO;
+/// How long a waiting thread polls before it sleeps (adaptive polling: a
+/// reply already on its way costs no sleep and wake-up, a quiet channel
+/// costs one short spin per wait), unless the environment variable
+/// `CHANIO_SPIN_US` says otherwise (0 disables spinning). On a driven
+/// provider (tcp) the spin reads the transport itself, so it never starves
+/// a provider thread.
+const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
 fn spin_budget() -> Duration {
     std::env::var("CHANIO_SPIN_US")
@@ -232,6 +239,8 @@ impl Endpoint {
                 tickets: Slab::new(),
                 closed: None,
                 scratch: Vec::with_capacity(POLL_BATCH),
+                corks: 0,
+                held: Vec::new(),
             }),
             signal: Arc::new(Signal {
                 generation: AtomicU64::new(0),
@@ -421,9 +430,23 @@ impl Endpoint {
             self.shared.progress(&mut inner);
             match take_delivery(&mut inner) {
                 Some(r) => Poll::Ready(r.map(|r| self.delivery(r))),
-                None => Poll::Pending,
+                None => {
+                    drop(inner);
+                    self.shared.post_held();
+                    Poll::Pending
+                }
             }
         })
+    }
+
+    /// Holds back posting until the returned guard drops, so that the sends
+    /// and pushes made meanwhile reach the fabric as one batch (one system
+    /// call on tcp): what a server answering several requests at once wants.
+    /// A call that must wait (or a future that returns pending) posts what
+    /// was held first, so a cork never blocks its own progress.
+    pub fn cork(&self) -> Cork<'_> {
+        self.shared.inner.lock().corks += 1;
+        Cork { shared: &self.shared }
     }
 
     /// Closes the channel; requests in flight complete with errors.
@@ -494,7 +517,10 @@ impl Endpoint {
             self.shared.signal.register(cx.waker());
             match self.attempt(&mut op) {
                 Ok(Some(t)) => Poll::Ready(Ok(t)),
-                Ok(None) => Poll::Pending,
+                Ok(None) => {
+                    self.shared.post_held();
+                    Poll::Pending
+                }
                 Err(e) => Poll::Ready(Err(e)),
             }
         })
@@ -543,6 +569,7 @@ impl Shared {
     /// drives it (reading the transport itself, so its completion reaches it
     /// without a thread hop); the others sleep on the signal.
     fn sleep(&self, seen: u64, deadline: Option<Instant>) -> Result<(), Error> {
+        self.post_held();
         if !self.driven || self.signal.driving.swap(true, Ordering::SeqCst) {
             return self.signal.sleep(seen, deadline);
         }
@@ -633,15 +660,21 @@ impl Shared {
                 }
                 Work::Send(wr) => sends.push(wr),
                 Work::Disconnect => {
-                    if !sends.is_empty() {
-                        self.post_sends(inner, std::mem::take(&mut sends));
+                    let mut held = std::mem::take(&mut inner.held);
+                    held.append(&mut sends);
+                    if !held.is_empty() {
+                        self.post_sends(inner, held);
                     }
                     self.qp.disconnect();
                 }
             }
         }
         if !sends.is_empty() {
-            self.post_sends(inner, sends);
+            if inner.corks > 0 {
+                inner.held.append(&mut sends);
+            } else {
+                self.post_sends(inner, sends);
+            }
         }
         while let Some(event) = inner.conn.poll_event() {
             moved = true;
@@ -662,6 +695,15 @@ impl Shared {
             }
         }
         (moved, routed)
+    }
+
+    /// Posts the sends a cork held back.
+    fn post_held(&self) {
+        let mut inner = self.inner.lock();
+        if !inner.held.is_empty() {
+            let held = std::mem::take(&mut inner.held);
+            self.post_sends(&mut inner, held);
+        }
     }
 
     fn post_sends(&self, inner: &mut Inner, sends: Vec<crate::provider::SendWr>) {
@@ -790,6 +832,28 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
+/// Holds an endpoint's posting back while it lives: see [`Endpoint::cork`].
+pub struct Cork<'a> {
+    shared: &'a Arc<Shared>,
+}
+
+impl Drop for Cork<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.shared.inner.lock();
+        inner.corks -= 1;
+        if inner.corks == 0 && !inner.held.is_empty() {
+            let held = std::mem::take(&mut inner.held);
+            self.shared.post_sends(&mut inner, held);
+        }
+    }
+}
+
+impl std::fmt::Debug for Cork<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cork").finish_non_exhaustive()
+    }
+}
+
 /// The pending result of a send or push. Wait on it to learn that the
 /// peer's fabric executed the transfer; drop it to not care.
 pub struct Ticket {
@@ -824,7 +888,11 @@ impl Ticket {
             shared.progress(&mut inner);
             match self.take(&mut inner) {
                 Some(r) => Poll::Ready(r),
-                None => Poll::Pending,
+                None => {
+                    drop(inner);
+                    shared.post_held();
+                    Poll::Pending
+                }
             }
         })
     }

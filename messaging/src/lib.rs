@@ -54,6 +54,6 @@ pub mod proto;
 pub mod provider;
 pub mod transport;
 
-pub use driver::{Delivery, Endpoint, Error, Ticket};
+pub use driver::{Cork, Delivery, Endpoint, Error, Ticket};
 pub use proto::{CloseReason, Config, DirectTarget, ReceivedKind};
 pub use transport::{Fabrics, Scheme, TransportUri};

@@ -153,9 +153,13 @@ struct BenchArgs {
     /// Bytes per I/O (4k, 64k, 1m, ...).
     #[arg(long, default_value = "4k", value_parser = parse_size)]
     bs: u64,
-    /// I/Os in flight (submitting threads).
+    /// I/Os in flight.
     #[arg(long, default_value_t = 32)]
     qd: usize,
+    /// Submitting threads; the I/Os in flight are shared out among them
+    /// (one thread keeps all of them in flight with the async API, as fio).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// How long to run.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     time: Duration,
@@ -309,6 +313,7 @@ fn bench(host: &Host, b: BenchArgs, out: &mut impl Write) -> Result<(), CliError
         pattern: b.rw,
         block_size: usize::try_from(b.bs).map_err(|_| "--bs is too large")?,
         queue_depth: b.qd,
+        threads: b.threads,
         duration: b.time,
     };
     let bar = std::io::stderr().is_terminal().then(|| {

@@ -33,6 +33,8 @@ use crate::transport;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(250);
+/// Most deliveries handled before the answers they produced are posted.
+const BATCH: usize = 64;
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 const STAGING_BUFFERS: usize = 4;
 
@@ -101,11 +103,21 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
         }
         match ep.recv_timeout(TICK) {
             Ok(d) => {
-                let outcome = match d.kind() {
-                    ReceivedKind::Message => q.capsule(&d),
-                    ReceivedKind::Push => q.pushed(d),
-                    ReceivedKind::Direct { .. } => Err("a direct placement into an I/O unit".into()),
-                };
+                // Everything the host sent meanwhile is handled in one go,
+                // and the data pushes and completions it produces go out as
+                // one batch.
+                let cork = ep.cork();
+                let mut outcome = q.handle(d);
+                for _ in 1..BATCH {
+                    if outcome.is_err() {
+                        break;
+                    }
+                    match ep.try_recv() {
+                        Ok(d) => outcome = q.handle(d),
+                        Err(_) => break,
+                    }
+                }
+                drop(cork);
                 if let Err(reason) = outcome {
                     tracing::warn!(%peer, qid, "closing the channel: {reason}");
                     break;
@@ -296,6 +308,14 @@ impl Outcome {
 
 impl Queue {
     /// One command capsule. `Err` closes the channel.
+    fn handle(&mut self, d: messaging::Delivery) -> Result<(), String> {
+        match d.kind() {
+            ReceivedKind::Message => self.capsule(&d),
+            ReceivedKind::Push => self.pushed(d),
+            ReceivedKind::Direct { .. } => Err("a direct placement into an I/O unit".into()),
+        }
+    }
+
     fn capsule(&mut self, msg: &[u8]) -> Result<(), String> {
         let (sqe, inline) = transport::decode_capsule(msg).map_err(|e| format!("malformed capsule: {e}"))?;
         self.sq_head = (self.sq_head + 1) % self.depth.max(1);
