@@ -41,6 +41,8 @@ use crate::mr::{Buf, ProtectionDomain, RKey};
 
 pub mod conformance;
 mod cq;
+#[cfg(unix)]
+mod drive;
 pub(crate) mod handshake;
 pub mod loopback;
 #[cfg(target_os = "linux")]

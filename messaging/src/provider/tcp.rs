@@ -46,8 +46,7 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -56,6 +55,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::Mutex;
 
 use super::cq::CompletionQueue;
+use super::drive::{self, Drive, Woke};
 use super::handshake::{read_exact_by, AcceptQueue, Refused};
 use super::{
     Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
@@ -504,22 +504,8 @@ struct QpShared {
     waker: Waker,
     /// The receive side; its holder reads the socket.
     rx: Mutex<Rx>,
-    /// Callers drive the socket until this instant (nanoseconds since
-    /// `epoch`); the I/O thread stays parked until then.
-    lease: AtomicU64,
-    epoch: Instant,
-    /// The I/O thread holds `rx` (only for a non-blocking pump): a caller
-    /// that wants to drive waits for it instead of sleeping on the CQ.
-    io_holds: AtomicBool,
-    /// A caller holds `rx` and may be blocked in `poll` on the socket.
-    caller_drives: AtomicBool,
-    /// An interrupt not yet seen by a driving caller (it may have come just
-    /// before the caller started to drive).
-    kick_pending: AtomicBool,
-    /// Interrupts a driving caller's `poll`: one byte written to `kick`
-    /// makes `kicked` readable.
-    kick: UnixStream,
-    kicked: UnixStream,
+    /// Who drives `rx`: waiting callers or the I/O thread.
+    drive: Drive,
 }
 
 #[derive(Default)]
@@ -713,9 +699,7 @@ impl TcpQp {
             .register(&mut stream, SOCKET, Interest::READABLE | Interest::WRITABLE)
             .map_err(io_err("epoll_ctl"))?;
         let waker = Waker::new(poll.registry(), WAKE).map_err(io_err("eventfd"))?;
-        let (kick, kicked) = UnixStream::pair().map_err(io_err("socketpair"))?;
-        kick.set_nonblocking(true).map_err(io_err("set_nonblocking"))?;
-        kicked.set_nonblocking(true).map_err(io_err("set_nonblocking"))?;
+        let drive = Drive::new().map_err(io_err("socketpair"))?;
         let shared = Arc::new(QpShared {
             stream,
             peer,
@@ -727,13 +711,7 @@ impl TcpQp {
             failed: AtomicBool::new(false),
             waker,
             rx: Mutex::new(Rx::new()),
-            lease: AtomicU64::new(0),
-            epoch: Instant::now(),
-            io_holds: AtomicBool::new(false),
-            caller_drives: AtomicBool::new(false),
-            kick_pending: AtomicBool::new(false),
-            kick,
-            kicked,
+            drive,
         });
         let thread = {
             let shared = shared.clone();
@@ -902,12 +880,8 @@ impl QueuePair for TcpQp {
     }
 
     fn interrupt(&self) {
-        let shared = &self.shared;
-        shared.kick_pending.store(true, Ordering::SeqCst);
-        if shared.caller_drives.load(Ordering::SeqCst) {
-            let _ = (&shared.kick).write(&[1]);
-        }
-        shared.cq.interrupt();
+        self.shared.drive.interrupt();
+        self.shared.cq.interrupt();
     }
 
     fn drives_on_wait(&self) -> bool {
@@ -1100,26 +1074,7 @@ fn violation(reason: impl Into<String>) -> Fatal {
     }
 }
 
-/// How long a caller's drive keeps the I/O thread away from the socket.
-const LEASE: Duration = Duration::from_millis(1);
-
 impl QpShared {
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    fn renew_lease(&self) {
-        let until = self.now_ns().saturating_add(LEASE.as_nanos() as u64);
-        self.lease.store(until, Ordering::Release);
-    }
-
-    /// Time left on the callers' lease.
-    fn lease_left(&self) -> Option<Duration> {
-        let until = self.lease.load(Ordering::Acquire);
-        let now = self.now_ns();
-        (until > now).then(|| Duration::from_nanos(until - now))
-    }
-
     /// One round of work without blocking: read and execute what the socket
     /// holds, queue the ACK, write what is queued, publish completions. The
     /// ACK goes out before completions are published: an application that
@@ -1179,50 +1134,39 @@ impl QpShared {
 
     /// The caller side of [`QueuePair::wait`]: see there.
     fn drive(&self, deadline: Option<Instant>) -> bool {
-        let mut rx = match self.rx.try_lock() {
-            Some(rx) => rx,
-            // The I/O thread only pumps without blocking: wait for it.
-            None if self.io_holds.load(Ordering::Acquire) => self.rx.lock(),
-            None => {
-                return self
-                    .cq
-                    .wait(deadline.map(|d| d.saturating_duration_since(Instant::now())))
-            }
-        };
-        self.renew_lease();
-        self.caller_drives.store(true, Ordering::SeqCst);
-        let ready = loop {
-            if !self.pump(&mut rx) || self.cq.has_completions() || self.kick_pending.swap(false, Ordering::SeqCst) {
-                break self.cq.has_completions();
-            }
-            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if timeout == Some(Duration::ZERO) {
-                break false;
-            }
-            let want_write = match self.ack_before_sleep() {
-                Ok(pending) => pending,
-                Err(e) => {
-                    rx.fail(self, fatal(format!("write: {e}")));
-                    break self.cq.has_completions();
+        self.drive.drive(
+            &self.rx,
+            &self.cq,
+            deadline,
+            |rx| self.pump(rx),
+            |rx, timeout| {
+                let want_write = match self.ack_before_sleep() {
+                    Ok(pending) => pending,
+                    Err(e) => {
+                        rx.fail(self, fatal(format!("write: {e}")));
+                        return Woke::Ready;
+                    }
+                };
+                let events = if want_write {
+                    libc::POLLIN | libc::POLLOUT
+                } else {
+                    libc::POLLIN
+                };
+                let mut fds = [
+                    drive::pollfd(self.stream.as_raw_fd(), events),
+                    drive::pollfd(self.drive.kick_fd(), libc::POLLIN),
+                ];
+                match drive::poll_fds(&mut fds, timeout) {
+                    Ok(true) if fds[1].revents != 0 => Woke::Kicked,
+                    Ok(true) => Woke::Ready,
+                    Ok(false) => Woke::TimedOut,
+                    Err(e) => {
+                        rx.fail(self, fatal(format!("poll: {e}")));
+                        Woke::Ready
+                    }
                 }
-            };
-            let (readable, kicked) = poll_socket(&self.stream, want_write, &self.kicked, timeout);
-            self.renew_lease();
-            if kicked {
-                let mut sink = [0u8; 64];
-                while matches!((&self.kicked).read(&mut sink), Ok(n) if n > 0) {}
-                self.kick_pending.store(false, Ordering::SeqCst);
-                self.pump(&mut rx);
-                break self.cq.has_completions();
-            }
-            if !readable && deadline.is_some_and(|d| Instant::now() >= d) {
-                self.pump(&mut rx);
-                break self.cq.has_completions();
-            }
-        };
-        self.caller_drives.store(false, Ordering::SeqCst);
-        self.renew_lease();
-        ready
+            },
+        )
     }
 }
 
@@ -1232,31 +1176,24 @@ impl QpShared {
 fn io_thread(shared: &QpShared, mut poll: Poll) {
     let mut events = Events::with_capacity(8);
     loop {
-        if !shared.failed.load(Ordering::Acquire) {
-            if let Some(left) = shared.lease_left() {
-                std::thread::park_timeout(left);
-                continue;
-            }
+        if let Some(left) = shared.drive.thread_should_wait(shared.failed.load(Ordering::Acquire)) {
+            std::thread::park_timeout(left);
+            continue;
         }
-        {
-            // Blocks while a caller drives (no CPU spent), then leaves the
-            // socket to callers that drove since.
-            let mut rx = shared.rx.lock();
-            if !shared.failed.load(Ordering::Acquire) && shared.lease_left().is_some() {
-                continue;
-            }
-            shared.io_holds.store(true, Ordering::Release);
-            let mut alive = shared.pump(&mut rx);
+        let round = shared.drive.thread_round(&shared.rx, &shared.failed, |rx| {
+            let alive = shared.pump(rx);
             if alive {
                 if let Err(e) = shared.ack_before_sleep() {
                     rx.fail(shared, fatal(format!("write: {e}")));
-                    alive = false;
+                    return false;
                 }
             }
-            shared.io_holds.store(false, Ordering::Release);
-            if !alive {
-                return;
-            }
+            alive
+        });
+        match round {
+            None => continue,
+            Some(false) => return,
+            Some(true) => {}
         }
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() != io::ErrorKind::Interrupted {
@@ -1266,44 +1203,6 @@ fn io_thread(shared: &QpShared, mut poll: Poll) {
             }
         }
     }
-}
-
-/// Waits in `poll(2)` until the socket is readable (or writable, with
-/// `want_write`), `kicked` is readable or `timeout` passes. Returns
-/// (socket ready, kicked).
-fn poll_socket(
-    stream: &mio::net::TcpStream,
-    want_write: bool,
-    kicked: &UnixStream,
-    timeout: Option<Duration>,
-) -> (bool, bool) {
-    let mut events = libc::POLLIN;
-    if want_write {
-        events |= libc::POLLOUT;
-    }
-    let mut fds = [
-        libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: kicked.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    let ms = timeout.map_or(-1, |t| {
-        // Round up: a sub-millisecond timeout must not become a busy loop.
-        libc::c_int::try_from(t.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX)
-    });
-    // SAFETY: `fds` is a valid array of two initialised pollfd structures
-    // that lives across the call; poll writes only their `revents`.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-    if n <= 0 {
-        return (false, false);
-    }
-    (fds[0].revents != 0, fds[1].revents != 0)
 }
 
 impl Rx {

@@ -60,6 +60,7 @@ use parking_lot::Mutex;
 use self::ring::{Entry, Ring, RING_BYTES};
 use self::sys::{Mapping, Socket};
 use super::cq::CompletionQueue;
+use super::drive::{self, Drive, Woke};
 use super::{
     Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
     WcOpcode, WcStatus,
@@ -605,6 +606,10 @@ struct Shared {
     state: Mutex<State>,
     cq: CompletionQueue,
     failed: AtomicBool,
+    /// The incoming ring and what executing it needs; its holder executes.
+    progress: Mutex<Progress>,
+    /// Who drives `progress`: waiting callers or the progress thread.
+    drive: Drive,
 }
 
 struct State {
@@ -649,6 +654,10 @@ fn start(
 ) -> Result<Box<ShmQp>, FabricError> {
     let tx = Ring::new(links.rings.clone(), links.tx_base);
     let rx = Ring::new(links.rings.clone(), links.rx_base);
+    let drive = Drive::new().map_err(|source| FabricError::Io {
+        op: "socketpair",
+        source,
+    })?;
     let shared = Arc::new(Shared {
         fabric,
         links,
@@ -664,16 +673,21 @@ fn start(
         }),
         cq: CompletionQueue::default(),
         failed: AtomicBool::new(false),
+        progress: Mutex::new(Progress {
+            rx,
+            expected_psn: 0,
+            maps: HashMap::new(),
+            entries: Vec::with_capacity(BATCH),
+            socket_ready: true,
+            socket_failed: None,
+            dead: false,
+        }),
+        drive,
     });
-    let progress = Progress {
-        shared: shared.clone(),
-        rx,
-        expected_psn: 0,
-        maps: HashMap::new(),
-    };
+    let thread_shared = shared.clone();
     std::thread::Builder::new()
         .name("chanio-shm-qp".into())
-        .spawn(move || progress.run())
+        .spawn(move || progress_thread(&thread_shared))
         .map_err(|source| FabricError::Io {
             op: "spawn shm progress thread",
             source,
@@ -774,8 +788,22 @@ impl QueuePair for ShmQp {
         self.shared.cq.poll(out, max)
     }
 
+    /// Executes the incoming ring from the calling thread (run to
+    /// completion: no thread hop between the peer's request and the
+    /// caller) until a completion is ready, `timeout` passes or
+    /// [`QueuePair::interrupt`] is called. When another caller drives
+    /// already, sleeps on the completion queue.
     fn wait(&self, timeout: Option<Duration>) -> bool {
-        self.shared.cq.wait(timeout)
+        self.shared.drive(timeout.map(|t| Instant::now() + t))
+    }
+
+    fn interrupt(&self) {
+        self.shared.drive.interrupt();
+        self.shared.cq.interrupt();
+    }
+
+    fn drives_on_wait(&self) -> bool {
+        true
     }
 
     fn set_notify(&self, notify: Option<Notify>) {
@@ -921,7 +949,147 @@ fn control(kind: u8, serial: u64) -> [u8; CTL_BYTES] {
 }
 
 // ---------------------------------------------------------------------------
-// Progress thread
+// Progress: driven by waiting callers, or by the progress thread
+
+impl Shared {
+    /// One non-blocking round: take exports off the socket if it was
+    /// readable, execute everything in the incoming ring, publish. False
+    /// once the queue pair failed (everything is flushed by then).
+    fn pump(&self, p: &mut Progress) -> bool {
+        if p.dead {
+            return false;
+        }
+        loop {
+            if p.socket_ready && p.socket_failed.is_none() {
+                if let Err(f) = p.drain_socket(self) {
+                    p.socket_failed = Some(f);
+                }
+                p.socket_ready = false;
+            }
+            let mut entries = std::mem::take(&mut p.entries);
+            entries.clear();
+            let result = match p.rx.pop(&mut entries, BATCH) {
+                Err(_) => Err(violation("ring counters out of range")),
+                Ok(0) => Ok(()),
+                Ok(_) => p.process(self, &entries),
+            };
+            let more = !entries.is_empty();
+            p.entries = entries;
+            if let Err(fatal) = result {
+                p.fail(self, fatal);
+                p.dead = true;
+                return false;
+            }
+            if self.failed.load(Ordering::Acquire) {
+                p.dead = true;
+                return false;
+            }
+            if more {
+                continue;
+            }
+            if let Some(fatal) = p.socket_failed.take() {
+                // The peer's last entries were published before it closed
+                // the socket and have been executed above.
+                p.fail(self, fatal);
+                p.dead = true;
+                return false;
+            }
+            return true;
+        }
+    }
+
+    /// The caller side of [`QueuePair::wait`]: see there.
+    fn drive(&self, deadline: Option<Instant>) -> bool {
+        self.drive.drive(
+            &self.progress,
+            &self.cq,
+            deadline,
+            |p| self.pump(p),
+            |p, timeout| {
+                if p.rx.prepare_sleep() {
+                    return Woke::Ready;
+                }
+                let mut fds = [
+                    drive::pollfd(self.links.wake_me.as_raw_fd(), libc::POLLIN),
+                    drive::pollfd(self.links.sock.raw(), libc::POLLIN),
+                    drive::pollfd(self.drive.kick_fd(), libc::POLLIN),
+                ];
+                let polled = drive::poll_fds(&mut fds, timeout);
+                p.rx.woke();
+                if fds[0].revents != 0 {
+                    sys::drain_eventfd(&self.links.wake_me);
+                }
+                p.socket_ready |= fds[1].revents != 0;
+                match polled {
+                    Ok(true) if fds[2].revents != 0 => Woke::Kicked,
+                    Ok(true) => Woke::Ready,
+                    Ok(false) => Woke::TimedOut,
+                    Err(e) => {
+                        p.fail(
+                            self,
+                            Fatal {
+                                reason: format!("poll: {e}"),
+                                nak: None,
+                                warn: true,
+                            },
+                        );
+                        p.dead = true;
+                        Woke::Ready
+                    }
+                }
+            },
+        )
+    }
+}
+
+/// The progress thread: executes the incoming ring whenever no caller
+/// drives (an asynchronous application, a peer's traffic nobody waits for).
+fn progress_thread(shared: &Shared) {
+    let links = &shared.links;
+    loop {
+        if let Some(left) = shared.drive.thread_should_wait(shared.failed.load(Ordering::Acquire)) {
+            std::thread::park_timeout(left);
+            continue;
+        }
+        let round = shared.drive.thread_round(&shared.progress, &shared.failed, |p| {
+            if !shared.pump(p) {
+                return None;
+            }
+            Some(p.rx.prepare_sleep())
+        });
+        match round {
+            // Callers took over.
+            None => continue,
+            Some(None) => return,
+            // Entries arrived meanwhile.
+            Some(Some(true)) => continue,
+            Some(Some(false)) => {}
+        }
+        let polled = sys::poll(&[links.wake_me.as_raw_fd(), links.sock.raw()], None);
+        let mut p = shared.progress.lock();
+        p.rx.woke();
+        match polled {
+            Ok(ready) => {
+                if ready[0] {
+                    sys::drain_eventfd(&links.wake_me);
+                }
+                p.socket_ready |= ready[1];
+            }
+            Err(e) => {
+                p.fail(
+                    shared,
+                    Fatal {
+                        reason: format!("poll: {e}"),
+                        nak: None,
+                        warn: true,
+                    },
+                );
+                p.dead = true;
+                return;
+            }
+        }
+    }
+}
 
 /// Why processing stopped: a NAK to send first, or just a reason.
 struct Fatal {
@@ -948,75 +1116,21 @@ fn nak(psn: u64, status: WcStatus, reason: impl Into<String>) -> Fatal {
 
 /// The progress thread's own state: its incoming ring and the peer's memfds.
 struct Progress {
-    shared: Arc<Shared>,
     rx: Ring,
     expected_psn: u64,
     maps: HashMap<u64, Mapping>,
+    entries: Vec<Entry>,
+    /// `poll` said the socket is readable: drain it in the next pump.
+    socket_ready: bool,
+    /// The socket failed (end of file): fail once the ring is executed.
+    socket_failed: Option<Fatal>,
+    /// The queue pair failed and everything was flushed.
+    dead: bool,
 }
 
 impl Progress {
-    fn run(mut self) {
-        let mut entries = Vec::with_capacity(BATCH);
-        // The socket is read only when `poll` says so (exports a request
-        // needs are fetched on demand by `ensure_mapped`).
-        let mut socket_ready = true;
-        let mut socket = Ok(());
-        loop {
-            if socket_ready && socket.is_ok() {
-                socket = self.drain_socket();
-                socket_ready = false;
-            }
-            entries.clear();
-            let popped = self.rx.pop(&mut entries, BATCH);
-            let result = match popped {
-                Err(_) => Err(violation("ring counters out of range")),
-                Ok(0) => Ok(()),
-                Ok(_) => self.process(&entries),
-            };
-            if let Err(fatal) = result {
-                self.fail(fatal);
-                return;
-            }
-            if self.shared.failed.load(Ordering::Acquire) {
-                return;
-            }
-            if !entries.is_empty() {
-                continue;
-            }
-            if let Err(fatal) = socket {
-                // The peer's last entries were published before it closed
-                // the socket and have been executed above.
-                self.fail(fatal);
-                return;
-            }
-            if self.rx.prepare_sleep() {
-                continue;
-            }
-            let links = &self.shared.links;
-            let polled = sys::poll(&[links.wake_me.as_raw_fd(), links.sock.raw()], None);
-            self.rx.woke();
-            match polled {
-                Ok(ready) => {
-                    if ready[0] {
-                        sys::drain_eventfd(&links.wake_me);
-                    }
-                    socket_ready = ready[1];
-                }
-                Err(e) => {
-                    self.fail(Fatal {
-                        reason: format!("poll: {e}"),
-                        nak: None,
-                        warn: true,
-                    });
-                    return;
-                }
-            }
-        }
-    }
-
-    fn fail(&mut self, fatal: Fatal) {
-        let shared = self.shared.clone();
-        let mut st = shared.state.lock();
+    fn fail(&mut self, sh: &Shared, fatal: Fatal) {
+        let mut st = sh.state.lock();
         if let Some((psn, status)) = fatal.nak {
             if !st.failed {
                 let entry = Entry {
@@ -1026,18 +1140,18 @@ impl Progress {
                     ..Entry::default()
                 };
                 if st.tx.push(&[entry]).is_ok() && st.tx.consumer_sleeping() {
-                    sys::ring_eventfd(&shared.links.wake_peer);
+                    sys::ring_eventfd(&sh.links.wake_peer);
                 }
             }
         }
-        shared.fail_locked(&mut st, &fatal.reason, fatal.warn);
+        sh.fail_locked(&mut st, &fatal.reason, fatal.warn);
     }
 
     /// Takes every queued control message (memfd exports) off the socket;
     /// `Err` once the socket reached end of file.
-    fn drain_socket(&mut self) -> Result<(), Fatal> {
+    fn drain_socket(&mut self, sh: &Shared) -> Result<(), Fatal> {
         loop {
-            match self.shared.links.sock.try_recv(CTL_BYTES + 1) {
+            match sh.links.sock.try_recv(CTL_BYTES + 1) {
                 Ok(Some(msg)) => self.handle_control(msg)?,
                 Ok(None) => return Ok(()),
                 Err(e) => {
@@ -1077,11 +1191,10 @@ impl Progress {
 
     /// The peer's memfd `serial`, waiting for its export if it is not here
     /// yet (the peer sends it before publishing the request).
-    fn ensure_mapped(&mut self, serial: u64) -> Result<(), Fatal> {
-        let deadline = Instant::now() + self.shared.fabric.opts.handshake_timeout;
+    fn ensure_mapped(&mut self, sh: &Shared, serial: u64) -> Result<(), Fatal> {
+        let deadline = Instant::now() + sh.fabric.opts.handshake_timeout;
         while !self.maps.contains_key(&serial) {
-            let msg = self
-                .shared
+            let msg = sh
                 .links
                 .sock
                 .recv_until(CTL_BYTES + 1, deadline)
@@ -1091,9 +1204,8 @@ impl Progress {
         Ok(())
     }
 
-    fn process(&mut self, entries: &[Entry]) -> Result<(), Fatal> {
-        let shared = self.shared.clone();
-        let mut st = shared.state.lock();
+    fn process(&mut self, sh: &Shared, entries: &[Entry]) -> Result<(), Fatal> {
+        let mut st = sh.state.lock();
         if st.failed {
             return Ok(());
         }
@@ -1107,7 +1219,8 @@ impl Progress {
                         Err(violation(format!("psn {} where {} was due", e.psn, self.expected_psn)))
                     } else {
                         self.expected_psn += 1;
-                        self.execute(&mut st, e, &mut completions).map(|()| ack = Some(e.psn))
+                        self.execute(sh, &mut st, e, &mut completions)
+                            .map(|()| ack = Some(e.psn))
                     }
                 }
                 OP_ACK => complete_acked(&mut st, e.psn, &mut completions),
@@ -1159,16 +1272,22 @@ impl Progress {
             if st.tx.push(&[entry]).is_err() {
                 result = Err(violation("the peer corrupted the ring"));
             } else if st.tx.consumer_sleeping() {
-                sys::ring_eventfd(&shared.links.wake_peer);
+                sys::ring_eventfd(&sh.links.wake_peer);
             }
         }
-        shared.cq.push_all(completions);
+        sh.cq.push_all(completions);
         drop(st);
         result
     }
 
     /// Executes one request: the check and the single copy.
-    fn execute(&mut self, st: &mut State, e: &Entry, completions: &mut Vec<Completion>) -> Result<(), Fatal> {
+    fn execute(
+        &mut self,
+        sh: &Shared,
+        st: &mut State,
+        e: &Entry,
+        completions: &mut Vec<Completion>,
+    ) -> Result<(), Fatal> {
         let len = e.len as usize;
         let offset = usize::try_from(e.offset).map_err(|_| violation("offset out of range"))?;
         match e.opcode {
@@ -1188,7 +1307,7 @@ impl Progress {
                     });
                     return Err(nak(e.psn, WcStatus::RemoteInvalidRequest, reason));
                 }
-                if let Err(fatal) = self.ensure_mapped(e.serial) {
+                if let Err(fatal) = self.ensure_mapped(sh, e.serial) {
                     st.recvs.push_front(wr);
                     return Err(fatal);
                 }
@@ -1208,8 +1327,7 @@ impl Progress {
                 });
             }
             OP_WRITE | OP_WRITE_IMM => {
-                let mut target = self
-                    .shared
+                let mut target = sh
                     .fabric
                     .pd
                     .remote_target(RKey(e.rkey), e.addr, len as u64, Access::REMOTE_WRITE)
@@ -1228,7 +1346,7 @@ impl Progress {
                 } else {
                     None
                 };
-                let copied = match self.ensure_mapped(e.serial) {
+                let copied = match self.ensure_mapped(sh, e.serial) {
                     Ok(()) => self.maps[&e.serial].read_into(offset, target.as_mut_slice()),
                     Err(fatal) => {
                         st.recvs.extend(recv);
@@ -1254,13 +1372,12 @@ impl Progress {
                 }
             }
             _ => {
-                let target = self
-                    .shared
+                let target = sh
                     .fabric
                     .pd
                     .remote_target(RKey(e.rkey), e.addr, len as u64, Access::REMOTE_READ)
                     .map_err(|err| nak(e.psn, WcStatus::RemoteAccessError, format!("RDMA Read refused: {err}")))?;
-                self.ensure_mapped(e.serial)?;
+                self.ensure_mapped(sh, e.serial)?;
                 if !self.maps[&e.serial].write_from(offset, target.as_slice()) {
                     return Err(violation("Read destination outside its memfd"));
                 }
