@@ -332,3 +332,184 @@ fn dropping_an_endpoint_while_the_peer_sends_never_deadlocks() {
         .recv_timeout(Duration::from_secs(60))
         .expect("no deadlock between a dropped endpoint and its peer's sends");
 }
+
+/// The fabrics whose waiting callers drive the transport themselves.
+fn driven_fabrics() -> Vec<(Box<dyn Fabric>, &'static str)> {
+    fabrics().into_iter().filter(|(f, _)| f.name() != "loopback").collect()
+}
+
+#[test]
+fn a_cork_holds_sends_back_until_it_drops() {
+    for (fabric, addr) in fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        let cork = a.cork();
+        drop(a.send(b"first").expect("send"));
+        drop(a.send(b"second").expect("send"));
+        assert!(
+            matches!(b.recv_timeout(Duration::from_millis(100)), Err(Error::Timeout(_))),
+            "{}: a corked send reached the peer",
+            fabric.name()
+        );
+        drop(cork);
+        assert_eq!(&b.recv_timeout(LONG).expect("first")[..], b"first");
+        assert_eq!(&b.recv_timeout(LONG).expect("second")[..], b"second");
+    }
+}
+
+#[test]
+fn a_wait_inside_a_cork_posts_what_was_held() {
+    for (fabric, addr) in fabrics() {
+        // Far more messages than the peer grants credits: the sender must
+        // wait for credits while corked, which only a posted batch can earn.
+        let small = Config {
+            recv_depth: 4,
+            ..Config::default()
+        };
+        let (a, b) = pair_with(&*fabric, addr, small.clone(), small);
+        const N: u32 = 200;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _cork = a.cork();
+                for i in 0..N {
+                    drop(a.send(&i.to_le_bytes()).expect("send"));
+                }
+            });
+            for i in 0..N {
+                let d = b.recv_timeout(LONG).expect("a corked sender never blocks itself");
+                assert_eq!(&d[..], &i.to_le_bytes(), "{}", fabric.name());
+            }
+        });
+    }
+}
+
+#[test]
+fn two_threads_receiving_on_one_endpoint_get_every_message() {
+    for (fabric, addr) in driven_fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        const N: u32 = 2000;
+        let seen = std::sync::Mutex::new(vec![false; N as usize]);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| loop {
+                    match b.recv_timeout(Duration::from_millis(500)) {
+                        Ok(d) => {
+                            let i = u32::from_le_bytes(d[..4].try_into().unwrap());
+                            let mut seen = seen.lock().unwrap();
+                            assert!(!seen[i as usize], "message {i} delivered twice");
+                            seen[i as usize] = true;
+                        }
+                        Err(Error::Timeout(_)) => return,
+                        Err(e) => panic!("recv: {e}"),
+                    }
+                });
+            }
+            for i in 0..N {
+                drop(a.send(&i.to_le_bytes()).expect("send"));
+            }
+        });
+        let seen = seen.into_inner().unwrap();
+        let missing = seen.iter().filter(|s| !**s).count();
+        assert_eq!(
+            missing,
+            0,
+            "{}: {missing} of {N} messages never delivered",
+            fabric.name()
+        );
+    }
+}
+
+#[test]
+fn a_ticket_completes_while_another_thread_drives_the_channel() {
+    for (fabric, addr) in driven_fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        std::thread::scope(|s| {
+            // This thread sits in recv, driving the transport, for the whole test.
+            let driver = s.spawn(|| a.recv_timeout(LONG));
+            std::thread::sleep(Duration::from_millis(50));
+            for i in 0..100u32 {
+                let t0 = Instant::now();
+                a.send(&i.to_le_bytes())
+                    .expect("send")
+                    .wait_timeout(LONG)
+                    .expect("the send completes although another thread drives");
+                assert!(t0.elapsed() < LONG);
+                assert_eq!(&b.recv_timeout(LONG).expect("recv")[..], &i.to_le_bytes());
+            }
+            drop(b.send(b"done").expect("send"));
+            assert_eq!(&driver.join().unwrap().expect("driver's recv")[..], b"done");
+        });
+    }
+}
+
+#[test]
+fn close_interrupts_a_thread_driving_the_channel() {
+    for (fabric, addr) in driven_fabrics() {
+        let (a, _b) = pair(&*fabric, addr);
+        std::thread::scope(|s| {
+            let driver = s.spawn(|| {
+                let t0 = Instant::now();
+                (a.recv_timeout(LONG), t0.elapsed())
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            a.close();
+            let (r, took) = driver.join().unwrap();
+            assert!(matches!(r, Err(Error::Closed(_))), "{}: {r:?}", fabric.name());
+            assert!(
+                took < Duration::from_secs(5),
+                "{}: close took {took:?} to reach the driver",
+                fabric.name()
+            );
+        });
+    }
+}
+
+#[test]
+fn sends_complete_although_the_peer_application_never_calls_in() {
+    for (fabric, addr) in driven_fabrics() {
+        // The peer endpoint exists but nobody calls into it: its provider
+        // thread must still execute and acknowledge what arrives.
+        let (a, _idle_peer) = pair(&*fabric, addr);
+        for i in 0..3u32 {
+            a.send(&i.to_le_bytes())
+                .expect("send")
+                .wait_timeout(LONG)
+                .unwrap_or_else(|e| panic!("{}: send {i} never acknowledged: {e}", fabric.name()));
+        }
+    }
+}
+
+#[test]
+fn events_routed_by_another_thread_reach_the_driving_thread() {
+    for (fabric, addr) in driven_fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            // This thread keeps reaping a's completions, racing the thread
+            // that drives a while it waits for its ticket.
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = a.try_recv();
+                }
+            });
+            s.spawn(|| {
+                while let Ok(d) = b.recv_timeout(Duration::from_secs(2)) {
+                    drop(d);
+                }
+            });
+            for i in 0..300u32 {
+                let t0 = Instant::now();
+                let r = a
+                    .send(&i.to_le_bytes())
+                    .expect("send")
+                    .wait_timeout(Duration::from_secs(5));
+                assert!(
+                    r.is_ok(),
+                    "{}: send {i}: {r:?} after {:?} (the driving thread missed its result)",
+                    fabric.name(),
+                    t0.elapsed()
+                );
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+}
