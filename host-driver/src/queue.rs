@@ -107,10 +107,9 @@ pub(crate) struct Queue {
     me: Weak<Queue>,
     /// Held by the thread that reaps.
     reaper: Mutex<()>,
-    /// Blocked callers reap until this instant (ns since `epoch`); the
-    /// receiver thread stays aside until then.
-    lease: AtomicU64,
-    epoch: Instant,
+    /// Bumped whenever a blocked caller reaps: the receiver thread stays
+    /// aside for as long as it moves within each `REAP_LEASE`.
+    activity: AtomicU64,
     /// Blocked callers parked because another thread reaps: the reaper
     /// wakes one when it stops, so that someone keeps reaping for them.
     parked: Mutex<Vec<std::thread::Thread>>,
@@ -209,8 +208,7 @@ impl Queue {
                     state: Mutex::new(State::default()),
                     me: me.clone(),
                     reaper: Mutex::new(()),
-                    lease: AtomicU64::new(0),
-                    epoch: Instant::now(),
+                    activity: AtomicU64::new(0),
                     parked: Mutex::new(Vec::new()),
                 }),
                 cntlid,
@@ -513,32 +511,25 @@ impl Queue {
         })
     }
 
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
     fn renew_lease(&self) {
-        let until = self.now_ns().saturating_add(REAP_LEASE.as_nanos() as u64);
-        self.lease.store(until, Ordering::Release);
-    }
-
-    fn lease_left(&self) -> Option<Duration> {
-        let (until, now) = (self.lease.load(Ordering::Acquire), self.now_ns());
-        (until > now).then(|| Duration::from_nanos(until - now))
+        self.activity.fetch_add(1, Ordering::Release);
     }
 
     /// The receiver thread: reaps whenever no blocked caller does, until
     /// the channel closes; then fails every command in flight.
     fn receive_loop(&self) {
+        let mut seen = 0;
         loop {
-            if let Some(left) = self.lease_left() {
+            let now = self.activity.load(Ordering::Acquire);
+            if now != seen {
+                seen = now;
                 self.wake_parked();
-                std::thread::park_timeout(left);
+                std::thread::park_timeout(REAP_LEASE);
                 continue;
             }
             // Blocks (without spinning) while a caller reaps.
             let reaper = self.reaper.lock();
-            if self.lease_left().is_some() {
+            if self.activity.load(Ordering::Acquire) != seen {
                 // A caller came by meanwhile, and may have parked because
                 // this thread held the lock: hand the reaping back.
                 drop(reaper);
@@ -577,7 +568,6 @@ impl Queue {
                 Err(_) => {
                     // Closed: the receiver thread fails what is in flight.
                     drop(reaper);
-                    self.lease.store(0, Ordering::Release);
                     std::thread::park_timeout(PARKED_RECHECK);
                     return;
                 }

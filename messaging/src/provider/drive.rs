@@ -34,15 +34,16 @@ use parking_lot::{Mutex, MutexGuard};
 
 use super::cq::CompletionQueue;
 
-/// How long a caller's drive keeps the provider thread away.
+/// How long the provider thread stays away after a caller drove.
 pub(crate) const LEASE: Duration = Duration::from_millis(1);
 
 /// The coordination state of a driven queue pair.
 #[derive(Debug)]
 pub(crate) struct Drive {
-    /// Callers drive until this instant (ns since `epoch`).
-    lease: AtomicU64,
-    epoch: Instant,
+    /// Bumped by every caller drive: the provider thread stays parked for
+    /// as long as it moves within each `LEASE` (no clock read on the
+    /// callers' path).
+    activity: AtomicU64,
     /// The provider thread holds the state lock (only for a non-blocking
     /// pump): a caller that wants to drive waits for it.
     thread_holds: AtomicBool,
@@ -71,8 +72,7 @@ impl Drive {
         kick.set_nonblocking(true)?;
         kicked.set_nonblocking(true)?;
         Ok(Drive {
-            lease: AtomicU64::new(0),
-            epoch: Instant::now(),
+            activity: AtomicU64::new(0),
             thread_holds: AtomicBool::new(false),
             caller_drives: AtomicBool::new(false),
             kick_pending: AtomicBool::new(false),
@@ -81,19 +81,8 @@ impl Drive {
         })
     }
 
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
     fn renew_lease(&self) {
-        let until = self.now_ns().saturating_add(LEASE.as_nanos() as u64);
-        self.lease.store(until, Ordering::Release);
-    }
-
-    /// Time left on the callers' lease.
-    pub(crate) fn lease_left(&self) -> Option<Duration> {
-        let (until, now) = (self.lease.load(Ordering::Acquire), self.now_ns());
-        (until > now).then(|| Duration::from_nanos(until - now))
+        self.activity.fetch_add(1, Ordering::Release);
     }
 
     /// Makes a driving caller return (or the next one, if it comes just after).
@@ -125,10 +114,22 @@ impl Drive {
         &self,
         state: &Mutex<S>,
         cq: &CompletionQueue,
-        deadline: Option<Instant>,
+        timeout: Option<Duration>,
         mut pump: impl FnMut(&mut S) -> bool,
         mut sleep: impl FnMut(&mut S, Option<Duration>) -> Woke,
     ) -> bool {
+        if timeout == Some(Duration::ZERO) {
+            // One non-blocking round (a spinning waiter): no clock reads.
+            return match state.try_lock() {
+                Some(mut guard) => {
+                    self.renew_lease();
+                    pump(&mut guard);
+                    cq.has_completions()
+                }
+                None => cq.has_completions(),
+            };
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
         let mut guard: MutexGuard<'_, S> = match state.try_lock() {
             Some(g) => g,
             None if self.thread_holds.load(Ordering::Acquire) => state.lock(),
@@ -168,14 +169,16 @@ impl Drive {
         ready
     }
 
-    /// For the provider thread: whether it should stay parked (and for how
-    /// long) because callers drive.
-    pub(crate) fn thread_should_wait(&self, failed: bool) -> Option<Duration> {
-        if failed {
-            None
-        } else {
-            self.lease_left()
+    /// For the provider thread: parks for a `LEASE` and returns true while
+    /// callers drove since the thread last looked (`seen` keeps track).
+    pub(crate) fn thread_stands_aside(&self, failed: &AtomicBool, seen: &mut u64) -> bool {
+        let now = self.activity.load(Ordering::Acquire);
+        if now == *seen || failed.load(Ordering::Acquire) {
+            return false;
         }
+        *seen = now;
+        std::thread::park_timeout(LEASE);
+        true
     }
 
     /// For the provider thread: one non-blocking round under the state
@@ -184,11 +187,12 @@ impl Drive {
         &self,
         state: &Mutex<S>,
         failed: &AtomicBool,
+        seen: u64,
         round: impl FnOnce(&mut S) -> T,
     ) -> Option<T> {
         // Blocks (without spinning) while a caller drives.
         let mut guard = state.lock();
-        if self.thread_should_wait(failed.load(Ordering::Acquire)).is_some() {
+        if self.activity.load(Ordering::Acquire) != seen && !failed.load(Ordering::Acquire) {
             return None;
         }
         self.thread_holds.store(true, Ordering::Release);

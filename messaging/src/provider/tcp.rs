@@ -876,7 +876,7 @@ impl QueuePair for TcpQp {
     /// ready, `timeout` passes or [`QueuePair::interrupt`] is called. When
     /// another caller drives already, sleeps on the completion queue.
     fn wait(&self, timeout: Option<Duration>) -> bool {
-        self.shared.drive(timeout.map(|t| Instant::now() + t))
+        self.shared.drive(timeout)
     }
 
     fn interrupt(&self) {
@@ -1133,11 +1133,11 @@ impl QpShared {
     }
 
     /// The caller side of [`QueuePair::wait`]: see there.
-    fn drive(&self, deadline: Option<Instant>) -> bool {
+    fn drive(&self, timeout: Option<Duration>) -> bool {
         self.drive.drive(
             &self.rx,
             &self.cq,
-            deadline,
+            timeout,
             |rx| self.pump(rx),
             |rx, timeout| {
                 let want_write = match self.ack_before_sleep() {
@@ -1175,12 +1175,12 @@ impl QpShared {
 /// finishes writes the socket did not take.
 fn io_thread(shared: &QpShared, mut poll: Poll) {
     let mut events = Events::with_capacity(8);
+    let mut seen = 0;
     loop {
-        if let Some(left) = shared.drive.thread_should_wait(shared.failed.load(Ordering::Acquire)) {
-            std::thread::park_timeout(left);
+        if shared.drive.thread_stands_aside(&shared.failed, &mut seen) {
             continue;
         }
-        let round = shared.drive.thread_round(&shared.rx, &shared.failed, |rx| {
+        let round = shared.drive.thread_round(&shared.rx, &shared.failed, seen, |rx| {
             let alive = shared.pump(rx);
             if alive {
                 if let Err(e) = shared.ack_before_sleep() {

@@ -794,7 +794,7 @@ impl QueuePair for ShmQp {
     /// [`QueuePair::interrupt`] is called. When another caller drives
     /// already, sleeps on the completion queue.
     fn wait(&self, timeout: Option<Duration>) -> bool {
-        self.shared.drive(timeout.map(|t| Instant::now() + t))
+        self.shared.drive(timeout)
     }
 
     fn interrupt(&self) {
@@ -999,11 +999,11 @@ impl Shared {
     }
 
     /// The caller side of [`QueuePair::wait`]: see there.
-    fn drive(&self, deadline: Option<Instant>) -> bool {
+    fn drive(&self, timeout: Option<Duration>) -> bool {
         self.drive.drive(
             &self.progress,
             &self.cq,
-            deadline,
+            timeout,
             |p| self.pump(p),
             |p, timeout| {
                 if p.rx.prepare_sleep() {
@@ -1046,12 +1046,12 @@ impl Shared {
 /// drives (an asynchronous application, a peer's traffic nobody waits for).
 fn progress_thread(shared: &Shared) {
     let links = &shared.links;
+    let mut seen = 0;
     loop {
-        if let Some(left) = shared.drive.thread_should_wait(shared.failed.load(Ordering::Acquire)) {
-            std::thread::park_timeout(left);
+        if shared.drive.thread_stands_aside(&shared.failed, &mut seen) {
             continue;
         }
-        let round = shared.drive.thread_round(&shared.progress, &shared.failed, |p| {
+        let round = shared.drive.thread_round(&shared.progress, &shared.failed, seen, |p| {
             if !shared.pump(p) {
                 return None;
             }
