@@ -344,21 +344,62 @@ impl Drop for AsyncLockGuard<'_> {
     }
 }
 
-/// Runs futures concurrently; outputs in input order.
+/// Runs futures concurrently; outputs in input order. Each future gets its
+/// own waker, so a wake-up polls only the future it concerns (a bench with
+/// hundreds of commands in flight costs the same per completion as one).
 pub(crate) async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
+    struct Shared {
+        woken: Vec<AtomicBool>,
+        parent: Mutex<Option<Waker>>,
+    }
+    struct Child {
+        shared: Arc<Shared>,
+        index: usize,
+    }
+    impl Wake for Child {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.shared.woken[self.index].store(true, Ordering::Release);
+            let parent = self.shared.parent.lock().clone();
+            if let Some(w) = parent {
+                w.wake();
+            }
+        }
+    }
+    let shared = Arc::new(Shared {
+        // Everything is polled once at first.
+        woken: futs.iter().map(|_| AtomicBool::new(true)).collect(),
+        parent: Mutex::new(None),
+    });
+    let wakers: Vec<Waker> = (0..futs.len())
+        .map(|index| {
+            Waker::from(Arc::new(Child {
+                shared: shared.clone(),
+                index,
+            }))
+        })
+        .collect();
     let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
     let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    let mut left = futs.len();
     std::future::poll_fn(move |cx| {
-        let mut pending = false;
-        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
-            if o.is_none() {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(v) => *o = Some(v),
-                    Poll::Pending => pending = true,
+        {
+            let mut parent = shared.parent.lock();
+            if !parent.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *parent = Some(cx.waker().clone());
+            }
+        }
+        for (i, (f, o)) in futs.iter_mut().zip(out.iter_mut()).enumerate() {
+            if o.is_none() && shared.woken[i].swap(false, Ordering::AcqRel) {
+                if let Poll::Ready(v) = f.as_mut().poll(&mut Context::from_waker(&wakers[i])) {
+                    *o = Some(v);
+                    left -= 1;
                 }
             }
         }
-        if pending {
+        if left > 0 {
             Poll::Pending
         } else {
             Poll::Ready(out.iter_mut().filter_map(Option::take).collect())
@@ -454,5 +495,47 @@ mod tests {
     struct Noop;
     impl Wake for Noop {
         fn wake(self: Arc<Self>) {}
+    }
+
+    #[test]
+    fn join_all_polls_only_the_futures_that_were_woken() {
+        use std::sync::atomic::AtomicUsize;
+        let polls: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+        let wakers: Mutex<Vec<Option<Waker>>> = Mutex::new(vec![None, None, None]);
+        let done: Vec<AtomicBool> = (0..3).map(|_| AtomicBool::new(false)).collect();
+        let futs: Vec<_> = (0..3)
+            .map(|i| {
+                let (polls, wakers, done) = (&polls, &wakers, &done);
+                std::future::poll_fn(move |cx| {
+                    polls[i].fetch_add(1, Ordering::SeqCst);
+                    if done[i].load(Ordering::SeqCst) {
+                        return Poll::Ready(i);
+                    }
+                    wakers.lock()[i] = Some(cx.waker().clone());
+                    Poll::Pending
+                })
+            })
+            .collect();
+        let mut all = std::pin::pin!(join_all(futs));
+        let parent = Waker::noop();
+        let mut cx = Context::from_waker(parent);
+        assert!(all.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            polls.iter().map(|p| p.load(Ordering::SeqCst)).collect::<Vec<_>>(),
+            [1, 1, 1]
+        );
+        // Only future 1 is woken: only it is polled again.
+        done[1].store(true, Ordering::SeqCst);
+        wakers.lock()[1].take().unwrap().wake();
+        assert!(all.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            polls.iter().map(|p| p.load(Ordering::SeqCst)).collect::<Vec<_>>(),
+            [1, 2, 1]
+        );
+        for i in [0, 2] {
+            done[i].store(true, Ordering::SeqCst);
+            wakers.lock()[i].take().unwrap().wake();
+        }
+        assert_eq!(all.as_mut().poll(&mut cx), Poll::Ready(vec![0, 1, 2]));
     }
 }

@@ -50,8 +50,9 @@ use crate::HostError;
 pub(crate) const PUSH_BUFFERS: usize = 8;
 /// How long a blocked caller's reaping keeps the receiver thread aside.
 const REAP_LEASE: Duration = Duration::from_millis(2);
-/// How long a blocked caller waits for a delivery before it re-checks.
-const REAP_SLICE: Duration = Duration::from_millis(1);
+/// How long a blocked caller waits for a delivery before it re-checks
+/// whether its future was woken otherwise (a timer).
+const REAP_SLICE: Duration = Duration::from_millis(10);
 /// Most deliveries a blocked caller handles in one go.
 const REAP_BATCH: usize = 64;
 /// How long a caller parked behind another reaper sleeps before it

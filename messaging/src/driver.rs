@@ -245,6 +245,7 @@ impl Endpoint {
             signal: Arc::new(Signal {
                 generation: AtomicU64::new(0),
                 driving: AtomicBool::new(false),
+                quiet: AtomicBool::new(false),
                 sleepers: AtomicUsize::new(0),
                 sleep_lock: Mutex::new(()),
                 spin: spin_budget(),
@@ -582,7 +583,9 @@ impl Shared {
 
     fn drive(&self, seen: u64, deadline: Option<Instant>) -> Result<(), Error> {
         let moved = || self.signal.generation.load(Ordering::SeqCst) != seen;
-        if !self.signal.spin.is_zero() {
+        // A channel whose last wait timed out with nothing is not spun on
+        // (an idle queue waiting in slices costs no CPU).
+        if !self.signal.spin.is_zero() && !self.signal.quiet.load(Ordering::Relaxed) {
             // Adaptive polling: a reply already on its way costs no sleep.
             let until = Instant::now() + self.signal.spin;
             loop {
@@ -604,8 +607,14 @@ impl Shared {
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let ready = timeout != Some(Duration::ZERO) && self.qp.wait(timeout);
         match deadline {
-            Some(d) if !ready && !moved() && Instant::now() >= d => Err(Error::Timeout(Duration::ZERO)),
-            _ => Ok(()),
+            Some(d) if !ready && !moved() && Instant::now() >= d => {
+                self.signal.quiet.store(true, Ordering::Relaxed);
+                Err(Error::Timeout(Duration::ZERO))
+            }
+            _ => {
+                self.signal.quiet.store(false, Ordering::Relaxed);
+                Ok(())
+            }
         }
     }
 
@@ -742,6 +751,8 @@ struct Signal {
     generation: AtomicU64,
     /// A thread drives the provider in `QueuePair::wait`.
     driving: AtomicBool,
+    /// The last driven wait timed out with nothing (no spin next time).
+    quiet: AtomicBool,
     /// Threads sleeping in `sleep`; `signal` takes the lock only if any.
     sleepers: AtomicUsize,
     sleep_lock: Mutex<()>,

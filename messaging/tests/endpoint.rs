@@ -513,3 +513,29 @@ fn events_routed_by_another_thread_reach_the_driving_thread() {
         });
     }
 }
+
+#[test]
+fn sends_complete_when_the_peer_only_polls() {
+    for (fabric, addr) in driven_fabrics() {
+        // The peer application polls with try_recv and never sleeps nor
+        // answers: its acknowledgements must still go out (not wait for a
+        // reply to ride on, nor for a sleep that never comes).
+        let (a, b) = pair(&*fabric, addr);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = b.try_recv();
+                }
+            });
+            for i in 0..20u32 {
+                let r = a
+                    .send(&i.to_le_bytes())
+                    .expect("send")
+                    .wait_timeout(Duration::from_secs(5));
+                assert!(r.is_ok(), "{}: send {i} never acknowledged: {r:?}", fabric.name());
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+}

@@ -37,6 +37,9 @@ const TICK: Duration = Duration::from_millis(250);
 const BATCH: usize = 64;
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 const STAGING_BUFFERS: usize = 4;
+/// Size and number of the small staging buffers (reads up to that size).
+const SMALL_STAGING: usize = 16 * 1024;
+const SMALL_STAGING_BUFFERS: usize = 64;
 
 /// Serves one channel until it closes, the controller dies or the target
 /// shuts down.
@@ -47,11 +50,8 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
         ep.close();
         return;
     };
-    let staging = match ep
-        .domain()
-        .register(transport::MAX_TRANSFER, STAGING_BUFFERS, Access::LOCAL_WRITE)
-    {
-        Ok(p) => p,
+    let staging = match Staging::register(&ep) {
+        Ok(s) => s,
         Err(e) => {
             tracing::error!("cannot register staging buffers: {e}");
             ep.close();
@@ -68,7 +68,6 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
         sq_head: 0,
         writes: VecDeque::new(),
         staging,
-        pushes: VecDeque::new(),
     };
     if qid > 0 {
         ctrl.io_active.fetch_add(1, Ordering::AcqRel);
@@ -288,8 +287,72 @@ struct Queue {
     depth: u16,
     sq_head: u16,
     writes: VecDeque<PendingWrite>,
-    staging: BufPool,
+    staging: Staging,
+}
+
+/// Registered buffers that read data is staged in before its push to the
+/// host: many small ones (a queue full of 4 KiB reads never waits for one)
+/// and a few of the largest transfer.
+struct Staging {
+    small: Tier,
+    large: Tier,
+}
+
+/// One size of staging buffers, with the tickets of the pushes using them.
+struct Tier {
+    pool: BufPool,
+    /// Each push in flight holds a buffer of the tier, so the newest
+    /// `count` tickets cover every push that can still be running.
     pushes: VecDeque<Ticket>,
+    count: usize,
+}
+
+impl Staging {
+    fn register(ep: &Endpoint) -> Result<Staging, messaging::mr::MrError> {
+        let tier = |size, count| -> Result<Tier, messaging::mr::MrError> {
+            Ok(Tier {
+                pool: ep.domain().register(size, count, Access::LOCAL_WRITE)?,
+                pushes: VecDeque::new(),
+                count,
+            })
+        };
+        Ok(Staging {
+            small: tier(SMALL_STAGING, SMALL_STAGING_BUFFERS)?,
+            large: tier(transport::MAX_TRANSFER, STAGING_BUFFERS)?,
+        })
+    }
+
+    fn tier(&mut self, len: usize) -> &mut Tier {
+        if len <= SMALL_STAGING {
+            &mut self.small
+        } else {
+            &mut self.large
+        }
+    }
+}
+
+impl Tier {
+    /// A buffer, waiting for the oldest push of the tier if all are in flight.
+    fn checkout(&mut self) -> Result<messaging::mr::Buf, String> {
+        loop {
+            if let Some(b) = self.pool.checkout() {
+                return Ok(b);
+            }
+            match self.pushes.pop_front() {
+                Some(t) => t
+                    .wait_timeout(Duration::from_secs(30))
+                    .map_err(|e| format!("data push to the host failed: {e}"))?,
+                None => return Err("no staging buffer and no push in flight".into()),
+            }
+        }
+    }
+
+    fn pushed(&mut self, ticket: Ticket) {
+        self.pushes.push_back(ticket);
+        if self.pushes.len() > self.count {
+            self.pushes.pop_front();
+        }
+    }
 }
 
 /// What running a command led to.
@@ -361,7 +424,7 @@ impl Queue {
             Ok(_) => return Ok(Outcome::status(Status::SGL_INVALID_DESCRIPTOR_TYPE.with_dnr())),
             Err(e) => return Ok(Outcome::status(e.status())),
         };
-        let mut buf = self.staging_buf()?;
+        let mut buf = self.staging.tier(len as usize).checkout()?;
         let room = (len as usize).min(buf.capacity());
         buf.set_len(room);
         let n = match fill(&mut buf) {
@@ -384,28 +447,8 @@ impl Queue {
             .ep
             .push_direct(buf, target)
             .map_err(|e| format!("cannot push data to the host: {e}"))?;
-        // Each push in flight holds a staging buffer, so the newest
-        // STAGING_BUFFERS tickets cover every push that can still be running.
-        self.pushes.push_back(ticket);
-        if self.pushes.len() > STAGING_BUFFERS {
-            self.pushes.pop_front();
-        }
+        self.staging.tier(len as usize).pushed(ticket);
         Ok(Outcome::status(Status::SUCCESS))
-    }
-
-    /// A staging buffer, waiting for the oldest data push if all are in flight.
-    fn staging_buf(&mut self) -> Result<messaging::mr::Buf, String> {
-        loop {
-            if let Some(b) = self.staging.checkout() {
-                return Ok(b);
-            }
-            match self.pushes.pop_front() {
-                Some(t) => t
-                    .wait_timeout(Duration::from_secs(30))
-                    .map_err(|e| format!("data push to the host failed: {e}"))?,
-                None => return Err("no staging buffer and no push in flight".into()),
-            }
-        }
     }
 
     fn admin(&mut self, sqe: &Sqe, inline: &[u8]) -> Result<Outcome, String> {

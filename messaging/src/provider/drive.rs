@@ -109,17 +109,23 @@ impl Drive {
     /// completion is ready. `pump` does one non-blocking round (false once
     /// the queue pair failed and everything was flushed); `sleep` blocks in
     /// `poll` on the transport and the kick descriptor for at most the
-    /// given time.
+    /// given time. A zero timeout is one round, skipped when
+    /// `worth_pumping` (a cheap look at the transport) says nothing came.
     pub(crate) fn drive<S>(
         &self,
         state: &Mutex<S>,
         cq: &CompletionQueue,
         timeout: Option<Duration>,
+        worth_pumping: impl Fn() -> bool,
         mut pump: impl FnMut(&mut S) -> bool,
         mut sleep: impl FnMut(&mut S, Option<Duration>) -> Woke,
     ) -> bool {
         if timeout == Some(Duration::ZERO) {
-            // One non-blocking round (a spinning waiter): no clock reads.
+            // One non-blocking round (a spinning waiter): no clock reads,
+            // and no pump unless the transport has something for it.
+            if !worth_pumping() {
+                return cq.has_completions();
+            }
             return match state.try_lock() {
                 Some(mut guard) => {
                     self.renew_lease();

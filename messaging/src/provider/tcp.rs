@@ -88,6 +88,10 @@ const OP_ACK: u8 = 7;
 const OP_NAK: u8 = 8;
 const OP_DISCONNECT: u8 = 9;
 
+/// Requests acknowledged at the latest once this many are unacknowledged.
+const ACK_EVERY: u64 = 64;
+/// Pumps that read nothing an acknowledgement waits through for a ride.
+const ACK_IDLE_PUMPS: u32 = 16;
 /// Bytes read ahead between frames (headers and small payloads).
 const READ_AHEAD: usize = 4096;
 const STAGING: usize = 64 * 1024;
@@ -506,6 +510,9 @@ struct QpShared {
     rx: Mutex<Rx>,
     /// Who drives `rx`: waiting callers or the I/O thread.
     drive: Drive,
+    /// The last pump read bytes: a spinning caller reads again without
+    /// asking `poll` first.
+    recent_data: AtomicBool,
 }
 
 #[derive(Default)]
@@ -520,15 +527,17 @@ struct Tx {
     /// The newest request executed for the peer and not yet acknowledged:
     /// it rides on the next frame written, or goes out as an ACK.
     ack_due: Option<u64>,
-    /// `ack_due` waited one pump for a reply to carry it.
-    ack_deferred: bool,
+    /// Pumps that read nothing since `ack_due` became due.
+    ack_idle: u32,
+    /// One past the newest psn acknowledged so far.
+    acked: u64,
 }
 
 impl Tx {
     /// Queues an explicit ACK for whatever is due.
     fn ack_now(&mut self) {
         if let Some(psn) = self.ack_due.take() {
-            self.ack_deferred = false;
+            self.acked = psn + 1;
             self.frames.push_back(TxFrame {
                 header: Header::control(OP_ACK, psn, WcStatus::Success).encode(),
                 payload: TxPayload::None,
@@ -549,7 +558,7 @@ impl Tx {
         if let Some(frame) = self.frames.get_mut(fresh) {
             frame.header[32..40].copy_from_slice(&(psn + 1).to_le_bytes());
             self.ack_due = None;
-            self.ack_deferred = false;
+            self.acked = psn + 1;
         }
     }
 }
@@ -712,6 +721,7 @@ impl TcpQp {
             waker,
             rx: Mutex::new(Rx::new()),
             drive,
+            recent_data: AtomicBool::new(false),
         });
         let thread = {
             let shared = shared.clone();
@@ -1029,6 +1039,8 @@ struct Rx {
     completions: Vec<Completion>,
     /// The queue pair failed and everything was flushed.
     dead: bool,
+    /// The socket gave bytes since `got_bytes` was last cleared.
+    got_bytes: bool,
 }
 
 /// Where the payload of the frame being read goes.
@@ -1089,21 +1101,26 @@ impl QpShared {
             rx.fail(self, fatal("disconnected locally"));
             return false;
         }
+        rx.got_bytes = false;
         let read = rx.read_available(self);
+        self.recent_data.store(rx.got_bytes, Ordering::Relaxed);
         let flushed = {
             let mut tx = self.tx.lock();
-            // An acknowledgement waits for the application's reply to carry
-            // it only while the application reacts to what it was handed:
-            // one that waited through a pump already goes out now.
-            if tx.ack_deferred {
-                tx.ack_now();
-            }
+            // An acknowledgement waits for a frame to ride on (the
+            // application's reply) while the application reacts to what it
+            // was handed: not when nothing was handed over, not past
+            // ACK_EVERY requests, not through ACK_IDLE_PUMPS pumps that
+            // read nothing, and never through a sleep (`ack_before_sleep`).
             if let Some(psn) = rx.ack_due.take() {
                 tx.ack_due = Some(psn);
-                if rx.completions.is_empty() {
+                tx.ack_idle = 0;
+                if rx.completions.is_empty() || psn + 1 - tx.acked >= ACK_EVERY {
                     tx.ack_now();
-                } else {
-                    tx.ack_deferred = true;
+                }
+            } else if tx.ack_due.is_some() && !rx.got_bytes {
+                tx.ack_idle += 1;
+                if tx.ack_idle >= ACK_IDLE_PUMPS {
+                    tx.ack_now();
                 }
             }
             flush_tx(&self.stream, &mut tx)
@@ -1138,6 +1155,17 @@ impl QpShared {
             &self.rx,
             &self.cq,
             timeout,
+            // A zero-timeout poll is lockless in the kernel, unlike a read
+            // that finds nothing (which contends for the socket lock with
+            // the packets arriving).
+            // After a read found data, more is likely (read again at once).
+            || {
+                if self.recent_data.load(Ordering::Relaxed) {
+                    return true;
+                }
+                let mut fds = [drive::pollfd(self.stream.as_raw_fd(), libc::POLLIN)];
+                !matches!(drive::poll_fds(&mut fds, Some(Duration::ZERO)), Ok(false))
+            },
             |rx| self.pump(rx),
             |rx, timeout| {
                 let want_write = match self.ack_before_sleep() {
@@ -1216,6 +1244,7 @@ impl Rx {
             ack_due: None,
             completions: Vec::new(),
             dead: false,
+            got_bytes: false,
         }
     }
 
@@ -1251,6 +1280,7 @@ impl Rx {
                 let mut iov = [IoSliceMut::new(dest), IoSliceMut::new(&mut self.staging[..READ_AHEAD])];
                 match read_vectored_some(&sh.stream, &mut iov)? {
                     Some(n) => {
+                        self.got_bytes = true;
                         let placed = n.min(remaining);
                         advance_sink(&mut self.sink, placed);
                         self.end = n - placed;
@@ -1289,6 +1319,7 @@ impl Rx {
         let limit = (self.end + READ_AHEAD).min(self.staging.len());
         match read_some(&sh.stream, &mut self.staging[self.end..limit])? {
             Some(n) => {
+                self.got_bytes = true;
                 self.end += n;
                 Ok(true)
             }
@@ -1403,7 +1434,6 @@ impl Rx {
                 let mut tx = sh.tx.lock();
                 if tx.ack_due.is_some_and(|p| p < header.psn) {
                     tx.ack_due = None;
-                    tx.ack_deferred = false;
                 }
                 drop(tx);
                 let response = Header {
