@@ -23,13 +23,15 @@ alternating):
                      shm://NAME bench; rows "... (shm)", compared with the same
                      fio nbd -> nbdkit results of the same repeat
   messaging  chanio: examples/pingpong (send mode 8 B/4 KiB, push mode
-                     64 KiB/1 MiB) over tcp, and over shm if built
+                     --zero-copy 64 KiB/1 MiB) over tcp, and over shm if built
              peers:  ucx_perftest tag_lat (latency) and ucp_am_bw (bandwidth),
                      UCX_TLS=tcp / UCX_TLS=shm; fi_pingpong -p tcp -e msg /
                      -p shm -e rdm (latency; it has no streaming test)
-  memcpy     chanio: pingpong --transport shm --mode push --size 1MiB MB/s
+  memcpy     chanio: pingpong --transport shm --mode push --zero-copy --size 1MiB
+                     MB/s (the one-sided write from registered memory)
              peer:   bench/memcpy.c (cc -O2, built in the work directory):
-                     single-thread memcpy of a 1 MiB buffer, MB/s
+                     single-thread memcpy of a 1 MiB buffer (cache-hot), and
+                     of 1 MiB chunks across 64 MiB areas (cache-cold), MB/s
   daemon     iounitd idle CPU over 10 s with 4 hosts connected (hostctl watch),
              iounitd VmRSS with 0 hosts and per connected queue
              (4 hosts x (admin + 1 I/O queue) = 8 queues)
@@ -89,6 +91,7 @@ LAT_ITERS=20000      # 8 B and 4 KiB ping-pong round trips
 BW64K_ITERS=20000    # 64 KiB messages streamed
 BW1M_ITERS=2000      # 1 MiB messages streamed
 MEMCPY_ITERS=10000   # 1 MiB copies timed by bench/memcpy.c (well under 1 s)
+MEMCPY_COLD_ITERS=3000   # the same over a 64 MiB working set (cache-cold)
 IDLE_SECS=10
 if [[ $QUICK == 1 ]]; then
     REPEATS=1; BLOCK_TIME=2
@@ -492,6 +495,7 @@ for t in tcp shm; do
     defrow "m.$t.1m.bw"   higher "msg $t 1 MiB stream MB/s"         "ucx_perftest ucp_am_bw UCX_TLS=$t" 0
 done
 defrow memcpy.1m higher "shm 1 MiB one-sided write vs single-thread memcpy" "memcpy 1 MiB, 1 thread (MB/s)" 0
+defrow memcpy.1m.cold higher "shm 1 MiB one-sided write vs cache-cold memcpy" "memcpy 1 MiB chunks over 64 MiB, 1 thread (MB/s)" 0
 
 # Targets the table is read against: KEY OP(ge|le) FACTOR TEXT
 TARGETS="$WORK/targets.tsv"
@@ -524,8 +528,9 @@ if [[ $HAVE_PP_SHM == 0 ]]; then
     log "shm: not built yet"
     for k in 8.p50 8.mean 4k.p50 4k.mean 64k.bw 1m.bw; do na "m.shm.$k" chanio "shm: not built yet"; done
     na memcpy.1m chanio "shm: not built yet"
+    na memcpy.1m.cold chanio "shm: not built yet"
 fi
-[[ $HAVE_MEMCPY == 0 ]] && na memcpy.1m peer "$MEMCPY_WHY"
+[[ $HAVE_MEMCPY == 0 ]] && na memcpy.1m peer "$MEMCPY_WHY" && na memcpy.1m.cold peer "$MEMCPY_WHY"
 
 # ---------------------------------------------------------------- 3a. block
 # workload table: ID RW BS QD (run order: writes first so both RAM targets are populated)
@@ -747,14 +752,15 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
             # chanio pingpong (server and client in one process)
             if [[ $t == tcp || $HAVE_PP_SHM == 1 ]]; then
                 j="$WORK/pp-$t-$id-$rep.json"
-                if timeout 300 "$PINGPONG" --transport "$t" --mode "$mode" --size "$size" --iters "$iters" --json \
+                zc=(); [[ $mode == push ]] && zc=(--zero-copy)
+                if timeout 300 "$PINGPONG" --transport "$t" --mode "$mode" --size "$size" --iters "$iters" "${zc[@]}" --json \
                        >"$j" 2>"$j.err" && r="$(py pingpong "$j" 2>"$j.perr")"; then
                     read -r p50 mean mbps <<<"$r"
                     if [[ $mode == send ]]; then
                         rec "m.$t.$id.p50" chanio "$p50"; rec "m.$t.$id.mean" chanio "$mean"
                     else
                         rec "m.$t.$id.bw" chanio "$mbps"
-                        [[ $t == shm && $id == 1m ]] && rec memcpy.1m chanio "$mbps"
+                        [[ $t == shm && $id == 1m ]] && rec memcpy.1m chanio "$mbps" && rec memcpy.1m.cold chanio "$mbps"
                     fi
                     summary+=" chanio {p50 $p50 mean $mean MB/s $mbps}"
                 else
@@ -797,6 +803,13 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     rec memcpy.1m peer "$r"; summary+=" memcpy {MB/s $r}"
                 else
                     na memcpy.1m peer "memcpy failed: $(short_err "$o.err")"; summary+=" memcpy FAILED"
+                fi
+                o="$WORK/memcpy-cold-$rep.json"
+                if timeout 120 "$MEMCPY_BIN" "$bytes" "$MEMCPY_COLD_ITERS" $((64 * 1048576)) >"$o" 2>"$o.err" &&
+                   r="$(py memcpy "$o" 2>"$o.perr")"; then
+                    rec memcpy.1m.cold peer "$r"; summary+=" cold memcpy {MB/s $r}"
+                else
+                    na memcpy.1m.cold peer "memcpy failed: $(short_err "$o.err")"; summary+=" cold memcpy FAILED"
                 fi
             fi
             log "$summary"
@@ -852,7 +865,7 @@ cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "Ratio = chanio / peer (median of $REPEATS). Latency and CPU rows: lower is better, ratio < 1 favours chanio."
     echo "Throughput rows (IOPS, MB/s): higher is better, ratio > 1 favours chanio. MB/s = 10^6 bytes/s everywhere."
     echo "Notes:"
-    echo "  block: iounitd --ns ram:1GiB + hostctl bench --json over tcp (--qd = submitting threads), ${BLOCK_TIME} s per run;"
+    echo "  block: iounitd --ns ram:1GiB + hostctl bench --json over tcp (--qd I/Os in flight from one submitting thread, as one fio job), ${BLOCK_TIME} s per run;"
     echo "  peer: fio 3 ioengine=nbd uri=nbd://127.0.0.1:PORT iodepth=QD, one connection, against nbdkit memory 1G; latency = fio lat_ns (submit to completion);"
     if [[ $FLOOR_ENGINE == io_uring ]]; then
         echo "  floor: fio on a 1 GiB file in /dev/shm (tmpfs, buffered): psync 1 job for QD1, io_uring iodepth=QD 1 job for QD8/QD32."
@@ -863,12 +876,13 @@ cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "  the tcp run of each workload; peer and floor are the same fio runs as the tcp rows."
     echo "  CPU s/1M IO: utime+stime of client (hostctl / fio, incl. children) + server (iounitd / nbdkit, /proc/PID/stat delta) per 10^6 I/Os."
     echo "  messaging: pingpong --transport tcp|shm (server and client in one process; send mode 8 B/4 KiB, ${LAT_ITERS} round trips;"
-    echo "  push mode = RDMA Write with immediate, 64 KiB x ${BW64K_ITERS} / 1 MiB x ${BW1M_ITERS} streamed). ucx_perftest -w 1000 -n same:"
+    echo "  push mode = RDMA Write with immediate from registered memory (--zero-copy), 64 KiB x ${BW64K_ITERS} / 1 MiB x ${BW1M_ITERS} streamed). ucx_perftest -w 1000 -n same:"
     echo "  tag_lat = UCP tagged send/recv ping-pong, p50 of one-way (RTT/2); ucp_am_bw = UCP active messages streamed, overall MiB/s converted to MB/s."
     echo "  fi_pingpong ($FI_TCP_PROV: msg endpoint; shm: rdm endpoint) reports only mean one-way usec/xfer and has no streaming test, so it is compared on mean latency."
     echo "  ucx_perftest and fi_pingpong ran in a private network namespace with only lo (their listeners bind 0.0.0.0)."
-    echo "  memcpy: bench/memcpy.c (cc -O2), one thread copying a touched 1 MiB buffer to another ${MEMCPY_ITERS} times, MB/s; run right after"
-    echo "  pingpong --transport shm --mode push --size 1MiB, whose MB/s is the chanio value (the same sample as msg shm 1 MiB stream)."
+    echo "  memcpy: bench/memcpy.c (cc -O2), one thread copying a touched 1 MiB buffer to another ${MEMCPY_ITERS} times (cache-hot), and 1 MiB chunks"
+    echo "  across two 64 MiB areas ${MEMCPY_COLD_ITERS} times (cache-cold, as a stream through many buffers), MB/s; run right after"
+    echo "  pingpong --transport shm --mode push --zero-copy --size 1MiB, whose MB/s is the chanio value (the same sample as msg shm 1 MiB stream)."
     echo "  daemon: VmRSS per queue = (RSS with 4 hosts x (admin + 1 I/O queue) - RSS with 0 hosts) / 8; idle CPU over ${IDLE_SECS} s."
     [[ $HAVE_PP_SHM == 0 ]] && echo "  shm: not built yet (pingpong --help lists no shm transport)."
     [[ -n "$INSTALL_NOTE" ]] && echo "  install: $INSTALL_NOTE"

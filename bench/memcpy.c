@@ -2,13 +2,17 @@
  * bench/compare.sh puts next to chanio's shm one-sided write (pingpong
  * --transport shm --mode push --size 1MiB).
  *
- *   cc -O2 -o memcpy bench/memcpy.c && ./memcpy [SIZE_BYTES [ITERS]]
+ *   cc -O2 -o memcpy bench/memcpy.c && ./memcpy [SIZE_BYTES [ITERS [SET_BYTES]]]
  *
- * Allocates a source and a destination buffer of SIZE bytes (default 1 MiB),
- * touches every page of both, copies source to destination ITERS times
- * (default 10000) on one thread, timed with clock_gettime(CLOCK_MONOTONIC),
- * and prints one JSON line: {"size":..,"iters":..,"seconds":..,"mbps":..}
- * with MB/s = 10^6 bytes/s of data copied. A byte of the destination is read
+ * Allocates a source and a destination area of SET bytes each (default:
+ * SIZE, i.e. one buffer, cache-hot when it fits), touches every page of
+ * both, copies SIZE bytes (default 1 MiB) ITERS times (default 10000) on one
+ * thread, each copy from the next SIZE-byte chunk of the source area to the
+ * next of the destination area (with SET well above the last-level cache,
+ * every copy is cache-cold, as a stream through many buffers is), timed
+ * with clock_gettime(CLOCK_MONOTONIC), and prints one JSON line:
+ * {"size":..,"iters":..,"set":..,"seconds":..,"mbps":..} with MB/s = 10^6
+ * bytes/s of data copied. A byte of the destination is read
  * into a volatile sink after every copy, and one source byte changes before
  * it, so the compiler can neither drop nor hoist the copies.
  */
@@ -31,30 +35,35 @@ int main(int argc, char **argv)
 {
     size_t size = argc > 1 ? strtoull(argv[1], NULL, 0) : (size_t)1 << 20;
     long iters = argc > 2 ? strtol(argv[2], NULL, 0) : 10000;
-    if (size == 0 || iters <= 0) {
-        fprintf(stderr, "usage: %s [SIZE_BYTES [ITERS]]\n", argv[0]);
+    size_t set = argc > 3 ? strtoull(argv[3], NULL, 0) : size;
+    if (size == 0 || iters <= 0 || set < size) {
+        fprintf(stderr, "usage: %s [SIZE_BYTES [ITERS [SET_BYTES >= SIZE]]]\n", argv[0]);
         return 2;
     }
-    unsigned char *src = malloc(size), *dst = malloc(size);
+    size_t chunks = set / size;
+    set = chunks * size;
+    unsigned char *src = malloc(set), *dst = malloc(set);
     if (!src || !dst) {
-        fprintf(stderr, "memcpy: cannot allocate 2 x %zu bytes\n", size);
+        fprintf(stderr, "memcpy: cannot allocate 2 x %zu bytes\n", set);
         return 1;
     }
-    /* touch both buffers so page faults stay out of the timing */
-    for (size_t i = 0; i < size; i++)
+    /* touch both areas so page faults stay out of the timing */
+    for (size_t i = 0; i < set; i++)
         src[i] = (unsigned char)i;
-    memset(dst, 0, size);
+    memset(dst, 0, set);
     /* warm-up: a tenth of the copies, at least one */
     for (long i = 0; i < iters / 10 + 1; i++) {
-        src[(size_t)i % size] ^= 1;
-        memcpy(dst, src, size);
-        sink = dst[(size_t)i % size];
+        size_t at = ((size_t)i % chunks) * size;
+        src[at + (size_t)i % size] ^= 1;
+        memcpy(dst + at, src + at, size);
+        sink = dst[at + (size_t)i % size];
     }
     double t0 = now();
     for (long i = 0; i < iters; i++) {
-        src[(size_t)i % size] ^= 1;
-        memcpy(dst, src, size);
-        sink = dst[(size_t)(i * 4099) % size];
+        size_t at = ((size_t)i % chunks) * size;
+        src[at + (size_t)i % size] ^= 1;
+        memcpy(dst + at, src + at, size);
+        sink = dst[at + (size_t)(i * 4099) % size];
 #ifdef __GNUC__
         __asm__ __volatile__("" ::: "memory");
 #endif
@@ -64,8 +73,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "memcpy: clock did not advance\n");
         return 1;
     }
-    printf("{\"size\":%zu,\"iters\":%ld,\"seconds\":%.6f,\"mbps\":%.1f}\n",
-           size, iters, secs, (double)size * (double)iters / secs / 1e6);
+    printf("{\"size\":%zu,\"iters\":%ld,\"set\":%zu,\"seconds\":%.6f,\"mbps\":%.1f}\n",
+           size, iters, set, secs, (double)size * (double)iters / secs / 1e6);
     free(src);
     free(dst);
     return 0;
