@@ -93,7 +93,7 @@ const ACK_EVERY: u64 = 64;
 /// Pumps that read nothing an acknowledgement waits through for a ride.
 const ACK_IDLE_PUMPS: u32 = 16;
 /// Bytes read ahead between frames (headers and small payloads).
-const READ_AHEAD: usize = 4096;
+const READ_AHEAD: usize = 16 * 1024;
 const STAGING: usize = 64 * 1024;
 const MAX_IOVECS: usize = 64;
 const SOCKET: Token = Token(0);
@@ -1093,7 +1093,7 @@ impl QpShared {
     /// disconnects as soon as it sees a message must not overtake the
     /// acknowledgement of that message. False once the queue pair failed
     /// (everything is flushed by then).
-    fn pump(&self, rx: &mut Rx) -> bool {
+    fn pump(&self, rx: &mut Rx, short_read_drains: bool) -> bool {
         if rx.dead {
             return false;
         }
@@ -1102,7 +1102,7 @@ impl QpShared {
             return false;
         }
         rx.got_bytes = false;
-        let read = rx.read_available(self);
+        let read = rx.read_available(self, short_read_drains);
         self.recent_data.store(rx.got_bytes, Ordering::Relaxed);
         let flushed = {
             let mut tx = self.tx.lock();
@@ -1166,7 +1166,7 @@ impl QpShared {
                 let mut fds = [drive::pollfd(self.stream.as_raw_fd(), libc::POLLIN)];
                 !matches!(drive::poll_fds(&mut fds, Some(Duration::ZERO)), Ok(false))
             },
-            |rx| self.pump(rx),
+            |rx| self.pump(rx, true),
             |rx, timeout| {
                 let want_write = match self.ack_before_sleep() {
                     Ok(pending) => pending,
@@ -1209,7 +1209,7 @@ fn io_thread(shared: &QpShared, mut poll: Poll) {
             continue;
         }
         let round = shared.drive.thread_round(&shared.rx, &shared.failed, seen, |rx| {
-            let alive = shared.pump(rx);
+            let alive = shared.pump(rx, false);
             if alive {
                 if let Err(e) = shared.ack_before_sleep() {
                     rx.fail(shared, fatal(format!("write: {e}")));
@@ -1254,8 +1254,13 @@ impl Rx {
         }
     }
 
-    /// Reads and executes frames until the socket has no more bytes.
-    fn read_available(&mut self, sh: &QpShared) -> Result<(), Fatal> {
+    /// Reads and executes frames until the socket has no more bytes. With
+    /// `short_read_drains`, a read that returned less than it asked for
+    /// counts as the end (the socket had no more at that moment: a caller
+    /// that polls level-triggered saves the read that would say so); the
+    /// I/O thread's edge-triggered epoll needs the socket read to EAGAIN.
+    fn read_available(&mut self, sh: &QpShared, short_read_drains: bool) -> Result<(), Fatal> {
+        let mut drained = false;
         loop {
             if !matches!(self.sink, Sink::Idle) {
                 let remaining = sink_dest(&mut self.sink).len();
@@ -1274,6 +1279,9 @@ impl Rx {
                 // The read-ahead is empty: one vectored read puts the rest of
                 // this payload straight into its final place and reads ahead
                 // the next frame headers into the read-ahead buffer.
+                if drained {
+                    return Ok(());
+                }
                 self.start = 0;
                 self.end = 0;
                 let dest = sink_dest(&mut self.sink);
@@ -1281,6 +1289,7 @@ impl Rx {
                 match read_vectored_some(&sh.stream, &mut iov)? {
                     Some(n) => {
                         self.got_bytes = true;
+                        drained = short_read_drains && n < remaining + READ_AHEAD;
                         let placed = n.min(remaining);
                         advance_sink(&mut self.sink, placed);
                         self.end = n - placed;
@@ -1290,8 +1299,12 @@ impl Rx {
                 continue;
             }
             if self.end - self.start < FRAME_HEADER {
-                if !self.refill(sh)? {
+                if drained {
                     return Ok(());
+                }
+                match self.refill(sh)? {
+                    None => return Ok(()),
+                    Some(short) => drained = short_read_drains && short,
                 }
                 continue;
             }
@@ -1307,8 +1320,9 @@ impl Rx {
         }
     }
 
-    /// Compacts the read-ahead buffer and reads more; false when the socket is drained.
-    fn refill(&mut self, sh: &QpShared) -> Result<bool, Fatal> {
+    /// Compacts the read-ahead buffer and reads more: `None` when the socket
+    /// is drained, else whether the read was short.
+    fn refill(&mut self, sh: &QpShared) -> Result<Option<bool>, Fatal> {
         if self.start > 0 {
             self.staging.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -1317,13 +1331,14 @@ impl Rx {
         // Between frames, read ahead at most READ_AHEAD bytes: payload bytes
         // caught in it are copied once, larger ones go straight to their place.
         let limit = (self.end + READ_AHEAD).min(self.staging.len());
+        let want = limit - self.end;
         match read_some(&sh.stream, &mut self.staging[self.end..limit])? {
             Some(n) => {
                 self.got_bytes = true;
                 self.end += n;
-                Ok(true)
+                Ok(Some(n < want))
             }
-            None => Ok(false),
+            None => Ok(None),
         }
     }
 
