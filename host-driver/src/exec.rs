@@ -117,7 +117,16 @@ struct TimerState {
     entries: BTreeMap<EntryKey, Waker>,
     seq: u64,
     stop: bool,
+    /// When the timer thread wakes next on its own (it never sleeps longer
+    /// than `TIMER_PERIOD`): a deadline after that needs no wake-up call,
+    /// so registering a command's far-off deadline costs no thread switch.
+    wakes_at: Option<Instant>,
+    /// Wake-up calls made (for tests).
+    notifies: u64,
 }
+
+/// Longest sleep of the timer thread.
+const TIMER_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A deadline and a sequence number that tells equal deadlines apart.
 type EntryKey = (Instant, u64);
@@ -165,12 +174,10 @@ impl Timer {
         }
         st.seq += 1;
         let key = (at, st.seq);
-        let earliest = match st.entries.first_key_value() {
-            Some((first, _)) => key < *first,
-            None => true,
-        };
+        let sooner = st.wakes_at.is_none_or(|w| at < w);
         st.entries.insert(key, waker.clone());
-        if earliest {
+        if sooner {
+            st.notifies += 1;
             self.shared.cv.notify_one();
         }
         Some(TimerEntry { timer: self, key })
@@ -230,12 +237,14 @@ impl TimerShared {
                 st = self.state.lock();
                 continue;
             }
-            match st.entries.first_key_value().map(|(&(at, _), _)| at) {
-                Some(at) => {
-                    self.cv.wait_until(&mut st, at);
-                }
-                None => self.cv.wait(&mut st),
-            }
+            let period_end = now + TIMER_PERIOD;
+            let until = match st.entries.first_key_value().map(|(&(at, _), _)| at) {
+                Some(at) if at < period_end => at,
+                _ => period_end,
+            };
+            st.wakes_at = Some(until);
+            self.cv.wait_until(&mut st, until);
+            st.wakes_at = None;
         }
     }
 }
@@ -537,5 +546,28 @@ mod tests {
             wakers.lock()[i].take().unwrap().wake();
         }
         assert_eq!(all.as_mut().poll(&mut cx), Poll::Ready(vec![0, 1, 2]));
+    }
+
+    #[test]
+    fn a_far_deadline_does_not_wake_the_timer_thread() {
+        let timer = Timer::start().unwrap();
+        // Let the thread settle into its periodic sleep.
+        std::thread::sleep(Duration::from_millis(20));
+        let waker = Waker::noop();
+        let before = timer.shared.state.lock().notifies;
+        let far = timer.wake_at(Instant::now() + Duration::from_secs(60), waker).unwrap();
+        assert_eq!(
+            timer.shared.state.lock().notifies,
+            before,
+            "a 60 s deadline woke the timer thread"
+        );
+        // A deadline before the thread's next own wake-up does wake it, and fires.
+        block_on(timer.sleep_until(Instant::now() + Duration::from_millis(5)));
+        assert!(
+            timer.shared.state.lock().notifies > before,
+            "a near deadline did not wake the timer thread"
+        );
+        drop(far);
+        timer.stop();
     }
 }

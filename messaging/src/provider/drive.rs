@@ -55,6 +55,13 @@ pub(crate) struct Drive {
     kicked: UnixStream,
 }
 
+/// The provider thread's view of caller activity.
+#[derive(Debug, Default)]
+pub(crate) struct Aside {
+    seen: u64,
+    streak: u32,
+}
+
 /// What a caller's blocking sleep reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Woke {
@@ -175,15 +182,19 @@ impl Drive {
         ready
     }
 
-    /// For the provider thread: parks for a `LEASE` and returns true while
-    /// callers drove since the thread last looked (`seen` keeps track).
-    pub(crate) fn thread_stands_aside(&self, failed: &AtomicBool, seen: &mut u64) -> bool {
+    /// For the provider thread: parks and returns true while callers drove
+    /// since the thread last looked. The park grows from `LEASE` to
+    /// 8 x `LEASE` while callers keep driving, so a busy channel's thread
+    /// wakes rarely (each wake-up may preempt a spinning caller).
+    pub(crate) fn thread_stands_aside(&self, failed: &AtomicBool, aside: &mut Aside) -> bool {
         let now = self.activity.load(Ordering::Acquire);
-        if now == *seen || failed.load(Ordering::Acquire) {
+        if now == aside.seen || failed.load(Ordering::Acquire) {
+            aside.streak = 0;
             return false;
         }
-        *seen = now;
-        std::thread::park_timeout(LEASE);
+        aside.seen = now;
+        std::thread::park_timeout(LEASE * (1 << aside.streak.min(3)));
+        aside.streak += 1;
         true
     }
 
@@ -193,12 +204,12 @@ impl Drive {
         &self,
         state: &Mutex<S>,
         failed: &AtomicBool,
-        seen: u64,
+        aside: &Aside,
         round: impl FnOnce(&mut S) -> T,
     ) -> Option<T> {
         // Blocks (without spinning) while a caller drives.
         let mut guard = state.lock();
-        if self.activity.load(Ordering::Acquire) != seen && !failed.load(Ordering::Acquire) {
+        if self.activity.load(Ordering::Acquire) != aside.seen && !failed.load(Ordering::Acquire) {
             return None;
         }
         self.thread_holds.store(true, Ordering::Release);

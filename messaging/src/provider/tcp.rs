@@ -55,7 +55,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::Mutex;
 
 use super::cq::CompletionQueue;
-use super::drive::{self, Drive, Woke};
+use super::drive::{self, Aside, Drive, Woke};
 use super::handshake::{read_exact_by, AcceptQueue, Refused};
 use super::{
     Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
@@ -1203,12 +1203,12 @@ impl QpShared {
 /// finishes writes the socket did not take.
 fn io_thread(shared: &QpShared, mut poll: Poll) {
     let mut events = Events::with_capacity(8);
-    let mut seen = 0;
+    let mut aside = Aside::default();
     loop {
-        if shared.drive.thread_stands_aside(&shared.failed, &mut seen) {
+        if shared.drive.thread_stands_aside(&shared.failed, &mut aside) {
             continue;
         }
-        let round = shared.drive.thread_round(&shared.rx, &shared.failed, seen, |rx| {
+        let round = shared.drive.thread_round(&shared.rx, &shared.failed, &aside, |rx| {
             let alive = shared.pump(rx, false);
             if alive {
                 if let Err(e) = shared.ack_before_sleep() {

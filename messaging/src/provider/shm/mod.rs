@@ -60,7 +60,7 @@ use parking_lot::Mutex;
 use self::ring::{Entry, Ring, RING_BYTES};
 use self::sys::{Mapping, Socket};
 use super::cq::CompletionQueue;
-use super::drive::{self, Drive, Woke};
+use super::drive::{self, Aside, Drive, Woke};
 use super::{
     Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
     WcOpcode, WcStatus,
@@ -1048,17 +1048,19 @@ impl Shared {
 /// drives (an asynchronous application, a peer's traffic nobody waits for).
 fn progress_thread(shared: &Shared) {
     let links = &shared.links;
-    let mut seen = 0;
+    let mut aside = Aside::default();
     loop {
-        if shared.drive.thread_stands_aside(&shared.failed, &mut seen) {
+        if shared.drive.thread_stands_aside(&shared.failed, &mut aside) {
             continue;
         }
-        let round = shared.drive.thread_round(&shared.progress, &shared.failed, seen, |p| {
-            if !shared.pump(p) {
-                return None;
-            }
-            Some(p.rx.prepare_sleep())
-        });
+        let round = shared
+            .drive
+            .thread_round(&shared.progress, &shared.failed, &aside, |p| {
+                if !shared.pump(p) {
+                    return None;
+                }
+                Some(p.rx.prepare_sleep())
+            });
         match round {
             // Callers took over.
             None => continue,
