@@ -113,16 +113,16 @@ pub struct BenchReport {
     pub bytes: u64,
     /// Wall time.
     pub elapsed: Duration,
-    /// Mean latency in microseconds.
+    /// Mean latency in microseconds (recorded in nanoseconds).
     pub mean_us: f64,
     /// Median latency in microseconds.
-    pub p50_us: u64,
+    pub p50_us: f64,
     /// 99th percentile latency in microseconds.
-    pub p99_us: u64,
+    pub p99_us: f64,
     /// 99.9th percentile latency in microseconds.
-    pub p999_us: u64,
+    pub p999_us: f64,
     /// Largest latency in microseconds.
-    pub max_us: u64,
+    pub max_us: f64,
 }
 
 impl BenchReport {
@@ -140,7 +140,7 @@ impl BenchReport {
     /// `{"iops":..,"bandwidth_mbps":..,"latency_us":{"mean":..,"p50":..,"p99":..,"p999":..}}`.
     pub fn to_json(&self) -> String {
         format!(
-            "{{\"iops\":{:.1},\"bandwidth_mbps\":{:.3},\"latency_us\":{{\"mean\":{:.1},\"p50\":{},\"p99\":{},\"p999\":{}}}}}",
+            "{{\"iops\":{:.1},\"bandwidth_mbps\":{:.3},\"latency_us\":{{\"mean\":{:.2},\"p50\":{:.2},\"p99\":{:.2},\"p999\":{:.2}}}}}",
             self.iops(),
             self.bandwidth_mbps(),
             self.mean_us,
@@ -163,7 +163,7 @@ impl fmt::Display for BenchReport {
         )?;
         write!(
             f,
-            "latency (us): mean {:.1}, p50 {}, p99 {}, p99.9 {}, max {}",
+            "latency (us): mean {:.1}, p50 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1}",
             self.mean_us, self.p50_us, self.p99_us, self.p999_us, self.max_us
         )
     }
@@ -251,11 +251,11 @@ pub fn run(host: &Host, cfg: &BenchConfig, progress: &dyn Fn(Duration, u64)) -> 
         ios,
         bytes: ios * cfg.block_size as u64,
         elapsed,
-        mean_us: hist.mean(),
-        p50_us: hist.value_at_quantile(0.5),
-        p99_us: hist.value_at_quantile(0.99),
-        p999_us: hist.value_at_quantile(0.999),
-        max_us: hist.max(),
+        mean_us: hist.mean() / 1e3,
+        p50_us: hist.value_at_quantile(0.5) as f64 / 1e3,
+        p99_us: hist.value_at_quantile(0.99) as f64 / 1e3,
+        p999_us: hist.value_at_quantile(0.999) as f64 / 1e3,
+        max_us: hist.max() as f64 / 1e3,
     })
 }
 
@@ -303,15 +303,16 @@ async fn worker(
             stop.store(true, Ordering::Relaxed);
             return Err(e);
         }
-        let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
-        hist.saturating_record(us);
+        let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
+        hist.saturating_record(ns);
         done.fetch_add(1, Ordering::Relaxed);
     }
     Ok(hist)
 }
 
 fn new_histogram() -> Result<Histogram<u64>, HostError> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| HostError::InvalidArgument(format!("histogram: {e}")))
+    // Nanoseconds, up to a minute, 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| HostError::InvalidArgument(format!("histogram: {e}")))
 }
 
 fn xorshift(state: &mut u64) -> u64 {
@@ -348,14 +349,14 @@ mod tests {
             bytes: 4_096_000,
             elapsed: Duration::from_secs(1),
             mean_us: 12.5,
-            p50_us: 10,
-            p99_us: 40,
-            p999_us: 90,
-            max_us: 100,
+            p50_us: 10.0,
+            p99_us: 40.25,
+            p999_us: 90.0,
+            max_us: 100.0,
         };
         assert_eq!(
             r.to_json(),
-            "{\"iops\":1000.0,\"bandwidth_mbps\":4.096,\"latency_us\":{\"mean\":12.5,\"p50\":10,\"p99\":40,\"p999\":90}}"
+            "{\"iops\":1000.0,\"bandwidth_mbps\":4.096,\"latency_us\":{\"mean\":12.50,\"p50\":10.00,\"p99\":40.25,\"p999\":90.00}}"
         );
         assert!(r.to_string().contains("1000 IOPS"));
     }

@@ -520,14 +520,19 @@ impl Queue {
     /// the channel closes; then fails every command in flight.
     fn receive_loop(&self) {
         let mut seen = 0;
+        // Consecutive stand-asides: the park grows to 8 x REAP_LEASE while
+        // callers keep reaping (each wake-up may preempt a spinning caller).
+        let mut streak = 0u32;
         loop {
             let now = self.activity.load(Ordering::Acquire);
             if now != seen {
                 seen = now;
                 self.wake_parked();
-                std::thread::park_timeout(REAP_LEASE);
+                std::thread::park_timeout(REAP_LEASE * (1 << streak.min(3)));
+                streak += 1;
                 continue;
             }
+            streak = 0;
             // Blocks (without spinning) while a caller reaps.
             let reaper = self.reaper.lock();
             if self.activity.load(Ordering::Acquire) != seen {
