@@ -267,11 +267,13 @@ impl Queue {
     ) -> Result<Reply, ExecError> {
         // Whatever the command waits for (a CID, send credits, a staging
         // buffer, its completion) comes from this queue's channel: a thread
-        // blocked on it reaps the queue meanwhile.
+        // blocked on it reaps the queue meanwhile. Not on the admin queue:
+        // its commands are few and some wait for minutes (asynchronous
+        // event requests), which its receiver thread does without waking.
         let mut run = std::pin::pin!(self.run_command(op, read_buf, cache, deadline, timer));
         std::future::poll_fn(|cx| {
             let r = run.as_mut().poll(cx);
-            if r.is_pending() {
+            if r.is_pending() && self.qid != 0 {
                 if let Some(me) = self.me.upgrade() {
                     exec::offer_help(me);
                 }
@@ -520,7 +522,7 @@ impl Queue {
     /// the channel closes; then fails every command in flight.
     fn receive_loop(&self) {
         let mut seen = 0;
-        // Consecutive stand-asides: the park grows to 8 x REAP_LEASE while
+        // Consecutive stand-asides: the park grows to 16 x REAP_LEASE while
         // callers keep reaping (each wake-up may preempt a spinning caller).
         let mut streak = 0u32;
         loop {
@@ -528,7 +530,7 @@ impl Queue {
             if now != seen {
                 seen = now;
                 self.wake_parked();
-                std::thread::park_timeout(REAP_LEASE * (1 << streak.min(3)));
+                std::thread::park_timeout(REAP_LEASE * (1 << streak.min(4)));
                 streak += 1;
                 continue;
             }

@@ -184,7 +184,7 @@ impl Drive {
 
     /// For the provider thread: parks and returns true while callers drove
     /// since the thread last looked. The park grows from `LEASE` to
-    /// 8 x `LEASE` while callers keep driving, so a busy channel's thread
+    /// 32 x `LEASE` while callers keep driving, so a busy channel's thread
     /// wakes rarely (each wake-up may preempt a spinning caller).
     pub(crate) fn thread_stands_aside(&self, failed: &AtomicBool, aside: &mut Aside) -> bool {
         let now = self.activity.load(Ordering::Acquire);
@@ -193,7 +193,7 @@ impl Drive {
             return false;
         }
         aside.seen = now;
-        std::thread::park_timeout(LEASE * (1 << aside.streak.min(3)));
+        std::thread::park_timeout(LEASE * (1 << aside.streak.min(5)));
         aside.streak += 1;
         true
     }
