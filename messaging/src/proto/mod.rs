@@ -505,7 +505,7 @@ impl Connection {
         self.max_send = params.msg_size.min(self.cfg.msg_size) as usize;
         self.credits = params.recv_depth.into();
         self.peer = Some(Peer {
-            free_slots: (0..params.slot_count).collect(),
+            free_slots: (0..params.slot_count).rev().collect(),
             slot_busy: vec![false; params.slot_count.into()],
             params,
         });
@@ -661,7 +661,10 @@ impl Connection {
             });
         }
         let peer = self.peer.as_mut().expect("open implies peer");
-        let slot = peer.free_slots.pop_front().expect("can_push checked a free slot");
+        // The most recently released slot first: its lines are likeliest
+        // still in the receiver's cache (a stream then cycles through as
+        // few slots as it keeps in flight, not through all of them).
+        let slot = peer.free_slots.pop_back().expect("can_push checked a free slot");
         peer.slot_busy[slot as usize] = true;
         let remote = RemoteAddr {
             addr: peer.params.slot_addr + u64::from(slot) * u64::from(peer.params.slot_size),
