@@ -413,10 +413,7 @@ impl Endpoint {
     /// # Errors
     /// `WouldBlock`, `Closed`.
     pub fn try_recv(&self) -> Result<Delivery, Error> {
-        self.shared.drive_once();
-        let mut inner = self.shared.inner.lock();
-        self.shared.progress(&mut inner);
-        match take_delivery(&mut inner) {
+        match self.shared.take_ready() {
             Some(r) => r.map(|r| self.delivery(r)),
             None => Err(Error::WouldBlock),
         }
@@ -426,13 +423,9 @@ impl Endpoint {
     pub fn recv_async(&self) -> impl Future<Output = Result<Delivery, Error>> + '_ {
         std::future::poll_fn(move |cx| {
             self.shared.signal.register(cx.waker());
-            self.shared.drive_once();
-            let mut inner = self.shared.inner.lock();
-            self.shared.progress(&mut inner);
-            match take_delivery(&mut inner) {
+            match self.shared.take_ready() {
                 Some(r) => Poll::Ready(r.map(|r| self.delivery(r))),
                 None => {
-                    drop(inner);
                     self.shared.post_held();
                     Poll::Pending
                 }
@@ -616,6 +609,22 @@ impl Shared {
                 Ok(())
             }
         }
+    }
+
+    /// A delivery that is ready, without waiting: what earlier progress
+    /// queued, else what one non-blocking round of provider progress brings.
+    fn take_ready(&self) -> Option<Result<Received, Error>> {
+        {
+            let mut inner = self.inner.lock();
+            self.progress(&mut inner);
+            if let Some(r) = take_delivery(&mut inner) {
+                return Some(r);
+            }
+        }
+        self.drive_once();
+        let mut inner = self.inner.lock();
+        self.progress(&mut inner);
+        take_delivery(&mut inner)
     }
 
     /// One non-blocking round of provider progress, when no thread drives.

@@ -333,6 +333,16 @@ fn dropping_an_endpoint_while_the_peer_sends_never_deadlocks() {
         .expect("no deadlock between a dropped endpoint and its peer's sends");
 }
 
+/// Stops a test's helper thread when dropped, also when an assertion failed
+/// (a scope would otherwise wait for the helper forever).
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The fabrics whose waiting callers drive the transport themselves.
 fn driven_fabrics() -> Vec<(Box<dyn Fabric>, &'static str)> {
     fabrics().into_iter().filter(|(f, _)| f.name() != "loopback").collect()
@@ -496,6 +506,7 @@ fn events_routed_by_another_thread_reach_the_driving_thread() {
                     drop(d);
                 }
             });
+            let _stop = StopOnDrop(&stop);
             for i in 0..300u32 {
                 let t0 = Instant::now();
                 let r = a
@@ -509,7 +520,6 @@ fn events_routed_by_another_thread_reach_the_driving_thread() {
                     t0.elapsed()
                 );
             }
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
     }
 }
@@ -528,6 +538,7 @@ fn sends_complete_when_the_peer_only_polls() {
                     let _ = b.try_recv();
                 }
             });
+            let _stop = StopOnDrop(&stop);
             for i in 0..20u32 {
                 let r = a
                     .send(&i.to_le_bytes())
@@ -535,7 +546,6 @@ fn sends_complete_when_the_peer_only_polls() {
                     .wait_timeout(Duration::from_secs(5));
                 assert!(r.is_ok(), "{}: send {i} never acknowledged: {r:?}", fabric.name());
             }
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
     }
 }

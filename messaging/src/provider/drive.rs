@@ -129,13 +129,15 @@ impl Drive {
     ) -> bool {
         if timeout == Some(Duration::ZERO) {
             // One non-blocking round (a spinning waiter): no clock reads,
-            // and no pump unless the transport has something for it.
+            // and no pump unless the transport has something for it. The
+            // spinner counts as driving either way (the provider thread
+            // stays aside).
+            self.renew_lease();
             if !worth_pumping() {
                 return cq.has_completions();
             }
             return match state.try_lock() {
                 Some(mut guard) => {
-                    self.renew_lease();
                     pump(&mut guard);
                     cq.has_completions()
                 }

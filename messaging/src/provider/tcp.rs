@@ -1,40 +1,44 @@
 //! The tcp provider: verbs RC semantics emulated faithfully over TCP.
 //!
-//! Each queue pair is one TCP connection (`TCP_NODELAY`) served by one I/O
-//! thread that reads frames and places their payloads, while posting threads
+//! Each queue pair is one TCP connection (`TCP_NODELAY`). Posting threads
 //! write their own frames straight to the socket (no thread hop on the send
-//! path). The socket is non-blocking: whatever does not fit stays queued as
-//! owned work requests (no copy) and the I/O thread finishes it when the
-//! socket drains, so a full socket never blocks a poster nor deadlocks two
-//! peers sending to each other.
+//! path); frames are read, placed and executed by the thread that waits on
+//! the queue pair (run to completion, `provider/drive.rs`: the waiting
+//! thread polls the socket itself, so a completion reaches it without a
+//! hop) or, when nobody waits, by the queue pair's I/O thread. The socket
+//! is non-blocking: whatever does not fit stays queued as owned work
+//! requests (no copy) and the waiting thread or the I/O thread finishes it
+//! when the socket drains, so a full socket never blocks a poster nor
+//! deadlocks two peers sending to each other.
 //!
 //! # Frames
-//! Every frame is a 32-byte little-endian header plus `len` payload bytes:
+//! Every frame is a 40-byte little-endian header plus `len` payload bytes:
 //!
 //! ```text
-//!  0      1       2          4        8         16         24      28
-//!  │opcode│status │reserved=0│len u32 │psn u64  │addr u64  │rkey u32│imm u32│ payload…
+//!  0      1       2          4        8         16         24      28      32
+//!  │opcode│status │reserved=0│len u32 │psn u64  │addr u64  │rkey u32│imm u32│ack u64│ payload…
 //! ```
 //!
 //! Requests (`SEND`, `SEND_IMM`, `WRITE`, `WRITE_IMM`, `READ_REQ`) carry a
 //! packet sequence number (psn) counted per direction from 0; the responder
-//! checks it is exactly the next one. The responder answers with a
-//! cumulative `ACK psn` once it has executed requests (one ACK per batch of
-//! frames read), with `READ_RESP psn` carrying read data (it also acks every
-//! earlier request), or with `NAK psn status` followed by closing the
-//! connection. Send completions are reported when the ACK arrives, after the
-//! peer executed the request, as an RC NIC does; a remote access violation
-//! thus reaches the sender as a `RemoteAccessError` completion.
+//! checks it is exactly the next one. The responder acknowledges what it
+//! executed cumulatively: in the `ack` field of the next frame it writes
+//! (the reply usually), or with an explicit `ACK psn` when nothing is about
+//! to ride (see `pump` for the rules); `READ_RESP psn` carries read data and
+//! acks every earlier request; `NAK psn status` is followed by closing the
+//! connection. Send completions are reported when the acknowledgement
+//! arrives, after the peer executed the request, as an RC NIC does; a
+//! remote access violation thus reaches the sender as a `RemoteAccessError`
+//! completion.
 //!
-//! One-sided writes are placed by the receiving I/O thread straight into the
-//! registered region after checking key, bounds and access, and Sends into
-//! the posted receive buffer. Once a frame's header is known, the rest of its
-//! payload is read from the socket directly into that final place, with the
-//! next headers read ahead in the same vectored read. Between frames the I/O
-//! thread reads ahead at most 4 KiB; payload bytes caught in that read-ahead
-//! are copied once (at most 4 KiB per read), which saves a system call per
-//! small frame: of any payload, at most the first 4 KiB can be copied, the
-//! rest is always read into place.
+//! One-sided writes are placed straight into the registered region after
+//! checking key, bounds and access, and Sends into the posted receive
+//! buffer. Once a frame's header is known, the rest of its payload is read
+//! from the socket directly into that final place, with the next headers
+//! read ahead in the same vectored read. Between frames the reader reads
+//! ahead at most 16 KiB; payload bytes caught in that read-ahead are copied
+//! once, which saves a system call per small frame: of any payload, at most
+//! the first 16 KiB can be copied, the rest is always read into place.
 //!
 //! # Hello
 //! `"CHIO" | version u16 | kind u16 | reserved u32 | len u32 | params[len]`,
@@ -513,6 +517,12 @@ struct QpShared {
     /// The last pump read bytes: a spinning caller reads again without
     /// asking `poll` first.
     recent_data: AtomicBool,
+    /// Frames the socket did not take yet: a spinning caller asks `poll`
+    /// for writability too, and writes them on.
+    tx_backlog: AtomicBool,
+    /// An acknowledgement is due: a spinning caller pumps (which sends it
+    /// once it waited long enough for a ride) even when nothing arrives.
+    ack_waiting: AtomicBool,
 }
 
 #[derive(Default)]
@@ -722,6 +732,8 @@ impl TcpQp {
             rx: Mutex::new(Rx::new()),
             drive,
             recent_data: AtomicBool::new(false),
+            tx_backlog: AtomicBool::new(false),
+            ack_waiting: AtomicBool::new(false),
         });
         let thread = {
             let shared = shared.clone();
@@ -845,6 +857,8 @@ impl QueuePair for TcpQp {
             });
         }
         let flushed = flush_tx(&shared.stream, &mut tx);
+        shared.tx_backlog.store(!tx.frames.is_empty(), Ordering::Relaxed);
+        shared.ack_waiting.store(tx.ack_due.is_some(), Ordering::Relaxed);
         drop(tx);
         if local_error {
             shared.fail_from_outside();
@@ -1123,7 +1137,10 @@ impl QpShared {
                     tx.ack_now();
                 }
             }
-            flush_tx(&self.stream, &mut tx)
+            let flushed = flush_tx(&self.stream, &mut tx);
+            self.tx_backlog.store(!tx.frames.is_empty(), Ordering::Relaxed);
+            self.ack_waiting.store(tx.ack_due.is_some(), Ordering::Relaxed);
+            flushed
         };
         rx.publish(self);
         if let Err(f) = read {
@@ -1145,7 +1162,9 @@ impl QpShared {
             return Ok(false);
         }
         tx.ack_now();
+        self.ack_waiting.store(false, Ordering::Relaxed);
         flush_tx(&self.stream, &mut tx)?;
+        self.tx_backlog.store(!tx.frames.is_empty(), Ordering::Relaxed);
         Ok(!tx.frames.is_empty())
     }
 
@@ -1160,10 +1179,15 @@ impl QpShared {
             // the packets arriving).
             // After a read found data, more is likely (read again at once).
             || {
-                if self.recent_data.load(Ordering::Relaxed) {
+                if self.recent_data.load(Ordering::Relaxed) || self.ack_waiting.load(Ordering::Relaxed) {
                     return true;
                 }
-                let mut fds = [drive::pollfd(self.stream.as_raw_fd(), libc::POLLIN)];
+                let events = if self.tx_backlog.load(Ordering::Relaxed) {
+                    libc::POLLIN | libc::POLLOUT
+                } else {
+                    libc::POLLIN
+                };
+                let mut fds = [drive::pollfd(self.stream.as_raw_fd(), events)];
                 !matches!(drive::poll_fds(&mut fds, Some(Duration::ZERO)), Ok(false))
             },
             |rx| self.pump(rx, true),

@@ -1027,15 +1027,7 @@ impl Shared {
                     Ok(true) => Woke::Ready,
                     Ok(false) => Woke::TimedOut,
                     Err(e) => {
-                        p.fail(
-                            self,
-                            Fatal {
-                                reason: format!("poll: {e}"),
-                                nak: None,
-                                warn: true,
-                            },
-                        );
-                        p.dead = true;
+                        p.poll_failed(self, &e);
                         Woke::Ready
                     }
                 }
@@ -1080,15 +1072,7 @@ fn progress_thread(shared: &Shared) {
                 p.socket_ready |= ready[1];
             }
             Err(e) => {
-                p.fail(
-                    shared,
-                    Fatal {
-                        reason: format!("poll: {e}"),
-                        nak: None,
-                        warn: true,
-                    },
-                );
-                p.dead = true;
+                p.poll_failed(shared, &e);
                 return;
             }
         }
@@ -1133,6 +1117,19 @@ struct Progress {
 }
 
 impl Progress {
+    /// `poll` itself failed: the queue pair cannot wait any more.
+    fn poll_failed(&mut self, sh: &Shared, e: &std::io::Error) {
+        self.fail(
+            sh,
+            Fatal {
+                reason: format!("poll: {e}"),
+                nak: None,
+                warn: true,
+            },
+        );
+        self.dead = true;
+    }
+
     fn fail(&mut self, sh: &Shared, fatal: Fatal) {
         let mut st = sh.state.lock();
         if let Some((psn, status)) = fatal.nak {
