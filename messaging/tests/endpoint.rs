@@ -549,3 +549,30 @@ fn sends_complete_when_the_peer_only_polls() {
         });
     }
 }
+
+#[test]
+fn the_provider_thread_takes_over_when_a_blocking_caller_leaves() {
+    for (fabric, addr) in driven_fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        // b's thread drives while it blocks in recv, then only an async
+        // receive waits: the provider's own thread must take the next
+        // message in (nothing else reads the transport any more).
+        drop(a.send(b"first").expect("send"));
+        assert_eq!(&b.recv_timeout(LONG).expect("blocking recv")[..], b"first");
+        // Long enough for the provider thread to go back to sleeping on the
+        // transport, then a blocking wait that ends by its timeout.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(matches!(
+            b.recv_timeout(Duration::from_millis(50)),
+            Err(Error::Timeout(_))
+        ));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                drop(a.send(b"second").expect("send"));
+            });
+            let d = block_on(b.recv_async()).expect("async recv");
+            assert_eq!(&d[..], b"second", "{}", fabric.name());
+        });
+    }
+}

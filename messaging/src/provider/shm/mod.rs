@@ -610,6 +610,8 @@ struct Shared {
     progress: Mutex<Progress>,
     /// Who drives `progress`: waiting callers or the progress thread.
     drive: Drive,
+    /// The progress thread sleeps in `poll` on the ring's sleeping flag.
+    thread_polling: AtomicBool,
 }
 
 struct State {
@@ -683,6 +685,7 @@ fn start(
             dead: false,
         }),
         drive,
+        thread_polling: AtomicBool::new(false),
     });
     let thread_shared = shared.clone();
     std::thread::Builder::new()
@@ -1017,7 +1020,12 @@ impl Shared {
                     drive::pollfd(self.drive.kick_fd(), libc::POLLIN),
                 ];
                 let polled = drive::poll_fds(&mut fds, timeout);
-                p.rx.woke();
+                // The progress thread may sleep in its own poll on the same
+                // flag: leave it set for the producer to ring, or nothing
+                // would wake that thread once this caller is gone.
+                if !self.thread_polling.load(Ordering::SeqCst) {
+                    p.rx.woke();
+                }
                 if fds[0].revents != 0 {
                     sys::drain_eventfd(&self.links.wake_me);
                 }
@@ -1051,7 +1059,9 @@ fn progress_thread(shared: &Shared) {
                 if !shared.pump(p) {
                     return None;
                 }
-                Some(p.rx.prepare_sleep())
+                let entries_came = p.rx.prepare_sleep();
+                shared.thread_polling.store(!entries_came, Ordering::SeqCst);
+                Some(entries_came)
             });
         match round {
             // Callers took over.
@@ -1063,6 +1073,7 @@ fn progress_thread(shared: &Shared) {
         }
         let polled = sys::poll(&[links.wake_me.as_raw_fd(), links.sock.raw()], None);
         let mut p = shared.progress.lock();
+        shared.thread_polling.store(false, Ordering::SeqCst);
         p.rx.woke();
         match polled {
             Ok(ready) => {
