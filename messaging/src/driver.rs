@@ -6,11 +6,16 @@
 //! is no driver thread: whichever thread calls into the endpoint reaps the
 //! queue pair's completions, feeds them to the protocol core, posts the
 //! work it asks for and routes its events (deliveries to the inbox, send
-//! results to their [`Ticket`]s). A caller that must wait sleeps on a
-//! condvar that the provider's completion notification wakes; async
-//! futures register their `Waker` with the same notification, so they need
-//! no particular runtime (tokio is not required). Providers may have their
-//! own threads (tcp has one I/O thread per queue pair), the driver none.
+//! results to their [`Ticket`]s). A caller that must wait first polls
+//! briefly (`CHANIO_SPIN_US`, 50 µs by default); then, on a provider that
+//! makes progress in [`QueuePair::wait`] (tcp, shm), one waiting thread
+//! drives the transport itself (run to completion: no thread hop between
+//! the transport and the waiter) while the others sleep on a condvar that
+//! the provider's completion notification wakes. Async futures register
+//! their `Waker` with the same notification, so they need no particular
+//! runtime (tokio is not required). Providers may have their own threads
+//! (tcp and shm keep one per queue pair as the fallback for when no caller
+//! drives), the driver none. [`Endpoint::cork`] batches posting.
 //!
 //! # Resource cleanup
 //! Dropping a [`Delivery`] gives its buffer or slot back to the peer.
