@@ -605,31 +605,29 @@ impl Queue {
     }
 
     fn handle(&self, delivery: messaging::Delivery) {
-        {
-            match delivery.kind() {
-                ReceivedKind::Direct { tag } => {
-                    if let Ok(buf) = delivery.into_buf() {
-                        self.handle_data(tag, buf);
+        match delivery.kind() {
+            ReceivedKind::Direct { tag } => {
+                if let Ok(buf) = delivery.into_buf() {
+                    self.handle_data(tag, buf);
+                }
+            }
+            ReceivedKind::Message => {
+                let cqe = transport::decode_response(&delivery);
+                drop(delivery);
+                match cqe {
+                    Ok(cqe) => self.handle_cqe(cqe),
+                    Err(e) => {
+                        tracing::warn!(qid = self.qid, "closing queue: bad response capsule: {e}");
+                        self.ep.close();
                     }
                 }
-                ReceivedKind::Message => {
-                    let cqe = transport::decode_response(&delivery);
-                    drop(delivery);
-                    match cqe {
-                        Ok(cqe) => self.handle_cqe(cqe),
-                        Err(e) => {
-                            tracing::warn!(qid = self.qid, "closing queue: bad response capsule: {e}");
-                            self.ep.close();
-                        }
-                    }
-                }
-                ReceivedKind::Push => {
-                    tracing::warn!(
-                        qid = self.qid,
-                        "closing queue: the I/O unit pushed into a slot we never granted"
-                    );
-                    self.ep.close();
-                }
+            }
+            ReceivedKind::Push => {
+                tracing::warn!(
+                    qid = self.qid,
+                    "closing queue: the I/O unit pushed into a slot we never granted"
+                );
+                self.ep.close();
             }
         }
     }
