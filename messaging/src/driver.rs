@@ -581,9 +581,7 @@ impl Shared {
 
     fn drive(&self, seen: u64, deadline: Option<Instant>) -> Result<(), Error> {
         let moved = || self.signal.generation.load(Ordering::SeqCst) != seen;
-        // A channel whose last wait timed out with nothing is not spun on
-        // (an idle queue waiting in slices costs no CPU).
-        if !self.signal.spin.is_zero() && !self.signal.quiet.load(Ordering::Relaxed) {
+        if self.signal.should_spin() {
             // Adaptive polling: a reply already on its way costs no sleep.
             let until = Instant::now() + self.signal.spin;
             loop {
@@ -604,15 +602,12 @@ impl Shared {
         }
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         let ready = timeout != Some(Duration::ZERO) && self.qp.wait(timeout);
-        match deadline {
-            Some(d) if !ready && !moved() && Instant::now() >= d => {
-                self.signal.quiet.store(true, Ordering::Relaxed);
-                Err(Error::Timeout(Duration::ZERO))
-            }
-            _ => {
-                self.signal.quiet.store(false, Ordering::Relaxed);
-                Ok(())
-            }
+        let timed_out = deadline.is_some_and(|d| !ready && !moved() && Instant::now() >= d);
+        self.signal.note_outcome(timed_out);
+        if timed_out {
+            Err(Error::Timeout(Duration::ZERO))
+        } else {
+            Ok(())
         }
     }
 
@@ -765,7 +760,7 @@ struct Signal {
     generation: AtomicU64,
     /// A thread drives the provider in `QueuePair::wait`.
     driving: AtomicBool,
-    /// The last driven wait timed out with nothing (no spin next time).
+    /// The last wait timed out with nothing (no spin next time).
     quiet: AtomicBool,
     /// Threads sleeping in `sleep`; `signal` takes the lock only if any.
     sleepers: AtomicUsize,
@@ -812,7 +807,7 @@ impl Signal {
     /// first spinning briefly (adaptive polling: a reply that is already on
     /// its way costs no sleep and wake-up), then sleeping on the condvar.
     fn sleep(&self, seen: u64, deadline: Option<Instant>) -> Result<(), Error> {
-        if !self.spin.is_zero() {
+        if self.should_spin() {
             let until = Instant::now() + self.spin;
             loop {
                 for _ in 0..64 {
@@ -843,7 +838,20 @@ impl Signal {
             }
         };
         self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        self.note_outcome(result.is_err());
         result
+    }
+
+    /// Whether a waiter should poll before it sleeps: not when spinning is
+    /// off, nor on a channel whose last wait timed out with nothing (an
+    /// idle queue waiting in slices then costs no CPU).
+    fn should_spin(&self) -> bool {
+        !self.spin.is_zero() && !self.quiet.load(Ordering::Relaxed)
+    }
+
+    /// Records how a wait ended, for `should_spin`.
+    fn note_outcome(&self, timed_out: bool) {
+        self.quiet.store(timed_out, Ordering::Relaxed);
     }
 }
 
