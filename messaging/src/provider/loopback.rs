@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::cq::CompletionQueue;
+use super::{flushed_recv, flushed_send};
 use super::{
     Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
     WcOpcode, WcStatus,
@@ -476,20 +477,9 @@ impl QpCore {
             st.held = keep;
             self.held.store(0, Ordering::Release);
         }
-        flushed.extend(self.recvs.lock().drain(..).map(|wr| Completion {
-            id: wr.id,
-            status: WcStatus::Flushed,
-            opcode: WcOpcode::Recv,
-            byte_len: 0,
-            imm: None,
-            buf: wr.buf,
-        }));
+        flushed.extend(self.recvs.lock().drain(..).map(flushed_recv));
         self.cq.push_all(flushed);
     }
-}
-
-fn flushed_send(wr: SendWr) -> Completion {
-    completion(wr, WcStatus::Flushed, 0)
 }
 
 fn completion(wr: SendWr, status: WcStatus, byte_len: u32) -> Completion {
@@ -683,14 +673,7 @@ impl QueuePair for LoopbackQp {
         let mut recvs = self.core.recvs.lock();
         if self.core.is_failed() {
             drop(recvs);
-            self.core.cq.push(Completion {
-                id: wr.id,
-                status: WcStatus::Flushed,
-                opcode: WcOpcode::Recv,
-                byte_len: 0,
-                imm: None,
-                buf: wr.buf,
-            });
+            self.core.cq.push(flushed_recv(wr));
             return Ok(());
         }
         if recvs.len() >= MAX_WR as usize {
