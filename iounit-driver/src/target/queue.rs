@@ -34,7 +34,12 @@ use crate::transport;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(250);
 /// Most deliveries handled before the answers they produced are posted.
-const BATCH: usize = 64;
+/// Small on purpose: with a whole queue's worth (say 32 writes) handled
+/// before the first completion leaves, host and I/O unit take turns, each
+/// idle while the other works through the batch; eight keeps both busy
+/// (4 KiB random writes at QD32: 110k → 260k IOPS over tcp, 160k → 340k
+/// over shm; 128 KiB shm writes 2.2 → 7.0 GB/s; reads unchanged).
+const BATCH: usize = 8;
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 const STAGING_BUFFERS: usize = 4;
 /// Size and number of the small staging buffers (reads up to that size).
