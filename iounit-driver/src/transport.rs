@@ -22,8 +22,12 @@
 //!   is reliable and ordered, a read's data has landed before its CQE
 //!   arrives, and a write's CQE leaves only after its last chunk was written.
 //!   No completion needs a separate data-ready notice.
-//! - **Flow control.** Queue depth is bounded by the channel's credits: each
-//!   side pre-posts `queue depth + CHANNEL_SLACK` receives.
+//! - **Flow control.** Queue depth is bounded by the channel's credits. The
+//!   I/O unit pre-posts `queue depth + CHANNEL_SLACK` receives (one per
+//!   command capsule); the host pre-posts `2 × queue depth + CHANNEL_SLACK`,
+//!   because a read takes two (its data push with immediate, then its
+//!   response capsule). With fewer, a queue full of reads would make the
+//!   I/O unit wait for credits before it could answer them all.
 
 use messaging::Config;
 
@@ -60,10 +64,11 @@ pub fn iounit_channel(depth: u16) -> Config {
 }
 
 /// Channel configuration of a host queue of `depth` entries. Hosts grant no
-/// slots: the I/O unit pushes read data straight into exposed buffers.
+/// slots: the I/O unit pushes read data straight into exposed buffers, and
+/// each such push takes a receive besides the response's.
 pub fn host_channel(depth: u16) -> Config {
     Config {
-        recv_depth: depth.saturating_add(CHANNEL_SLACK),
+        recv_depth: depth.saturating_mul(2).saturating_add(CHANNEL_SLACK),
         send_depth: depth.saturating_mul(2).saturating_add(CHANNEL_SLACK),
         msg_size: CAPSULE_MAX,
         slot_size: 0,
