@@ -46,8 +46,8 @@
 //! outside the registration or read uninitialised memory (regions are
 //! zeroed when allocated).
 
+use crate::intmap::IntMap;
 use std::alloc::{self, Layout};
-use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::ops::{BitOr, Deref, DerefMut};
@@ -309,7 +309,7 @@ pub struct ProtectionDomain {
 
 struct PdInner {
     next_key: AtomicU32,
-    regions: RwLock<HashMap<u32, Weak<Region>>>,
+    regions: RwLock<IntMap<u32, Weak<Region>>>,
     registrar: Option<Arc<dyn Registrar>>,
     allocator: Option<Arc<dyn RegionAllocator>>,
 }
@@ -343,7 +343,7 @@ impl ProtectionDomain {
         ProtectionDomain {
             inner: Arc::new(PdInner {
                 next_key: AtomicU32::new(seed | 1),
-                regions: RwLock::new(HashMap::new()),
+                regions: RwLock::new(IntMap::default()),
                 registrar,
                 allocator: None,
             }),
@@ -811,6 +811,8 @@ impl fmt::Debug for RemoteTarget {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     #[test]

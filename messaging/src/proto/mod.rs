@@ -55,9 +55,11 @@
 //!   for the driver, and every request still in flight resolves with an
 //!   error when its flushed completion returns.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use slab::Slab;
+
+use crate::intmap::IntMap;
 
 use crate::mr::{Access, Buf, BufPool, MrError, ProtectionDomain, RemoteBuf};
 use crate::provider::{Capabilities, Completion, RecvWr, RemoteAddr, SendOp, SendWr, WcOpcode, WcStatus, WrId};
@@ -351,7 +353,7 @@ pub struct Connection {
     events: VecDeque<Event>,
     tx_seq: u32,
     rx_seq: u32,
-    direct: HashMap<u16, Buf>,
+    direct: IntMap<u16, Buf>,
     next_tag: u16,
     recvs_posted: u32,
     held: u32,
@@ -419,7 +421,7 @@ impl Connection {
             events: VecDeque::new(),
             tx_seq: 0,
             rx_seq: 0,
-            direct: HashMap::new(),
+            direct: IntMap::default(),
             next_tag: 0,
             recvs_posted: 0,
             held: 0,

@@ -48,7 +48,7 @@
 mod ring;
 mod sys;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -65,6 +65,7 @@ use super::{
     Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
     WcOpcode, WcStatus,
 };
+use crate::intmap::{IntMap, IntSet};
 use crate::mr::{Access, MrError, ProtectionDomain, RKey, RegionAllocator};
 use crate::provider::{flushed_recv, flushed_send};
 
@@ -156,7 +157,7 @@ impl Default for ShmFabric {
 /// Allocates registrations from sealed memfds, so that peers can map them.
 #[derive(Default)]
 struct MemfdAllocator {
-    live: Mutex<HashMap<u64, (Arc<OwnedFd>, Mapping)>>,
+    live: Mutex<IntMap<u64, (Arc<OwnedFd>, Mapping)>>,
 }
 
 /// Names memfds process-wide, so that a buffer of another fabric never
@@ -621,7 +622,9 @@ struct State {
     outstanding: VecDeque<Pending>,
     recvs: VecDeque<RecvWr>,
     /// Memfds (by serial) this side has sent to the peer.
-    exported: HashSet<u64>,
+    exported: IntSet<u64>,
+    /// Entries being published (kept to reuse its allocation).
+    publish: Vec<Entry>,
 }
 
 struct Pending {
@@ -671,15 +674,17 @@ fn start(
             next_psn: 0,
             outstanding: VecDeque::new(),
             recvs: recvs.into(),
-            exported: HashSet::new(),
+            exported: IntSet::default(),
+            publish: Vec::new(),
         }),
         cq: CompletionQueue::default(),
         failed: AtomicBool::new(false),
         progress: Mutex::new(Progress {
             rx,
             expected_psn: 0,
-            maps: HashMap::new(),
+            maps: IntMap::default(),
             entries: Vec::with_capacity(BATCH),
+            completions: Vec::new(),
             socket_ready: true,
             socket_failed: None,
             dead: false,
@@ -710,7 +715,8 @@ impl QueuePair for ShmQp {
         if st.outstanding.len() + wrs.len() > depth as usize {
             return Err((FabricError::QueueFull { queue: "send", depth }, wrs));
         }
-        let mut entries = Vec::with_capacity(wrs.len());
+        let mut entries = std::mem::take(&mut st.publish);
+        entries.clear();
         let mut local_error: Option<String> = None;
         for wr in wrs {
             let opcode = wr.opcode();
@@ -760,6 +766,7 @@ impl QueuePair for ShmQp {
                 sys::ring_eventfd(&shared.links.wake_peer);
             }
         }
+        st.publish = entries;
         if let Some(reason) = local_error {
             shared.fail_locked(&mut st, &reason, true);
         }
@@ -864,9 +871,12 @@ impl Shared {
                 "RDMA Read into memory without local write".into(),
             ));
         }
+        // A memfd already exported is this fabric's and alive (serials are
+        // never reused, and the buffer holds its registration), so only a
+        // first use asks the allocator, under its process-wide lock.
         let (serial, offset) = buf
             .allocation()
-            .filter(|(serial, _)| self.fabric.memory.is_live(*serial))
+            .filter(|(serial, _)| st.exported.contains(serial) || self.fabric.memory.is_live(*serial))
             .ok_or_else(|| {
                 (
                     WcStatus::LocalProtectionError,
@@ -1117,8 +1127,10 @@ fn nak(psn: u64, status: WcStatus, reason: impl Into<String>) -> Fatal {
 struct Progress {
     rx: Ring,
     expected_psn: u64,
-    maps: HashMap<u64, Mapping>,
+    maps: IntMap<u64, Mapping>,
     entries: Vec<Entry>,
+    /// Completions of one batch (kept to reuse its allocation).
+    completions: Vec<Completion>,
     /// `poll` said the socket is readable: drain it in the next pump.
     socket_ready: bool,
     /// The socket failed (end of file): fail once the ring is executed.
@@ -1221,7 +1233,7 @@ impl Progress {
         if st.failed {
             return Ok(());
         }
-        let mut completions = Vec::new();
+        let mut completions = std::mem::take(&mut self.completions);
         let mut ack = None;
         let mut result = Ok(());
         for e in entries {
@@ -1287,7 +1299,8 @@ impl Progress {
                 sys::ring_eventfd(&sh.links.wake_peer);
             }
         }
-        sh.cq.push_all(completions);
+        sh.cq.push_all(completions.drain(..));
+        self.completions = completions;
         drop(st);
         result
     }
