@@ -46,28 +46,6 @@ pub const SLOT_SIZE: u32 = 128 * 1024;
 pub const SLOT_COUNT: u16 = 32;
 /// Receives posted beyond the queue depth (keep alive, events, control).
 pub const CHANNEL_SLACK: u16 = 8;
-/// Send requests (and send buffers) per queue entry. A command can use two
-/// at once (a read's data push and its response), and each stays in flight
-/// until the fabric acknowledges it, which on tcp rides on the peer's next
-/// frame: with only two per entry the I/O unit ran out of send room and
-/// waited for acknowledgements (tcp 4 KiB random reads at QD32: +15 % with
-/// four). Deep queues get fewer (see [`send_depth`]).
-pub const SEND_DEPTH_PER_ENTRY: u16 = 4;
-/// The send depth the extra room may grow to: the shm and verbs providers
-/// allow 1024 send requests per queue pair by default.
-const SEND_DEPTH_ROOM: u16 = 1024;
-
-/// Send depth of a queue of `depth` entries: [`SEND_DEPTH_PER_ENTRY`] per
-/// entry up to [`SEND_DEPTH_ROOM`], never less than the two per entry a
-/// queue needs.
-pub fn send_depth(depth: u16) -> u16 {
-    let needed = depth.saturating_mul(2).saturating_add(CHANNEL_SLACK);
-    let roomy = depth
-        .saturating_mul(SEND_DEPTH_PER_ENTRY)
-        .saturating_add(CHANNEL_SLACK)
-        .min(SEND_DEPTH_ROOM);
-    needed.max(roomy)
-}
 /// Largest queue depth (entries) an I/O unit accepts.
 pub const MAX_QUEUE_DEPTH: u16 = 1024;
 /// Message size of every channel: a capsule with full in-capsule data.
@@ -77,7 +55,7 @@ pub const CAPSULE_MAX: u32 = (SQE_LEN + INLINE_DATA_MAX) as u32;
 pub fn iounit_channel(depth: u16) -> Config {
     Config {
         recv_depth: depth.saturating_add(CHANNEL_SLACK),
-        send_depth: send_depth(depth),
+        send_depth: depth.saturating_mul(2).saturating_add(CHANNEL_SLACK),
         msg_size: CAPSULE_MAX,
         slot_size: SLOT_SIZE,
         slot_count: SLOT_COUNT,
@@ -91,7 +69,7 @@ pub fn iounit_channel(depth: u16) -> Config {
 pub fn host_channel(depth: u16) -> Config {
     Config {
         recv_depth: depth.saturating_mul(2).saturating_add(CHANNEL_SLACK),
-        send_depth: send_depth(depth),
+        send_depth: depth.saturating_mul(2).saturating_add(CHANNEL_SLACK),
         msg_size: CAPSULE_MAX,
         slot_size: 0,
         slot_count: 0,
@@ -166,18 +144,6 @@ pub fn push_chunks(len: usize, slot: usize) -> impl Iterator<Item = (usize, usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn send_depth_is_roomy_for_shallow_queues_and_never_below_two_per_entry() {
-        assert_eq!(send_depth(32), 4 * 32 + CHANNEL_SLACK);
-        assert_eq!(send_depth(300), SEND_DEPTH_ROOM);
-        assert_eq!(send_depth(MAX_QUEUE_DEPTH), 2 * MAX_QUEUE_DEPTH + CHANNEL_SLACK);
-        for depth in 1..=MAX_QUEUE_DEPTH {
-            let d = send_depth(depth);
-            assert!(d >= 2 * depth + CHANNEL_SLACK, "depth {depth}");
-            assert!(d <= SEND_DEPTH_ROOM.max(2 * depth + CHANNEL_SLACK), "depth {depth}");
-        }
-    }
     use crate::nvme::{CommandId, Nsid, Status};
 
     #[test]
