@@ -33,7 +33,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use iounit::nvme::fabrics::CONNECT_DATA_LEN;
-use iounit::nvme::{CommandId, Connect, ConnectData, ConnectResponse, Cqe, Sgl, Sqe};
+use iounit::nvme::{CommandId, Connect, ConnectData, ConnectResponse, Cqe, Sgl, Sqe, Status};
 use iounit::transport;
 use messaging::mr::{Access, Buf, BufPool, ProtectionDomain};
 use messaging::provider::Fabric;
@@ -323,6 +323,7 @@ impl Queue {
             OpData::In(len) => {
                 let exposure = self.expose(cid, *len, read_buf, cache).map_err(ExecError::Host)?;
                 transport::set_transfer_tag(&mut sqe, exposure.target.tag);
+                transport::set_completes_by_data(&mut sqe);
                 Sgl::KeyedDataBlock {
                     addr: exposure.target.remote.addr,
                     len: u32::try_from(*len).map_err(|_| too_long(*len))?,
@@ -606,9 +607,9 @@ impl Queue {
 
     fn handle(&self, delivery: messaging::Delivery) {
         match delivery.kind() {
-            ReceivedKind::Direct { tag } => {
+            ReceivedKind::Direct { tag, flag } => {
                 if let Ok(buf) = delivery.into_buf() {
-                    self.handle_data(tag, buf);
+                    self.handle_data(tag, buf, flag);
                 }
             }
             ReceivedKind::Message => {
@@ -632,7 +633,10 @@ impl Queue {
         }
     }
 
-    fn handle_data(&self, tag: u16, buf: Buf) {
+    /// Data pushed under `tag`; `completes` when the push was flagged: the
+    /// command succeeded and no response capsule follows
+    /// ([`transport::CDW3_COMPLETE_BY_DATA`]).
+    fn handle_data(&self, tag: u16, buf: Buf, completes: bool) {
         let mut st = self.state.lock();
         let Some(cid) = take_tag(&mut st.tags, tag, None) else {
             tracing::warn!(qid = self.qid, tag, "data for a transfer tag no command uses");
@@ -643,6 +647,12 @@ impl Queue {
             if !slot.ignored {
                 slot.data = Some(buf);
             }
+        }
+        drop(st);
+        if completes {
+            let mut cqe = Cqe::new(CommandId(cid as u16), Status::SUCCESS);
+            cqe.sq_id = self.qid;
+            self.handle_cqe(cqe);
         }
     }
 

@@ -18,10 +18,18 @@
 //!   length, key) and, in CDW3 bits 15:0, the transfer tag under which the
 //!   host exposed it ([`transfer_tag`]). The I/O unit pushes the data there
 //!   with one RDMA Write with immediate; the immediate names the tag.
-//! - **Completions** always arrive as a response capsule. Because a channel
-//!   is reliable and ordered, a read's data has landed before its CQE
-//!   arrives, and a write's CQE leaves only after its last chunk was written.
-//!   No completion needs a separate data-ready notice.
+//! - **Completions** arrive as a response capsule. Because a channel is
+//!   reliable and ordered, a read's data has landed before its CQE arrives,
+//!   and a write's CQE leaves only after its last chunk was written. No
+//!   completion needs a separate data-ready notice.
+//! - **Completion by data.** A host that sets CDW3 bit 16
+//!   ([`CDW3_COMPLETE_BY_DATA`]) on a command with a keyed descriptor lets
+//!   the I/O unit complete it with the data push alone: when the command
+//!   succeeds, the push carries the messaging layer's direct-placement flag
+//!   and no response capsule follows; the host completes the command with
+//!   status Success and DW0 = 0. A command that fails is answered with a
+//!   response capsule, as always. (NVMe/TCP's C2HData SUCCESS flag does the
+//!   same.) A read then takes one message from the I/O unit instead of two.
 //! - **Flow control.** Queue depth is bounded by the channel's credits. The
 //!   I/O unit pre-posts `queue depth + CHANNEL_SLACK` receives (one per
 //!   command capsule); the host pre-posts `2 × queue depth + CHANNEL_SLACK`,
@@ -133,6 +141,21 @@ pub fn transfer_tag(sqe: &Sqe) -> u16 {
 /// Sets the transfer tag (CDW3 bits 15:0).
 pub fn set_transfer_tag(sqe: &mut Sqe, tag: u16) {
     sqe.cdw3 = (sqe.cdw3 & 0xffff_0000) | u32::from(tag);
+}
+
+/// CDW3 bit 16 of a command with a keyed descriptor: the host accepts the
+/// flagged data push as the command's successful completion (see the
+/// module documentation, "Completion by data").
+pub const CDW3_COMPLETE_BY_DATA: u32 = 1 << 16;
+
+/// Whether the host asked for completion by data.
+pub fn completes_by_data(sqe: &Sqe) -> bool {
+    sqe.cdw3 & CDW3_COMPLETE_BY_DATA != 0
+}
+
+/// Asks for completion by data.
+pub fn set_completes_by_data(sqe: &mut Sqe) {
+    sqe.cdw3 |= CDW3_COMPLETE_BY_DATA;
 }
 
 /// Chunks of `len` bytes of host-pushed data: `(offset, length)` per push.

@@ -79,7 +79,14 @@ impl RawHost {
     }
 
     /// A command that returns data into an exposed buffer.
-    fn fetch(&mut self, mut sqe: Sqe, len: usize) -> (Cqe, Option<Buf>) {
+    fn fetch(&mut self, sqe: Sqe, len: usize) -> (Cqe, Option<Buf>) {
+        let (cqe, data) = self.fetch_as(sqe, len, false);
+        (cqe.expect("a response capsule"), data)
+    }
+
+    /// As `fetch`; with `by_data` the command asks for completion by data,
+    /// and a flagged push returns without a response capsule (`None`).
+    fn fetch_as(&mut self, mut sqe: Sqe, len: usize, by_data: bool) -> (Option<Cqe>, Option<Buf>) {
         let pool = self
             .fabric
             .domain()
@@ -93,6 +100,9 @@ impl RawHost {
         })
         .unwrap();
         transport::set_transfer_tag(&mut sqe, target.tag);
+        if by_data {
+            transport::set_completes_by_data(&mut sqe);
+        }
         let mut capsule = Vec::new();
         transport::encode_capsule(&sqe, &[], &mut capsule).unwrap();
         self.ep.send(&capsule).unwrap();
@@ -100,11 +110,15 @@ impl RawHost {
         loop {
             let d = self.ep.recv_timeout(LONG).unwrap();
             match d.kind() {
-                ReceivedKind::Direct { tag } => {
+                ReceivedKind::Direct { tag, flag } => {
                     assert_eq!(tag, target.tag);
+                    assert_eq!(flag, by_data, "the push is flagged exactly when the host asked");
                     data = Some(d.into_buf().unwrap());
+                    if flag {
+                        return (None, data);
+                    }
                 }
-                _ => return (transport::decode_response(&d).unwrap(), data),
+                _ => return (Some(transport::decode_response(&d).unwrap()), data),
             }
         }
     }
@@ -166,6 +180,37 @@ fn connect_identify_write_read() {
     let cid = io.next();
     let cqe = io.exchange(&Sqe::new(0x55, cid), &[]);
     assert!(cqe.status().same_code(Status::INVALID_OPCODE));
+    t.shutdown();
+}
+
+#[test]
+fn a_read_completes_by_its_data_when_the_host_allows() {
+    let t = target();
+    let admin = RawHost::connect(&t, 0, 0, None).unwrap();
+    let mut io = RawHost::connect(&t, 1, admin.cntlid, Some(admin.fabric.clone())).unwrap();
+    let cid = io.next();
+    let mut sqe = Sqe::write(cid, Nsid(1), 40, 8).unwrap();
+    sqe.set_sgl(&Sgl::DataBlockOffset { offset: 0, len: 4096 }).unwrap();
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
+    assert!(io.exchange(&sqe, &pattern).status().is_success());
+
+    // Success: the flagged push is the whole answer.
+    let cid = io.next();
+    let (cqe, data) = io.fetch_as(Sqe::read(cid, Nsid(1), 40, 8).unwrap(), 4096, true);
+    assert!(cqe.is_none(), "no response capsule after a flagged push: {cqe:?}");
+    assert_eq!(&data.unwrap()[..], &pattern[..]);
+    // Failure: a response capsule with the status, and no data.
+    let cid = io.next();
+    let (cqe, data) = io.fetch_as(Sqe::read(cid, Nsid(1), 8191, 2).unwrap(), 1024, true);
+    assert!(cqe.unwrap().status().same_code(Status::LBA_OUT_OF_RANGE));
+    assert!(data.is_none());
+    // Without the bit: data, then the response capsule. Its command ID
+    // shows that nothing was left over from the flagged read.
+    let cid = io.next();
+    let (cqe, data) = io.fetch(Sqe::read(cid, Nsid(1), 40, 8).unwrap(), 4096);
+    assert_eq!(cqe.command_id, cid);
+    assert!(cqe.status().is_success());
+    assert_eq!(&data.unwrap()[..], &pattern[..]);
     t.shutdown();
 }
 

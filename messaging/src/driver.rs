@@ -364,6 +364,19 @@ impl Endpoint {
         })
     }
 
+    /// As [`Endpoint::push_direct`], with the flag set: the peer's delivery
+    /// reads [`crate::ReceivedKind::Direct`] `{ flag: true }`, so that the
+    /// push itself can carry "this completes the request".
+    ///
+    /// # Errors
+    /// As [`Endpoint::push_direct`].
+    pub fn push_direct_flagged(&self, buf: Buf, target: DirectTarget) -> Result<Ticket, Error> {
+        let mut slot = Some(buf);
+        self.blocking(None, |inner, token| {
+            push_with(&mut slot, |b| inner.conn.push_direct_flagged(token, b, target))
+        })
+    }
+
     /// A staging buffer of [`Endpoint::max_push`] bytes to fill and hand to
     /// [`Endpoint::push_buf`] (zero-copy pushes), waiting while all are in use.
     ///

@@ -150,10 +150,32 @@ fn direct_placement_into_an_application_buffer() {
         src.iter_mut().enumerate().for_each(|(i, x)| *x = (i % 253) as u8);
         a.push_direct(src, target).unwrap().wait_timeout(LONG).unwrap();
         let d = b.recv_timeout(LONG).unwrap();
-        assert_eq!(d.kind(), ReceivedKind::Direct { tag: target.tag });
+        assert_eq!(
+            d.kind(),
+            ReceivedKind::Direct {
+                tag: target.tag,
+                flag: false
+            }
+        );
         let buf = d.into_buf().expect("direct placement hands the buffer back");
         assert_eq!(buf.len(), 700_000);
         assert!(buf.iter().enumerate().all(|(i, &x)| x == (i % 253) as u8));
+        // The same buffer exposed again, pushed with the flag: it arrives
+        // with the delivery.
+        let target = b.expose(buf).expect("expose again");
+        let mut src = src_pool.checkout().unwrap();
+        src.set_len(100);
+        src.fill(&[7u8; 100]).unwrap();
+        a.push_direct_flagged(src, target).unwrap().wait_timeout(LONG).unwrap();
+        let d = b.recv_timeout(LONG).unwrap();
+        assert_eq!(
+            d.kind(),
+            ReceivedKind::Direct {
+                tag: target.tag,
+                flag: true
+            }
+        );
+        assert_eq!(&d[..], &[7u8; 100][..]);
         let unregistered = fabric.domain().register(64, 1, Access::LOCAL_WRITE).unwrap();
         assert!(matches!(
             b.expose(unregistered.checkout().unwrap()),

@@ -377,6 +377,9 @@ enum Outcome {
     Done(Status, u32),
     /// The completion comes later (data to arrive, or an event).
     Later,
+    /// Completed by its flagged data push: no response capsule
+    /// ([`transport::CDW3_COMPLETE_BY_DATA`]).
+    Pushed,
 }
 
 impl Outcome {
@@ -477,12 +480,21 @@ impl Queue {
                 rkey: RKey(key),
             },
         };
-        let ticket = self
-            .ep
-            .push_direct(buf, target)
-            .map_err(|e| format!("cannot push data to the host: {e}"))?;
+        // The command succeeds with this push: when the host allows, the
+        // push itself says so and no response capsule follows.
+        let by_data = transport::completes_by_data(sqe);
+        let pushed = if by_data {
+            self.ep.push_direct_flagged(buf, target)
+        } else {
+            self.ep.push_direct(buf, target)
+        };
+        let ticket = pushed.map_err(|e| format!("cannot push data to the host: {e}"))?;
         self.staging.tier(len as usize).pushed(ticket);
-        Ok(Outcome::status(Status::SUCCESS))
+        Ok(if by_data {
+            Outcome::Pushed
+        } else {
+            Outcome::status(Status::SUCCESS)
+        })
     }
 
     fn admin(&mut self, sqe: &Sqe, inline: &[u8]) -> Result<Outcome, String> {

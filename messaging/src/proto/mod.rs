@@ -66,7 +66,7 @@ use crate::provider::{Capabilities, Completion, RecvWr, RemoteAddr, SendOp, Send
 
 pub mod wire;
 
-use wire::{Header, Kind, Params, Target, HEADER_LEN, MAX_INDEX, MAX_RELEASES};
+use wire::{Header, Kind, Params, Target, DIRECT_FLAG, HEADER_LEN, MAX_INDEX, MAX_RELEASES, MAX_TAG};
 
 /// Smallest receive depth a side may advertise.
 pub const MIN_RECV_DEPTH: u16 = 4;
@@ -209,7 +209,7 @@ impl DirectTarget {
             return None;
         }
         let tag = u16::from_le_bytes([b[0], b[1]]);
-        (tag <= MAX_INDEX).then_some(())?;
+        (tag <= MAX_TAG).then_some(())?;
         Some(DirectTarget {
             tag,
             remote: RemoteBuf::decode(&b[4..20])?,
@@ -255,6 +255,8 @@ pub enum ReceivedKind {
     Direct {
         /// The exposure's tag.
         tag: u16,
+        /// The flag the pusher set ([`Connection::push_direct_flagged`]).
+        flag: bool,
     },
 }
 
@@ -275,7 +277,7 @@ pub struct Received {
 enum Origin {
     Message,
     Slot(u16),
-    Direct(u16),
+    Direct { tag: u16, flag: bool },
 }
 
 impl Received {
@@ -289,7 +291,7 @@ impl Received {
         match self.origin {
             Origin::Message => ReceivedKind::Message,
             Origin::Slot(_) => ReceivedKind::Push,
-            Origin::Direct(tag) => ReceivedKind::Direct { tag },
+            Origin::Direct { tag, flag } => ReceivedKind::Direct { tag, flag },
         }
     }
 
@@ -305,7 +307,7 @@ impl Received {
     /// `Err(self)` when this is not a direct placement.
     pub fn into_buf(self) -> Result<Buf, Received> {
         match self.origin {
-            Origin::Direct(_) => Ok(self.buf),
+            Origin::Direct { .. } => Ok(self.buf),
             _ => Err(self),
         }
     }
@@ -682,6 +684,21 @@ impl Connection {
     /// # Errors
     /// As [`Connection::push`]; `TooLarge` when `src` exceeds the target.
     pub fn push_direct(&mut self, token: u64, src: Buf, target: DirectTarget) -> Result<(), PushError> {
+        self.push_direct_with(token, src, target, false)
+    }
+
+    /// As [`Connection::push_direct`], with the flag set: the receiver's
+    /// delivery reads [`ReceivedKind::Direct`] `{ flag: true }`. What it
+    /// means is the application's (the NVMe binding: "this push completes
+    /// the read, no response follows").
+    ///
+    /// # Errors
+    /// As [`Connection::push_direct`].
+    pub fn push_direct_flagged(&mut self, token: u64, src: Buf, target: DirectTarget) -> Result<(), PushError> {
+        self.push_direct_with(token, src, target, true)
+    }
+
+    fn push_direct_with(&mut self, token: u64, src: Buf, target: DirectTarget, flag: bool) -> Result<(), PushError> {
         if let Err(error) = self.check_open() {
             return Err(PushError { error, buf: src });
         }
@@ -704,7 +721,14 @@ impl Connection {
             addr: target.remote.addr,
             rkey: target.remote.rkey,
         };
-        self.post_push(token, src, remote, Target::Direct(target.tag));
+        if target.tag > MAX_TAG {
+            return Err(PushError {
+                error: SendError::BadBuffer("direct target tag out of range"),
+                buf: src,
+            });
+        }
+        let index = if flag { target.tag | DIRECT_FLAG } else { target.tag };
+        self.post_push(token, src, remote, Target::Direct(index));
         Ok(())
     }
 
@@ -712,23 +736,23 @@ impl Connection {
     /// into directly. The buffer comes back in the [`Received`] of that
     /// push, or through [`Connection::unexpose`].
     ///
-    /// Tags rotate through all 32768 values: a tag freed by a delivery (or
-    /// an unexpose) is handed out again only after every other free tag,
-    /// so an application that matches deliveries to requests by tag is not
-    /// confused by a quick reuse.
+    /// Tags rotate through all 16384 values (0..=[`wire::MAX_TAG`]; bit 14
+    /// of a direct push's index is the pusher's flag): a tag freed by a
+    /// delivery (or an unexpose) is handed out again only after every other
+    /// free tag, so an application that matches deliveries to requests by
+    /// tag is not confused by a quick reuse.
     ///
     /// # Errors
-    /// The buffer back when it lacks remote write access or 32768
+    /// The buffer back when it lacks remote write access or 16384
     /// buffers are already exposed.
     pub fn expose(&mut self, buf: Buf) -> Result<DirectTarget, Buf> {
-        if !buf.access().contains(Access::REMOTE_WRITE | Access::LOCAL_WRITE) || self.direct.len() > MAX_INDEX as usize
-        {
+        if !buf.access().contains(Access::REMOTE_WRITE | Access::LOCAL_WRITE) || self.direct.len() > MAX_TAG as usize {
             return Err(buf);
         }
         let remote = buf.remote();
         let tag = loop {
             let t = self.next_tag;
-            self.next_tag = if t >= MAX_INDEX { 0 } else { t + 1 };
+            self.next_tag = if t >= MAX_TAG { 0 } else { t + 1 };
             if !self.direct.contains_key(&t) {
                 break t;
             }
@@ -745,7 +769,7 @@ impl Connection {
     /// Gives a delivery back: a message's receive buffer is reposted (and
     /// its credit owed to the peer), a slot is returned to the peer.
     pub fn release(&mut self, received: Received) {
-        if !matches!(received.origin, Origin::Direct(_)) {
+        if !matches!(received.origin, Origin::Direct { .. }) {
             self.held = self.held.saturating_sub(1);
         }
         if !self.is_open() {
@@ -757,7 +781,7 @@ impl Connection {
                 self.slots[i as usize] = Slot::Granted(received.buf);
                 self.released.push(i);
             }
-            Origin::Direct(_) => {}
+            Origin::Direct { .. } => {}
         }
         self.maybe_control();
     }
@@ -1058,10 +1082,13 @@ impl Connection {
                 },
                 _ => return Err(format!("push into slot {i}, which is not granted")),
             },
-            Target::Direct(tag) => match self.direct.remove(&tag) {
-                Some(b) => (b, Origin::Direct(tag)),
-                None => return Err(format!("push to direct tag {tag}, which is not exposed")),
-            },
+            Target::Direct(index) => {
+                let (tag, flag) = (index & MAX_TAG, index & DIRECT_FLAG != 0);
+                match self.direct.remove(&tag) {
+                    Some(b) => (b, Origin::Direct { tag, flag }),
+                    None => return Err(format!("push to direct tag {tag}, which is not exposed")),
+                }
+            }
         };
         if len as usize > buf.capacity() {
             return Err(format!("push of {len} bytes into a {}-byte buffer", buf.capacity()));

@@ -300,7 +300,7 @@ fn separate_indication_mode() {
 
 #[test]
 fn direct_placement_lands_in_the_exposed_buffer() {
-    for separate in [false, true] {
+    for (separate, flag) in [(false, false), (true, false), (false, true), (true, true)] {
         let cfg = Config {
             separate_indication: separate,
             ..small()
@@ -320,15 +320,49 @@ fn direct_placement_lands_in_the_exposed_buffer() {
         let src_pool = p.a.fabric.domain().register(8192, 1, Access::LOCAL_WRITE).unwrap();
         let mut src = src_pool.checkout().unwrap();
         src.fill(&[0x5a; 5000]).unwrap();
-        p.a.conn.push_direct(99, src, advertised).unwrap();
+        if flag {
+            p.a.conn.push_direct_flagged(99, src, advertised).unwrap();
+        } else {
+            p.a.conn.push_direct(99, src, advertised).unwrap();
+        }
         p.drive();
-        assert_eq!(p.b.got[0].0, ReceivedKind::Direct { tag: target.tag });
+        assert_eq!(p.b.got[0].0, ReceivedKind::Direct { tag: target.tag, flag });
         let r = p.b.held.pop_front().unwrap();
         let buf = r.into_buf().unwrap();
         assert_eq!(&buf[..], &[0x5a; 5000][..]);
         assert_eq!(p.a.results[&99], Ok(()));
         assert!(p.b.conn.unexpose(target.tag).is_none(), "the exposure was consumed");
     }
+}
+
+#[test]
+fn exposure_tags_leave_room_for_the_flag() {
+    let p = Pair::new(small(), small());
+    let pool =
+        p.b.fabric
+            .domain()
+            .register(64, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+            .unwrap();
+    let mut conn = p.b.conn;
+    // Expose and withdraw one buffer over a whole rotation and then some:
+    // every tag stays below the flag bit, and the rotation wraps.
+    let mut seen_zero_again = false;
+    for i in 0..(u32::from(wire::MAX_TAG) + 3) {
+        let target = conn.expose(pool.checkout().unwrap()).unwrap();
+        assert!(target.tag <= wire::MAX_TAG, "tag {} at round {i}", target.tag);
+        seen_zero_again |= i > 0 && target.tag == 0;
+        drop(conn.unexpose(target.tag).unwrap());
+    }
+    assert!(seen_zero_again, "tags rotate back to 0 after MAX_TAG");
+    // A target naming a tag with the flag bit set is malformed.
+    let mut bogus = DirectTarget {
+        tag: wire::DIRECT_FLAG,
+        remote: conn.expose(pool.checkout().unwrap()).unwrap().remote,
+    }
+    .encode();
+    assert!(DirectTarget::decode(&bogus).is_none());
+    bogus[0..2].copy_from_slice(&wire::MAX_TAG.to_le_bytes());
+    assert!(DirectTarget::decode(&bogus).is_some());
 }
 
 #[test]

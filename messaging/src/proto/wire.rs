@@ -14,8 +14,14 @@ pub const HEADER_LEN: usize = 16;
 pub const MAX_RELEASES: usize = 32;
 /// Size of a transfer-indication payload.
 pub const INDICATION_LEN: usize = 12;
-/// Largest slot index or direct-placement tag (15 bits of the immediate).
+/// Largest slot index (15 bits of the immediate).
 pub const MAX_INDEX: u16 = 0x7fff;
+/// Largest direct-placement tag: a direct push's 15-bit index is the tag
+/// in bits 13..0 and [`DIRECT_FLAG`] in bit 14.
+pub const MAX_TAG: u16 = 0x3fff;
+/// Bit 14 of a direct push's index: the sender's flag, delivered with the
+/// placement (an application's "this completes the request").
+pub const DIRECT_FLAG: u16 = 0x4000;
 
 const FLAG_SEPARATE_INDICATION: u16 = 1;
 
