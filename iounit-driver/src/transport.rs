@@ -30,12 +30,11 @@
 //!   status Success and DW0 = 0. A command that fails is answered with a
 //!   response capsule, as always. (NVMe/TCP's C2HData SUCCESS flag does the
 //!   same.) A read then takes one message from the I/O unit instead of two.
-//! - **Flow control.** Queue depth is bounded by the channel's credits. The
-//!   I/O unit pre-posts `queue depth + CHANNEL_SLACK` receives (one per
-//!   command capsule); the host pre-posts `2 × queue depth + CHANNEL_SLACK`,
-//!   because a read takes two (its data push with immediate, then its
-//!   response capsule). With fewer, a queue full of reads would make the
-//!   I/O unit wait for credits before it could answer them all.
+//! - **Flow control.** Queue depth is bounded by the channel's credits: each
+//!   side pre-posts `queue depth + CHANNEL_SLACK` receives. A command takes
+//!   one receive on each side: its capsule, and its completion (a response
+//!   capsule, or a read's flagged data push). A read without completion by
+//!   data takes two on the host, and may wait for credits then.
 
 use messaging::Config;
 
@@ -72,11 +71,10 @@ pub fn iounit_channel(depth: u16) -> Config {
 }
 
 /// Channel configuration of a host queue of `depth` entries. Hosts grant no
-/// slots: the I/O unit pushes read data straight into exposed buffers, and
-/// each such push takes a receive besides the response's.
+/// slots: the I/O unit pushes read data straight into exposed buffers.
 pub fn host_channel(depth: u16) -> Config {
     Config {
-        recv_depth: depth.saturating_mul(2).saturating_add(CHANNEL_SLACK),
+        recv_depth: depth.saturating_add(CHANNEL_SLACK),
         send_depth: depth.saturating_mul(2).saturating_add(CHANNEL_SLACK),
         msg_size: CAPSULE_MAX,
         slot_size: 0,
