@@ -32,6 +32,10 @@ alternating):
              peer:   bench/memcpy.c (cc -O2, built in the work directory):
                      single-thread memcpy of a 1 MiB buffer (cache-hot), and
                      of 1 MiB chunks across 64 MiB areas (cache-cold), MB/s
+  tcp floor  chanio: pingpong --transport tcp --mode push --zero-copy --size 1MiB
+             floor:  bench/tcpbw.c (cc -O2 -pthread): plain blocking write(2)
+                     of 1 MiB messages and read(2) into a 1 MiB buffer over
+                     127.0.0.1, one thread each: what the kernel alone allows
   daemon     iounitd idle CPU over 10 s with 4 hosts connected (hostctl watch),
              iounitd VmRSS with 0 hosts and per connected queue
              (4 hosts x (admin + 1 I/O queue) = 8 queues)
@@ -51,7 +55,8 @@ the run goes on. ucx_perftest and fi_pingpong have no option to bind their
 rendezvous sockets to 127.0.0.1, so they run in a private network namespace
 (unshare -n) that only has lo; without one they are skipped.
 Needs: bash, python3, iproute2 (ss), util-linux (unshare), cargo, cc (for
-bench/memcpy.c; build-essential is installed with apt when cc is missing).
+bench/memcpy.c and bench/tcpbw.c; build-essential is installed with apt
+when cc is missing).
 EOF
 }
 
@@ -273,7 +278,7 @@ def fi(path):
     raise SystemExit("no result line")
 
 def memcpy(path):
-    """bench/memcpy.c JSON line -> MB/s (1e6 B/s)"""
+    """bench/memcpy.c or bench/tcpbw.c JSON line -> MB/s (1e6 B/s)"""
     print(load_json(path)["mbps"])
 
 def fmt(v, kind_label):
@@ -443,6 +448,14 @@ elif ! cc -O2 -o "$MEMCPY_BIN" "$ROOT/bench/memcpy.c" >"$WORK/memcpy-build.log" 
     HAVE_MEMCPY=0; MEMCPY_WHY="cc -O2 bench/memcpy.c failed: $(short_err "$WORK/memcpy-build.log")"
 fi
 [[ $HAVE_MEMCPY == 0 ]] && log "memcpy baseline: $MEMCPY_WHY"
+# Plain TCP streaming (bench/tcpbw.c): the kernel floor under a tcp stream.
+HAVE_TCPBW=1; TCPBW_WHY=""; TCPBW_BIN="$WORK/tcpbw"
+if ! command -v cc >/dev/null; then HAVE_TCPBW=0; TCPBW_WHY="no cc to build bench/tcpbw.c"
+elif [[ ! -f "$ROOT/bench/tcpbw.c" ]]; then HAVE_TCPBW=0; TCPBW_WHY="bench/tcpbw.c missing"
+elif ! cc -O2 -pthread -o "$TCPBW_BIN" "$ROOT/bench/tcpbw.c" >"$WORK/tcpbw-build.log" 2>&1; then
+    HAVE_TCPBW=0; TCPBW_WHY="cc -O2 -pthread bench/tcpbw.c failed: $(short_err "$WORK/tcpbw-build.log")"
+fi
+[[ $HAVE_TCPBW == 0 ]] && log "tcp floor: $TCPBW_WHY"
 
 # ---------------------------------------------------------------- 2. build
 if [[ $DO_BUILD == 1 ]]; then
@@ -496,6 +509,7 @@ for t in tcp shm; do
 done
 defrow memcpy.1m higher "shm 1 MiB one-sided write vs single-thread memcpy" "memcpy 1 MiB, 1 thread (MB/s)" 0
 defrow memcpy.1m.cold higher "shm 1 MiB one-sided write vs cache-cold memcpy" "memcpy 1 MiB chunks over 64 MiB, 1 thread (MB/s)" 0
+defrow tcp.1m.floor higher "tcp 1 MiB stream vs plain TCP write/read" "bench/tcpbw.c 1 MiB, 1 thread each (MB/s)" 0
 
 # Targets the table is read against: KEY OP(ge|le) FACTOR TEXT
 TARGETS="$WORK/targets.tsv"
@@ -531,6 +545,7 @@ if [[ $HAVE_PP_SHM == 0 ]]; then
     na memcpy.1m.cold chanio "shm: not built yet"
 fi
 [[ $HAVE_MEMCPY == 0 ]] && na memcpy.1m peer "$MEMCPY_WHY" && na memcpy.1m.cold peer "$MEMCPY_WHY"
+[[ $HAVE_TCPBW == 0 ]] && na tcp.1m.floor peer "$TCPBW_WHY"
 
 # ---------------------------------------------------------------- 3a. block
 # workload table: ID RW BS QD (run order: writes first so both RAM targets are populated)
@@ -776,6 +791,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     else
                         rec "m.$t.$id.bw" chanio "$mbps"
                         [[ $t == shm && $id == 1m ]] && rec memcpy.1m chanio "$mbps" && rec memcpy.1m.cold chanio "$mbps"
+                        [[ $t == tcp && $id == 1m ]] && rec tcp.1m.floor chanio "$mbps"
                     fi
                     summary+=" chanio {p50 $p50 mean $mean MB/s $mbps}"
                 else
@@ -783,6 +799,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     if [[ $mode == send ]]; then na "m.$t.$id.p50" chanio "$why"; na "m.$t.$id.mean" chanio "$why"
                     else na "m.$t.$id.bw" chanio "$why"; fi
                     [[ $t == shm && $id == 1m ]] && na memcpy.1m chanio "$why"
+                    [[ $t == tcp && $id == 1m ]] && na tcp.1m.floor chanio "$why"
                 fi
             else
                 summary+=" chanio: shm not built yet"
@@ -808,6 +825,16 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     rec "m.$t.$id.mean" peer "$r"; summary+=" fi_pingpong {mean $r}"
                 else
                     na "m.$t.$id.mean" peer "fi_pingpong -p $prov failed: $(short_err "$o")"; summary+=" fi FAILED"
+                fi
+            fi
+            # plain TCP streaming of 1 MiB messages, next to the tcp 1 MiB stream
+            if [[ $HAVE_TCPBW == 1 && $t == tcp && $id == 1m ]]; then
+                o="$WORK/tcpbw-$rep.json"
+                if timeout 120 "$TCPBW_BIN" "$bytes" "$iters" >"$o" 2>"$o.err" &&
+                   r="$(py memcpy "$o" 2>"$o.perr")"; then
+                    rec tcp.1m.floor peer "$r"; summary+=" plain tcp {MB/s $r}"
+                else
+                    na tcp.1m.floor peer "tcpbw failed: $(short_err "$o.err")"; summary+=" plain tcp FAILED"
                 fi
             fi
             # single-thread memcpy of 1 MiB, next to the shm 1 MiB one-sided write
@@ -898,6 +925,8 @@ cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "  memcpy: bench/memcpy.c (cc -O2), one thread copying a touched 1 MiB buffer to another ${MEMCPY_ITERS} times (cache-hot), and 1 MiB chunks"
     echo "  across two 64 MiB areas ${MEMCPY_COLD_ITERS} times (cache-cold, as a stream through many buffers), MB/s; run right after"
     echo "  pingpong --transport shm --mode push --zero-copy --size 1MiB, whose MB/s is the chanio value (the same sample as msg shm 1 MiB stream)."
+    echo "  plain tcp: bench/tcpbw.c (cc -O2 -pthread), blocking write(2) of 1 MiB messages x ${BW1M_ITERS} and read(2) into a 1 MiB buffer,"
+    echo "  one thread each, over 127.0.0.1 (no framing, no acknowledgements), MB/s; run right after the tcp 1 MiB pingpong stream."
     echo "  daemon: VmRSS per queue = (RSS with 4 hosts x (admin + 1 I/O queue) - RSS with 0 hosts) / 8; idle CPU over ${IDLE_SECS} s."
     [[ $HAVE_PP_SHM == 0 ]] && echo "  shm: not built yet (pingpong --help lists no shm transport)."
     [[ -n "$INSTALL_NOTE" ]] && echo "  install: $INSTALL_NOTE"
