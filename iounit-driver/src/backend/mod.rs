@@ -127,14 +127,6 @@ pub trait BlockIo: Send + Sync + fmt::Debug {
     /// # Errors
     /// `WriteFailed`.
     fn flush(&self) -> Result<(), BlockError>;
-
-    /// A hint that `len` bytes at `offset` will be read soon, so that a
-    /// backend can start fetching them while earlier requests run (the RAM
-    /// backend pulls them toward the CPU caches). Out-of-range hints are
-    /// ignored; the default does nothing.
-    fn will_read(&self, offset: u64, len: u64) {
-        let _ = (offset, len);
-    }
 }
 
 /// Zeroing a range without sending zeros.

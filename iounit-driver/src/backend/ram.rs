@@ -193,31 +193,6 @@ impl BlockIo for RamBackend {
         Ok(())
     }
 
-    fn will_read(&self, offset: u64, len: u64) {
-        // The first line of each page: the prefetch walks the page tables
-        // (the costly part of a random read on a VM) and starts the
-        // hardware prefetcher, which follows the rest of the page by
-        // itself. Touching every line would queue up behind the CPU's few
-        // line-fill buffers instead.
-        const PAGE: u64 = 4096;
-        const AHEAD: u64 = 16 * 1024;
-        if check_range(self.geometry, offset, len).is_err() {
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let base = self.arena.ptr.as_ptr().cast_const();
-            for at in (offset..offset + len.min(AHEAD)).step_by(PAGE as usize) {
-                // SAFETY: SSE is part of x86_64. A prefetch is only a hint:
-                // it neither dereferences the address nor faults on it (the
-                // address stays inside the arena anyway: the range was
-                // checked).
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(at as usize).cast()) };
-            }
-        }
-    }
-
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), BlockError> {
         check_range(self.geometry, offset, data.len() as u64)?;
         self.each_piece(offset, data.len() as u64, |piece, at| {
@@ -281,26 +256,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn read_hints_are_harmless_anywhere() {
-        let ram = RamBackend::new(2 * STRIPE, 512).unwrap();
-        ram.write(STRIPE - 512, &[7u8; 1024], false).unwrap();
-        for (offset, len) in [
-            (0, 512),
-            (STRIPE - 512, 1024),
-            (2 * STRIPE - 512, 512),
-            (2 * STRIPE, 512),
-            (u64::MAX - 511, 512),
-            (3, 5),
-            (0, 4 * STRIPE),
-        ] {
-            ram.will_read(offset, len);
-        }
-        let mut back = [0u8; 1024];
-        ram.read(STRIPE - 512, &mut back).unwrap();
-        assert_eq!(back, [7u8; 1024]);
     }
 
     #[test]

@@ -143,15 +143,6 @@ impl Registry {
         Ok(ns.backend.clone())
     }
 
-    /// Passes a read-ahead hint for `blocks` blocks at `slba` to the
-    /// namespace's backend, if attached ([`super::BlockIo::will_read`]).
-    pub fn will_read(&self, nsid: u32, slba: u64, blocks: u64) {
-        if let Some(ns) = self.namespaces.read().get(&nsid) {
-            let bs = u64::from(ns.backend.geometry().block_size);
-            ns.backend.will_read(slba.saturating_mul(bs), blocks.saturating_mul(bs));
-        }
-    }
-
     /// The namespace, held for one command.
     pub fn get(&self, nsid: u32) -> Option<NamespaceRef> {
         let ns = self.namespaces.read().get(&nsid)?.clone();

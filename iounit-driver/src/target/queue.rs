@@ -78,7 +78,6 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
         ctrl.io_active.fetch_add(1, Ordering::AcqRel);
     }
     let mut draining_since: Option<Instant> = None;
-    let mut batch = Vec::with_capacity(BATCH);
     loop {
         if ctrl.dead.load(Ordering::Acquire) {
             break;
@@ -110,26 +109,16 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
             Ok(d) => {
                 // Everything the host sent meanwhile is handled in one go,
                 // and the data pushes and completions it produces go out as
-                // one batch. The batch's reads are announced to storage
-                // first, so that their data is on its way while the earlier
-                // commands run.
+                // one batch.
                 let cork = ep.cork();
-                batch.push(d);
-                while batch.len() < BATCH {
+                let mut outcome = q.handle(d);
+                for _ in 1..BATCH {
+                    if outcome.is_err() {
+                        break;
+                    }
                     match ep.try_recv() {
-                        Ok(d) => batch.push(d),
+                        Ok(d) => outcome = q.handle(d),
                         Err(_) => break,
-                    }
-                }
-                if qid > 0 {
-                    for d in &batch {
-                        q.announce(d);
-                    }
-                }
-                let mut outcome = Ok(());
-                for d in batch.drain(..) {
-                    if outcome.is_ok() {
-                        outcome = q.handle(d);
                     }
                 }
                 drop(cork);
@@ -396,24 +385,6 @@ impl Queue {
             ReceivedKind::Push => self.pushed(d),
             ReceivedKind::Direct { .. } => Err("a direct placement into an I/O unit".into()),
         }
-    }
-
-    /// Tells the namespace of a read command in `d` what it will read
-    /// ([`crate::backend::BlockIo::will_read`]). Anything malformed is left
-    /// for [`Queue::handle`] to refuse.
-    fn announce(&self, d: &messaging::Delivery) {
-        if d.kind() != ReceivedKind::Message {
-            return;
-        }
-        let Ok((sqe, _)) = transport::decode_capsule(d) else {
-            return;
-        };
-        if sqe.opcode != IoOpcode::Read as u8 {
-            return;
-        }
-        self.shared
-            .registry
-            .will_read(sqe.nsid.0, sqe.slba(), u64::from(sqe.block_count()));
     }
 
     fn capsule(&mut self, msg: &[u8]) -> Result<(), String> {
