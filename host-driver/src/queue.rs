@@ -421,10 +421,16 @@ impl Queue {
             OpData::Out(d) if d.len() <= transport::INLINE_DATA_MAX => d,
             _ => &[],
         };
-        let mut capsule = Vec::with_capacity(iounit::nvme::SQE_LEN + inline.len());
-        transport::encode_capsule(sqe, inline, &mut capsule).map_err(|e| ExecError::Host(e.into()))?;
+        // The capsule (SQE, then in-capsule data) is gathered straight into
+        // the channel's send buffer.
+        let sqe_bytes = sqe.encode();
+        let capsule: [&[u8]; 2] = [&sqe_bytes, inline];
         let _lock = self.submit.lock().await;
-        let ticket = self.ep.send_async(&capsule).await.map_err(|e| self.send_failed(e))?;
+        let ticket = self
+            .ep
+            .send_parts_async(&capsule)
+            .await
+            .map_err(|e| self.send_failed(e))?;
         drop(ticket);
         stage.store(CAPSULE_SENT, Ordering::Release);
         if let OpData::Out(d) = data {

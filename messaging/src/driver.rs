@@ -327,6 +327,20 @@ impl Endpoint {
         self.async_op(move |inner, token| inner.conn.send(token, data))
     }
 
+    /// As [`Endpoint::send`], with the message gathered from `parts` in
+    /// order: a header and a payload go out without first being joined.
+    ///
+    /// # Errors
+    /// As [`Endpoint::send`].
+    pub fn send_parts(&self, parts: &[&[u8]]) -> Result<Ticket, Error> {
+        self.blocking(None, |inner, token| inner.conn.send_parts(token, parts))
+    }
+
+    /// Async form of [`Endpoint::send_parts`].
+    pub fn send_parts_async<'a>(&'a self, parts: &'a [&'a [u8]]) -> impl Future<Output = Result<Ticket, Error>> + 'a {
+        self.async_op(move |inner, token| inner.conn.send_parts(token, parts))
+    }
+
     /// Pushes `data` into a slot the peer granted (copied once into a
     /// registered staging buffer), waiting for a slot and a credit.
     ///

@@ -621,17 +621,27 @@ impl Connection {
     /// [`SendError::Full`] while out of credits or send room (retry after
     /// progress), `TooLarge`, `NotConnected`, `Closed`.
     pub fn send(&mut self, token: u64, data: &[u8]) -> Result<(), SendError> {
+        self.send_parts(token, &[data])
+    }
+
+    /// As [`Connection::send`], with the message gathered from `parts` in
+    /// order (one copy into the send buffer, none before it).
+    ///
+    /// # Errors
+    /// As [`Connection::send`], with the parts' total length.
+    pub fn send_parts(&mut self, token: u64, parts: &[&[u8]]) -> Result<(), SendError> {
         self.check_open()?;
-        if data.len() > self.max_send {
+        let len = parts.iter().map(|p| p.len()).sum::<usize>();
+        if len > self.max_send {
             return Err(SendError::TooLarge {
-                len: data.len(),
+                len,
                 max: self.max_send,
             });
         }
         if !self.can_send() {
             return Err(SendError::Full);
         }
-        self.send_message(Kind::Data, Some(token), data)
+        self.send_message(Kind::Data, Some(token), parts)
     }
 
     /// Pushes `src` into a slot the peer granted, with the transfer
@@ -855,12 +865,9 @@ impl Connection {
 
     /// Sends one message (data, control or indication). The caller checked
     /// the credit and the send room.
-    fn send_message(&mut self, kind: Kind, token: Option<u64>, payload: &[u8]) -> Result<(), SendError> {
+    fn send_message(&mut self, kind: Kind, token: Option<u64>, payload: &[&[u8]]) -> Result<(), SendError> {
         let mut buf = self.send_pool.checkout().ok_or(SendError::Full)?;
-        let releases: Vec<u16> = {
-            let n = self.released.len().min(MAX_RELEASES);
-            self.released.drain(..n).collect()
-        };
+        let releases = self.released.len().min(MAX_RELEASES);
         let seq = if kind == Kind::Control {
             0
         } else {
@@ -868,23 +875,28 @@ impl Connection {
             self.tx_seq = self.tx_seq.wrapping_add(1);
             s
         };
+        let len = payload.iter().map(|p| p.len()).sum::<usize>();
         let header = Header {
             kind,
             credits: u16::try_from(self.owed).unwrap_or(u16::MAX),
-            releases: releases.len() as u16,
+            releases: releases as u16,
             seq,
-            len: payload.len() as u32,
+            len: len as u32,
         };
         self.owed -= u32::from(header.credits);
-        let total = header.payload_offset() + payload.len();
+        let total = header.payload_offset() + len;
         {
             let space = buf.spare_capacity();
             header.encode(space);
-            for (i, r) in releases.iter().enumerate() {
+            for (i, r) in self.released.drain(..releases).enumerate() {
                 let at = HEADER_LEN + 2 * i;
                 space[at..at + 2].copy_from_slice(&r.to_le_bytes());
             }
-            space[header.payload_offset()..total].copy_from_slice(payload);
+            let mut at = header.payload_offset();
+            for part in payload {
+                space[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
         }
         buf.set_len(total);
         self.credits -= 1;
@@ -910,7 +922,7 @@ impl Connection {
             }));
             let indication = wire::encode_indication(target, len);
             // Room and credit were checked by the caller, so this cannot fail.
-            let sent = self.send_message(Kind::Indication, Some(token), &indication);
+            let sent = self.send_message(Kind::Indication, Some(token), &[&indication]);
             debug_assert!(sent.is_ok());
         } else {
             let seq = self.tx_seq;

@@ -195,6 +195,24 @@ fn credits_run_out_and_come_back() {
 }
 
 #[test]
+fn gathered_parts_arrive_as_one_message() {
+    let mut p = Pair::new(small(), small());
+    let t = p.a.token();
+    p.a.conn.send_parts(t, &[b"head ", b"", b"and body"]).unwrap();
+    p.drive();
+    assert_eq!(p.b.got.len(), 1);
+    assert_eq!(p.b.got[0].1, b"head and body");
+    assert_eq!(p.a.results[&t], Ok(()));
+    // The limit is on the total.
+    let half = vec![0u8; 129];
+    let t = p.a.token();
+    assert_eq!(
+        p.a.conn.send_parts(t, &[&half, &half]),
+        Err(SendError::TooLarge { len: 258, max: 256 })
+    );
+}
+
+#[test]
 fn credits_piggyback_on_reverse_traffic() {
     let mut p = Pair::new(small(), small());
     p.a.send(b"ping").unwrap();
