@@ -2,7 +2,8 @@
 //! library's target; all behaviour lives in the `iounit` crate.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -136,6 +137,17 @@ fn run(args: Args) -> Res<()> {
         signal_hook::flag::register(sig, stop.clone())?;
     }
     signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+    // Each of those signals also writes a byte here, so that the main
+    // thread sleeps until one comes instead of waking up to look.
+    let (wake_rx, wake_tx) = UnixStream::pair()?;
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::low_level::pipe::register(sig, wake_tx.try_clone()?)?;
+    }
+    drop(wake_tx);
     {
         let mut out = std::io::stdout().lock();
         for uri in target.local_uris() {
@@ -144,7 +156,14 @@ fn run(args: Args) -> Res<()> {
         out.flush()?;
     }
     while !stop.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(100));
+        // A signal that came before this read left its byte: no wake-up is
+        // lost between the check above and the read.
+        let mut bytes = [0u8; 16];
+        match (&wake_rx).read(&mut bytes) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("waiting for signals: {e}").into()),
+        }
         if reload.swap(false, Ordering::AcqRel) {
             match &args.config {
                 Some(path) => match config::load(path) {

@@ -260,11 +260,16 @@ impl std::fmt::Debug for Target {
     }
 }
 
+/// How long an accept waits before it looks at the shutdown flag again. A
+/// listener's shutdown wakes it at once; this is only a safety net, kept
+/// long so that an idle daemon does not wake up for nothing.
+const ACCEPT_WAIT: Duration = Duration::from_secs(1);
+
 fn accept_loop(shared: Arc<Shared>, listener: Arc<dyn Listener>) {
     let depth = shared.cfg.max_queue_depth;
     while !shared.shutdown.load(Ordering::Acquire) {
         let accepted = listener
-            .accept(Some(Duration::from_millis(200)))
+            .accept(Some(ACCEPT_WAIT))
             .map_err(messaging::Error::from)
             .and_then(|incoming| Endpoint::accept_incoming(incoming, transport::iounit_channel(depth)));
         match accepted {
