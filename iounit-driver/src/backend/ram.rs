@@ -48,7 +48,13 @@ impl RamBackend {
                 format!("RAM size {size} is unreasonably large"),
             ));
         }
-        let arena = Arena::new(size as usize)
+        let len = usize::try_from(size).map_err(|_| {
+            BlockError::new(
+                ErrorKind::Open,
+                format!("RAM size {size} does not fit this machine's address space"),
+            )
+        })?;
+        let arena = Arena::new(len)
             .map_err(|e| BlockError::new(ErrorKind::Open, format!("cannot map {size} bytes of RAM: {e}")))?;
         let stripes = (0..size.div_ceil(STRIPE)).map(|_| Mutex::new(())).collect();
         Ok(RamBackend {

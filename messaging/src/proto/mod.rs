@@ -712,6 +712,12 @@ impl Connection {
         if let Err(error) = self.check_open() {
             return Err(PushError { error, buf: src });
         }
+        if target.tag > MAX_TAG {
+            return Err(PushError {
+                error: SendError::BadBuffer("direct target tag out of range"),
+                buf: src,
+            });
+        }
         if src.len() > target.remote.len as usize {
             return Err(PushError {
                 error: SendError::TooLarge {
@@ -731,12 +737,6 @@ impl Connection {
             addr: target.remote.addr,
             rkey: target.remote.rkey,
         };
-        if target.tag > MAX_TAG {
-            return Err(PushError {
-                error: SendError::BadBuffer("direct target tag out of range"),
-                buf: src,
-            });
-        }
         let index = if flag { target.tag | DIRECT_FLAG } else { target.tag };
         self.post_push(token, src, remote, Target::Direct(index));
         Ok(())
