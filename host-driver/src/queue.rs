@@ -654,29 +654,32 @@ impl Queue {
                 slot.data = Some(buf);
             }
         }
-        drop(st);
         if completes {
             let mut cqe = Cqe::new(CommandId(cid as u16), Status::SUCCESS);
             cqe.sq_id = self.qid;
-            self.handle_cqe(cqe);
+            self.complete(st, cqe);
         }
     }
 
     fn handle_cqe(&self, cqe: Cqe) {
+        self.complete(self.state.lock(), cqe);
+    }
+
+    /// Completes the command `cqe` names; `st` is the queue's locked state.
+    fn complete(&self, mut st: parking_lot::MutexGuard<'_, State>, cqe: Cqe) {
         let cid = usize::from(cqe.command_id.0);
-        let (slot, waiters) = {
-            let mut st = self.state.lock();
-            let Some(slot) = st.slots.try_remove(cid) else {
-                tracing::warn!(qid = self.qid, cid, "completion for a command not in flight");
-                return;
-            };
-            if let Some(exposure) = slot.exposure {
-                // Not pushed to: the buffer is still exposed, keep it for reuse.
-                take_tag(&mut st.tags, exposure.target.tag, Some(cid));
-                st.spare.push(exposure);
-            }
-            (slot, std::mem::take(&mut st.waiters))
+        let Some(slot) = st.slots.try_remove(cid) else {
+            tracing::warn!(qid = self.qid, cid, "completion for a command not in flight");
+            return;
         };
+        if let Some(exposure) = slot.exposure {
+            // Not pushed to: the buffer is still exposed, keep it for reuse.
+            take_tag(&mut st.tags, exposure.target.tag, Some(cid));
+            st.spare.push(exposure);
+        }
+        let waiters = std::mem::take(&mut st.waiters);
+        // The caller's wake-ups run outside the lock.
+        drop(st);
         if !slot.ignored {
             slot.cell.complete(Ok(Reply { cqe, data: slot.data }));
         }

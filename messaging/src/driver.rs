@@ -372,10 +372,7 @@ impl Endpoint {
     /// # Errors
     /// `TooLarge`, `Closed`.
     pub fn push_direct(&self, buf: Buf, target: DirectTarget) -> Result<Ticket, Error> {
-        let mut slot = Some(buf);
-        self.blocking(None, |inner, token| {
-            push_with(&mut slot, |b| inner.conn.push_direct(token, b, target))
-        })
+        self.push_direct_with(buf, target, false)
     }
 
     /// As [`Endpoint::push_direct`], with the flag set: the peer's delivery
@@ -385,9 +382,18 @@ impl Endpoint {
     /// # Errors
     /// As [`Endpoint::push_direct`].
     pub fn push_direct_flagged(&self, buf: Buf, target: DirectTarget) -> Result<Ticket, Error> {
+        self.push_direct_with(buf, target, true)
+    }
+
+    /// [`Endpoint::push_direct`] or [`Endpoint::push_direct_flagged`], as
+    /// `flag` says.
+    ///
+    /// # Errors
+    /// As [`Endpoint::push_direct`].
+    pub fn push_direct_with(&self, buf: Buf, target: DirectTarget, flag: bool) -> Result<Ticket, Error> {
         let mut slot = Some(buf);
         self.blocking(None, |inner, token| {
-            push_with(&mut slot, |b| inner.conn.push_direct_flagged(token, b, target))
+            push_with(&mut slot, |b| inner.conn.push_direct_with(token, b, target, flag))
         })
     }
 
@@ -701,7 +707,6 @@ impl Shared {
     fn flush(&self, inner: &mut Inner) -> (bool, bool) {
         let mut moved = false;
         let mut routed = false;
-        let mut sends = Vec::new();
         while let Some(work) = inner.conn.poll_work() {
             moved = true;
             match work {
@@ -710,23 +715,17 @@ impl Shared {
                         inner.conn.handle_recv_post_failure(e.to_string(), wr);
                     }
                 }
-                Work::Send(wr) => sends.push(wr),
+                // Sends gather in `held` and leave as one batch below,
+                // or when the last cork drops.
+                Work::Send(wr) => inner.held.push(wr),
                 Work::Disconnect => {
-                    let mut held = std::mem::take(&mut inner.held);
-                    held.append(&mut sends);
-                    if !held.is_empty() {
-                        self.post_sends(inner, held);
-                    }
+                    self.post_held_locked(inner);
                     self.qp.disconnect();
                 }
             }
         }
-        if !sends.is_empty() {
-            if inner.corks > 0 {
-                inner.held.append(&mut sends);
-            } else {
-                self.post_sends(inner, sends);
-            }
+        if inner.corks == 0 {
+            self.post_held_locked(inner);
         }
         while let Some(event) = inner.conn.poll_event() {
             moved = true;
@@ -751,10 +750,14 @@ impl Shared {
 
     /// Posts the sends a cork held back.
     fn post_held(&self) {
-        let mut inner = self.inner.lock();
+        self.post_held_locked(&mut self.inner.lock());
+    }
+
+    /// Posts the sends waiting in `held`, as one batch.
+    fn post_held_locked(&self, inner: &mut Inner) {
         if !inner.held.is_empty() {
             let held = std::mem::take(&mut inner.held);
-            self.post_sends(&mut inner, held);
+            self.post_sends(inner, held);
         }
     }
 
@@ -908,9 +911,8 @@ impl Drop for Cork<'_> {
     fn drop(&mut self) {
         let mut inner = self.shared.inner.lock();
         inner.corks -= 1;
-        if inner.corks == 0 && !inner.held.is_empty() {
-            let held = std::mem::take(&mut inner.held);
-            self.shared.post_sends(&mut inner, held);
+        if inner.corks == 0 {
+            self.shared.post_held_locked(&mut inner);
         }
     }
 }

@@ -454,12 +454,10 @@ impl Queue {
         // The command succeeds with this push: when the host allows, the
         // push itself says so and no response capsule follows.
         let by_data = transport::completes_by_data(sqe);
-        let pushed = if by_data {
-            self.ep.push_direct_flagged(buf, target)
-        } else {
-            self.ep.push_direct(buf, target)
-        };
-        let ticket = pushed.map_err(|e| format!("cannot push data to the host: {e}"))?;
+        let ticket = self
+            .ep
+            .push_direct_with(buf, target, by_data)
+            .map_err(|e| format!("cannot push data to the host: {e}"))?;
         self.staging.tier(len as usize).pushed(ticket);
         Ok(if by_data {
             Outcome::Pushed

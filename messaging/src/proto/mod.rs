@@ -708,7 +708,18 @@ impl Connection {
         self.push_direct_with(token, src, target, true)
     }
 
-    fn push_direct_with(&mut self, token: u64, src: Buf, target: DirectTarget, flag: bool) -> Result<(), PushError> {
+    /// [`Connection::push_direct`] or [`Connection::push_direct_flagged`],
+    /// as `flag` says.
+    ///
+    /// # Errors
+    /// As [`Connection::push_direct`].
+    pub fn push_direct_with(
+        &mut self,
+        token: u64,
+        src: Buf,
+        target: DirectTarget,
+        flag: bool,
+    ) -> Result<(), PushError> {
         if let Err(error) = self.check_open() {
             return Err(PushError { error, buf: src });
         }
