@@ -4,7 +4,6 @@
 //! API is `block_on` over the async one.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +13,7 @@ use std::thread::{JoinHandle, Thread};
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
+use slab::Slab;
 
 /// Work a thread blocked in [`block_on`] can do for the future it waits on:
 /// reaping the queue whose completion the future awaits, so that the
@@ -32,6 +32,25 @@ thread_local! {
     static IN_BLOCK_ON: Cell<bool> = const { Cell::new(false) };
     /// The help offered by the future `block_on` polled last.
     static OFFERED: RefCell<Option<Arc<dyn Helper>>> = const { RefCell::new(None) };
+    /// This thread's waker for `block_on`, kept for the next call (a
+    /// blocking I/O allocates nothing).
+    static UNPARK: RefCell<Option<Arc<Unpark>>> = const { RefCell::new(None) };
+}
+
+/// Wakes the thread blocked in [`block_on`].
+struct Unpark {
+    thread: Thread,
+    woken: AtomicBool,
+}
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
 }
 
 /// Called by a future about to return `Pending`: if it runs under
@@ -45,23 +64,14 @@ pub(crate) fn offer_help(helper: Arc<dyn Helper>) {
 /// Runs a future to completion on the calling thread. Between polls the
 /// thread does the work the future offered (see [`offer_help`]) or parks.
 pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
-    struct Unpark {
-        thread: Thread,
-        woken: AtomicBool,
-    }
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.wake_by_ref();
-        }
-        fn wake_by_ref(self: &Arc<Self>) {
-            self.woken.store(true, Ordering::Release);
-            self.thread.unpark();
-        }
-    }
     let mut fut = std::pin::pin!(fut);
-    let unpark = Arc::new(Unpark {
-        thread: std::thread::current(),
-        woken: AtomicBool::new(false),
+    // The last call's waker, unless a clone of it is still registered
+    // somewhere (it would set `woken` for the wrong wait).
+    let unpark = UNPARK.take().filter(|u| Arc::strong_count(u) == 1).unwrap_or_else(|| {
+        Arc::new(Unpark {
+            thread: std::thread::current(),
+            woken: AtomicBool::new(false),
+        })
     });
     let waker = Waker::from(unpark.clone());
     let mut cx = Context::from_waker(&waker);
@@ -93,6 +103,8 @@ pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
     };
     IN_BLOCK_ON.set(outer);
     OFFERED.set(None);
+    drop(waker);
+    UNPARK.set(Some(unpark));
     result
 }
 
@@ -111,10 +123,14 @@ struct TimerShared {
 
 #[derive(Debug, Default)]
 struct TimerState {
-    /// Pending deadlines, earliest first. An entry leaves when its deadline
-    /// passes or when its [`TimerEntry`] is dropped, so a finished wait
-    /// neither piles up here nor keeps its task alive through the waker.
-    entries: BTreeMap<EntryKey, Waker>,
+    /// Pending deadlines. An entry leaves when its deadline passes or when
+    /// its [`TimerEntry`] is dropped, so a finished wait neither piles up
+    /// here nor keeps its task alive through the waker. A slab, not an
+    /// ordered map: registering and cancelling a command's deadline (the
+    /// common case: it finishes long before) allocates nothing, and the
+    /// thread scans the few entries when it wakes (at most every
+    /// `TIMER_PERIOD`, or at the earliest deadline).
+    entries: Slab<Pending>,
     seq: u64,
     stop: bool,
     /// When the timer thread wakes next on its own (it never sleeps longer
@@ -128,22 +144,36 @@ struct TimerState {
 /// Longest sleep of the timer thread.
 const TIMER_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// A deadline and a sequence number that tells equal deadlines apart.
-type EntryKey = (Instant, u64);
+/// One registered wake-up; `seq` tells it from a later entry that reuses
+/// its slab key.
+#[derive(Debug)]
+struct Pending {
+    at: Instant,
+    seq: u64,
+    waker: Waker,
+}
 
 /// A registered wake-up; dropping it cancels the wake-up.
 #[derive(Debug)]
 #[must_use = "dropping the entry cancels the wake-up"]
 pub(crate) struct TimerEntry<'a> {
     timer: &'a Timer,
-    key: EntryKey,
+    key: usize,
+    seq: u64,
 }
 
 impl Drop for TimerEntry<'_> {
     fn drop(&mut self) {
-        let waker = self.timer.shared.state.lock().entries.remove(&self.key);
+        let pending = {
+            let mut st = self.timer.shared.state.lock();
+            match st.entries.get(self.key) {
+                Some(p) if p.seq == self.seq => Some(st.entries.remove(self.key)),
+                // Already due and woken; the key may be someone else's now.
+                _ => None,
+            }
+        };
         // Dropped outside the lock: a waker's drop may run arbitrary code.
-        drop(waker);
+        drop(pending);
     }
 }
 
@@ -173,14 +203,18 @@ impl Timer {
             return None;
         }
         st.seq += 1;
-        let key = (at, st.seq);
+        let seq = st.seq;
         let sooner = st.wakes_at.is_none_or(|w| at < w);
-        st.entries.insert(key, waker.clone());
+        let key = st.entries.insert(Pending {
+            at,
+            seq,
+            waker: waker.clone(),
+        });
         if sooner {
             st.notifies += 1;
             self.shared.cv.notify_one();
         }
-        Some(TimerEntry { timer: self, key })
+        Some(TimerEntry { timer: self, key, seq })
     }
 
     /// Wake-ups registered and not yet due or cancelled.
@@ -206,8 +240,8 @@ impl Timer {
             self.shared.cv.notify_one();
             std::mem::take(&mut st.entries)
         };
-        for waker in entries.into_values() {
-            waker.wake();
+        for (_, pending) in entries {
+            pending.waker.wake();
         }
         if let Some(t) = self.thread.lock().take() {
             if t.thread().id() != std::thread::current().id() {
@@ -225,23 +259,22 @@ impl TimerShared {
                 return;
             }
             let now = Instant::now();
+            let mut until = now + TIMER_PERIOD;
             let mut due = Vec::new();
-            while st.entries.first_key_value().is_some_and(|(&(at, _), _)| at <= now) {
-                if let Some((_, waker)) = st.entries.pop_first() {
-                    due.push(waker);
+            for (key, p) in &st.entries {
+                if p.at <= now {
+                    due.push(key);
+                } else {
+                    until = until.min(p.at);
                 }
             }
             if !due.is_empty() {
+                let wakers: Vec<Waker> = due.into_iter().map(|k| st.entries.remove(k).waker).collect();
                 drop(st);
-                due.into_iter().for_each(Waker::wake);
+                wakers.into_iter().for_each(Waker::wake);
                 st = self.state.lock();
                 continue;
             }
-            let period_end = now + TIMER_PERIOD;
-            let until = match st.entries.first_key_value().map(|(&(at, _), _)| at) {
-                Some(at) if at < period_end => at,
-                _ => period_end,
-            };
             st.wakes_at = Some(until);
             self.cv.wait_until(&mut st, until);
             st.wakes_at = None;

@@ -834,6 +834,11 @@ impl Inner {
         check_request("Write", nsid, slba, u64::from(blocks))?;
         let bs = ns.block_size as usize;
         let max = command::max_blocks(self.max_transfer(), ns.block_size);
+        if blocks <= max {
+            // One command: no batch to gather, nothing allocated.
+            let op = Op::write(nsid, slba, data, ns.block_size, fua)?;
+            return self.run(&op, None).await.map(drop);
+        }
         let ops = command::split_blocks(slba, u64::from(blocks), max).map(|(lba, n, done)| {
             let off = done as usize * bs;
             Op::write(nsid, lba, &data[off..off + n as usize * bs], ns.block_size, fua)

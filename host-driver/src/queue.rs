@@ -25,6 +25,7 @@
 //! stay exposed because a command failed are kept as spares and reused by
 //! later reads on the same queue.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -123,8 +124,11 @@ struct State {
     /// tag when its data lands, possibly before this queue's receiver saw
     /// that data, so a new exposure may reuse the tag while the old command
     /// still waits for its data: deliveries go to the oldest user.
-    tags: HashMap<u16, VecDeque<usize>>,
+    tags: HashMap<u16, TagUsers>,
     spare: Vec<Exposure>,
+    /// Cells of completed commands, oldest first, for reuse once their
+    /// waiters let go (at most `depth`): a command allocates no cell.
+    cells: VecDeque<Arc<Cell>>,
     closed: bool,
     waiters: Vec<Waker>,
 }
@@ -134,6 +138,13 @@ struct Slot {
     exposure: Option<Exposure>,
     data: Option<Buf>,
     ignored: bool,
+}
+
+/// The commands using one exposure tag, oldest first: almost always one,
+/// kept inline so that exposing a buffer allocates nothing.
+struct TagUsers {
+    oldest: usize,
+    later: VecDeque<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -291,11 +302,10 @@ impl Queue {
         deadline: Option<Instant>,
         timer: &Timer,
     ) -> Result<Reply, ExecError> {
-        let cell = Arc::new(Cell::default());
-        let cid = match exec::deadline(timer, deadline, self.acquire(&cell)).await {
+        let (cid, cell) = match exec::deadline(timer, deadline, self.acquire()).await {
             None => return Err(ExecError::Timeout { in_flight: false }),
             Some(Err(())) => return Err(ExecError::Lost),
-            Some(Ok(cid)) => cid,
+            Some(Ok(acquired)) => acquired,
         };
         let stage = AtomicU8::new(NOT_SENT);
         let mut guard = SlotGuard {
@@ -354,19 +364,22 @@ impl Queue {
         }
     }
 
-    fn acquire<'a>(&'a self, cell: &'a Arc<Cell>) -> impl Future<Output = Result<usize, ()>> + 'a {
+    /// A free CID and the cell its completion will land in.
+    fn acquire(&self) -> impl Future<Output = Result<(usize, Arc<Cell>), ()>> + '_ {
         std::future::poll_fn(move |cx| {
             let mut st = self.state.lock();
             if st.closed {
                 return Poll::Ready(Err(()));
             }
             if st.slots.len() < self.depth {
-                return Poll::Ready(Ok(st.slots.insert(Slot {
+                let cell = st.reusable_cell().unwrap_or_default();
+                let cid = st.slots.insert(Slot {
                     cell: cell.clone(),
                     exposure: None,
                     data: None,
                     ignored: false,
-                })));
+                });
+                return Poll::Ready(Ok((cid, cell)));
             }
             if !st.waiters.iter().any(|w| w.will_wake(cx.waker())) {
                 st.waiters.push(cx.waker().clone());
@@ -409,7 +422,15 @@ impl Queue {
                 messaging::CloseReason::Disconnected,
             )));
         }
-        st.tags.entry(exposure.target.tag).or_default().push_back(cid);
+        match st.tags.entry(exposure.target.tag) {
+            Entry::Occupied(mut users) => users.get_mut().later.push_back(cid),
+            Entry::Vacant(v) => {
+                v.insert(TagUsers {
+                    oldest: cid,
+                    later: VecDeque::new(),
+                });
+            }
+        }
         if let Some(slot) = st.slots.get_mut(cid) {
             slot.exposure = Some(exposure);
         }
@@ -677,6 +698,9 @@ impl Queue {
             take_tag(&mut st.tags, exposure.target.tag, Some(cid));
             st.spare.push(exposure);
         }
+        if !slot.ignored && st.cells.len() < self.depth {
+            st.cells.push_back(slot.cell.clone());
+        }
         let waiters = std::mem::take(&mut st.waiters);
         // The caller's wake-ups run outside the lock.
         drop(st);
@@ -771,19 +795,33 @@ impl Drop for SlotGuard<'_> {
 }
 
 /// Removes `cid` (or, with `None`, the oldest user) from `tag`'s users.
-fn take_tag(tags: &mut HashMap<u16, VecDeque<usize>>, tag: u16, cid: Option<usize>) -> Option<usize> {
+fn take_tag(tags: &mut HashMap<u16, TagUsers>, tag: u16, cid: Option<usize>) -> Option<usize> {
     let users = tags.get_mut(&tag)?;
-    let taken = match cid {
-        None => users.pop_front(),
-        Some(c) => {
-            let at = users.iter().position(|&u| u == c)?;
-            users.remove(at)
-        }
-    };
-    if users.is_empty() {
-        tags.remove(&tag);
+    if let Some(c) = cid.filter(|&c| c != users.oldest) {
+        let at = users.later.iter().position(|&u| u == c)?;
+        return users.later.remove(at);
     }
-    taken
+    let taken = users.oldest;
+    match users.later.pop_front() {
+        Some(next) => users.oldest = next,
+        None => {
+            tags.remove(&tag);
+        }
+    }
+    Some(taken)
+}
+
+impl State {
+    /// The oldest pooled cell whose command's waiter has let go of it (the
+    /// pool holds the only reference, and nobody can take another while
+    /// the state is locked), reset for a new command. Waiters finish in any
+    /// order, so this looks past cells still held.
+    fn reusable_cell(&mut self) -> Option<Arc<Cell>> {
+        let at = self.cells.iter().position(|c| Arc::strong_count(c) == 1)?;
+        let cell = self.cells.remove(at)?;
+        *cell.inner.lock() = CellInner::default();
+        Some(cell)
+    }
 }
 
 fn too_long(len: usize) -> ExecError {

@@ -756,14 +756,10 @@ impl Shared {
     /// Posts the sends waiting in `held`, as one batch.
     fn post_held_locked(&self, inner: &mut Inner) {
         if !inner.held.is_empty() {
-            let held = std::mem::take(&mut inner.held);
-            self.post_sends(inner, held);
-        }
-    }
-
-    fn post_sends(&self, inner: &mut Inner, sends: Vec<crate::provider::SendWr>) {
-        if let Err((e, wrs)) = self.qp.post_send(sends) {
-            inner.conn.handle_post_failure(e.to_string(), wrs);
+            if let Err(e) = self.qp.post_send(&mut inner.held) {
+                let wrs = std::mem::take(&mut inner.held);
+                inner.conn.handle_post_failure(e.to_string(), wrs);
+            }
         }
     }
 
@@ -810,9 +806,22 @@ impl Signal {
             let _guard = self.sleep_lock.lock();
             self.wake.notify_all();
         }
-        let wakers = std::mem::take(&mut *self.wakers.lock());
-        for w in wakers {
+        let mut wakers = {
+            let mut slot = self.wakers.lock();
+            if slot.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *slot)
+        };
+        // Woken outside the lock (a waker may register again at once);
+        // the emptied vector goes back for the next registrations, so that
+        // an async caller's wait allocates nothing.
+        for w in wakers.drain(..) {
             w.wake();
+        }
+        let mut slot = self.wakers.lock();
+        if slot.is_empty() {
+            *slot = wakers;
         }
     }
 

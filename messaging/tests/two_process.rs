@@ -121,7 +121,7 @@ fn shm_peer_death_flushes() {
     let qp = fabric.connect(&addr, b"", recvs(&p, 3, 10)).expect("connect");
     let mut buf = p.checkout().expect("chunk");
     buf.fill(b"last words").expect("fits");
-    qp.post_send(vec![SendWr {
+    qp.post_send(&mut vec![SendWr {
         id: WrId(1),
         op: SendOp::Send { buf, imm: None },
     }])

@@ -109,8 +109,8 @@ impl Side {
             }
         }
         if !batch.is_empty() {
-            if let Err((e, wrs)) = self.qp.post_send(batch) {
-                self.conn.handle_post_failure(e.to_string(), wrs);
+            if let Err(e) = self.qp.post_send(&mut batch) {
+                self.conn.handle_post_failure(e.to_string(), batch);
             }
         }
         let mut completions = Vec::new();
@@ -464,7 +464,7 @@ fn credit_inflation_is_a_violation() {
     header.encode(buf.spare_capacity());
     buf.set_len(HEADER_LEN);
     p.a.qp
-        .post_send(vec![SendWr {
+        .post_send(&mut vec![SendWr {
             id: WrId(1 << 40),
             op: SendOp::Send { buf, imm: None },
         }])
@@ -489,7 +489,7 @@ fn malformed_and_misdirected_pushes_are_violations() {
     let mut buf = pool.checkout().unwrap();
     buf.fill(b"again").unwrap();
     p.a.qp
-        .post_send(vec![SendWr {
+        .post_send(&mut vec![SendWr {
             id: WrId(1 << 40),
             op: SendOp::Write {
                 buf,

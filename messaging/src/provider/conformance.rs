@@ -124,7 +124,7 @@ fn send_wr(pool: &BufPool, id: u64, data: &[u8], imm: Option<u32>) -> SendWr {
 pub fn send_recv(fabric: &dyn Fabric, addr: &str) {
     let p = pool(fabric, 4096, 8, RW);
     let (a, b) = connect_pair(fabric, addr, (b"a", vec![]), (b"b", recvs(&p, 2, 100)));
-    a.post_send(vec![
+    a.post_send(&mut vec![
         send_wr(&p, 1, b"hello", None),
         send_wr(&p, 2, b"with imm", Some(0xdead_beef)),
     ])
@@ -152,13 +152,14 @@ pub fn send_in_order(fabric: &dyn Fabric, addr: &str) {
     let p = pool(fabric, 64, 512, RW);
     let (a, b) = connect_pair(fabric, addr, (b"", vec![]), (b"", recvs(&p, 200, 1000)));
     for batch in 0..4u64 {
-        let wrs = (0..50u64)
+        let mut wrs: Vec<SendWr> = (0..50u64)
             .map(|i| {
                 let n = batch * 50 + i;
                 send_wr(&p, n, &n.to_le_bytes(), None)
             })
             .collect();
-        a.post_send(wrs).expect("post");
+        a.post_send(&mut wrs).expect("post");
+        assert!(wrs.is_empty(), "an accepted batch leaves the vector empty");
     }
     let got = wait_for(&*b, 200);
     for (i, c) in got.iter().enumerate() {
@@ -180,7 +181,7 @@ pub fn write(fabric: &dyn Fabric, addr: &str) {
     let mut src = local.checkout().expect("chunk");
     let data: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
     src.fill(&data).expect("fits");
-    a.post_send(vec![SendWr {
+    a.post_send(&mut vec![SendWr {
         id: WrId(9),
         op: SendOp::Write {
             buf: src,
@@ -215,7 +216,7 @@ pub fn write_with_imm(fabric: &dyn Fabric, addr: &str) {
     let (a, b) = connect_pair(fabric, addr, (b"", vec![]), (b"", recvs(&local, 1, 50)));
     let mut src = local.checkout().expect("chunk");
     src.fill(&[0xab; 3000]).expect("fits");
-    a.post_send(vec![SendWr {
+    a.post_send(&mut vec![SendWr {
         id: WrId(1),
         op: SendOp::Write {
             buf: src,
@@ -250,7 +251,7 @@ pub fn read(fabric: &dyn Fabric, addr: &str) {
     let (a, _b) = connect_pair(fabric, addr, (b"", vec![]), (b"", vec![]));
     let mut dest = local.checkout().expect("chunk");
     dest.set_len(40000);
-    a.post_send(vec![SendWr {
+    a.post_send(&mut vec![SendWr {
         id: WrId(3),
         op: SendOp::Read {
             buf: dest,
@@ -272,7 +273,7 @@ pub fn read(fabric: &dyn Fabric, addr: &str) {
 fn expect_remote_access_error(fabric: &dyn Fabric, addr: &str, op: impl FnOnce(&BufPool) -> SendOp) {
     let local = pool(fabric, 4096, 4, RW);
     let (a, b) = connect_pair(fabric, addr, (b"", recvs(&local, 1, 10)), (b"", recvs(&local, 1, 20)));
-    a.post_send(vec![SendWr {
+    a.post_send(&mut vec![SendWr {
         id: WrId(1),
         op: op(&local),
     }])
@@ -345,7 +346,7 @@ pub fn no_permission(fabric: &dyn Fabric, addr: &str) {
 pub fn receiver_not_ready(fabric: &dyn Fabric, addr: &str) {
     let p = pool(fabric, 256, 4, RW);
     let (a, b) = connect_pair(fabric, addr, (b"", vec![]), (b"", vec![]));
-    a.post_send(vec![
+    a.post_send(&mut vec![
         send_wr(&p, 1, b"nobody listens", None),
         send_wr(&p, 2, b"queued behind", None),
     ])
@@ -372,7 +373,7 @@ pub fn local_protection(fabric: &dyn Fabric, addr: &str) {
     let (a, _b) = connect_pair(fabric, addr, (b"", vec![]), (b"", recvs(&p, 4, 0)));
     let mut bad = read_only.checkout().expect("chunk");
     bad.set_len(16);
-    a.post_send(vec![
+    a.post_send(&mut vec![
         send_wr(&p, 1, b"before", None),
         SendWr {
             id: WrId(2),
@@ -401,7 +402,7 @@ pub fn receive_too_small(fabric: &dyn Fabric, addr: &str) {
     let small = pool(fabric, 16, 1, RW);
     let big = pool(fabric, 256, 1, RW);
     let (a, b) = connect_pair(fabric, addr, (b"", vec![]), (b"", recvs(&small, 1, 5)));
-    a.post_send(vec![send_wr(&big, 1, &[1; 100], None)]).expect("post");
+    a.post_send(&mut vec![send_wr(&big, 1, &[1; 100], None)]).expect("post");
     let got = wait_for(&*a, 1);
     assert_eq!(got[0].status, WcStatus::RemoteInvalidRequest);
     let peer = wait_for(&*b, 1);
@@ -420,7 +421,7 @@ pub fn disconnect_flush(fabric: &dyn Fabric, addr: &str) {
     assert_eq!(mine.iter().map(|c| c.id.0).collect::<Vec<_>>(), vec![10, 11, 12]);
     let theirs = wait_for(&*b, 4);
     assert!(theirs.iter().all(|c| c.status == WcStatus::Flushed));
-    b.post_send(vec![send_wr(&p, 99, b"too late", None)])
+    b.post_send(&mut vec![send_wr(&p, 99, b"too late", None)])
         .expect("post after failure is accepted");
     let late = wait_for(&*b, 1);
     assert_eq!((late[0].id, late[0].status), (WrId(99), WcStatus::Flushed));
@@ -440,7 +441,8 @@ pub fn executed_before_disconnect(fabric: &dyn Fabric, addr: &str) {
     let p = pool(fabric, 128, 8, RW);
     for round in 0..20 {
         let (a, b) = connect_pair(fabric, addr, (b"", vec![]), (b"", recvs(&p, 1, 1)));
-        a.post_send(vec![send_wr(&p, 5, b"last words", None)]).expect("post");
+        a.post_send(&mut vec![send_wr(&p, 5, b"last words", None)])
+            .expect("post");
         let got = wait_for(&*b, 1);
         assert_eq!(got[0].status, WcStatus::Success);
         b.disconnect();
@@ -458,13 +460,13 @@ pub fn back_pressure(fabric: &dyn Fabric, addr: &str) {
     let depth = fabric.capabilities().max_send_wr as usize;
     let p = pool(fabric, 8, depth + 1, RW);
     let (a, _b) = connect_pair(fabric, addr, (b"", vec![]), (b"", vec![]));
-    let wrs: Vec<SendWr> = (0..=depth as u64).map(|i| send_wr(&p, i, b"x", None)).collect();
-    match a.post_send(wrs) {
-        Err((FabricError::QueueFull { queue: "send", .. }, back)) => {
-            assert_eq!(back.len(), depth + 1, "the whole batch comes back");
-            assert!(back.iter().enumerate().all(|(i, w)| w.id == WrId(i as u64)));
+    let mut wrs: Vec<SendWr> = (0..=depth as u64).map(|i| send_wr(&p, i, b"x", None)).collect();
+    match a.post_send(&mut wrs) {
+        Err(FabricError::QueueFull { queue: "send", .. }) => {
+            assert_eq!(wrs.len(), depth + 1, "the whole batch comes back");
+            assert!(wrs.iter().enumerate().all(|(i, w)| w.id == WrId(i as u64)));
         }
-        other => panic!("expected QueueFull, got {:?}", other.map_err(|(e, _)| e)),
+        other => panic!("expected QueueFull, got {other:?}"),
     }
     assert!(!a.is_failed(), "a full queue does not fail the queue pair");
     let rdepth = fabric.capabilities().max_recv_wr as usize;
@@ -512,8 +514,8 @@ pub fn large_transfers_both_ways(fabric: &dyn Fabric, addr: &str) {
     };
     let (wa, wb) = (fill(&src_a, 1), fill(&src_b, 101));
     std::thread::scope(|s| {
-        s.spawn(|| a.post_send(wa).expect("post a"));
-        s.spawn(|| b.post_send(wb).expect("post b"));
+        s.spawn(|| a.post_send(&mut { wa }).expect("post a"));
+        s.spawn(|| b.post_send(&mut { wb }).expect("post b"));
     });
     for (qp, seed) in [(&a, 101u8), (&b, 1u8)] {
         let mut got = wait_for(&**qp, 2 * N);

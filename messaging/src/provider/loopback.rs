@@ -622,22 +622,19 @@ impl std::fmt::Debug for LoopbackQp {
 }
 
 impl QueuePair for LoopbackQp {
-    fn post_send(&self, wrs: Vec<SendWr>) -> Result<(), (FabricError, Vec<SendWr>)> {
+    fn post_send(&self, wrs: &mut Vec<SendWr>) -> Result<(), FabricError> {
         let Some(world) = self.core.world.upgrade() else {
-            self.core.cq.push_all(wrs.into_iter().map(flushed_send));
+            self.core.cq.push_all(wrs.drain(..).map(flushed_send));
             return Ok(());
         };
         let mut st = world.state.lock();
         if self.core.held.load(Ordering::Acquire) as usize + wrs.len() > MAX_WR as usize {
-            return Err((
-                FabricError::QueueFull {
-                    queue: "send",
-                    depth: MAX_WR,
-                },
-                wrs,
-            ));
+            return Err(FabricError::QueueFull {
+                queue: "send",
+                depth: MAX_WR,
+            });
         }
-        for wr in wrs {
+        for wr in wrs.drain(..) {
             st.ops += 1;
             if self.core.is_failed() {
                 self.core.cq.push(flushed_send(wr));

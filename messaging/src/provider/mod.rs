@@ -433,13 +433,15 @@ pub trait Incoming: Send + fmt::Debug {
 /// A connected reliable queue pair with its completion queue.
 pub trait QueuePair: Send + Sync + fmt::Debug {
     /// Posts a batch of send-queue work requests, executed in order. The
-    /// whole batch is accepted or, when the send queue lacks room for all
-    /// of it, handed back with [`FabricError::QueueFull`]. On a failed queue
-    /// pair the requests are accepted and complete with `Flushed`.
+    /// whole batch is accepted, leaving `wrs` empty (with its capacity, so
+    /// a caller reuses one vector and allocates nothing per batch), or, when
+    /// the send queue lacks room for all of it, left untouched in `wrs` with
+    /// [`FabricError::QueueFull`]. On a failed queue pair the requests are
+    /// accepted and complete with `Flushed`.
     ///
     /// # Errors
-    /// `QueueFull`, with the batch.
-    fn post_send(&self, wrs: Vec<SendWr>) -> Result<(), (FabricError, Vec<SendWr>)>;
+    /// `QueueFull`, with the batch still in `wrs`.
+    fn post_send(&self, wrs: &mut Vec<SendWr>) -> Result<(), FabricError>;
 
     /// Posts a receive.
     ///

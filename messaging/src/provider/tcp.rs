@@ -759,20 +759,20 @@ impl std::fmt::Debug for TcpQp {
 }
 
 impl QueuePair for TcpQp {
-    fn post_send(&self, wrs: Vec<SendWr>) -> Result<(), (FabricError, Vec<SendWr>)> {
+    fn post_send(&self, wrs: &mut Vec<SendWr>) -> Result<(), FabricError> {
         let shared = &self.shared;
         let mut tx = shared.tx.lock();
         if tx.failed {
             drop(tx);
-            shared.cq.push_all(wrs.into_iter().map(flushed_send));
+            shared.cq.push_all(wrs.drain(..).map(flushed_send));
             return Ok(());
         }
         let depth = shared.fabric.opts.max_send_wr;
         if tx.outstanding.len() + wrs.len() > depth as usize {
-            return Err((FabricError::QueueFull { queue: "send", depth }, wrs));
+            return Err(FabricError::QueueFull { queue: "send", depth });
         }
         let mut local_error = false;
-        for wr in wrs {
+        for wr in wrs.drain(..) {
             let opcode = wr.opcode();
             let status = if local_error {
                 Some(WcStatus::Flushed)
@@ -981,29 +981,31 @@ fn check_local(wr: &SendWr, max_message: u32) -> Result<(), WcStatus> {
 fn flush_tx(stream: &mio::net::TcpStream, tx: &mut Tx) -> io::Result<()> {
     tx.piggyback_ack();
     while !tx.frames.is_empty() {
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOVECS);
+        // On the stack: a flush allocates nothing.
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let mut used = 0;
         let mut skip = tx.head_written;
         for frame in tx.frames.iter() {
-            if slices.len() + 2 > MAX_IOVECS {
+            if used + 2 > MAX_IOVECS {
                 break;
             }
             for part in [&frame.header[..], frame.payload.bytes()] {
                 if skip >= part.len() {
                     skip -= part.len();
                 } else {
-                    slices.push(IoSlice::new(&part[skip..]));
+                    slices[used] = IoSlice::new(&part[skip..]);
+                    used += 1;
                     skip = 0;
                 }
             }
         }
-        let written = match (&*stream).write_vectored(&slices) {
+        let written = match (&*stream).write_vectored(&slices[..used]) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes")),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        drop(slices);
         let mut left = written + tx.head_written;
         tx.head_written = 0;
         while let Some(frame) = tx.frames.front() {

@@ -704,21 +704,21 @@ fn start(
 }
 
 impl QueuePair for ShmQp {
-    fn post_send(&self, wrs: Vec<SendWr>) -> Result<(), (FabricError, Vec<SendWr>)> {
+    fn post_send(&self, wrs: &mut Vec<SendWr>) -> Result<(), FabricError> {
         let shared = &self.shared;
         let mut st = shared.state.lock();
         if st.failed {
-            shared.cq.push_all(wrs.into_iter().map(flushed_send));
+            shared.cq.push_all(wrs.drain(..).map(flushed_send));
             return Ok(());
         }
         let depth = shared.fabric.opts.max_send_wr;
         if st.outstanding.len() + wrs.len() > depth as usize {
-            return Err((FabricError::QueueFull { queue: "send", depth }, wrs));
+            return Err(FabricError::QueueFull { queue: "send", depth });
         }
         let mut entries = std::mem::take(&mut st.publish);
         entries.clear();
         let mut local_error: Option<String> = None;
-        for wr in wrs {
+        for wr in wrs.drain(..) {
             let opcode = wr.opcode();
             let id = wr.id;
             if local_error.is_some() {

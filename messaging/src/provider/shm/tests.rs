@@ -106,7 +106,7 @@ fn filesystem_path_addresses_work_and_are_removed() {
     let (a, b) = connect_pair(&fabric, &addr, (b"", vec![]), (b"", recvs(&p, 1, 0)));
     let mut buf = p.checkout().expect("chunk");
     buf.fill(b"via a path").expect("fits");
-    a.post_send(vec![send(buf, 1)]).expect("post");
+    a.post_send(&mut vec![send(buf, 1)]).expect("post");
     assert_eq!(&wait_for(&*b, 1)[0].buf[..], b"via a path");
     assert!(!path.exists(), "the listener removed its socket file");
 }
@@ -122,7 +122,7 @@ fn buffers_of_another_domain_are_a_local_protection_error() {
         let (a, _b) = connect_pair(&fabric, "", (b"", vec![]), (b"", recvs(&p, 1, 0)));
         let mut buf = bad.expect("chunk");
         buf.fill(b"x").expect("fits");
-        a.post_send(vec![send(buf, 1)]).expect("post");
+        a.post_send(&mut vec![send(buf, 1)]).expect("post");
         let got = wait_for(&*a, 1);
         assert_eq!(got[0].status, WcStatus::LocalProtectionError);
         assert!(a.is_failed());
@@ -141,7 +141,7 @@ fn registrations_come_and_go_while_connected() {
         let src = pool(&fabric, 4096, 1, Access::LOCAL_WRITE);
         let mut buf = src.checkout().expect("chunk");
         buf.fill(&[round; 100]).expect("fits");
-        a.post_send(vec![SendWr {
+        a.post_send(&mut vec![SendWr {
             id: WrId(round.into()),
             op: SendOp::Write {
                 buf,

@@ -671,11 +671,11 @@ impl std::fmt::Debug for VerbsQp {
 }
 
 impl QueuePair for VerbsQp {
-    fn post_send(&self, wrs: Vec<SendWr>) -> Result<(), (FabricError, Vec<SendWr>)> {
+    fn post_send(&self, wrs: &mut Vec<SendWr>) -> Result<(), FabricError> {
         let shared = &self.shared;
         let mut st = shared.state.lock();
         if shared.failed.load(Ordering::Acquire) {
-            let pushed = shared.complete_later(&mut st, wrs.into_iter().map(flushed_send));
+            let pushed = shared.complete_later(&mut st, wrs.drain(..).map(flushed_send));
             drop(st);
             if pushed {
                 shared.run_notify();
@@ -684,11 +684,11 @@ impl QueuePair for VerbsQp {
         }
         let depth = shared.caps.max_send_wr;
         if st.sends.len() + wrs.len() > depth as usize {
-            return Err((FabricError::QueueFull { queue: "send", depth }, wrs));
+            return Err(FabricError::QueueFull { queue: "send", depth });
         }
         let mut descs = Vec::with_capacity(wrs.len());
         let mut later = Vec::new();
-        for wr in wrs {
+        for wr in wrs.drain(..) {
             if !later.is_empty() {
                 later.push(flushed_send(wr));
                 continue;

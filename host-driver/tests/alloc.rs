@@ -1,0 +1,159 @@
+//! The data path allocates nothing per I/O in steady state (issue 5): a
+//! global allocator counts every allocation in this test binary (its own
+//! binary, so no other test's threads add to the count) while a host
+//! reads and writes through an in-process I/O unit over tcp and shm.
+//!
+//! The bound is loose (two allocations per hundred I/Os, for keep-alive
+//! timers, the timer thread and the like), but a per-I/O allocation
+//! anywhere on either side (a `Vec` per posted batch, an `Arc` per command,
+//! a map node per exposure) breaks it by two orders of magnitude.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use host::bench::{self, BenchConfig, Pattern};
+use host::{Host, HostOptions, Nsid};
+use iounit::target::{Target, TargetConfig, DEFAULT_NQN};
+
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator, which
+// upholds `GlobalAlloc`'s contract; the counter has no effect on memory.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's `layout` contract is passed on as is.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as in `alloc`.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `ptr` came from this allocator (hence from `System`) with `layout`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator (hence from `System`) with `layout`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.load(Ordering::Relaxed)
+}
+
+/// Allocations per I/O we tolerate: background timers, not the data path.
+const MAX_PER_IO: f64 = 0.02;
+
+fn start_target(listen: &str) -> (Target, String) {
+    let target = Target::start(TargetConfig {
+        nqn: DEFAULT_NQN.into(),
+        listen: vec![listen.into()],
+        namespaces: vec!["ram:16MiB".parse().expect("namespace spec")],
+        allowed_hosts: vec![],
+        max_io_queues: 1,
+        max_queue_depth: 128,
+        workers: 16,
+    })
+    .expect("target starts");
+    let uri = target.local_uris()[0].clone();
+    (target, uri)
+}
+
+fn connect(uri: &str) -> Host {
+    Host::connect(
+        uri,
+        HostOptions {
+            command_timeout: Duration::from_secs(20),
+            ..HostOptions::default()
+        },
+    )
+    .expect("host connects")
+}
+
+/// Blocking reads and writes, one at a time: returns allocations per I/O
+/// over `n` of each after a warm-up.
+fn blocking_per_io(host: &Host, n: u64) -> f64 {
+    let mut buf = host.alloc(4096).expect("buffer");
+    let data = vec![0x5au8; 4096];
+    let mut round = |count: u64| {
+        for i in 0..count {
+            let lba = (i * 8) % 4096;
+            host.write(Nsid(1), lba, &data, false).expect("write");
+            host.read_into(Nsid(1), lba, &mut buf).expect("read");
+            assert_eq!(&buf[..16], &data[..16]);
+        }
+    };
+    round(200);
+    let before = allocations();
+    round(n);
+    (allocations() - before) as f64 / (2 * n) as f64
+}
+
+/// `hostctl bench`'s path: 32 I/Os in flight from one thread. Returns the
+/// allocations per I/O that a longer run adds over a shorter one (each
+/// run's setup, threads and histograms cancel out) and that I/O count.
+fn queued_per_io(host: &Host, pattern: Pattern) -> (f64, u64) {
+    let cfg = |duration| BenchConfig {
+        nsid: Nsid(1),
+        pattern,
+        block_size: 4096,
+        queue_depth: 32,
+        threads: 1,
+        duration,
+    };
+    let measure = |duration| {
+        let before = allocations();
+        let report = bench::run(host, &cfg(duration), &|_, _| {}).expect("bench run");
+        (allocations() - before, report.ios)
+    };
+    measure(Duration::from_millis(200));
+    let (short_allocs, short_ios) = measure(Duration::from_millis(300));
+    let (long_allocs, long_ios) = measure(Duration::from_millis(1500));
+    let ios = long_ios.saturating_sub(short_ios);
+    let allocs = long_allocs.saturating_sub(short_allocs);
+    (allocs as f64 / ios.max(1) as f64, ios)
+}
+
+fn check(transport: &str, listen: &str) {
+    let (target, uri) = start_target(listen);
+    let host = connect(&uri);
+    let blocking = blocking_per_io(&host, 2000);
+    eprintln!("{transport}: {blocking:.4} allocations per blocking I/O");
+    assert!(
+        blocking < MAX_PER_IO,
+        "{transport}: {blocking:.3} allocations per blocking I/O"
+    );
+    for pattern in [Pattern::RandRead, Pattern::RandWrite] {
+        let (per_io, ios) = queued_per_io(&host, pattern);
+        eprintln!(
+            "{transport} {}: {per_io:.4} allocations per I/O over {ios} I/Os",
+            pattern.name()
+        );
+        assert!(ios > 1000, "{transport}: only {ios} more I/Os in the longer run");
+        assert!(
+            per_io < MAX_PER_IO,
+            "{transport} {}: {per_io:.3} allocations per I/O over {ios} I/Os at QD32",
+            pattern.name()
+        );
+    }
+    host.close();
+    target.shutdown();
+}
+
+/// One test, both fabrics in turn: the count is process-wide, so nothing
+/// else may run beside a measurement.
+#[test]
+fn the_data_path_allocates_nothing_per_io() {
+    check("tcp", "tcp://127.0.0.1:0");
+    check("shm", &format!("shm://chanio-alloc-{}", std::process::id()));
+}
