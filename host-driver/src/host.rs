@@ -2,7 +2,6 @@
 //! background threads (reconnect supervisor, keep alive, asynchronous
 //! events, timer).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,6 +16,7 @@ use iounit::nvme::{
     LogPageId, NamespaceList, Nqn, Nsid, NumberOfQueues, Status,
 };
 use iounit::transport;
+use messaging::intmap::IntMap;
 use messaging::mr::Buf;
 use messaging::mr::ProtectionDomain;
 use messaging::provider::tcp::TcpOptions;
@@ -146,7 +146,7 @@ struct Inner {
     state_cv: Condvar,
     waiters: Mutex<Vec<Waker>>,
     lost_tx: Mutex<Option<mpsc::Sender<u64>>>,
-    namespaces: Mutex<HashMap<u32, NamespaceInfo>>,
+    namespaces: Mutex<IntMap<u32, NamespaceInfo>>,
     subscribers: Mutex<Vec<mpsc::Sender<HostEvent>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     generation: AtomicU64,
@@ -258,7 +258,7 @@ impl Host {
             state_cv: Condvar::new(),
             waiters: Mutex::new(Vec::new()),
             lost_tx: Mutex::new(Some(lost_tx)),
-            namespaces: Mutex::new(HashMap::new()),
+            namespaces: Mutex::new(IntMap::default()),
             subscribers: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             generation: AtomicU64::new(0),

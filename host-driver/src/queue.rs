@@ -26,7 +26,7 @@
 //! later reads on the same queue.
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use iounit::nvme::fabrics::CONNECT_DATA_LEN;
 use iounit::nvme::{CommandId, Connect, ConnectData, ConnectResponse, Cqe, Sgl, Sqe, Status};
 use iounit::transport;
+use messaging::intmap::IntMap;
 use messaging::mr::{Access, Buf, BufPool, ProtectionDomain};
 use messaging::provider::Fabric;
 use messaging::{DirectTarget, Endpoint, ReceivedKind, Ticket};
@@ -124,7 +125,7 @@ struct State {
     /// tag when its data lands, possibly before this queue's receiver saw
     /// that data, so a new exposure may reuse the tag while the old command
     /// still waits for its data: deliveries go to the oldest user.
-    tags: HashMap<u16, TagUsers>,
+    tags: IntMap<u16, TagUsers>,
     spare: Vec<Exposure>,
     /// Cells of completed commands, oldest first, for reuse once their
     /// waiters let go (at most `depth`): a command allocates no cell.
@@ -795,7 +796,7 @@ impl Drop for SlotGuard<'_> {
 }
 
 /// Removes `cid` (or, with `None`, the oldest user) from `tag`'s users.
-fn take_tag(tags: &mut HashMap<u16, TagUsers>, tag: u16, cid: Option<usize>) -> Option<usize> {
+fn take_tag(tags: &mut IntMap<u16, TagUsers>, tag: u16, cid: Option<usize>) -> Option<usize> {
     let users = tags.get_mut(&tag)?;
     if let Some(c) = cid.filter(|&c| c != users.oldest) {
         let at = users.later.iter().position(|&u| u == c)?;

@@ -1,6 +1,7 @@
 //! Hash maps keyed by small integers (memfd serials, remote keys, transfer
-//! tags) that sit on the per-message path, where the standard SipHash
-//! costs more than the rest of the lookup.
+//! tags, command and namespace IDs) that sit on the per-message path, where
+//! the standard SipHash costs more than the rest of the lookup. Public for
+//! the drivers built on this crate.
 //!
 //! The hash is a folded 64 × 64 → 128-bit multiply of the key mixed with a
 //! per-process random seed: one multiplication per key, every key bit
@@ -15,13 +16,13 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;
 
 /// A `HashMap` with [`IntHash`].
-pub(crate) type IntMap<K, V> = HashMap<K, V, IntHash>;
+pub type IntMap<K, V> = HashMap<K, V, IntHash>;
 /// A `HashSet` with [`IntHash`].
-pub(crate) type IntSet<K> = HashSet<K, IntHash>;
+pub type IntSet<K> = HashSet<K, IntHash>;
 
 /// Builds [`IntHasher`]s seeded once per process.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct IntHash {
+pub struct IntHash {
     seed: u64,
 }
 
@@ -43,7 +44,7 @@ impl BuildHasher for IntHash {
 
 /// See the module documentation.
 #[derive(Debug)]
-pub(crate) struct IntHasher(u64);
+pub struct IntHasher(u64);
 
 /// 2^64 / φ: an odd constant with well-spread bits.
 const K: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -49,7 +49,7 @@
 #![warn(missing_docs)]
 
 pub mod driver;
-mod intmap;
+pub mod intmap;
 pub mod mr;
 pub mod proto;
 pub mod provider;
