@@ -49,6 +49,7 @@ fi
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -80,12 +81,12 @@ done
 block() { # I TARGET RW QD
     "${DIRS[$1]}/hostctl" --target "$2" bench --ns 1 --rw "$3" --qd "$4" --time "${TIME}s" --json |
         python3 -c 'import json, sys; r = json.load(sys.stdin); l = r["latency_us"]
-print(f"iops={r[\"iops\"]:.0f} mean_us={l[\"mean\"]:.2f} p50_us={l[\"p50\"]:.2f}")'
+print("iops=%.0f mean_us=%.2f p50_us=%.2f" % (r["iops"], l["mean"], l["p50"]))'
 }
 ping() { # I TRANSPORT
     "${DIRS[$1]}/pingpong" --transport "$2" --size 8 --iters 20000 --json |
         python3 -c 'import json, sys; r = json.load(sys.stdin)["one_way_us"]
-print(f"p50_us={r[\"p50\"]:.3f} mean_us={r[\"mean\"]:.3f} p99_us={r[\"p99\"]:.3f}")'
+print("p50_us=%.3f mean_us=%.3f p99_us=%.3f" % (r["p50"], r["mean"], r["p99"]))'
 }
 
 for r in $(seq "$ROUNDS"); do
