@@ -35,7 +35,9 @@ alternating):
   tcp floor  chanio: pingpong --transport tcp --mode push --zero-copy --size 1MiB
              floor:  bench/tcpbw.c (cc -O2 -pthread): plain blocking write(2)
                      of 1 MiB messages and read(2) into a 1 MiB buffer over
-                     127.0.0.1, one thread each: what the kernel alone allows
+                     127.0.0.1, one thread each: what the kernel alone allows;
+                     and the same from a never-written source (the kernel's
+                     zero page, always cached), as ucx_perftest sends
   daemon     iounitd idle CPU over 10 s with 4 hosts connected (hostctl watch),
              iounitd VmRSS with 0 hosts and per connected queue
              (4 hosts x (admin + 1 I/O queue) = 8 queues)
@@ -510,6 +512,7 @@ done
 defrow memcpy.1m higher "shm 1 MiB one-sided write vs single-thread memcpy" "memcpy 1 MiB, 1 thread (MB/s)" 0
 defrow memcpy.1m.cold higher "shm 1 MiB one-sided write vs cache-cold memcpy" "memcpy 1 MiB chunks over 64 MiB, 1 thread (MB/s)" 0
 defrow tcp.1m.floor higher "tcp 1 MiB stream vs plain TCP write/read" "bench/tcpbw.c 1 MiB, 1 thread each (MB/s)" 0
+defrow tcp.1m.zero higher "tcp 1 MiB stream vs plain TCP from a never-written source" "bench/tcpbw.c ... untouched (zero page, as ucx_perftest)" 0
 
 # Targets the table is read against: KEY OP(ge|le) FACTOR TEXT
 TARGETS="$WORK/targets.tsv"
@@ -545,7 +548,7 @@ if [[ $HAVE_PP_SHM == 0 ]]; then
     na memcpy.1m.cold chanio "shm: not built yet"
 fi
 [[ $HAVE_MEMCPY == 0 ]] && na memcpy.1m peer "$MEMCPY_WHY" && na memcpy.1m.cold peer "$MEMCPY_WHY"
-[[ $HAVE_TCPBW == 0 ]] && na tcp.1m.floor peer "$TCPBW_WHY"
+[[ $HAVE_TCPBW == 0 ]] && na tcp.1m.floor peer "$TCPBW_WHY" && na tcp.1m.zero peer "$TCPBW_WHY"
 
 # ---------------------------------------------------------------- 3a. block
 # workload table: ID RW BS QD (run order: writes first so both RAM targets are populated)
@@ -791,7 +794,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     else
                         rec "m.$t.$id.bw" chanio "$mbps"
                         [[ $t == shm && $id == 1m ]] && rec memcpy.1m chanio "$mbps" && rec memcpy.1m.cold chanio "$mbps"
-                        [[ $t == tcp && $id == 1m ]] && rec tcp.1m.floor chanio "$mbps"
+                        [[ $t == tcp && $id == 1m ]] && rec tcp.1m.floor chanio "$mbps" && rec tcp.1m.zero chanio "$mbps"
                     fi
                     summary+=" chanio {p50 $p50 mean $mean MB/s $mbps}"
                 else
@@ -799,7 +802,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     if [[ $mode == send ]]; then na "m.$t.$id.p50" chanio "$why"; na "m.$t.$id.mean" chanio "$why"
                     else na "m.$t.$id.bw" chanio "$why"; fi
                     [[ $t == shm && $id == 1m ]] && na memcpy.1m chanio "$why"
-                    [[ $t == tcp && $id == 1m ]] && na tcp.1m.floor chanio "$why"
+                    [[ $t == tcp && $id == 1m ]] && na tcp.1m.floor chanio "$why" && na tcp.1m.zero chanio "$why"
                 fi
             else
                 summary+=" chanio: shm not built yet"
@@ -835,6 +838,13 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     rec tcp.1m.floor peer "$r"; summary+=" plain tcp {MB/s $r}"
                 else
                     na tcp.1m.floor peer "tcpbw failed: $(short_err "$o.err")"; summary+=" plain tcp FAILED"
+                fi
+                o="$WORK/tcpbw-zero-$rep.json"
+                if timeout 120 "$TCPBW_BIN" "$bytes" "$iters" "$bytes" untouched >"$o" 2>"$o.err" &&
+                   r="$(py memcpy "$o" 2>"$o.perr")"; then
+                    rec tcp.1m.zero peer "$r"; summary+=" plain tcp untouched {MB/s $r}"
+                else
+                    na tcp.1m.zero peer "tcpbw untouched failed: $(short_err "$o.err")"; summary+=" plain tcp untouched FAILED"
                 fi
             fi
             # single-thread memcpy of 1 MiB, next to the shm 1 MiB one-sided write
@@ -927,6 +937,8 @@ cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "  pingpong --transport shm --mode push --zero-copy --size 1MiB, whose MB/s is the chanio value (the same sample as msg shm 1 MiB stream)."
     echo "  plain tcp: bench/tcpbw.c (cc -O2 -pthread), blocking write(2) of 1 MiB messages x ${BW1M_ITERS} and read(2) into a 1 MiB buffer,"
     echo "  one thread each, over 127.0.0.1 (no framing, no acknowledgements), MB/s; run right after the tcp 1 MiB pingpong stream."
+    echo "  plain tcp untouched: the same from a never-written mapping (every page the kernel's zero page, always cached), as ucx_perftest"
+    echo "  sends (its send buffer stays unwritten); chanio and the touched row send data a producer wrote."
     echo "  daemon: VmRSS per queue = (RSS with 4 hosts x (admin + 1 I/O queue) - RSS with 0 hosts) / 8; idle CPU over ${IDLE_SECS} s."
     [[ $HAVE_PP_SHM == 0 ]] && echo "  shm: not built yet (pingpong --help lists no shm transport)."
     [[ -n "$INSTALL_NOTE" ]] && echo "  install: $INSTALL_NOTE"

@@ -2,10 +2,16 @@
  * bench/compare.sh puts next to chanio's tcp 1 MiB stream (pingpong
  * --transport tcp --mode push --zero-copy --size 1MiB).
  *
- *   cc -O2 -pthread -o tcpbw bench/tcpbw.c && ./tcpbw [SIZE_BYTES [COUNT [READ_BYTES]]]
+ *   cc -O2 -pthread -o tcpbw bench/tcpbw.c && ./tcpbw [SIZE_BYTES [COUNT [READ_BYTES [untouched]]]]
  *
  * One thread writes COUNT messages of SIZE bytes (default 2000 x 1 MiB)
  * from one touched buffer with blocking write(2) on a TCP_NODELAY socket;
+ * with "untouched", from a fresh anonymous mapping never written to, whose
+ * pages are all the kernel's shared zero page (one 4 KiB page, always in
+ * cache: the copy into the socket reads nothing from memory). That is how
+ * ucx_perftest sends: its send buffer is never written (during a ucp_am_bw
+ * run 328 KiB of its 3.7 MiB buffer mapping are resident), so this variant
+ * shows how much of a peer's figure that alone explains;
  * another thread reads them with blocking read(2) of at most READ_BYTES
  * (default SIZE) into one touched buffer of SIZE bytes, as a receiver that
  * places each message in its own memory must. Nothing else happens: no
@@ -16,6 +22,7 @@
  * sockets close before it exits.
  */
 #define _POSIX_C_SOURCE 200112L
+#define _DEFAULT_SOURCE /* MAP_ANONYMOUS */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -23,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -74,8 +82,9 @@ int main(int argc, char **argv)
     size_t size = argc > 1 ? strtoull(argv[1], NULL, 0) : (size_t)1 << 20;
     long count = argc > 2 ? strtol(argv[2], NULL, 0) : 2000;
     size_t readsz = argc > 3 ? strtoull(argv[3], NULL, 0) : size;
-    if (size == 0 || count <= 0 || readsz == 0) {
-        fprintf(stderr, "usage: %s [SIZE_BYTES [COUNT [READ_BYTES]]]\n", argv[0]);
+    int untouched = argc > 4 && strcmp(argv[4], "untouched") == 0;
+    if (size == 0 || count <= 0 || readsz == 0 || (argc > 4 && !untouched)) {
+        fprintf(stderr, "usage: %s [SIZE_BYTES [COUNT [READ_BYTES [untouched]]]]\n", argv[0]);
         return 2;
     }
     struct rx rx = {.size = size, .read = readsz, .total = size * (size_t)count};
@@ -95,13 +104,18 @@ int main(int argc, char **argv)
     }
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     int one = 1;
-    unsigned char *buf = malloc(size);
-    if (fd < 0 || !buf || setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0 ||
+    unsigned char *buf = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (buf == MAP_FAILED) {
+        perror("tcpbw: mmap");
+        return 1;
+    }
+    if (fd < 0 || setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0 ||
         connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0) {
         perror("tcpbw: connect to 127.0.0.1");
         return 1;
     }
-    memset(buf, 1, size);
+    if (!untouched)
+        memset(buf, 1, size);
     double start = now();
     for (long i = 0; i < count; i++) {
         size_t off = 0;
@@ -117,7 +131,7 @@ int main(int argc, char **argv)
     pthread_join(thread, NULL);
     close(fd);
     close(rx.listener);
-    free(buf);
+    munmap(buf, size);
     if (rx.failed || rx.got != rx.total) {
         fprintf(stderr, "tcpbw: received %zu of %zu bytes\n", rx.got, rx.total);
         return 1;
