@@ -622,11 +622,13 @@ impl Queue {
         parked.iter().for_each(std::thread::Thread::unpark);
     }
 
-    /// Handles `first` and every delivery already there after it.
+    /// Handles `first` and every delivery already taken off the fabric
+    /// with it (no poll of the fabric that would delay the waiters these
+    /// completions wake).
     fn handle_ready(&self, first: messaging::Delivery) {
         self.handle(first);
         for _ in 1..REAP_BATCH {
-            match self.ep.try_recv() {
+            match self.ep.try_recv_taken() {
                 Ok(d) => self.handle(d),
                 Err(_) => break,
             }

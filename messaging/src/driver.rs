@@ -457,6 +457,26 @@ impl Endpoint {
         }
     }
 
+    /// The next delivery already received (by an earlier wait, or by the
+    /// provider's own thread), without driving the fabric for more: for a
+    /// thread draining a batch, whose next step (posting answers, waking the
+    /// callers whose completions it handled) should not wait for a poll of
+    /// the transport that most often finds nothing.
+    ///
+    /// # Errors
+    /// `WouldBlock`, `Closed`.
+    pub fn try_recv_taken(&self) -> Result<Delivery, Error> {
+        let taken = {
+            let mut inner = self.shared.inner.lock();
+            self.shared.progress(&mut inner);
+            take_delivery(&mut inner)
+        };
+        match taken {
+            Some(r) => r.map(|r| self.delivery(r)),
+            None => Err(Error::WouldBlock),
+        }
+    }
+
     /// Async form of [`Endpoint::recv`].
     pub fn recv_async(&self) -> impl Future<Output = Result<Delivery, Error>> + '_ {
         std::future::poll_fn(move |cx| {

@@ -389,6 +389,47 @@ fn a_cork_holds_sends_back_until_it_drops() {
 }
 
 #[test]
+fn try_recv_taken_hands_out_what_was_received_and_never_waits() {
+    for (fabric, addr) in fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        assert!(
+            matches!(b.try_recv_taken(), Err(Error::WouldBlock)),
+            "{}: nothing sent yet",
+            fabric.name()
+        );
+        // One batch: a single write on tcp, one ring publication on shm, so
+        // the receive that returns the first message takes all three.
+        let cork = a.cork();
+        for m in [b"one", b"two", b"six"] {
+            drop(a.send(m).expect("send"));
+        }
+        drop(cork);
+        assert_eq!(&b.recv_timeout(LONG).expect("first")[..], b"one");
+        assert_eq!(&b.try_recv_taken().expect("second, already taken")[..], b"two");
+        assert_eq!(&b.try_recv_taken().expect("third, already taken")[..], b"six");
+        assert!(
+            matches!(b.try_recv_taken(), Err(Error::WouldBlock)),
+            "{}: all three were handed out",
+            fabric.name()
+        );
+        a.close();
+        let deadline = Instant::now() + LONG;
+        loop {
+            // The close reaches `b` through its provider (or its own wait).
+            let _ = b.recv_timeout(Duration::from_millis(10));
+            match b.try_recv_taken() {
+                Err(Error::Closed(_)) => break,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "{}: expected Closed, got {other:?}",
+                    fabric.name()
+                ),
+            }
+        }
+    }
+}
+
+#[test]
 fn a_wait_inside_a_cork_posts_what_was_held() {
     for (fabric, addr) in fabrics() {
         // Far more messages than the peer grants credits: the sender must

@@ -116,7 +116,7 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
                     if outcome.is_err() {
                         break;
                     }
-                    match ep.try_recv() {
+                    match ep.try_recv_taken() {
                         Ok(d) => outcome = q.handle(d),
                         Err(_) => break,
                     }
