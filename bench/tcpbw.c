@@ -10,7 +10,8 @@
  * pages are all the kernel's shared zero page (one 4 KiB page, always in
  * cache: the copy into the socket reads nothing from memory). That is how
  * ucx_perftest sends: its send buffer is never written (during a ucp_am_bw
- * run 328 KiB of its 3.7 MiB buffer mapping are resident), so this variant
+ * run 328 KiB of the 3.7 MiB anonymous mapping holding its buffers were
+ * resident, and it sends zeros), so this variant
  * shows how much of a peer's figure that alone explains;
  * another thread reads them with blocking read(2) of at most READ_BYTES
  * (default SIZE) into one touched buffer of SIZE bytes, as a receiver that
