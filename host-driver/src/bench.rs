@@ -297,7 +297,7 @@ async fn worker(
         };
         let t0 = Instant::now();
         let result = if write {
-            host.write_from_async(cfg.nsid, lba, &buf, false).await
+            host.write_from_async(cfg.nsid, lba, &mut buf, false).await
         } else {
             host.read_into_async(cfg.nsid, lba, &mut buf).await
         };

@@ -15,20 +15,27 @@ pub(crate) fn dest_access() -> Access {
 }
 
 /// A buffer registered with the host's fabric, from [`Host::alloc`]: reads
-/// into it with [`Host::read_into`] land in place, with no copy.
+/// into it with [`Host::read_into`] land in place, and writes from it with
+/// [`Host::write_from`] go out from it, with no copy.
 ///
-/// It derefs to its first [`IoBuf::len`] bytes. While a read into it is in
-/// flight the host holds its memory; if that read fails or times out, the
-/// I/O unit may still write to the old memory, so the `IoBuf` is given
-/// fresh memory instead and its contents are then unspecified (zeroes).
+/// It derefs to its first [`IoBuf::len`] bytes. While a transfer is in
+/// flight the host holds its memory. If a read fails or times out, the I/O
+/// unit may still write to the old memory, so the `IoBuf` is given fresh
+/// memory instead and its contents are then unspecified (zeroes); the same
+/// happens when a write from it times out (or its future is dropped) while
+/// the fabric still sends from it.
 ///
 /// [`Host::alloc`]: crate::Host::alloc
 /// [`Host::read_into`]: crate::Host::read_into
+/// [`Host::write_from`]: crate::Host::write_from
 pub struct IoBuf {
     domain: ProtectionDomain,
     capacity: usize,
     len: usize,
     buf: Option<Buf>,
+    /// The registration `buf` came from: a buffer lent to a write returns
+    /// there when the fabric is done with it, contents intact.
+    pool: Option<BufPool>,
 }
 
 impl IoBuf {
@@ -41,6 +48,7 @@ impl IoBuf {
             capacity: len,
             len,
             buf: None,
+            pool: None,
         };
         b.refresh()?;
         Ok(b)
@@ -150,7 +158,56 @@ impl IoBuf {
             .ok_or_else(|| HostError::InvalidArgument("a new registration has no free chunk".into()))?;
         buf.set_len(self.len);
         self.buf = Some(buf);
+        self.pool = Some(pool);
         Ok(())
+    }
+
+    /// Lends the registered memory to a write, which sends from it. The
+    /// returned [`LentOut`] takes it back from its registration once the
+    /// fabric let go of it (contents intact), or gives fresh memory.
+    pub(crate) fn lend_out(&mut self) -> Result<(Buf, LentOut<'_>), HostError> {
+        let raw = self.take()?;
+        Ok((raw, LentOut { owner: self }))
+    }
+
+    /// The lent memory, if it is back in its registration.
+    fn reclaim(&mut self) -> bool {
+        let Some(mut buf) = self.pool.as_ref().and_then(BufPool::checkout) else {
+            return false;
+        };
+        buf.set_len(self.len);
+        self.buf = Some(buf);
+        true
+    }
+}
+
+/// An [`IoBuf`] whose memory a write sends from, from [`IoBuf::lend_out`].
+/// Dropped without [`LentOut::reclaim`], it takes the memory back if the
+/// fabric is done with it, else gives the `IoBuf` fresh memory.
+#[must_use = "dropping it may give the IoBuf fresh memory"]
+pub(crate) struct LentOut<'a> {
+    owner: &'a mut IoBuf,
+}
+
+impl LentOut<'_> {
+    /// Takes the memory back: `Ok(true)` with its contents, `Ok(false)` when
+    /// the fabric still held it and the `IoBuf` got fresh memory instead.
+    pub(crate) fn reclaim(self) -> Result<bool, HostError> {
+        if self.owner.buf.is_some() || self.owner.reclaim() {
+            return Ok(true);
+        }
+        self.owner.refresh()?;
+        Ok(false)
+    }
+}
+
+impl Drop for LentOut<'_> {
+    fn drop(&mut self) {
+        if self.owner.buf.is_none() && !self.owner.reclaim() {
+            if let Err(e) = self.owner.refresh() {
+                tracing::warn!("no fresh memory for a buffer after a cancelled write: {e}");
+            }
+        }
     }
 }
 

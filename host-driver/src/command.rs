@@ -35,6 +35,10 @@ pub(crate) enum OpData<'a> {
     Out(Cow<'a, [u8]>),
     /// I/O unit to host: this many bytes, pushed into an exposed buffer.
     In(usize),
+    /// Host to I/O unit: this many bytes (more than `INLINE_DATA_MAX`),
+    /// in the registered buffer lent to the command, pushed from there
+    /// without a copy when it fits one push.
+    OutLent(usize),
 }
 
 /// One command, ready to submit.
@@ -87,6 +91,23 @@ impl<'a> Op<'a> {
         let mut sqe = Sqe::write(CID, nsid, slba, blocks)?;
         sqe.set_fua(fua);
         Ok(Op::io("Write", sqe, OpData::Out(Cow::Borrowed(data))))
+    }
+
+    /// Write of `len` bytes held in a registered buffer lent to the command
+    /// ([`OpData::OutLent`]).
+    pub(crate) fn write_lent(
+        nsid: Nsid,
+        slba: u64,
+        len: usize,
+        block_size: u32,
+        fua: bool,
+    ) -> Result<Op<'static>, HostError> {
+        let blocks = blocks_in(len, block_size)?;
+        check_io("Write", nsid, slba, u64::from(blocks), block_size)?;
+        bytes_of(blocks, block_size)?;
+        let mut sqe = Sqe::write(CID, nsid, slba, blocks)?;
+        sqe.set_fua(fua);
+        Ok(Op::io("Write", sqe, OpData::OutLent(len)))
     }
 
     /// Flush.
@@ -171,6 +192,7 @@ impl<'a> Op<'a> {
     #[cfg(test)]
     pub(crate) fn pushes_data(&self) -> bool {
         matches!(&self.data, OpData::Out(d) if d.len() > transport::INLINE_DATA_MAX)
+            || matches!(self.data, OpData::OutLent(_))
     }
 }
 

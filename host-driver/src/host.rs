@@ -391,21 +391,26 @@ impl Host {
         self.handle.inner.write(nsid, slba, data, fua).await
     }
 
-    /// Writes the contents of `buf`, as [`Host::write`]. (Write data is
-    /// copied into the channel's staging buffers either way.)
+    /// Writes the contents of `buf`, as [`Host::write`], sending them
+    /// straight from its registered memory when they fit one push (up to
+    /// the I/O unit's slot size, 128 KiB by default) and are more than a
+    /// capsule carries (4 KiB): no copy on the host. `buf` is lent to the
+    /// fabric meanwhile and comes back with its contents; if the write
+    /// times out while the fabric still sends from it, `buf` gets fresh
+    /// memory (see [`IoBuf`]). Other sizes are copied, as by [`Host::write`].
     ///
     /// # Errors
     /// As [`Host::write`].
-    pub fn write_from(&self, nsid: Nsid, slba: u64, buf: &IoBuf, fua: bool) -> Result<(), HostError> {
-        self.write(nsid, slba, buf, fua)
+    pub fn write_from(&self, nsid: Nsid, slba: u64, buf: &mut IoBuf, fua: bool) -> Result<(), HostError> {
+        exec::block_on(self.write_from_async(nsid, slba, buf, fua))
     }
 
     /// Async form of [`Host::write_from`].
     ///
     /// # Errors
     /// As [`Host::write`].
-    pub async fn write_from_async(&self, nsid: Nsid, slba: u64, buf: &IoBuf, fua: bool) -> Result<(), HostError> {
-        self.write_async(nsid, slba, buf, fua).await
+    pub async fn write_from_async(&self, nsid: Nsid, slba: u64, buf: &mut IoBuf, fua: bool) -> Result<(), HostError> {
+        self.handle.inner.write_from(nsid, slba, buf, fua).await
     }
 
     /// Flushes the namespace's volatile write cache.
@@ -625,6 +630,20 @@ impl Inner {
 
     /// Runs one command, re-issuing it after a reconnect.
     async fn run(&self, op: &Op<'_>, mut read_buf: Option<Buf>) -> Result<Reply, HostError> {
+        loop {
+            // Without `once`, `run_with` re-issues by itself and never
+            // returns `None`.
+            if let Some(reply) = self.run_with(op, read_buf.take(), false).await? {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// Runs one command (with `lent`, the buffer it reads into or writes
+    /// from), re-issuing it after a reconnect; with `once`, a command lost
+    /// with its channel comes back as `Ok(None)` instead, for a caller that
+    /// must take its lent buffer back before re-issuing.
+    async fn run_with(&self, op: &Op<'_>, mut lent: Option<Buf>, once: bool) -> Result<Option<Reply>, HostError> {
         let deadline = Instant::now() + self.opts.command_timeout;
         loop {
             let session = self.session(deadline).await?;
@@ -633,13 +652,16 @@ impl Inner {
                 QueueKind::Io => session.pick(&self.next_queue),
             };
             match queue
-                .execute(op, read_buf.take(), &self.cache, Some(deadline), &self.timer)
+                .execute(op, lent.take(), &self.cache, Some(deadline), &self.timer)
                 .await
             {
-                Ok(reply) => return check_reply(op, reply),
+                Ok(reply) => return check_reply(op, reply).map(Some),
                 Err(ExecError::Lost) => {
                     tracing::debug!(command = op.name, "channel lost; re-issuing after reconnect");
                     self.report_lost(session.generation, "a queue's channel closed");
+                    if once {
+                        return Ok(None);
+                    }
                 }
                 Err(ExecError::Timeout { in_flight }) => {
                     if in_flight {
@@ -825,6 +847,30 @@ impl Inner {
                 lent.refresh()?;
                 Err(e)
             }
+        }
+    }
+
+    async fn write_from(&self, nsid: Nsid, slba: u64, buf: &mut IoBuf, fua: bool) -> Result<(), HostError> {
+        let ns = self.namespace_info(nsid, "Write").await?;
+        let blocks = command::blocks_in(buf.len(), ns.block_size)?;
+        check_request("Write", nsid, slba, u64::from(blocks))?;
+        let max = command::max_blocks(self.max_transfer(), ns.block_size);
+        if buf.len() <= transport::INLINE_DATA_MAX || blocks > max {
+            // Carried in the capsule, or split into several commands: copied.
+            return self.write(nsid, slba, buf, fua).await;
+        }
+        let op = Op::write_lent(nsid, slba, buf.len(), ns.block_size, fua)?;
+        let (raw, lent) = buf.lend_out()?;
+        let outcome = self.run_with(&op, Some(raw), true).await;
+        let intact = lent.reclaim()?;
+        match outcome? {
+            Some(_) => Ok(()),
+            // Lost with its channel, which flushed the push and so gave the
+            // buffer back: re-issued from a copy once reconnected.
+            None if intact => self.write(nsid, slba, buf, fua).await,
+            None => Err(HostError::Protocol(
+                "a write's buffer stayed with the failed channel; the write was not re-issued".into(),
+            )),
         }
     }
 

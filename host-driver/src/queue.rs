@@ -267,12 +267,15 @@ impl Queue {
     }
 
     /// Runs one command: takes a CID, exposes the read destination
-    /// (`read_buf`, a spare exposure or one from `cache`), sends the capsule
-    /// and any pushed data, and waits for the completion until `deadline`.
+    /// (`lent`, a spare exposure or one from `cache`), sends the capsule
+    /// and any pushed data (for [`OpData::OutLent`], `lent` itself), and
+    /// waits for the completion until `deadline`. A lent write buffer has
+    /// left the fabric (back in its pool) when this returns, unless it
+    /// returns a timeout.
     pub(crate) async fn execute(
         &self,
         op: &Op<'_>,
-        read_buf: Option<Buf>,
+        lent: Option<Buf>,
         cache: &BufCache,
         deadline: Option<Instant>,
         timer: &Timer,
@@ -282,7 +285,7 @@ impl Queue {
         // blocked on it reaps the queue meanwhile. Not on the admin queue:
         // its commands are few and some wait for minutes (asynchronous
         // event requests), which its receiver thread does without waking.
-        let mut run = std::pin::pin!(self.run_command(op, read_buf, cache, deadline, timer));
+        let mut run = std::pin::pin!(self.run_command(op, lent, cache, deadline, timer));
         std::future::poll_fn(|cx| {
             let r = run.as_mut().poll(cx);
             if r.is_pending() && self.qid != 0 {
@@ -298,7 +301,7 @@ impl Queue {
     async fn run_command(
         &self,
         op: &Op<'_>,
-        read_buf: Option<Buf>,
+        mut lent: Option<Buf>,
         cache: &BufCache,
         deadline: Option<Instant>,
         timer: &Timer,
@@ -331,8 +334,11 @@ impl Queue {
             OpData::Out(d) => Sgl::TransportDataBlock {
                 len: u32::try_from(d.len()).map_err(|_| too_long(d.len()))?,
             },
+            OpData::OutLent(len) => Sgl::TransportDataBlock {
+                len: u32::try_from(*len).map_err(|_| too_long(*len))?,
+            },
             OpData::In(len) => {
-                let exposure = self.expose(cid, *len, read_buf, cache).map_err(ExecError::Host)?;
+                let exposure = self.expose(cid, *len, lent.take(), cache).map_err(ExecError::Host)?;
                 transport::set_transfer_tag(&mut sqe, exposure.target.tag);
                 transport::set_completes_by_data(&mut sqe);
                 Sgl::KeyedDataBlock {
@@ -343,14 +349,14 @@ impl Queue {
             }
         };
         sqe.set_sgl(&sgl).map_err(|e| ExecError::Host(e.into()))?;
-        match exec::deadline(timer, deadline, self.submit(&sqe, &op.data, &stage, timer)).await {
-            Some(Ok(())) => {}
+        let lent_push = match exec::deadline(timer, deadline, self.submit(&sqe, &op.data, lent, &stage, timer)).await {
+            Some(Ok(ticket)) => ticket,
             Some(Err(e)) => return Err(e),
             // A half-sent command closes the channel (the guard), an unsent
             // one frees its slot: either way nothing is left holding a CID.
             None => return Err(ExecError::Timeout { in_flight: false }),
-        }
-        match exec::deadline(timer, deadline, self.wait_reply(&cell)).await {
+        };
+        let reply = match exec::deadline(timer, deadline, self.wait_reply(&cell)).await {
             Some(r) => {
                 guard.done = true;
                 r.map_err(|()| ExecError::Lost)
@@ -360,9 +366,16 @@ impl Queue {
                     guard.done = true;
                     r.map_err(|()| ExecError::Lost)
                 }
-                None => Err(ExecError::Timeout { in_flight: true }),
+                None => return Err(ExecError::Timeout { in_flight: true }),
             },
+        };
+        if let Some(ticket) = lent_push {
+            // The I/O unit answered, so it has the data; the lent buffer
+            // returns to its owner once the fabric completed the push
+            // (acknowledged, or flushed if the channel failed).
+            let _ = exec::deadline(timer, deadline, ticket.completion()).await;
         }
+        reply
     }
 
     /// A free CID and the cell its completion will land in.
@@ -438,7 +451,17 @@ impl Queue {
         Ok(exposure)
     }
 
-    async fn submit(&self, sqe: &Sqe, data: &OpData<'_>, stage: &AtomicU8, timer: &Timer) -> Result<(), ExecError> {
+    /// Sends the capsule, then the data it does not carry: copied into
+    /// staging buffers, or (`OpData::OutLent` fitting one push) the lent
+    /// buffer itself, whose push ticket is returned.
+    async fn submit(
+        &self,
+        sqe: &Sqe,
+        data: &OpData<'_>,
+        lent: Option<Buf>,
+        stage: &AtomicU8,
+        timer: &Timer,
+    ) -> Result<Option<Ticket>, ExecError> {
         let inline: &[u8] = match data {
             OpData::Out(d) if d.len() <= transport::INLINE_DATA_MAX => d,
             _ => &[],
@@ -455,14 +478,32 @@ impl Queue {
             .map_err(|e| self.send_failed(e))?;
         drop(ticket);
         stage.store(CAPSULE_SENT, Ordering::Release);
-        if let OpData::Out(d) = data {
-            if d.len() > transport::INLINE_DATA_MAX {
-                let chunk = self.ep.max_push();
-                if chunk == 0 {
-                    return Err(ExecError::Host(HostError::Protocol(
-                        "the I/O unit granted no slots for write data".into(),
-                    )));
+        let mut lent_push = None;
+        let pushed: Option<&[u8]> = match (data, &lent) {
+            (OpData::Out(d), _) if d.len() > transport::INLINE_DATA_MAX => Some(d),
+            (OpData::OutLent(len), Some(b)) if b.len() == *len => Some(b),
+            (OpData::OutLent(_), _) => {
+                // Half a command is on the wire: the guard closes the channel.
+                return Err(ExecError::Host(HostError::Protocol(
+                    "a lent write buffer is missing or of the wrong length".into(),
+                )));
+            }
+            _ => None,
+        };
+        if let Some(d) = pushed {
+            let chunk = self.ep.max_push();
+            if chunk == 0 {
+                return Err(ExecError::Host(HostError::Protocol(
+                    "the I/O unit granted no slots for write data".into(),
+                )));
+            }
+            if matches!(data, OpData::OutLent(_)) && d.len() <= chunk {
+                // Zero copy: the registered buffer itself goes out.
+                if let Some(buf) = lent {
+                    let t = self.ep.push_buf_async(buf).await.map_err(|e| self.send_failed(e))?;
+                    lent_push = Some(t);
                 }
+            } else {
                 for (off, len) in transport::push_chunks(d.len(), chunk) {
                     let mut buf = self.push_buf(timer).await?;
                     buf.fill(&d[off..off + len])
@@ -481,7 +522,7 @@ impl Queue {
             }
         }
         stage.store(ALL_SENT, Ordering::Release);
-        Ok(())
+        Ok(lent_push)
     }
 
     fn send_failed(&self, e: messaging::Error) -> ExecError {
