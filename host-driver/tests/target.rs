@@ -10,9 +10,14 @@ use host::{Host, HostError, HostEvent, HostOptions, Nsid, Status};
 use iounit::target::{Target, TargetConfig, DEFAULT_NQN};
 
 fn start_target(namespaces: &[&str], max_io_queues: u16) -> (Target, String) {
+    start_target_on("tcp://127.0.0.1:0", namespaces, max_io_queues)
+}
+
+/// A target listening on `listen` (a fixed address to restart one on).
+fn start_target_on(listen: &str, namespaces: &[&str], max_io_queues: u16) -> (Target, String) {
     let target = Target::start(TargetConfig {
         nqn: DEFAULT_NQN.into(),
-        listen: vec!["tcp://127.0.0.1:0".into()],
+        listen: vec![listen.into()],
         namespaces: namespaces.iter().map(|s| s.parse().unwrap()).collect(),
         allowed_hosts: vec![],
         max_io_queues,
@@ -307,16 +312,7 @@ fn reconnects_to_a_restarted_target() {
     let first = host.controller_id();
     target.shutdown();
     // Same address, fresh (empty) namespace.
-    let again = Target::start(TargetConfig {
-        nqn: DEFAULT_NQN.into(),
-        listen: vec![uri.clone()],
-        namespaces: vec!["ram:1MiB".parse().unwrap()],
-        allowed_hosts: vec![],
-        max_io_queues: 8,
-        max_queue_depth: 128,
-        workers: 256,
-    })
-    .expect("the port is free again");
+    let (again, _) = start_target_on(&uri, &["ram:1MiB"], 8);
     let t0 = Instant::now();
     let back = host.read(Nsid(1), 0, 8).expect("re-issued after reconnect");
     assert!(t0.elapsed() < Duration::from_secs(10));
@@ -653,17 +649,7 @@ fn write_from_sends_from_the_buffer_and_gives_it_back() {
         "tcp://127.0.0.1:0".to_string(),
         format!("shm://chanio-wf-{}", std::process::id()),
     ] {
-        let target = Target::start(TargetConfig {
-            nqn: DEFAULT_NQN.into(),
-            listen: vec![listen.clone()],
-            namespaces: vec!["ram:8MiB".parse().unwrap()],
-            allowed_hosts: vec![],
-            max_io_queues: 2,
-            max_queue_depth: 128,
-            workers: 16,
-        })
-        .expect("target starts");
-        let uri = target.local_uris()[0].clone();
+        let (target, uri) = start_target_on(&listen, &["ram:8MiB"], 2);
         let host = Host::connect(&uri, opts()).unwrap();
         // In the capsule (copied), one push from the buffer itself, two
         // pushes copied out of it, and several commands.
