@@ -375,18 +375,9 @@ impl Endpoint {
         self.push_direct_with(buf, target, false)
     }
 
-    /// As [`Endpoint::push_direct`], with the flag set: the peer's delivery
-    /// reads [`crate::ReceivedKind::Direct`] `{ flag: true }`, so that the
-    /// push itself can carry "this completes the request".
-    ///
-    /// # Errors
-    /// As [`Endpoint::push_direct`].
-    pub fn push_direct_flagged(&self, buf: Buf, target: DirectTarget) -> Result<Ticket, Error> {
-        self.push_direct_with(buf, target, true)
-    }
-
-    /// [`Endpoint::push_direct`] or [`Endpoint::push_direct_flagged`], as
-    /// `flag` says.
+    /// As [`Endpoint::push_direct`], carrying `flag`: the peer's delivery
+    /// reads [`crate::ReceivedKind::Direct`] `{ flag }`, so that the push
+    /// itself can say "this completes the request".
     ///
     /// # Errors
     /// As [`Endpoint::push_direct`].

@@ -145,36 +145,28 @@ fn direct_placement_into_an_application_buffer() {
         let target = DirectTarget::decode(&advert).expect("target decodes");
         drop(advert);
         let src_pool = fabric.domain().register(1 << 20, 1, Access::LOCAL_WRITE).unwrap();
-        let mut src = src_pool.checkout().unwrap();
-        src.set_len(700_000);
-        src.iter_mut().enumerate().for_each(|(i, x)| *x = (i % 253) as u8);
-        a.push_direct(src, target).unwrap().wait_timeout(LONG).unwrap();
-        let d = b.recv_timeout(LONG).unwrap();
-        assert_eq!(
-            d.kind(),
-            ReceivedKind::Direct {
-                tag: target.tag,
-                flag: false
-            }
-        );
+        // Pushes `len` bytes of `byte(i)` into `target` with `flag`; the
+        // delivery carries the tag and the flag.
+        let push = |target: DirectTarget, len: usize, byte: fn(usize) -> u8, flag: bool| {
+            let mut src = src_pool.checkout().unwrap();
+            src.set_len(len);
+            src.iter_mut().enumerate().for_each(|(i, x)| *x = byte(i));
+            a.push_direct_with(src, target, flag)
+                .unwrap()
+                .wait_timeout(LONG)
+                .unwrap();
+            let d = b.recv_timeout(LONG).unwrap();
+            assert_eq!(d.kind(), ReceivedKind::Direct { tag: target.tag, flag });
+            d
+        };
+        let d = push(target, 700_000, |i| (i % 253) as u8, false);
         let buf = d.into_buf().expect("direct placement hands the buffer back");
         assert_eq!(buf.len(), 700_000);
         assert!(buf.iter().enumerate().all(|(i, &x)| x == (i % 253) as u8));
         // The same buffer exposed again, pushed with the flag: it arrives
         // with the delivery.
         let target = b.expose(buf).expect("expose again");
-        let mut src = src_pool.checkout().unwrap();
-        src.set_len(100);
-        src.fill(&[7u8; 100]).unwrap();
-        a.push_direct_flagged(src, target).unwrap().wait_timeout(LONG).unwrap();
-        let d = b.recv_timeout(LONG).unwrap();
-        assert_eq!(
-            d.kind(),
-            ReceivedKind::Direct {
-                tag: target.tag,
-                flag: true
-            }
-        );
+        let d = push(target, 100, |_| 7, true);
         assert_eq!(&d[..], &[7u8; 100][..]);
         let unregistered = fabric.domain().register(64, 1, Access::LOCAL_WRITE).unwrap();
         assert!(matches!(

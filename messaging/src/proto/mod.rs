@@ -255,7 +255,7 @@ pub enum ReceivedKind {
     Direct {
         /// The exposure's tag.
         tag: u16,
-        /// The flag the pusher set ([`Connection::push_direct_flagged`]).
+        /// The flag the pusher set ([`Connection::push_direct_with`]).
         flag: bool,
     },
 }
@@ -697,19 +697,10 @@ impl Connection {
         self.push_direct_with(token, src, target, false)
     }
 
-    /// As [`Connection::push_direct`], with the flag set: the receiver's
-    /// delivery reads [`ReceivedKind::Direct`] `{ flag: true }`. What it
-    /// means is the application's (the NVMe binding: "this push completes
-    /// the read, no response follows").
-    ///
-    /// # Errors
-    /// As [`Connection::push_direct`].
-    pub fn push_direct_flagged(&mut self, token: u64, src: Buf, target: DirectTarget) -> Result<(), PushError> {
-        self.push_direct_with(token, src, target, true)
-    }
-
-    /// [`Connection::push_direct`] or [`Connection::push_direct_flagged`],
-    /// as `flag` says.
+    /// As [`Connection::push_direct`], carrying `flag`: the receiver's
+    /// delivery reads [`ReceivedKind::Direct`] `{ flag }`. What it means is
+    /// the application's (the NVMe binding: "this push completes the read,
+    /// no response follows").
     ///
     /// # Errors
     /// As [`Connection::push_direct`].

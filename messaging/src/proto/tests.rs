@@ -338,11 +338,7 @@ fn direct_placement_lands_in_the_exposed_buffer() {
         let src_pool = p.a.fabric.domain().register(8192, 1, Access::LOCAL_WRITE).unwrap();
         let mut src = src_pool.checkout().unwrap();
         src.fill(&[0x5a; 5000]).unwrap();
-        if flag {
-            p.a.conn.push_direct_flagged(99, src, advertised).unwrap();
-        } else {
-            p.a.conn.push_direct(99, src, advertised).unwrap();
-        }
+        p.a.conn.push_direct_with(99, src, advertised, flag).unwrap();
         p.drive();
         assert_eq!(p.b.got[0].0, ReceivedKind::Direct { tag: target.tag, flag });
         let r = p.b.held.pop_front().unwrap();
