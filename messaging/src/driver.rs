@@ -457,12 +457,7 @@ impl Endpoint {
     /// # Errors
     /// `WouldBlock`, `Closed`.
     pub fn try_recv_taken(&self) -> Result<Delivery, Error> {
-        let taken = {
-            let mut inner = self.shared.inner.lock();
-            self.shared.progress(&mut inner);
-            take_delivery(&mut inner)
-        };
-        match taken {
+        match self.shared.take_received() {
             Some(r) => r.map(|r| self.delivery(r)),
             None => Err(Error::WouldBlock),
         }
@@ -658,14 +653,16 @@ impl Shared {
     /// A delivery that is ready, without waiting: what earlier progress
     /// queued, else what one non-blocking round of provider progress brings.
     fn take_ready(&self) -> Option<Result<Received, Error>> {
-        {
-            let mut inner = self.inner.lock();
-            self.progress(&mut inner);
-            if let Some(r) = take_delivery(&mut inner) {
-                return Some(r);
-            }
+        if let Some(r) = self.take_received() {
+            return Some(r);
         }
         self.drive_once();
+        self.take_received()
+    }
+
+    /// A delivery the provider already completed, after reaping its
+    /// completion queue; the transport itself is not driven.
+    fn take_received(&self) -> Option<Result<Received, Error>> {
         let mut inner = self.inner.lock();
         self.progress(&mut inner);
         take_delivery(&mut inner)
