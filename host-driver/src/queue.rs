@@ -466,6 +466,26 @@ impl Queue {
             OpData::Out(d) if d.len() <= transport::INLINE_DATA_MAX => d,
             _ => &[],
         };
+        // What is pushed after the capsule, checked before anything goes out
+        // (half a command on the wire would cost the channel).
+        let pushed: Option<&[u8]> = match (data, &lent) {
+            (OpData::Out(d), _) if d.len() > transport::INLINE_DATA_MAX => Some(d),
+            (OpData::OutLent(len), Some(b)) if b.len() == *len => Some(b),
+            (OpData::OutLent(_), _) => {
+                return Err(ExecError::Host(HostError::Protocol(
+                    "a lent write buffer is missing or of the wrong length".into(),
+                )));
+            }
+            _ => None,
+        };
+        let chunk = self.ep.max_push();
+        if pushed.is_some() && chunk == 0 {
+            return Err(ExecError::Host(HostError::Protocol(
+                "the I/O unit granted no slots for write data".into(),
+            )));
+        }
+        // Zero copy: a lent buffer that fits one push goes out itself.
+        let whole = matches!(data, OpData::OutLent(_)) && pushed.is_some_and(|d| d.len() <= chunk);
         // The capsule (SQE, then in-capsule data) is gathered straight into
         // the channel's send buffer.
         let sqe_bytes = sqe.encode();
@@ -479,45 +499,25 @@ impl Queue {
         drop(ticket);
         stage.store(CAPSULE_SENT, Ordering::Release);
         let mut lent_push = None;
-        let pushed: Option<&[u8]> = match (data, &lent) {
-            (OpData::Out(d), _) if d.len() > transport::INLINE_DATA_MAX => Some(d),
-            (OpData::OutLent(len), Some(b)) if b.len() == *len => Some(b),
-            (OpData::OutLent(_), _) => {
-                // Half a command is on the wire: the guard closes the channel.
-                return Err(ExecError::Host(HostError::Protocol(
-                    "a lent write buffer is missing or of the wrong length".into(),
-                )));
+        if whole {
+            if let Some(buf) = lent {
+                let t = self.ep.push_buf_async(buf).await.map_err(|e| self.send_failed(e))?;
+                lent_push = Some(t);
             }
-            _ => None,
-        };
-        if let Some(d) = pushed {
-            let chunk = self.ep.max_push();
-            if chunk == 0 {
-                return Err(ExecError::Host(HostError::Protocol(
-                    "the I/O unit granted no slots for write data".into(),
-                )));
-            }
-            if matches!(data, OpData::OutLent(_)) && d.len() <= chunk {
-                // Zero copy: the registered buffer itself goes out.
-                if let Some(buf) = lent {
-                    let t = self.ep.push_buf_async(buf).await.map_err(|e| self.send_failed(e))?;
-                    lent_push = Some(t);
-                }
-            } else {
-                for (off, len) in transport::push_chunks(d.len(), chunk) {
-                    let mut buf = self.push_buf(timer).await?;
-                    buf.fill(&d[off..off + len])
-                        .map_err(|cap| ExecError::Host(HostError::Protocol(format!("push chunk above {cap} bytes"))))?;
-                    let t = self.ep.push_buf_async(buf).await.map_err(|e| self.send_failed(e))?;
-                    let mut pushes = self.pushes.lock();
-                    pushes.push_back(t);
-                    // Each push in flight holds one of PUSH_BUFFERS staging
-                    // buffers, so a ticket older than the newest PUSH_BUFFERS
-                    // is done: keeping it would only grow the deque and the
-                    // endpoint's ticket table.
-                    while pushes.len() > PUSH_BUFFERS {
-                        pushes.pop_front();
-                    }
+        } else if let Some(d) = pushed {
+            for (off, len) in transport::push_chunks(d.len(), chunk) {
+                let mut buf = self.push_buf(timer).await?;
+                buf.fill(&d[off..off + len])
+                    .map_err(|cap| ExecError::Host(HostError::Protocol(format!("push chunk above {cap} bytes"))))?;
+                let t = self.ep.push_buf_async(buf).await.map_err(|e| self.send_failed(e))?;
+                let mut pushes = self.pushes.lock();
+                pushes.push_back(t);
+                // Each push in flight holds one of PUSH_BUFFERS staging
+                // buffers, so a ticket older than the newest PUSH_BUFFERS
+                // is done: keeping it would only grow the deque and the
+                // endpoint's ticket table.
+                while pushes.len() > PUSH_BUFFERS {
+                    pushes.pop_front();
                 }
             }
         }
