@@ -534,6 +534,27 @@ mod tests {
         timer.stop();
     }
 
+    #[test]
+    fn a_woken_entry_dropped_late_leaves_the_next_user_of_its_key_alone() {
+        let timer = Timer::start().unwrap();
+        let waker = Waker::from(Arc::new(Noop));
+        // Due at once: the timer thread wakes it and frees its slab key.
+        let early = timer.wake_at(Instant::now(), &waker).expect("timer runs");
+        let t0 = Instant::now();
+        while timer.pending() > 0 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the due entry was never woken");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The freed key goes to the next registration.
+        let far = timer.wake_at(Instant::now() + Duration::from_secs(30), &waker).expect("timer runs");
+        assert_eq!(far.key, early.key, "the slab reuses the freed key");
+        drop(early);
+        assert_eq!(timer.pending(), 1, "dropping the woken entry must not cancel its key's new user");
+        drop(far);
+        assert_eq!(timer.pending(), 0);
+        timer.stop();
+    }
+
     struct Noop;
     impl Wake for Noop {
         fn wake(self: Arc<Self>) {}
