@@ -546,10 +546,16 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         // The freed key goes to the next registration.
-        let far = timer.wake_at(Instant::now() + Duration::from_secs(30), &waker).expect("timer runs");
+        let far = timer
+            .wake_at(Instant::now() + Duration::from_secs(30), &waker)
+            .expect("timer runs");
         assert_eq!(far.key, early.key, "the slab reuses the freed key");
         drop(early);
-        assert_eq!(timer.pending(), 1, "dropping the woken entry must not cancel its key's new user");
+        assert_eq!(
+            timer.pending(),
+            1,
+            "dropping the woken entry must not cancel its key's new user"
+        );
         drop(far);
         assert_eq!(timer.pending(), 0);
         timer.stop();

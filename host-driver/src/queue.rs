@@ -478,7 +478,8 @@ impl Queue {
             }
             _ => None,
         };
-        let chunk = self.ep.max_push();
+        // Only a pushed write asks (it takes the endpoint's lock).
+        let chunk = if pushed.is_some() { self.ep.max_push() } else { 0 };
         if pushed.is_some() && chunk == 0 {
             return Err(ExecError::Host(HostError::Protocol(
                 "the I/O unit granted no slots for write data".into(),
