@@ -19,8 +19,9 @@
 //!
 //! # Execution
 //! Every request is executed by the responder's progress thread, which makes
-//! the one copy: a Send copies from the initiator's mapped buffer into the
-//! posted receive; an RDMA Write copies from the initiator's buffer into the
+//! the one copy: a Send copies from the initiator's mapped buffer (or, for
+//! a Send of at most 208 bytes, from the ring, where the initiator put it
+//! inline) into the posted receive; an RDMA Write copies from the initiator's buffer into the
 //! responder's registration; an RDMA Read copies from the registration into
 //! the initiator's buffer. The remote key, bounds and access are checked in
 //! the responder's own domain ([`ProtectionDomain::remote_target`]), the
@@ -31,7 +32,9 @@
 //!
 //! # Rings and wake-ups
 //! One ring per direction in a memfd the client creates (`docs/protocol.md`
-//! §7b); each side's progress thread consumes its incoming ring and sleeps
+//! §7b); an entry is published by the lap in its first word, so the
+//! consumer reads one cache line per entry. Each side's progress thread
+//! consumes its incoming ring and sleeps
 //! in `poll` on its eventfd and the socket after setting the ring's
 //! `sleeping` flag; producers ring the eventfd only when that flag is set.
 //!
@@ -57,7 +60,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use self::ring::{Entry, Ring, RING_BYTES};
+use self::ring::{Entry, Ring, MAX_INLINE, RING_BYTES, RING_ENTRIES};
 use self::sys::{Mapping, Socket};
 use super::cq::CompletionQueue;
 use super::drive::{self, Aside, Drive, Woke};
@@ -72,7 +75,7 @@ use crate::provider::{flushed_recv, flushed_send};
 /// Hello magic of the shm provider.
 pub const HELLO_MAGIC: [u8; 4] = *b"CHSM";
 /// Hello version this build speaks.
-pub const HELLO_VERSION: u16 = 1;
+pub const HELLO_VERSION: u16 = 2;
 /// Largest parameter block accepted in a hello.
 pub const MAX_PARAMS: usize = 4096;
 
@@ -95,6 +98,8 @@ const CTL_BYTES: usize = 16;
 
 /// Entries taken from the ring per batch.
 const BATCH: usize = 64;
+/// Size of the checked-registrations set at which dead ones are dropped.
+const CHECKED_PRUNE_AT: usize = 64;
 
 /// Tunables of the shm provider.
 #[derive(Debug, Clone)]
@@ -623,8 +628,13 @@ struct State {
     recvs: VecDeque<RecvWr>,
     /// Memfds (by serial) this side has sent to the peer.
     exported: IntSet<u64>,
+    /// Memfds (by serial) found to be live registrations of this fabric
+    /// (inline Sends use them without exporting them).
+    checked: IntSet<u64>,
     /// Entries being published (kept to reuse its allocation).
     publish: Vec<Entry>,
+    /// Their inline data, in order (kept likewise).
+    publish_data: Vec<u8>,
 }
 
 struct Pending {
@@ -675,7 +685,9 @@ fn start(
             outstanding: VecDeque::new(),
             recvs: recvs.into(),
             exported: IntSet::default(),
+            checked: IntSet::default(),
             publish: Vec::new(),
+            publish_data: Vec::new(),
         }),
         cq: CompletionQueue::default(),
         failed: AtomicBool::new(false),
@@ -684,6 +696,7 @@ fn start(
             expected_psn: 0,
             maps: IntMap::default(),
             entries: Vec::with_capacity(BATCH),
+            inline: Vec::new(),
             completions: Vec::new(),
             socket_ready: true,
             socket_failed: None,
@@ -716,7 +729,16 @@ impl QueuePair for ShmQp {
             return Err(FabricError::QueueFull { queue: "send", depth });
         }
         let mut entries = std::mem::take(&mut st.publish);
+        let mut data = std::mem::take(&mut st.publish_data);
         entries.clear();
+        data.clear();
+        // Small Sends go inline while the ring stays at most half full, so
+        // their extra slots never take the room the depth limits promise
+        // to later entries (see `docs/protocol.md` §7b).
+        let mut planned = match st.tx.used() {
+            Ok(used) => used,
+            Err(_) => RING_ENTRIES,
+        };
         let mut local_error: Option<String> = None;
         for wr in wrs.drain(..) {
             let opcode = wr.opcode();
@@ -731,7 +753,7 @@ impl QueuePair for ShmQp {
                 });
                 continue;
             }
-            match shared.prepare(&mut st, &wr) {
+            match shared.prepare(&mut st, &wr, &mut planned, &mut data) {
                 Ok(entry) => {
                     entries.push(entry);
                     let psn = st.next_psn;
@@ -760,13 +782,14 @@ impl QueuePair for ShmQp {
             }
         }
         if !entries.is_empty() {
-            if st.tx.push(&entries).is_err() {
-                local_error = Some("the peer corrupted the ring".into());
+            if let Err(corrupt) = st.tx.push(&entries, &data) {
+                local_error = Some(format!("the peer corrupted the ring: {}", corrupt.0));
             } else if st.tx.consumer_sleeping() {
                 sys::ring_eventfd(&shared.links.wake_peer);
             }
         }
         st.publish = entries;
+        st.publish_data = data;
         if let Some(reason) = local_error {
             shared.fail_locked(&mut st, &reason, true);
         }
@@ -850,8 +873,17 @@ impl Drop for ShmQp {
 
 impl Shared {
     /// Checks a request locally, exports its memfd if needed and builds its
-    /// ring entry (psn `next_psn`).
-    fn prepare(&self, st: &mut State, wr: &SendWr) -> Result<Entry, (WcStatus, String)> {
+    /// ring entry (psn `next_psn`). A Send of at most [`MAX_INLINE`] bytes
+    /// goes inline, its bytes appended to `data`, if the ring stays at most
+    /// half full with `planned` slots in use before it; `planned` counts the
+    /// entry's slots.
+    fn prepare(
+        &self,
+        st: &mut State,
+        wr: &SendWr,
+        planned: &mut u64,
+        data: &mut Vec<u8>,
+    ) -> Result<Entry, (WcStatus, String)> {
         let (opcode, buf, remote, imm) = match &wr.op {
             SendOp::Send { buf, imm } => (if imm.is_some() { OP_SEND_IMM } else { OP_SEND }, buf, None, *imm),
             SendOp::Write { buf, remote, imm } => (
@@ -871,22 +903,42 @@ impl Shared {
                 "RDMA Read into memory without local write".into(),
             ));
         }
-        // A memfd already exported is this fabric's and alive (serials are
-        // never reused, and the buffer holds its registration), so only a
-        // first use asks the allocator, under its process-wide lock.
+        // A memfd already exported or checked is this fabric's and alive
+        // (serials are never reused, and the buffer holds its registration),
+        // so only a first use asks the allocator, under its process-wide lock.
         let (serial, offset) = buf
             .allocation()
-            .filter(|(serial, _)| st.exported.contains(serial) || self.fabric.memory.is_live(*serial))
+            .filter(|(serial, _)| {
+                st.exported.contains(serial) || st.checked.contains(serial) || self.check_live(st, *serial)
+            })
             .ok_or_else(|| {
                 (
                     WcStatus::LocalProtectionError,
                     "buffer not registered in this fabric's domain".to_string(),
                 )
             })?;
+        if matches!(opcode, OP_SEND | OP_SEND_IMM) && buf.len() <= MAX_INLINE {
+            let entry = Entry {
+                opcode,
+                inline: true,
+                len: buf.len() as u32,
+                psn: st.next_psn,
+                imm: imm.unwrap_or(0),
+                ..Entry::default()
+            };
+            let slots = ring::slots(&entry);
+            if *planned + slots <= RING_ENTRIES / 2 {
+                *planned += slots;
+                data.extend_from_slice(buf);
+                return Ok(entry);
+            }
+        }
+        *planned += 1;
         self.export(st, serial).map_err(|reason| (WcStatus::Flushed, reason))?;
         Ok(Entry {
             opcode,
             status: 0,
+            inline: false,
             len: buf.len() as u32,
             psn: st.next_psn,
             serial,
@@ -895,6 +947,20 @@ impl Shared {
             rkey: remote.map_or(0, |r| r.rkey.0),
             imm: imm.unwrap_or(0),
         })
+    }
+
+    /// Whether memfd `serial` is a live registration of this fabric; if so,
+    /// remembers it in `checked` (forgetting dead ones once that set grows).
+    fn check_live(&self, st: &mut State, serial: u64) -> bool {
+        let memory = &self.fabric.memory;
+        if !memory.is_live(serial) {
+            return false;
+        }
+        if st.checked.len() >= CHECKED_PRUNE_AT {
+            st.checked.retain(|s| memory.is_live(*s));
+        }
+        st.checked.insert(serial);
+        true
     }
 
     /// Sends memfd `serial` to the peer unless it has it; first tells it to
@@ -954,6 +1020,15 @@ impl Shared {
     }
 }
 
+/// A cumulative acknowledgement of requests up to `psn`.
+fn ack_entry(psn: u64) -> Entry {
+    Entry {
+        opcode: OP_ACK,
+        psn,
+        ..Entry::default()
+    }
+}
+
 fn control(kind: u8, serial: u64) -> [u8; CTL_BYTES] {
     let mut out = [0u8; CTL_BYTES];
     out[0] = kind;
@@ -980,14 +1055,17 @@ impl Shared {
                 p.socket_ready = false;
             }
             let mut entries = std::mem::take(&mut p.entries);
+            let mut inline = std::mem::take(&mut p.inline);
             entries.clear();
-            let result = match p.rx.pop(&mut entries, BATCH) {
-                Err(_) => Err(violation("ring counters out of range")),
+            inline.clear();
+            let result = match p.rx.pop(&mut entries, &mut inline, BATCH) {
+                Err(corrupt) => Err(violation(format!("ring: {}", corrupt.0))),
                 Ok(0) => Ok(()),
-                Ok(_) => p.process(self, &entries),
+                Ok(_) => p.process(self, &entries, &inline),
             };
             let more = !entries.is_empty();
             p.entries = entries;
+            p.inline = inline;
             if let Err(fatal) = result {
                 p.fail(self, fatal);
                 p.dead = true;
@@ -1129,6 +1207,8 @@ struct Progress {
     expected_psn: u64,
     maps: IntMap<u64, Mapping>,
     entries: Vec<Entry>,
+    /// The inline data of `entries`.
+    inline: Vec<u8>,
     /// Completions of one batch (kept to reuse its allocation).
     completions: Vec<Completion>,
     /// `poll` said the socket is readable: drain it in the next pump.
@@ -1163,7 +1243,7 @@ impl Progress {
                     psn,
                     ..Entry::default()
                 };
-                if st.tx.push(&[entry]).is_ok() && st.tx.consumer_sleeping() {
+                if st.tx.push(&[entry], &[]).is_ok() && st.tx.consumer_sleeping() {
                     sys::ring_eventfd(&sh.links.wake_peer);
                 }
             }
@@ -1228,7 +1308,7 @@ impl Progress {
         Ok(())
     }
 
-    fn process(&mut self, sh: &Shared, entries: &[Entry]) -> Result<(), Fatal> {
+    fn process(&mut self, sh: &Shared, entries: &[Entry], inline: &[u8]) -> Result<(), Fatal> {
         let mut st = sh.state.lock();
         if st.failed {
             return Ok(());
@@ -1238,12 +1318,15 @@ impl Progress {
         let mut result = Ok(());
         for e in entries {
             let step = match e.opcode {
+                _ if e.inline && !matches!(e.opcode, OP_SEND | OP_SEND_IMM) => {
+                    Err(violation(format!("inline data on opcode {}", e.opcode)))
+                }
                 OP_SEND | OP_SEND_IMM | OP_WRITE | OP_WRITE_IMM | OP_READ => {
                     if e.psn != self.expected_psn {
                         Err(violation(format!("psn {} where {} was due", e.psn, self.expected_psn)))
                     } else {
                         self.expected_psn += 1;
-                        self.execute(sh, &mut st, e, &mut completions)
+                        self.execute(sh, &mut st, e, inline, &mut completions)
                             .map(|()| ack = Some(e.psn))
                     }
                 }
@@ -1288,13 +1371,8 @@ impl Progress {
         // The acknowledgement is published before the receives complete,
         // so a peer that disconnects on seeing them cannot overtake it.
         if let Some(psn) = ack {
-            let entry = Entry {
-                opcode: OP_ACK,
-                psn,
-                ..Entry::default()
-            };
-            if st.tx.push(&[entry]).is_err() {
-                result = Err(violation("the peer corrupted the ring"));
+            if let Err(corrupt) = st.tx.push(&[ack_entry(psn)], &[]) {
+                result = Err(violation(format!("the peer corrupted the ring: {}", corrupt.0)));
             } else if st.tx.consumer_sleeping() {
                 sys::ring_eventfd(&sh.links.wake_peer);
             }
@@ -1305,12 +1383,14 @@ impl Progress {
         result
     }
 
-    /// Executes one request: the check and the single copy.
+    /// Executes one request: the check and the single copy (from `inline`
+    /// for an inline Send).
     fn execute(
         &mut self,
         sh: &Shared,
         st: &mut State,
         e: &Entry,
+        inline: &[u8],
         completions: &mut Vec<Completion>,
     ) -> Result<(), Fatal> {
         let len = e.len as usize;
@@ -1332,14 +1412,19 @@ impl Progress {
                     });
                     return Err(nak(e.psn, WcStatus::RemoteInvalidRequest, reason));
                 }
-                if let Err(fatal) = self.ensure_mapped(sh, e.serial) {
-                    st.recvs.push_front(wr);
-                    return Err(fatal);
-                }
-                let map = &self.maps[&e.serial];
-                if !map.read_into(offset, &mut wr.buf.spare_capacity()[..len]) {
-                    st.recvs.push_front(wr);
-                    return Err(violation("Send source outside its memfd"));
+                if e.inline {
+                    // `pop` put exactly `len` bytes at `offset`.
+                    wr.buf.spare_capacity()[..len].copy_from_slice(&inline[offset..offset + len]);
+                } else {
+                    if let Err(fatal) = self.ensure_mapped(sh, e.serial) {
+                        st.recvs.push_front(wr);
+                        return Err(fatal);
+                    }
+                    let map = &self.maps[&e.serial];
+                    if !map.read_into(offset, &mut wr.buf.spare_capacity()[..len]) {
+                        st.recvs.push_front(wr);
+                        return Err(violation("Send source outside its memfd"));
+                    }
                 }
                 wr.buf.set_len(len);
                 completions.push(Completion {

@@ -1,14 +1,24 @@
 //! Single-producer single-consumer rings in shared memory.
 //!
-//! A ring is a 4096-byte header page followed by [`RING_ENTRIES`] entries of
-//! 64 bytes. The header holds the producer's `tail` (offset 0), the
-//! consumer's `head` (offset 64) and the consumer's `sleeping` flag (offset
-//! 128), each on its own cache line. Counters run freely; an entry lives at
-//! `counter % RING_ENTRIES`. The producer writes entries, then stores `tail`
-//! with release ordering; the consumer loads `tail` with acquire ordering,
-//! copies entries out, then stores `head` with release ordering. Both sides
-//! distrust what the other wrote: the producer keeps its own `tail`, and a
-//! `tail` more than a ring ahead of `head` is a protocol violation.
+//! A ring is a 4096-byte header page followed by [`RING_ENTRIES`] slots of
+//! 64 bytes. The header holds the consumer's `head` (offset 64) and the
+//! consumer's `sleeping` flag (offset 128), each on its own cache line.
+//! Counters run freely; an entry lives at `counter % RING_ENTRIES`. The
+//! producer writes an entry's other words, then its word 0 with release
+//! ordering; word 0 carries the entry's *lap* (which pass over the ring
+//! wrote it), so the consumer, loading word 0 of its next slot with acquire
+//! ordering, knows whether the entry is published and reads one cache line
+//! per entry, nothing else. It copies entries out, then stores `head` with
+//! release ordering. Both sides distrust what the other wrote: the producer
+//! keeps its own counter and refuses a `head` more than a ring behind it,
+//! and the consumer checks every entry it takes.
+//!
+//! An entry flagged inline carries its data in the ring itself (a small
+//! Send, as with verbs' `IBV_SEND_INLINE`): the first [`FIRST_INLINE`]
+//! bytes in its own words 3–7, the rest in up to three continuation slots
+//! that follow it (words 1–7 each, word 0 marking the slot a continuation
+//! of this lap), so the consumer reads them with the entry instead of
+//! fetching them from the initiator's buffer afterwards.
 
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,11 +33,44 @@ const HEADER_BYTES: usize = 4096;
 /// Bytes of one ring.
 pub(crate) const RING_BYTES: usize = HEADER_BYTES + RING_ENTRIES as usize * ENTRY_BYTES;
 
+/// Entry flag: the data follows inline (words 3–7 and continuation slots).
+pub(crate) const FLAG_INLINE: u8 = 1;
+/// Flag of a continuation slot: words 1–7 hold inline data of the entry
+/// before it.
+const FLAG_CONT: u8 = 2;
+/// Inline bytes in the entry itself (words 3–7).
+pub(crate) const FIRST_INLINE: usize = 40;
+/// Inline bytes per continuation slot (words 1–7).
+const CONT_INLINE: usize = 56;
+/// Largest inline payload: the entry's 40 bytes and three continuation slots.
+pub(crate) const MAX_INLINE: usize = FIRST_INLINE + 3 * CONT_INLINE;
+
+/// The lap byte of ring counter `counter` (bits 24–31 of an entry's word
+/// 0): which pass over the ring wrote the entry, 1 to 255 and round again,
+/// so that a zeroed slot never looks published and a slot still holding
+/// the previous pass's entry or continuation carries another lap.
+fn lap(counter: u64) -> u64 {
+    (counter / RING_ENTRIES) % 255 + 1
+}
+
+/// Ring slots an entry takes: one, plus the continuations of its inline data.
+pub(crate) fn slots(e: &Entry) -> u64 {
+    if e.inline {
+        1 + (e.len as usize).saturating_sub(FIRST_INLINE).div_ceil(CONT_INLINE) as u64
+    } else {
+        1
+    }
+}
+
 /// One ring entry, as eight little-endian words (see `docs/protocol.md` §7b).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Entry {
     pub(crate) opcode: u8,
     pub(crate) status: u8,
+    /// The data travels inline ([`FLAG_INLINE`]): the producer takes it from
+    /// the data passed to [`Ring::push`]; the consumer finds it at `offset`
+    /// of the data [`Ring::pop`] filled.
+    pub(crate) inline: bool,
     pub(crate) len: u32,
     pub(crate) psn: u64,
     pub(crate) serial: u64,
@@ -39,8 +82,15 @@ pub(crate) struct Entry {
 
 impl Entry {
     fn to_words(self) -> [u64; 8] {
+        let flags = if self.inline { FLAG_INLINE } else { 0 };
+        let w0 =
+            u64::from(self.opcode) | u64::from(self.status) << 8 | u64::from(flags) << 16 | u64::from(self.len) << 32;
+        if self.inline {
+            // Words 3–7 are filled with data by `push`.
+            return [w0, self.psn, u64::from(self.imm), 0, 0, 0, 0, 0];
+        }
         [
-            u64::from(self.opcode) | u64::from(self.status) << 8 | u64::from(self.len) << 32,
+            w0,
             self.psn,
             self.serial,
             self.offset,
@@ -51,18 +101,35 @@ impl Entry {
         ]
     }
 
-    fn from_words(w: [u64; 8]) -> Entry {
-        Entry {
+    fn from_words(w: [u64; 8]) -> Result<Entry, Corrupt> {
+        let flags = (w[0] >> 16) as u8;
+        if flags == FLAG_CONT {
+            return Err(Corrupt("a continuation slot where an entry was due"));
+        }
+        if flags & !FLAG_INLINE != 0 {
+            return Err(Corrupt("unknown entry flags"));
+        }
+        let mut e = Entry {
             opcode: w[0] as u8,
             status: (w[0] >> 8) as u8,
+            inline: flags & FLAG_INLINE != 0,
             len: (w[0] >> 32) as u32,
             psn: w[1],
-            serial: w[2],
-            offset: w[3],
-            addr: w[4],
-            rkey: w[5] as u32,
-            imm: (w[5] >> 32) as u32,
+            ..Entry::default()
+        };
+        if e.inline {
+            if e.len as usize > MAX_INLINE {
+                return Err(Corrupt("inline entry longer than the inline limit"));
+            }
+            e.imm = w[2] as u32;
+        } else {
+            e.serial = w[2];
+            e.offset = w[3];
+            e.addr = w[4];
+            e.rkey = w[5] as u32;
+            e.imm = (w[5] >> 32) as u32;
         }
+        Ok(e)
     }
 }
 
@@ -75,9 +142,10 @@ pub(crate) struct Ring {
     mine: u64,
 }
 
-/// The peer moved a counter to an impossible place.
+/// The peer moved a counter to an impossible place or wrote a malformed
+/// entry; says which.
 #[derive(Debug)]
-pub(crate) struct Corrupt;
+pub(crate) struct Corrupt(pub(crate) &'static str);
 
 impl Ring {
     /// The ring at byte `base` of `map`.
@@ -116,27 +184,78 @@ impl Ring {
         }
     }
 
+    /// Word 0 of the slot of `counter`, shared with the peer as an atomic.
+    fn head_word(&self, counter: u64) -> &AtomicU64 {
+        // SAFETY: the slot lies inside the ring (see `slot`) and is 8-aligned;
+        // word 0 is only ever accessed atomically by both sides.
+        unsafe { &*self.slot(counter).cast::<AtomicU64>() }
+    }
+
     // Producer side.
 
-    /// Writes entries and publishes them; `Err` if the ring lacks room (the
-    /// RC depth limits make that impossible with a correct peer).
-    pub(crate) fn push(&mut self, entries: &[Entry]) -> Result<(), Corrupt> {
+    /// Slots in use (published and not yet consumed), as the producer sees
+    /// them; `Err` if the consumer's `head` is impossible.
+    pub(crate) fn used(&self) -> Result<u64, Corrupt> {
         let head = self.word(64).load(Ordering::Acquire);
         let used = self.mine.wrapping_sub(head);
-        if used > RING_ENTRIES || RING_ENTRIES - used < entries.len() as u64 {
-            return Err(Corrupt);
+        if used > RING_ENTRIES {
+            return Err(Corrupt("consumer head out of range"));
         }
+        Ok(used)
+    }
+
+    /// Writes entries and publishes them; `Err` if the ring lacks room (the
+    /// RC depth limits make that impossible with a correct peer). Inline
+    /// entries take their data, in order, from `data`.
+    ///
+    /// Each entry's word 0 (with its lap) is stored last, with release
+    /// ordering, after its other words and continuation slots: a consumer
+    /// that sees the lap sees the whole entry.
+    ///
+    /// # Panics
+    /// If `data` is shorter than the inline entries' lengths (a local bug).
+    pub(crate) fn push(&mut self, entries: &[Entry], data: &[u8]) -> Result<(), Corrupt> {
+        let used = self.used()?;
+        let needed: u64 = entries.iter().map(slots).sum();
+        if RING_ENTRIES - used < needed {
+            return Err(Corrupt("ring full"));
+        }
+        let mut data = data;
         for entry in entries {
+            let at = self.mine;
+            let slot = self.slot(at);
             let words = entry.to_words();
-            let slot = self.slot(self.mine);
-            for (i, w) in words.iter().enumerate() {
-                // SAFETY: the slot is inside the ring and 8-aligned; the
-                // consumer does not read it until `tail` moves past it.
-                unsafe { std::ptr::write_volatile(slot.add(i), w.to_le()) };
+            if entry.inline {
+                let (bytes, rest) = data.split_at(entry.len as usize);
+                data = rest;
+                let first = bytes.len().min(FIRST_INLINE);
+                // SAFETY: words 3–7 of the slot are 40 bytes inside the ring;
+                // the consumer reads them only after word 0 shows this lap.
+                unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), slot.add(3).cast::<u8>(), first) };
+                for (k, chunk) in bytes[first..].chunks(CONT_INLINE).enumerate() {
+                    let c = at.wrapping_add(1 + k as u64);
+                    let next = self.slot(c);
+                    // SAFETY: words 1–7 of a slot inside the ring, read only
+                    // after the entry's word 0 is published.
+                    unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), next.add(1).cast::<u8>(), chunk.len()) };
+                    let cont = u64::from(FLAG_CONT) << 16 | lap(c) << 24;
+                    self.head_word(c).store(cont.to_le(), Ordering::Relaxed);
+                }
+                for (i, w) in words.iter().enumerate().take(3).skip(1) {
+                    // SAFETY: the slot is inside the ring and 8-aligned;
+                    // unpublished until word 0 is stored.
+                    unsafe { std::ptr::write_volatile(slot.add(i), w.to_le()) };
+                }
+            } else {
+                for (i, w) in words.iter().enumerate().skip(1) {
+                    // SAFETY: as above.
+                    unsafe { std::ptr::write_volatile(slot.add(i), w.to_le()) };
+                }
             }
-            self.mine = self.mine.wrapping_add(1);
+            self.head_word(at)
+                .store((words[0] | lap(at) << 24).to_le(), Ordering::Release);
+            self.mine = self.mine.wrapping_add(slots(entry));
         }
-        self.word(0).store(self.mine, Ordering::Release);
         Ok(())
     }
 
@@ -148,24 +267,48 @@ impl Ring {
 
     // Consumer side.
 
-    /// Copies out up to `max` published entries and frees their slots.
-    pub(crate) fn pop(&mut self, out: &mut Vec<Entry>, max: usize) -> Result<usize, Corrupt> {
-        let tail = self.word(0).load(Ordering::Acquire);
-        let ready = tail.wrapping_sub(self.mine);
-        if ready > RING_ENTRIES {
-            return Err(Corrupt);
-        }
-        let n = (ready as usize).min(max);
-        for _ in 0..n {
+    /// Copies out up to `max` published entries (appending inline data to
+    /// `data`, each inline entry's `offset` saying where) and frees their
+    /// slots. An entry is published when its word 0 carries the lap of the
+    /// consumer's counter, so the consumer reads one cache line per entry,
+    /// not the producer's `tail` first.
+    pub(crate) fn pop(&mut self, out: &mut Vec<Entry>, data: &mut Vec<u8>, max: usize) -> Result<usize, Corrupt> {
+        let mut n = 0;
+        while n < max {
+            let w0 = u64::from_le(self.head_word(self.mine).load(Ordering::Acquire));
+            if (w0 >> 24) & 0xff != lap(self.mine) {
+                break;
+            }
             let slot = self.slot(self.mine);
-            let mut words = [0u64; 8];
-            for (i, w) in words.iter_mut().enumerate() {
+            let mut words = [w0, 0, 0, 0, 0, 0, 0, 0];
+            for (i, w) in words.iter_mut().enumerate().skip(1) {
                 // SAFETY: the slot is inside the ring, 8-aligned, and was
-                // published by the producer's release store of `tail`.
+                // published by the producer's release store of word 0.
                 *w = u64::from_le(unsafe { std::ptr::read_volatile(slot.add(i)) });
             }
-            out.push(Entry::from_words(words));
-            self.mine = self.mine.wrapping_add(1);
+            let mut entry = Entry::from_words(words)?;
+            let taken = slots(&entry);
+            if entry.inline {
+                entry.offset = data.len() as u64;
+                let len = entry.len as usize;
+                let first = len.min(FIRST_INLINE);
+                data.reserve(len);
+                copy_out(slot.wrapping_add(3).cast::<u8>(), first, data);
+                let mut left = len - first;
+                for k in 1..taken {
+                    let c = self.mine.wrapping_add(k);
+                    let cont = u64::from_le(self.head_word(c).load(Ordering::Relaxed));
+                    if cont != u64::from(FLAG_CONT) << 16 | lap(c) << 24 {
+                        return Err(Corrupt("inline entry without its continuation"));
+                    }
+                    let part = left.min(CONT_INLINE);
+                    copy_out(self.slot(c).wrapping_add(1).cast::<u8>(), part, data);
+                    left -= part;
+                }
+            }
+            out.push(entry);
+            self.mine = self.mine.wrapping_add(taken);
+            n += 1;
         }
         if n > 0 {
             self.word(64).store(self.mine, Ordering::Release);
@@ -178,7 +321,7 @@ impl Ring {
     pub(crate) fn prepare_sleep(&self) -> bool {
         self.sleeping().store(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if self.word(0).load(Ordering::SeqCst) != self.mine {
+        if (u64::from_le(self.head_word(self.mine).load(Ordering::SeqCst)) >> 24) & 0xff == lap(self.mine) {
             self.sleeping().store(0, Ordering::SeqCst);
             return true;
         }
@@ -188,5 +331,21 @@ impl Ring {
     /// Clears the sleeping flag after a wake-up.
     pub(crate) fn woke(&self) {
         self.sleeping().store(0, Ordering::SeqCst);
+    }
+}
+
+/// Appends `len` bytes at `src`, part of a published ring slot, to `data`
+/// (which has the room reserved).
+fn copy_out(src: *const u8, len: usize, data: &mut Vec<u8>) {
+    debug_assert!(len <= CONT_INLINE && data.capacity() - data.len() >= len);
+    let at = data.len();
+    // SAFETY: `src..src + len` lies in a published slot inside the ring (the
+    // caller computed it from a slot pointer and a length of at most one
+    // slot); the destination is reserved capacity of `data`, a distinct
+    // local allocation; no reference to the shared bytes is formed, so a
+    // peer writing them concurrently can only change the bytes copied.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, data.as_mut_ptr().add(at), len);
+        data.set_len(at + len);
     }
 }

@@ -168,6 +168,7 @@ fn ring_entries_round_trip() {
     let e = Entry {
         opcode: OP_WRITE_IMM,
         status: 3,
+        inline: false,
         len: 0xdead_beef,
         psn: u64::MAX - 1,
         serial: 7,
@@ -181,17 +182,181 @@ fn ring_entries_round_trip() {
     let mut tx = Ring::new(map.clone(), 0);
     let mut rx = Ring::new(map, 0);
     assert!(!rx.prepare_sleep(), "empty ring: sleep");
-    tx.push(&[e, Entry::default()]).expect("room");
+    tx.push(&[e, Entry::default()], &[]).expect("room");
     assert!(tx.consumer_sleeping());
     rx.woke();
-    let mut out = Vec::new();
-    assert_eq!(rx.pop(&mut out, 1).expect("sane"), 1);
+    let (mut out, mut data) = (Vec::new(), Vec::new());
+    assert_eq!(rx.pop(&mut out, &mut data, 1).expect("sane"), 1);
     assert_eq!(out, vec![e]);
     assert!(rx.prepare_sleep(), "an entry is still there");
-    assert_eq!(rx.pop(&mut out, 8).expect("sane"), 1);
-    let full: Vec<Entry> = (0..ring::RING_ENTRIES).map(|_| Entry::default()).collect();
-    tx.push(&full).expect("exactly a ring fits");
-    assert!(tx.push(&[Entry::default()]).is_err(), "a full ring refuses");
+    assert_eq!(rx.pop(&mut out, &mut data, 8).expect("sane"), 1);
+    assert!(data.is_empty());
+    let full: Vec<Entry> = (0..RING_ENTRIES).map(|_| Entry::default()).collect();
+    tx.push(&full, &[]).expect("exactly a ring fits");
+    assert!(tx.push(&[Entry::default()], &[]).is_err(), "a full ring refuses");
+}
+
+/// An inline Send of `len` bytes with psn `psn`.
+fn inline_entry(len: usize, psn: u64) -> Entry {
+    Entry {
+        opcode: OP_SEND_IMM,
+        inline: true,
+        len: len as u32,
+        psn,
+        imm: 0xfeed_0000 | psn as u32,
+        ..Entry::default()
+    }
+}
+
+#[test]
+fn inline_entries_carry_their_data_across_slots_and_the_ring_end() {
+    let fd = sys::sealed_memfd("ring-inline", RING_BYTES).expect("memfd");
+    let map = Arc::new(Mapping::new(&fd, RING_BYTES).expect("map"));
+    let mut tx = Ring::new(map.clone(), 0);
+    let mut rx = Ring::new(map, 0);
+    // Start three slots before the end so continuations wrap around it.
+    let pad: Vec<Entry> = (0..RING_ENTRIES - 3).map(|_| Entry::default()).collect();
+    tx.push(&pad, &[]).expect("room");
+    let (mut out, mut data) = (Vec::new(), Vec::new());
+    while out.len() < pad.len() {
+        rx.pop(&mut out, &mut data, 64).expect("sane");
+    }
+    let lens = [0, 1, 40, 41, 96, 97, 152, 153, ring::MAX_INLINE];
+    let mut entries = vec![Entry {
+        opcode: OP_ACK,
+        psn: 9,
+        ..Entry::default()
+    }];
+    let mut bytes = Vec::new();
+    for (i, len) in lens.iter().enumerate() {
+        entries.push(inline_entry(*len, i as u64));
+        bytes.extend((0..*len).map(|b| (b as u8).wrapping_mul(7).wrapping_add(i as u8)));
+    }
+    let slots: u64 = entries.iter().map(ring::slots).sum();
+    assert_eq!(
+        slots,
+        1 + 1 + 1 + 1 + 2 + 2 + 3 + 3 + 4 + 4,
+        "40 bytes in the entry, 56 per continuation"
+    );
+    tx.push(&entries, &bytes).expect("room");
+    out.clear();
+    data.clear();
+    assert_eq!(rx.pop(&mut out, &mut data, 64).expect("sane"), entries.len());
+    assert_eq!(out[0], entries[0]);
+    let mut at = 0;
+    for (i, len) in lens.iter().enumerate() {
+        let got = out[i + 1];
+        assert_eq!(
+            (got.opcode, got.inline, got.len, got.psn, got.imm),
+            (OP_SEND_IMM, true, *len as u32, i as u64, 0xfeed_0000 | i as u32)
+        );
+        let off = got.offset as usize;
+        assert_eq!(
+            &data[off..off + len],
+            &bytes[at..at + len],
+            "inline data of {len} bytes"
+        );
+        at += len;
+    }
+    assert!(!rx.prepare_sleep(), "every slot consumed: the ring is empty");
+}
+
+#[test]
+fn laps_wrap_around_after_255_passes() {
+    // A ring's slots are reused every pass; the lap byte in word 0 runs
+    // 1..=255 and round again, so a slot never looks published early.
+    let fd = sys::sealed_memfd("ring-laps", RING_BYTES).expect("memfd");
+    let map = Arc::new(Mapping::new(&fd, RING_BYTES).expect("map"));
+    let mut tx = Ring::new(map.clone(), 0);
+    let mut rx = Ring::new(map, 0);
+    let total = 256 * RING_ENTRIES + 100;
+    let (mut out, mut data) = (Vec::new(), Vec::new());
+    let mut next = 0u64;
+    let mut batch = Vec::with_capacity(64);
+    while next < total {
+        batch.clear();
+        batch.extend((next..total.min(next + 64)).map(|psn| Entry {
+            opcode: OP_ACK,
+            psn,
+            ..Entry::default()
+        }));
+        tx.push(&batch, &[]).expect("room");
+        out.clear();
+        assert_eq!(rx.pop(&mut out, &mut data, 64).expect("sane"), batch.len());
+        assert_eq!(out, batch, "entries from {next}");
+        assert_eq!(rx.pop(&mut out, &mut data, 64).expect("sane"), 0, "nothing beyond them");
+        next += batch.len() as u64;
+    }
+}
+
+#[test]
+fn malformed_or_stale_entries_are_refused_or_left() {
+    let fd = sys::sealed_memfd("ring-bad-inline", RING_BYTES).expect("memfd");
+    let map = Arc::new(Mapping::new(&fd, RING_BYTES).expect("map"));
+    // Raw words, as a hostile peer could write them in the first slot of a
+    // fresh ring (first pass: lap 1), the second slot zeroed.
+    let word0 = |flags: u64, len: u64, lap: u64| OP_SEND as u64 | flags << 16 | lap << 24 | len << 32;
+    for (w0, why) in [
+        (
+            word0(1, ring::MAX_INLINE as u64 + 1, 1),
+            Some("longer than the inline limit"),
+        ),
+        (word0(1, 100, 1), Some("without its continuation")),
+        (word0(4, 8, 1), Some("unknown entry flags")),
+        (word0(2, 8, 1), Some("a continuation slot where an entry was due")),
+        // Another pass's entry (lap 2), and an unpublished slot (lap 0):
+        // not taken, and nothing wrong.
+        (word0(0, 8, 2), None),
+        (0, None),
+    ] {
+        let mut rx = Ring::new(map.clone(), 0);
+        let base = map.ptr().as_ptr();
+        // SAFETY: the test owns the mapping; both offsets are word 0 of the
+        // first two slots, inside it and 8-aligned.
+        unsafe {
+            std::ptr::write_volatile(base.add(4096 + 64).cast::<u64>(), 0);
+            (*base.add(4096).cast::<std::sync::atomic::AtomicU64>()).store(w0, Ordering::Release);
+        }
+        let (mut out, mut data) = (Vec::new(), Vec::new());
+        match (rx.pop(&mut out, &mut data, 8), why) {
+            (Err(ring::Corrupt(reason)), Some(why)) => assert!(reason.contains(why), "{reason:?} should say {why:?}"),
+            (Ok(0), None) => assert!(!rx.prepare_sleep() && out.is_empty(), "nothing published"),
+            (got, why) => panic!("{why:?}: got {got:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_burst_of_inline_sends_deeper_than_half_a_ring_arrives_whole() {
+    // 1000 Sends of the largest inline size in one batch: the first 512 fill
+    // half the ring inline (4 slots each), the rest go by reference, so one
+    // batch mixes both kinds and every byte must still land in order.
+    let fabric = ShmFabric::new();
+    const N: usize = 1000;
+    let len = ring::MAX_INLINE;
+    let src = pool(&fabric, len, N, Access::LOCAL_WRITE);
+    let dst = pool(&fabric, len, N, Access::LOCAL_WRITE);
+    let (a, b) = connect_pair(&fabric, "", (b"", vec![]), (b"", recvs(&dst, N, 0)));
+    let mut wrs: Vec<SendWr> = (0..N)
+        .map(|i| {
+            let mut buf = src.checkout().expect("chunk");
+            buf.fill(&[i as u8; ring::MAX_INLINE]).expect("fits");
+            send(buf, i as u64)
+        })
+        .collect();
+    a.post_send(&mut wrs).expect("post");
+    let got = wait_for(&*b, N);
+    for (i, c) in got.iter().enumerate() {
+        assert_eq!(c.status, WcStatus::Success, "receive {i}");
+        assert_eq!(c.id, WrId(i as u64), "in order");
+        assert!(
+            c.buf.iter().all(|&x| x == i as u8) && c.buf.len() == len,
+            "receive {i} intact"
+        );
+    }
+    let sent = wait_for(&*a, N);
+    assert!(sent.iter().all(|c| c.status == WcStatus::Success));
+    assert!(!a.is_failed() && !b.is_failed());
 }
 
 #[test]
