@@ -252,6 +252,7 @@ impl Endpoint {
                 driving: AtomicBool::new(false),
                 quiet: AtomicBool::new(false),
                 sleepers: AtomicUsize::new(0),
+                blocked_senders: AtomicUsize::new(0),
                 sleep_lock: Mutex::new(()),
                 spin: spin_budget(),
                 wake: Condvar::new(),
@@ -543,7 +544,14 @@ impl Endpoint {
             if let Some(ticket) = self.attempt(&mut op)? {
                 return Ok(ticket);
             }
-            self.shared.sleep(generation, deadline)?;
+            // Counted while asleep: credits or room that another thread's
+            // progress frees move no event, so that progress must interrupt
+            // a driver (which may be this thread) by itself.
+            let signal = &self.shared.signal;
+            signal.blocked_senders.fetch_add(1, Ordering::SeqCst);
+            let slept = self.shared.sleep(generation, deadline);
+            signal.blocked_senders.fetch_sub(1, Ordering::SeqCst);
+            slept?;
         }
     }
 
@@ -705,7 +713,12 @@ impl Shared {
         if changed {
             self.signal.signal();
         }
-        if routed {
+        // A driver blocked in the provider sees only its transport and the
+        // kick: interrupt it for routed events, and for any change while a
+        // blocking send waits for capacity (a credit update routes nothing;
+        // missed, the sender would sleep in `poll` until the next frame,
+        // forever if the peer waits for it in turn).
+        if routed || (changed && self.signal.blocked_senders.load(Ordering::SeqCst) > 0) {
             self.routed();
         }
     }
@@ -794,6 +807,8 @@ struct Signal {
     generation: AtomicU64,
     /// A thread drives the provider in `QueuePair::wait`.
     driving: AtomicBool,
+    /// Threads in a blocking send-like call waiting for credits or room.
+    blocked_senders: AtomicUsize,
     /// The last wait timed out with nothing (no spin next time).
     quiet: AtomicBool,
     /// Threads sleeping in `sleep`; `signal` takes the lock only if any.
