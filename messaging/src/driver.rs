@@ -510,12 +510,20 @@ impl Endpoint {
     /// One attempt of a send-like operation: `Ok(None)` when it must wait.
     fn attempt(&self, mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>) -> Result<Option<Ticket>, Error> {
         let mut inner = self.shared.inner.lock();
-        self.shared.progress(&mut inner);
         let key = inner.tickets.insert(TicketState {
             result: None,
             detached: false,
         });
-        match op(&mut inner, key as u64) {
+        // Optimistic: the operation first, on what the last progress left;
+        // only when it finds no credit or room does a round of progress
+        // (which may free some) come first, then the one retry. A message
+        // that fits leaves with one round of progress instead of two.
+        let mut outcome = op(&mut inner, key as u64);
+        if matches!(outcome, Err(SendError::Full)) {
+            self.shared.progress(&mut inner);
+            outcome = op(&mut inner, key as u64);
+        }
+        match outcome {
             Ok(()) => {
                 self.shared.progress(&mut inner);
                 Ok(Some(Ticket {
