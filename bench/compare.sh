@@ -38,6 +38,12 @@ alternating):
                      127.0.0.1, one thread each: what the kernel alone allows;
                      and the same from a never-written source (the kernel's
                      zero page, always cached), as ucx_perftest sends
+  tcp 8 B    chanio: pingpong --transport tcp --size 8 (one-way p50)
+             floor:  bench/tcplat.c (cc -O2 -pthread): plain 8-byte ping-pong
+                     over 127.0.0.1, both threads spinning on a non-blocking
+                     recv(2): the lowest latency the socket API allows here
+  machine    bench/stalls.c (cc -O2): 2 s of a thread reading the clock in a
+             loop, counting gaps > 1 us (the machine's noise under latency)
   daemon     iounitd idle CPU over 10 s with 4 hosts connected (hostctl watch),
              iounitd VmRSS with 0 hosts and per connected queue
              (4 hosts x (admin + 1 I/O queue) = 8 queues)
@@ -57,7 +63,7 @@ the run goes on. ucx_perftest and fi_pingpong have no option to bind their
 rendezvous sockets to 127.0.0.1, so they run in a private network namespace
 (unshare -n) that only has lo; without one they are skipped.
 Needs: bash, python3, iproute2 (ss), util-linux (unshare), cargo, cc (for
-bench/memcpy.c and bench/tcpbw.c; build-essential is installed with apt
+bench/memcpy.c, bench/tcpbw.c and bench/tcplat.c; build-essential is installed with apt
 when cc is missing).
 EOF
 }
@@ -283,6 +289,15 @@ def memcpy(path):
     """bench/memcpy.c or bench/tcpbw.c JSON line -> MB/s (1e6 B/s)"""
     print(load_json(path)["mbps"])
 
+def stalls(path):
+    """bench/stalls.c JSON line -> every_us stalled_pct"""
+    j = load_json(path)
+    print(j["every_us"], j["stalled_pct"])
+
+def tcplat(path):
+    """bench/tcplat.c JSON line -> one-way p50 (us)"""
+    print(load_json(path)["one_way_us"]["p50"])
+
 def fmt(v, kind_label):
     if v is None:
         return None
@@ -380,6 +395,10 @@ elif cmd == "fi":
     fi(sys.argv[2])
 elif cmd == "memcpy":
     memcpy(sys.argv[2])
+elif cmd == "tcplat":
+    tcplat(sys.argv[2])
+elif cmd == "stalls":
+    stalls(sys.argv[2])
 elif cmd == "table":
     table(*sys.argv[2:6], *sys.argv[6:8])
 PY
@@ -458,6 +477,21 @@ elif ! cc -O2 -pthread -o "$TCPBW_BIN" "$ROOT/bench/tcpbw.c" >"$WORK/tcpbw-build
     HAVE_TCPBW=0; TCPBW_WHY="cc -O2 -pthread bench/tcpbw.c failed: $(short_err "$WORK/tcpbw-build.log")"
 fi
 [[ $HAVE_TCPBW == 0 ]] && log "tcp floor: $TCPBW_WHY"
+# Plain TCP ping-pong (bench/tcplat.c): the kernel floor under tcp latency.
+HAVE_TCPLAT=1; TCPLAT_WHY=""; TCPLAT_BIN="$WORK/tcplat"
+if ! command -v cc >/dev/null; then HAVE_TCPLAT=0; TCPLAT_WHY="no cc to build bench/tcplat.c"
+elif [[ ! -f "$ROOT/bench/tcplat.c" ]]; then HAVE_TCPLAT=0; TCPLAT_WHY="bench/tcplat.c missing"
+elif ! cc -O2 -pthread -o "$TCPLAT_BIN" "$ROOT/bench/tcplat.c" >"$WORK/tcplat-build.log" 2>&1; then
+    HAVE_TCPLAT=0; TCPLAT_WHY="cc -O2 -pthread bench/tcplat.c failed: $(short_err "$WORK/tcplat-build.log")"
+fi
+[[ $HAVE_TCPLAT == 0 ]] && log "tcp latency floor: $TCPLAT_WHY"
+# CPU stalls seen by a spinning thread (bench/stalls.c): the machine's noise.
+HAVE_STALLS=1; STALLS_WHY=""; STALLS_BIN="$WORK/stalls"
+if ! command -v cc >/dev/null; then HAVE_STALLS=0; STALLS_WHY="no cc to build bench/stalls.c"
+elif [[ ! -f "$ROOT/bench/stalls.c" ]]; then HAVE_STALLS=0; STALLS_WHY="bench/stalls.c missing"
+elif ! cc -O2 -o "$STALLS_BIN" "$ROOT/bench/stalls.c" >"$WORK/stalls-build.log" 2>&1; then
+    HAVE_STALLS=0; STALLS_WHY="cc -O2 bench/stalls.c failed: $(short_err "$WORK/stalls-build.log")"
+fi
 
 # ---------------------------------------------------------------- 2. build
 if [[ $DO_BUILD == 1 ]]; then
@@ -513,6 +547,7 @@ defrow memcpy.1m higher "shm 1 MiB one-sided write vs single-thread memcpy" "mem
 defrow memcpy.1m.cold higher "shm 1 MiB one-sided write vs cache-cold memcpy" "memcpy 1 MiB chunks over 64 MiB, 1 thread (MB/s)" 0
 defrow tcp.1m.floor higher "tcp 1 MiB stream vs plain TCP write/read" "bench/tcpbw.c 1 MiB, 1 thread each (MB/s)" 0
 defrow tcp.1m.zero higher "tcp 1 MiB stream vs plain TCP from a never-written source" "bench/tcpbw.c ... untouched (zero page, as ucx_perftest)" 0
+defrow tcp.8.floor lower "msg tcp 8 B one-way p50 vs plain TCP ping-pong" "bench/tcplat.c 8 B, spinning recv(2) (us)" 0
 
 # Targets the table is read against: KEY OP(ge|le) FACTOR TEXT
 TARGETS="$WORK/targets.tsv"
@@ -523,6 +558,8 @@ TARGETS="$WORK/targets.tsv"
     printf '%s\t%s\t%s\t%s\n' memcpy.1m    ge 0.75 "shm 1 MiB one-sided write vs single-thread memcpy"
 } >"$TARGETS"
 defrow idle.cpu  info "iounitd idle CPU, 4 hosts (ms CPU/s)" "-" 0
+defrow stall.every info "machine: a spinning thread stalled > 1 us every (us)" "-" 0
+defrow stall.pct   info "machine: share of a spinning thread's time lost to stalls (%)" "-" 0
 defrow rss.base  info "iounitd VmRSS, 0 hosts (MiB)"         "-" 0
 defrow rss.perq  info "iounitd VmRSS per connected queue (MiB)" "-" 0
 
@@ -549,6 +586,21 @@ if [[ $HAVE_PP_SHM == 0 ]]; then
 fi
 [[ $HAVE_MEMCPY == 0 ]] && na memcpy.1m peer "$MEMCPY_WHY" && na memcpy.1m.cold peer "$MEMCPY_WHY"
 [[ $HAVE_TCPBW == 0 ]] && na tcp.1m.floor peer "$TCPBW_WHY" && na tcp.1m.zero peer "$TCPBW_WHY"
+[[ $HAVE_TCPLAT == 0 ]] && na tcp.8.floor peer "$TCPLAT_WHY"
+
+# The machine's noise, measured once before anything is timed.
+if [[ $HAVE_STALLS == 1 ]]; then
+    o="$WORK/stalls.json"
+    if timeout 30 "$STALLS_BIN" 2 >"$o" 2>"$o.err" && r="$(py stalls "$o" 2>"$o.perr")"; then
+        read -r every pct <<<"$r"
+        rec stall.every chanio "$every"; rec stall.pct chanio "$pct"
+        log "machine noise: a spinning thread is stalled > 1 us every $every us ($pct % of its time)"
+    else
+        na stall.every chanio "stalls failed: $(short_err "$o.err")"; na stall.pct chanio "stalls failed: $(short_err "$o.err")"
+    fi
+else
+    na stall.every chanio "$STALLS_WHY"; na stall.pct chanio "$STALLS_WHY"
+fi
 
 # ---------------------------------------------------------------- 3a. block
 # workload table: ID RW BS QD (run order: writes first so both RAM targets are populated)
@@ -791,6 +843,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     read -r p50 mean mbps <<<"$r"
                     if [[ $mode == send ]]; then
                         rec "m.$t.$id.p50" chanio "$p50"; rec "m.$t.$id.mean" chanio "$mean"
+                        [[ $t == tcp && $id == 8 ]] && rec tcp.8.floor chanio "$p50"
                     else
                         rec "m.$t.$id.bw" chanio "$mbps"
                         [[ $t == shm && $id == 1m ]] && rec memcpy.1m chanio "$mbps" && rec memcpy.1m.cold chanio "$mbps"
@@ -801,6 +854,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     why="pingpong failed: $(short_err "$j.err")"; summary+=" chanio FAILED"
                     if [[ $mode == send ]]; then na "m.$t.$id.p50" chanio "$why"; na "m.$t.$id.mean" chanio "$why"
                     else na "m.$t.$id.bw" chanio "$why"; fi
+                    [[ $t == tcp && $id == 8 ]] && na tcp.8.floor chanio "$why"
                     [[ $t == shm && $id == 1m ]] && na memcpy.1m chanio "$why"
                     [[ $t == tcp && $id == 1m ]] && na tcp.1m.floor chanio "$why" && na tcp.1m.zero chanio "$why"
                 fi
@@ -828,6 +882,16 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     rec "m.$t.$id.mean" peer "$r"; summary+=" fi_pingpong {mean $r}"
                 else
                     na "m.$t.$id.mean" peer "fi_pingpong -p $prov failed: $(short_err "$o")"; summary+=" fi FAILED"
+                fi
+            fi
+            # plain TCP ping-pong of 8 bytes, next to the tcp 8 B latency
+            if [[ $HAVE_TCPLAT == 1 && $t == tcp && $id == 8 ]]; then
+                o="$WORK/tcplat-$rep.json"
+                if timeout 120 "$TCPLAT_BIN" "$bytes" "$iters" >"$o" 2>"$o.err" &&
+                   r="$(py tcplat "$o" 2>"$o.perr")"; then
+                    rec tcp.8.floor peer "$r"; summary+=" plain tcp ping-pong {p50 $r}"
+                else
+                    na tcp.8.floor peer "tcplat failed: $(short_err "$o.err")"; summary+=" plain tcp ping-pong FAILED"
                 fi
             fi
             # plain TCP streaming of 1 MiB messages, next to the tcp 1 MiB stream
@@ -939,6 +1003,10 @@ cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "  one thread each, over 127.0.0.1 (no framing, no acknowledgements), MB/s; run right after the tcp 1 MiB pingpong stream."
     echo "  plain tcp untouched: the same from a never-written mapping (every page the kernel's zero page, always cached), as ucx_perftest"
     echo "  sends (its send buffer stays unwritten); chanio and the touched row send data a producer wrote."
+    echo "  plain tcp ping-pong: bench/tcplat.c (cc -O2 -pthread), 8 B x ${LAT_ITERS} round trips between two threads over 127.0.0.1,"
+    echo "  both spinning on recv(2) with MSG_DONTWAIT (no poll, no framing), one-way p50; run right after the tcp 8 B pingpong."
+    echo "  machine: bench/stalls.c (cc -O2), one thread reading CLOCK_MONOTONIC in a loop for 2 s before the runs; a gap > 1 us is a stall"
+    echo "  (interrupts, hypervisor, other tenants): every latency figure above carries this noise."
     echo "  daemon: VmRSS per queue = (RSS with 4 hosts x (admin + 1 I/O queue) - RSS with 0 hosts) / 8; idle CPU over ${IDLE_SECS} s."
     [[ $HAVE_PP_SHM == 0 ]] && echo "  shm: not built yet (pingpong --help lists no shm transport)."
     [[ -n "$INSTALL_NOTE" ]] && echo "  install: $INSTALL_NOTE"
