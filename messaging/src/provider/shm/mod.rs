@@ -735,7 +735,7 @@ impl QueuePair for ShmQp {
         // Small Sends go inline while the ring stays at most half full, so
         // their extra slots never take the room the depth limits promise
         // to later entries (see `docs/protocol.md` §7b).
-        let mut planned = match st.tx.used() {
+        let mut planned = match st.tx.used(RING_ENTRIES / 4) {
             Ok(used) => used,
             Err(_) => RING_ENTRIES,
         };

@@ -140,6 +140,11 @@ pub(crate) struct Ring {
     base: usize,
     /// Producer: the authoritative tail. Consumer: the authoritative head.
     mine: u64,
+    /// Producer: the consumer's `head` as last read. Reading it costs a
+    /// cache line from the other core (the consumer writes it on every
+    /// pop), so the producer reads it only when this copy says the ring
+    /// may lack room.
+    seen_head: u64,
 }
 
 /// The peer moved a counter to an impossible place or wrote a malformed
@@ -157,7 +162,12 @@ impl Ring {
             base & 4095 == 0 && base + RING_BYTES <= map.len(),
             "ring outside its mapping"
         );
-        Ring { map, base, mine: 0 }
+        Ring {
+            map,
+            base,
+            mine: 0,
+            seen_head: 0,
+        }
     }
 
     fn word(&self, offset: usize) -> &AtomicU64 {
@@ -193,14 +203,21 @@ impl Ring {
 
     // Producer side.
 
-    /// Slots in use (published and not yet consumed), as the producer sees
-    /// them; `Err` if the consumer's `head` is impossible.
-    pub(crate) fn used(&self) -> Result<u64, Corrupt> {
+    /// Slots in use (published and not yet consumed) at most, as the
+    /// producer last saw the consumer's `head`; re-read when that says the
+    /// ring is more than `above` full. `Err` if the consumer's `head` is
+    /// impossible.
+    pub(crate) fn used(&mut self, above: u64) -> Result<u64, Corrupt> {
+        let used = self.mine.wrapping_sub(self.seen_head);
+        if used <= above {
+            return Ok(used);
+        }
         let head = self.word(64).load(Ordering::Acquire);
         let used = self.mine.wrapping_sub(head);
         if used > RING_ENTRIES {
             return Err(Corrupt("consumer head out of range"));
         }
+        self.seen_head = head;
         Ok(used)
     }
 
@@ -215,8 +232,8 @@ impl Ring {
     /// # Panics
     /// If `data` is shorter than the inline entries' lengths (a local bug).
     pub(crate) fn push(&mut self, entries: &[Entry], data: &[u8]) -> Result<(), Corrupt> {
-        let used = self.used()?;
         let needed: u64 = entries.iter().map(slots).sum();
+        let used = self.used(RING_ENTRIES.saturating_sub(needed))?;
         if RING_ENTRIES - used < needed {
             return Err(Corrupt("ring full"));
         }
