@@ -461,37 +461,35 @@ FI_TCP_PROV=tcp
 if [[ $HAVE_FI == 1 ]] && command -v fi_info >/dev/null && ! fi_info -l 2>/dev/null | grep -q '^tcp:'; then
     FI_TCP_PROV=sockets
 fi
-# Single-thread memcpy baseline (bench/memcpy.c), built into the work directory.
-HAVE_MEMCPY=1; MEMCPY_WHY=""; MEMCPY_BIN="$WORK/memcpy"
-if ! command -v cc >/dev/null; then HAVE_MEMCPY=0; MEMCPY_WHY="no cc to build bench/memcpy.c"
-elif [[ ! -f "$ROOT/bench/memcpy.c" ]]; then HAVE_MEMCPY=0; MEMCPY_WHY="bench/memcpy.c missing"
-elif ! cc -O2 -o "$MEMCPY_BIN" "$ROOT/bench/memcpy.c" >"$WORK/memcpy-build.log" 2>&1; then
-    HAVE_MEMCPY=0; MEMCPY_WHY="cc -O2 bench/memcpy.c failed: $(short_err "$WORK/memcpy-build.log")"
-fi
+# The C baselines of bench/, built into the work directory. build_c NAME
+# CFLAGS...: builds bench/NAME.c into $WORK/NAME; on failure returns 1 with
+# the reason in BUILD_WHY.
+build_c() {
+    local name=$1; shift
+    local src="$ROOT/bench/$name.c"
+    BUILD_WHY=""
+    if ! command -v cc >/dev/null; then BUILD_WHY="no cc to build bench/$name.c"
+    elif [[ ! -f $src ]]; then BUILD_WHY="bench/$name.c missing"
+    elif ! cc "$@" -o "$WORK/$name" "$src" >"$WORK/$name-build.log" 2>&1; then
+        BUILD_WHY="cc $* bench/$name.c failed: $(short_err "$WORK/$name-build.log")"
+    fi
+    [[ -z $BUILD_WHY ]]
+}
+# Single-thread memcpy baseline (bench/memcpy.c).
+HAVE_MEMCPY=1; MEMCPY_BIN="$WORK/memcpy"
+build_c memcpy -O2 || HAVE_MEMCPY=0; MEMCPY_WHY=$BUILD_WHY
 [[ $HAVE_MEMCPY == 0 ]] && log "memcpy baseline: $MEMCPY_WHY"
 # Plain TCP streaming (bench/tcpbw.c): the kernel floor under a tcp stream.
-HAVE_TCPBW=1; TCPBW_WHY=""; TCPBW_BIN="$WORK/tcpbw"
-if ! command -v cc >/dev/null; then HAVE_TCPBW=0; TCPBW_WHY="no cc to build bench/tcpbw.c"
-elif [[ ! -f "$ROOT/bench/tcpbw.c" ]]; then HAVE_TCPBW=0; TCPBW_WHY="bench/tcpbw.c missing"
-elif ! cc -O2 -pthread -o "$TCPBW_BIN" "$ROOT/bench/tcpbw.c" >"$WORK/tcpbw-build.log" 2>&1; then
-    HAVE_TCPBW=0; TCPBW_WHY="cc -O2 -pthread bench/tcpbw.c failed: $(short_err "$WORK/tcpbw-build.log")"
-fi
+HAVE_TCPBW=1; TCPBW_BIN="$WORK/tcpbw"
+build_c tcpbw -O2 -pthread || HAVE_TCPBW=0; TCPBW_WHY=$BUILD_WHY
 [[ $HAVE_TCPBW == 0 ]] && log "tcp floor: $TCPBW_WHY"
 # Plain TCP ping-pong (bench/tcplat.c): the kernel floor under tcp latency.
-HAVE_TCPLAT=1; TCPLAT_WHY=""; TCPLAT_BIN="$WORK/tcplat"
-if ! command -v cc >/dev/null; then HAVE_TCPLAT=0; TCPLAT_WHY="no cc to build bench/tcplat.c"
-elif [[ ! -f "$ROOT/bench/tcplat.c" ]]; then HAVE_TCPLAT=0; TCPLAT_WHY="bench/tcplat.c missing"
-elif ! cc -O2 -pthread -o "$TCPLAT_BIN" "$ROOT/bench/tcplat.c" >"$WORK/tcplat-build.log" 2>&1; then
-    HAVE_TCPLAT=0; TCPLAT_WHY="cc -O2 -pthread bench/tcplat.c failed: $(short_err "$WORK/tcplat-build.log")"
-fi
+HAVE_TCPLAT=1; TCPLAT_BIN="$WORK/tcplat"
+build_c tcplat -O2 -pthread || HAVE_TCPLAT=0; TCPLAT_WHY=$BUILD_WHY
 [[ $HAVE_TCPLAT == 0 ]] && log "tcp latency floor: $TCPLAT_WHY"
 # CPU stalls seen by a spinning thread (bench/stalls.c): the machine's noise.
-HAVE_STALLS=1; STALLS_WHY=""; STALLS_BIN="$WORK/stalls"
-if ! command -v cc >/dev/null; then HAVE_STALLS=0; STALLS_WHY="no cc to build bench/stalls.c"
-elif [[ ! -f "$ROOT/bench/stalls.c" ]]; then HAVE_STALLS=0; STALLS_WHY="bench/stalls.c missing"
-elif ! cc -O2 -o "$STALLS_BIN" "$ROOT/bench/stalls.c" >"$WORK/stalls-build.log" 2>&1; then
-    HAVE_STALLS=0; STALLS_WHY="cc -O2 bench/stalls.c failed: $(short_err "$WORK/stalls-build.log")"
-fi
+HAVE_STALLS=1; STALLS_BIN="$WORK/stalls"
+build_c stalls -O2 || HAVE_STALLS=0; STALLS_WHY=$BUILD_WHY
 
 # ---------------------------------------------------------------- 2. build
 if [[ $DO_BUILD == 1 ]]; then
@@ -822,6 +820,19 @@ fi_run() { # PROV EPTYPE SIZE ITERS OUT
         fi_pingpong -p "$prov" -e "$ep" -I "$iters" -S "$size" -P 47592 127.0.0.1
 }
 
+# baseline KEY PARSER LABEL UNIT OUT CMD...: runs one C baseline of bench/
+# (timeout 120 s), parses OUT with the helper's PARSER and records the figure
+# as KEY's peer value, or why there is none; notes it in $summary.
+baseline() {
+    local key=$1 parser=$2 label=$3 unit=$4 o=$5 r
+    shift 5
+    if timeout 120 "$@" >"$o" 2>"$o.err" && r="$(py "$parser" "$o" 2>"$o.perr")"; then
+        rec "$key" peer "$r"; summary+=" $label {$unit $r}"
+    else
+        na "$key" peer "$label failed: $(short_err "$o.err")"; summary+=" $label FAILED"
+    fi
+}
+
 # MSG_WORKLOADS: ID MODE SIZE(pingpong) BYTES ITERS
 MSG_WORKLOADS=(
     "8 send 8 8 $LAT_ITERS"
@@ -886,47 +897,22 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
             fi
             # plain TCP ping-pong of 8 bytes, next to the tcp 8 B latency
             if [[ $HAVE_TCPLAT == 1 && $t == tcp && $id == 8 ]]; then
-                o="$WORK/tcplat-$rep.json"
-                if timeout 120 "$TCPLAT_BIN" "$bytes" "$iters" >"$o" 2>"$o.err" &&
-                   r="$(py tcplat "$o" 2>"$o.perr")"; then
-                    rec tcp.8.floor peer "$r"; summary+=" plain tcp ping-pong {p50 $r}"
-                else
-                    na tcp.8.floor peer "tcplat failed: $(short_err "$o.err")"; summary+=" plain tcp ping-pong FAILED"
-                fi
+                baseline tcp.8.floor tcplat "plain tcp ping-pong" p50 "$WORK/tcplat-$rep.json" \
+                    "$TCPLAT_BIN" "$bytes" "$iters"
             fi
             # plain TCP streaming of 1 MiB messages, next to the tcp 1 MiB stream
             if [[ $HAVE_TCPBW == 1 && $t == tcp && $id == 1m ]]; then
-                o="$WORK/tcpbw-$rep.json"
-                if timeout 120 "$TCPBW_BIN" "$bytes" "$iters" >"$o" 2>"$o.err" &&
-                   r="$(py memcpy "$o" 2>"$o.perr")"; then
-                    rec tcp.1m.floor peer "$r"; summary+=" plain tcp {MB/s $r}"
-                else
-                    na tcp.1m.floor peer "tcpbw failed: $(short_err "$o.err")"; summary+=" plain tcp FAILED"
-                fi
-                o="$WORK/tcpbw-zero-$rep.json"
-                if timeout 120 "$TCPBW_BIN" "$bytes" "$iters" "$bytes" untouched >"$o" 2>"$o.err" &&
-                   r="$(py memcpy "$o" 2>"$o.perr")"; then
-                    rec tcp.1m.zero peer "$r"; summary+=" plain tcp untouched {MB/s $r}"
-                else
-                    na tcp.1m.zero peer "tcpbw untouched failed: $(short_err "$o.err")"; summary+=" plain tcp untouched FAILED"
-                fi
+                baseline tcp.1m.floor memcpy "plain tcp" MB/s "$WORK/tcpbw-$rep.json" \
+                    "$TCPBW_BIN" "$bytes" "$iters"
+                baseline tcp.1m.zero memcpy "plain tcp untouched" MB/s "$WORK/tcpbw-zero-$rep.json" \
+                    "$TCPBW_BIN" "$bytes" "$iters" "$bytes" untouched
             fi
             # single-thread memcpy of 1 MiB, next to the shm 1 MiB one-sided write
             if [[ $HAVE_MEMCPY == 1 && $t == shm && $id == 1m ]]; then
-                o="$WORK/memcpy-$rep.json"
-                if timeout 120 "$MEMCPY_BIN" "$bytes" "$MEMCPY_ITERS" >"$o" 2>"$o.err" &&
-                   r="$(py memcpy "$o" 2>"$o.perr")"; then
-                    rec memcpy.1m peer "$r"; summary+=" memcpy {MB/s $r}"
-                else
-                    na memcpy.1m peer "memcpy failed: $(short_err "$o.err")"; summary+=" memcpy FAILED"
-                fi
-                o="$WORK/memcpy-cold-$rep.json"
-                if timeout 120 "$MEMCPY_BIN" "$bytes" "$MEMCPY_COLD_ITERS" $((64 * 1048576)) >"$o" 2>"$o.err" &&
-                   r="$(py memcpy "$o" 2>"$o.perr")"; then
-                    rec memcpy.1m.cold peer "$r"; summary+=" cold memcpy {MB/s $r}"
-                else
-                    na memcpy.1m.cold peer "memcpy failed: $(short_err "$o.err")"; summary+=" cold memcpy FAILED"
-                fi
+                baseline memcpy.1m memcpy memcpy MB/s "$WORK/memcpy-$rep.json" \
+                    "$MEMCPY_BIN" "$bytes" "$MEMCPY_ITERS"
+                baseline memcpy.1m.cold memcpy "cold memcpy" MB/s "$WORK/memcpy-cold-$rep.json" \
+                    "$MEMCPY_BIN" "$bytes" "$MEMCPY_COLD_ITERS" $((64 * 1048576))
             fi
             log "$summary"
         done

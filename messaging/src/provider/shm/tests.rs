@@ -163,6 +163,12 @@ fn registrations_come_and_go_while_connected() {
     assert_eq!(t[148], 49);
 }
 
+/// One ring's worth of shared memory (a sealed memfd, mapped).
+fn ring_memory() -> Arc<Mapping> {
+    let fd = sys::sealed_memfd("ring-test", RING_BYTES).expect("memfd");
+    Arc::new(Mapping::new(&fd, RING_BYTES).expect("map"))
+}
+
 #[test]
 fn ring_entries_round_trip() {
     let e = Entry {
@@ -177,10 +183,8 @@ fn ring_entries_round_trip() {
         rkey: 0x1234_5678,
         imm: 0x8000_0001,
     };
-    let fd = sys::sealed_memfd("ring-test", RING_BYTES).expect("memfd");
-    let map = Arc::new(Mapping::new(&fd, RING_BYTES).expect("map"));
-    let mut tx = Ring::new(map.clone(), 0);
-    let mut rx = Ring::new(map, 0);
+    let map = ring_memory();
+    let (mut tx, mut rx) = (Ring::new(map.clone(), 0), Ring::new(map, 0));
     assert!(!rx.prepare_sleep(), "empty ring: sleep");
     tx.push(&[e, Entry::default()], &[]).expect("room");
     assert!(tx.consumer_sleeping());
@@ -210,10 +214,8 @@ fn inline_entry(len: usize, psn: u64) -> Entry {
 
 #[test]
 fn inline_entries_carry_their_data_across_slots_and_the_ring_end() {
-    let fd = sys::sealed_memfd("ring-inline", RING_BYTES).expect("memfd");
-    let map = Arc::new(Mapping::new(&fd, RING_BYTES).expect("map"));
-    let mut tx = Ring::new(map.clone(), 0);
-    let mut rx = Ring::new(map, 0);
+    let map = ring_memory();
+    let (mut tx, mut rx) = (Ring::new(map.clone(), 0), Ring::new(map, 0));
     // Start three slots before the end so continuations wrap around it.
     let pad: Vec<Entry> = (0..RING_ENTRIES - 3).map(|_| Entry::default()).collect();
     tx.push(&pad, &[]).expect("room");
@@ -265,10 +267,8 @@ fn inline_entries_carry_their_data_across_slots_and_the_ring_end() {
 fn laps_wrap_around_after_255_passes() {
     // A ring's slots are reused every pass; the lap byte in word 0 runs
     // 1..=255 and round again, so a slot never looks published early.
-    let fd = sys::sealed_memfd("ring-laps", RING_BYTES).expect("memfd");
-    let map = Arc::new(Mapping::new(&fd, RING_BYTES).expect("map"));
-    let mut tx = Ring::new(map.clone(), 0);
-    let mut rx = Ring::new(map, 0);
+    let map = ring_memory();
+    let (mut tx, mut rx) = (Ring::new(map.clone(), 0), Ring::new(map, 0));
     let total = 256 * RING_ENTRIES + 100;
     let (mut out, mut data) = (Vec::new(), Vec::new());
     let mut next = 0u64;
@@ -291,8 +291,7 @@ fn laps_wrap_around_after_255_passes() {
 
 #[test]
 fn malformed_or_stale_entries_are_refused_or_left() {
-    let fd = sys::sealed_memfd("ring-bad-inline", RING_BYTES).expect("memfd");
-    let map = Arc::new(Mapping::new(&fd, RING_BYTES).expect("map"));
+    let map = ring_memory();
     // Raw words, as a hostile peer could write them in the first slot of a
     // fresh ring (first pass: lap 1), the second slot zeroed.
     let word0 = |flags: u64, len: u64, lap: u64| OP_SEND as u64 | flags << 16 | lap << 24 | len << 32;
