@@ -96,6 +96,51 @@ fn messages_flow_both_ways_in_order() {
     }
 }
 
+/// Both sides send and receive at once on the smallest credits, from four
+/// threads, so a blocked sender often drives its endpoint while the other
+/// thread's progress takes the credit update that frees it (a credit update
+/// routes no event). Before the driver interrupted such a sender, both
+/// senders could sleep in `poll` waiting for frames the other would send
+/// only once unblocked: over tcp this stalled in 4 runs of 4 of this test
+/// (debug build), each within its first six rounds. A stall closes both
+/// endpoints, so the test fails, not hangs.
+#[test]
+fn bidirectional_sends_on_the_smallest_credits_never_stall() {
+    let cfg = Config {
+        recv_depth: messaging::proto::MIN_RECV_DEPTH,
+        send_depth: 4,
+        ..Config::default()
+    };
+    for (fabric, addr) in fabrics() {
+        for round in 0..6 {
+            let (a, b) = pair_with(&*fabric, addr, cfg.clone(), cfg.clone());
+            const N: u32 = 20_000;
+            std::thread::scope(|s| {
+                for (tx, rx) in [(&a, &b), (&b, &a)] {
+                    s.spawn(move || {
+                        for i in 0..N {
+                            let _ = tx.send(&i.to_le_bytes()).expect("send");
+                        }
+                    });
+                    let (a, b, name) = (&a, &b, fabric.name());
+                    s.spawn(move || {
+                        for i in 0..N {
+                            match rx.recv_timeout(Duration::from_secs(10)) {
+                                Ok(m) => assert_eq!(u32::from_le_bytes(m[..4].try_into().unwrap()), i),
+                                Err(e) => {
+                                    a.close();
+                                    b.close();
+                                    panic!("{name} round {round}: message {i} never came: {e}");
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    }
+}
+
 #[test]
 fn pushes_land_in_slots_and_tickets_resolve() {
     for (fabric, addr) in fabrics() {
