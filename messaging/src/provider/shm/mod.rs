@@ -696,7 +696,6 @@ fn start(
             expected_psn: 0,
             maps: IntMap::default(),
             entries: Vec::with_capacity(BATCH),
-            inline: Vec::new(),
             completions: Vec::new(),
             socket_ready: true,
             socket_failed: None,
@@ -1055,17 +1054,20 @@ impl Shared {
                 p.socket_ready = false;
             }
             let mut entries = std::mem::take(&mut p.entries);
-            let mut inline = std::mem::take(&mut p.inline);
             entries.clear();
-            inline.clear();
-            let result = match p.rx.pop(&mut entries, &mut inline, BATCH) {
+            let result = match p.rx.pop(&mut entries, BATCH) {
                 Err(corrupt) => Err(violation(format!("ring: {}", corrupt.0))),
                 Ok(0) => Ok(()),
-                Ok(_) => p.process(self, &entries, &inline),
+                Ok(_) => {
+                    let executed = p.process(self, &entries);
+                    // Executed (inline data copied out of the ring): the
+                    // producer may reuse the slots.
+                    p.rx.release();
+                    executed
+                }
             };
             let more = !entries.is_empty();
             p.entries = entries;
-            p.inline = inline;
             if let Err(fatal) = result {
                 p.fail(self, fatal);
                 p.dead = true;
@@ -1207,8 +1209,6 @@ struct Progress {
     expected_psn: u64,
     maps: IntMap<u64, Mapping>,
     entries: Vec<Entry>,
-    /// The inline data of `entries`.
-    inline: Vec<u8>,
     /// Completions of one batch (kept to reuse its allocation).
     completions: Vec<Completion>,
     /// `poll` said the socket is readable: drain it in the next pump.
@@ -1308,7 +1308,7 @@ impl Progress {
         Ok(())
     }
 
-    fn process(&mut self, sh: &Shared, entries: &[Entry], inline: &[u8]) -> Result<(), Fatal> {
+    fn process(&mut self, sh: &Shared, entries: &[Entry]) -> Result<(), Fatal> {
         let mut st = sh.state.lock();
         if st.failed {
             return Ok(());
@@ -1326,7 +1326,7 @@ impl Progress {
                         Err(violation(format!("psn {} where {} was due", e.psn, self.expected_psn)))
                     } else {
                         self.expected_psn += 1;
-                        self.execute(sh, &mut st, e, inline, &mut completions)
+                        self.execute(sh, &mut st, e, &mut completions)
                             .map(|()| ack = Some(e.psn))
                     }
                 }
@@ -1383,14 +1383,13 @@ impl Progress {
         result
     }
 
-    /// Executes one request: the check and the single copy (from `inline`
+    /// Executes one request: the check and the single copy (from the ring
     /// for an inline Send).
     fn execute(
         &mut self,
         sh: &Shared,
         st: &mut State,
         e: &Entry,
-        inline: &[u8],
         completions: &mut Vec<Completion>,
     ) -> Result<(), Fatal> {
         let len = e.len as usize;
@@ -1413,8 +1412,7 @@ impl Progress {
                     return Err(nak(e.psn, WcStatus::RemoteInvalidRequest, reason));
                 }
                 if e.inline {
-                    // `pop` put exactly `len` bytes at `offset`.
-                    wr.buf.spare_capacity()[..len].copy_from_slice(&inline[offset..offset + len]);
+                    self.rx.inline_data(e, &mut wr.buf.spare_capacity()[..len]);
                 } else {
                     if let Err(fatal) = self.ensure_mapped(sh, e.serial) {
                         st.recvs.push_front(wr);

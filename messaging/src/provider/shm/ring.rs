@@ -8,8 +8,8 @@
 //! ordering; word 0 carries the entry's *lap* (which pass over the ring
 //! wrote it), so the consumer, loading word 0 of its next slot with acquire
 //! ordering, knows whether the entry is published and reads one cache line
-//! per entry, nothing else. It copies entries out, then stores `head` with
-//! release ordering. Both sides distrust what the other wrote: the producer
+//! per entry, nothing else. It copies entries out, executes them, then
+//! stores `head` with release ordering, freeing their slots. Both sides distrust what the other wrote: the producer
 //! keeps its own counter and refuses a `head` more than a ring behind it,
 //! and the consumer checks every entry it takes.
 //!
@@ -17,8 +17,8 @@
 //! Send, as with verbs' `IBV_SEND_INLINE`): the first [`FIRST_INLINE`]
 //! bytes in its own words 3–7, the rest in up to three continuation slots
 //! that follow it (words 1–7 each, word 0 marking the slot a continuation
-//! of this lap), so the consumer reads them with the entry instead of
-//! fetching them from the initiator's buffer afterwards.
+//! of this lap), so the consumer copies them from the ring, where it read
+//! the entry, instead of fetching them from the initiator's buffer.
 
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -68,8 +68,8 @@ pub(crate) struct Entry {
     pub(crate) opcode: u8,
     pub(crate) status: u8,
     /// The data travels inline ([`FLAG_INLINE`]): the producer takes it from
-    /// the data passed to [`Ring::push`]; the consumer finds it at `offset`
-    /// of the data [`Ring::pop`] filled.
+    /// the data passed to [`Ring::push`]; for the consumer, `offset` is the
+    /// entry's ring counter, and [`Ring::inline_data`] copies the data out.
     pub(crate) inline: bool,
     pub(crate) len: u32,
     pub(crate) psn: u64,
@@ -284,12 +284,12 @@ impl Ring {
 
     // Consumer side.
 
-    /// Copies out up to `max` published entries (appending inline data to
-    /// `data`, each inline entry's `offset` saying where) and frees their
-    /// slots. An entry is published when its word 0 carries the lap of the
-    /// consumer's counter, so the consumer reads one cache line per entry,
-    /// not the producer's `tail` first.
-    pub(crate) fn pop(&mut self, out: &mut Vec<Entry>, data: &mut Vec<u8>, max: usize) -> Result<usize, Corrupt> {
+    /// Copies out up to `max` published entries. An entry is published
+    /// when its word 0 carries the lap of the consumer's counter, so the
+    /// consumer reads one cache line per entry, not the producer's `tail`
+    /// first. An inline entry's `offset` is its ring counter: its data stays
+    /// in the ring, for [`Ring::inline_data`], until [`Ring::release`].
+    pub(crate) fn pop(&mut self, out: &mut Vec<Entry>, max: usize) -> Result<usize, Corrupt> {
         let mut n = 0;
         while n < max {
             let w0 = u64::from_le(self.head_word(self.mine).load(Ordering::Acquire));
@@ -306,31 +306,50 @@ impl Ring {
             let mut entry = Entry::from_words(words)?;
             let taken = slots(&entry);
             if entry.inline {
-                entry.offset = data.len() as u64;
-                let len = entry.len as usize;
-                let first = len.min(FIRST_INLINE);
-                data.reserve(len);
-                copy_out(slot.wrapping_add(3).cast::<u8>(), first, data);
-                let mut left = len - first;
+                entry.offset = self.mine;
                 for k in 1..taken {
                     let c = self.mine.wrapping_add(k);
                     let cont = u64::from_le(self.head_word(c).load(Ordering::Relaxed));
                     if cont != u64::from(FLAG_CONT) << 16 | lap(c) << 24 {
                         return Err(Corrupt("inline entry without its continuation"));
                     }
-                    let part = left.min(CONT_INLINE);
-                    copy_out(self.slot(c).wrapping_add(1).cast::<u8>(), part, data);
-                    left -= part;
                 }
             }
             out.push(entry);
             self.mine = self.mine.wrapping_add(taken);
             n += 1;
         }
-        if n > 0 {
-            self.word(64).store(self.mine, Ordering::Release);
-        }
         Ok(n)
+    }
+
+    /// Copies the data of `entry`, an inline entry [`Ring::pop`] returned
+    /// since the last [`Ring::release`], into `dest` (`entry.len` bytes).
+    ///
+    /// # Panics
+    /// If `dest` is not `entry.len` bytes long (a local bug).
+    pub(crate) fn inline_data(&self, entry: &Entry, dest: &mut [u8]) {
+        assert_eq!(dest.len(), entry.len as usize, "inline data of another length");
+        let first = dest.len().min(FIRST_INLINE);
+        let (head, rest) = dest.split_at_mut(first);
+        // SAFETY: words 3–7 of the entry's slot, 40 bytes inside the ring
+        // (`first` is at most that); the slot was published and `pop`
+        // took it, and the producer does not reuse it before `release`
+        // moves `head` past it; `dest` is a distinct local borrow, and no
+        // reference to the shared bytes is formed, so a peer writing them
+        // anyway can only change the bytes copied.
+        unsafe { std::ptr::copy_nonoverlapping(self.slot(entry.offset).add(3).cast::<u8>(), head.as_mut_ptr(), first) };
+        for (k, part) in rest.chunks_mut(CONT_INLINE).enumerate() {
+            let c = entry.offset.wrapping_add(1 + k as u64);
+            // SAFETY: as above, for words 1–7 (56 bytes, at least `part`)
+            // of a continuation slot `pop` checked.
+            unsafe { std::ptr::copy_nonoverlapping(self.slot(c).add(1).cast::<u8>(), part.as_mut_ptr(), part.len()) };
+        }
+    }
+
+    /// Frees the slots of every entry popped so far: the producer may write
+    /// them again (call once their inline data was copied).
+    pub(crate) fn release(&mut self) {
+        self.word(64).store(self.mine, Ordering::Release);
     }
 
     /// Says the consumer is going to sleep; returns whether entries arrived
@@ -348,21 +367,5 @@ impl Ring {
     /// Clears the sleeping flag after a wake-up.
     pub(crate) fn woke(&self) {
         self.sleeping().store(0, Ordering::SeqCst);
-    }
-}
-
-/// Appends `len` bytes at `src`, part of a published ring slot, to `data`
-/// (which has the room reserved).
-fn copy_out(src: *const u8, len: usize, data: &mut Vec<u8>) {
-    debug_assert!(len <= CONT_INLINE && data.capacity() - data.len() >= len);
-    let at = data.len();
-    // SAFETY: `src..src + len` lies in a published slot inside the ring (the
-    // caller computed it from a slot pointer and a length of at most one
-    // slot); the destination is reserved capacity of `data`, a distinct
-    // local allocation; no reference to the shared bytes is formed, so a
-    // peer writing them concurrently can only change the bytes copied.
-    unsafe {
-        std::ptr::copy_nonoverlapping(src, data.as_mut_ptr().add(at), len);
-        data.set_len(at + len);
     }
 }

@@ -189,13 +189,18 @@ fn ring_entries_round_trip() {
     tx.push(&[e, Entry::default()], &[]).expect("room");
     assert!(tx.consumer_sleeping());
     rx.woke();
-    let (mut out, mut data) = (Vec::new(), Vec::new());
-    assert_eq!(rx.pop(&mut out, &mut data, 1).expect("sane"), 1);
+    let mut out = Vec::new();
+    assert_eq!(rx.pop(&mut out, 1).expect("sane"), 1);
     assert_eq!(out, vec![e]);
     assert!(rx.prepare_sleep(), "an entry is still there");
-    assert_eq!(rx.pop(&mut out, &mut data, 8).expect("sane"), 1);
-    assert!(data.is_empty());
+    assert_eq!(rx.pop(&mut out, 8).expect("sane"), 1);
+    assert!(out.iter().all(|e| !e.inline), "no inline data in these");
     let full: Vec<Entry> = (0..RING_ENTRIES).map(|_| Entry::default()).collect();
+    assert!(
+        tx.push(&full, &[]).is_err(),
+        "popped slots stay taken until the consumer releases them"
+    );
+    rx.release();
     tx.push(&full, &[]).expect("exactly a ring fits");
     assert!(tx.push(&[Entry::default()], &[]).is_err(), "a full ring refuses");
 }
@@ -219,10 +224,11 @@ fn inline_entries_carry_their_data_across_slots_and_the_ring_end() {
     // Start three slots before the end so continuations wrap around it.
     let pad: Vec<Entry> = (0..RING_ENTRIES - 3).map(|_| Entry::default()).collect();
     tx.push(&pad, &[]).expect("room");
-    let (mut out, mut data) = (Vec::new(), Vec::new());
+    let mut out = Vec::new();
     while out.len() < pad.len() {
-        rx.pop(&mut out, &mut data, 64).expect("sane");
+        rx.pop(&mut out, 64).expect("sane");
     }
+    rx.release();
     let lens = [0, 1, 40, 41, 96, 97, 152, 153, ring::MAX_INLINE];
     let mut entries = vec![Entry {
         opcode: OP_ACK,
@@ -242,8 +248,7 @@ fn inline_entries_carry_their_data_across_slots_and_the_ring_end() {
     );
     tx.push(&entries, &bytes).expect("room");
     out.clear();
-    data.clear();
-    assert_eq!(rx.pop(&mut out, &mut data, 64).expect("sane"), entries.len());
+    assert_eq!(rx.pop(&mut out, 64).expect("sane"), entries.len());
     assert_eq!(out[0], entries[0]);
     let mut at = 0;
     for (i, len) in lens.iter().enumerate() {
@@ -252,12 +257,9 @@ fn inline_entries_carry_their_data_across_slots_and_the_ring_end() {
             (got.opcode, got.inline, got.len, got.psn, got.imm),
             (OP_SEND_IMM, true, *len as u32, i as u64, 0xfeed_0000 | i as u32)
         );
-        let off = got.offset as usize;
-        assert_eq!(
-            &data[off..off + len],
-            &bytes[at..at + len],
-            "inline data of {len} bytes"
-        );
+        let mut data = vec![0u8; *len];
+        rx.inline_data(&got, &mut data);
+        assert_eq!(&data[..], &bytes[at..at + len], "inline data of {len} bytes");
         at += len;
     }
     assert!(!rx.prepare_sleep(), "every slot consumed: the ring is empty");
@@ -270,7 +272,7 @@ fn laps_wrap_around_after_255_passes() {
     let map = ring_memory();
     let (mut tx, mut rx) = (Ring::new(map.clone(), 0), Ring::new(map, 0));
     let total = 256 * RING_ENTRIES + 100;
-    let (mut out, mut data) = (Vec::new(), Vec::new());
+    let mut out = Vec::new();
     let mut next = 0u64;
     let mut batch = Vec::with_capacity(64);
     while next < total {
@@ -282,9 +284,10 @@ fn laps_wrap_around_after_255_passes() {
         }));
         tx.push(&batch, &[]).expect("room");
         out.clear();
-        assert_eq!(rx.pop(&mut out, &mut data, 64).expect("sane"), batch.len());
+        assert_eq!(rx.pop(&mut out, 64).expect("sane"), batch.len());
         assert_eq!(out, batch, "entries from {next}");
-        assert_eq!(rx.pop(&mut out, &mut data, 64).expect("sane"), 0, "nothing beyond them");
+        assert_eq!(rx.pop(&mut out, 64).expect("sane"), 0, "nothing beyond them");
+        rx.release();
         next += batch.len() as u64;
     }
 }
@@ -316,8 +319,8 @@ fn malformed_or_stale_entries_are_refused_or_left() {
             std::ptr::write_volatile(base.add(4096 + 64).cast::<u64>(), 0);
             (*base.add(4096).cast::<std::sync::atomic::AtomicU64>()).store(w0, Ordering::Release);
         }
-        let (mut out, mut data) = (Vec::new(), Vec::new());
-        match (rx.pop(&mut out, &mut data, 8), why) {
+        let mut out = Vec::new();
+        match (rx.pop(&mut out, 8), why) {
             (Err(ring::Corrupt(reason)), Some(why)) => assert!(reason.contains(why), "{reason:?} should say {why:?}"),
             (Ok(0), None) => assert!(!rx.prepare_sleep() && out.is_empty(), "nothing published"),
             (got, why) => panic!("{why:?}: got {got:?}"),
