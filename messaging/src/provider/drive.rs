@@ -116,26 +116,23 @@ impl Drive {
     /// completion is ready. `pump` does one non-blocking round (false once
     /// the queue pair failed and everything was flushed); `sleep` blocks in
     /// `poll` on the transport and the kick descriptor for at most the
-    /// given time. A zero timeout is one round, skipped when
-    /// `worth_pumping` (a cheap look at the transport) says nothing came.
+    /// given time. A zero timeout is one non-blocking round: on both
+    /// providers a pump that finds nothing costs no more than a look would
+    /// (one `readv` on tcp, one slot's first word on shm), so there is no
+    /// separate look first.
     pub(crate) fn drive<S>(
         &self,
         state: &Mutex<S>,
         cq: &CompletionQueue,
         timeout: Option<Duration>,
-        worth_pumping: impl Fn() -> bool,
         mut pump: impl FnMut(&mut S) -> bool,
         mut sleep: impl FnMut(&mut S, Option<Duration>) -> Woke,
     ) -> bool {
         if timeout == Some(Duration::ZERO) {
-            // One non-blocking round (a spinning waiter): no clock reads,
-            // and no pump unless the transport has something for it. The
-            // spinner counts as driving either way (the provider thread
-            // stays aside).
+            // One non-blocking round (a spinning waiter): no clock reads.
+            // The spinner counts as driving (the provider thread stays
+            // aside).
             self.renew_lease();
-            if !worth_pumping() {
-                return cq.has_completions();
-            }
             return match state.try_lock() {
                 Some(mut guard) => {
                     pump(&mut guard);

@@ -1156,13 +1156,12 @@ impl QpShared {
             &self.rx,
             &self.cq,
             timeout,
-            // A spinning waiter reads the socket itself, without a
-            // zero-timeout poll(2) first: the read that finds the data
-            // returns it (one syscall, not two), and one that finds nothing
-            // costs no more than the poll (bench/tcplat.c: plain spinning
-            // recv is the kernel's floor here). Measured side by side,
-            // pingpong tcp 8 B p50 3.35-3.39 -> 3.25-3.29 us.
-            || true,
+            // A spinning waiter's round is this pump: it reads the socket
+            // without a zero-timeout poll(2) first, so the read that finds
+            // the data returns it (one syscall, not two), and one that finds
+            // nothing costs no more than the poll (bench/tcplat.c: a plain
+            // spinning recv is the kernel's floor; figures in
+            // docs/performance.md).
             |rx| self.pump(rx, true),
             |rx, timeout| {
                 let want_write = match self.ack_before_sleep() {

@@ -902,14 +902,13 @@ impl Shared {
                 "RDMA Read into memory without local write".into(),
             ));
         }
-        // A memfd already exported or checked is this fabric's and alive
-        // (serials are never reused, and the buffer holds its registration),
-        // so only a first use asks the allocator, under its process-wide lock.
+        // A memfd already checked is this fabric's and alive (serials are
+        // never reused, and the buffer holds its registration), so only a
+        // first use asks the allocator, under its process-wide lock. (Every
+        // exported memfd was checked first.)
         let (serial, offset) = buf
             .allocation()
-            .filter(|(serial, _)| {
-                st.exported.contains(serial) || st.checked.contains(serial) || self.check_live(st, *serial)
-            })
+            .filter(|(serial, _)| st.checked.contains(serial) || self.check_live(st, *serial))
             .ok_or_else(|| {
                 (
                     WcStatus::LocalProtectionError,
@@ -1097,8 +1096,6 @@ impl Shared {
             &self.progress,
             &self.cq,
             timeout,
-            // A pump that finds the ring empty costs no more than a look.
-            || true,
             |p| self.pump(p),
             |p, timeout| {
                 if p.rx.prepare_sleep() {
