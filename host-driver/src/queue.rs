@@ -371,9 +371,12 @@ impl Queue {
         };
         if let Some(ticket) = lent_push {
             // The I/O unit answered, so it has the data; the lent buffer
-            // returns to its owner once the fabric completed the push
-            // (acknowledged, or flushed if the channel failed).
-            let _ = exec::deadline(timer, deadline, ticket.completion()).await;
+            // returns to its owner once the fabric completed the push:
+            // acknowledged (the acknowledgement travels ahead of, or with,
+            // the answer), or flushed if the channel fails. No deadline
+            // here: cut short, a write that succeeded would hand its caller
+            // fresh memory in place of the data it wrote.
+            let _ = ticket.completion().await;
         }
         reply
     }
