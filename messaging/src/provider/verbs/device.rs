@@ -730,6 +730,9 @@ pub(super) enum SendKind {
     Read { addr: u64, rkey: RKey },
 }
 
+/// Send requests chained into one `ibv_post_send` call, built on the stack.
+const POST_CHAIN: usize = 16;
+
 /// One send work request to post.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct SendDesc {
@@ -872,7 +875,8 @@ impl RawQp {
         }
     }
 
-    /// Posts a chain of send work requests, all signaled.
+    /// Posts a chain of send work requests, all signaled, built on the
+    /// stack ([`POST_CHAIN`] at a time): nothing is allocated per post.
     ///
     /// # Safety
     /// Every `sge` must lie in memory registered in this queue pair's
@@ -882,26 +886,42 @@ impl RawQp {
     ///
     /// # Errors
     /// How many requests were posted (those before the one the driver
-    /// names as bad) and the errno. When the driver names none, all of them
-    /// count as posted: rxe, like the kernel's `ib_post_send`, may fail
-    /// after queueing them, so their memory must stay with the device until
-    /// they complete or the queue pair is destroyed.
+    /// names as bad) and the errno. When the driver names none, all of its
+    /// chain count as posted: rxe, like the kernel's `ib_post_send`, may
+    /// fail after queueing them, so their memory must stay with the device
+    /// until they complete or the queue pair is destroyed. Chains after a
+    /// failed one are not posted.
     pub(super) unsafe fn post_send(&self, descs: &[SendDesc]) -> Result<(), (usize, io::Error)> {
+        for (k, chain) in descs.chunks(POST_CHAIN).enumerate() {
+            // SAFETY: forwarded from this function's contract.
+            if let Err((posted, e)) = unsafe { self.post_chain(chain) } {
+                return Err((k * POST_CHAIN + posted, e));
+            }
+        }
+        Ok(())
+    }
+
+    /// One chain of at most [`POST_CHAIN`] requests: see [`RawQp::post_send`].
+    ///
+    /// # Safety
+    /// As for [`RawQp::post_send`].
+    unsafe fn post_chain(&self, descs: &[SendDesc]) -> Result<(), (usize, io::Error)> {
+        debug_assert!(descs.len() <= POST_CHAIN);
         if descs.is_empty() {
             return Ok(());
         }
-        let mut sges: Vec<sys::ibv_sge> = descs
-            .iter()
-            .map(|d| sys::ibv_sge {
+        // SAFETY: an all-zero SGE and send WR (null pointers, integers,
+        // unions of those) are valid values.
+        let mut sges: [sys::ibv_sge; POST_CHAIN] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut wrs: [sys::ibv_send_wr; POST_CHAIN] = unsafe { std::mem::zeroed() };
+        for ((d, wr), sge) in descs.iter().zip(wrs.iter_mut()).zip(sges.iter_mut()) {
+            use sys::ibv_wr_opcode as op;
+            *sge = sys::ibv_sge {
                 addr: d.sge.addr,
                 length: d.sge.len,
                 lkey: d.sge.lkey.0,
-            })
-            .collect();
-        // SAFETY: an all-zero send WR (null pointers, integers, unions of those) is valid.
-        let mut wrs: Vec<sys::ibv_send_wr> = descs.iter().map(|_| unsafe { std::mem::zeroed() }).collect();
-        for (d, wr) in descs.iter().zip(wrs.iter_mut()) {
-            use sys::ibv_wr_opcode as op;
+            };
             wr.wr_id = d.wr_id;
             wr.num_sge = i32::from(d.sge.len > 0);
             wr.send_flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
@@ -928,20 +948,17 @@ impl RawQp {
             }
         }
         // Pointers are taken only now, after the last `&mut` borrow of either
-        // vector, and both vectors stay untouched until the call returns.
+        // array, and both arrays stay untouched until the call returns.
+        let n = descs.len();
         let base = wrs.as_mut_ptr();
         let sge_base = sges.as_mut_ptr();
-        for i in 0..descs.len() {
-            // SAFETY: `i < len` for both vectors, so every pointer formed
-            // here is in bounds; `i + 1` is only formed when `i + 1 < len`.
+        for i in 0..n {
+            // SAFETY: `i < n <= POST_CHAIN`, so every pointer formed here is
+            // in bounds; `i + 1` is only formed when `i + 1 < n`.
             unsafe {
                 let wr = base.add(i);
                 (*wr).sg_list = sge_base.add(i);
-                (*wr).next = if i + 1 < descs.len() {
-                    base.add(i + 1)
-                } else {
-                    ptr::null_mut()
-                };
+                (*wr).next = if i + 1 < n { base.add(i + 1) } else { ptr::null_mut() };
             }
         }
         let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
@@ -954,9 +971,7 @@ impl RawQp {
         }
         // Compared by address, never dereferenced: a `bad` outside the
         // chain (or null) counts everything as posted, the safe side.
-        let posted = (0..descs.len())
-            .find(|&i| ptr::eq(base.wrapping_add(i), bad))
-            .unwrap_or(descs.len());
+        let posted = (0..n).find(|&i| ptr::eq(base.wrapping_add(i), bad)).unwrap_or(n);
         Err((posted, os_error(rc)))
     }
 

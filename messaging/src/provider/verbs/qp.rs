@@ -64,6 +64,8 @@ pub const DISCONNECT_DRAIN: Duration = Duration::from_millis(20);
 const POLL_INTERVAL: Duration = Duration::from_millis(1);
 
 const RECV_BIT: u64 = 1 << 63;
+/// Device completions taken per `ibv_poll_cq` call.
+const REAP_BATCH: usize = 32;
 
 struct SendSlot {
     seq: u64,
@@ -222,6 +224,9 @@ impl PreparedQp {
                 next_seq: self.next_seq,
                 failed_at: None,
                 deferred: Vec::new(),
+                descs: Vec::new(),
+                wcs: Vec::with_capacity(REAP_BATCH),
+                done: Vec::with_capacity(REAP_BATCH),
             }),
             cq: self.cq.clone(),
             queue: CompletionQueue::default(),
@@ -318,6 +323,12 @@ struct State {
     failed_at: Option<Instant>,
     /// Software completions due after every posted request came back.
     deferred: Vec<Completion>,
+    /// Reused by every post and reap (nothing allocated per request): the
+    /// descriptors of a post, the device completions and the provider's
+    /// of a reap.
+    descs: Vec<SendDesc>,
+    wcs: Vec<Wc>,
+    done: Vec<Completion>,
 }
 
 impl Drop for State {
@@ -383,14 +394,14 @@ impl Shared {
     /// Polls the device CQ dry and queues the completions (in order, under
     /// the state lock), then whatever software completions became due.
     fn reap(&self) {
-        let mut wcs = Vec::with_capacity(32);
         let mut newly_failed = false;
         let mut pushed = false;
         let mut st = self.state.lock();
+        let mut wcs = std::mem::take(&mut st.wcs);
+        let mut done = std::mem::take(&mut st.done);
         loop {
             wcs.clear();
-            let n = self.cq.poll(&mut wcs, 32);
-            let mut done = Vec::with_capacity(n);
+            let n = self.cq.poll(&mut wcs, REAP_BATCH);
             for wc in &wcs {
                 if !matches!(wc.status, WcStatus::Success | WcStatus::Flushed) {
                     tracing::debug!(
@@ -413,11 +424,13 @@ impl Shared {
                 done.append(&mut st.deferred);
             }
             pushed |= !done.is_empty();
-            self.queue.push_all(done);
-            if n < 32 {
+            self.queue.push_all(done.drain(..));
+            if n < REAP_BATCH {
                 break;
             }
         }
+        st.wcs = wcs;
+        st.done = done;
         drop(st);
         if newly_failed {
             self.tell_peer();
@@ -686,7 +699,8 @@ impl QueuePair for VerbsQp {
         if st.sends.len() + wrs.len() > depth as usize {
             return Err(FabricError::QueueFull { queue: "send", depth });
         }
-        let mut descs = Vec::with_capacity(wrs.len());
+        let mut descs = std::mem::take(&mut st.descs);
+        descs.clear();
         let mut later = Vec::new();
         for wr in wrs.drain(..) {
             if !later.is_empty() {
@@ -768,6 +782,8 @@ impl QueuePair for VerbsQp {
             flushed.append(&mut later);
             later = flushed;
         }
+        descs.clear();
+        st.descs = descs;
         if failing {
             shared.fail_locked(&mut st);
             let pushed = shared.complete_later(&mut st, later);
