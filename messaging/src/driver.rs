@@ -389,6 +389,57 @@ impl Endpoint {
         })
     }
 
+    /// Fills `len` bytes for the peer's exposed `target` and pushes them,
+    /// as [`Endpoint::push_direct_with`] of a `buf` that `fill` wrote. Where
+    /// the provider lets the initiator copy into the peer's memory (shm,
+    /// once the peer granted the target's region: after a first push into
+    /// it), `fill` writes straight into the target and `buf` only stands for
+    /// the push (its bytes are not sent): one copy fewer. Elsewhere `fill`
+    /// writes `buf`, which is pushed.
+    ///
+    /// `fill` runs while the provider holds its locks: it must only write
+    /// its slice (all `len` bytes), never call into this endpoint.
+    ///
+    /// # Errors
+    /// `Err(e)`: `fill`'s error; nothing was pushed (the target may hold
+    /// part of the data, as after a failed transfer). `Ok(Err(..))`: as
+    /// [`Endpoint::push_direct`], `TooLarge` also when `len` exceeds `buf`.
+    pub fn push_direct_fill<E>(
+        &self,
+        mut buf: Buf,
+        target: DirectTarget,
+        flag: bool,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Result<Ticket, Error>, E> {
+        let max = buf.capacity().min(target.remote.len as usize);
+        if len > max {
+            return Ok(Err(Error::TooLarge { len, max }));
+        }
+        buf.set_len(len);
+        let remote = crate::provider::RemoteAddr {
+            addr: target.remote.addr,
+            rkey: target.remote.rkey,
+        };
+        let mut fill = Some(fill);
+        let mut filled = Ok(());
+        self.shared.qp.place(remote, len, &mut |dest| {
+            if let Some(f) = fill.take() {
+                filled = f(dest);
+            }
+        });
+        if let Some(f) = fill {
+            // Not placed: the data goes the usual way, from `buf`.
+            f(&mut buf)?;
+            return Ok(self.push_direct_with(buf, target, flag));
+        }
+        filled?;
+        let mut slot = Some(buf);
+        Ok(self.blocking(None, |inner, token| {
+            push_with(&mut slot, |b| inner.conn.push_direct_placed(token, b, target, flag))
+        }))
+    }
+
     /// A staging buffer of [`Endpoint::max_push`] bytes to fill and hand to
     /// [`Endpoint::push_buf`] (zero-copy pushes), waiting while all are in use.
     ///

@@ -782,6 +782,18 @@ impl RemoteTarget {
         self.len == 0
     }
 
+    /// The registration the range lies in, when the domain has a
+    /// [`RegionAllocator`]: its allocator handle, its first address and its
+    /// size in bytes (`None` for heap memory).
+    pub fn region_allocation(&self) -> Option<(u64, u64, u64)> {
+        let (_, handle) = self.region.allocation.as_ref()?;
+        Some((
+            *handle,
+            self.region.ptr.as_ptr() as u64,
+            self.region.layout.size() as u64,
+        ))
+    }
+
     /// The bytes, for serving an RDMA Read.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `offset + len` was bounds-checked against the live allocation

@@ -222,6 +222,69 @@ fn direct_placement_into_an_application_buffer() {
 }
 
 #[test]
+fn filled_pushes_land_whole_whether_placed_or_staged() {
+    // Over shm the first push into a region is staged and granted, later
+    // ones are placed by the pusher itself; over loopback and tcp all are
+    // staged. Either way every delivery holds exactly what `fill` wrote.
+    for (fabric, addr) in fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        let pool = fabric
+            .domain()
+            .register(64 * 1024, 2, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+            .unwrap();
+        let staging = fabric.domain().register(64 * 1024, 2, Access::LOCAL_WRITE).unwrap();
+        let mut bufs = vec![pool.checkout().unwrap(), pool.checkout().unwrap()];
+        for round in 0..40usize {
+            let buf = bufs.pop().expect("a buffer to expose");
+            let target = b.expose(buf).expect("expose");
+            let len = 1000 + round * 997 % 60_000;
+            let byte = |i: usize| (i * 7 + round) as u8;
+            let src = staging.checkout().expect("staging buffer");
+            let pushed = a
+                .push_direct_fill(src, target, round % 2 == 0, len, |dest: &mut [u8]| {
+                    assert_eq!(dest.len(), len, "fill gets exactly the length");
+                    dest.iter_mut().enumerate().for_each(|(i, x)| *x = byte(i));
+                    Ok::<(), ()>(())
+                })
+                .expect("fill succeeds");
+            pushed.expect("push").wait_timeout(LONG).expect("pushed");
+            let d = b.recv_timeout(LONG).unwrap();
+            assert_eq!(
+                d.kind(),
+                ReceivedKind::Direct {
+                    tag: target.tag,
+                    flag: round % 2 == 0
+                }
+            );
+            let got = d.into_buf().expect("the exposed buffer comes back");
+            assert_eq!(got.len(), len, "round {round}");
+            assert!(
+                got.iter().enumerate().all(|(i, &x)| x == byte(i)),
+                "round {round}: data"
+            );
+            bufs.insert(0, got);
+        }
+        // A failing fill pushes nothing and hands its error back.
+        let target = b.expose(bufs.pop().unwrap()).expect("expose");
+        let src = staging.checkout().expect("staging buffer");
+        assert_eq!(
+            a.push_direct_fill(src, target, false, 10, |_| Err("no data")).err(),
+            Some("no data")
+        );
+        assert!(matches!(
+            b.recv_timeout(Duration::from_millis(50)),
+            Err(Error::Timeout(_))
+        ));
+        // Longer than the target (or the staging buffer): refused up front.
+        let src = staging.checkout().expect("staging buffer");
+        let too_long = a.push_direct_fill(src, target, false, 64 * 1024 + 1, |_| -> Result<(), ()> {
+            panic!("no fill for a push that cannot be made")
+        });
+        assert!(matches!(too_long, Ok(Err(Error::TooLarge { .. }))));
+    }
+}
+
+#[test]
 fn back_pressure_waits_and_never_drops() {
     for (fabric, addr) in fabrics() {
         let cfg = Config {

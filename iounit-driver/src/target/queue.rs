@@ -419,10 +419,15 @@ impl Queue {
             .map_err(|e| format!("cannot send a completion: {e}"))
     }
 
-    /// Pushes `data` into the host buffer the command's keyed descriptor names.
+    /// Pushes what `fill` writes into the host buffer the command's keyed
+    /// descriptor names. With `exact` (the length known up front, as for a
+    /// read) the fabric may let `fill` write straight into the host's
+    /// buffer ([`messaging::Endpoint::push_direct_fill`]); otherwise `fill`
+    /// writes a staging buffer and says how much it wrote.
     fn push_to_host(
         &mut self,
         sqe: &Sqe,
+        exact: Option<usize>,
         fill: impl FnOnce(&mut [u8]) -> Result<usize, Status>,
     ) -> Result<Outcome, String> {
         let (addr, len, key) = match sqe.sgl() {
@@ -432,7 +437,34 @@ impl Queue {
             Ok(_) => return Ok(Outcome::status(Status::SGL_INVALID_DESCRIPTOR_TYPE.with_dnr())),
             Err(e) => return Ok(Outcome::status(e.status())),
         };
+        let by_data = transport::completes_by_data(sqe);
+        let target = DirectTarget {
+            tag: transport::transfer_tag(sqe),
+            remote: RemoteBuf {
+                addr,
+                len,
+                rkey: RKey(key),
+            },
+        };
         let mut buf = self.staging.tier(len as usize).checkout()?;
+        if let Some(n) = exact {
+            if n > len as usize || n > buf.capacity() {
+                return Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr()));
+            }
+            let ticket = match self
+                .ep
+                .push_direct_fill(buf, target, by_data, n, |dest| fill(dest).map(drop))
+            {
+                Err(status) => return Ok(Outcome::status(status)),
+                Ok(pushed) => pushed.map_err(|e| format!("cannot push data to the host: {e}"))?,
+            };
+            self.staging.tier(len as usize).pushed(ticket);
+            return Ok(if by_data {
+                Outcome::Pushed
+            } else {
+                Outcome::status(Status::SUCCESS)
+            });
+        }
         let room = (len as usize).min(buf.capacity());
         buf.set_len(room);
         let n = match fill(&mut buf) {
@@ -443,17 +475,8 @@ impl Queue {
             return Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr()));
         }
         buf.set_len(n);
-        let target = DirectTarget {
-            tag: transport::transfer_tag(sqe),
-            remote: RemoteBuf {
-                addr,
-                len,
-                rkey: RKey(key),
-            },
-        };
         // The command succeeds with this push: when the host allows, the
         // push itself says so and no response capsule follows.
-        let by_data = transport::completes_by_data(sqe);
         let ticket = self
             .ep
             .push_direct_with(buf, target, by_data)
@@ -507,7 +530,7 @@ impl Queue {
             }
             _ => return Ok(Outcome::status(Status::INVALID_FIELD.with_dnr())),
         };
-        self.push_to_host(sqe, |buf| copy_out(&data, buf))
+        self.push_to_host(sqe, None, |buf| copy_out(&data, buf))
     }
 
     fn identify_controller(&self) -> IdentifyController {
@@ -565,7 +588,7 @@ impl Queue {
         let want = lp.byte_len().min(transport::MAX_TRANSFER as u64) as usize;
         let mut page = data[offset..].to_vec();
         page.resize(want, 0);
-        self.push_to_host(sqe, |buf| copy_out(&page, buf))
+        self.push_to_host(sqe, None, |buf| copy_out(&page, buf))
     }
 
     fn set_features(&mut self, sqe: &Sqe) -> Outcome {
@@ -676,8 +699,7 @@ impl Queue {
                 if sqe.sgl().map(|s| u64::from(s.len()) < len).unwrap_or(false) {
                     return Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr()));
                 }
-                self.push_to_host(sqe, |buf| {
-                    let dest = buf.get_mut(..len as usize).ok_or(Status::INTERNAL_ERROR)?;
+                self.push_to_host(sqe, Some(len as usize), |dest| {
                     ns.read(offset, dest).map_err(|e| block_status(&e))?;
                     Ok(len as usize)
                 })

@@ -684,7 +684,7 @@ impl Connection {
             addr: peer.params.slot_addr + u64::from(slot) * u64::from(peer.params.slot_size),
             rkey: peer.params.slot_rkey,
         };
-        self.post_push(token, src, remote, Target::Slot(slot));
+        self.post_push(token, src, remote, Target::Slot(slot), false);
         Ok(())
     }
 
@@ -710,6 +710,36 @@ impl Connection {
         src: Buf,
         target: DirectTarget,
         flag: bool,
+    ) -> Result<(), PushError> {
+        self.push_direct_as(token, src, target, flag, false)
+    }
+
+    /// As [`Connection::push_direct_with`] for data the application already
+    /// placed at the target through the provider ([`QueuePair::place`]):
+    /// `token` stands for it (its length is the placed length, its bytes
+    /// are not sent) and comes back as a pushed buffer does.
+    ///
+    /// # Errors
+    /// As [`Connection::push_direct`].
+    ///
+    /// [`QueuePair::place`]: crate::provider::QueuePair::place
+    pub fn push_direct_placed(
+        &mut self,
+        token: u64,
+        src: Buf,
+        target: DirectTarget,
+        flag: bool,
+    ) -> Result<(), PushError> {
+        self.push_direct_as(token, src, target, flag, true)
+    }
+
+    fn push_direct_as(
+        &mut self,
+        token: u64,
+        src: Buf,
+        target: DirectTarget,
+        flag: bool,
+        placed: bool,
     ) -> Result<(), PushError> {
         if let Err(error) = self.check_open() {
             return Err(PushError { error, buf: src });
@@ -740,7 +770,7 @@ impl Connection {
             rkey: target.remote.rkey,
         };
         let index = if flag { target.tag | DIRECT_FLAG } else { target.tag };
-        self.post_push(token, src, remote, Target::Direct(index));
+        self.post_push(token, src, remote, Target::Direct(index), placed);
         Ok(())
     }
 
@@ -910,17 +940,24 @@ impl Connection {
         Ok(())
     }
 
-    fn post_push(&mut self, token: u64, src: Buf, remote: RemoteAddr, target: Target) {
+    fn post_push(&mut self, token: u64, src: Buf, remote: RemoteAddr, target: Target, placed: bool) {
         let len = src.len() as u32;
+        let write = |buf: Buf, imm: Option<u32>| {
+            if placed {
+                SendOp::Placed {
+                    token: buf,
+                    remote,
+                    imm,
+                }
+            } else {
+                SendOp::Write { buf, remote, imm }
+            }
+        };
         if self.separate {
             let key = self.inflight.insert(Inflight { token: None });
             self.work.push_back(Work::Send(SendWr {
                 id: WrId(key as u64),
-                op: SendOp::Write {
-                    buf: src,
-                    remote,
-                    imm: None,
-                },
+                op: write(src, None),
             }));
             let indication = wire::encode_indication(target, len);
             // Room and credit were checked by the caller, so this cannot fail.
@@ -933,11 +970,7 @@ impl Connection {
             let key = self.inflight.insert(Inflight { token: Some(token) });
             self.work.push_back(Work::Send(SendWr {
                 id: WrId(key as u64),
-                op: SendOp::Write {
-                    buf: src,
-                    remote,
-                    imm: Some(wire::encode_imm(target, seq)),
-                },
+                op: write(src, Some(wire::encode_imm(target, seq))),
             }));
         }
     }

@@ -523,6 +523,13 @@ fn execute(st: &mut WorldState, from: &Arc<QpCore>, wr: SendWr) {
         break_connection(st, from);
     };
     match wr.op {
+        // Loopback never places (`QueuePair::place` says no): nothing was copied.
+        SendOp::Placed { .. } => fail(
+            st,
+            wr,
+            WcStatus::LocalProtectionError,
+            "a placed Write on a provider that does not place".into(),
+        ),
         SendOp::Send { ref buf, imm } => {
             let Some(mut recv) = peer.recvs.lock().pop_front() else {
                 return fail(st, wr, WcStatus::ReceiverNotReady, "no posted receive".into());

@@ -100,6 +100,19 @@ pub enum SendOp {
         /// Source on the peer.
         remote: RemoteAddr,
     },
+    /// One-sided RDMA Write of `token.len()` bytes whose data the initiator
+    /// already copied to `remote` itself ([`QueuePair::place`]): only the
+    /// notification travels (and the immediate, as for a Write). `token`'s
+    /// bytes are not sent; it comes back in the completion, as a Write's
+    /// buffer does. Only providers whose `place` succeeds see it.
+    Placed {
+        /// Stands for the request; its length is the placed length.
+        token: Buf,
+        /// Where the data was placed on the peer.
+        remote: RemoteAddr,
+        /// As for [`SendOp::Write`].
+        imm: Option<u32>,
+    },
 }
 
 /// A send-queue work request.
@@ -116,7 +129,7 @@ impl SendWr {
     pub fn opcode(&self) -> WcOpcode {
         match self.op {
             SendOp::Send { .. } => WcOpcode::Send,
-            SendOp::Write { .. } => WcOpcode::RdmaWrite,
+            SendOp::Write { .. } | SendOp::Placed { .. } => WcOpcode::RdmaWrite,
             SendOp::Read { .. } => WcOpcode::RdmaRead,
         }
     }
@@ -125,6 +138,7 @@ impl SendWr {
     pub fn into_buf(self) -> Buf {
         match self.op {
             SendOp::Send { buf, .. } | SendOp::Write { buf, .. } | SendOp::Read { buf, .. } => buf,
+            SendOp::Placed { token, .. } => token,
         }
     }
 }
@@ -487,4 +501,15 @@ pub trait QueuePair: Send + Sync + fmt::Debug {
 
     /// Capabilities of the provider this queue pair runs on.
     fn capabilities(&self) -> Capabilities;
+
+    /// Runs `fill` on `len` bytes of the peer's memory at `remote`, when
+    /// this provider lets the initiator of a Write copy the data itself
+    /// (shm, into a region the peer granted) and the peer is still there;
+    /// returns whether it did. A [`SendOp::Placed`] then tells the peer.
+    /// `false` (the default, and for an unknown key, bounds outside the
+    /// grant or a closing peer) leaves the Write to the usual path.
+    fn place(&self, remote: RemoteAddr, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> bool {
+        let _ = (remote, len, fill);
+        false
+    }
 }

@@ -787,6 +787,19 @@ impl QueuePair for TcpQp {
             let psn = tx.next_psn;
             tx.next_psn += 1;
             let (header, payload, pending_buf) = match wr.op {
+                // Refused by `check_local` above.
+                SendOp::Placed { token, .. } => {
+                    local_error = true;
+                    tx.outstanding.push_back(Pending {
+                        psn,
+                        id: wr.id,
+                        opcode,
+                        buf: Some(token),
+                        written: false,
+                        error: Some(WcStatus::LocalProtectionError),
+                    });
+                    continue;
+                }
                 SendOp::Send { buf, imm } => (
                     Header {
                         opcode: if imm.is_some() { OP_SEND_IMM } else { OP_SEND },
@@ -951,6 +964,8 @@ fn check_local(wr: &SendWr, max_message: u32) -> Result<(), WcStatus> {
     let len = match &wr.op {
         SendOp::Send { buf, .. } | SendOp::Write { buf, .. } => buf.len(),
         SendOp::Read { buf, .. } => buf.len(),
+        // tcp never places (`QueuePair::place` says no): nothing was copied.
+        SendOp::Placed { .. } => return Err(WcStatus::LocalProtectionError),
     };
     if len > max_message as usize {
         return Err(WcStatus::LocalLengthError);

@@ -60,22 +60,22 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use self::ring::{Entry, Ring, MAX_INLINE, RING_BYTES, RING_ENTRIES};
+use self::ring::{Entry, Gate, Ring, MAX_INLINE, RING_BYTES, RING_ENTRIES};
 use self::sys::{Mapping, Socket};
 use super::cq::CompletionQueue;
 use super::drive::{self, Aside, Drive, Woke};
 use super::{
-    Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
-    WcOpcode, WcStatus,
+    Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, RemoteAddr, SendOp,
+    SendWr, WcOpcode, WcStatus,
 };
 use crate::intmap::{IntMap, IntSet};
-use crate::mr::{Access, MrError, ProtectionDomain, RKey, RegionAllocator};
+use crate::mr::{Access, MrError, ProtectionDomain, RKey, RegionAllocator, RemoteTarget};
 use crate::provider::{flushed_recv, flushed_send};
 
 /// Hello magic of the shm provider.
 pub const HELLO_MAGIC: [u8; 4] = *b"CHSM";
 /// Hello version this build speaks.
-pub const HELLO_VERSION: u16 = 2;
+pub const HELLO_VERSION: u16 = 3;
 /// Largest parameter block accepted in a hello.
 pub const MAX_PARAMS: usize = 4096;
 
@@ -91,6 +91,14 @@ const OP_WRITE_IMM: u8 = 4;
 const OP_READ: u8 = 5;
 const OP_ACK: u8 = 7;
 const OP_NAK: u8 = 8;
+/// The responder grants the initiator a region to place Writes into
+/// itself: `rkey`, `serial` (its memfd, exported first), `addr` (its first
+/// address), `offset` (its size).
+const OP_GRANT: u8 = 9;
+
+/// How long a closing queue pair waits for the peer to finish a placement
+/// into its memory (a copy of microseconds; only a stopped peer is slower).
+const PLACEMENT_DRAIN: Duration = Duration::from_secs(1);
 
 const CTL_EXPORT: u8 = 1;
 const CTL_UNEXPORT: u8 = 2;
@@ -618,6 +626,21 @@ struct Shared {
     drive: Drive,
     /// The progress thread sleeps in `poll` on the ring's sleeping flag.
     thread_polling: AtomicBool,
+    /// Regions the peer granted for placed Writes, by remote key.
+    grants: Mutex<IntMap<u32, Grant>>,
+    /// The placement handshake of the outgoing ring (this side places into
+    /// the peer's memory) and of the incoming one (the peer places into ours).
+    out_gate: Gate,
+    in_gate: Gate,
+}
+
+/// A region of the peer this side may place Writes into.
+struct Grant {
+    serial: u64,
+    /// The region's first address and size, in the peer's terms.
+    base: u64,
+    size: u64,
+    map: Arc<Mapping>,
 }
 
 struct State {
@@ -635,6 +658,9 @@ struct State {
     publish: Vec<Entry>,
     /// Their inline data, in order (kept likewise).
     publish_data: Vec<u8>,
+    /// Regions granted to the peer (remote key → first address), so that
+    /// each is granted once and a placed Write names one of them.
+    granted: IntMap<u32, u64>,
 }
 
 struct Pending {
@@ -669,6 +695,8 @@ fn start(
 ) -> Result<Box<ShmQp>, FabricError> {
     let tx = Ring::new(links.rings.clone(), links.tx_base);
     let rx = Ring::new(links.rings.clone(), links.rx_base);
+    let out_gate = Gate::new(links.rings.clone(), links.tx_base);
+    let in_gate = Gate::new(links.rings.clone(), links.rx_base);
     let drive = Drive::new().map_err(|source| FabricError::Io {
         op: "socketpair",
         source,
@@ -688,6 +716,7 @@ fn start(
             checked: IntSet::default(),
             publish: Vec::new(),
             publish_data: Vec::new(),
+            granted: IntMap::default(),
         }),
         cq: CompletionQueue::default(),
         failed: AtomicBool::new(false),
@@ -697,12 +726,16 @@ fn start(
             maps: IntMap::default(),
             entries: Vec::with_capacity(BATCH),
             completions: Vec::new(),
+            grants_out: Vec::new(),
             socket_ready: true,
             socket_failed: None,
             dead: false,
         }),
         drive,
         thread_polling: AtomicBool::new(false),
+        grants: Mutex::new(IntMap::default()),
+        out_gate,
+        in_gate,
     });
     let thread_shared = shared.clone();
     std::thread::Builder::new()
@@ -862,6 +895,47 @@ impl QueuePair for ShmQp {
     fn capabilities(&self) -> Capabilities {
         self.shared.fabric.capabilities()
     }
+
+    /// Copies into a region the peer granted (`OP_GRANT`, sent by the peer
+    /// after it executed a first Write into that region): the remote key
+    /// and bounds are checked against the grant, as the peer checks a
+    /// Write. Under the grants lock, so that failing (which clears them)
+    /// waits for a copy in progress.
+    fn place(&self, remote: RemoteAddr, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> bool {
+        let sh = &self.shared;
+        let grants = sh.grants.lock();
+        if sh.failed.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some(grant) = grants.get(&remote.rkey.0) else {
+            return false;
+        };
+        let start = remote.addr.checked_sub(grant.base);
+        let inside = start
+            .and_then(|s| s.checked_add(len as u64))
+            .is_some_and(|end| end <= grant.size);
+        let (Some(start), true) = (start, inside) else {
+            return false;
+        };
+        if !sh.out_gate.begin_placing() {
+            return false;
+        }
+        // SAFETY: the grants lock is held for the borrow, so no other
+        // placement from this process reaches the region; the rest of this
+        // process touches a peer's memfd only through copies of ranges the
+        // peer names in its own requests, and the peer never names memory it
+        // granted for Writes (it exposed it to be written). `size` was
+        // checked against the mapping when the grant came.
+        let placed = match unsafe { grant.map.bytes_mut(start as usize, len) } {
+            Some(dest) => {
+                fill(dest);
+                true
+            }
+            None => false,
+        };
+        sh.out_gate.end_placing();
+        placed
+    }
 }
 
 impl Drop for ShmQp {
@@ -884,6 +958,24 @@ impl Shared {
         data: &mut Vec<u8>,
     ) -> Result<Entry, (WcStatus, String)> {
         let (opcode, buf, remote, imm) = match &wr.op {
+            SendOp::Placed { token, remote, imm } => {
+                // The data is in the peer's memory already (`place`): only
+                // the notification goes, and the token stays here.
+                if token.len() > self.fabric.opts.max_message as usize {
+                    return Err((WcStatus::LocalLengthError, "message longer than max_message".into()));
+                }
+                *planned += 1;
+                return Ok(Entry {
+                    opcode: if imm.is_some() { OP_WRITE_IMM } else { OP_WRITE },
+                    placed: true,
+                    len: token.len() as u32,
+                    psn: st.next_psn,
+                    addr: remote.addr,
+                    rkey: remote.rkey.0,
+                    imm: imm.unwrap_or(0),
+                    ..Entry::default()
+                });
+            }
             SendOp::Send { buf, imm } => (if imm.is_some() { OP_SEND_IMM } else { OP_SEND }, buf, None, *imm),
             SendOp::Write { buf, remote, imm } => (
                 if imm.is_some() { OP_WRITE_IMM } else { OP_WRITE },
@@ -937,6 +1029,7 @@ impl Shared {
             opcode,
             status: 0,
             inline: false,
+            placed: false,
             len: buf.len() as u32,
             psn: st.next_psn,
             serial,
@@ -995,6 +1088,17 @@ impl Shared {
         }
         st.failed = true;
         self.failed.store(true, Ordering::Release);
+        // No placement of ours runs after this (`place` holds the lock
+        // while it copies), and none of the peer's into this side's memory
+        // once the gate is closed: the buffers flushed below, and those the
+        // application exposed, are the application's again.
+        self.grants.lock().clear();
+        if !self.in_gate.close(Instant::now() + PLACEMENT_DRAIN) {
+            tracing::error!(
+                peer = %self.peer,
+                "the peer is still placing data into memory it was granted, {PLACEMENT_DRAIN:?} after the queue pair closed"
+            );
+        }
         if warn {
             tracing::warn!(peer = %self.peer, "closing shm queue pair: {reason}");
         } else {
@@ -1204,10 +1308,12 @@ fn nak(psn: u64, status: WcStatus, reason: impl Into<String>) -> Fatal {
 struct Progress {
     rx: Ring,
     expected_psn: u64,
-    maps: IntMap<u64, Mapping>,
+    maps: IntMap<u64, Arc<Mapping>>,
     entries: Vec<Entry>,
     /// Completions of one batch (kept to reuse its allocation).
     completions: Vec<Completion>,
+    /// Grants made while executing a batch, published with its ACK.
+    grants_out: Vec<Entry>,
     /// `poll` said the socket is readable: drain it in the next pump.
     socket_ready: bool,
     /// The socket failed (end of file): fail once the ring is executed.
@@ -1253,7 +1359,7 @@ impl Progress {
     fn drain_socket(&mut self, sh: &Shared) -> Result<(), Fatal> {
         loop {
             match sh.links.sock.try_recv(CTL_BYTES + 1) {
-                Ok(Some(msg)) => self.handle_control(msg)?,
+                Ok(Some(msg)) => self.handle_control(sh, msg)?,
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     return Err(Fatal {
@@ -1270,7 +1376,7 @@ impl Progress {
         }
     }
 
-    fn handle_control(&mut self, mut msg: sys::Message) -> Result<(), Fatal> {
+    fn handle_control(&mut self, sh: &Shared, mut msg: sys::Message) -> Result<(), Fatal> {
         if msg.truncated || msg.bytes.len() != CTL_BYTES {
             return Err(violation("malformed control message"));
         }
@@ -1280,10 +1386,13 @@ impl Progress {
                 let fd = msg.fds.pop().expect("one descriptor");
                 let size = sys::sealed_size(&fd).map_err(|e| violation(format!("exported memfd: {e}")))?;
                 let map = Mapping::new(&fd, size).map_err(|e| violation(format!("mapping exported memfd: {e}")))?;
-                self.maps.insert(serial, map);
+                self.maps.insert(serial, Arc::new(map));
             }
             (CTL_UNEXPORT, 0) => {
+                // The peer's registration is gone: so is any grant of it
+                // (a placement already running keeps its mapping alive).
                 self.maps.remove(&serial);
+                sh.grants.lock().retain(|_, g| g.serial != serial);
             }
             (kind, fds) => return Err(violation(format!("control message {kind} with {fds} descriptors"))),
         }
@@ -1300,8 +1409,61 @@ impl Progress {
                 .sock
                 .recv_until(CTL_BYTES + 1, deadline)
                 .map_err(|e| violation(format!("request names memfd {serial}, never exported ({e})")))?;
-            self.handle_control(msg)?;
+            self.handle_control(sh, msg)?;
         }
+        Ok(())
+    }
+
+    /// After a first Write into a region: lets the peer place later Writes
+    /// into it itself (its memfd exported, an `OP_GRANT` queued for the
+    /// batch's publication). Regions of heap memory are not granted.
+    fn grant(&mut self, sh: &Shared, st: &mut State, rkey: u32, target: &RemoteTarget) -> Result<(), String> {
+        if st.granted.contains_key(&rkey) {
+            return Ok(());
+        }
+        let Some((serial, base, size)) = target.region_allocation() else {
+            return Ok(());
+        };
+        if st.granted.len() >= CHECKED_PRUNE_AT {
+            // Forget grants of regions that are gone.
+            let pd = &sh.fabric.pd;
+            st.granted
+                .retain(|k, b| pd.remote_target(RKey(*k), *b, 0, Access::NONE).is_ok());
+        }
+        sh.export(st, serial)?;
+        st.granted.insert(rkey, base);
+        self.grants_out.push(Entry {
+            opcode: OP_GRANT,
+            serial,
+            offset: size,
+            addr: base,
+            rkey,
+            ..Entry::default()
+        });
+        Ok(())
+    }
+
+    /// The peer granted a region (`OP_GRANT`): map it for `place`.
+    fn take_grant(&mut self, sh: &Shared, e: &Entry) -> Result<(), Fatal> {
+        self.ensure_mapped(sh, e.serial)?;
+        let map = self.maps[&e.serial].clone();
+        if e.offset == 0 || e.offset > map.len() as u64 || e.addr.checked_add(e.offset).is_none() {
+            return Err(violation(format!(
+                "grant of {} bytes at {:#x} in a memfd of {}",
+                e.offset,
+                e.addr,
+                map.len()
+            )));
+        }
+        sh.grants.lock().insert(
+            e.rkey,
+            Grant {
+                serial: e.serial,
+                base: e.addr,
+                size: e.offset,
+                map,
+            },
+        );
         Ok(())
     }
 
@@ -1318,6 +1480,10 @@ impl Progress {
                 _ if e.inline && !matches!(e.opcode, OP_SEND | OP_SEND_IMM) => {
                     Err(violation(format!("inline data on opcode {}", e.opcode)))
                 }
+                _ if e.placed && !matches!(e.opcode, OP_WRITE | OP_WRITE_IMM) => {
+                    Err(violation(format!("placed data on opcode {}", e.opcode)))
+                }
+                OP_GRANT => self.take_grant(sh, e),
                 OP_SEND | OP_SEND_IMM | OP_WRITE | OP_WRITE_IMM | OP_READ => {
                     if e.psn != self.expected_psn {
                         Err(violation(format!("psn {} where {} was due", e.psn, self.expected_psn)))
@@ -1366,14 +1532,19 @@ impl Progress {
             }
         }
         // The acknowledgement is published before the receives complete,
-        // so a peer that disconnects on seeing them cannot overtake it.
+        // so a peer that disconnects on seeing them cannot overtake it;
+        // grants go ahead of it (their memfds were exported already).
         if let Some(psn) = ack {
-            if let Err(corrupt) = st.tx.push(&[ack_entry(psn)], &[]) {
+            self.grants_out.push(ack_entry(psn));
+            let pushed = st.tx.push(&self.grants_out, &[]);
+            self.grants_out.clear();
+            if let Err(corrupt) = pushed {
                 result = Err(violation(format!("the peer corrupted the ring: {}", corrupt.0)));
             } else if st.tx.consumer_sleeping() {
                 sys::ring_eventfd(&sh.links.wake_peer);
             }
         }
+        self.grants_out.clear();
         sh.cq.push_all(completions.drain(..));
         self.completions = completions;
         drop(st);
@@ -1432,6 +1603,15 @@ impl Progress {
                 });
             }
             OP_WRITE | OP_WRITE_IMM => {
+                if e.placed && !st.granted.contains_key(&e.rkey) {
+                    return Err(violation(format!(
+                        "placed Write under key {:#x}, never granted",
+                        e.rkey
+                    )));
+                }
+                // A placed Write is checked as any Write (the region may
+                // have gone since the grant: a remote access error then, as
+                // a Write into a deregistered region gets).
                 let mut target = sh
                     .fabric
                     .pd
@@ -1451,18 +1631,24 @@ impl Progress {
                 } else {
                     None
                 };
-                let copied = match self.ensure_mapped(sh, e.serial) {
-                    Ok(()) => self.maps[&e.serial].read_into(offset, target.as_mut_slice()),
-                    Err(fatal) => {
+                if !e.placed {
+                    let copied = match self.ensure_mapped(sh, e.serial) {
+                        Ok(()) => self.maps[&e.serial].read_into(offset, target.as_mut_slice()),
+                        Err(fatal) => {
+                            st.recvs.extend(recv);
+                            return Err(fatal);
+                        }
+                    };
+                    if !copied {
+                        if let Some(wr) = recv {
+                            st.recvs.push_front(wr);
+                        }
+                        return Err(violation("Write source outside its memfd"));
+                    }
+                    if let Err(reason) = self.grant(sh, st, e.rkey, &target) {
                         st.recvs.extend(recv);
-                        return Err(fatal);
+                        return Err(violation(reason));
                     }
-                };
-                if !copied {
-                    if let Some(wr) = recv {
-                        st.recvs.push_front(wr);
-                    }
-                    return Err(violation("Write source outside its memfd"));
                 }
                 if let Some(mut wr) = recv {
                     wr.buf.set_len(0);

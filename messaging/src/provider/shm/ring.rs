@@ -38,6 +38,15 @@ pub(crate) const FLAG_INLINE: u8 = 1;
 /// Flag of a continuation slot: words 1–7 hold inline data of the entry
 /// before it.
 const FLAG_CONT: u8 = 2;
+/// Entry flag of a Write whose data the initiator placed itself (a region
+/// the consumer granted): only the notification travels.
+pub(crate) const FLAG_PLACED: u8 = 4;
+/// Header word the producer sets while it copies into the consumer's
+/// memory (a placement).
+const PLACING: usize = 192;
+/// Header word the consumer sets once it is closing: no placement may
+/// start after the producer sees it.
+const CLOSING: usize = 256;
 /// Inline bytes in the entry itself (words 3–7).
 pub(crate) const FIRST_INLINE: usize = 40;
 /// Inline bytes per continuation slot (words 1–7).
@@ -71,6 +80,8 @@ pub(crate) struct Entry {
     /// the data passed to [`Ring::push`]; for the consumer, `offset` is the
     /// entry's ring counter, and [`Ring::inline_data`] copies the data out.
     pub(crate) inline: bool,
+    /// A Write whose data the initiator already placed ([`FLAG_PLACED`]).
+    pub(crate) placed: bool,
     pub(crate) len: u32,
     pub(crate) psn: u64,
     pub(crate) serial: u64,
@@ -82,7 +93,7 @@ pub(crate) struct Entry {
 
 impl Entry {
     fn to_words(self) -> [u64; 8] {
-        let flags = if self.inline { FLAG_INLINE } else { 0 };
+        let flags = if self.inline { FLAG_INLINE } else { 0 } | if self.placed { FLAG_PLACED } else { 0 };
         let w0 =
             u64::from(self.opcode) | u64::from(self.status) << 8 | u64::from(flags) << 16 | u64::from(self.len) << 32;
         if self.inline {
@@ -106,13 +117,17 @@ impl Entry {
         if flags == FLAG_CONT {
             return Err(Corrupt("a continuation slot where an entry was due"));
         }
-        if flags & !FLAG_INLINE != 0 {
+        if flags & !(FLAG_INLINE | FLAG_PLACED) != 0 {
             return Err(Corrupt("unknown entry flags"));
+        }
+        if flags == FLAG_INLINE | FLAG_PLACED {
+            return Err(Corrupt("an entry both inline and placed"));
         }
         let mut e = Entry {
             opcode: w[0] as u8,
             status: (w[0] >> 8) as u8,
             inline: flags & FLAG_INLINE != 0,
+            placed: flags & FLAG_PLACED != 0,
             len: (w[0] >> 32) as u32,
             psn: w[1],
             ..Entry::default()
@@ -171,10 +186,7 @@ impl Ring {
     }
 
     fn word(&self, offset: usize) -> &AtomicU64 {
-        // SAFETY: `offset` is one of the header offsets (0, 64, 128), inside
-        // the mapping (checked in `new`) and 8-aligned (page-aligned base);
-        // the memory is shared with the peer only through atomics.
-        unsafe { &*self.map.ptr().as_ptr().add(self.base + offset).cast::<AtomicU64>() }
+        header_word(&self.map, self.base, offset)
     }
 
     fn sleeping(&self) -> &AtomicU32 {
@@ -367,5 +379,76 @@ impl Ring {
     /// Clears the sleeping flag after a wake-up.
     pub(crate) fn woke(&self) {
         self.sleeping().store(0, Ordering::SeqCst);
+    }
+}
+
+/// A header word of the ring at `base`.
+fn header_word(map: &Mapping, base: usize, offset: usize) -> &AtomicU64 {
+    assert!(offset < HEADER_BYTES && offset.is_multiple_of(64), "not a header word");
+    // SAFETY: `offset` is a line of the header page, inside the mapping
+    // (`Ring::new` and `Gate::new` check the ring fits) and 8-aligned
+    // (page-aligned base); the memory is shared with the peer only through
+    // atomics, and a zeroed word is a valid `AtomicU64`.
+    unsafe { &*map.ptr().as_ptr().add(base + offset).cast::<AtomicU64>() }
+}
+
+/// The placement handshake of one ring, usable without its lock: the
+/// ring's producer may copy into memory the consumer granted it (see
+/// `docs/protocol.md` §7b) only between [`Gate::begin_placing`] and
+/// [`Gate::end_placing`]; the consumer, closing, calls [`Gate::close`] and
+/// from then on no placement is running or can start. A store and a load on
+/// each side, both sequentially consistent: either the producer sees
+/// `closing`, or the consumer sees `placing` and waits.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    map: Arc<Mapping>,
+    base: usize,
+}
+
+impl Gate {
+    /// The gate of the ring at byte `base` of `map`.
+    ///
+    /// # Panics
+    /// If the ring does not fit (a local invariant, as in [`Ring::new`]).
+    pub(crate) fn new(map: Arc<Mapping>, base: usize) -> Gate {
+        assert!(
+            base & 4095 == 0 && base + RING_BYTES <= map.len(),
+            "ring outside its mapping"
+        );
+        Gate { map, base }
+    }
+
+    // Producer side.
+
+    /// Announces a placement; `false` (nothing announced) once the
+    /// consumer is closing.
+    pub(crate) fn begin_placing(&self) -> bool {
+        header_word(&self.map, self.base, PLACING).store(1, Ordering::SeqCst);
+        if header_word(&self.map, self.base, CLOSING).load(Ordering::SeqCst) != 0 {
+            self.end_placing();
+            return false;
+        }
+        true
+    }
+
+    /// The placement is over.
+    pub(crate) fn end_placing(&self) {
+        header_word(&self.map, self.base, PLACING).store(0, Ordering::Release);
+    }
+
+    // Consumer side.
+
+    /// Says the consumer is closing, then waits until no placement runs
+    /// (the producer finishes a copy in microseconds); `false` if one still
+    /// ran at `deadline` (a producer stopped in the middle of its copy).
+    pub(crate) fn close(&self, deadline: std::time::Instant) -> bool {
+        header_word(&self.map, self.base, CLOSING).store(1, Ordering::SeqCst);
+        while header_word(&self.map, self.base, PLACING).load(Ordering::SeqCst) != 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+        true
     }
 }

@@ -118,6 +118,27 @@ impl Mapping {
         true
     }
 
+    /// `len` bytes at `offset` of this mapping as a slice, after a bounds
+    /// check; `None` if the range leaves the mapping.
+    ///
+    /// # Safety
+    /// For as long as the slice lives, nothing else in this process may
+    /// read or write that range (no other slice from this mapping or another
+    /// mapping of the same memfd, no `read_into`/`write_from` over it).
+    // A mapping is shared memory reached through `&self`; the exclusive
+    // borrow is the caller's promise (see Safety), not the receiver's.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn bytes_mut(&self, offset: usize, len: usize) -> Option<&mut [u8]> {
+        if !in_bounds(offset, len, self.len) {
+            return None;
+        }
+        // SAFETY: the range lies inside the live, writable mapping (checked
+        // above), bytes have no invalid values, and the caller promises the
+        // borrow is the only access from this process; the peer's own
+        // accesses are outside Rust's model and can only change the bytes.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset), len) })
+    }
+
     /// Copies `src` to `offset` of this mapping, after a bounds check;
     /// `false` if the range leaves the mapping.
     pub(crate) fn write_from(&self, offset: usize, src: &[u8]) -> bool {

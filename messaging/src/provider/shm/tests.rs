@@ -175,6 +175,7 @@ fn ring_entries_round_trip() {
         opcode: OP_WRITE_IMM,
         status: 3,
         inline: false,
+        placed: false,
         len: 0xdead_beef,
         psn: u64::MAX - 1,
         serial: 7,
@@ -304,7 +305,8 @@ fn malformed_or_stale_entries_are_refused_or_left() {
             Some("longer than the inline limit"),
         ),
         (word0(1, 100, 1), Some("without its continuation")),
-        (word0(4, 8, 1), Some("unknown entry flags")),
+        (word0(8, 8, 1), Some("unknown entry flags")),
+        (word0(5, 8, 1), Some("both inline and placed")),
         (word0(2, 8, 1), Some("a continuation slot where an entry was due")),
         // Another pass's entry (lap 2), and an unpublished slot (lap 0):
         // not taken, and nothing wrong.
@@ -393,4 +395,212 @@ fn a_silent_client_neither_blocks_others_nor_lives_forever() {
     ));
     let end = silent.recv_until(64, Instant::now() + LONG);
     assert!(end.is_err(), "closed without an answer: {end:?}");
+}
+
+/// Posts a Write (with immediate 1) of `byte` × `len` from a fresh buffer
+/// of `a` into `remote` and waits for its completion on `a`.
+fn write_into(fabric: &ShmFabric, a: &dyn QueuePair, remote: RemoteAddr, byte: u8, len: usize) -> WcStatus {
+    let src = pool(fabric, 4096, 1, Access::LOCAL_WRITE);
+    let mut buf = src.checkout().expect("chunk");
+    buf.fill(&vec![byte; len]).expect("fits");
+    a.post_send(&mut vec![SendWr {
+        id: WrId(1),
+        op: SendOp::Write {
+            buf,
+            remote,
+            imm: Some(1),
+        },
+    }])
+    .expect("post");
+    wait_for(a, 1)[0].status
+}
+
+/// Places `byte` × `len` at `remote` through `a`, retrying while the grant
+/// is on its way (its entry is executed by `a`'s progress).
+fn place_soon(a: &dyn QueuePair, remote: RemoteAddr, byte: u8, len: usize) -> bool {
+    let deadline = Instant::now() + LONG;
+    while Instant::now() < deadline {
+        if a.place(remote, len, &mut |dest| dest.fill(byte)) {
+            return true;
+        }
+        a.wait(Some(Duration::from_millis(1)));
+    }
+    false
+}
+
+fn placed(token: Buf, remote: RemoteAddr, imm: Option<u32>) -> SendWr {
+    SendWr {
+        id: WrId(2),
+        op: SendOp::Placed { token, remote, imm },
+    }
+}
+
+#[test]
+fn a_written_region_is_granted_and_later_writes_are_placed_by_the_initiator() {
+    let fabric = ShmFabric::new();
+    let target = pool(&fabric, 4096, 2, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let imm_bufs = pool(&fabric, 64, 4, Access::LOCAL_WRITE);
+    let desc = target.remote();
+    let chunk1 = RemoteAddr {
+        addr: desc.addr + 4096,
+        rkey: desc.rkey,
+    };
+    let (a, b) = connect_pair(&fabric, "", (b"", vec![]), (b"", recvs(&imm_bufs, 4, 100)));
+    assert!(
+        !a.place(chunk1, 8, &mut |_| panic!("no grant yet")),
+        "nothing is granted before a first Write"
+    );
+    assert_eq!(write_into(&fabric, &*a, chunk1, 0x11, 100), WcStatus::Success);
+    assert_eq!(wait_for(&*b, 1)[0].opcode, WcOpcode::RecvRdmaWithImm);
+    // The grant rides with the acknowledgement of that first Write.
+    assert!(place_soon(&*a, chunk1, 0x5a, 300), "the region was granted");
+    // Outside the grant, or under another key: not placed, fill never runs.
+    let beyond = RemoteAddr {
+        addr: desc.addr + 8000,
+        rkey: desc.rkey,
+    };
+    assert!(!a.place(beyond, 400, &mut |_| panic!("out of bounds")));
+    let below = RemoteAddr {
+        addr: desc.addr - 1,
+        rkey: desc.rkey,
+    };
+    assert!(!a.place(below, 1, &mut |_| panic!("below the region")));
+    let other = RemoteAddr {
+        addr: chunk1.addr,
+        rkey: crate::mr::RKey(desc.rkey.0 ^ 1),
+    };
+    assert!(!a.place(other, 1, &mut |_| panic!("unknown key")));
+    // The notification: only the immediate and the length travel.
+    let src = pool(&fabric, 4096, 1, Access::LOCAL_WRITE);
+    let mut token = src.checkout().expect("chunk");
+    token.set_len(300);
+    a.post_send(&mut vec![placed(token, chunk1, Some(77))]).expect("post");
+    let done = wait_for(&*a, 1);
+    assert_eq!(
+        (done[0].status, done[0].opcode),
+        (WcStatus::Success, WcOpcode::RdmaWrite)
+    );
+    let got = wait_for(&*b, 1);
+    assert_eq!(
+        (got[0].status, got[0].opcode, got[0].byte_len, got[0].imm),
+        (WcStatus::Success, WcOpcode::RecvRdmaWithImm, 300, Some(77))
+    );
+    let _chunk0 = target.checkout().expect("chunk 0");
+    let mut t = target.checkout().expect("chunk 1");
+    t.set_len(4096);
+    assert!(t[..300].iter().all(|&x| x == 0x5a), "placed bytes landed");
+    assert!(t[300..].iter().all(|&x| x == 0), "nothing beyond them");
+}
+
+#[test]
+fn a_placed_write_names_a_granted_region_or_fails_the_queue_pair() {
+    let fabric = ShmFabric::new();
+    let target = pool(&fabric, 4096, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let desc = target.remote();
+    let remote = RemoteAddr {
+        addr: desc.addr,
+        rkey: desc.rkey,
+    };
+    let (a, b) = connect_pair(&fabric, "", (b"", vec![]), (b"", vec![]));
+    // Claiming a placement the peer never granted is a protocol violation.
+    let src = pool(&fabric, 4096, 1, Access::LOCAL_WRITE);
+    let mut token = src.checkout().expect("chunk");
+    token.set_len(10);
+    a.post_send(&mut vec![placed(token, remote, None)]).expect("post");
+    assert_ne!(wait_for(&*a, 1)[0].status, WcStatus::Success);
+    let deadline = Instant::now() + LONG;
+    while !b.is_failed() {
+        assert!(Instant::now() < deadline, "the responder failed the queue pair");
+        b.wait(Some(Duration::from_millis(5)));
+    }
+}
+
+#[test]
+fn a_placement_into_a_region_the_peer_freed_is_refused_when_announced() {
+    let fabric = ShmFabric::new();
+    let imm_bufs = pool(&fabric, 64, 4, Access::LOCAL_WRITE);
+    let (a, b) = connect_pair(&fabric, "", (b"", vec![]), (b"", recvs(&imm_bufs, 4, 100)));
+    let target = pool(&fabric, 4096, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let desc = target.remote();
+    let remote = RemoteAddr {
+        addr: desc.addr,
+        rkey: desc.rkey,
+    };
+    assert_eq!(write_into(&fabric, &*a, remote, 1, 64), WcStatus::Success);
+    wait_for(&*b, 1);
+    assert!(place_soon(&*a, remote, 2, 64));
+    // The region goes (its memfd stays mapped on the initiator's side until
+    // the unexport arrives, so a late placement only reaches orphaned pages)
+    // and the notification of a placement into it is refused, as a Write
+    // into a deregistered region is.
+    drop(target);
+    assert!(a.place(remote, 64, &mut |dest| dest.fill(3)), "still granted here");
+    let src = pool(&fabric, 4096, 1, Access::LOCAL_WRITE);
+    let mut token = src.checkout().expect("chunk");
+    token.set_len(64);
+    a.post_send(&mut vec![placed(token, remote, Some(5))]).expect("post");
+    assert_eq!(wait_for(&*a, 1)[0].status, WcStatus::RemoteAccessError);
+}
+
+#[test]
+fn no_placement_starts_once_the_peer_closed() {
+    let fabric = ShmFabric::new();
+    let imm_bufs = pool(&fabric, 64, 4, Access::LOCAL_WRITE);
+    let target = pool(&fabric, 4096, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let desc = target.remote();
+    let remote = RemoteAddr {
+        addr: desc.addr,
+        rkey: desc.rkey,
+    };
+    let (a, b) = connect_pair(&fabric, "", (b"", vec![]), (b"", recvs(&imm_bufs, 4, 100)));
+    assert_eq!(write_into(&fabric, &*a, remote, 1, 64), WcStatus::Success);
+    wait_for(&*b, 1);
+    assert!(place_soon(&*a, remote, 2, 64));
+    // The responder closes: from then on its memory is its own again, before
+    // the initiator even learns of the close.
+    b.disconnect();
+    assert!(!a.place(remote, 64, &mut |_| panic!("placed after the peer closed")));
+}
+
+#[test]
+fn placement_gate_makes_a_closing_side_wait_for_a_running_copy() {
+    let map = ring_memory();
+    let (producer, consumer) = (ring::Gate::new(map.clone(), 0), ring::Gate::new(map, 0));
+    assert!(producer.begin_placing());
+    // A copy is running: the consumer waits for it, up to its deadline.
+    assert!(!consumer.close(Instant::now() + Duration::from_millis(20)));
+    producer.end_placing();
+    assert!(consumer.close(Instant::now() + LONG), "no copy runs");
+    assert!(!producer.begin_placing(), "none starts after the close");
+}
+
+#[test]
+fn placed_entries_round_trip_and_never_carry_inline_data() {
+    let e = Entry {
+        opcode: OP_WRITE_IMM,
+        placed: true,
+        len: 4096,
+        psn: 9,
+        addr: 0x1000,
+        rkey: 42,
+        imm: 7,
+        ..Entry::default()
+    };
+    let map = ring_memory();
+    let (mut tx, mut rx) = (Ring::new(map.clone(), 0), Ring::new(map, 0));
+    tx.push(&[e], &[]).expect("room");
+    let mut out = Vec::new();
+    assert_eq!(rx.pop(&mut out, 1).expect("sane"), 1);
+    assert_eq!(out, vec![e]);
+    // Both flags at once is malformed.
+    let both = Entry {
+        inline: true,
+        len: 0,
+        ..e
+    };
+    tx.push(&[both], &[]).expect("room");
+    assert!(
+        rx.pop(&mut out, 1).is_err(),
+        "an entry both inline and placed is refused"
+    );
 }

@@ -716,10 +716,20 @@ impl QueuePair for VerbsQp {
                 later.push(c);
                 continue;
             }
-            let seq = st.next_seq;
-            st.next_seq += 1;
             let opcode = wr.opcode();
             let (kind, buf) = match wr.op {
+                // Refused by `check_local` above.
+                SendOp::Placed { token, .. } => {
+                    later.push(Completion {
+                        id: wr.id,
+                        status: WcStatus::LocalProtectionError,
+                        opcode,
+                        byte_len: 0,
+                        imm: None,
+                        buf: token,
+                    });
+                    continue;
+                }
                 SendOp::Send { buf, imm } => (SendKind::Send { imm }, buf),
                 SendOp::Write { buf, remote, imm } => (
                     SendKind::Write {
@@ -737,6 +747,8 @@ impl QueuePair for VerbsQp {
                     buf,
                 ),
             };
+            let seq = st.next_seq;
+            st.next_seq += 1;
             descs.push(SendDesc {
                 wr_id: seq,
                 kind,
@@ -931,6 +943,8 @@ fn owned_by(domain: &ProtectionDomain, buf: &Buf) -> bool {
 fn check_local(domain: &ProtectionDomain, wr: &SendWr, max_message: u32, read_depth: u8) -> Result<(), WcStatus> {
     let buf = match &wr.op {
         SendOp::Send { buf, .. } | SendOp::Write { buf, .. } | SendOp::Read { buf, .. } => buf,
+        // The NIC moves the data: nothing is ever placed by the initiator.
+        SendOp::Placed { .. } => return Err(WcStatus::LocalProtectionError),
     };
     if buf.len() > max_message as usize {
         return Err(WcStatus::LocalLengthError);
