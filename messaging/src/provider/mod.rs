@@ -505,9 +505,11 @@ pub trait QueuePair: Send + Sync + fmt::Debug {
     /// Runs `fill` on `len` bytes of the peer's memory at `remote`, when
     /// this provider lets the initiator of a Write copy the data itself
     /// (shm, into a region the peer granted) and the peer is still there;
-    /// returns whether it did. A [`SendOp::Placed`] then tells the peer.
-    /// `false` (the default, and for an unknown key, bounds outside the
-    /// grant or a closing peer) leaves the Write to the usual path.
+    /// returns whether it did, and calls `fill` exactly then. A
+    /// [`SendOp::Placed`] then tells the peer. `false` (the default, and for
+    /// an unknown key, bounds outside the grant or a closing peer) leaves
+    /// the Write to the usual path. `fill` runs under the provider's locks:
+    /// it must not post or poll.
     fn place(&self, remote: RemoteAddr, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> bool {
         let _ = (remote, len, fill);
         false

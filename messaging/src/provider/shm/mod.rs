@@ -26,6 +26,15 @@
 //! the initiator's buffer. The remote key, bounds and access are checked in
 //! the responder's own domain ([`ProtectionDomain::remote_target`]), the
 //! same check as tcp's, so a stale or forged key can never reach memory.
+//!
+//! # Placement
+//! After a first Write into a registration, the responder grants it to the
+//! initiator (`OP_GRANT`: its memfd, exported first, and its range). The
+//! initiator may then copy a Write's data there itself ([`QueuePair::place`],
+//! checked against the grant) and post a [`SendOp::Placed`]: the responder
+//! checks it as any Write, minus the copy, and also that the key still
+//! names the granted memfd. A gate in the rings' header keeps a closing
+//! side's memory its own (`docs/protocol.md` §7b, ADR 5).
 //! The responder answers with a cumulative `ACK psn` (which also completes
 //! Reads: their data is in place before the ACK is published) or a
 //! `NAK psn status` followed by closing the socket.
@@ -658,9 +667,10 @@ struct State {
     publish: Vec<Entry>,
     /// Their inline data, in order (kept likewise).
     publish_data: Vec<u8>,
-    /// Regions granted to the peer (remote key → first address), so that
-    /// each is granted once and a placed Write names one of them.
-    granted: IntMap<u32, u64>,
+    /// Regions granted to the peer (remote key → first address and memfd
+    /// serial), so that each is granted once and a placed Write names one
+    /// of them.
+    granted: IntMap<u32, (u64, u64)>,
 }
 
 struct Pending {
@@ -965,11 +975,16 @@ impl Shared {
                     return Err((WcStatus::LocalLengthError, "message longer than max_message".into()));
                 }
                 *planned += 1;
+                // The memfd the grant named: the peer refuses the
+                // notification if its key now names another registration
+                // (0 if the grant is gone: refused too).
+                let serial = self.grants.lock().get(&remote.rkey.0).map_or(0, |g| g.serial);
                 return Ok(Entry {
                     opcode: if imm.is_some() { OP_WRITE_IMM } else { OP_WRITE },
                     placed: true,
                     len: token.len() as u32,
                     psn: st.next_psn,
+                    serial,
                     addr: remote.addr,
                     rkey: remote.rkey.0,
                     imm: imm.unwrap_or(0),
@@ -1418,20 +1433,22 @@ impl Progress {
     /// into it itself (its memfd exported, an `OP_GRANT` queued for the
     /// batch's publication). Regions of heap memory are not granted.
     fn grant(&mut self, sh: &Shared, st: &mut State, rkey: u32, target: &RemoteTarget) -> Result<(), String> {
-        if st.granted.contains_key(&rkey) {
-            return Ok(());
-        }
         let Some((serial, base, size)) = target.region_allocation() else {
             return Ok(());
         };
+        // Granted already, unless the key now names another registration
+        // (keys come back after 2^32 registrations): then granted anew.
+        if st.granted.get(&rkey).is_some_and(|&(_, s)| s == serial) {
+            return Ok(());
+        }
         if st.granted.len() >= CHECKED_PRUNE_AT {
             // Forget grants of regions that are gone.
             let pd = &sh.fabric.pd;
             st.granted
-                .retain(|k, b| pd.remote_target(RKey(*k), *b, 0, Access::NONE).is_ok());
+                .retain(|k, (b, _)| pd.remote_target(RKey(*k), *b, 0, Access::NONE).is_ok());
         }
         sh.export(st, serial)?;
-        st.granted.insert(rkey, base);
+        st.granted.insert(rkey, (base, serial));
         self.grants_out.push(Entry {
             opcode: OP_GRANT,
             serial,
@@ -1611,12 +1628,24 @@ impl Progress {
                 }
                 // A placed Write is checked as any Write (the region may
                 // have gone since the grant: a remote access error then, as
-                // a Write into a deregistered region gets).
+                // a Write into a deregistered region gets), and must have
+                // gone into the memfd of the region the key names now (a
+                // key reused after its region died names another one).
                 let mut target = sh
                     .fabric
                     .pd
                     .remote_target(RKey(e.rkey), e.addr, len as u64, Access::REMOTE_WRITE)
                     .map_err(|err| nak(e.psn, WcStatus::RemoteAccessError, format!("RDMA Write refused: {err}")))?;
+                if e.placed && target.region_allocation().map(|(serial, _, _)| serial) != Some(e.serial) {
+                    return Err(nak(
+                        e.psn,
+                        WcStatus::RemoteAccessError,
+                        format!(
+                            "placed Write into memfd {}, not the region key {:#x} names",
+                            e.serial, e.rkey
+                        ),
+                    ));
+                }
                 let recv = if e.opcode == OP_WRITE_IMM {
                     match st.recvs.pop_front() {
                         Some(wr) => Some(wr),

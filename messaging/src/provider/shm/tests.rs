@@ -604,3 +604,37 @@ fn placed_entries_round_trip_and_never_carry_inline_data() {
         "an entry both inline and placed is refused"
     );
 }
+
+#[test]
+fn a_placed_write_must_name_the_memfd_its_key_names_now() {
+    // A Write and, before its grant arrived, a placed Write under the same
+    // key: the responder has granted the key by the time it executes the
+    // second, but the initiator named no memfd (it held no grant), as when
+    // a key was reused for another registration since. Refused, never
+    // completed as if the data had landed.
+    let fabric = ShmFabric::new();
+    let imm_bufs = pool(&fabric, 64, 4, Access::LOCAL_WRITE);
+    let target = pool(&fabric, 4096, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let desc = target.remote();
+    let remote = RemoteAddr {
+        addr: desc.addr,
+        rkey: desc.rkey,
+    };
+    let (a, _b) = connect_pair(&fabric, "", (b"", vec![]), (b"", recvs(&imm_bufs, 4, 100)));
+    let src = pool(&fabric, 4096, 2, Access::LOCAL_WRITE);
+    let mut buf = src.checkout().expect("chunk");
+    buf.fill(&[1; 64]).expect("fits");
+    let mut token = src.checkout().expect("chunk");
+    token.set_len(64);
+    a.post_send(&mut vec![
+        SendWr {
+            id: WrId(1),
+            op: SendOp::Write { buf, remote, imm: None },
+        },
+        placed(token, remote, Some(3)),
+    ])
+    .expect("post");
+    let got = wait_for(&*a, 2);
+    assert_eq!(got[0].status, WcStatus::Success, "the plain Write");
+    assert_eq!(got[1].status, WcStatus::RemoteAccessError, "the placed one");
+}
