@@ -436,7 +436,7 @@ impl Endpoint {
         filled?;
         let mut slot = Some(buf);
         Ok(self.blocking(None, |inner, token| {
-            push_with(&mut slot, |b| inner.conn.push_direct_placed(token, b, target, flag))
+            push_with(&mut slot, |b| inner.conn.push_direct_as(token, b, target, flag, true))
         }))
     }
 

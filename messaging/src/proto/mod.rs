@@ -714,26 +714,17 @@ impl Connection {
         self.push_direct_as(token, src, target, flag, false)
     }
 
-    /// As [`Connection::push_direct_with`] for data the application already
-    /// placed at the target through the provider ([`QueuePair::place`]):
-    /// `token` stands for it (its length is the placed length, its bytes
-    /// are not sent) and comes back as a pushed buffer does.
+    /// As [`Connection::push_direct_with`]; with `placed`, for data the
+    /// application already placed at the target through the provider
+    /// ([`QueuePair::place`]): `src` then stands for it (its length is the
+    /// placed length, its bytes are not sent) and comes back as a pushed
+    /// buffer does.
     ///
     /// # Errors
     /// As [`Connection::push_direct`].
     ///
     /// [`QueuePair::place`]: crate::provider::QueuePair::place
-    pub fn push_direct_placed(
-        &mut self,
-        token: u64,
-        src: Buf,
-        target: DirectTarget,
-        flag: bool,
-    ) -> Result<(), PushError> {
-        self.push_direct_as(token, src, target, flag, true)
-    }
-
-    fn push_direct_as(
+    pub fn push_direct_as(
         &mut self,
         token: u64,
         src: Buf,

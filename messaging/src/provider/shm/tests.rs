@@ -435,6 +435,37 @@ fn placed(token: Buf, remote: RemoteAddr, imm: Option<u32>) -> SendWr {
     }
 }
 
+/// A connected pair whose responder `b` has four receives posted (for
+/// immediates) and one 4 KiB remote-write region at `remote`.
+struct Placing {
+    fabric: ShmFabric,
+    _imm: crate::mr::BufPool,
+    target: crate::mr::BufPool,
+    remote: RemoteAddr,
+    a: Box<dyn QueuePair>,
+    b: Box<dyn QueuePair>,
+}
+
+fn placing_pair() -> Placing {
+    let fabric = ShmFabric::new();
+    let imm = pool(&fabric, 64, 4, Access::LOCAL_WRITE);
+    let target = pool(&fabric, 4096, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
+    let desc = target.remote();
+    let remote = RemoteAddr {
+        addr: desc.addr,
+        rkey: desc.rkey,
+    };
+    let (a, b) = connect_pair(&fabric, "", (b"", vec![]), (b"", recvs(&imm, 4, 100)));
+    Placing {
+        fabric,
+        _imm: imm,
+        target,
+        remote,
+        a,
+        b,
+    }
+}
+
 #[test]
 fn a_written_region_is_granted_and_later_writes_are_placed_by_the_initiator() {
     let fabric = ShmFabric::new();
@@ -517,15 +548,14 @@ fn a_placed_write_names_a_granted_region_or_fails_the_queue_pair() {
 
 #[test]
 fn a_placement_into_a_region_the_peer_freed_is_refused_when_announced() {
-    let fabric = ShmFabric::new();
-    let imm_bufs = pool(&fabric, 64, 4, Access::LOCAL_WRITE);
-    let (a, b) = connect_pair(&fabric, "", (b"", vec![]), (b"", recvs(&imm_bufs, 4, 100)));
-    let target = pool(&fabric, 4096, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
-    let desc = target.remote();
-    let remote = RemoteAddr {
-        addr: desc.addr,
-        rkey: desc.rkey,
-    };
+    let Placing {
+        fabric,
+        _imm,
+        target,
+        remote,
+        a,
+        b,
+    } = placing_pair();
     assert_eq!(write_into(&fabric, &*a, remote, 1, 64), WcStatus::Success);
     wait_for(&*b, 1);
     assert!(place_soon(&*a, remote, 2, 64));
@@ -544,22 +574,14 @@ fn a_placement_into_a_region_the_peer_freed_is_refused_when_announced() {
 
 #[test]
 fn no_placement_starts_once_the_peer_closed() {
-    let fabric = ShmFabric::new();
-    let imm_bufs = pool(&fabric, 64, 4, Access::LOCAL_WRITE);
-    let target = pool(&fabric, 4096, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
-    let desc = target.remote();
-    let remote = RemoteAddr {
-        addr: desc.addr,
-        rkey: desc.rkey,
-    };
-    let (a, b) = connect_pair(&fabric, "", (b"", vec![]), (b"", recvs(&imm_bufs, 4, 100)));
-    assert_eq!(write_into(&fabric, &*a, remote, 1, 64), WcStatus::Success);
-    wait_for(&*b, 1);
-    assert!(place_soon(&*a, remote, 2, 64));
+    let p = placing_pair();
+    assert_eq!(write_into(&p.fabric, &*p.a, p.remote, 1, 64), WcStatus::Success);
+    wait_for(&*p.b, 1);
+    assert!(place_soon(&*p.a, p.remote, 2, 64));
     // The responder closes: from then on its memory is its own again, before
     // the initiator even learns of the close.
-    b.disconnect();
-    assert!(!a.place(remote, 64, &mut |_| panic!("placed after the peer closed")));
+    p.b.disconnect();
+    assert!(!p.a.place(p.remote, 64, &mut |_| panic!("placed after the peer closed")));
 }
 
 #[test]
@@ -612,15 +634,15 @@ fn a_placed_write_must_name_the_memfd_its_key_names_now() {
     // second, but the initiator named no memfd (it held no grant), as when
     // a key was reused for another registration since. Refused, never
     // completed as if the data had landed.
-    let fabric = ShmFabric::new();
-    let imm_bufs = pool(&fabric, 64, 4, Access::LOCAL_WRITE);
-    let target = pool(&fabric, 4096, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
-    let desc = target.remote();
-    let remote = RemoteAddr {
-        addr: desc.addr,
-        rkey: desc.rkey,
-    };
-    let (a, _b) = connect_pair(&fabric, "", (b"", vec![]), (b"", recvs(&imm_bufs, 4, 100)));
+    // Bound, not `..`: the responder and its region must outlive the posts.
+    let Placing {
+        fabric,
+        remote,
+        a,
+        b: _b,
+        target: _target,
+        _imm,
+    } = placing_pair();
     let src = pool(&fabric, 4096, 2, Access::LOCAL_WRITE);
     let mut buf = src.checkout().expect("chunk");
     buf.fill(&[1; 64]).expect("fits");
