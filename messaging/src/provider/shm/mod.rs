@@ -1431,7 +1431,9 @@ impl Progress {
 
     /// After a first Write into a region: lets the peer place later Writes
     /// into it itself (its memfd exported, an `OP_GRANT` queued for the
-    /// batch's publication). Regions of heap memory are not granted.
+    /// batch's publication). Regions of heap memory are not granted. A
+    /// registration is a whole memfd ([`MemfdAllocator`]), so the region's
+    /// first byte is the memfd's: the peer places at `addr - base`.
     fn grant(&mut self, sh: &Shared, st: &mut State, rkey: u32, target: &RemoteTarget) -> Result<(), String> {
         let Some((serial, base, size)) = target.region_allocation() else {
             return Ok(());
