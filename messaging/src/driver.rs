@@ -423,20 +423,26 @@ impl Endpoint {
         };
         let mut fill = Some(fill);
         let mut filled = Ok(());
-        self.shared.qp.place(remote, len, &mut |dest| {
+        let placement = self.shared.qp.place(remote, len, &mut |dest| {
             if let Some(f) = fill.take() {
                 filled = f(dest);
             }
         });
-        if let Some(f) = fill {
+        let placement = match (placement, fill) {
+            (Some(p), None) => Some(p),
             // Not placed: the data goes the usual way, from `buf`.
-            f(&mut buf)?;
-            return Ok(self.push_direct_with(buf, target, flag));
-        }
+            (_, Some(f)) => {
+                f(&mut buf)?;
+                None
+            }
+            (None, None) => return Ok(Err(Error::BadBuffer("the fabric filled a placement it then refused"))),
+        };
         filled?;
         let mut slot = Some(buf);
         Ok(self.blocking(None, |inner, token| {
-            push_with(&mut slot, |b| inner.conn.push_direct_as(token, b, target, flag, true))
+            push_with(&mut slot, |b| {
+                inner.conn.push_direct_as(token, b, target, flag, placement)
+            })
         }))
     }
 

@@ -419,16 +419,15 @@ impl Queue {
             .map_err(|e| format!("cannot send a completion: {e}"))
     }
 
-    /// Pushes what `fill` writes into the host buffer the command's keyed
-    /// descriptor names. With `exact` (the length known up front, as for a
-    /// read) the fabric may let `fill` write straight into the host's
-    /// buffer ([`messaging::Endpoint::push_direct_fill`]); otherwise `fill`
-    /// writes a staging buffer and says how much it wrote.
+    /// Pushes `want` bytes (fewer if the command's keyed descriptor names a
+    /// smaller host buffer) that `fill` writes, into that host buffer.
+    /// Where the fabric allows, `fill` writes the host's buffer itself
+    /// ([`messaging::Endpoint::push_direct_fill`]), else a staging buffer.
     fn push_to_host(
         &mut self,
         sqe: &Sqe,
-        exact: Option<usize>,
-        fill: impl FnOnce(&mut [u8]) -> Result<usize, Status>,
+        want: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), Status>,
     ) -> Result<Outcome, String> {
         let (addr, len, key) = match sqe.sgl() {
             Ok(Sgl::KeyedDataBlock { addr, len, key }) | Ok(Sgl::KeyedDataBlockInvalidate { addr, len, key }) => {
@@ -437,7 +436,6 @@ impl Queue {
             Ok(_) => return Ok(Outcome::status(Status::SGL_INVALID_DESCRIPTOR_TYPE.with_dnr())),
             Err(e) => return Ok(Outcome::status(e.status())),
         };
-        let by_data = transport::completes_by_data(sqe);
         let target = DirectTarget {
             tag: transport::transfer_tag(sqe),
             remote: RemoteBuf {
@@ -446,41 +444,15 @@ impl Queue {
                 rkey: RKey(key),
             },
         };
-        let mut buf = self.staging.tier(len as usize).checkout()?;
-        if let Some(n) = exact {
-            if n > len as usize || n > buf.capacity() {
-                return Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr()));
-            }
-            let ticket = match self
-                .ep
-                .push_direct_fill(buf, target, by_data, n, |dest| fill(dest).map(drop))
-            {
-                Err(status) => return Ok(Outcome::status(status)),
-                Ok(pushed) => pushed.map_err(|e| format!("cannot push data to the host: {e}"))?,
-            };
-            self.staging.tier(len as usize).pushed(ticket);
-            return Ok(if by_data {
-                Outcome::Pushed
-            } else {
-                Outcome::status(Status::SUCCESS)
-            });
-        }
-        let room = (len as usize).min(buf.capacity());
-        buf.set_len(room);
-        let n = match fill(&mut buf) {
-            Ok(n) => n,
-            Err(status) => return Ok(Outcome::status(status)),
-        };
-        if n > len as usize {
-            return Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr()));
-        }
-        buf.set_len(n);
         // The command succeeds with this push: when the host allows, the
         // push itself says so and no response capsule follows.
-        let ticket = self
-            .ep
-            .push_direct_with(buf, target, by_data)
-            .map_err(|e| format!("cannot push data to the host: {e}"))?;
+        let by_data = transport::completes_by_data(sqe);
+        let buf = self.staging.tier(len as usize).checkout()?;
+        let n = want.min(len as usize).min(buf.capacity());
+        let ticket = match self.ep.push_direct_fill(buf, target, by_data, n, fill) {
+            Err(status) => return Ok(Outcome::status(status)),
+            Ok(pushed) => pushed.map_err(|e| format!("cannot push data to the host: {e}"))?,
+        };
         self.staging.tier(len as usize).pushed(ticket);
         Ok(if by_data {
             Outcome::Pushed
@@ -530,7 +502,7 @@ impl Queue {
             }
             _ => return Ok(Outcome::status(Status::INVALID_FIELD.with_dnr())),
         };
-        self.push_to_host(sqe, None, |buf| copy_out(&data, buf))
+        self.push_to_host(sqe, data.len(), |dest| copy_out(&data, dest))
     }
 
     fn identify_controller(&self) -> IdentifyController {
@@ -588,7 +560,7 @@ impl Queue {
         let want = lp.byte_len().min(transport::MAX_TRANSFER as u64) as usize;
         let mut page = data[offset..].to_vec();
         page.resize(want, 0);
-        self.push_to_host(sqe, None, |buf| copy_out(&page, buf))
+        self.push_to_host(sqe, page.len(), |dest| copy_out(&page, dest))
     }
 
     fn set_features(&mut self, sqe: &Sqe) -> Outcome {
@@ -699,9 +671,9 @@ impl Queue {
                 if sqe.sgl().map(|s| u64::from(s.len()) < len).unwrap_or(false) {
                     return Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr()));
                 }
-                self.push_to_host(sqe, Some(len as usize), |dest| {
-                    ns.read(offset, dest).map_err(|e| block_status(&e))?;
-                    Ok(len as usize)
+                // Checked above: the host's buffer takes all `len` bytes.
+                self.push_to_host(sqe, len as usize, |dest| {
+                    ns.read(offset, dest).map_err(|e| block_status(&e))
                 })
             }
             IoOpcode::Write => {
@@ -812,10 +784,12 @@ impl Queue {
 }
 
 /// Copies `data` into the front of `buf`; the count copied.
-fn copy_out(data: &[u8], buf: &mut [u8]) -> Result<usize, Status> {
-    let n = data.len().min(buf.len());
-    buf[..n].copy_from_slice(&data[..n]);
-    Ok(n)
+/// The first `dest.len()` bytes of `data` (which `push_to_host` never makes
+/// longer than `data`) into `dest`.
+fn copy_out(data: &[u8], dest: &mut [u8]) -> Result<(), Status> {
+    let src = data.get(..dest.len()).ok_or(Status::INTERNAL_ERROR)?;
+    dest.copy_from_slice(src);
+    Ok(())
 }
 
 /// The NVMe status for a block-layer error.

@@ -684,7 +684,7 @@ impl Connection {
             addr: peer.params.slot_addr + u64::from(slot) * u64::from(peer.params.slot_size),
             rkey: peer.params.slot_rkey,
         };
-        self.post_push(token, src, remote, Target::Slot(slot), false);
+        self.post_push(token, src, remote, Target::Slot(slot), None);
         Ok(())
     }
 
@@ -711,14 +711,14 @@ impl Connection {
         target: DirectTarget,
         flag: bool,
     ) -> Result<(), PushError> {
-        self.push_direct_as(token, src, target, flag, false)
+        self.push_direct_as(token, src, target, flag, None)
     }
 
     /// As [`Connection::push_direct_with`]; with `placed`, for data the
     /// application already placed at the target through the provider
-    /// ([`QueuePair::place`]): `src` then stands for it (its length is the
-    /// placed length, its bytes are not sent) and comes back as a pushed
-    /// buffer does.
+    /// ([`QueuePair::place`], which returned this placement): `src` then
+    /// stands for it (its length is the placed length, its bytes are not
+    /// sent) and comes back as a pushed buffer does.
     ///
     /// # Errors
     /// As [`Connection::push_direct`].
@@ -730,7 +730,7 @@ impl Connection {
         src: Buf,
         target: DirectTarget,
         flag: bool,
-        placed: bool,
+        placed: Option<u64>,
     ) -> Result<(), PushError> {
         if let Err(error) = self.check_open() {
             return Err(PushError { error, buf: src });
@@ -931,18 +931,16 @@ impl Connection {
         Ok(())
     }
 
-    fn post_push(&mut self, token: u64, src: Buf, remote: RemoteAddr, target: Target, placed: bool) {
+    fn post_push(&mut self, token: u64, src: Buf, remote: RemoteAddr, target: Target, placed: Option<u64>) {
         let len = src.len() as u32;
-        let write = |buf: Buf, imm: Option<u32>| {
-            if placed {
-                SendOp::Placed {
-                    token: buf,
-                    remote,
-                    imm,
-                }
-            } else {
-                SendOp::Write { buf, remote, imm }
-            }
+        let write = |buf: Buf, imm: Option<u32>| match placed {
+            Some(placement) => SendOp::Placed {
+                token: buf,
+                remote,
+                imm,
+                placement,
+            },
+            None => SendOp::Write { buf, remote, imm },
         };
         if self.separate {
             let key = self.inflight.insert(Inflight { token: None });

@@ -112,6 +112,9 @@ pub enum SendOp {
         remote: RemoteAddr,
         /// As for [`SendOp::Write`].
         imm: Option<u32>,
+        /// What [`QueuePair::place`] returned for this data (the provider's
+        /// name for the memory it copied into).
+        placement: u64,
     },
 }
 
@@ -505,13 +508,13 @@ pub trait QueuePair: Send + Sync + fmt::Debug {
     /// Runs `fill` on `len` bytes of the peer's memory at `remote`, when
     /// this provider lets the initiator of a Write copy the data itself
     /// (shm, into a region the peer granted) and the peer is still there;
-    /// returns whether it did, and calls `fill` exactly then. A
-    /// [`SendOp::Placed`] then tells the peer. `false` (the default, and for
+    /// `Some(placement)` exactly when it did, to pass on in the
+    /// [`SendOp::Placed`] that tells the peer. `None` (the default, and for
     /// an unknown key, bounds outside the grant or a closing peer) leaves
     /// the Write to the usual path. `fill` runs under the provider's locks:
     /// it must not post or poll.
-    fn place(&self, remote: RemoteAddr, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> bool {
+    fn place(&self, remote: RemoteAddr, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> Option<u64> {
         let _ = (remote, len, fill);
-        false
+        None
     }
 }

@@ -27,17 +27,18 @@
 //! the responder's own domain ([`ProtectionDomain::remote_target`]), the
 //! same check as tcp's, so a stale or forged key can never reach memory.
 //!
+//! The responder answers with a cumulative `ACK psn` (which also completes
+//! Reads: their data is in place before the ACK is published) or a
+//! `NAK psn status` followed by closing the socket.
+//!
 //! # Placement
 //! After a first Write into a registration, the responder grants it to the
 //! initiator (`OP_GRANT`: its memfd, exported first, and its range). The
 //! initiator may then copy a Write's data there itself ([`QueuePair::place`],
 //! checked against the grant) and post a [`SendOp::Placed`]: the responder
 //! checks it as any Write, minus the copy, and also that the key still
-//! names the granted memfd. A gate in the rings' header keeps a closing
-//! side's memory its own (`docs/protocol.md` §7b, ADR 5).
-//! The responder answers with a cumulative `ACK psn` (which also completes
-//! Reads: their data is in place before the ACK is published) or a
-//! `NAK psn status` followed by closing the socket.
+//! names the memfd the data went into. A gate in the rings' header keeps a
+//! closing side's memory its own (`docs/protocol.md` §7b, ADR 5).
 //!
 //! # Rings and wake-ups
 //! One ring per direction in a memfd the client creates (`docs/protocol.md`
@@ -910,25 +911,25 @@ impl QueuePair for ShmQp {
     /// after it executed a first Write into that region): the remote key
     /// and bounds are checked against the grant, as the peer checks a
     /// Write. Under the grants lock, so that failing (which clears them)
-    /// waits for a copy in progress.
-    fn place(&self, remote: RemoteAddr, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> bool {
+    /// waits for a copy in progress. The placement is the memfd serial
+    /// copied into, which the peer checks against the region the key names
+    /// when the notification comes.
+    fn place(&self, remote: RemoteAddr, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> Option<u64> {
         let sh = &self.shared;
         let grants = sh.grants.lock();
         if sh.failed.load(Ordering::Acquire) {
-            return false;
+            return None;
         }
-        let Some(grant) = grants.get(&remote.rkey.0) else {
-            return false;
-        };
+        let grant = grants.get(&remote.rkey.0)?;
         let start = remote.addr.checked_sub(grant.base);
         let inside = start
             .and_then(|s| s.checked_add(len as u64))
             .is_some_and(|end| end <= grant.size);
         let (Some(start), true) = (start, inside) else {
-            return false;
+            return None;
         };
         if !sh.out_gate.begin_placing() {
-            return false;
+            return None;
         }
         // SAFETY: the grants lock is held for the borrow, so no other
         // placement from this process reaches the region; the rest of this
@@ -939,9 +940,9 @@ impl QueuePair for ShmQp {
         let placed = match unsafe { grant.map.bytes_mut(start as usize, len) } {
             Some(dest) => {
                 fill(dest);
-                true
+                Some(grant.serial)
             }
-            None => false,
+            None => None,
         };
         sh.out_gate.end_placing();
         placed
@@ -968,23 +969,26 @@ impl Shared {
         data: &mut Vec<u8>,
     ) -> Result<Entry, (WcStatus, String)> {
         let (opcode, buf, remote, imm) = match &wr.op {
-            SendOp::Placed { token, remote, imm } => {
+            SendOp::Placed {
+                token,
+                remote,
+                imm,
+                placement,
+            } => {
                 // The data is in the peer's memory already (`place`): only
-                // the notification goes, and the token stays here.
+                // the notification goes, naming the memfd the data went
+                // into (the peer refuses it if the key names another), and
+                // the token stays here.
                 if token.len() > self.fabric.opts.max_message as usize {
                     return Err((WcStatus::LocalLengthError, "message longer than max_message".into()));
                 }
                 *planned += 1;
-                // The memfd the grant named: the peer refuses the
-                // notification if its key now names another registration
-                // (0 if the grant is gone: refused too).
-                let serial = self.grants.lock().get(&remote.rkey.0).map_or(0, |g| g.serial);
                 return Ok(Entry {
                     opcode: if imm.is_some() { OP_WRITE_IMM } else { OP_WRITE },
                     placed: true,
                     len: token.len() as u32,
                     psn: st.next_psn,
-                    serial,
+                    serial: *placement,
                     addr: remote.addr,
                     rkey: remote.rkey.0,
                     imm: imm.unwrap_or(0),
@@ -1555,9 +1559,7 @@ impl Progress {
         // grants go ahead of it (their memfds were exported already).
         if let Some(psn) = ack {
             self.grants_out.push(ack_entry(psn));
-            let pushed = st.tx.push(&self.grants_out, &[]);
-            self.grants_out.clear();
-            if let Err(corrupt) = pushed {
+            if let Err(corrupt) = st.tx.push(&self.grants_out, &[]) {
                 result = Err(violation(format!("the peer corrupted the ring: {}", corrupt.0)));
             } else if st.tx.consumer_sleeping() {
                 sys::ring_eventfd(&sh.links.wake_peer);

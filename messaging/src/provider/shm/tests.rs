@@ -416,22 +416,27 @@ fn write_into(fabric: &ShmFabric, a: &dyn QueuePair, remote: RemoteAddr, byte: u
 }
 
 /// Places `byte` × `len` at `remote` through `a`, retrying while the grant
-/// is on its way (its entry is executed by `a`'s progress).
-fn place_soon(a: &dyn QueuePair, remote: RemoteAddr, byte: u8, len: usize) -> bool {
+/// is on its way (its entry is executed by `a`'s progress); the placement.
+fn place_soon(a: &dyn QueuePair, remote: RemoteAddr, byte: u8, len: usize) -> Option<u64> {
     let deadline = Instant::now() + LONG;
     while Instant::now() < deadline {
-        if a.place(remote, len, &mut |dest| dest.fill(byte)) {
-            return true;
+        if let Some(placement) = a.place(remote, len, &mut |dest| dest.fill(byte)) {
+            return Some(placement);
         }
         a.wait(Some(Duration::from_millis(1)));
     }
-    false
+    None
 }
 
-fn placed(token: Buf, remote: RemoteAddr, imm: Option<u32>) -> SendWr {
+fn placed(token: Buf, remote: RemoteAddr, imm: Option<u32>, placement: u64) -> SendWr {
     SendWr {
         id: WrId(2),
-        op: SendOp::Placed { token, remote, imm },
+        op: SendOp::Placed {
+            token,
+            remote,
+            imm,
+            placement,
+        },
     }
 }
 
@@ -478,34 +483,35 @@ fn a_written_region_is_granted_and_later_writes_are_placed_by_the_initiator() {
     };
     let (a, b) = connect_pair(&fabric, "", (b"", vec![]), (b"", recvs(&imm_bufs, 4, 100)));
     assert!(
-        !a.place(chunk1, 8, &mut |_| panic!("no grant yet")),
+        a.place(chunk1, 8, &mut |_| panic!("no grant yet")).is_none(),
         "nothing is granted before a first Write"
     );
     assert_eq!(write_into(&fabric, &*a, chunk1, 0x11, 100), WcStatus::Success);
     assert_eq!(wait_for(&*b, 1)[0].opcode, WcOpcode::RecvRdmaWithImm);
     // The grant rides with the acknowledgement of that first Write.
-    assert!(place_soon(&*a, chunk1, 0x5a, 300), "the region was granted");
+    let placement = place_soon(&*a, chunk1, 0x5a, 300).expect("the region was granted");
     // Outside the grant, or under another key: not placed, fill never runs.
     let beyond = RemoteAddr {
         addr: desc.addr + 8000,
         rkey: desc.rkey,
     };
-    assert!(!a.place(beyond, 400, &mut |_| panic!("out of bounds")));
+    assert!(a.place(beyond, 400, &mut |_| panic!("out of bounds")).is_none());
     let below = RemoteAddr {
         addr: desc.addr - 1,
         rkey: desc.rkey,
     };
-    assert!(!a.place(below, 1, &mut |_| panic!("below the region")));
+    assert!(a.place(below, 1, &mut |_| panic!("below the region")).is_none());
     let other = RemoteAddr {
         addr: chunk1.addr,
         rkey: crate::mr::RKey(desc.rkey.0 ^ 1),
     };
-    assert!(!a.place(other, 1, &mut |_| panic!("unknown key")));
+    assert!(a.place(other, 1, &mut |_| panic!("unknown key")).is_none());
     // The notification: only the immediate and the length travel.
     let src = pool(&fabric, 4096, 1, Access::LOCAL_WRITE);
     let mut token = src.checkout().expect("chunk");
     token.set_len(300);
-    a.post_send(&mut vec![placed(token, chunk1, Some(77))]).expect("post");
+    a.post_send(&mut vec![placed(token, chunk1, Some(77), placement)])
+        .expect("post");
     let done = wait_for(&*a, 1);
     assert_eq!(
         (done[0].status, done[0].opcode),
@@ -537,7 +543,8 @@ fn a_placed_write_names_a_granted_region_or_fails_the_queue_pair() {
     let src = pool(&fabric, 4096, 1, Access::LOCAL_WRITE);
     let mut token = src.checkout().expect("chunk");
     token.set_len(10);
-    a.post_send(&mut vec![placed(token, remote, None)]).expect("post");
+    // (Placement 0: no memfd, as nothing was granted to place into.)
+    a.post_send(&mut vec![placed(token, remote, None, 0)]).expect("post");
     assert_ne!(wait_for(&*a, 1)[0].status, WcStatus::Success);
     let deadline = Instant::now() + LONG;
     while !b.is_failed() {
@@ -558,17 +565,20 @@ fn a_placement_into_a_region_the_peer_freed_is_refused_when_announced() {
     } = placing_pair();
     assert_eq!(write_into(&fabric, &*a, remote, 1, 64), WcStatus::Success);
     wait_for(&*b, 1);
-    assert!(place_soon(&*a, remote, 2, 64));
+    assert!(place_soon(&*a, remote, 2, 64).is_some());
     // The region goes (its memfd stays mapped on the initiator's side until
     // the unexport arrives, so a late placement only reaches orphaned pages)
     // and the notification of a placement into it is refused, as a Write
     // into a deregistered region is.
     drop(target);
-    assert!(a.place(remote, 64, &mut |dest| dest.fill(3)), "still granted here");
+    let placement = a
+        .place(remote, 64, &mut |dest| dest.fill(3))
+        .expect("still granted here");
     let src = pool(&fabric, 4096, 1, Access::LOCAL_WRITE);
     let mut token = src.checkout().expect("chunk");
     token.set_len(64);
-    a.post_send(&mut vec![placed(token, remote, Some(5))]).expect("post");
+    a.post_send(&mut vec![placed(token, remote, Some(5), placement)])
+        .expect("post");
     assert_eq!(wait_for(&*a, 1)[0].status, WcStatus::RemoteAccessError);
 }
 
@@ -577,11 +587,14 @@ fn no_placement_starts_once_the_peer_closed() {
     let p = placing_pair();
     assert_eq!(write_into(&p.fabric, &*p.a, p.remote, 1, 64), WcStatus::Success);
     wait_for(&*p.b, 1);
-    assert!(place_soon(&*p.a, p.remote, 2, 64));
+    assert!(place_soon(&*p.a, p.remote, 2, 64).is_some());
     // The responder closes: from then on its memory is its own again, before
     // the initiator even learns of the close.
     p.b.disconnect();
-    assert!(!p.a.place(p.remote, 64, &mut |_| panic!("placed after the peer closed")));
+    assert!(p
+        .a
+        .place(p.remote, 64, &mut |_| panic!("placed after the peer closed"))
+        .is_none());
 }
 
 #[test]
@@ -653,7 +666,8 @@ fn a_placed_write_must_name_the_memfd_its_key_names_now() {
             id: WrId(1),
             op: SendOp::Write { buf, remote, imm: None },
         },
-        placed(token, remote, Some(3)),
+        // Placement 0: the initiator held no grant, so named no memfd.
+        placed(token, remote, Some(3), 0),
     ])
     .expect("post");
     let got = wait_for(&*a, 2);
