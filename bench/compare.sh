@@ -23,12 +23,15 @@ alternating):
                      shm://NAME bench; rows "... (shm)", compared with the same
                      fio nbd -> nbdkit results of the same repeat
   messaging  chanio: examples/pingpong (send mode 8 B/4 KiB, push mode
-                     --zero-copy 64 KiB/1 MiB) over tcp, and over shm if built
-             peers:  ucx_perftest tag_lat (latency) and ucp_am_bw (bandwidth),
-                     UCX_TLS=tcp / UCX_TLS=shm; fi_pingpong -p tcp -e msg /
-                     -p shm -e rdm (latency; it has no streaming test)
-  memcpy     chanio: pingpong --transport shm --mode push --zero-copy --size 1MiB
-                     MB/s (the one-sided write from registered memory)
+                     --zero-copy 64 KiB/1 MiB) over tcp, and over shm if built;
+                     over shm also write mode 1 MiB (one-sided writes into a
+                     buffer the receiver exposes again after each)
+             peers:  ucx_perftest tag_lat (latency), ucp_am_bw (bandwidth) and
+                     ucp_put_bw (one-sided writes), UCX_TLS=tcp / UCX_TLS=shm;
+                     fi_pingpong -p tcp -e msg / -p shm -e rdm (latency; it
+                     has no streaming test)
+  memcpy     chanio: pingpong --transport shm --mode write --size 1MiB MB/s
+                     (the one-sided write)
              peer:   bench/memcpy.c (cc -O2, built in the work directory):
                      single-thread memcpy of a 1 MiB buffer (cache-hot), and
                      of 1 MiB chunks across 64 MiB areas (cache-cold), MB/s
@@ -541,6 +544,7 @@ for t in tcp shm; do
     defrow "m.$t.64k.bw"  higher "msg $t 64 KiB stream MB/s"        "ucx_perftest ucp_am_bw UCX_TLS=$t" 0
     defrow "m.$t.1m.bw"   higher "msg $t 1 MiB stream MB/s"         "ucx_perftest ucp_am_bw UCX_TLS=$t" 0
 done
+defrow m.shm.1mw.bw higher "msg shm 1 MiB one-sided write MB/s" "ucx_perftest ucp_put_bw UCX_TLS=shm" 0
 defrow memcpy.1m higher "shm 1 MiB one-sided write vs single-thread memcpy" "memcpy 1 MiB, 1 thread (MB/s)" 0
 defrow memcpy.1m.cold higher "shm 1 MiB one-sided write vs cache-cold memcpy" "memcpy 1 MiB chunks over 64 MiB, 1 thread (MB/s)" 0
 defrow tcp.1m.floor higher "tcp 1 MiB stream vs plain TCP write/read" "bench/tcpbw.c 1 MiB, 1 thread each (MB/s)" 0
@@ -574,11 +578,12 @@ if [[ $HAVE_FLOOR == 0 ]]; then
 fi
 for t in tcp shm; do
     [[ $HAVE_UCX == 0 ]] && for k in 8.p50 4k.p50 64k.bw 1m.bw; do na "m.$t.$k" peer "$UCX_WHY"; done
+    [[ $HAVE_UCX == 0 && $t == shm ]] && na m.shm.1mw.bw peer "$UCX_WHY"
     [[ $HAVE_FI == 0 ]] && for k in 8.mean 4k.mean; do na "m.$t.$k" peer "$FI_WHY"; done
 done
 if [[ $HAVE_PP_SHM == 0 ]]; then
     log "shm: not built yet"
-    for k in 8.p50 8.mean 4k.p50 4k.mean 64k.bw 1m.bw; do na "m.shm.$k" chanio "shm: not built yet"; done
+    for k in 8.p50 8.mean 4k.p50 4k.mean 64k.bw 1m.bw 1mw.bw; do na "m.shm.$k" chanio "shm: not built yet"; done
     na memcpy.1m chanio "shm: not built yet"
     na memcpy.1m.cold chanio "shm: not built yet"
 fi
@@ -839,11 +844,13 @@ MSG_WORKLOADS=(
     "4k send 4KiB 4096 $LAT_ITERS"
     "64k push 64KiB 65536 $BW64K_ITERS"
     "1m push 1MiB 1048576 $BW1M_ITERS"
+    "1mw write 1MiB 1048576 $BW1M_ITERS"
 )
 for ((rep = 1; rep <= REPEATS; rep++)); do
     for t in tcp shm; do
         for w in "${MSG_WORKLOADS[@]}"; do
             read -r id mode size bytes iters <<<"$w"
+            [[ $mode == write && $t != shm ]] && continue   # the one-sided write is measured over shm
             summary="[$rep/$REPEATS] msg $t $size:"
             # chanio pingpong (server and client in one process)
             if [[ $t == tcp || $HAVE_PP_SHM == 1 ]]; then
@@ -857,7 +864,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                         [[ $t == tcp && $id == 8 ]] && rec tcp.8.floor chanio "$p50"
                     else
                         rec "m.$t.$id.bw" chanio "$mbps"
-                        [[ $t == shm && $id == 1m ]] && rec memcpy.1m chanio "$mbps" && rec memcpy.1m.cold chanio "$mbps"
+                        [[ $t == shm && $id == 1mw ]] && rec memcpy.1m chanio "$mbps" && rec memcpy.1m.cold chanio "$mbps"
                         [[ $t == tcp && $id == 1m ]] && rec tcp.1m.floor chanio "$mbps" && rec tcp.1m.zero chanio "$mbps"
                     fi
                     summary+=" chanio {p50 $p50 mean $mean MB/s $mbps}"
@@ -866,7 +873,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     if [[ $mode == send ]]; then na "m.$t.$id.p50" chanio "$why"; na "m.$t.$id.mean" chanio "$why"
                     else na "m.$t.$id.bw" chanio "$why"; fi
                     [[ $t == tcp && $id == 8 ]] && na tcp.8.floor chanio "$why"
-                    [[ $t == shm && $id == 1m ]] && na memcpy.1m chanio "$why"
+                    [[ $t == shm && $id == 1mw ]] && na memcpy.1m chanio "$why" && na memcpy.1m.cold chanio "$why"
                     [[ $t == tcp && $id == 1m ]] && na tcp.1m.floor chanio "$why" && na tcp.1m.zero chanio "$why"
                 fi
             else
@@ -875,7 +882,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
             # ucx_perftest
             if [[ $HAVE_UCX == 1 ]]; then
                 o="$WORK/ucx-$t-$id-$rep.txt"
-                if [[ $mode == send ]]; then test=tag_lat; else test=ucp_am_bw; fi
+                case $mode in send) test=tag_lat ;; push) test=ucp_am_bw ;; *) test=ucp_put_bw ;; esac
                 if ucx_run "$t" "$test" "$bytes" "$iters" "$o" >/dev/null 2>&1 && r="$(py ucx "$o" 2>/dev/null)"; then
                     read -r p50 avg mbps <<<"$r"
                     if [[ $mode == send ]]; then rec "m.$t.$id.p50" peer "$p50"; else rec "m.$t.$id.bw" peer "$mbps"; fi
@@ -908,7 +915,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
                     "$TCPBW_BIN" "$bytes" "$iters" "$bytes" untouched
             fi
             # single-thread memcpy of 1 MiB, next to the shm 1 MiB one-sided write
-            if [[ $HAVE_MEMCPY == 1 && $t == shm && $id == 1m ]]; then
+            if [[ $HAVE_MEMCPY == 1 && $t == shm && $id == 1mw ]]; then
                 baseline memcpy.1m memcpy memcpy MB/s "$WORK/memcpy-$rep.json" \
                     "$MEMCPY_BIN" "$bytes" "$MEMCPY_ITERS"
                 baseline memcpy.1m.cold memcpy "cold memcpy" MB/s "$WORK/memcpy-cold-$rep.json" \
@@ -980,11 +987,14 @@ cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "  messaging: pingpong --transport tcp|shm (server and client in one process; send mode 8 B/4 KiB, ${LAT_ITERS} round trips;"
     echo "  push mode = RDMA Write with immediate from registered memory (--zero-copy), 64 KiB x ${BW64K_ITERS} / 1 MiB x ${BW1M_ITERS} streamed). ucx_perftest -w 1000 -n same:"
     echo "  tag_lat = UCP tagged send/recv ping-pong, p50 of one-way (RTT/2); ucp_am_bw = UCP active messages streamed, overall MiB/s converted to MB/s."
+    echo "  write mode (shm, 1 MiB x ${BW1M_ITERS}) = one-sided RDMA Write with immediate into one 1 MiB buffer the receiver exposes, and exposes again"
+    echo "  (a 24-byte Send back) after each write lands; shm places it: the writer copies its source straight into that buffer (ADR 5)."
+    echo "  ucp_put_bw = UCP one-sided puts of the same size into one remote buffer, streamed with no per-put notification."
     echo "  fi_pingpong ($FI_TCP_PROV: msg endpoint; shm: rdm endpoint) reports only mean one-way usec/xfer and has no streaming test, so it is compared on mean latency."
     echo "  ucx_perftest and fi_pingpong ran in a private network namespace with only lo (their listeners bind 0.0.0.0)."
     echo "  memcpy: bench/memcpy.c (cc -O2), one thread copying a touched 1 MiB buffer to another ${MEMCPY_ITERS} times (cache-hot), and 1 MiB chunks"
     echo "  across two 64 MiB areas ${MEMCPY_COLD_ITERS} times (cache-cold, as a stream through many buffers), MB/s; run right after"
-    echo "  pingpong --transport shm --mode push --zero-copy --size 1MiB, whose MB/s is the chanio value (the same sample as msg shm 1 MiB stream)."
+    echo "  pingpong --transport shm --mode write --size 1MiB, whose MB/s is the chanio value (the same sample as msg shm 1 MiB one-sided write)."
     echo "  plain tcp: bench/tcpbw.c (cc -O2 -pthread), blocking write(2) of 1 MiB messages x ${BW1M_ITERS} and read(2) into a 1 MiB buffer,"
     echo "  one thread each, over 127.0.0.1 (no framing, no acknowledgements), MB/s; run right after the tcp 1 MiB pingpong stream."
     echo "  plain tcp untouched: the same from a never-written mapping (every page the kernel's zero page, always cached), as ucx_perftest"

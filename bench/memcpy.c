@@ -1,6 +1,6 @@
 /* bench/memcpy.c: single-thread memcpy bandwidth, the baseline that
  * bench/compare.sh puts next to chanio's shm one-sided write (pingpong
- * --transport shm --mode push --size 1MiB).
+ * --transport shm --mode write --size 1MiB).
  *
  *   cc -O2 -o memcpy bench/memcpy.c && ./memcpy [SIZE_BYTES [ITERS [SET_BYTES]]]
  *

@@ -17,17 +17,26 @@
 //!
 //! Latency is half the round trip of a message echoed back the same way
 //! (Send for `--mode send`, RDMA Write with immediate into a granted slot
-//! for `--mode push`). Bandwidth streams `--iters` messages one way and
-//! stops the clock when the receiver confirms the last one; with
-//! `--zero-copy` the pushes go straight from registered memory (the
-//! one-sided write alone, no copy-in on the sending side).
+//! for `--mode push`, into a buffer the peer exposed for `--mode write`).
+//! Bandwidth streams `--iters` messages one way and stops the clock when the
+//! receiver confirms the last one; with `--zero-copy` the pushes go straight
+//! from registered memory (no copy-in on the sending side).
+//!
+//! `--mode write` is the one-sided write: the receiver exposes `--window`
+//! buffers and, each time a write lands in one, exposes it again and sends
+//! its target back (24 bytes). Over shm, once the receiver granted that
+//! memory (after the first write into it), the writer copies its data
+//! straight into the receiver's buffer: one copy, on the writer's core.
 
+use std::collections::VecDeque;
+use std::ops::Deref;
 use std::time::{Duration, Instant};
 
+use chanio::messaging::mr::{Access, Buf, BufPool};
 use chanio::messaging::provider::loopback::LoopbackFabric;
 use chanio::messaging::provider::tcp::TcpFabric;
 use chanio::messaging::provider::Fabric;
-use chanio::messaging::{Config, Endpoint};
+use chanio::messaging::{Config, Delivery, DirectTarget, Endpoint, ReceivedKind};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 
@@ -50,12 +59,18 @@ enum Mode {
     Send,
     /// RDMA Write with immediate into slots the peer granted (up to 1 MiB).
     Push,
+    /// One-sided RDMA Write with immediate into a buffer the peer exposed
+    /// (up to 1 MiB); the peer exposes it again after each write and sends
+    /// its target back. Over shm, once the peer granted the region, the
+    /// writer copies its data straight into the peer's buffer (placement).
+    Write,
 }
 
 /// Messaging ping-pong over a chanio channel: one-way latency and bandwidth.
 #[derive(Debug, Parser)]
 #[command(
     after_help = "Examples:\n  pingpong --transport tcp\n  pingpong --mode push --size 1MiB --iters 2000\n  \
+pingpong --transport shm --mode write --size 1MiB --iters 3000\n  \
 pingpong --listen 127.0.0.1:4521   (then, elsewhere)   pingpong --connect 127.0.0.1:4521"
 )]
 struct Args {
@@ -85,6 +100,9 @@ struct Args {
     /// payload into a staging buffer first.
     #[arg(long)]
     zero_copy: bool,
+    /// Write mode: buffers the receiver exposes at once (writes in flight).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    window: u32,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -92,7 +110,7 @@ struct Args {
 
 const SEND_MAX: usize = 64 * 1024;
 const PUSH_MAX: usize = 1024 * 1024;
-const HELLO_LEN: usize = 13;
+const HELLO_LEN: usize = 17;
 
 fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
@@ -155,13 +173,17 @@ fn verbs_fabric() -> Res<Box<dyn Fabric>> {
 fn run(args: &Args) -> Res<()> {
     let max = match args.mode {
         Mode::Send => SEND_MAX,
-        Mode::Push => PUSH_MAX,
+        Mode::Push | Mode::Write => PUSH_MAX,
     };
     if args.zero_copy && args.mode != Mode::Push {
         return Err("--zero-copy streams pushes: it needs --mode push".into());
     }
     if args.size == 0 || args.size > max {
-        return Err(format!("--size must be 1..={max} bytes for --mode {:?}", args.mode).into());
+        let mode = format!("{:?}", args.mode).to_lowercase();
+        return Err(format!("--size must be 1..={max} bytes for --mode {mode}").into());
+    }
+    if args.window != 1 && args.mode != Mode::Write {
+        return Err("--window sets how many buffers write mode exposes: it needs --mode write".into());
     }
     if args.iters == 0 {
         return Err("--iters must be at least 1".into());
@@ -216,15 +238,137 @@ fn run(args: &Args) -> Res<()> {
     })
 }
 
-/// Sends one payload the chosen way. Both ways copy it once into registered
-/// memory (a send buffer or a push staging buffer), as an application whose
-/// data is not in registered memory must.
-fn transmit(ep: &Endpoint, mode: Mode, data: &[u8]) -> Res<()> {
-    match mode {
-        Mode::Send => drop(ep.send(data)?),
-        Mode::Push => drop(ep.push(data)?),
+/// Marks a message that offers the peer a target to write into.
+const OFFER: &[u8; 4] = b"OFR1";
+
+/// How one side moves payloads: the mode and, in write mode, the buffers it
+/// exposes to the peer and the targets the peer exposed to it.
+struct Way {
+    mode: Mode,
+    /// Write mode: the registration behind the exposed buffers.
+    _exposed: Option<BufPool>,
+    targets: VecDeque<DirectTarget>,
+    arrived: VecDeque<Got>,
+}
+
+/// A payload received: a delivery, or in write mode the exposed buffer the
+/// peer wrote.
+enum Got {
+    Delivery(Delivery),
+    Written(Buf),
+}
+
+impl Deref for Got {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Got::Delivery(d) => d,
+            Got::Written(b) => b,
+        }
     }
-    Ok(())
+}
+
+impl Way {
+    /// In write mode, registers `window` buffers of `size` bytes and offers
+    /// each to the peer.
+    fn new(ep: &Endpoint, mode: Mode, size: usize, window: u32) -> Res<Way> {
+        let mut way = Way {
+            mode,
+            _exposed: None,
+            targets: VecDeque::new(),
+            arrived: VecDeque::new(),
+        };
+        if mode == Mode::Write {
+            let pool = ep
+                .domain()
+                .register(size, window as usize, Access::LOCAL_WRITE | Access::REMOTE_WRITE)?;
+            while let Some(buf) = pool.checkout() {
+                way.offer(ep, buf)?;
+            }
+            way._exposed = Some(pool);
+        }
+        Ok(way)
+    }
+
+    fn offer(&self, ep: &Endpoint, buf: Buf) -> Res<()> {
+        let target = ep.expose(buf)?;
+        ep.send_parts(&[OFFER, &target.encode()])?;
+        Ok(())
+    }
+
+    /// Takes one delivery: a target the peer offers, or a payload.
+    fn pump(&mut self, ep: &Endpoint) -> Res<()> {
+        let d = ep.recv()?;
+        if self.mode != Mode::Write {
+            self.arrived.push_back(Got::Delivery(d));
+        } else if matches!(d.kind(), ReceivedKind::Direct { .. }) {
+            let buf = d.into_buf().map_err(|_| "a written buffer could not be kept")?;
+            self.arrived.push_back(Got::Written(buf));
+        } else if let Some(offer) = d.strip_prefix(OFFER) {
+            let target = DirectTarget::decode(offer).ok_or("malformed write target from the peer")?;
+            self.targets.push_back(target);
+        } else {
+            self.arrived.push_back(Got::Delivery(d));
+        }
+        Ok(())
+    }
+
+    /// The next payload (or, in write mode, message) from the peer.
+    fn recv(&mut self, ep: &Endpoint) -> Res<Got> {
+        loop {
+            if let Some(got) = self.arrived.pop_front() {
+                return Ok(got);
+            }
+            self.pump(ep)?;
+        }
+    }
+
+    /// Gives a payload back: a written buffer is exposed to the peer again.
+    fn release(&self, ep: &Endpoint, got: Got) -> Res<()> {
+        match got {
+            Got::Written(buf) => self.offer(ep, buf),
+            Got::Delivery(_) => Ok(()),
+        }
+    }
+
+    /// Sends one payload the chosen way. Send and push copy it once into
+    /// registered memory (a send buffer or a push staging buffer), as an
+    /// application whose data is not in registered memory must; a write
+    /// copies it once into the peer's exposed buffer where the fabric
+    /// places (shm, after the first write into it), else into a staging
+    /// buffer that is pushed there.
+    fn transmit(&mut self, ep: &Endpoint, data: &[u8]) -> Res<()> {
+        match self.mode {
+            Mode::Send => drop(ep.send(data)?),
+            Mode::Push => drop(ep.push(data)?),
+            Mode::Write => {
+                let target = loop {
+                    if let Some(t) = self.targets.pop_front() {
+                        break t;
+                    }
+                    self.pump(ep)?;
+                };
+                let stand_in = ep.alloc_push_buf()?;
+                let fill = |dest: &mut [u8]| {
+                    dest.copy_from_slice(data);
+                    Ok::<(), std::convert::Infallible>(())
+                };
+                match ep.push_direct_fill(stand_in, target, false, data.len(), fill) {
+                    Ok(pushed) => drop(pushed?),
+                    Err(never) => match never {},
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mode_code(mode: Mode) -> u8 {
+    match mode {
+        Mode::Send => 0,
+        Mode::Push => 1,
+        Mode::Write => 2,
+    }
 }
 
 /// Server: learns the run's shape from the client's hello, echoes the
@@ -234,17 +378,31 @@ fn serve(ep: &Endpoint) -> Res<()> {
     if hello.len() != HELLO_LEN {
         return Err("malformed pingpong hello".into());
     }
-    let mode = if hello[0] == 1 { Mode::Push } else { Mode::Send };
+    let mode = match hello[0] {
+        0 => Mode::Send,
+        1 => Mode::Push,
+        2 => Mode::Write,
+        m => return Err(format!("unknown mode {m} in the pingpong hello").into()),
+    };
     let rounds = u32::from_le_bytes(hello[1..5].try_into()?);
     let stream = u32::from_le_bytes(hello[5..9].try_into()?);
+    let size = u32::from_le_bytes(hello[9..13].try_into()?) as usize;
+    let window = u32::from_le_bytes(hello[13..17].try_into()?);
     drop(hello);
+    if size == 0 || size > PUSH_MAX || !(1..=64).contains(&window) {
+        return Err("pingpong hello out of range".into());
+    }
+    let mut way = Way::new(ep, mode, size, window)?;
     for _ in 0..rounds {
-        let d = ep.recv()?;
-        transmit(ep, mode, &d)?;
+        let got = way.recv(ep)?;
+        way.transmit(ep, &got)?;
+        way.release(ep, got)?;
     }
     let mut bytes = 0usize;
     for _ in 0..stream {
-        bytes += ep.recv()?.len();
+        let got = way.recv(ep)?;
+        bytes += got.len();
+        way.release(ep, got)?;
     }
     ep.send(&(bytes as u64).to_le_bytes())?.wait()?;
     // Wait for the client to finish reading before the channel goes away.
@@ -254,20 +412,27 @@ fn serve(ep: &Endpoint) -> Res<()> {
 
 fn client(args: &Args, ep: &Endpoint) -> Res<()> {
     let mut hello = [0u8; HELLO_LEN];
-    hello[0] = u8::from(args.mode == Mode::Push);
+    hello[0] = mode_code(args.mode);
     hello[1..5].copy_from_slice(&(args.warmup + args.iters).to_le_bytes());
     hello[5..9].copy_from_slice(&args.iters.to_le_bytes());
+    hello[9..13].copy_from_slice(&(args.size as u32).to_le_bytes());
+    hello[13..17].copy_from_slice(&args.window.to_le_bytes());
     ep.send(&hello)?;
+    let mut way = Way::new(ep, args.mode, args.size, 1)?;
     let data: Vec<u8> = (0..args.size).map(|i| i as u8).collect();
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     for i in 0..args.warmup + args.iters {
         let start = Instant::now();
-        transmit(ep, args.mode, &data)?;
-        let echo = ep.recv()?;
+        way.transmit(ep, &data)?;
+        let echo = way.recv(ep)?;
         let rtt = start.elapsed();
         if echo.len() != data.len() {
             return Err(format!("echo of {} bytes for {}", echo.len(), data.len()).into());
         }
+        if (i < args.warmup || i < 2) && *echo != data[..] {
+            return Err("the echo differs from what was sent".into());
+        }
+        way.release(ep, echo)?;
         if i >= args.warmup {
             hist.record((rtt.as_nanos() / 2).max(1) as u64)?;
         }
@@ -281,12 +446,12 @@ fn client(args: &Args, ep: &Endpoint) -> Res<()> {
             buf.set_len(data.len());
             drop(ep.push_buf(buf)?);
         } else {
-            transmit(ep, args.mode, &data)?;
+            way.transmit(ep, &data)?;
         }
     }
-    let confirm = ep.recv()?;
+    let confirm = way.recv(ep)?;
     let elapsed = start.elapsed();
-    let counted = u64::from_le_bytes(confirm[..8].try_into()?);
+    let counted = u64::from_le_bytes(confirm.get(..8).ok_or("short confirmation")?.try_into()?);
     let expected = args.size as u64 * u64::from(args.iters);
     if counted != expected {
         return Err(format!("receiver counted {counted} bytes, expected {expected}").into());
