@@ -7,7 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{JoinHandle, Thread};
 use std::time::Instant;
@@ -54,10 +54,22 @@ impl Wake for Unpark {
 }
 
 /// Called by a future about to return `Pending`: if it runs under
-/// [`block_on`], the blocked thread will do `helper`'s work instead of sleeping.
-pub(crate) fn offer_help(helper: Arc<dyn Helper>) {
-    if IN_BLOCK_ON.get() {
-        OFFERED.set(Some(helper));
+/// [`block_on`], the blocked thread will do `helper`'s work instead of
+/// sleeping. Many futures of one `join_all` offer the same helper in a
+/// round: a repeat offer costs a pointer comparison.
+pub(crate) fn offer_help<H: Helper + 'static>(helper: &Weak<H>) {
+    if !IN_BLOCK_ON.get() {
+        return;
+    }
+    let repeat = OFFERED.with_borrow(|offered| {
+        offered
+            .as_ref()
+            .is_some_and(|h| std::ptr::addr_eq(Arc::as_ptr(h), helper.as_ptr()))
+    });
+    if !repeat {
+        if let Some(h) = helper.upgrade() {
+            OFFERED.set(Some(h));
+        }
     }
 }
 
@@ -318,22 +330,24 @@ pub(crate) async fn deadline<F: Future>(timer: &Timer, at: Option<Instant>, fut:
             entry = None;
             return Poll::Ready(Some(v));
         }
-        match at {
-            Some(at) if Instant::now() >= at => {
-                entry = None;
-                Poll::Ready(None)
+        let Some(at) = at else {
+            return Poll::Pending;
+        };
+        if entry.is_none() {
+            // The first wait only registers: the timer wakes this future
+            // at `at` (at once if that has passed), and the clock is read
+            // when it does, not on every command that waits.
+            match timer.wake_at(at, cx.waker()) {
+                Some(e) => entry = Some(e),
+                None => return Poll::Ready(None),
             }
-            Some(at) => {
-                if entry.is_none() {
-                    match timer.wake_at(at, cx.waker()) {
-                        Some(e) => entry = Some(e),
-                        None => return Poll::Ready(None),
-                    }
-                }
-                Poll::Pending
-            }
-            None => Poll::Pending,
+            return Poll::Pending;
         }
+        if Instant::now() >= at {
+            entry = None;
+            return Poll::Ready(None);
+        }
+        Poll::Pending
     })
     .await
 }
@@ -392,6 +406,9 @@ impl Drop for AsyncLockGuard<'_> {
 pub(crate) async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
     struct Shared {
         woken: Vec<AtomicBool>,
+        /// Whether the parent was woken since its last poll began: the
+        /// completions of one reap wake it once, not once each.
+        notified: AtomicBool,
         parent: Mutex<Option<Waker>>,
     }
     struct Child {
@@ -403,7 +420,13 @@ pub(crate) async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
             self.wake_by_ref();
         }
         fn wake_by_ref(self: &Arc<Self>) {
-            self.shared.woken[self.index].store(true, Ordering::Release);
+            // Set before `notified` is read: a poll that cleared `notified`
+            // then scans `woken`, so either that scan sees this flag or this
+            // wake sees `notified` clear and wakes the parent.
+            self.shared.woken[self.index].store(true, Ordering::SeqCst);
+            if self.shared.notified.swap(true, Ordering::SeqCst) {
+                return;
+            }
             let parent = self.shared.parent.lock().clone();
             if let Some(w) = parent {
                 w.wake();
@@ -413,6 +436,7 @@ pub(crate) async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
     let shared = Arc::new(Shared {
         // Everything is polled once at first.
         woken: futs.iter().map(|_| AtomicBool::new(true)).collect(),
+        notified: AtomicBool::new(false),
         parent: Mutex::new(None),
     });
     let wakers: Vec<Waker> = (0..futs.len())
@@ -433,6 +457,7 @@ pub(crate) async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
                 *parent = Some(cx.waker().clone());
             }
         }
+        shared.notified.store(false, Ordering::SeqCst);
         for (i, (f, o)) in futs.iter_mut().zip(out.iter_mut()).enumerate() {
             if o.is_none() && shared.woken[i].swap(false, Ordering::AcqRel) {
                 if let Poll::Ready(v) = f.as_mut().poll(&mut Context::from_waker(&wakers[i])) {
@@ -470,6 +495,12 @@ mod tests {
         );
         assert!(t1.elapsed() >= Duration::from_millis(20));
         assert_eq!(block_on(deadline(&timer, None, async { 7 })), Some(7));
+        // A deadline already passed ends the wait (the first poll only
+        // registers it; the timer wakes the future at once).
+        let never = std::future::pending::<()>();
+        let t2 = Instant::now();
+        assert_eq!(block_on(deadline(&timer, Some(t2), never)), None);
+        assert!(t2.elapsed() < Duration::from_secs(5));
         timer.stop();
         // A stopped timer ends waits at once instead of never.
         block_on(timer.sleep_until(Instant::now() + Duration::from_secs(60)));
@@ -606,6 +637,109 @@ mod tests {
             wakers.lock()[i].take().unwrap().wake();
         }
         assert_eq!(all.as_mut().poll(&mut cx), Poll::Ready(vec![0, 1, 2]));
+    }
+
+    /// Counts the wake-ups it receives.
+    #[derive(Default)]
+    struct CountWakes(std::sync::atomic::AtomicUsize);
+    impl Wake for CountWakes {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn join_all_wakes_its_parent_once_per_round() {
+        let wakers: Mutex<Vec<Option<Waker>>> = Mutex::new(vec![None; 4]);
+        let done: Vec<AtomicBool> = (0..4).map(|_| AtomicBool::new(false)).collect();
+        let futs: Vec<_> = (0..4)
+            .map(|i| {
+                let (wakers, done) = (&wakers, &done);
+                std::future::poll_fn(move |cx| {
+                    if done[i].load(Ordering::SeqCst) {
+                        return Poll::Ready(i);
+                    }
+                    wakers.lock()[i] = Some(cx.waker().clone());
+                    Poll::Pending
+                })
+            })
+            .collect();
+        let mut all = std::pin::pin!(join_all(futs));
+        let parent = Arc::new(CountWakes::default());
+        let parent_waker = Waker::from(parent.clone());
+        let mut cx = Context::from_waker(&parent_waker);
+        assert!(all.as_mut().poll(&mut cx).is_pending());
+        // Three completions of one reap: one wake-up of the parent.
+        for (i, d) in done.iter().enumerate().take(3) {
+            d.store(true, Ordering::SeqCst);
+            wakers.lock()[i].take().unwrap().wake();
+        }
+        assert_eq!(parent.0.load(Ordering::SeqCst), 1);
+        assert!(all.as_mut().poll(&mut cx).is_pending(), "future 3 is not done");
+        // A wake after that poll began wakes the parent again.
+        done[3].store(true, Ordering::SeqCst);
+        wakers.lock()[3].take().unwrap().wake();
+        assert_eq!(parent.0.load(Ordering::SeqCst), 2);
+        assert_eq!(all.as_mut().poll(&mut cx), Poll::Ready(vec![0, 1, 2, 3]));
+    }
+
+    #[test]
+    fn join_all_loses_no_wake_from_another_thread() {
+        // Futures that finish after being woken ROUNDS times each, woken
+        // from another thread while `block_on` polls: a lost wake-up would
+        // leave `block_on` parked for good.
+        const FUTS: usize = 8;
+        const ROUNDS: usize = 2000;
+        let wakers: Arc<Mutex<Vec<Option<Waker>>>> = Arc::new(Mutex::new(vec![None; FUTS]));
+        let woken: Arc<Vec<std::sync::atomic::AtomicUsize>> =
+            Arc::new((0..FUTS).map(|_| std::sync::atomic::AtomicUsize::new(0)).collect());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let runner = {
+            let (wakers, woken) = (wakers.clone(), woken.clone());
+            std::thread::spawn(move || {
+                let futs: Vec<_> = (0..FUTS)
+                    .map(|i| {
+                        let (wakers, woken) = (wakers.clone(), woken.clone());
+                        std::future::poll_fn(move |cx| {
+                            if woken[i].load(Ordering::SeqCst) >= ROUNDS {
+                                return Poll::Ready(i);
+                            }
+                            wakers.lock()[i] = Some(cx.waker().clone());
+                            Poll::Pending
+                        })
+                    })
+                    .collect();
+                let _ = tx.send(block_on(join_all(futs)));
+            })
+        };
+        let give_up = Instant::now() + Duration::from_secs(20);
+        let mut left = FUTS;
+        while left > 0 {
+            assert!(
+                Instant::now() < give_up,
+                "a woken future was never polled again (lost wake-up)"
+            );
+            left = 0;
+            for i in 0..FUTS {
+                if woken[i].load(Ordering::SeqCst) >= ROUNDS {
+                    continue;
+                }
+                left += 1;
+                if let Some(w) = wakers.lock()[i].take() {
+                    woken[i].fetch_add(1, Ordering::SeqCst);
+                    w.wake();
+                }
+            }
+            std::hint::spin_loop();
+        }
+        let out = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("join_all was never woken for its last completions");
+        assert_eq!(out, (0..FUTS).collect::<Vec<_>>());
+        runner.join().unwrap();
     }
 
     #[test]

@@ -176,6 +176,9 @@ impl Session {
     }
 
     fn pick(&self, counter: &AtomicUsize) -> &Arc<Queue> {
+        if let [only] = self.io.as_slice() {
+            return only;
+        }
         let i = counter.fetch_add(1, Ordering::Relaxed);
         &self.io[i % self.io.len()]
     }

@@ -289,9 +289,7 @@ impl Queue {
         std::future::poll_fn(|cx| {
             let r = run.as_mut().poll(cx);
             if r.is_pending() && self.qid != 0 {
-                if let Some(me) = self.me.upgrade() {
-                    exec::offer_help(me);
-                }
+                exec::offer_help(&self.me);
             }
             r
         })

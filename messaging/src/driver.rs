@@ -524,8 +524,12 @@ impl Endpoint {
     /// Async form of [`Endpoint::recv`].
     pub fn recv_async(&self) -> impl Future<Output = Result<Delivery, Error>> + '_ {
         std::future::poll_fn(move |cx| {
+            // Registered only to wait, as in `async_op`.
+            if let Some(r) = self.shared.take_ready() {
+                return Poll::Ready(r.map(|r| self.delivery(r)));
+            }
             self.shared.signal.register(cx.waker());
-            match self.shared.take_ready() {
+            match self.shared.take_received() {
                 Some(r) => Poll::Ready(r.map(|r| self.delivery(r))),
                 None => {
                     self.shared.post_held();
@@ -625,6 +629,14 @@ impl Endpoint {
         mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError> + 'a,
     ) -> impl Future<Output = Result<Ticket, Error>> + 'a {
         std::future::poll_fn(move |cx: &mut Context<'_>| {
+            // The waker is registered only when the operation must wait (and
+            // then the operation is tried once more, in case what it waits
+            // for came before the registration): one registered on every
+            // call would be woken by the next signal, this call's own
+            // progress included, and its task polled again for nothing.
+            if let Some(done) = self.attempt(&mut op).transpose() {
+                return Poll::Ready(done);
+            }
             self.shared.signal.register(cx.waker());
             match self.attempt(&mut op) {
                 Ok(Some(t)) => Poll::Ready(Ok(t)),
@@ -1049,9 +1061,16 @@ impl Ticket {
     pub fn completion(mut self) -> impl Future<Output = Result<(), Error>> {
         std::future::poll_fn(move |cx| {
             let shared = self.shared.clone();
-            shared.signal.register(cx.waker());
             let mut inner = shared.inner.lock();
             shared.progress(&mut inner);
+            if let Some(r) = self.take(&mut inner) {
+                return Poll::Ready(r);
+            }
+            drop(inner);
+            // Registered only to wait, as in `Endpoint::async_op`; the
+            // result may have come meanwhile.
+            shared.signal.register(cx.waker());
+            let mut inner = shared.inner.lock();
             match self.take(&mut inner) {
                 Some(r) => Poll::Ready(r),
                 None => {

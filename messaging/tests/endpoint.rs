@@ -401,6 +401,73 @@ fn async_api_without_a_runtime() {
     }
 }
 
+/// Counts the wake-ups it receives.
+struct CountWakes(std::sync::atomic::AtomicUsize);
+
+impl Wake for CountWakes {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn async_calls_that_need_not_wait_register_no_waker() {
+    // A task whose send, push or receive completed at once must not be
+    // woken by the endpoint's next signal: that would poll it again for
+    // nothing (at queue depth 32, once per command).
+    for (fabric, addr) in fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        let count = Arc::new(CountWakes(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let ticket = match pin!(a.send_async(b"ready")).poll(&mut cx) {
+            Poll::Ready(t) => t.expect("send"),
+            Poll::Pending => panic!("a send with credit and room waited"),
+        };
+        let mut buf = a.alloc_push_buf().unwrap();
+        buf.fill(b"pushed").unwrap();
+        assert!(matches!(pin!(a.push_buf_async(buf)).poll(&mut cx), Poll::Ready(Ok(_))));
+        assert_eq!(&b.recv_timeout(LONG).unwrap()[..], b"ready");
+        assert_eq!(&b.recv_timeout(LONG).unwrap()[..], b"pushed");
+        ticket.wait_timeout(LONG).expect("sent");
+        b.send(b"reply").unwrap();
+        // Time for the reply to reach `a`'s transport, so that the first
+        // poll finds it (a poll that finds nothing registers, rightly).
+        std::thread::sleep(Duration::from_millis(20));
+        let mut waited = false;
+        let deadline = Instant::now() + LONG;
+        let reply = loop {
+            if let Poll::Ready(r) = pin!(a.recv_async()).poll(&mut cx) {
+                break r.expect("reply");
+            }
+            waited = true;
+            assert!(Instant::now() < deadline, "no reply");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(&reply[..], b"reply");
+        drop(reply);
+        // Signals on `a` (traffic both ways, completions) must wake no one:
+        // none of the calls above had to wait.
+        for _ in 0..3 {
+            b.send(b"more").unwrap().wait_timeout(LONG).unwrap();
+            drop(a.recv_timeout(LONG).unwrap());
+            a.send(b"ack").unwrap().wait_timeout(LONG).unwrap();
+            drop(b.recv_timeout(LONG).unwrap());
+        }
+        if !waited {
+            assert_eq!(
+                count.0.load(std::sync::atomic::Ordering::SeqCst),
+                0,
+                "{}: a task was woken after its calls completed at once",
+                a.fabric()
+            );
+        }
+    }
+}
+
 #[test]
 fn bad_peer_parameters_are_rejected() {
     let fabric = TcpFabric::new();
