@@ -851,7 +851,7 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
         for w in "${MSG_WORKLOADS[@]}"; do
             read -r id mode size bytes iters <<<"$w"
             [[ $mode == write && $t != shm ]] && continue   # the one-sided write is measured over shm
-            summary="[$rep/$REPEATS] msg $t $size:"
+            summary="[$rep/$REPEATS] msg $t $mode $size:"
             # chanio pingpong (server and client in one process)
             if [[ $t == tcp || $HAVE_PP_SHM == 1 ]]; then
                 j="$WORK/pp-$t-$id-$rep.json"

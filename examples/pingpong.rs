@@ -304,8 +304,8 @@ impl Way {
         } else if matches!(d.kind(), ReceivedKind::Direct { .. }) {
             let buf = d.into_buf().map_err(|_| "a written buffer could not be kept")?;
             self.arrived.push_back(Got::Written(buf));
-        } else if let Some(offer) = d.strip_prefix(OFFER) {
-            let target = DirectTarget::decode(offer).ok_or("malformed write target from the peer")?;
+        } else if d.len() == OFFER.len() + DirectTarget::ENCODED_LEN && d.starts_with(OFFER) {
+            let target = DirectTarget::decode(&d[OFFER.len()..]).ok_or("malformed write target from the peer")?;
             self.targets.push_back(target);
         } else {
             self.arrived.push_back(Got::Delivery(d));

@@ -229,6 +229,12 @@ impl Timer {
         Some(TimerEntry { timer: self, key, seq })
     }
 
+    /// Whether [`Timer::stop`] ran: it woke every registered wake-up, and
+    /// no later one will come.
+    fn is_stopped(&self) -> bool {
+        self.shared.state.lock().stop
+    }
+
     /// Wake-ups registered and not yet due or cancelled.
     #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
@@ -314,6 +320,10 @@ impl Future for Sleep<'_> {
                 Some(e) => self.entry = Some(e),
                 None => return Poll::Ready(()),
             }
+        } else if self.timer.is_stopped() {
+            // Woken by `stop`: no later wake-up will come.
+            self.entry = None;
+            return Poll::Ready(());
         }
         Poll::Pending
     }
@@ -343,7 +353,8 @@ pub(crate) async fn deadline<F: Future>(timer: &Timer, at: Option<Instant>, fut:
             }
             return Poll::Pending;
         }
-        if Instant::now() >= at {
+        // Due, or woken by a timer that stopped (no later wake-up comes).
+        if Instant::now() >= at || timer.is_stopped() {
             entry = None;
             return Poll::Ready(None);
         }
@@ -459,7 +470,7 @@ pub(crate) async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
         }
         shared.notified.store(false, Ordering::SeqCst);
         for (i, (f, o)) in futs.iter_mut().zip(out.iter_mut()).enumerate() {
-            if o.is_none() && shared.woken[i].swap(false, Ordering::AcqRel) {
+            if o.is_none() && shared.woken[i].swap(false, Ordering::SeqCst) {
                 if let Poll::Ready(v) = f.as_mut().poll(&mut Context::from_waker(&wakers[i])) {
                     *o = Some(v);
                     left -= 1;
@@ -501,7 +512,24 @@ mod tests {
         let t2 = Instant::now();
         assert_eq!(block_on(deadline(&timer, Some(t2), never)), None);
         assert!(t2.elapsed() < Duration::from_secs(5));
-        timer.stop();
+        // Waits registered before the timer stops end when it stops.
+        std::thread::scope(|s| {
+            let far = Instant::now() + Duration::from_secs(60);
+            let timer = &timer;
+            let sleep = s.spawn(move || block_on(timer.sleep_until(far)));
+            let wait = s.spawn(move || block_on(deadline(timer, Some(far), std::future::pending::<()>())));
+            while timer.pending() < 2 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let stopped = Instant::now();
+            timer.stop();
+            sleep.join().unwrap();
+            assert_eq!(wait.join().unwrap(), None);
+            assert!(
+                stopped.elapsed() < Duration::from_secs(20),
+                "waits woken by stop went on to their deadline"
+            );
+        });
         // A stopped timer ends waits at once instead of never.
         block_on(timer.sleep_until(Instant::now() + Duration::from_secs(60)));
         let never = std::future::pending::<()>();

@@ -1068,9 +1068,11 @@ impl Ticket {
             }
             drop(inner);
             // Registered only to wait, as in `Endpoint::async_op`; the
-            // result may have come meanwhile.
+            // completion may have come meanwhile, and its signal found no
+            // waker: reap again before giving up.
             shared.signal.register(cx.waker());
             let mut inner = shared.inner.lock();
+            shared.progress(&mut inner);
             match self.take(&mut inner) {
                 Some(r) => Poll::Ready(r),
                 None => {
