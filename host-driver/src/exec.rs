@@ -488,6 +488,7 @@ pub(crate) async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
     use super::*;
@@ -625,15 +626,15 @@ mod tests {
         fn wake(self: Arc<Self>) {}
     }
 
-    #[test]
-    fn join_all_polls_only_the_futures_that_were_woken() {
-        use std::sync::atomic::AtomicUsize;
-        let polls: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
-        let wakers: Mutex<Vec<Option<Waker>>> = Mutex::new(vec![None, None, None]);
-        let done: Vec<AtomicBool> = (0..3).map(|_| AtomicBool::new(false)).collect();
-        let futs: Vec<_> = (0..3)
+    /// Futures that finish once `done[i]` is set and otherwise leave their
+    /// waker in `wakers[i]`; each poll of future `i` counts in `polls[i]`.
+    fn gated<'a>(
+        wakers: &'a Mutex<Vec<Option<Waker>>>,
+        done: &'a [AtomicBool],
+        polls: &'a [AtomicUsize],
+    ) -> Vec<impl Future<Output = usize> + 'a> {
+        (0..done.len())
             .map(|i| {
-                let (polls, wakers, done) = (&polls, &wakers, &done);
                 std::future::poll_fn(move |cx| {
                     polls[i].fetch_add(1, Ordering::SeqCst);
                     if done[i].load(Ordering::SeqCst) {
@@ -643,8 +644,15 @@ mod tests {
                     Poll::Pending
                 })
             })
-            .collect();
-        let mut all = std::pin::pin!(join_all(futs));
+            .collect()
+    }
+
+    #[test]
+    fn join_all_polls_only_the_futures_that_were_woken() {
+        let polls: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+        let wakers: Mutex<Vec<Option<Waker>>> = Mutex::new(vec![None, None, None]);
+        let done: Vec<AtomicBool> = (0..3).map(|_| AtomicBool::new(false)).collect();
+        let mut all = std::pin::pin!(join_all(gated(&wakers, &done, &polls)));
         let parent = Waker::noop();
         let mut cx = Context::from_waker(parent);
         assert!(all.as_mut().poll(&mut cx).is_pending());
@@ -669,7 +677,7 @@ mod tests {
 
     /// Counts the wake-ups it receives.
     #[derive(Default)]
-    struct CountWakes(std::sync::atomic::AtomicUsize);
+    struct CountWakes(AtomicUsize);
     impl Wake for CountWakes {
         fn wake(self: Arc<Self>) {
             self.wake_by_ref();
@@ -683,19 +691,8 @@ mod tests {
     fn join_all_wakes_its_parent_once_per_round() {
         let wakers: Mutex<Vec<Option<Waker>>> = Mutex::new(vec![None; 4]);
         let done: Vec<AtomicBool> = (0..4).map(|_| AtomicBool::new(false)).collect();
-        let futs: Vec<_> = (0..4)
-            .map(|i| {
-                let (wakers, done) = (&wakers, &done);
-                std::future::poll_fn(move |cx| {
-                    if done[i].load(Ordering::SeqCst) {
-                        return Poll::Ready(i);
-                    }
-                    wakers.lock()[i] = Some(cx.waker().clone());
-                    Poll::Pending
-                })
-            })
-            .collect();
-        let mut all = std::pin::pin!(join_all(futs));
+        let polls: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(0)).collect();
+        let mut all = std::pin::pin!(join_all(gated(&wakers, &done, &polls)));
         let parent = Arc::new(CountWakes::default());
         let parent_waker = Waker::from(parent.clone());
         let mut cx = Context::from_waker(&parent_waker);
@@ -722,8 +719,7 @@ mod tests {
         const FUTS: usize = 8;
         const ROUNDS: usize = 2000;
         let wakers: Arc<Mutex<Vec<Option<Waker>>>> = Arc::new(Mutex::new(vec![None; FUTS]));
-        let woken: Arc<Vec<std::sync::atomic::AtomicUsize>> =
-            Arc::new((0..FUTS).map(|_| std::sync::atomic::AtomicUsize::new(0)).collect());
+        let woken: Arc<Vec<AtomicUsize>> = Arc::new((0..FUTS).map(|_| AtomicUsize::new(0)).collect());
         let (tx, rx) = std::sync::mpsc::channel();
         let runner = {
             let (wakers, woken) = (wakers.clone(), woken.clone());
