@@ -448,7 +448,12 @@ impl Queue {
         // push itself says so and no response capsule follows.
         let by_data = transport::completes_by_data(sqe);
         let buf = self.staging.tier(len as usize).checkout()?;
-        let n = want.min(len as usize).min(buf.capacity());
+        // Fewer bytes than wanted only where the host's buffer is smaller;
+        // a staging buffer too small would cut the data short unnoticed.
+        let n = want.min(len as usize);
+        if n > buf.capacity() {
+            return Ok(Outcome::status(Status::INTERNAL_ERROR));
+        }
         let ticket = match self.ep.push_direct_fill(buf, target, by_data, n, fill) {
             Err(status) => return Ok(Outcome::status(status)),
             Ok(pushed) => pushed.map_err(|e| format!("cannot push data to the host: {e}"))?,
@@ -783,9 +788,8 @@ impl Queue {
     }
 }
 
-/// Copies `data` into the front of `buf`; the count copied.
-/// The first `dest.len()` bytes of `data` (which `push_to_host` never makes
-/// longer than `data`) into `dest`.
+/// Copies the first `dest.len()` bytes of `data` into `dest`
+/// (`push_to_host` never asks for more than `data` holds).
 fn copy_out(data: &[u8], dest: &mut [u8]) -> Result<(), Status> {
     let src = data.get(..dest.len()).ok_or(Status::INTERNAL_ERROR)?;
     dest.copy_from_slice(src);

@@ -9,9 +9,10 @@
 //! wrote it), so the consumer, loading word 0 of its next slot with acquire
 //! ordering, knows whether the entry is published and reads one cache line
 //! per entry, nothing else. It copies entries out, executes them, then
-//! stores `head` with release ordering, freeing their slots. Both sides distrust what the other wrote: the producer
-//! keeps its own counter and refuses a `head` more than a ring behind it,
-//! and the consumer checks every entry it takes.
+//! stores `head` with release ordering, freeing their slots. Both sides
+//! distrust what the other wrote: the producer keeps its own counter and
+//! refuses a `head` more than a ring behind it, and the consumer checks
+//! every entry it takes.
 //!
 //! An entry flagged inline carries its data in the ring itself (a small
 //! Send, as with verbs' `IBV_SEND_INLINE`): the first [`FIRST_INLINE`]
