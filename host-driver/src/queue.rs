@@ -493,12 +493,10 @@ impl Queue {
         let sqe_bytes = sqe.encode();
         let capsule: [&[u8]; 2] = [&sqe_bytes, inline];
         let _lock = self.submit.lock().await;
-        let ticket = self
-            .ep
-            .send_parts_async(&capsule)
+        self.ep
+            .send_parts_detached_async(&capsule)
             .await
             .map_err(|e| self.send_failed(e))?;
-        drop(ticket);
         stage.store(CAPSULE_SENT, Ordering::Release);
         let mut lent_push = None;
         if whole {

@@ -342,6 +342,20 @@ impl Endpoint {
         self.async_op(move |inner, token| inner.conn.send_parts(token, parts))
     }
 
+    /// As [`Endpoint::send_parts_async`], for a message whose completion
+    /// nobody waits for: no [`Ticket`] (a failed send fails the channel,
+    /// as any failed transfer does, and that is what the sender sees).
+    ///
+    /// # Errors
+    /// As [`Endpoint::send`].
+    pub fn send_parts_detached_async<'a>(
+        &'a self,
+        parts: &'a [&'a [u8]],
+    ) -> impl Future<Output = Result<(), Error>> + 'a {
+        let op = self.async_op_as(true, move |inner, token| inner.conn.send_parts(token, parts));
+        async move { op.await.map(drop) }
+    }
+
     /// Pushes `data` into a slot the peer granted (copied once into a
     /// registered staging buffer), waiting for a slot and a credit.
     ///
@@ -406,12 +420,44 @@ impl Endpoint {
     /// [`Endpoint::push_direct`], `TooLarge` also when `len` exceeds `buf`.
     pub fn push_direct_fill<E>(
         &self,
-        mut buf: Buf,
+        buf: Buf,
         target: DirectTarget,
         flag: bool,
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
     ) -> Result<Result<Ticket, Error>, E> {
+        Ok(self
+            .push_direct_fill_as(false, buf, target, flag, len, fill)?
+            .map(|key| self.ticket(key)))
+    }
+
+    /// As [`Endpoint::push_direct_fill`], with no [`Ticket`]: nobody waits
+    /// for this push, which is forgotten once it completes (a failed push
+    /// fails the channel, as any failed transfer does). `buf` returns to
+    /// its pool then; [`Endpoint::wait_progress`] waits for that.
+    ///
+    /// # Errors
+    /// As [`Endpoint::push_direct_fill`].
+    pub fn push_direct_fill_detached<E>(
+        &self,
+        buf: Buf,
+        target: DirectTarget,
+        flag: bool,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Result<(), Error>, E> {
+        Ok(self.push_direct_fill_as(true, buf, target, flag, len, fill)?.map(drop))
+    }
+
+    fn push_direct_fill_as<E>(
+        &self,
+        detached: bool,
+        mut buf: Buf,
+        target: DirectTarget,
+        flag: bool,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Result<usize, Error>, E> {
         let max = buf.capacity().min(target.remote.len as usize);
         if len > max {
             return Ok(Err(Error::TooLarge { len, max }));
@@ -439,11 +485,33 @@ impl Endpoint {
         };
         filled?;
         let mut slot = Some(buf);
-        Ok(self.blocking(None, |inner, token| {
+        Ok(self.blocking_as(None, detached, |inner, token| {
             push_with(&mut slot, |b| {
                 inner.conn.push_direct_as(token, b, target, flag, placement)
             })
         }))
+    }
+
+    /// Runs the channel's progress and, unless that moved anything (a
+    /// completion reaped, a message or event routed), waits up to
+    /// `timeout` for something to move: how a caller waits for resources
+    /// that completions give back (the buffers of detached pushes).
+    ///
+    /// # Errors
+    /// `Closed` once the channel is closed; `Timeout` when nothing moved.
+    pub fn wait_progress(&self, timeout: Duration) -> Result<(), Error> {
+        let generation = self.shared.signal.generation.load(Ordering::SeqCst);
+        {
+            let mut inner = self.shared.inner.lock();
+            self.shared.progress(&mut inner);
+            if let Some(reason) = inner.closed.clone() {
+                return Err(Error::Closed(reason));
+            }
+        }
+        if self.shared.signal.generation.load(Ordering::SeqCst) != generation {
+            return Ok(());
+        }
+        self.shared.sleep(generation, Some(Instant::now() + timeout))
     }
 
     /// A staging buffer of [`Endpoint::max_push`] bytes to fill and hand to
@@ -569,12 +637,29 @@ impl Endpoint {
     }
 
     /// One attempt of a send-like operation: `Ok(None)` when it must wait.
-    fn attempt(&self, mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>) -> Result<Option<Ticket>, Error> {
+    fn attempt(&self, op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>) -> Result<Option<Ticket>, Error> {
+        Ok(self.attempt_as(false, op)?.map(|key| self.ticket(key)))
+    }
+
+    /// The handle of the transfer whose (not detached) ticket is `key`.
+    fn ticket(&self, key: usize) -> Ticket {
+        Ticket {
+            shared: self.shared.clone(),
+            key,
+            done: false,
+        }
+    }
+
+    /// As [`Endpoint::attempt`], returning the ticket's key; a `detached`
+    /// ticket is forgotten when its transfer completes (no [`Ticket`]
+    /// stands for it).
+    fn attempt_as(
+        &self,
+        detached: bool,
+        mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>,
+    ) -> Result<Option<usize>, Error> {
         let mut inner = self.shared.inner.lock();
-        let key = inner.tickets.insert(TicketState {
-            result: None,
-            detached: false,
-        });
+        let key = inner.tickets.insert(TicketState { result: None, detached });
         // Optimistic: the operation first, on what the last progress left;
         // only when it finds no credit or room does a round of progress
         // (which may free some) come first, then the one retry. A message
@@ -587,11 +672,7 @@ impl Endpoint {
         match outcome {
             Ok(()) => {
                 self.shared.progress(&mut inner);
-                Ok(Some(Ticket {
-                    shared: self.shared.clone(),
-                    key,
-                    done: false,
-                }))
+                Ok(Some(key))
             }
             Err(e) => {
                 inner.tickets.remove(key);
@@ -606,12 +687,23 @@ impl Endpoint {
     fn blocking(
         &self,
         deadline: Option<Instant>,
-        mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>,
+        op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>,
     ) -> Result<Ticket, Error> {
+        self.blocking_as(deadline, false, op).map(|key| self.ticket(key))
+    }
+
+    /// As [`Endpoint::blocking`], returning the ticket's key (see
+    /// [`Endpoint::attempt_as`]).
+    fn blocking_as(
+        &self,
+        deadline: Option<Instant>,
+        detached: bool,
+        mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>,
+    ) -> Result<usize, Error> {
         loop {
             let generation = self.shared.signal.generation.load(Ordering::SeqCst);
-            if let Some(ticket) = self.attempt(&mut op)? {
-                return Ok(ticket);
+            if let Some(key) = self.attempt_as(detached, &mut op)? {
+                return Ok(key);
             }
             // Counted while asleep: credits or room that another thread's
             // progress frees move no event, so that progress must interrupt
@@ -626,20 +718,31 @@ impl Endpoint {
 
     fn async_op<'a>(
         &'a self,
-        mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError> + 'a,
+        op: impl FnMut(&mut Inner, u64) -> Result<(), SendError> + 'a,
     ) -> impl Future<Output = Result<Ticket, Error>> + 'a {
+        let op = self.async_op_as(false, op);
+        async move { op.await.map(|key| self.ticket(key)) }
+    }
+
+    /// As [`Endpoint::async_op`], returning the ticket's key (see
+    /// [`Endpoint::attempt_as`]).
+    fn async_op_as<'a>(
+        &'a self,
+        detached: bool,
+        mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError> + 'a,
+    ) -> impl Future<Output = Result<usize, Error>> + 'a {
         std::future::poll_fn(move |cx: &mut Context<'_>| {
             // The waker is registered only when the operation must wait (and
             // then the operation is tried once more, in case what it waits
             // for came before the registration): one registered on every
             // call would be woken by the next signal, this call's own
             // progress included, and its task polled again for nothing.
-            if let Some(done) = self.attempt(&mut op).transpose() {
+            if let Some(done) = self.attempt_as(detached, &mut op).transpose() {
                 return Poll::Ready(done);
             }
             self.shared.signal.register(cx.waker());
-            match self.attempt(&mut op) {
-                Ok(Some(t)) => Poll::Ready(Ok(t)),
+            match self.attempt_as(detached, &mut op) {
+                Ok(Some(key)) => Poll::Ready(Ok(key)),
                 Ok(None) => {
                     self.shared.post_held();
                     Poll::Pending

@@ -52,7 +52,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::ops::{BitOr, Deref, DerefMut};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
@@ -412,6 +412,7 @@ impl ProtectionDomain {
             rkey,
             access,
             free: Mutex::new((0..count as u32).rev().collect()),
+            free_count: AtomicUsize::new(count),
             pd: Arc::downgrade(&self.inner),
             device,
             allocation,
@@ -493,6 +494,10 @@ struct Region {
     rkey: RKey,
     access: Access,
     free: Mutex<Vec<u32>>,
+    /// `free`'s length, written under its lock: [`BufPool::available`]
+    /// reads it without taking the lock (the protocol asks before every
+    /// send whether a buffer is left).
+    free_count: AtomicUsize,
     pd: Weak<PdInner>,
     /// The device registration, undone before the memory is freed.
     device: Option<(Arc<dyn Registrar>, u64)>,
@@ -565,7 +570,12 @@ pub struct BufPool {
 impl BufPool {
     /// Checks out a free chunk, or `None` when all are in use.
     pub fn checkout(&self) -> Option<Buf> {
-        let index = self.region.free.lock().pop()?;
+        let index = {
+            let mut free = self.region.free.lock();
+            let index = free.pop()?;
+            self.region.free_count.store(free.len(), Ordering::Release);
+            index
+        };
         Some(Buf {
             region: self.region.clone(),
             index,
@@ -585,7 +595,7 @@ impl BufPool {
 
     /// Number of chunks not checked out.
     pub fn available(&self) -> usize {
-        self.region.free.lock().len()
+        self.region.free_count.load(Ordering::Acquire)
     }
 
     /// Local key of the registration.
@@ -747,7 +757,9 @@ impl DerefMut for Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        self.region.free.lock().push(self.index);
+        let mut free = self.region.free.lock();
+        free.push(self.index);
+        self.region.free_count.store(free.len(), Ordering::Release);
     }
 }
 
@@ -831,8 +843,11 @@ mod tests {
     fn checkout_and_return() {
         let pd = ProtectionDomain::new();
         let pool = pd.register(64, 2, Access::LOCAL_WRITE).unwrap();
+        assert_eq!(pool.available(), 2);
         let mut a = pool.checkout().unwrap();
+        assert_eq!(pool.available(), 1);
         let b = pool.checkout().unwrap();
+        assert_eq!(pool.available(), 0);
         assert!(pool.checkout().is_none());
         assert_ne!(a.index(), b.index());
         a.fill(b"hello").unwrap();
@@ -840,6 +855,8 @@ mod tests {
         assert_eq!(a.fill(&[0; 65]), Err(64));
         drop(a);
         assert_eq!(pool.available(), 1);
+        drop(b);
+        assert_eq!(pool.available(), 2);
     }
 
     #[test]

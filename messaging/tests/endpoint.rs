@@ -285,6 +285,71 @@ fn filled_pushes_land_whole_whether_placed_or_staged() {
 }
 
 #[test]
+fn detached_pushes_and_sends_land_and_give_their_buffers_back() {
+    // Two staging buffers for 30 detached pushes: each round waits with
+    // `wait_progress` until a completed push returned one to its pool.
+    for (fabric, addr) in fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        let exposed = fabric
+            .domain()
+            .register(4096, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+            .unwrap();
+        let staging = fabric.domain().register(4096, 2, Access::LOCAL_WRITE).unwrap();
+        let mut buf = exposed.checkout();
+        for round in 0..30usize {
+            let target = b.expose(buf.take().expect("a buffer to expose")).expect("expose");
+            let deadline = Instant::now() + LONG;
+            let src = loop {
+                if let Some(s) = staging.checkout() {
+                    break s;
+                }
+                assert!(Instant::now() < deadline, "round {round}: no staging buffer came back");
+                match a.wait_progress(Duration::from_millis(100)) {
+                    Ok(()) | Err(Error::Timeout(_)) => {}
+                    Err(e) => panic!("round {round}: {e}"),
+                }
+            };
+            a.push_direct_fill_detached(src, target, true, 100 + round, |dest: &mut [u8]| {
+                dest.fill(round as u8);
+                Ok::<(), ()>(())
+            })
+            .expect("fill succeeds")
+            .expect("push");
+            block_on(a.send_parts_detached_async(&[b"round ", &[round as u8]])).expect("send");
+            let d = b.recv_timeout(LONG).unwrap();
+            assert_eq!(
+                d.kind(),
+                ReceivedKind::Direct {
+                    tag: target.tag,
+                    flag: true
+                }
+            );
+            let got = d.into_buf().expect("the exposed buffer comes back");
+            assert!(
+                got.len() == 100 + round && got.iter().all(|&x| x == round as u8),
+                "round {round}"
+            );
+            buf = Some(got);
+            let m = b.recv_timeout(LONG).unwrap();
+            assert_eq!(&*m, &[b"round ".as_slice(), &[round as u8]].concat()[..]);
+        }
+        let deadline = Instant::now() + LONG;
+        while staging.available() < 2 {
+            assert!(Instant::now() < deadline, "a detached push kept its buffer");
+            let _ = a.wait_progress(Duration::from_millis(100));
+        }
+        drop(b);
+        let deadline = Instant::now() + LONG;
+        loop {
+            match a.wait_progress(Duration::from_millis(100)) {
+                Err(Error::Closed(_)) => break,
+                _ => assert!(Instant::now() < deadline, "wait_progress never saw the close"),
+            }
+        }
+    }
+}
+
+#[test]
 fn back_pressure_waits_and_never_drops() {
     for (fabric, addr) in fabrics() {
         let cfg = Config {

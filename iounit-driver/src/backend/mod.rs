@@ -23,7 +23,7 @@ pub mod ram;
 pub mod registry;
 pub mod uring;
 
-pub use registry::{NamespaceRef, Registry, RegistryEvent, SubscriptionId};
+pub use registry::{NamespaceCache, NamespaceRef, Registry, RegistryEvent, SubscriptionId};
 
 /// Size and shape of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

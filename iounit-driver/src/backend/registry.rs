@@ -6,11 +6,17 @@
 //! hosts). Commands hold a [`NamespaceRef`] while they run; detaching a
 //! namespace makes new lookups fail at once and waits for the running
 //! commands to finish before it returns.
+//!
+//! A queue looks its namespace up once per command, so that lookup is
+//! kept cheap: through a [`NamespaceCache`] it takes no registry lock, and
+//! holding a namespace is one atomic increment (and one decrement when the
+//! command ends), not a mutex.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -70,8 +76,51 @@ pub struct Registry {
 
 struct Namespace {
     backend: Arc<dyn BlockBackend>,
-    inflight: Mutex<usize>,
+    /// Commands holding the namespace ([`NamespaceRef`]s alive).
+    inflight: AtomicUsize,
+    /// Set by `detach` (with the namespace already out of the map) before
+    /// it waits for `inflight` to drain; a lookup that counted itself in
+    /// and then sees it backs out (`Namespace::enter`).
+    detached: AtomicBool,
+    /// `detach` sleeps on `idle` under this lock until `inflight` is 0.
+    idle_lock: Mutex<()>,
     idle: Condvar,
+}
+
+impl Namespace {
+    /// Holds the namespace for one command, unless it is being detached.
+    ///
+    /// With `detach` this is a store-then-load handshake on both sides
+    /// (SeqCst): a lookup counts itself in, then looks at `detached`;
+    /// `detach` sets `detached`, then looks at the count. Either the lookup
+    /// sees the flag and backs out, or `detach` sees the command and waits
+    /// for it: no command runs on a namespace whose detach returned.
+    fn enter(ns: Arc<Namespace>, nsid: u32) -> Option<NamespaceRef> {
+        ns.inflight.fetch_add(1, Ordering::SeqCst);
+        if ns.detached.load(Ordering::SeqCst) {
+            ns.leave();
+            return None;
+        }
+        Some(NamespaceRef { nsid, ns })
+    }
+
+    fn leave(&self) {
+        if self.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && self.detached.load(Ordering::SeqCst) {
+            // `detach` checks the count under this lock before it sleeps:
+            // taking it here means the notification cannot fall between.
+            let _guard = self.idle_lock.lock();
+            self.idle.notify_all();
+        }
+    }
+}
+
+/// One caller's shortcut to the namespace it looked up last (a queue's
+/// commands mostly address one namespace): [`Registry::get_cached`] through
+/// it takes no registry lock. It holds only a weak reference, so a
+/// detached namespace's memory is not kept alive by an idle queue.
+#[derive(Debug, Default)]
+pub struct NamespaceCache {
+    last: Option<(u32, Weak<Namespace>)>,
 }
 
 impl Registry {
@@ -101,7 +150,9 @@ impl Registry {
                 id,
                 Arc::new(Namespace {
                     backend,
-                    inflight: Mutex::new(0),
+                    inflight: AtomicUsize::new(0),
+                    detached: AtomicBool::new(false),
+                    idle_lock: Mutex::new(()),
                     idle: Condvar::new(),
                 }),
             );
@@ -117,18 +168,20 @@ impl Registry {
     /// # Errors
     /// `NotFound`, or `Busy` if commands were still running at the deadline.
     pub fn detach(&self, nsid: u32, timeout: Duration) -> Result<Arc<dyn BlockBackend>, RegistryError> {
-        let ns = self
-            .namespaces
-            .write()
-            .remove(&nsid)
-            .ok_or(RegistryError::NotFound(nsid))?;
+        let ns = {
+            let mut map = self.namespaces.write();
+            let ns = map.remove(&nsid).ok_or(RegistryError::NotFound(nsid))?;
+            // Under the map's lock: from here no lookup, cached or not, holds it anew.
+            ns.detached.store(true, Ordering::SeqCst);
+            ns
+        };
         let started = Instant::now();
         let deadline = started + timeout;
-        let mut left = ns.inflight.lock();
-        while *left > 0 {
-            if ns.idle.wait_until(&mut left, deadline).timed_out() && *left > 0 {
-                let inflight = *left;
-                drop(left);
+        let mut guard = ns.idle_lock.lock();
+        while ns.inflight.load(Ordering::SeqCst) > 0 {
+            if ns.idle.wait_until(&mut guard, deadline).timed_out() && ns.inflight.load(Ordering::SeqCst) > 0 {
+                let inflight = ns.inflight.load(Ordering::SeqCst);
+                drop(guard);
                 self.notify(RegistryEvent::Detached(nsid));
                 return Err(RegistryError::Busy {
                     nsid,
@@ -137,7 +190,7 @@ impl Registry {
                 });
             }
         }
-        drop(left);
+        drop(guard);
         tracing::info!(nsid, "namespace detached");
         self.notify(RegistryEvent::Detached(nsid));
         Ok(ns.backend.clone())
@@ -146,8 +199,22 @@ impl Registry {
     /// The namespace, held for one command.
     pub fn get(&self, nsid: u32) -> Option<NamespaceRef> {
         let ns = self.namespaces.read().get(&nsid)?.clone();
-        *ns.inflight.lock() += 1;
-        Some(NamespaceRef { nsid, ns })
+        Namespace::enter(ns, nsid)
+    }
+
+    /// As [`Registry::get`], through `cache`: while the namespace `cache`
+    /// remembers for `nsid` is attached, no registry lock is taken.
+    pub fn get_cached(&self, cache: &mut NamespaceCache, nsid: u32) -> Option<NamespaceRef> {
+        if let Some((id, weak)) = &cache.last {
+            if *id == nsid {
+                if let Some(held) = weak.upgrade().and_then(|ns| Namespace::enter(ns, nsid)) {
+                    return Some(held);
+                }
+            }
+        }
+        let ns = self.namespaces.read().get(&nsid)?.clone();
+        cache.last = Some((nsid, Arc::downgrade(&ns)));
+        Namespace::enter(ns, nsid)
     }
 
     /// Attached namespace IDs, ascending.
@@ -201,11 +268,7 @@ impl Deref for NamespaceRef {
 
 impl Drop for NamespaceRef {
     fn drop(&mut self) {
-        let mut n = self.ns.inflight.lock();
-        *n -= 1;
-        if *n == 0 {
-            self.ns.idle.notify_all();
-        }
+        self.ns.leave();
     }
 }
 
@@ -252,6 +315,69 @@ mod tests {
                 RegistryEvent::Detached(2)
             ]
         );
+    }
+
+    #[test]
+    fn cached_lookups_follow_detach_and_reattach() {
+        let reg = Registry::new();
+        let first = ram();
+        reg.attach(Some(1), first.clone()).unwrap();
+        let mut cache = NamespaceCache::default();
+        let held = reg.get_cached(&mut cache, 1).unwrap();
+        assert!(Arc::ptr_eq(&held.ns.backend, &first));
+        drop(held);
+        assert!(reg.get_cached(&mut cache, 2).is_none(), "another nsid misses");
+        let returned = reg.detach(1, Duration::from_secs(1)).unwrap();
+        assert!(reg.get_cached(&mut cache, 1).is_none(), "a detached namespace is gone");
+        // The cache holds it weakly: only the backend detach returned and
+        // this test's own handle keep it alive.
+        assert_eq!(Arc::strong_count(&returned), 2);
+        let second = ram();
+        reg.attach(Some(1), second.clone()).unwrap();
+        let held = reg.get_cached(&mut cache, 1).unwrap();
+        assert!(
+            Arc::ptr_eq(&held.ns.backend, &second),
+            "the new namespace, not the old one"
+        );
+    }
+
+    #[test]
+    fn no_cached_lookup_outlives_its_detach() {
+        // Lookups through a cache race a detach: whatever a lookup holds,
+        // the detach has not returned yet (it waits for it), and once it
+        // returned no lookup succeeds.
+        for _ in 0..1000 {
+            let reg = Registry::new();
+            reg.attach(Some(1), ram()).unwrap();
+            let detached = AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                let looker = s.spawn(|| {
+                    let mut cache = NamespaceCache::default();
+                    let mut held_after = 0;
+                    loop {
+                        let done = detached.load(Ordering::SeqCst) == 1;
+                        match reg.get_cached(&mut cache, 1) {
+                            Some(ns) => {
+                                if detached.load(Ordering::SeqCst) == 1 {
+                                    held_after += 1;
+                                }
+                                drop(ns);
+                            }
+                            None if done => return held_after,
+                            None => {}
+                        }
+                    }
+                });
+                std::thread::yield_now();
+                reg.detach(1, Duration::from_secs(10)).unwrap();
+                detached.store(1, Ordering::SeqCst);
+                assert_eq!(
+                    looker.join().unwrap(),
+                    0,
+                    "a lookup held the namespace after its detach returned"
+                );
+            });
+        }
     }
 
     #[test]

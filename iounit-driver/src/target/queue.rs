@@ -20,10 +20,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use messaging::mr::{Access, BufPool, RKey, RemoteBuf};
-use messaging::{DirectTarget, Endpoint, Error as MsgError, ReceivedKind, Ticket};
+use messaging::{DirectTarget, Endpoint, Error as MsgError, ReceivedKind};
 
 use super::{Controller, Shared};
-use crate::backend::{BlockError, ErrorKind, NamespaceRef};
+use crate::backend::{BlockError, ErrorKind, NamespaceCache, NamespaceRef};
 use crate::nvme::{
     AdminOpcode, ChangedNamespaceList, Cns, CommandId, Connect, ConnectData, ConnectResponse, Cqe, DsmRange,
     ErrorLogEntry, FabricsCommandType, FeatureId, GetLogPage, IdentifyController, IdentifyNamespace, IoOpcode,
@@ -45,6 +45,8 @@ const STAGING_BUFFERS: usize = 4;
 /// Size and number of the small staging buffers (reads up to that size).
 const SMALL_STAGING: usize = 16 * 1024;
 const SMALL_STAGING_BUFFERS: usize = 64;
+/// How long a read waits for a staging buffer to come back from the host.
+const STAGING_WAIT: Duration = Duration::from_secs(30);
 
 /// Serves one channel until it closes, the controller dies or the target
 /// shuts down.
@@ -73,6 +75,7 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
         sq_head: 0,
         writes: VecDeque::new(),
         staging,
+        namespaces: NamespaceCache::default(),
     };
     if qid > 0 {
         ctrl.io_active.fetch_add(1, Ordering::AcqRel);
@@ -293,6 +296,8 @@ struct Queue {
     sq_head: u16,
     writes: VecDeque<PendingWrite>,
     staging: Staging,
+    /// The namespace this queue's commands addressed last.
+    namespaces: NamespaceCache,
 }
 
 /// Registered buffers that read data is staged in before its push to the
@@ -303,13 +308,11 @@ struct Staging {
     large: Tier,
 }
 
-/// One size of staging buffers, with the tickets of the pushes using them.
+/// One size of staging buffers. Each push in flight holds one (a placed
+/// push too: it stands for the push); it returns to the pool when the push
+/// completes.
 struct Tier {
     pool: BufPool,
-    /// Each push in flight holds a buffer of the tier, so the newest
-    /// `count` tickets cover every push that can still be running.
-    pushes: VecDeque<Ticket>,
-    count: usize,
 }
 
 impl Staging {
@@ -317,8 +320,6 @@ impl Staging {
         let tier = |size, count| -> Result<Tier, messaging::mr::MrError> {
             Ok(Tier {
                 pool: ep.domain().register(size, count, Access::LOCAL_WRITE)?,
-                pushes: VecDeque::new(),
-                count,
             })
         };
         Ok(Staging {
@@ -327,35 +328,37 @@ impl Staging {
         })
     }
 
-    fn tier(&mut self, len: usize) -> &mut Tier {
+    fn tier(&self, len: usize) -> &Tier {
         if len <= SMALL_STAGING {
-            &mut self.small
+            &self.small
         } else {
-            &mut self.large
+            &self.large
         }
     }
 }
 
 impl Tier {
-    /// A buffer, waiting for the oldest push of the tier if all are in flight.
-    fn checkout(&mut self) -> Result<messaging::mr::Buf, String> {
+    /// A buffer, waiting for a push of the tier to complete if all are in
+    /// flight (the host acknowledges pushes as they land: a host that
+    /// stops for `STAGING_WAIT` costs its channel).
+    fn checkout(&self, ep: &Endpoint) -> Result<messaging::mr::Buf, String> {
+        if let Some(b) = self.pool.checkout() {
+            return Ok(b);
+        }
+        // All in flight: the clock is read only here, not per checkout.
+        let deadline = Instant::now() + STAGING_WAIT;
         loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("no staging buffer came back within {STAGING_WAIT:?}"));
+            }
+            match ep.wait_progress(left) {
+                Ok(()) | Err(MsgError::Timeout(_)) => {}
+                Err(e) => return Err(format!("data push to the host failed: {e}")),
+            }
             if let Some(b) = self.pool.checkout() {
                 return Ok(b);
             }
-            match self.pushes.pop_front() {
-                Some(t) => t
-                    .wait_timeout(Duration::from_secs(30))
-                    .map_err(|e| format!("data push to the host failed: {e}"))?,
-                None => return Err("no staging buffer and no push in flight".into()),
-            }
-        }
-    }
-
-    fn pushed(&mut self, ticket: Ticket) {
-        self.pushes.push_back(ticket);
-        if self.pushes.len() > self.count {
-            self.pushes.pop_front();
         }
     }
 }
@@ -447,18 +450,17 @@ impl Queue {
         // The command succeeds with this push: when the host allows, the
         // push itself says so and no response capsule follows.
         let by_data = transport::completes_by_data(sqe);
-        let buf = self.staging.tier(len as usize).checkout()?;
+        let buf = self.staging.tier(len as usize).checkout(&self.ep)?;
         // Fewer bytes than wanted only where the host's buffer is smaller;
         // a staging buffer too small would cut the data short unnoticed.
         let n = want.min(len as usize);
         if n > buf.capacity() {
             return Ok(Outcome::status(Status::INTERNAL_ERROR));
         }
-        let ticket = match self.ep.push_direct_fill(buf, target, by_data, n, fill) {
+        match self.ep.push_direct_fill_detached(buf, target, by_data, n, fill) {
             Err(status) => return Ok(Outcome::status(status)),
             Ok(pushed) => pushed.map_err(|e| format!("cannot push data to the host: {e}"))?,
-        };
-        self.staging.tier(len as usize).pushed(ticket);
+        }
         Ok(if by_data {
             Outcome::Pushed
         } else {
@@ -647,7 +649,7 @@ impl Queue {
             }
             return Ok(Outcome::status(Status::SUCCESS));
         }
-        let Some(ns) = self.shared.registry.get(sqe.nsid.0) else {
+        let Some(ns) = self.shared.registry.get_cached(&mut self.namespaces, sqe.nsid.0) else {
             return Ok(Outcome::status(Status::INVALID_NAMESPACE.with_dnr()));
         };
         let geo = ns.geometry();
