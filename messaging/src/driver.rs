@@ -671,7 +671,17 @@ impl Endpoint {
         }
         match outcome {
             Ok(()) => {
-                self.shared.progress(&mut inner);
+                // Hands the queued work to the provider (or to the cork's
+                // batch). Not a whole round of progress: reaping completions
+                // is for whoever waits, and posting a send frees nothing a
+                // waiter could want, so it signals no one (a signal here
+                // woke every registered task on every send). Events, should
+                // the operation have routed any, are signalled as usual.
+                let (_, routed) = self.shared.flush(&mut inner);
+                if routed {
+                    self.shared.signal.signal();
+                    self.shared.routed();
+                }
                 Ok(Some(key))
             }
             Err(e) => {
