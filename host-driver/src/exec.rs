@@ -151,6 +151,22 @@ struct TimerState {
     wakes_at: Option<Instant>,
     /// Wake-up calls made (for tests).
     notifies: u64,
+    /// Looked at on every wake of the thread (see [`Sweep`]); dead ones
+    /// are dropped there.
+    sweepers: Vec<Weak<dyn Sweep>>,
+}
+
+/// Deadlines kept by their owner instead of one timer entry each: the
+/// timer thread calls `sweep` whenever it wakes (at least every
+/// `TIMER_PERIOD`, 100 ms), and the owner wakes whatever is due. A queue
+/// keeps its commands' deadlines this way: registering and cancelling an
+/// entry for every command (two locks, a waker cloned and dropped) cost
+/// more than the command's whole wait on a fast channel, for a deadline
+/// that almost never passes; the price is that a command times out up to
+/// one period late.
+pub(crate) trait Sweep: Send + Sync {
+    /// Wakes everything due at `now`.
+    fn sweep(&self, now: Instant);
 }
 
 /// Longest sleep of the timer thread.
@@ -229,6 +245,11 @@ impl Timer {
         Some(TimerEntry { timer: self, key, seq })
     }
 
+    /// Calls `sweeper` on every wake of the timer thread until it is dropped.
+    pub(crate) fn watch(&self, sweeper: Weak<dyn Sweep>) {
+        self.shared.state.lock().sweepers.push(sweeper);
+    }
+
     /// Whether [`Timer::stop`] ran: it woke every registered wake-up, and
     /// no later one will come.
     fn is_stopped(&self) -> bool {
@@ -277,6 +298,18 @@ impl TimerShared {
                 return;
             }
             let now = Instant::now();
+            st.sweepers.retain(|s| s.strong_count() > 0);
+            let sweepers: Vec<Arc<dyn Sweep>> = st.sweepers.iter().filter_map(Weak::upgrade).collect();
+            if !sweepers.is_empty() {
+                // Outside the lock: a sweep takes its owner's locks and wakes tasks.
+                drop(st);
+                sweepers.iter().for_each(|s| s.sweep(now));
+                drop(sweepers);
+                st = self.state.lock();
+                if st.stop {
+                    return;
+                }
+            }
             let mut until = now + TIMER_PERIOD;
             let mut due = Vec::new();
             for (key, p) in &st.entries {
@@ -492,6 +525,35 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn sweepers_are_called_every_period_until_dropped() {
+        struct Count(AtomicUsize);
+        impl Sweep for Count {
+            fn sweep(&self, _now: Instant) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let timer = Timer::start().unwrap();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        timer.watch(Arc::downgrade(&count) as Weak<dyn Sweep>);
+        // Nothing else registered: the thread wakes on its own, every
+        // TIMER_PERIOD, and sweeps each time.
+        let t0 = Instant::now();
+        while count.0.load(Ordering::SeqCst) < 2 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "no periodic sweep");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let weak = Arc::downgrade(&count);
+        drop(count);
+        std::thread::sleep(TIMER_PERIOD * 3);
+        assert!(weak.upgrade().is_none(), "the timer keeps no sweeper alive");
+        assert!(
+            timer.shared.state.lock().sweepers.is_empty(),
+            "a dropped sweeper is forgotten"
+        );
+        timer.stop();
+    }
 
     #[test]
     fn sleeps_and_deadlines() {

@@ -561,6 +561,7 @@ impl Inner {
             generation,
         };
         let (admin, cntlid) = Queue::connect(&params, 0).map_err(|e| HostError::connect(&uri, "admin queue", e))?;
+        self.timer.watch(Arc::downgrade(&admin) as Weak<dyn exec::Sweep>);
         let mut io = Vec::new();
         let result = (|| {
             let receiver = admin.spawn_receiver(on_lost.clone())?;
@@ -591,6 +592,7 @@ impl Inner {
         params.kato_ms = 0;
         for qid in 1..=queues {
             let opened = Queue::connect(&params, qid).and_then(|(q, _)| {
+                self.timer.watch(Arc::downgrade(&q) as Weak<dyn exec::Sweep>);
                 let receiver = q.spawn_receiver(on_lost.clone())?;
                 self.threads.lock().push(receiver);
                 Ok(q)

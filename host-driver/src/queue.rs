@@ -136,6 +136,9 @@ struct State {
 
 struct Slot {
     cell: Arc<Cell>,
+    /// When the command times out: the timer's sweep ([`exec::Sweep`])
+    /// wakes its waiter then.
+    deadline: Option<Instant>,
     exposure: Option<Exposure>,
     data: Option<Buf>,
     ignored: bool,
@@ -304,7 +307,7 @@ impl Queue {
         deadline: Option<Instant>,
         timer: &Timer,
     ) -> Result<Reply, ExecError> {
-        let (cid, cell) = match exec::deadline(timer, deadline, self.acquire()).await {
+        let (cid, cell) = match exec::deadline(timer, deadline, self.acquire(deadline)).await {
             None => return Err(ExecError::Timeout { in_flight: false }),
             Some(Err(())) => return Err(ExecError::Lost),
             Some(Ok(acquired)) => acquired,
@@ -354,7 +357,9 @@ impl Queue {
             // one frees its slot: either way nothing is left holding a CID.
             None => return Err(ExecError::Timeout { in_flight: false }),
         };
-        let reply = match exec::deadline(timer, deadline, self.wait_reply(&cell)).await {
+        // No timer entry for this wait: the queue's sweep wakes it once the
+        // deadline passed (see `Sweep for Queue`).
+        let reply = match self.wait_reply(&cell, deadline).await {
             Some(r) => {
                 guard.done = true;
                 r.map_err(|()| ExecError::Lost)
@@ -380,7 +385,7 @@ impl Queue {
     }
 
     /// A free CID and the cell its completion will land in.
-    fn acquire(&self) -> impl Future<Output = Result<(usize, Arc<Cell>), ()>> + '_ {
+    fn acquire(&self, deadline: Option<Instant>) -> impl Future<Output = Result<(usize, Arc<Cell>), ()>> + '_ {
         std::future::poll_fn(move |cx| {
             let mut st = self.state.lock();
             if st.closed {
@@ -390,6 +395,7 @@ impl Queue {
                 let cell = st.reusable_cell().unwrap_or_default();
                 let cid = st.slots.insert(Slot {
                     cell: cell.clone(),
+                    deadline,
                     exposure: None,
                     data: None,
                     ignored: false,
@@ -571,16 +577,28 @@ impl Queue {
     }
 
     /// Waits for a command's reply.
-    fn wait_reply<'a>(&'a self, cell: &'a Cell) -> impl Future<Output = Result<Reply, ()>> + 'a {
+    /// The command's completion, or `None` once `deadline` passed (the
+    /// queue's sweep wakes the waiter then).
+    fn wait_reply<'a>(
+        &'a self,
+        cell: &'a Cell,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Option<Result<Reply, ()>>> + 'a {
+        let mut first = true;
         std::future::poll_fn(move |cx| {
             let mut inner = cell.inner.lock();
-            match inner.result.take() {
-                Some(r) => Poll::Ready(r),
-                None => {
-                    inner.waker = Some(cx.waker().clone());
-                    Poll::Pending
-                }
+            if let Some(r) = inner.result.take() {
+                return Poll::Ready(Some(r));
             }
+            // The first look reads no clock: a command just sent has not
+            // timed out (and one that was late already is woken by the
+            // next sweep).
+            if !first && deadline.is_some_and(|d| Instant::now() >= d) {
+                return Poll::Ready(None);
+            }
+            first = false;
+            inner.waker = Some(cx.waker().clone());
+            Poll::Pending
         })
     }
 
@@ -767,6 +785,24 @@ impl Queue {
             slot.cell.complete(Err(()));
         }
         waiters.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl exec::Sweep for Queue {
+    fn sweep(&self, now: Instant) {
+        let mut due = Vec::new();
+        {
+            let st = self.state.lock();
+            for (_, slot) in st.slots.iter() {
+                if slot.deadline.is_some_and(|d| d <= now) {
+                    if let Some(w) = slot.cell.inner.lock().waker.take() {
+                        due.push(w);
+                    }
+                }
+            }
+        }
+        // Woken outside the lock; each checks its deadline itself.
+        due.into_iter().for_each(Waker::wake);
     }
 }
 
