@@ -612,6 +612,12 @@ impl Endpoint {
     /// call on tcp): what a server answering several requests at once wants.
     /// A call that must wait (or a future that returns pending) posts what
     /// was held first, so a cork never blocks its own progress.
+    ///
+    /// A cork batches behind traffic, not behind nothing: while none of
+    /// this side's sends is in flight (everything posted before completed
+    /// and was reaped), what is sent goes out at once, and only what
+    /// follows while it travels is held (as TCP's autocork). An idle
+    /// channel thus pays no batching delay, a busy one gets its batches.
     pub fn cork(&self) -> Cork<'_> {
         self.shared.inner.lock().corks += 1;
         Cork { shared: &self.shared }
@@ -935,7 +941,12 @@ impl Shared {
                 }
             }
         }
-        if inner.corks == 0 {
+        // Nothing of ours on the wire (everything posted before was
+        // executed and reaped): a cork's batch would wait behind nothing,
+        // so what is held goes out at once and later sends batch behind
+        // it (see `Endpoint::cork`).
+        let idle = !inner.held.is_empty() && inner.conn.inflight() == inner.held.len();
+        if inner.corks == 0 || idle {
             self.post_held_locked(inner);
         }
         while let Some(event) = inner.conn.poll_event() {

@@ -603,20 +603,36 @@ fn driven_fabrics() -> Vec<(Box<dyn Fabric>, &'static str)> {
 }
 
 #[test]
-fn a_cork_holds_sends_back_until_it_drops() {
+fn a_cork_holds_back_what_follows_a_send_in_flight_until_it_drops() {
     for (fabric, addr) in fabrics() {
         let (a, b) = pair(&*fabric, addr);
+        // A round trip, so that `a` has reaped the completion of everything
+        // it sent: nothing of its own is in flight.
+        a.send(b"hello").expect("send").wait_timeout(LONG).expect("sent");
+        drop(b.recv_timeout(LONG).expect("hello"));
+        drop(b.send(b"back").expect("send"));
+        drop(a.recv_timeout(LONG).expect("back"));
         let cork = a.cork();
+        // An idle channel: the first send is not held behind nothing.
         drop(a.send(b"first").expect("send"));
+        assert_eq!(
+            &b.recv_timeout(LONG).expect("the first send goes out at once")[..],
+            b"first",
+            "{}",
+            fabric.name()
+        );
+        // `first` is in flight (its completion not reaped by `a`): what
+        // follows waits for the cork.
         drop(a.send(b"second").expect("send"));
+        drop(a.send(b"third").expect("send"));
         assert!(
             matches!(b.recv_timeout(Duration::from_millis(100)), Err(Error::Timeout(_))),
-            "{}: a corked send reached the peer",
+            "{}: a send corked behind one in flight reached the peer",
             fabric.name()
         );
         drop(cork);
-        assert_eq!(&b.recv_timeout(LONG).expect("first")[..], b"first");
         assert_eq!(&b.recv_timeout(LONG).expect("second")[..], b"second");
+        assert_eq!(&b.recv_timeout(LONG).expect("third")[..], b"third");
     }
 }
 
@@ -630,12 +646,15 @@ fn try_recv_taken_hands_out_what_was_received_and_never_waits() {
             fabric.name()
         );
         // One batch: a single write on tcp, one ring publication on shm, so
-        // the receive that returns the first message takes all three.
+        // the receive that returns the first message takes all three. (The
+        // cork batches them behind `zero`, still in flight.)
+        drop(a.send(b"zero").expect("send"));
         let cork = a.cork();
         for m in [b"one", b"two", b"six"] {
             drop(a.send(m).expect("send"));
         }
         drop(cork);
+        assert_eq!(&b.recv_timeout(LONG).expect("zero")[..], b"zero");
         assert_eq!(&b.recv_timeout(LONG).expect("first")[..], b"one");
         assert_eq!(&b.try_recv_taken().expect("second, already taken")[..], b"two");
         assert_eq!(&b.try_recv_taken().expect("third, already taken")[..], b"six");
