@@ -165,8 +165,10 @@ struct TimerState {
 /// that almost never passes; the price is that a command times out up to
 /// one period late.
 pub(crate) trait Sweep: Send + Sync {
-    /// Wakes everything due at `now`.
-    fn sweep(&self, now: Instant);
+    /// Wakes everything due at `now`; `None`: everything with a deadline
+    /// (the timer stopped, and its waiters treat that as their deadline,
+    /// as [`deadline`] does).
+    fn sweep(&self, now: Option<Instant>);
 }
 
 /// Longest sleep of the timer thread.
@@ -245,14 +247,22 @@ impl Timer {
         Some(TimerEntry { timer: self, key, seq })
     }
 
-    /// Calls `sweeper` on every wake of the timer thread until it is dropped.
-    pub(crate) fn watch(&self, sweeper: Weak<dyn Sweep>) {
-        self.shared.state.lock().sweepers.push(sweeper);
+    /// Calls `sweeper` on every wake of the timer thread until it is
+    /// dropped, and once more when the timer stops. False, registering
+    /// nothing, once the timer is stopped.
+    #[must_use = "a sweeper the stopped timer refused is never called"]
+    pub(crate) fn watch(&self, sweeper: Weak<dyn Sweep>) -> bool {
+        let mut st = self.shared.state.lock();
+        if st.stop {
+            return false;
+        }
+        st.sweepers.push(sweeper);
+        true
     }
 
     /// Whether [`Timer::stop`] ran: it woke every registered wake-up, and
     /// no later one will come.
-    fn is_stopped(&self) -> bool {
+    pub(crate) fn is_stopped(&self) -> bool {
         self.shared.state.lock().stop
     }
 
@@ -273,14 +283,17 @@ impl Timer {
 
     /// Stops the thread, waking everything still registered.
     pub(crate) fn stop(&self) {
-        let entries = {
+        let (entries, sweepers) = {
             let mut st = self.shared.state.lock();
             st.stop = true;
             self.shared.cv.notify_one();
-            std::mem::take(&mut st.entries)
+            (std::mem::take(&mut st.entries), std::mem::take(&mut st.sweepers))
         };
         for (_, pending) in entries {
             pending.waker.wake();
+        }
+        for sweeper in sweepers.iter().filter_map(Weak::upgrade) {
+            sweeper.sweep(None);
         }
         if let Some(t) = self.thread.lock().take() {
             if t.thread().id() != std::thread::current().id() {
@@ -303,7 +316,7 @@ impl TimerShared {
             if !sweepers.is_empty() {
                 // Outside the lock: a sweep takes its owner's locks and wakes tasks.
                 drop(st);
-                sweepers.iter().for_each(|s| s.sweep(now));
+                sweepers.iter().for_each(|s| s.sweep(Some(now)));
                 drop(sweepers);
                 st = self.state.lock();
                 if st.stop {
@@ -530,13 +543,13 @@ mod tests {
     fn sweepers_are_called_every_period_until_dropped() {
         struct Count(AtomicUsize);
         impl Sweep for Count {
-            fn sweep(&self, _now: Instant) {
+            fn sweep(&self, _now: Option<Instant>) {
                 self.0.fetch_add(1, Ordering::SeqCst);
             }
         }
         let timer = Timer::start().unwrap();
         let count = Arc::new(Count(AtomicUsize::new(0)));
-        timer.watch(Arc::downgrade(&count) as Weak<dyn Sweep>);
+        assert!(timer.watch(Arc::downgrade(&count) as Weak<dyn Sweep>));
         // Nothing else registered: the thread wakes on its own, every
         // TIMER_PERIOD, and sweeps each time.
         let t0 = Instant::now();
@@ -552,7 +565,14 @@ mod tests {
             timer.shared.state.lock().sweepers.is_empty(),
             "a dropped sweeper is forgotten"
         );
+        // Stopping sweeps once more (everything is due then), and a
+        // stopped timer refuses new sweepers.
+        let last = Arc::new(Count(AtomicUsize::new(0)));
+        assert!(timer.watch(Arc::downgrade(&last) as Weak<dyn Sweep>));
+        let before = last.0.load(Ordering::SeqCst);
         timer.stop();
+        assert!(last.0.load(Ordering::SeqCst) > before, "stop sweeps");
+        assert!(!timer.watch(Arc::downgrade(&last) as Weak<dyn Sweep>));
     }
 
     #[test]

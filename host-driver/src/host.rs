@@ -561,7 +561,11 @@ impl Inner {
             generation,
         };
         let (admin, cntlid) = Queue::connect(&params, 0).map_err(|e| HostError::connect(&uri, "admin queue", e))?;
-        self.timer.watch(Arc::downgrade(&admin) as Weak<dyn exec::Sweep>);
+        if !self.timer.watch(admin.deadlines()) {
+            // The host is closing (its timer stopped): no command could time out.
+            admin.close();
+            return Err(HostError::Closed);
+        }
         let mut io = Vec::new();
         let result = (|| {
             let receiver = admin.spawn_receiver(on_lost.clone())?;
@@ -592,7 +596,10 @@ impl Inner {
         params.kato_ms = 0;
         for qid in 1..=queues {
             let opened = Queue::connect(&params, qid).and_then(|(q, _)| {
-                self.timer.watch(Arc::downgrade(&q) as Weak<dyn exec::Sweep>);
+                if !self.timer.watch(q.deadlines()) {
+                    q.close();
+                    return Err(HostError::Closed);
+                }
                 let receiver = q.spawn_receiver(on_lost.clone())?;
                 self.threads.lock().push(receiver);
                 Ok(q)

@@ -105,7 +105,10 @@ pub(crate) struct Queue {
     submit: AsyncLock,
     pushes: Mutex<VecDeque<Ticket>>,
     push_pool: Mutex<Option<BufPool>>,
-    state: Mutex<State>,
+    /// Also the timer's sweeper of this queue's command deadlines (see
+    /// `Sweep for Mutex<State>`): the timer holds only this, so a queue is
+    /// never dropped on the timer thread.
+    state: Arc<Mutex<State>>,
     /// This queue, for offering its reaping to a blocked caller.
     me: Weak<Queue>,
     /// Held by the thread that reaps.
@@ -221,7 +224,7 @@ impl Queue {
                     submit: AsyncLock::default(),
                     pushes: Mutex::new(VecDeque::new()),
                     push_pool: Mutex::new(None),
-                    state: Mutex::new(State::default()),
+                    state: Arc::new(Mutex::new(State::default())),
                     me: me.clone(),
                     reaper: Mutex::new(()),
                     activity: AtomicU64::new(0),
@@ -359,7 +362,7 @@ impl Queue {
         };
         // No timer entry for this wait: the queue's sweep wakes it once the
         // deadline passed (see `Sweep for Queue`).
-        let reply = match self.wait_reply(&cell, deadline).await {
+        let reply = match self.wait_reply(&cell, deadline, timer).await {
             Some(r) => {
                 guard.done = true;
                 r.map_err(|()| ExecError::Lost)
@@ -577,12 +580,13 @@ impl Queue {
     }
 
     /// Waits for a command's reply.
-    /// The command's completion, or `None` once `deadline` passed (the
-    /// queue's sweep wakes the waiter then).
+    /// The command's completion, or `None` once `deadline` passed or the
+    /// timer stopped (the queue's sweep wakes the waiter then).
     fn wait_reply<'a>(
         &'a self,
         cell: &'a Cell,
         deadline: Option<Instant>,
+        timer: &'a Timer,
     ) -> impl Future<Output = Option<Result<Reply, ()>>> + 'a {
         let mut first = true;
         std::future::poll_fn(move |cx| {
@@ -593,7 +597,7 @@ impl Queue {
             // The first look reads no clock: a command just sent has not
             // timed out (and one that was late already is woken by the
             // next sweep).
-            if !first && deadline.is_some_and(|d| Instant::now() >= d) {
+            if !first && deadline.is_some_and(|d| Instant::now() >= d || timer.is_stopped()) {
                 return Poll::Ready(None);
             }
             first = false;
@@ -788,13 +792,13 @@ impl Queue {
     }
 }
 
-impl exec::Sweep for Queue {
-    fn sweep(&self, now: Instant) {
+impl exec::Sweep for Mutex<State> {
+    fn sweep(&self, now: Option<Instant>) {
         let mut due = Vec::new();
         {
-            let st = self.state.lock();
+            let st = self.lock();
             for (_, slot) in st.slots.iter() {
-                if slot.deadline.is_some_and(|d| d <= now) {
+                if slot.deadline.is_some_and(|d| now.is_none_or(|now| d <= now)) {
                     if let Some(w) = slot.cell.inner.lock().waker.take() {
                         due.push(w);
                     }
@@ -803,6 +807,13 @@ impl exec::Sweep for Queue {
         }
         // Woken outside the lock; each checks its deadline itself.
         due.into_iter().for_each(Waker::wake);
+    }
+}
+
+impl Queue {
+    /// What the timer sweeps for this queue's command deadlines.
+    pub(crate) fn deadlines(&self) -> Weak<dyn exec::Sweep> {
+        Arc::downgrade(&self.state) as Weak<dyn exec::Sweep>
     }
 }
 

@@ -212,7 +212,10 @@ impl Registry {
                 }
             }
         }
-        let ns = self.namespaces.read().get(&nsid)?.clone();
+        let Some(ns) = self.namespaces.read().get(&nsid).cloned() else {
+            cache.last = None;
+            return None;
+        };
         cache.last = Some((nsid, Arc::downgrade(&ns)));
         Namespace::enter(ns, nsid)
     }
