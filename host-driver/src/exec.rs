@@ -131,6 +131,9 @@ pub(crate) struct Timer {
 struct TimerShared {
     state: Mutex<TimerState>,
     cv: Condvar,
+    /// `TimerState::stop`, readable without the lock (set under it, before
+    /// the final sweep): a command's wait looks at it on every poll.
+    stopped: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -263,7 +266,7 @@ impl Timer {
     /// Whether [`Timer::stop`] ran: it woke every registered wake-up, and
     /// no later one will come.
     pub(crate) fn is_stopped(&self) -> bool {
-        self.shared.state.lock().stop
+        self.shared.stopped.load(Ordering::SeqCst)
     }
 
     /// Wake-ups registered and not yet due or cancelled.
@@ -286,6 +289,7 @@ impl Timer {
         let (entries, sweepers) = {
             let mut st = self.shared.state.lock();
             st.stop = true;
+            self.shared.stopped.store(true, Ordering::SeqCst);
             self.shared.cv.notify_one();
             (std::mem::take(&mut st.entries), std::mem::take(&mut st.sweepers))
         };

@@ -361,7 +361,7 @@ impl Queue {
             None => return Err(ExecError::Timeout { in_flight: false }),
         };
         // No timer entry for this wait: the queue's sweep wakes it once the
-        // deadline passed (see `Sweep for Queue`).
+        // deadline passed (see `Sweep for Mutex<State>`).
         let reply = match self.wait_reply(&cell, deadline, timer).await {
             Some(r) => {
                 guard.done = true;
@@ -579,7 +579,6 @@ impl Queue {
         }
     }
 
-    /// Waits for a command's reply.
     /// The command's completion, or `None` once `deadline` passed or the
     /// timer stopped (the queue's sweep wakes the waiter then).
     fn wait_reply<'a>(
@@ -594,10 +593,12 @@ impl Queue {
             if let Some(r) = inner.result.take() {
                 return Poll::Ready(Some(r));
             }
-            // The first look reads no clock: a command just sent has not
-            // timed out (and one that was late already is woken by the
-            // next sweep).
-            if !first && deadline.is_some_and(|d| Instant::now() >= d || timer.is_stopped()) {
+            // A stopped timer sweeps no more: that is the deadline (looked
+            // at under the cell's lock, which its final sweep takes too, so
+            // a wait registered just before that sweep is woken by it). The
+            // first look reads no clock: a command just sent has not timed
+            // out (and one that was late already is woken by the next sweep).
+            if deadline.is_some() && (timer.is_stopped() || !first && deadline.is_some_and(|d| Instant::now() >= d)) {
                 return Poll::Ready(None);
             }
             first = false;
