@@ -353,8 +353,10 @@ impl Way {
                     dest.copy_from_slice(data);
                     Ok::<(), std::convert::Infallible>(())
                 };
-                match ep.push_direct_fill(stand_in, target, false, data.len(), fill) {
-                    Ok(pushed) => drop(pushed?),
+                // Nobody waits for the write itself: the receiver's next
+                // target says it landed.
+                match ep.push_direct_fill_detached(stand_in, target, false, data.len(), fill) {
+                    Ok(pushed) => pushed?,
                     Err(never) => match never {},
                 }
             }

@@ -598,8 +598,10 @@ impl Queue {
             // a wait registered just before that sweep is woken by it). The
             // first look reads no clock: a command just sent has not timed
             // out (and one that was late already is woken by the next sweep).
-            if deadline.is_some() && (timer.is_stopped() || !first && deadline.is_some_and(|d| Instant::now() >= d)) {
-                return Poll::Ready(None);
+            if let Some(d) = deadline {
+                if timer.is_stopped() || (!first && Instant::now() >= d) {
+                    return Poll::Ready(None);
+                }
             }
             first = false;
             inner.waker = Some(cx.waker().clone());

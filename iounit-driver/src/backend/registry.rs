@@ -198,8 +198,11 @@ impl Registry {
 
     /// The namespace, held for one command.
     pub fn get(&self, nsid: u32) -> Option<NamespaceRef> {
-        let ns = self.namespaces.read().get(&nsid)?.clone();
-        Namespace::enter(ns, nsid)
+        Namespace::enter(self.lookup(nsid)?, nsid)
+    }
+
+    fn lookup(&self, nsid: u32) -> Option<Arc<Namespace>> {
+        self.namespaces.read().get(&nsid).cloned()
     }
 
     /// As [`Registry::get`], through `cache`: while the namespace `cache`
@@ -212,7 +215,7 @@ impl Registry {
                 }
             }
         }
-        let Some(ns) = self.namespaces.read().get(&nsid).cloned() else {
+        let Some(ns) = self.lookup(nsid) else {
             cache.last = None;
             return None;
         };
