@@ -309,6 +309,9 @@ pub struct ProtectionDomain {
 
 struct PdInner {
     next_key: AtomicU32,
+    /// Every live registration by local key, which is unique in a domain
+    /// (a device may give many local-only regions one remote key: rxe gives
+    /// them 0). Software domains give a region equal keys.
     regions: RwLock<IntMap<u32, Weak<Region>>>,
     registrar: Option<Arc<dyn Registrar>>,
     allocator: Option<Arc<dyn RegionAllocator>>,
@@ -417,13 +420,15 @@ impl ProtectionDomain {
             device,
             allocation,
         });
-        self.inner.regions.write().insert(rkey.0, Arc::downgrade(&region));
+        self.inner.regions.write().insert(lkey.0, Arc::downgrade(&region));
         Ok(BufPool { region })
     }
 
     /// Looks up `len` bytes at `addr` under remote key `rkey`, needing the
     /// rights in `need`: the check an RDMA NIC makes before it places or
-    /// serves one-sided data.
+    /// serves one-sided data. Software fabrics make it; a device makes its
+    /// own, and here a device's region is found only where the device gave
+    /// it equal local and remote keys.
     ///
     /// # Errors
     /// The [`RemoteAccessError`] that the initiator will see as a remote
@@ -441,6 +446,7 @@ impl ProtectionDomain {
             .read()
             .get(&rkey.0)
             .and_then(Weak::upgrade)
+            .filter(|region| region.rkey == rkey)
             .ok_or(RemoteAccessError::BadKey(rkey.0))?;
         if !region.access.contains(need) {
             return Err(RemoteAccessError::NoPermission(need));
@@ -458,6 +464,12 @@ impl ProtectionDomain {
             len: len as usize,
             region,
         })
+    }
+
+    /// Whether `buf` is registered in this domain (the check a device makes
+    /// of a local key before it reads or writes a work request's buffer).
+    pub fn owns(&self, buf: &Buf) -> bool {
+        std::ptr::eq(buf.region.pd.as_ptr(), Arc::as_ptr(&self.inner))
     }
 
     /// Number of live registrations (for tests and diagnostics).
@@ -533,8 +545,8 @@ impl Drop for Region {
     fn drop(&mut self) {
         if let Some(pd) = self.pd.upgrade() {
             let mut regions = pd.regions.write();
-            if regions.get(&self.rkey.0).is_some_and(|w| w.strong_count() == 0) {
-                regions.remove(&self.rkey.0);
+            if regions.get(&self.lkey.0).is_some_and(|w| w.strong_count() == 0) {
+                regions.remove(&self.lkey.0);
             }
         }
         if let Some((registrar, handle)) = self.device.take() {
@@ -907,13 +919,15 @@ mod tests {
         /// Fail every deregistration, keeping the region in `stuck`.
         refuse_dereg: bool,
         stuck: Mutex<Vec<(usize, usize)>>,
+        /// Give regions without remote rights the remote key 0, as rxe does.
+        rxe_keys: bool,
     }
 
     // SAFETY: it never touches the memory, so it trivially reaches nothing
     // outside the registration and nothing after a successful `deregister`;
     // a failed one is reported as `Err`.
     unsafe impl Registrar for FakeDevice {
-        unsafe fn register(&self, addr: *mut u8, len: usize, _access: Access) -> Result<Registration, MrError> {
+        unsafe fn register(&self, addr: *mut u8, len: usize, access: Access) -> Result<Registration, MrError> {
             if self.refuse {
                 return Err(MrError::Device {
                     bytes: len,
@@ -922,9 +936,10 @@ mod tests {
             }
             let n = self.next.fetch_add(1, Ordering::Relaxed) as u64;
             self.live.lock().insert(n, (addr as usize, len));
+            let remote = access.contains(Access::REMOTE_READ) || access.contains(Access::REMOTE_WRITE);
             Ok(Registration {
                 lkey: LKey(0x1000 + n as u32),
-                rkey: RKey(0x2000 + n as u32),
+                rkey: RKey(if self.rxe_keys && !remote { 0 } else { 0x2000 + n as u32 }),
                 handle: n,
             })
         }
@@ -957,6 +972,31 @@ mod tests {
         drop(buf);
         assert!(device.live.lock().is_empty());
         assert_eq!(pd.registrations(), 0);
+    }
+
+    #[test]
+    fn local_only_regions_sharing_a_remote_key_are_all_owned() {
+        let device = Arc::new(FakeDevice {
+            rxe_keys: true,
+            ..FakeDevice::default()
+        });
+        let pd = ProtectionDomain::with_registrar(device);
+        let other = ProtectionDomain::new();
+        let first = pd.register(64, 1, Access::LOCAL_WRITE).unwrap();
+        let second = pd.register(64, 1, Access::LOCAL_WRITE).unwrap();
+        let remote = pd.register(64, 1, Access::ALL).unwrap();
+        let stranger = other.register(64, 1, Access::LOCAL_WRITE).unwrap();
+        assert_eq!((first.rkey(), second.rkey()), (RKey(0), RKey(0)));
+        assert_eq!(pd.registrations(), 3);
+        for pool in [&first, &second, &remote] {
+            assert!(pd.owns(&pool.checkout().unwrap()));
+        }
+        assert!(!pd.owns(&stranger.checkout().unwrap()));
+        // The remote key 0 of the local-only regions names none of them.
+        assert!(pd.remote_target(RKey(0), first.remote().addr, 1, Access::NONE).is_err());
+        drop(first);
+        assert_eq!(pd.registrations(), 2, "dropping one leaves the other");
+        assert!(pd.owns(&second.checkout().unwrap()));
     }
 
     #[test]

@@ -935,9 +935,7 @@ impl Drop for VerbsQp {
 /// proves it: live allocations never overlap, so a region of the domain
 /// that contains the buffer is the buffer's own region.
 fn owned_by(domain: &ProtectionDomain, buf: &Buf) -> bool {
-    domain
-        .remote_target(buf.remote().rkey, buf.addr(), buf.capacity() as u64, Access::NONE)
-        .is_ok()
+    domain.owns(buf)
 }
 
 fn check_local(domain: &ProtectionDomain, wr: &SendWr, max_message: u32, read_depth: u8) -> Result<(), WcStatus> {
