@@ -14,6 +14,9 @@ macro_rules! suite {
             $(
                 #[test]
                 fn $check() {
+                    if !conformance::selected(stringify!($provider)) {
+                        return;
+                    }
                     let fabric = $fabric;
                     conformance::$check(&fabric, $addr);
                 }
@@ -65,31 +68,10 @@ fn every_check_is_run_on_every_provider() {
     assert_eq!(shm::RUN, &suite[..]);
 }
 
-/// The verbs provider runs the suite when an RDMA device is there (soft-RoCE
-/// or a NIC; `CHANIO_VERBS_DEVICE` picks one), and otherwise says why not.
-#[cfg(feature = "verbs")]
-fn verbs_fabric() -> Option<messaging::provider::verbs::VerbsFabric> {
-    use std::io::Write;
-    static SKIP_NOTICE: std::sync::Once = std::sync::Once::new();
-    match messaging::provider::verbs::VerbsFabric::new() {
-        Ok(fabric) => Some(fabric),
-        Err(e) => {
-            // Written past the test harness's capture, once per run.
-            SKIP_NOTICE.call_once(|| {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "verbs conformance skipped: no RDMA device (see README 'Running over soft-RoCE')\n  ({e})"
-                );
-            });
-            None
-        }
-    }
-}
-
 #[cfg(feature = "verbs")]
 all_checks!(
     verbs,
-    match verbs_fabric() {
+    match conformance::verbs_for_tests() {
         Some(fabric) => fabric,
         None => return,
     },
