@@ -214,8 +214,9 @@ fn run(args: &Args) -> Res<()> {
         }
     }
     if let Some(addr) = &args.connect {
+        let start = Instant::now();
         let ep = Endpoint::connect(&*fabric, addr, config())?;
-        return client(args, &ep);
+        return client(args, &ep, start.elapsed());
     }
     let listener = fabric.listen(match args.transport {
         Transport::Tcp | Transport::Verbs => "127.0.0.1:0",
@@ -227,9 +228,10 @@ fn run(args: &Args) -> Res<()> {
             let ep = Endpoint::accept(&*fabric, &*listener, config(), Some(Duration::from_secs(30)))?;
             serve(&ep)
         });
+        let start = Instant::now();
         let outcome = Endpoint::connect(&*fabric, &addr, config())
             .map_err(Into::into)
-            .and_then(|ep| client(args, &ep));
+            .and_then(|ep| client(args, &ep, start.elapsed()));
         let served = server.join().map_err(|_| "server thread panicked")?;
         if let Err(e) = &served {
             eprintln!("pingpong: server side: {e}");
@@ -412,7 +414,8 @@ fn serve(ep: &Endpoint) -> Res<()> {
     Ok(())
 }
 
-fn client(args: &Args, ep: &Endpoint) -> Res<()> {
+/// The client side; `connected` is how long `Endpoint::connect` took.
+fn client(args: &Args, ep: &Endpoint, connected: Duration) -> Res<()> {
     let mut hello = [0u8; HELLO_LEN];
     hello[0] = mode_code(args.mode);
     hello[1..5].copy_from_slice(&(args.warmup + args.iters).to_le_bytes());
@@ -467,14 +470,16 @@ fn client(args: &Args, ep: &Endpoint) -> Res<()> {
     if args.json {
         println!(
             "{{\"transport\":\"{transport}\",\"mode\":\"{mode}\",\"size\":{},\"iters\":{},\
-             \"one_way_us\":{{\"p50\":{:.3},\"p99\":{:.3},\"p999\":{:.3},\"mean\":{:.3}}},\"bandwidth_mbps\":{:.1}}}",
+             \"one_way_us\":{{\"p50\":{:.3},\"p99\":{:.3},\"p999\":{:.3},\"mean\":{:.3}}},\"bandwidth_mbps\":{:.1},\
+             \"connect_ms\":{:.3}}}",
             args.size,
             args.iters,
             us(0.5),
             us(0.99),
             us(0.999),
             hist.mean() / 1000.0,
-            mbps
+            mbps,
+            connected.as_secs_f64() * 1e3
         );
     } else {
         println!(
@@ -494,6 +499,7 @@ fn client(args: &Args, ep: &Endpoint) -> Res<()> {
             args.size,
             elapsed.as_secs_f64()
         );
+        println!("connect:         {:.2} ms", connected.as_secs_f64() * 1e3);
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! End-to-end tests of the whole system: real `iounitd` and `hostctl`
-//! processes over tcp on 127.0.0.1.
+//! processes over tcp on 127.0.0.1, shm, and verbs where a device is there.
 
 mod common;
 
@@ -201,33 +201,36 @@ fn namespace_hot_detach_and_attach_deliver_events(t: &str) {
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let d = Daemon::spawn(cmd);
+    // A watcher that has said it is listening: it hears every later event.
     let watch = |count: &str| {
-        Command::new(common::binary("hostctl"))
-            .args(["--target", &d.uri, "watch", "--count", count, "--timeout", "30s"])
+        let mut child = Command::new(common::binary("hostctl"))
+            .args(["--target", &d.uri, "watch", "--count", count, "--timeout", "60s"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap()
+            .unwrap();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+        assert!(line.starts_with("watching for events"), "hostctl watch said: {line}");
+        child
     };
     // Detach: the watcher hears of namespace 2.
     let watcher = watch("1");
-    d.wait_log("queue connected", Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(300));
     std::fs::write(&cfg, with_one).unwrap();
     d.signal("-HUP");
     let out = watcher.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "hostctl watch failed");
     assert!(text.contains('2'), "event names namespace 2: {text}");
     let (out, _) = hostctl(&d.uri, &["read", "--ns", "2", "--lba", "0", "--blocks", "1"], None);
     assert!(String::from_utf8_lossy(&out.stderr).contains("Invalid Namespace"));
     // Attach it again: another event, and it serves I/O.
     let watcher = watch("1");
-    std::thread::sleep(Duration::from_millis(500));
     std::fs::write(&cfg, with_two).unwrap();
     d.signal("-HUP");
     let out = watcher.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "hostctl watch failed");
     write_blocks(&d.uri, 2, 0, &pattern(512, 1));
     assert_eq!(read_blocks(&d.uri, 2, 0, 1), pattern(512, 1));
 }
@@ -247,77 +250,98 @@ fn a_stalled_daemon_makes_hostctl_time_out_not_hang(t: &str) {
     d.signal("-CONT");
 }
 
-// Every end-to-end scenario runs over tcp and over shm.
-
-#[test]
-fn data_written_is_data_read_at_every_size_and_edge_tcp() {
-    data_written_is_data_read_at_every_size_and_edge("tcp");
+fn every_command_works(t: &str) {
+    let d = Daemon::start_on(t, &["--ns", "ram:1MiB"]);
+    let (out, _) = hostctl(&d.uri, &["identify"], None);
+    assert!(String::from_utf8_lossy(&ok(&out)).contains("subsystem NQN:"));
+    let (out, _) = hostctl(&d.uri, &["identify", "--ns", "1"], None);
+    assert!(String::from_utf8_lossy(&ok(&out)).contains("2048 blocks"));
+    write_blocks(&d.uri, 1, 0, &pattern(4 * 512, 3));
+    let (out, _) = hostctl(
+        &d.uri,
+        &["write-zeroes", "--ns", "1", "--lba", "1", "--blocks", "1"],
+        None,
+    );
+    ok(&out);
+    let (out, _) = hostctl(&d.uri, &["trim", "--ns", "1", "--lba", "3", "--blocks", "1"], None);
+    ok(&out);
+    let (out, _) = hostctl(&d.uri, &["flush", "--ns", "1"], None);
+    ok(&out);
+    let mut want = pattern(4 * 512, 3);
+    want[512..1024].fill(0);
+    want[1536..].fill(0);
+    assert_eq!(read_blocks(&d.uri, 1, 0, 4), want);
+    let (out, _) = hostctl(
+        &d.uri,
+        &[
+            "bench", "--ns", "1", "--rw", "randrw", "--qd", "4", "--time", "1s", "--json",
+        ],
+        None,
+    );
+    let json = String::from_utf8_lossy(&ok(&out)).into_owned();
+    let iops: f64 = json
+        .split("\"iops\":")
+        .nth(1)
+        .and_then(|rest| rest.split([',', '}']).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no iops in {json}"));
+    assert!(iops > 0.0, "{json}");
+    let (out, _) = hostctl(&d.uri, &["list"], None);
+    let text = String::from_utf8_lossy(&ok(&out)).into_owned();
+    assert!(text.contains(&format!("transport: {t}")), "{text}");
 }
 
-#[test]
-fn data_written_is_data_read_at_every_size_and_edge_shm() {
-    data_written_is_data_read_at_every_size_and_edge("shm");
+// Every scenario runs over tcp and shm, and over rdma (verbs) in a build
+// with the `verbs` feature. `CHANIO_TEST_FABRICS` narrows the fabrics; the
+// rdma tests skip without an RDMA device unless `CHANIO_REQUIRE_VERBS=1`
+// (scripts/rxe-vm.sh runs them over soft-RoCE).
+macro_rules! on_every_fabric {
+    ($($scenario:ident),* $(,)?) => {
+        mod tcp {
+            $(
+                #[test]
+                fn $scenario() {
+                    if super::common::covers("tcp") {
+                        super::$scenario("tcp");
+                    }
+                }
+            )*
+        }
+        mod shm {
+            $(
+                #[test]
+                fn $scenario() {
+                    if super::common::covers("shm") {
+                        super::$scenario("shm");
+                    }
+                }
+            )*
+        }
+        #[cfg(feature = "verbs")]
+        mod rdma {
+            $(
+                #[test]
+                fn $scenario() {
+                    if super::common::rdma_usable() {
+                        super::$scenario("rdma");
+                    }
+                }
+            )*
+        }
+    };
 }
 
-#[test]
-fn errors_name_the_nvme_status_and_exit_non_zero_tcp() {
-    errors_name_the_nvme_status_and_exit_non_zero("tcp");
-}
-
-#[test]
-fn errors_name_the_nvme_status_and_exit_non_zero_shm() {
-    errors_name_the_nvme_status_and_exit_non_zero("shm");
-}
-
-#[test]
-fn a_host_killed_mid_io_frees_its_resources_tcp() {
-    a_host_killed_mid_io_frees_its_resources("tcp");
-}
-
-#[test]
-fn a_host_killed_mid_io_frees_its_resources_shm() {
-    a_host_killed_mid_io_frees_its_resources("shm");
-}
-
-#[test]
-fn a_killed_daemon_makes_hostctl_fail_within_its_timeout_tcp() {
-    a_killed_daemon_makes_hostctl_fail_within_its_timeout("tcp");
-}
-
-#[test]
-fn a_killed_daemon_makes_hostctl_fail_within_its_timeout_shm() {
-    a_killed_daemon_makes_hostctl_fail_within_its_timeout("shm");
-}
-
-#[test]
-fn file_backed_data_survives_a_restart_tcp() {
-    file_backed_data_survives_a_restart("tcp");
-}
-
-#[test]
-fn file_backed_data_survives_a_restart_shm() {
-    file_backed_data_survives_a_restart("shm");
-}
-
-#[test]
-fn four_hosts_write_disjoint_ranges_concurrently_tcp() {
-    four_hosts_write_disjoint_ranges_concurrently("tcp");
-}
-
-#[test]
-fn four_hosts_write_disjoint_ranges_concurrently_shm() {
-    four_hosts_write_disjoint_ranges_concurrently("shm");
-}
-
-#[test]
-fn a_stalled_daemon_makes_hostctl_time_out_not_hang_tcp() {
-    a_stalled_daemon_makes_hostctl_time_out_not_hang("tcp");
-}
-
-#[test]
-fn a_stalled_daemon_makes_hostctl_time_out_not_hang_shm() {
-    a_stalled_daemon_makes_hostctl_time_out_not_hang("shm");
-}
+on_every_fabric!(
+    data_written_is_data_read_at_every_size_and_edge,
+    errors_name_the_nvme_status_and_exit_non_zero,
+    a_host_killed_mid_io_frees_its_resources,
+    a_killed_daemon_makes_hostctl_fail_within_its_timeout,
+    file_backed_data_survives_a_restart,
+    four_hosts_write_disjoint_ranges_concurrently,
+    a_stalled_daemon_makes_hostctl_time_out_not_hang,
+    namespace_hot_detach_and_attach_deliver_events,
+    every_command_works,
+);
 
 #[test]
 fn auto_picks_shm_between_two_local_processes() {
@@ -358,16 +382,6 @@ fn malformed_capsule_over_shm_closes_only_its_channel() {
 }
 
 #[test]
-fn namespace_hot_detach_and_attach_deliver_events_tcp() {
-    namespace_hot_detach_and_attach_deliver_events("tcp");
-}
-
-#[test]
-fn namespace_hot_detach_and_attach_deliver_events_shm() {
-    namespace_hot_detach_and_attach_deliver_events("shm");
-}
-
-#[test]
 fn hostctl_transport_flag_picks_the_fabric() {
     let d = Daemon::start_on("auto", &["--ns", "ram:1MiB"]);
     for (flag, want) in [("tcp", "transport: tcp"), ("auto", "transport: shm")] {
@@ -375,4 +389,18 @@ fn hostctl_transport_flag_picks_the_fabric() {
         let text = String::from_utf8_lossy(&ok(&out)).into_owned();
         assert!(text.contains(want), "--transport {flag}: {text}");
     }
+}
+
+#[cfg(feature = "verbs")]
+#[test]
+fn auto_picks_rdma_when_both_ends_have_a_device() {
+    if !common::rdma_usable() {
+        return;
+    }
+    let d = Daemon::start_on("auto", &["--ns", "ram:1MiB"]);
+    let (out, _) = hostctl(&d.uri, &["list"], None);
+    let text = String::from_utf8_lossy(&ok(&out)).into_owned();
+    assert!(text.contains("transport: rdma"), "{text}");
+    write_blocks(&d.uri, 1, 0, &pattern(512, 6));
+    assert_eq!(read_blocks(&d.uri, 1, 0, 1), pattern(512, 6));
 }

@@ -9,6 +9,7 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use messaging::mr::Access;
+use messaging::provider::conformance;
 use messaging::provider::loopback::LoopbackFabric;
 use messaging::provider::tcp::TcpFabric;
 use messaging::provider::Fabric;
@@ -30,14 +31,26 @@ fn pair(fabric: &dyn Fabric, addr: &str) -> (Endpoint, Endpoint) {
     pair_with(fabric, addr, Config::default(), Config::default())
 }
 
+/// Every fabric this run covers (`CHANIO_TEST_FABRICS`); verbs when the
+/// build has it and a device is there (or required).
 fn fabrics() -> Vec<(Box<dyn Fabric>, &'static str)> {
-    vec![
+    let all: Vec<(Box<dyn Fabric>, &'static str)> = vec![
         (Box::new(LoopbackFabric::new()), ""),
         (Box::new(TcpFabric::new()), "127.0.0.1:0"),
         // "" makes the shm listener pick a unique name.
         #[cfg(target_os = "linux")]
         (Box::new(messaging::provider::shm::ShmFabric::new()), ""),
-    ]
+    ];
+    #[allow(unused_mut)]
+    let mut chosen: Vec<_> = all
+        .into_iter()
+        .filter(|(f, _)| conformance::selected(f.name()))
+        .collect();
+    #[cfg(feature = "verbs")]
+    if let Some(verbs) = conformance::verbs_for_tests() {
+        chosen.push((Box::new(verbs), "127.0.0.1:0"));
+    }
+    chosen
 }
 
 /// A minimal executor: parks the thread until the future's waker fires. A
@@ -888,5 +901,21 @@ fn the_provider_thread_takes_over_when_a_blocking_caller_leaves() {
             let d = block_on(b.recv_async()).expect("async recv");
             assert_eq!(&d[..], b"second", "{}", fabric.name());
         });
+    }
+}
+
+/// Transfer indications travel as immediate data where the fabric offers
+/// it, and as separate messages where it does not (iWARP, or verbs with
+/// `CHANIO_VERBS_IMMEDIATE=0`); pushes land either way.
+#[test]
+fn indications_follow_the_fabric() {
+    for (fabric, addr) in fabrics() {
+        let (a, b) = pair(&*fabric, addr);
+        let separate = !fabric.capabilities().immediate_data;
+        assert_eq!(a.separate_indication(), separate, "{}", fabric.name());
+        assert_eq!(b.separate_indication(), separate, "{}", fabric.name());
+        a.push(&[7u8; 3000]).expect("push").wait_timeout(LONG).expect("pushed");
+        let got = b.recv_timeout(LONG).expect("push lands");
+        assert_eq!((&got[..], got.kind()), (&[7u8; 3000][..], ReceivedKind::Push));
     }
 }

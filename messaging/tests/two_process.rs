@@ -1,5 +1,5 @@
-//! The messaging layer across two operating-system processes over tcp and
-//! shm: this test binary starts a copy of itself as the server.
+//! The messaging layer across two operating-system processes over tcp, shm
+//! and verbs: this test binary starts a copy of itself as the server.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -9,7 +9,7 @@ use messaging::provider::tcp::TcpFabric;
 use messaging::provider::Fabric;
 use messaging::{Config, Endpoint, ReceivedKind};
 
-/// Set in the child; its value names the fabric ("tcp" or "shm").
+/// Set in the child; its value names the fabric ("tcp", "shm" or "verbs").
 const ROLE: &str = "CHANIO_TWO_PROCESS_SERVER";
 const LONG: Duration = Duration::from_secs(30);
 
@@ -45,6 +45,11 @@ fn fabric(name: &str) -> (Box<dyn Fabric>, &'static str) {
     match name {
         #[cfg(target_os = "linux")]
         "shm" => (Box::new(messaging::provider::shm::ShmFabric::new()), ""),
+        #[cfg(feature = "verbs")]
+        "verbs" => (
+            Box::new(messaging::provider::verbs::VerbsFabric::new().expect("the verbs fabric")),
+            "127.0.0.1:0",
+        ),
         _ => (Box::new(TcpFabric::new()), "127.0.0.1:0"),
     }
 }
@@ -58,6 +63,14 @@ fn two_processes_over_tcp() {
 #[test]
 fn two_processes_over_shm() {
     two_processes("shm");
+}
+
+#[cfg(feature = "verbs")]
+#[test]
+fn two_processes_over_verbs() {
+    if messaging::provider::conformance::verbs_for_tests().is_some() {
+        two_processes("verbs");
+    }
 }
 
 fn two_processes(name: &str) {

@@ -69,8 +69,22 @@ pub fn listen_address(transport: &str) -> String {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ),
         "auto" => "auto://127.0.0.1:0".into(),
+        // The verbs exchange's tcp port; the data goes between the device's GIDs.
+        "rdma" => "rdma://127.0.0.1:0".into(),
         _ => "tcp://127.0.0.1:0".into(),
     }
+}
+
+/// Whether this run covers the fabric `name` (`CHANIO_TEST_FABRICS`).
+pub fn covers(name: &str) -> bool {
+    chanio::messaging::provider::conformance::selected(name)
+}
+
+/// Whether the rdma tests run: the run covers verbs and a device is there
+/// (without one they skip, saying so, unless `CHANIO_REQUIRE_VERBS=1`).
+#[cfg(feature = "verbs")]
+pub fn rdma_usable() -> bool {
+    chanio::messaging::provider::conformance::verbs_for_tests().is_some()
 }
 
 /// A running `iounitd`, killed on drop. Its stderr is collected for checks.

@@ -112,7 +112,9 @@ enum Command {
     },
     /// Measure IOPS, bandwidth and latency.
     Bench(BenchArgs),
-    /// Print asynchronous events (namespace changes) as they arrive.
+    /// Print asynchronous events (namespace changes) as they arrive. Says
+    /// "watching for events" on stderr once connected and listening: what
+    /// happens from then on is printed.
     Watch {
         /// Exit after this many events.
         #[arg(long, value_name = "N")]
@@ -288,6 +290,7 @@ fn command(host: &Host, command: Command) -> Result<(), CliError> {
         Command::Bench(b) => bench(host, b, &mut out)?,
         Command::Watch { count, timeout } => {
             let events = host.events();
+            eprintln!("watching for events from {}", host.uri());
             let mut seen = 0u64;
             while count.is_none_or(|c| seen < c) {
                 let event = match timeout {

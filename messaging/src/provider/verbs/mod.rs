@@ -88,6 +88,11 @@ pub use qp::VerbsQp;
 pub const DEVICE_ENV: &str = "CHANIO_VERBS_DEVICE";
 /// Environment variable with the GID table index to use as source GID.
 pub const GID_INDEX_ENV: &str = "CHANIO_VERBS_GID_INDEX";
+/// Environment variable that, set to `0`, makes the provider offer no
+/// immediate data, as an iWARP device does: the protocol then sends every
+/// transfer indication as a separate message (a way to test that path on
+/// InfiniBand and RoCE devices).
+pub const IMMEDIATE_ENV: &str = "CHANIO_VERBS_IMMEDIATE";
 
 /// Tunables of the verbs provider.
 #[derive(Debug, Clone)]
@@ -110,6 +115,8 @@ pub struct VerbsOptions {
     pub max_send_wr: u32,
     /// Most posted receives per queue pair (capped by the device).
     pub max_recv_wr: u32,
+    /// Offer immediate data where the device has it (iWARP has none).
+    pub immediate_data: bool,
 }
 
 impl Default for VerbsOptions {
@@ -123,22 +130,33 @@ impl Default for VerbsOptions {
             max_message: 1 << 30,
             max_send_wr: 1024,
             max_recv_wr: 1024,
+            immediate_data: true,
         }
     }
 }
 
 impl VerbsOptions {
-    /// Defaults, with the device from [`DEVICE_ENV`] and the GID index
-    /// from [`GID_INDEX_ENV`] when set.
+    /// Defaults, with the device from [`DEVICE_ENV`], the GID index from
+    /// [`GID_INDEX_ENV`] and immediate data from [`IMMEDIATE_ENV`] when set.
     ///
     /// # Errors
     /// [`FabricError::Unavailable`] when `CHANIO_VERBS_GID_INDEX` is not a
-    /// number from 0 to 255.
+    /// number from 0 to 255, or `CHANIO_VERBS_IMMEDIATE` is neither 0 nor 1.
     pub fn from_env() -> Result<VerbsOptions, FabricError> {
         let mut opts = VerbsOptions {
             device: std::env::var(DEVICE_ENV).ok().filter(|d| !d.is_empty()),
             ..VerbsOptions::default()
         };
+        match std::env::var(IMMEDIATE_ENV).as_deref().map(str::trim) {
+            Err(_) | Ok("" | "1") => {}
+            Ok("0") => opts.immediate_data = false,
+            Ok(other) => {
+                return Err(FabricError::Unavailable {
+                    provider: "verbs",
+                    reason: format!("{IMMEDIATE_ENV}={other:?}: use 0 (separate indications) or 1"),
+                })
+            }
+        }
         if let Ok(index) = std::env::var(GID_INDEX_ENV) {
             if !index.is_empty() {
                 opts.gid_index = Some(index.trim().parse().map_err(|_| FabricError::Unavailable {
@@ -202,7 +220,7 @@ impl VerbsFabric {
         let info = ctx.info();
         let max_cqe = info.max_cqe.max(2);
         let caps = Capabilities {
-            immediate_data: !info.iwarp,
+            immediate_data: opts.immediate_data && !info.iwarp,
             max_message: opts.max_message.min(info.max_msg_sz.max(1)),
             max_send_wr: opts.max_send_wr.min(info.max_qp_wr).min(max_cqe / 2).max(1),
             max_recv_wr: opts.max_recv_wr.min(info.max_qp_wr).min(max_cqe / 2).max(1),
