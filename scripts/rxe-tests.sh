@@ -21,6 +21,7 @@ soft-RoCE VM (scripts/rxe-vm.sh) and runs, over verbs only:
   two_process                   two processes over verbs
   messaging provider::verbs     the provider's unit tests
   e2e rdma                      iounitd and hostctl over rdma://, auto://
+  alloc                         nothing allocated or registered per I/O
   pingpong                      send, push, push --zero-copy and write modes,
                                 in one process and in two
   loopback --transport rdma     the storage demo
@@ -100,7 +101,7 @@ for line in sys.stdin:
         name = m["target"]["name"] if kind != "lib" else "lib:" + m["target"]["name"]
         print(name + "\t" + m["executable"])
 ')
-for t in conformance endpoint two_process e2e lib:messaging; do
+for t in conformance endpoint two_process e2e alloc lib:messaging; do
   [[ -n "${exe[$t]:-}" ]] || die "cargo built no test executable '$t'"
 done
 bin="target/$profile"
@@ -127,6 +128,7 @@ mkdir -p "$(dirname "$plan")"
   printf 'two_process\t%s two_processes_over_verbs\n' "${exe[two_process]}"
   printf 'provider unit tests\t%s provider::verbs\n' "${exe[lib:messaging]}"
   printf 'e2e over rdma\t%s rdma\n' "${exe[e2e]}"
+  printf 'nothing allocated or registered per I/O\t%s\n' "${exe[alloc]}"
   printf 'pingpong send\t%s --mode send --iters 300 --warmup 30\n' "$pp"
   printf 'pingpong push 64KiB\t%s --mode push --size 64KiB --iters 300 --warmup 30\n' "$pp"
   printf 'pingpong push --zero-copy 1MiB\t%s --mode push --zero-copy --size 1MiB --iters 100 --warmup 10\n' "$pp"

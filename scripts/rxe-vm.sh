@@ -58,10 +58,13 @@ if [[ "${1:-}" == "--in-guest" ]]; then
   # shellcheck source=/dev/null
   . "$ctl/env.sh"
   # The guest kernel's modules live in the downloaded package, not in
-  # /lib/modules: the kernel's own module requests go through this wrapper.
-  printf '#!/bin/sh\nexec /sbin/modprobe -d %q "$@"\n' "$RXE_VM_KROOT" >/run/modprobe
-  chmod +x /run/modprobe
-  echo /run/modprobe >/proc/sys/kernel/modprobe
+  # /lib/modules: modprobe, the command's and the kernel's own requests,
+  # goes through this wrapper.
+  mkdir -p /run/rxe-vm-bin
+  printf '#!/bin/sh\nexec /sbin/modprobe -d %q "$@"\n' "$RXE_VM_KROOT" >/run/rxe-vm-bin/modprobe
+  chmod +x /run/rxe-vm-bin/modprobe
+  echo /run/rxe-vm-bin/modprobe >/proc/sys/kernel/modprobe
+  export PATH="/run/rxe-vm-bin:$PATH"
   ulimit -l unlimited
   ulimit -n 65536
   guest_fail() {
@@ -74,8 +77,8 @@ if [[ "${1:-}" == "--in-guest" ]]; then
   ip link set lo up
   # rdma_rxe computes its ICRC with the kernel's crc32, which it does not
   # pull in itself.
-  /run/modprobe crc32_generic || guest_fail "modprobe crc32_generic failed"
-  /run/modprobe rdma_rxe || guest_fail "modprobe rdma_rxe failed"
+  modprobe crc32_generic || guest_fail "modprobe crc32_generic failed"
+  modprobe rdma_rxe || guest_fail "modprobe rdma_rxe failed"
   if [[ "$RXE_VM_RXE" == 1 ]]; then
     ip link add dummy0 type dummy || guest_fail "ip link add dummy0 failed"
     ip addr add 192.0.2.1/24 dev dummy0
@@ -195,6 +198,10 @@ mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
+ln -s /proc/self/fd /newroot/dev/fd
+ln -s /proc/self/fd/0 /newroot/dev/stdin
+ln -s /proc/self/fd/1 /newroot/dev/stdout
+ln -s /proc/self/fd/2 /newroot/dev/stderr
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs tmpfs /newroot/tmp

@@ -84,7 +84,7 @@ pub fn covers(name: &str) -> bool {
 /// (without one they skip, saying so, unless `CHANIO_REQUIRE_VERBS=1`).
 #[cfg(feature = "verbs")]
 pub fn rdma_usable() -> bool {
-    chanio::messaging::provider::conformance::verbs_for_tests().is_some()
+    chanio::messaging::provider::conformance::verbs_usable()
 }
 
 /// A running `iounitd`, killed on drop. Its stderr is collected for checks.

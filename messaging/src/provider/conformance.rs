@@ -79,6 +79,26 @@ pub fn verbs_for_tests() -> Option<super::verbs::VerbsFabric> {
     }
 }
 
+/// Whether a test should run over verbs: this run covers verbs, the build
+/// has the provider and a device opens ([`verbs_for_tests`]).
+///
+/// # Panics
+/// When [`REQUIRE_VERBS_ENV`] is `1` and the build lacks the provider or
+/// the device cannot be opened.
+pub fn verbs_usable() -> bool {
+    #[cfg(feature = "verbs")]
+    return verbs_for_tests().is_some();
+    #[cfg(not(feature = "verbs"))]
+    {
+        let required = std::env::var(REQUIRE_VERBS_ENV).is_ok_and(|v| v == "1");
+        assert!(
+            !(required && selected("verbs")),
+            "{REQUIRE_VERBS_ENV}=1 but this build has no verbs provider (build with --features verbs)"
+        );
+        false
+    }
+}
+
 const TIMEOUT: Duration = Duration::from_secs(20);
 const RW: Access = Access::ALL;
 
