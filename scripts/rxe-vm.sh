@@ -210,6 +210,9 @@ mount -t tmpfs tmpfs /newroot/var/tmp 2>/dev/null
 mkdir -p /newroot/run/rxe-vm
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=mmap,msize=512000 ctl /newroot/run/rxe-vm || fail "cannot mount the control share"
 repo=$(cat /newroot/run/rxe-vm/repo)
+# A repository under /tmp or /run lies in the guest's own tmpfs: make the
+# mount point there (elsewhere it exists in the host's root already).
+mkdir -p "/newroot$repo" 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=mmap,msize=512000 work "/newroot$repo" || fail "cannot mount the repository"
 exec switch_root /newroot /bin/bash "$repo/scripts/rxe-vm.sh" --in-guest
 INIT
