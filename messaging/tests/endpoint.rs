@@ -912,6 +912,10 @@ fn indications_follow_the_fabric() {
     for (fabric, addr) in fabrics() {
         let (a, b) = pair(&*fabric, addr);
         let separate = !fabric.capabilities().immediate_data;
+        let forced = std::env::var("CHANIO_VERBS_IMMEDIATE").is_ok_and(|v| v.trim() == "0");
+        if fabric.name() == "verbs" && forced {
+            assert!(separate, "CHANIO_VERBS_IMMEDIATE=0 left immediate data on");
+        }
         assert_eq!(a.separate_indication(), separate, "{}", fabric.name());
         assert_eq!(b.separate_indication(), separate, "{}", fabric.name());
         a.push(&[7u8; 3000]).expect("push").wait_timeout(LONG).expect("pushed");
