@@ -158,7 +158,7 @@ if [[ -z "$kver" || ! -f "$kroot/boot/vmlinuz-$kver" ]]; then
   [[ -n "$pkg" ]] || die "apt knows no linux-image-amd64: run apt-get update first"
   echo "rxe-vm: fetching $pkg (once, into $kroot)" >&2
   rm -rf "$kroot" "$vmdir"/linux-image-*.deb
-  (cd "$vmdir" && apt-get download "$pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2) \
+  (cd "$vmdir" && apt-get download "$pkg" 2>&1 | { grep -v '^W: Download is performed unsandboxed' || true; } >&2) \
     || die "apt-get download $pkg failed"
   dpkg-deb -x "$vmdir"/linux-image-*.deb "$kroot"
   rm -f "$vmdir"/linux-image-*.deb
@@ -210,10 +210,13 @@ mount -t tmpfs tmpfs /newroot/var/tmp 2>/dev/null
 mkdir -p /newroot/run/rxe-vm
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=mmap,msize=512000 ctl /newroot/run/rxe-vm || fail "cannot mount the control share"
 repo=$(cat /newroot/run/rxe-vm/repo)
-# A repository under /tmp or /run lies in the guest's own tmpfs: make the
-# mount point there (elsewhere it exists in the host's root already).
+# A repository (or kernel folder) under /tmp or /run lies in the guest's
+# own tmpfs: make the mount point there (elsewhere it exists already).
 mkdir -p "/newroot$repo" 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=mmap,msize=512000 work "/newroot$repo" || fail "cannot mount the repository"
+kroot=$(cat /newroot/run/rxe-vm/kroot)
+mkdir -p "/newroot$kroot" 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=512000 kernel "/newroot$kroot" || fail "cannot mount the kernel's modules"
 exec switch_root /newroot /bin/bash "$repo/scripts/rxe-vm.sh" --in-guest
 INIT
   chmod +x "$stage/init"
@@ -228,6 +231,7 @@ fi
 ctl=$(mktemp -d)
 trap 'rm -rf "$ctl"' EXIT
 echo "$repo" >"$ctl/repo"
+echo "$kroot" >"$ctl/kroot"
 {
   printf 'export RXE_VM_KROOT=%q RXE_VM_RXE=%q RXE_VM_CWD=%q\n' "$kroot" "$rxe" "$PWD"
   printf 'export HOME=/root TERM=dumb\n'
@@ -262,7 +266,7 @@ share() { # id path mount_tag [readonly]
   printf -- '-fsdev local,id=%s,path=%s,security_model=none,multidevs=remap%s\0' "$1" "$2" "$ro"
   printf -- '-device virtio-9p-pci,fsdev=%s,mount_tag=%s\0' "$1" "$3"
 }
-mapfile -d '' -t shares < <(share root / hostroot ro; share work "$repo" work; share ctl "$ctl" ctl)
+mapfile -d '' -t shares < <(share root / hostroot ro; share work "$repo" work; share ctl "$ctl" ctl; share kern "$kroot" kernel ro)
 qemu_args=()
 for s in "${shares[@]}"; do
   qemu_args+=("${s%% *}" "${s#* }")
