@@ -139,7 +139,7 @@ impl PreparedQp {
             domain: fabric.domain.clone(),
         };
         for wr in recvs {
-            if !owned_by(&prepared.domain, &wr.buf) {
+            if !prepared.domain.owns(&wr.buf) {
                 return Err(FabricError::Io {
                     op: "ibv_post_recv",
                     source: std::io::Error::new(
@@ -826,7 +826,7 @@ impl QueuePair for VerbsQp {
                 wr,
             ));
         }
-        if !owned_by(&shared.domain, &wr.buf) {
+        if !shared.domain.owns(&wr.buf) {
             let mut c = flushed_recv(wr);
             c.status = WcStatus::LocalProtectionError;
             shared.fail_locked(&mut st);
@@ -934,10 +934,6 @@ impl Drop for VerbsQp {
 /// the NIC gave this protection domain). Looking the range up by remote key
 /// proves it: live allocations never overlap, so a region of the domain
 /// that contains the buffer is the buffer's own region.
-fn owned_by(domain: &ProtectionDomain, buf: &Buf) -> bool {
-    domain.owns(buf)
-}
-
 fn check_local(domain: &ProtectionDomain, wr: &SendWr, max_message: u32, read_depth: u8) -> Result<(), WcStatus> {
     let buf = match &wr.op {
         SendOp::Send { buf, .. } | SendOp::Write { buf, .. } | SendOp::Read { buf, .. } => buf,
@@ -947,7 +943,7 @@ fn check_local(domain: &ProtectionDomain, wr: &SendWr, max_message: u32, read_de
     if buf.len() > max_message as usize {
         return Err(WcStatus::LocalLengthError);
     }
-    if !owned_by(domain, buf) {
+    if !domain.owns(buf) {
         return Err(WcStatus::LocalProtectionError);
     }
     if matches!(wr.op, SendOp::Read { .. }) {
