@@ -97,7 +97,15 @@ bin=target/release
 ip=192.0.2.1
 work=$(mktemp -d)
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-jq_py() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+# Parses JSON on stdin with a Python expression over `d`. Python starts only
+# once its input is complete: under TCG its start-up takes seconds of one of
+# the guest's two CPUs, and started beside a measured command (at the other
+# end of a pipe) it cut chanio's rdma QD1 IOPS to a fifth.
+jq_py() {
+  local input
+  input=$(cat)
+  python3 -c "import json,sys; d=json.load(sys.stdin); print($1)" <<<"$input"
+}
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 
 # perftest's lines: "#bytes #iterations t_min t_max t_typical t_avg ..."

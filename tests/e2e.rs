@@ -291,6 +291,34 @@ fn every_command_works(t: &str) {
     assert!(text.contains(&format!("transport: {t}")), "{text}");
 }
 
+/// The library's zero-copy write (`Host::write_from`) at every size class:
+/// in the capsule (copied), one push from the buffer itself (an RDMA Write
+/// with immediate over rdma), several pushes, several commands. The data
+/// lands and the buffer comes back intact.
+fn write_from_lands_at_every_size(t: &str) {
+    use chanio::host::{Host, HostOptions, Nsid};
+    let d = Daemon::start_on(t, &["--ns", "ram:8MiB"]);
+    let host = Host::connect(&d.uri, HostOptions::default()).unwrap_or_else(|e| panic!("{t}: connect: {e}"));
+    for (i, len) in [512usize, 4096, 64 << 10, 128 << 10, 256 << 10, 3 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        let data = pattern(len, 40 + i as u8);
+        let mut buf = host.alloc(len).unwrap_or_else(|e| panic!("{t}: alloc {len}: {e}"));
+        buf.copy_from_slice(&data);
+        for lba in [0u64, 8192] {
+            host.write_from(Nsid(1), lba, &mut buf, false)
+                .unwrap_or_else(|e| panic!("{t}: write_from of {len} bytes: {e}"));
+            assert!(buf[..] == data[..], "{t}: {len} bytes: the buffer came back changed");
+            let back = host
+                .read(Nsid(1), lba, (len / 512) as u32)
+                .unwrap_or_else(|e| panic!("{t}: read {len}: {e}"));
+            assert!(back == data, "{t}: {len} bytes at LBA {lba} read back wrong");
+        }
+    }
+    host.close();
+}
+
 // Every scenario runs over tcp and shm, and over rdma (verbs) in a build
 // with the `verbs` feature. `CHANIO_TEST_FABRICS` narrows the fabrics; the
 // rdma tests skip without an RDMA device unless `CHANIO_REQUIRE_VERBS=1`
@@ -341,6 +369,7 @@ on_every_fabric!(
     a_stalled_daemon_makes_hostctl_time_out_not_hang,
     namespace_hot_detach_and_attach_deliver_events,
     every_command_works,
+    write_from_lands_at_every_size,
 );
 
 #[test]

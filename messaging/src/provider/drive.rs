@@ -88,7 +88,10 @@ impl Drive {
         })
     }
 
-    fn renew_lease(&self) {
+    /// Counts the caller as driving: the provider thread stays aside. For
+    /// a provider whose `poll` reaps the transport itself (verbs), a
+    /// polling caller counts too.
+    pub(crate) fn renew_lease(&self) {
         self.activity.fetch_add(1, Ordering::Release);
     }
 

@@ -10,6 +10,16 @@
 //! queued under it too, so they keep posting order; the notify callback runs
 //! only after that lock is released, so it may post or poll.
 //!
+//! Run to completion (ADR 3, `provider/drive.rs`): a caller in
+//! [`QueuePair::wait`] polls the device CQ itself and, when nothing is
+//! there, sleeps on the completion channel itself, so a completion reaches
+//! the thread that waits for it with one wake-up, or none while it spins.
+//! The completion thread stands aside while callers drive; it covers for
+//! absent callers (an asynchronous application, traffic nobody waits for),
+//! watches the side channel and runs the flush grace. Completions that
+//! reach the queue other than through the driving caller's own poll kick
+//! that caller out of its sleep.
+//!
 //! Failure: an error completion, a local error found at posting,
 //! [`QueuePair::disconnect`] or the peer's DISCONNECT (or EOF) on the side
 //! channel moves the queue pair to ERR; the device then flushes everything
@@ -44,6 +54,7 @@ use super::oob;
 use super::Inner;
 use crate::mr::{Access, Buf, ProtectionDomain};
 use crate::provider::cq::CompletionQueue;
+use crate::provider::drive::{Aside, Drive, Woke};
 use crate::provider::{flushed_recv, flushed_send};
 use crate::provider::{
     Capabilities, Completion, FabricError, Notify, QueuePair, RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WrId,
@@ -212,6 +223,7 @@ impl PreparedQp {
         let io = |op| move |source| FabricError::Io { op, source };
         socket.set_nonblocking(true).map_err(io("set_nonblocking"))?;
         let wake = WakeFd::new().map_err(io("eventfd"))?;
+        let drive = Drive::new().map_err(io("socketpair"))?;
         // From here the QP and its receives move together into `State`,
         // whose `Drop` destroys them in the same careful way.
         let qp = self.qp.take();
@@ -236,6 +248,8 @@ impl PreparedQp {
             told_peer: AtomicBool::new(false),
             socket,
             wake,
+            drive,
+            events: Mutex::new(()),
             peer,
             peer_params,
             caps: self.caps,
@@ -303,6 +317,12 @@ struct Shared {
     told_peer: AtomicBool,
     socket: TcpStream,
     wake: WakeFd,
+    /// Callers that drive the queue pair (run to completion) and the
+    /// completion thread's lease.
+    drive: Drive,
+    /// Held by the caller that drives: the one that may sleep on the
+    /// completion channel (other callers sleep on `queue`).
+    events: Mutex<()>,
     peer: String,
     peer_params: Vec<u8>,
     caps: Capabilities,
@@ -394,6 +414,12 @@ impl Shared {
     /// Polls the device CQ dry and queues the completions (in order, under
     /// the state lock), then whatever software completions became due.
     fn reap(&self) {
+        self.reap_for(false);
+    }
+
+    /// [`Shared::reap`]; `driver` when the caller is the thread that drives
+    /// (it sees what it queued, so it is not kicked).
+    fn reap_for(&self, driver: bool) {
         let mut newly_failed = false;
         let mut pushed = false;
         let mut st = self.state.lock();
@@ -437,16 +463,67 @@ impl Shared {
             self.wake.wake();
         }
         if pushed {
-            self.run_notify();
+            if !driver {
+                self.drive.interrupt();
+            }
+            self.notify_callback();
         }
+    }
+
+    /// After completions were queued other than by the driving caller's own
+    /// reap: kicks that caller, then runs the notify callback.
+    fn run_notify(&self) {
+        self.drive.interrupt();
+        self.notify_callback();
     }
 
     /// Runs the notify callback; never with the state lock held (it is not
     /// re-entrant, and the callback may well poll or post).
-    fn run_notify(&self) {
+    fn notify_callback(&self) {
         let notify = self.notify.lock().clone();
         if let Some(notify) = notify {
             notify();
+        }
+    }
+
+    /// Whether the queue pair failed and the device owes nothing more:
+    /// driving it can bring no further completion.
+    fn spent(&self) -> bool {
+        self.failed.load(Ordering::Acquire) && self.state.lock().outstanding() == 0
+    }
+
+    /// The driving caller's sleep: arms the CQ, looks once more (a
+    /// completion that arrived before arming raised no event), then sleeps
+    /// on the completion channel and the kick.
+    fn sleep_on_cq(&self, timeout: Option<Duration>) -> Woke {
+        if !self.arm() {
+            // The queue pair was failed: the pump sees the flush.
+            return Woke::Ready;
+        }
+        self.reap_for(true);
+        if self.queue.has_completions() {
+            return Woke::Ready;
+        }
+        match device::wait_readable([self.cq.fd(), self.drive.kick_fd()], timeout) {
+            Ok([events, kicked]) => {
+                if events {
+                    self.cq.take_events();
+                }
+                if kicked {
+                    Woke::Kicked
+                } else if events {
+                    Woke::Ready
+                } else {
+                    Woke::TimedOut
+                }
+            }
+            Err(error) => {
+                tracing::error!(peer = %self.peer, %error, "poll on the completion channel failed; failing the queue pair");
+                self.fail();
+                // Never spin: a failing `poll` returns at once.
+                std::thread::sleep(POLL_INTERVAL);
+                Woke::Ready
+            }
         }
     }
 
@@ -572,6 +649,8 @@ fn completion_thread(shared: Arc<Shared>) {
     let mut poll_ok = true;
     shared.reap();
     let mut peer_open = true;
+    let mut aside = Aside::default();
+    let mut stood_aside = false;
     loop {
         if shared.closing.load(Ordering::Acquire) && shared.state.lock().outstanding() == 0 {
             break;
@@ -580,6 +659,20 @@ fn completion_thread(shared: Arc<Shared>) {
         if grace.is_some_and(|g| g.is_zero()) {
             shared.abandon_hardware();
             continue;
+        }
+        // While callers drive, they poll the CQ themselves (a failed queue
+        // pair never parks the thread: it runs the flush grace).
+        if !shared.closing.load(Ordering::Acquire) && shared.drive.thread_stands_aside(&shared.failed, &mut aside) {
+            stood_aside = true;
+            continue;
+        }
+        if std::mem::take(&mut stood_aside) {
+            // A caller took the last event and may not have armed again:
+            // arm, then take what came before the arming.
+            if events_ok {
+                events_ok = shared.arm();
+            }
+            shared.reap();
         }
         let owed = shared.state.lock().outstanding() > 0;
         let timeout = if events_ok && poll_ok {
@@ -620,6 +713,15 @@ fn completion_thread(shared: Arc<Shared>) {
                 (true, peer_open)
             }
         };
+        // Callers that drive take the event and the completions themselves
+        // (the event stays pending on the channel for them).
+        if !socket
+            && !shared.closing.load(Ordering::Acquire)
+            && shared.drive.thread_stands_aside(&shared.failed, &mut aside)
+        {
+            stood_aside = true;
+            continue;
+        }
         if events {
             shared.cq.take_events();
             if events_ok {
@@ -882,14 +984,43 @@ impl QueuePair for VerbsQp {
         Ok(())
     }
 
+    /// Reaps the device CQ from the calling thread. A caller that polls
+    /// counts as driving (the completion thread stays aside while it keeps
+    /// coming): a busy server thread that always finds work never waits,
+    /// and would otherwise leave every reap to the completion thread, one
+    /// wake-up per completion. A caller that drives is kicked when the
+    /// poll took completions: they may be what it waits for.
     fn poll(&self, out: &mut Vec<Completion>, max: usize) -> usize {
+        self.shared.drive.renew_lease();
         self.shared.reap();
         self.shared.queue.poll(out, max)
     }
 
+    /// Polls the device CQ from the calling thread (run to completion)
+    /// until a completion is ready, `timeout` passes or
+    /// [`QueuePair::interrupt`] is called; sleeps on the completion channel
+    /// itself, or on the queue when another caller drives already.
     fn wait(&self, timeout: Option<Duration>) -> bool {
-        self.shared.reap();
-        self.shared.queue.wait(timeout)
+        let shared = &*self.shared;
+        shared.drive.drive(
+            &shared.events,
+            &shared.queue,
+            timeout,
+            |_| {
+                shared.reap_for(true);
+                !shared.spent()
+            },
+            |_, timeout| shared.sleep_on_cq(timeout),
+        )
+    }
+
+    fn interrupt(&self) {
+        self.shared.drive.interrupt();
+        self.shared.queue.interrupt();
+    }
+
+    fn drives_on_wait(&self) -> bool {
+        true
     }
 
     fn set_notify(&self, notify: Option<Notify>) {
@@ -923,6 +1054,8 @@ impl Drop for VerbsQp {
         self.shared.closing.store(true, Ordering::Release);
         self.shared.wake.wake();
         if let Some(thread) = self.thread.lock().take() {
+            // It may be parked, standing aside for callers.
+            thread.thread().unpark();
             if thread.thread().id() != std::thread::current().id() {
                 let _ = thread.join();
             }
