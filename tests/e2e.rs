@@ -433,3 +433,52 @@ fn auto_picks_rdma_when_both_ends_have_a_device() {
     write_blocks(&d.uri, 1, 0, &pattern(512, 6));
     assert_eq!(read_blocks(&d.uri, 1, 0, 1), pattern(512, 6));
 }
+
+/// Runs `iounitd` with `args`, expecting it to refuse to start: its exit
+/// status and stderr. A daemon that starts serving instead is killed after
+/// 30 s and the test fails.
+fn iounitd_refuses(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(common::binary("iounitd"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("iounitd runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for iounitd") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("iounitd {args:?} started serving instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    (status, err)
+}
+
+#[test]
+fn one_backing_file_serves_one_namespace() {
+    let scratch = Scratch::new("locked");
+    let img = scratch.path("disk.img");
+    let spec = format!("file:{}:1MiB", img.display());
+    // Twice in one daemon: refused at start, naming the file.
+    let (status, err) = iounitd_refuses(&["--listen", "tcp://127.0.0.1:0", "--ns", &spec, "--ns", &spec]);
+    assert!(!status.success());
+    assert!(err.contains("in use") && err.contains("disk.img"), "{err}");
+    // A second daemon on a file the first one serves: refused as well.
+    let d = Daemon::start(&["--ns", &spec]);
+    let (status, err) = iounitd_refuses(&["--listen", "tcp://127.0.0.1:0", "--ns", &spec]);
+    assert!(!status.success());
+    assert!(err.contains("in use"), "{err}");
+    assert!(d.stop().success(), "the first daemon still runs and stops cleanly");
+}

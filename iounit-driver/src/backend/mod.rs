@@ -61,13 +61,21 @@ pub enum ErrorKind {
 }
 
 /// A block-layer error: kind, context, and the underlying cause if any.
+///
+/// It displays as "context: cause", so every log line and reply that shows
+/// it carries the OS reason (`No space left on device`, `Permission
+/// denied`); the cause is therefore not also offered as its `source`,
+/// which would print it twice in a report of the chain.
 #[derive(Debug, thiserror::Error)]
-#[error("{context}")]
+#[error("{context}{}", cause_suffix(.cause))]
 pub struct BlockError {
     kind: ErrorKind,
     context: String,
-    #[source]
-    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+fn cause_suffix(cause: &Option<Box<dyn std::error::Error + Send + Sync>>) -> String {
+    cause.as_ref().map(|c| format!(": {c}")).unwrap_or_default()
 }
 
 impl BlockError {
@@ -76,7 +84,7 @@ impl BlockError {
         BlockError {
             kind,
             context: context.into(),
-            source: None,
+            cause: None,
         }
     }
 
@@ -89,13 +97,18 @@ impl BlockError {
         BlockError {
             kind,
             context: context.into(),
-            source: Some(source.into()),
+            cause: Some(source.into()),
         }
     }
 
     /// The stable kind.
     pub fn kind(&self) -> ErrorKind {
         self.kind
+    }
+
+    /// The OS error number behind it, when the cause is an OS error.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.cause.as_ref()?.downcast_ref::<std::io::Error>()?.raw_os_error()
     }
 }
 

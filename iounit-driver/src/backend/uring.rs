@@ -71,6 +71,7 @@ impl FileBackend {
             .truncate(false)
             .open(path)
             .map_err(|e| fail("cannot open", e))?;
+        lock(&buffered, path)?;
         let meta = buffered.metadata().map_err(|e| fail("cannot stat", e))?;
         let block_device = meta.file_type().is_block_device();
         let mut bytes = if block_device {
@@ -174,6 +175,33 @@ impl std::fmt::Debug for FileBackend {
             .field("geometry", &self.geometry)
             .finish()
     }
+}
+
+/// Takes the backing file for this namespace alone (`flock`, exclusive):
+/// a second namespace, or a second daemon, on the same file would
+/// interleave writes that nobody orders. The lock lives as long as the
+/// open file, so it goes with the namespace (and with a killed daemon).
+fn lock(file: &File, path: &Path) -> Result<(), BlockError> {
+    // SAFETY: `flock` on a descriptor `file` owns for the whole call; no
+    // memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(BlockError::new(
+            ErrorKind::Open,
+            format!(
+                "{} is in use by another namespace or process (it holds the file's lock); detach it there first",
+                path.display()
+            ),
+        ));
+    }
+    Err(BlockError::with_source(
+        ErrorKind::Open,
+        format!("cannot lock {}", path.display()),
+        e,
+    ))
 }
 
 /// Submits one entry on this thread's ring and waits for its completion.
@@ -355,5 +383,25 @@ mod tests {
         b.read(4096, &mut back).unwrap();
         assert_eq!(back, [7u8; 4096]);
         let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_file_serves_one_namespace_at_a_time() {
+        let path = temp("lock");
+        let first = FileBackend::open(&path, Some(1 << 20), 512).unwrap();
+        let second = FileBackend::open(&path, None, 512).expect_err("the file is locked by the first");
+        assert_eq!(second.kind(), ErrorKind::Open);
+        assert!(second.to_string().contains("in use"), "{second}");
+        drop(first);
+        FileBackend::open(&path, None, 512).expect("the lock went with the first namespace");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn errors_carry_their_os_reason() {
+        let missing_dir = temp("no-such-dir").join("f");
+        let e = FileBackend::open(&missing_dir, Some(1 << 20), 512).expect_err("no directory");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        assert!(e.to_string().contains("No such file or directory"), "{e}");
     }
 }

@@ -798,8 +798,25 @@ fn copy_out(data: &[u8], dest: &mut [u8]) -> Result<(), Status> {
     Ok(())
 }
 
-/// The NVMe status for a block-layer error.
+/// The NVMe status for a block-layer error. A backing store that is full
+/// reports Capacity Exceeded, one that refuses access Access Denied (both
+/// with Do Not Retry: the same command fails the same way until an
+/// operator acts); the error, with its OS reason, is logged either way.
 fn block_status(e: &BlockError) -> Status {
+    match (e.kind(), e.raw_os_error()) {
+        (ErrorKind::ReadFailed | ErrorKind::WriteFailed, Some(libc::ENOSPC | libc::EDQUOT)) => {
+            tracing::error!("{e}");
+            Status::CAPACITY_EXCEEDED.with_dnr()
+        }
+        (ErrorKind::ReadFailed | ErrorKind::WriteFailed, Some(libc::EACCES | libc::EPERM)) => {
+            tracing::error!("{e}");
+            Status::ACCESS_DENIED.with_dnr()
+        }
+        _ => block_status_of_kind(e),
+    }
+}
+
+fn block_status_of_kind(e: &BlockError) -> Status {
     match e.kind() {
         ErrorKind::OutOfRange => Status::LBA_OUT_OF_RANGE.with_dnr(),
         ErrorKind::InvalidArgument => Status::INVALID_FIELD.with_dnr(),
@@ -813,5 +830,41 @@ fn block_status(e: &BlockError) -> Status {
         }
         ErrorKind::NotReady => Status::NAMESPACE_NOT_READY,
         _ => Status::INTERNAL_ERROR,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(kind: ErrorKind, errno: i32) -> BlockError {
+        BlockError::with_source(kind, "write at byte 0 of /x", std::io::Error::from_raw_os_error(errno))
+    }
+
+    #[test]
+    fn a_full_or_refusing_backing_store_gets_its_own_status() {
+        let full = os(ErrorKind::WriteFailed, libc::ENOSPC);
+        assert!(full.to_string().contains("No space left on device"), "{full}");
+        assert_eq!(block_status(&full), Status::CAPACITY_EXCEEDED.with_dnr());
+        assert_eq!(
+            block_status(&os(ErrorKind::WriteFailed, libc::EDQUOT)),
+            Status::CAPACITY_EXCEEDED.with_dnr()
+        );
+        let denied = os(ErrorKind::ReadFailed, libc::EACCES);
+        assert!(denied.to_string().contains("Permission denied"), "{denied}");
+        assert_eq!(block_status(&denied), Status::ACCESS_DENIED.with_dnr());
+        // Other OS errors keep the status of their kind.
+        assert_eq!(
+            block_status(&os(ErrorKind::WriteFailed, libc::EIO)),
+            Status::WRITE_FAULT
+        );
+        assert_eq!(
+            block_status(&os(ErrorKind::ReadFailed, libc::EIO)),
+            Status::UNRECOVERED_READ_ERROR
+        );
+        assert_eq!(
+            block_status(&BlockError::new(ErrorKind::OutOfRange, "past the end")),
+            Status::LBA_OUT_OF_RANGE.with_dnr()
+        );
     }
 }
