@@ -803,32 +803,18 @@ fn copy_out(data: &[u8], dest: &mut [u8]) -> Result<(), Status> {
 /// with Do Not Retry: the same command fails the same way until an
 /// operator acts); the error, with its OS reason, is logged either way.
 fn block_status(e: &BlockError) -> Status {
-    match (e.kind(), e.raw_os_error()) {
-        (ErrorKind::ReadFailed | ErrorKind::WriteFailed, Some(libc::ENOSPC | libc::EDQUOT)) => {
-            tracing::error!("{e}");
-            Status::CAPACITY_EXCEEDED.with_dnr()
-        }
-        (ErrorKind::ReadFailed | ErrorKind::WriteFailed, Some(libc::EACCES | libc::EPERM)) => {
-            tracing::error!("{e}");
-            Status::ACCESS_DENIED.with_dnr()
-        }
-        _ => block_status_of_kind(e),
+    let failed = matches!(e.kind(), ErrorKind::ReadFailed | ErrorKind::WriteFailed);
+    if failed {
+        tracing::error!("{e}");
     }
-}
-
-fn block_status_of_kind(e: &BlockError) -> Status {
-    match e.kind() {
-        ErrorKind::OutOfRange => Status::LBA_OUT_OF_RANGE.with_dnr(),
-        ErrorKind::InvalidArgument => Status::INVALID_FIELD.with_dnr(),
-        ErrorKind::ReadFailed => {
-            tracing::error!("read failed: {e}");
-            Status::UNRECOVERED_READ_ERROR
-        }
-        ErrorKind::WriteFailed => {
-            tracing::error!("write failed: {e}");
-            Status::WRITE_FAULT
-        }
-        ErrorKind::NotReady => Status::NAMESPACE_NOT_READY,
+    match (e.kind(), e.raw_os_error()) {
+        (_, Some(libc::ENOSPC | libc::EDQUOT)) if failed => Status::CAPACITY_EXCEEDED.with_dnr(),
+        (_, Some(libc::EACCES | libc::EPERM)) if failed => Status::ACCESS_DENIED.with_dnr(),
+        (ErrorKind::OutOfRange, _) => Status::LBA_OUT_OF_RANGE.with_dnr(),
+        (ErrorKind::InvalidArgument, _) => Status::INVALID_FIELD.with_dnr(),
+        (ErrorKind::ReadFailed, _) => Status::UNRECOVERED_READ_ERROR,
+        (ErrorKind::WriteFailed, _) => Status::WRITE_FAULT,
+        (ErrorKind::NotReady, _) => Status::NAMESPACE_NOT_READY,
         _ => Status::INTERNAL_ERROR,
     }
 }

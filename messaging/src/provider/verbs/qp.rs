@@ -14,7 +14,7 @@
 //! [`QueuePair::wait`] polls the device CQ itself and, when nothing is
 //! there, sleeps on the completion channel itself, so a completion reaches
 //! the thread that waits for it with one wake-up, or none while it spins.
-//! The completion thread stands aside while callers drive; it covers for
+//! The completion thread stands aside while callers drive or poll; it covers for
 //! absent callers (an asynchronous application, traffic nobody waits for),
 //! watches the side channel and runs the flush grace. Completions that
 //! reach the queue other than through the driving caller's own poll kick
