@@ -126,11 +126,62 @@ fn blocking_per_io(host: &Host, n: u64, idle: f64) -> f64 {
     beyond_idle(allocations() - before, start.elapsed(), idle) / (2 * n) as f64
 }
 
-/// `hostctl bench`'s path: 32 I/Os in flight from one thread. Returns the
-/// allocations per I/O that a longer run adds over a shorter one (each
-/// run's setup, threads and histograms cancel out) beyond the idle rate,
-/// and that I/O count.
-fn queued_per_io(host: &Host, pattern: Pattern, idle: f64) -> (f64, u64) {
+/// The lengths of a queued measurement's shorter and longer run.
+#[derive(Clone, Copy)]
+struct QueuedRuns {
+    short: Duration,
+    long: Duration,
+}
+
+/// Over tcp and shm.
+const RUNS: QueuedRuns = QueuedRuns {
+    short: Duration::from_millis(300),
+    long: Duration::from_millis(1500),
+};
+
+/// Over soft-RoCE in the emulated guest, at QD32, rxe retransmits
+/// (its `completer_retry_err` counter moves) and single I/Os take up to a
+/// second or more; longer runs keep enough I/Os to measure beyond such a
+/// stall.
+const RUNS_VERBS: QueuedRuns = QueuedRuns {
+    short: Duration::from_millis(1000),
+    long: Duration::from_millis(5000),
+};
+
+/// Retransmissions of the RDMA devices so far (rxe's
+/// `completer_retry_err`, summed over the devices that count it), to show
+/// in a failure whether the fabric retransmitted; `None` without such a
+/// counter.
+fn retransmissions() -> Option<u64> {
+    let devices = std::fs::read_dir("/sys/class/infiniband").ok()?;
+    let mut total = None;
+    for device in devices.flatten() {
+        let path = device.path().join("ports/1/hw_counters/completer_retry_err");
+        if let Some(n) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            *total.get_or_insert(0) += n;
+        }
+    }
+    total
+}
+
+/// What a queued measurement found.
+struct Queued {
+    /// Allocations per I/O beyond the idle rate.
+    per_io: f64,
+    /// I/Os the longer run did beyond the shorter.
+    ios: u64,
+    /// Each run's I/Os and slowest I/O (µs), shorter then longer: they
+    /// tell a stall from a slow machine when too few I/Os were done.
+    runs: [(u64, f64); 2],
+}
+
+/// `hostctl bench`'s path: 32 I/Os in flight from one thread. Measures
+/// the allocations per I/O that a longer run adds over a shorter one (each
+/// run's setup, threads and histograms cancel out) beyond the idle rate.
+fn queued_per_io(host: &Host, pattern: Pattern, idle: f64, runs: QueuedRuns) -> Queued {
     let cfg = |duration| BenchConfig {
         nsid: Nsid(1),
         pattern,
@@ -142,15 +193,19 @@ fn queued_per_io(host: &Host, pattern: Pattern, idle: f64) -> (f64, u64) {
     let measure = |duration| {
         let before = allocations();
         let report = bench::run(host, &cfg(duration), &|_, _| {}).expect("bench run");
-        (allocations() - before, report.ios)
+        (allocations() - before, report.ios, report.max_us)
     };
     measure(Duration::from_millis(200));
-    let (short_allocs, short_ios) = measure(Duration::from_millis(300));
-    let (long_allocs, long_ios) = measure(Duration::from_millis(1500));
+    let (short_allocs, short_ios, short_max) = measure(runs.short);
+    let (long_allocs, long_ios, long_max) = measure(runs.long);
     let ios = long_ios.saturating_sub(short_ios);
     let allocs = long_allocs.saturating_sub(short_allocs);
-    let extra = beyond_idle(allocs, Duration::from_millis(1500 - 300), idle);
-    (extra / ios.max(1) as f64, ios)
+    let extra = beyond_idle(allocs, runs.long.saturating_sub(runs.short), idle);
+    Queued {
+        per_io: extra / ios.max(1) as f64,
+        ios,
+        runs: [(short_ios, short_max), (long_ios, long_max)],
+    }
 }
 
 fn check(transport: &str, listen: &str) {
@@ -169,15 +224,27 @@ fn check(transport: &str, listen: &str) {
         blocking < bound,
         "{transport}: {blocking:.3} allocations per blocking I/O"
     );
+    let lengths = if transport == "rdma" { RUNS_VERBS } else { RUNS };
     for pattern in [Pattern::RandRead, Pattern::RandWrite] {
-        let (per_io, ios) = queued_per_io(&host, pattern, idle);
+        let retried_before = retransmissions();
+        let Queued { per_io, ios, runs } = queued_per_io(&host, pattern, idle, lengths);
+        let retried = match (retried_before, retransmissions()) {
+            (Some(before), Some(after)) => format!("; the fabric retransmitted {} times", after - before),
+            _ => String::new(),
+        };
+        let [(short_ios, short_max), (long_ios, long_max)] = runs;
         eprintln!(
-            "{transport} {}: {per_io:.4} allocations per I/O over {ios} I/Os",
+            "{transport} {}: {per_io:.4} allocations per I/O over {ios} I/Os \
+             (runs of {short_ios} and {long_ios} I/Os, slowest {short_max:.0} and {long_max:.0} us{retried})",
             pattern.name()
         );
         // Enough to tell one allocation per I/O from the bound, also at
         // the soft-RoCE guest's pace.
-        assert!(ios > 200, "{transport}: only {ios} more I/Os in the longer run");
+        assert!(
+            ios > 200,
+            "{transport}: only {ios} more I/Os in the longer run \
+             ({short_ios} then {long_ios}; slowest I/Os {short_max:.0} and {long_max:.0} us{retried})"
+        );
         assert!(
             per_io < bound,
             "{transport} {}: {per_io:.3} allocations per I/O over {ios} I/Os at QD32",

@@ -877,6 +877,7 @@ impl Shared {
         if self.driven && !self.signal.driving.swap(true, Ordering::SeqCst) {
             self.qp.wait(Some(Duration::ZERO));
             self.signal.driving.store(false, Ordering::SeqCst);
+            self.signal.wake_sleepers();
         }
     }
 
@@ -1049,12 +1050,16 @@ impl Signal {
         }
     }
 
-    /// Wakes threads sleeping in `sleep` without a new generation (they
-    /// re-check, and one of them may take over driving the provider).
+    /// Called after a thread stopped driving: moves the generation and
+    /// wakes the threads sleeping in `sleep` (they re-check, and one of
+    /// them may take over driving the provider). The generation moves even
+    /// with no sleeper yet: a thread that found the provider driven and is
+    /// on its way to `sleep` (spinning first) then returns at once instead
+    /// of sleeping while nobody drives.
     fn wake_sleepers(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) > 0 {
             let _guard = self.sleep_lock.lock();
-            self.generation.fetch_add(1, Ordering::SeqCst);
             self.wake.notify_all();
         }
     }

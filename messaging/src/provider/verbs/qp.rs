@@ -492,6 +492,17 @@ impl Shared {
         self.failed.load(Ordering::Acquire) && self.state.lock().outstanding() == 0
     }
 
+    /// Takes the pending events off the channel and, if there were any,
+    /// arms the CQ again; the caller reaps next. Rule for both the driving
+    /// caller and the completion thread: whoever takes an event arms
+    /// again, so the CQ is armed (or an event is pending) whenever a thread
+    /// sleeps on the channel. Left unarmed, a thread asleep on the channel
+    /// would sleep through every later completion until someone polled.
+    /// Returns false if arming failed: the queue pair was failed.
+    fn take_events_and_rearm(&self) -> bool {
+        self.cq.take_events() == 0 || self.arm()
+    }
+
     /// The driving caller's sleep: arms the CQ, looks once more (a
     /// completion that arrived before arming raised no event), then sleeps
     /// on the completion channel and the kick.
@@ -507,7 +518,9 @@ impl Shared {
         match device::wait_readable([self.cq.fd(), self.drive.kick_fd()], timeout) {
             Ok([events, kicked]) => {
                 if events {
-                    self.cq.take_events();
+                    // Arming fails only by failing the queue pair: the
+                    // pump then sees the flush.
+                    self.take_events_and_rearm();
                 }
                 if kicked {
                     Woke::Kicked
@@ -667,8 +680,8 @@ fn completion_thread(shared: Arc<Shared>) {
             continue;
         }
         if std::mem::take(&mut stood_aside) {
-            // A caller took the last event and may not have armed again:
-            // arm, then take what came before the arming.
+            // Callers reaped while the thread stood aside: take what they
+            // left, arming first so that what comes after raises an event.
             if events_ok {
                 events_ok = shared.arm();
             }
@@ -722,11 +735,10 @@ fn completion_thread(shared: Arc<Shared>) {
             stood_aside = true;
             continue;
         }
-        if events {
+        if events && events_ok {
+            events_ok = shared.take_events_and_rearm();
+        } else if events {
             shared.cq.take_events();
-            if events_ok {
-                events_ok = shared.arm();
-            }
         }
         shared.reap();
         if socket && peer_gone(&shared.socket) {
