@@ -55,6 +55,9 @@ pub mod proto;
 pub mod provider;
 pub mod transport;
 
+#[cfg(test)]
+mod doc_constants;
+
 pub use driver::{Cork, Delivery, Endpoint, Error, Ticket};
 pub use proto::{CloseReason, Config, DirectTarget, ReceivedKind};
 pub use transport::{Fabrics, Scheme, TransportUri};

@@ -1,6 +1,17 @@
-//! Pieces every connection-oriented provider's listener shares: the queue
-//! of connections whose hello passed, and deadline-bounded reads for the
-//! hello itself.
+//! Pieces every connection-oriented provider's listener shares: the hello
+//! codec, the queue of connections whose hello passed, and
+//! deadline-bounded reads for the hello itself.
+//!
+//! Every provider's hello (tcp, shm, and the verbs side channel) has the
+//! same 16-byte little-endian header, then `len` bytes of body:
+//!
+//! ```text
+//!  0  magic     4   the provider's (CHIO tcp, CHSM shm, CHIV verbs)
+//!  4  version   2   must equal the provider's
+//!  6  kind      2   HELLO 1, ACCEPT 2, REJECT 3 (verbs adds more)
+//!  8  reserved  4   0
+//! 12  len       4   body length, at most the provider's limit
+//! ```
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
@@ -11,6 +22,123 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::FabricError;
+
+/// Size of a hello header.
+pub(crate) const HELLO_HEADER: usize = 16;
+/// The client's hello.
+pub(crate) const KIND_HELLO: u16 = 1;
+/// The listener's answer that accepts.
+pub(crate) const KIND_ACCEPT: u16 = 2;
+/// The listener's answer that refuses; the body is the reason.
+pub(crate) const KIND_REJECT: u16 = 3;
+
+/// One provider's hello: its magic, version and body limit, and the words
+/// its errors use.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HelloFormat {
+    pub magic: [u8; 4],
+    pub version: u16,
+    /// Largest body accepted.
+    pub max_body: usize,
+    /// Who sends this magic, for "not a ... peer".
+    pub peer: &'static str,
+    /// What the message is called in errors ("hello", "exchange").
+    pub what: &'static str,
+}
+
+/// A checked hello header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HelloHeader {
+    pub kind: u16,
+    pub len: usize,
+}
+
+impl HelloFormat {
+    /// A message of `kind` carrying `body`.
+    pub(crate) fn encode(&self, kind: u16, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HELLO_HEADER + body.len());
+        out.extend_from_slice(&self.magic);
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&kind.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// Checks a header: magic, version, reserved field and length, in that
+    /// order (a peer of another version may well send longer messages,
+    /// and deserves the version reason rather than a length one).
+    pub(crate) fn check(&self, header: &[u8; HELLO_HEADER]) -> Result<HelloHeader, String> {
+        let (what, max) = (self.what, self.max_body);
+        if header[0..4] != self.magic {
+            return Err(format!("bad magic {:02x?} (not a {} peer)", &header[0..4], self.peer));
+        }
+        let version = u16::from_le_bytes([header[4], header[5]]);
+        if version != self.version {
+            return Err(format!(
+                "unsupported {what} version {version} (this side speaks {})",
+                self.version
+            ));
+        }
+        let reserved = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+        if reserved != 0 {
+            return Err(format!("reserved {what} field is {reserved:#x}, not 0"));
+        }
+        let len = u32::from_le_bytes([header[12], header[13], header[14], header[15]]) as usize;
+        if len > max {
+            return Err(format!("{what} parameters too long ({len} > {max} bytes)"));
+        }
+        Ok(HelloHeader {
+            kind: u16::from_le_bytes([header[6], header[7]]),
+            len,
+        })
+    }
+
+    /// Parses a whole message that arrived as one datagram.
+    pub(crate) fn parse<'a>(&self, bytes: &'a [u8]) -> Result<(u16, &'a [u8]), String> {
+        let Some((header, body)) = bytes.split_first_chunk::<HELLO_HEADER>() else {
+            return Err(format!("truncated {} ({} bytes)", self.what, bytes.len()));
+        };
+        let h = self.check(header)?;
+        if h.len != body.len() {
+            return Err(format!(
+                "{} says {} parameter bytes but carries {}",
+                self.what,
+                h.len,
+                body.len()
+            ));
+        }
+        Ok((h.kind, body))
+    }
+
+    /// Reads and checks one message from a stream within `timeout` (a
+    /// deadline for the whole message). When only the version is wrong and
+    /// the length is within bounds, the body is read before the error
+    /// returns, so that a REJECT sent then is not destroyed by a reset for
+    /// unread data.
+    pub(crate) fn read(&self, stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), String> {
+        let deadline = Instant::now() + timeout;
+        let mut header = [0u8; HELLO_HEADER];
+        read_exact_by(stream, &mut header, &format!("{} header", self.what), deadline)?;
+        let checked = self.check(&header);
+        let len = match &checked {
+            Ok(h) => h.len,
+            Err(_) if header[0..4] == self.magic => {
+                let len = u32::from_le_bytes([header[12], header[13], header[14], header[15]]) as usize;
+                if len <= self.max_body {
+                    len
+                } else {
+                    0
+                }
+            }
+            Err(_) => 0,
+        };
+        let mut body = vec![0u8; len];
+        read_exact_by(stream, &mut body, &format!("{} parameters", self.what), deadline)?;
+        checked.map(|h| (h.kind, body))
+    }
+}
 
 /// Connections whose hello was checked, waiting for `Listener::accept`.
 pub(crate) struct AcceptQueue<T> {
@@ -126,6 +254,38 @@ pub(crate) fn read_exact_by(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FORMAT: HelloFormat = HelloFormat {
+        magic: *b"TEST",
+        version: 2,
+        max_body: 8,
+        peer: "test",
+        what: "hello",
+    };
+
+    #[test]
+    fn hellos_round_trip_and_every_header_field_is_checked() {
+        let msg = FORMAT.encode(KIND_ACCEPT, b"body");
+        assert_eq!(msg.len(), HELLO_HEADER + 4);
+        assert_eq!(FORMAT.parse(&msg), Ok((KIND_ACCEPT, &b"body"[..])));
+        let field = |at: usize, bytes: &[u8]| FORMAT.parse(&field_bytes(&msg, at, bytes)).expect_err("refused");
+        assert!(field(0, b"XXXX").starts_with("bad magic"));
+        assert!(field(4, &3u16.to_le_bytes()).starts_with("unsupported hello version 3"));
+        assert!(field(8, &1u32.to_le_bytes()).starts_with("reserved hello field"));
+        assert!(field(12, &9u32.to_le_bytes()).starts_with("hello parameters too long (9 > 8"));
+        assert!(field(12, &3u32.to_le_bytes()).contains("says 3 parameter bytes but carries 4"));
+        // The version is judged before the length.
+        let mut m = field_bytes(&msg, 4, &3u16.to_le_bytes());
+        m[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(FORMAT.parse(&m).expect_err("refused").starts_with("unsupported"));
+        assert!(FORMAT.parse(&msg[..15]).expect_err("refused").starts_with("truncated"));
+    }
+
+    fn field_bytes(msg: &[u8], at: usize, bytes: &[u8]) -> Vec<u8> {
+        let mut m = msg.to_vec();
+        m[at..at + bytes.len()].copy_from_slice(bytes);
+        m
+    }
 
     #[test]
     fn queue_offers_takes_and_closes() {

@@ -29,10 +29,11 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::cq::CompletionQueue;
+use super::responder::{self, Refusal, WriteTarget};
 use super::{flushed_recv, flushed_send};
 use super::{
     Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
-    WcOpcode, WcStatus,
+    WcStatus,
 };
 use crate::mr::{Access, ProtectionDomain};
 
@@ -522,6 +523,13 @@ fn execute(st: &mut WorldState, from: &Arc<QpCore>, wr: SendWr) {
         from.cq.push(completion(wr, status, 0));
         break_connection(st, from);
     };
+    // The peer's responder refused: the receive it failed completes there.
+    let refuse = |st: &mut WorldState, wr: SendWr, refusal: Refusal, peer: &QpCore| {
+        if let Some(receive) = refusal.receive {
+            peer.cq.push(receive);
+        }
+        fail(st, wr, refusal.status, refusal.reason);
+    };
     match wr.op {
         // Loopback never places (`QueuePair::place` says no): nothing was copied.
         SendOp::Placed { .. } => fail(
@@ -531,60 +539,35 @@ fn execute(st: &mut WorldState, from: &Arc<QpCore>, wr: SendWr) {
             "a placed Write on a provider that does not place".into(),
         ),
         SendOp::Send { ref buf, imm } => {
-            let Some(mut recv) = peer.recvs.lock().pop_front() else {
-                return fail(st, wr, WcStatus::ReceiverNotReady, "no posted receive".into());
+            let len = buf.len() as u32;
+            // The receive queue's lock is released before a refusal fails
+            // the connection (which flushes that queue).
+            let accepted = responder::accept_send(&mut peer.recvs.lock(), len);
+            let mut recv = match accepted {
+                Ok(recv) => recv,
+                Err(refusal) => return refuse(st, wr, refusal, &peer),
             };
-            if buf.len() > recv.buf.capacity() {
-                peer.cq.push(Completion {
-                    id: recv.id,
-                    status: WcStatus::LocalLengthError,
-                    opcode: WcOpcode::Recv,
-                    byte_len: buf.len() as u32,
-                    imm: None,
-                    buf: recv.buf,
-                });
-                return fail(st, wr, WcStatus::RemoteInvalidRequest, "receive too small".into());
-            }
-            let len = buf.len();
-            recv.buf.spare_capacity()[..len].copy_from_slice(buf);
-            recv.buf.set_len(len);
-            peer.cq.push(Completion {
-                id: recv.id,
-                status: WcStatus::Success,
-                opcode: WcOpcode::Recv,
-                byte_len: len as u32,
-                imm,
-                buf: recv.buf,
-            });
-            from.cq.push(completion(wr, WcStatus::Success, len as u32));
+            recv.buf.spare_capacity()[..buf.len()].copy_from_slice(buf);
+            peer.cq.push(responder::send_received(recv, len, imm));
+            from.cq.push(completion(wr, WcStatus::Success, len));
         }
         SendOp::Write { ref buf, remote, imm } => {
-            let target = peer
-                .pd
-                .remote_target(remote.rkey, remote.addr, buf.len() as u64, Access::REMOTE_WRITE);
-            let mut target = match target {
+            let len = buf.len() as u32;
+            let accepted = responder::accept_write(
+                &peer.pd,
+                &mut peer.recvs.lock(),
+                remote.rkey,
+                remote.addr,
+                len.into(),
+                imm.is_some(),
+            );
+            let WriteTarget { mut target, receive } = match accepted {
                 Ok(t) => t,
-                Err(e) => return fail(st, wr, WcStatus::RemoteAccessError, e.to_string()),
-            };
-            let recv = match imm {
-                Some(_) => match peer.recvs.lock().pop_front() {
-                    Some(r) => Some(r),
-                    None => return fail(st, wr, WcStatus::ReceiverNotReady, "no posted receive".into()),
-                },
-                None => None,
+                Err(refusal) => return refuse(st, wr, refusal, &peer),
             };
             target.as_mut_slice().copy_from_slice(buf);
-            let len = buf.len() as u32;
-            if let Some(mut recv) = recv {
-                recv.buf.set_len(0);
-                peer.cq.push(Completion {
-                    id: recv.id,
-                    status: WcStatus::Success,
-                    opcode: WcOpcode::RecvRdmaWithImm,
-                    byte_len: len,
-                    imm,
-                    buf: recv.buf,
-                });
+            if let (Some(recv), Some(imm)) = (receive, imm) {
+                peer.cq.push(responder::write_received(recv, len, imm));
             }
             from.cq.push(completion(wr, WcStatus::Success, len));
         }
@@ -597,12 +580,9 @@ fn execute(st: &mut WorldState, from: &Arc<QpCore>, wr: SendWr) {
                     "read into memory without local write".into(),
                 );
             }
-            let target = peer
-                .pd
-                .remote_target(remote.rkey, remote.addr, buf.len() as u64, Access::REMOTE_READ);
-            let target = match target {
+            let target = match responder::accept_read(&peer.pd, remote.rkey, remote.addr, buf.len() as u64) {
                 Ok(t) => t,
-                Err(e) => return fail(st, wr, WcStatus::RemoteAccessError, e.to_string()),
+                Err(refusal) => return refuse(st, wr, refusal, &peer),
             };
             let len = buf.len();
             let mut wr = wr;

@@ -45,6 +45,7 @@ mod cq;
 mod drive;
 pub(crate) mod handshake;
 pub mod loopback;
+mod responder;
 #[cfg(target_os = "linux")]
 pub mod shm;
 pub mod tcp;

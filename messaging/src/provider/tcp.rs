@@ -53,14 +53,15 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::Mutex;
 
 use super::cq::CompletionQueue;
 use super::drive::{self, Aside, Drive, Woke};
-use super::handshake::{read_exact_by, AcceptQueue, Refused};
+use super::handshake::{AcceptQueue, HelloFormat, Refused, KIND_ACCEPT, KIND_HELLO, KIND_REJECT};
+use super::responder::{self, Refusal, WriteTarget};
 use super::{
     Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
     WcOpcode, WcStatus, WrId,
@@ -77,10 +78,13 @@ pub const MAX_PARAMS: usize = 4096;
 /// Size of a frame header.
 pub const FRAME_HEADER: usize = 40;
 
-const HELLO_HEADER: usize = 16;
-const KIND_HELLO: u16 = 1;
-const KIND_ACCEPT: u16 = 2;
-const KIND_REJECT: u16 = 3;
+const HELLO: HelloFormat = HelloFormat {
+    magic: HELLO_MAGIC,
+    version: HELLO_VERSION,
+    max_body: MAX_PARAMS,
+    peer: "chanio",
+    what: "hello",
+};
 
 const OP_SEND: u8 = 1;
 const OP_SEND_IMM: u8 = 2;
@@ -97,9 +101,9 @@ const ACK_EVERY: u64 = 64;
 /// Pumps that read nothing an acknowledgement waits through for a ride.
 const ACK_IDLE_PUMPS: u32 = 16;
 /// Bytes read ahead between frames (headers and small payloads).
-const READ_AHEAD: usize = 16 * 1024;
+pub(crate) const READ_AHEAD: usize = 16 * 1024;
 const STAGING: usize = 64 * 1024;
-const MAX_IOVECS: usize = 64;
+pub(crate) const MAX_IOVECS: usize = 64;
 const SOCKET: Token = Token(0);
 const WAKE: Token = Token(1);
 
@@ -265,45 +269,13 @@ impl Fabric for TcpFabric {
 }
 
 fn hello_bytes(kind: u16, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HELLO_HEADER + body.len());
-    out.extend_from_slice(&HELLO_MAGIC);
-    out.extend_from_slice(&HELLO_VERSION.to_le_bytes());
-    out.extend_from_slice(&kind.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(body);
-    out
+    HELLO.encode(kind, body)
 }
 
-/// Reads and validates one hello message within `timeout` (a deadline for
-/// the whole hello, not per read); the error is a reason for logs. The body
-/// is read before the version is judged, so that a reject sent after a
-/// version mismatch is not destroyed by a reset for unread data.
+/// Reads and validates one hello message within `timeout`; the error is a
+/// reason for logs.
 fn read_hello(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), String> {
-    let deadline = Instant::now() + timeout;
-    let mut header = [0u8; HELLO_HEADER];
-    read_exact_by(stream, &mut header, "hello header", deadline)?;
-    if header[0..4] != HELLO_MAGIC {
-        return Err(format!("bad magic {:02x?} (not a chanio peer)", &header[0..4]));
-    }
-    let len = u32::from_le_bytes([header[12], header[13], header[14], header[15]]) as usize;
-    if len > MAX_PARAMS {
-        return Err(format!("hello parameters too long ({len} > {MAX_PARAMS} bytes)"));
-    }
-    let mut body = vec![0u8; len];
-    read_exact_by(stream, &mut body, "hello parameters", deadline)?;
-    let version = u16::from_le_bytes([header[4], header[5]]);
-    if version != HELLO_VERSION {
-        return Err(format!(
-            "unsupported hello version {version} (this side speaks {HELLO_VERSION})"
-        ));
-    }
-    let kind = u16::from_le_bytes([header[6], header[7]]);
-    let reserved = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-    if reserved != 0 {
-        return Err(format!("reserved hello field is {reserved:#x}, not 0"));
-    }
-    Ok((kind, body))
+    HELLO.read(stream, timeout)
 }
 
 // ---------------------------------------------------------------------------
@@ -328,7 +300,7 @@ impl std::fmt::Debug for TcpListener {
     }
 }
 
-const MAX_PENDING: usize = 128;
+pub(crate) const MAX_PENDING: usize = 128;
 /// Most connections whose hello is still being read.
 const MAX_HANDSHAKES: usize = 64;
 
@@ -1364,10 +1336,13 @@ impl Rx {
         Ok(())
     }
 
-    fn nak(psn: u64, status: WcStatus, reason: String) -> Fatal {
+    /// The responder refused request `psn`: the receive it failed (if
+    /// any) completes here, and the peer gets the NAK.
+    fn refuse(&mut self, psn: u64, refusal: Refusal) -> Fatal {
+        self.completions.extend(refusal.receive);
         Fatal {
-            reason,
-            nak: Some((psn, status)),
+            reason: refusal.reason,
+            nak: Some((psn, refusal.status)),
             violation: true,
         }
     }
@@ -1383,76 +1358,32 @@ impl Rx {
         match header.opcode {
             OP_SEND | OP_SEND_IMM => {
                 self.check_psn(&header)?;
-                let wr = sh.recvs.lock().pop_front();
-                let Some(wr) = wr else {
-                    return Err(Self::nak(
-                        header.psn,
-                        WcStatus::ReceiverNotReady,
-                        "Send found no posted receive".into(),
-                    ));
-                };
-                if header.len as usize > wr.buf.capacity() {
-                    let reason = format!("Send of {} bytes into a {}-byte receive", header.len, wr.buf.capacity());
-                    self.completions.push(Completion {
-                        id: wr.id,
-                        status: WcStatus::LocalLengthError,
-                        opcode: WcOpcode::Recv,
-                        byte_len: header.len,
-                        imm: None,
-                        buf: wr.buf,
-                    });
-                    return Err(Self::nak(header.psn, WcStatus::RemoteInvalidRequest, reason));
-                }
+                let accepted = responder::accept_send(&mut sh.recvs.lock(), header.len);
+                let wr = accepted.map_err(|r| self.refuse(header.psn, r))?;
                 self.sink = Sink::Recv { wr, header, filled: 0 };
             }
             OP_WRITE | OP_WRITE_IMM => {
                 self.check_psn(&header)?;
-                let target = sh
-                    .fabric
-                    .pd
-                    .remote_target(RKey(header.rkey), header.addr, header.len.into(), Access::REMOTE_WRITE)
-                    .map_err(|e| {
-                        Self::nak(
-                            header.psn,
-                            WcStatus::RemoteAccessError,
-                            format!("RDMA Write refused: {e}"),
-                        )
-                    })?;
-                let recv = if header.opcode == OP_WRITE_IMM {
-                    let wr = sh.recvs.lock().pop_front();
-                    match wr {
-                        Some(wr) => Some(wr),
-                        None => {
-                            return Err(Self::nak(
-                                header.psn,
-                                WcStatus::ReceiverNotReady,
-                                "Write with immediate found no posted receive".into(),
-                            ))
-                        }
-                    }
-                } else {
-                    None
-                };
+                let accepted = responder::accept_write(
+                    &sh.fabric.pd,
+                    &mut sh.recvs.lock(),
+                    RKey(header.rkey),
+                    header.addr,
+                    header.len.into(),
+                    header.opcode == OP_WRITE_IMM,
+                );
+                let WriteTarget { target, receive } = accepted.map_err(|r| self.refuse(header.psn, r))?;
                 self.sink = Sink::Remote {
                     target,
-                    recv,
+                    recv: receive,
                     header,
                     filled: 0,
                 };
             }
             OP_READ_REQ => {
                 self.check_psn(&header)?;
-                let target = sh
-                    .fabric
-                    .pd
-                    .remote_target(RKey(header.rkey), header.addr, header.len.into(), Access::REMOTE_READ)
-                    .map_err(|e| {
-                        Self::nak(
-                            header.psn,
-                            WcStatus::RemoteAccessError,
-                            format!("RDMA Read refused: {e}"),
-                        )
-                    })?;
+                let target = responder::accept_read(&sh.fabric.pd, RKey(header.rkey), header.addr, header.len.into())
+                    .map_err(|r| self.refuse(header.psn, r))?;
                 // The response acks everything before it; drop a pending ACK for those.
                 if self.ack_due.is_some_and(|p| p < header.psn) {
                     self.ack_due = None;
@@ -1551,29 +1482,15 @@ impl Rx {
     fn finish_sink(&mut self) {
         match std::mem::replace(&mut self.sink, Sink::Idle) {
             Sink::Idle => {}
-            Sink::Recv { mut wr, header, .. } => {
-                wr.buf.set_len(header.len as usize);
-                self.completions.push(Completion {
-                    id: wr.id,
-                    status: WcStatus::Success,
-                    opcode: WcOpcode::Recv,
-                    byte_len: header.len,
-                    imm: (header.opcode == OP_SEND_IMM).then_some(header.imm),
-                    buf: wr.buf,
-                });
+            Sink::Recv { wr, header, .. } => {
+                let imm = (header.opcode == OP_SEND_IMM).then_some(header.imm);
+                self.completions.push(responder::send_received(wr, header.len, imm));
                 self.ack_due = Some(header.psn);
             }
             Sink::Remote { recv, header, .. } => {
-                if let Some(mut wr) = recv {
-                    wr.buf.set_len(0);
-                    self.completions.push(Completion {
-                        id: wr.id,
-                        status: WcStatus::Success,
-                        opcode: WcOpcode::RecvRdmaWithImm,
-                        byte_len: header.len,
-                        imm: Some(header.imm),
-                        buf: wr.buf,
-                    });
+                if let Some(wr) = recv {
+                    self.completions
+                        .push(responder::write_received(wr, header.len, header.imm));
                 }
                 self.ack_due = Some(header.psn);
             }

@@ -74,6 +74,8 @@ use self::ring::{Entry, Gate, Ring, MAX_INLINE, RING_BYTES, RING_ENTRIES};
 use self::sys::{Mapping, Socket};
 use super::cq::CompletionQueue;
 use super::drive::{self, Aside, Drive, Woke};
+use super::handshake::{HelloFormat, HELLO_HEADER, KIND_ACCEPT, KIND_HELLO, KIND_REJECT};
+use super::responder::{self, Refusal, WriteTarget};
 use super::{
     Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, RemoteAddr, SendOp,
     SendWr, WcOpcode, WcStatus,
@@ -89,10 +91,13 @@ pub const HELLO_VERSION: u16 = 3;
 /// Largest parameter block accepted in a hello.
 pub const MAX_PARAMS: usize = 4096;
 
-const HELLO_HEADER: usize = 16;
-const KIND_HELLO: u16 = 1;
-const KIND_ACCEPT: u16 = 2;
-const KIND_REJECT: u16 = 3;
+const HELLO: HelloFormat = HelloFormat {
+    magic: HELLO_MAGIC,
+    version: HELLO_VERSION,
+    max_body: MAX_PARAMS,
+    peer: "chanio shm",
+    what: "hello",
+};
 
 const OP_SEND: u8 = 1;
 const OP_SEND_IMM: u8 = 2;
@@ -349,50 +354,15 @@ impl Fabric for ShmFabric {
 }
 
 fn hello_bytes(kind: u16, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HELLO_HEADER + body.len());
-    out.extend_from_slice(&HELLO_MAGIC);
-    out.extend_from_slice(&HELLO_VERSION.to_le_bytes());
-    out.extend_from_slice(&kind.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(body);
-    out
+    HELLO.encode(kind, body)
 }
 
-/// Validates one hello message: magic, version, reserved field, length.
+/// Validates one hello message (one datagram, without its descriptors).
 fn parse_hello(msg: &sys::Message) -> Result<(u16, Vec<u8>), String> {
     if msg.truncated {
         return Err("hello message too long (or too many descriptors)".into());
     }
-    let b = &msg.bytes;
-    if b.len() < HELLO_HEADER {
-        return Err(format!("truncated hello ({} bytes)", b.len()));
-    }
-    if b[0..4] != HELLO_MAGIC {
-        return Err(format!("bad magic {:02x?} (not a chanio shm peer)", &b[0..4]));
-    }
-    let version = u16::from_le_bytes([b[4], b[5]]);
-    if version != HELLO_VERSION {
-        return Err(format!(
-            "unsupported hello version {version} (this side speaks {HELLO_VERSION})"
-        ));
-    }
-    let kind = u16::from_le_bytes([b[6], b[7]]);
-    let reserved = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-    if reserved != 0 {
-        return Err(format!("reserved hello field is {reserved:#x}, not 0"));
-    }
-    let len = u32::from_le_bytes([b[12], b[13], b[14], b[15]]) as usize;
-    if len > MAX_PARAMS {
-        return Err(format!("hello parameters too long ({len} > {MAX_PARAMS} bytes)"));
-    }
-    if len != b.len() - HELLO_HEADER {
-        return Err(format!(
-            "hello says {len} parameter bytes but carries {}",
-            b.len() - HELLO_HEADER
-        ));
-    }
-    Ok((kind, b[HELLO_HEADER..].to_vec()))
+    HELLO.parse(&msg.bytes).map(|(kind, body)| (kind, body.to_vec()))
 }
 
 // ---------------------------------------------------------------------------
@@ -1323,6 +1293,13 @@ fn nak(psn: u64, status: WcStatus, reason: impl Into<String>) -> Fatal {
     }
 }
 
+/// The responder refused request `psn`: the receive it failed (if any)
+/// completes, and the peer gets the NAK.
+fn refuse(psn: u64, refusal: Refusal, completions: &mut Vec<Completion>) -> Fatal {
+    completions.extend(refusal.receive);
+    nak(psn, refusal.status, refusal.reason)
+}
+
 /// The progress thread's own state: its incoming ring and the peer's memfds.
 struct Progress {
     rx: Ring,
@@ -1585,43 +1562,22 @@ impl Progress {
         let offset = usize::try_from(e.offset).map_err(|_| violation("offset out of range"))?;
         match e.opcode {
             OP_SEND | OP_SEND_IMM => {
-                let Some(mut wr) = st.recvs.pop_front() else {
-                    return Err(nak(e.psn, WcStatus::ReceiverNotReady, "Send found no posted receive"));
-                };
-                if len > wr.buf.capacity() {
-                    let reason = format!("Send of {len} bytes into a {}-byte receive", wr.buf.capacity());
-                    completions.push(Completion {
-                        id: wr.id,
-                        status: WcStatus::LocalLengthError,
-                        opcode: WcOpcode::Recv,
-                        byte_len: e.len,
-                        imm: None,
-                        buf: wr.buf,
-                    });
-                    return Err(nak(e.psn, WcStatus::RemoteInvalidRequest, reason));
-                }
+                let mut wr = responder::accept_send(&mut st.recvs, e.len).map_err(|r| refuse(e.psn, r, completions))?;
                 if e.inline {
                     self.rx.inline_data(e, &mut wr.buf.spare_capacity()[..len]);
                 } else {
                     if let Err(fatal) = self.ensure_mapped(sh, e.serial) {
-                        st.recvs.push_front(wr);
+                        responder::put_back(&mut st.recvs, Some(wr));
                         return Err(fatal);
                     }
                     let map = &self.maps[&e.serial];
                     if !map.read_into(offset, &mut wr.buf.spare_capacity()[..len]) {
-                        st.recvs.push_front(wr);
+                        responder::put_back(&mut st.recvs, Some(wr));
                         return Err(violation("Send source outside its memfd"));
                     }
                 }
-                wr.buf.set_len(len);
-                completions.push(Completion {
-                    id: wr.id,
-                    status: WcStatus::Success,
-                    opcode: WcOpcode::Recv,
-                    byte_len: e.len,
-                    imm: (e.opcode == OP_SEND_IMM).then_some(e.imm),
-                    buf: wr.buf,
-                });
+                let imm = (e.opcode == OP_SEND_IMM).then_some(e.imm);
+                completions.push(responder::send_received(wr, e.len, imm));
             }
             OP_WRITE | OP_WRITE_IMM => {
                 if e.placed && !st.granted.contains_key(&e.rkey) {
@@ -1635,12 +1591,20 @@ impl Progress {
                 // a Write into a deregistered region gets), and must have
                 // gone into the memfd of the region the key names now (a
                 // key reused after its region died names another one).
-                let mut target = sh
-                    .fabric
-                    .pd
-                    .remote_target(RKey(e.rkey), e.addr, len as u64, Access::REMOTE_WRITE)
-                    .map_err(|err| nak(e.psn, WcStatus::RemoteAccessError, format!("RDMA Write refused: {err}")))?;
+                let accepted = responder::accept_write(
+                    &sh.fabric.pd,
+                    &mut st.recvs,
+                    RKey(e.rkey),
+                    e.addr,
+                    len as u64,
+                    e.opcode == OP_WRITE_IMM,
+                );
+                let WriteTarget {
+                    mut target,
+                    receive: recv,
+                } = accepted.map_err(|r| refuse(e.psn, r, completions))?;
                 if e.placed && target.region_allocation().map(|(serial, _, _)| serial) != Some(e.serial) {
+                    responder::put_back(&mut st.recvs, recv);
                     return Err(nak(
                         e.psn,
                         WcStatus::RemoteAccessError,
@@ -1650,57 +1614,30 @@ impl Progress {
                         ),
                     ));
                 }
-                let recv = if e.opcode == OP_WRITE_IMM {
-                    match st.recvs.pop_front() {
-                        Some(wr) => Some(wr),
-                        None => {
-                            return Err(nak(
-                                e.psn,
-                                WcStatus::ReceiverNotReady,
-                                "Write with immediate found no posted receive",
-                            ))
-                        }
-                    }
-                } else {
-                    None
-                };
                 if !e.placed {
                     let copied = match self.ensure_mapped(sh, e.serial) {
                         Ok(()) => self.maps[&e.serial].read_into(offset, target.as_mut_slice()),
                         Err(fatal) => {
-                            st.recvs.extend(recv);
+                            responder::put_back(&mut st.recvs, recv);
                             return Err(fatal);
                         }
                     };
                     if !copied {
-                        if let Some(wr) = recv {
-                            st.recvs.push_front(wr);
-                        }
+                        responder::put_back(&mut st.recvs, recv);
                         return Err(violation("Write source outside its memfd"));
                     }
                     if let Err(reason) = self.grant(sh, st, e.rkey, &target) {
-                        st.recvs.extend(recv);
+                        responder::put_back(&mut st.recvs, recv);
                         return Err(violation(reason));
                     }
                 }
-                if let Some(mut wr) = recv {
-                    wr.buf.set_len(0);
-                    completions.push(Completion {
-                        id: wr.id,
-                        status: WcStatus::Success,
-                        opcode: WcOpcode::RecvRdmaWithImm,
-                        byte_len: e.len,
-                        imm: Some(e.imm),
-                        buf: wr.buf,
-                    });
+                if let Some(wr) = recv {
+                    completions.push(responder::write_received(wr, e.len, e.imm));
                 }
             }
             _ => {
-                let target = sh
-                    .fabric
-                    .pd
-                    .remote_target(RKey(e.rkey), e.addr, len as u64, Access::REMOTE_READ)
-                    .map_err(|err| nak(e.psn, WcStatus::RemoteAccessError, format!("RDMA Read refused: {err}")))?;
+                let target = responder::accept_read(&sh.fabric.pd, RKey(e.rkey), e.addr, len as u64)
+                    .map_err(|r| refuse(e.psn, r, completions))?;
                 self.ensure_mapped(sh, e.serial)?;
                 if !self.maps[&e.serial].write_from(offset, target.as_slice()) {
                     return Err(violation("Read destination outside its memfd"));

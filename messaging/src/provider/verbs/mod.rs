@@ -77,7 +77,7 @@ use super::{Capabilities, Fabric, FabricError, Incoming, Listener, QueuePair, Re
 use crate::mr::{ProtectionDomain, Registrar};
 
 mod device;
-mod oob;
+pub(crate) mod oob;
 pub mod qp;
 
 use device::{Context, Endpoint, OpenSpec, Pd, WakeFd};

@@ -30,10 +30,10 @@
 
 use std::io::{self, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::device::{Endpoint, GidType};
-use crate::provider::handshake::read_exact_by;
+use crate::provider::handshake::HelloFormat;
 
 /// Magic of the verbs exchange ("chanio verbs").
 pub const MAGIC: [u8; 4] = *b"CHIV";
@@ -42,25 +42,23 @@ pub const VERSION: u16 = 1;
 /// Largest parameter block accepted.
 pub const MAX_PARAMS: usize = 4096;
 
-pub(super) const KIND_HELLO: u16 = 1;
-pub(super) const KIND_ACCEPT: u16 = 2;
-pub(super) const KIND_REJECT: u16 = 3;
+pub(super) use crate::provider::handshake::{KIND_ACCEPT, KIND_HELLO, KIND_REJECT};
 pub(super) const KIND_READY: u16 = 4;
 pub(super) const KIND_DISCONNECT: u16 = 5;
 
-const HEADER: usize = 16;
 const ENDPOINT: usize = 32;
+
+const EXCHANGE: HelloFormat = HelloFormat {
+    magic: MAGIC,
+    version: VERSION,
+    max_body: ENDPOINT + MAX_PARAMS,
+    peer: "chanio verbs",
+    what: "exchange",
+};
 
 /// Encodes one message.
 pub(super) fn message(kind: u16, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + body.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&kind.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(body);
-    out
+    EXCHANGE.encode(kind, body)
 }
 
 /// A HELLO or ACCEPT body: the endpoint, then the parameters.
@@ -144,30 +142,7 @@ pub(super) fn parse_endpoint(body: &[u8]) -> Result<(Endpoint, Vec<u8>), String>
 /// Reads one message within `timeout` (for the whole message); the error
 /// is a reason for logs.
 pub(super) fn read_message(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), String> {
-    let deadline = Instant::now() + timeout;
-    let mut header = [0u8; HEADER];
-    read_exact_by(stream, &mut header, "exchange header", deadline)?;
-    if header[0..4] != MAGIC {
-        return Err(format!("bad magic {:02x?} (not a chanio verbs peer)", &header[0..4]));
-    }
-    // The version first: another version may well allow longer messages,
-    // and its peer deserves the version reason rather than a length one.
-    let version = u16::from_le_bytes([header[4], header[5]]);
-    if version != VERSION {
-        return Err(format!(
-            "unsupported exchange version {version} (this side speaks {VERSION})"
-        ));
-    }
-    let len = u32::from_le_bytes([header[12], header[13], header[14], header[15]]) as usize;
-    if len > MAX_PARAMS + ENDPOINT {
-        return Err(format!("exchange message too long ({len} bytes)"));
-    }
-    let mut body = vec![0u8; len];
-    read_exact_by(stream, &mut body, "exchange body", deadline)?;
-    if header[8..12] != [0; 4] {
-        return Err("reserved header field is not 0".into());
-    }
-    Ok((u16::from_le_bytes([header[6], header[7]]), body))
+    EXCHANGE.read(stream, timeout)
 }
 
 /// Writes one message (blocking socket).
