@@ -139,6 +139,8 @@ struct Inner {
     hostnqn: Nqn,
     subnqn: Nqn,
     fabrics: Arc<Fabrics>,
+    /// The host's own protection domain (a child of the fabric's), shared
+    /// by its queues: its I/O unit reaches these buffers and nothing else.
     domain: ProtectionDomain,
     cache: BufCache,
     timer: Timer,
@@ -241,7 +243,7 @@ impl Host {
                 reason: e.to_string(),
             })?
             .domain()
-            .clone();
+            .child()?;
         let timer = Timer::start().map_err(|source| HostError::Thread {
             name: "chanio-host-timer".into(),
             source,
@@ -553,6 +555,7 @@ impl Inner {
             })?;
         let mut params = QueueParams {
             fabric,
+            domain: &self.domain,
             addr: &self.resolved.addr,
             depth: ADMIN_QUEUE_DEPTH,
             kato_ms: self.opts.kato_ms(),

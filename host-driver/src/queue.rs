@@ -87,6 +87,8 @@ pub(crate) enum ExecError {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct QueueParams<'a> {
     pub(crate) fabric: &'a dyn Fabric,
+    /// The host's protection domain on that fabric, shared by its queues.
+    pub(crate) domain: &'a ProtectionDomain,
     pub(crate) addr: &'a str,
     pub(crate) depth: u16,
     pub(crate) kato_ms: u32,
@@ -204,6 +206,7 @@ impl Queue {
     pub(crate) fn connect(p: &QueueParams<'_>, qid: u16) -> Result<(Arc<Queue>, u16), HostError> {
         let QueueParams {
             fabric,
+            domain,
             addr,
             depth,
             kato_ms,
@@ -211,7 +214,7 @@ impl Queue {
             timeout,
             generation,
         } = *p;
-        let ep = Endpoint::connect(fabric, addr, transport::host_channel(depth))?;
+        let ep = Endpoint::connect_in(fabric, domain, addr, transport::host_channel(depth))?;
         let result = connect_exchange(&ep, qid, depth, kato_ms, data, timeout);
         match result {
             Ok(cntlid) => Ok((
@@ -220,7 +223,7 @@ impl Queue {
                     generation,
                     ep,
                     depth: usize::from(depth),
-                    domain: fabric.domain().clone(),
+                    domain: domain.clone(),
                     submit: AsyncLock::default(),
                     pushes: Mutex::new(VecDeque::new()),
                     push_pool: Mutex::new(None),

@@ -11,7 +11,6 @@ use iounit::target::{Target, TargetConfig, DEFAULT_NQN};
 use iounit::transport;
 use messaging::mr::{Access, Buf};
 use messaging::provider::tcp::TcpFabric;
-use messaging::provider::Fabric;
 use messaging::{Endpoint, ReceivedKind};
 
 const LONG: Duration = Duration::from_secs(20);
@@ -88,7 +87,7 @@ impl RawHost {
     /// and a flagged push returns without a response capsule (`None`).
     fn fetch_as(&mut self, mut sqe: Sqe, len: usize, by_data: bool) -> (Option<Cqe>, Option<Buf>) {
         let pool = self
-            .fabric
+            .ep
             .domain()
             .register(len, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
             .unwrap();

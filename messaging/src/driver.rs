@@ -152,17 +152,37 @@ const STAGING_BUFFERS: usize = 8;
 const POLL_BATCH: usize = 64;
 
 impl Endpoint {
-    /// Connects to `addr` on `fabric` with `cfg`.
+    /// Connects to `addr` on `fabric` with `cfg`, in a protection domain
+    /// of the channel's own (a [`child`](crate::mr::ProtectionDomain::child)
+    /// of the fabric's): the peer reaches only what is registered in
+    /// [`Endpoint::domain`].
     ///
     /// # Errors
     /// Fabric errors (address, refused, handshake), protocol set-up errors.
     pub fn connect(fabric: &dyn Fabric, addr: &str, cfg: Config) -> Result<Endpoint, Error> {
-        let mut conn = Connection::new(fabric.domain(), cfg)?;
+        let domain = fabric.domain().child().map_err(ProtoError::Register)?;
+        Endpoint::connect_in(fabric, &domain, addr, cfg)
+    }
+
+    /// As [`Endpoint::connect`], in `domain`: the fabric's domain or a
+    /// child of it that several channels share (a host's queues to one
+    /// I/O unit, which all reach the same buffers).
+    ///
+    /// # Errors
+    /// As [`Endpoint::connect`]; `ForeignDomain` for a domain not made
+    /// from the fabric's.
+    pub fn connect_in(
+        fabric: &dyn Fabric,
+        domain: &crate::mr::ProtectionDomain,
+        addr: &str,
+        cfg: Config,
+    ) -> Result<Endpoint, Error> {
+        let mut conn = Connection::new(domain, cfg)?;
         let params = conn.local_params();
-        let qp = fabric.connect(addr, &params, conn.initial_recvs())?;
+        let qp = fabric.connect(addr, domain, &params, conn.initial_recvs())?;
         let fabric = FabricRef {
             name: fabric.name(),
-            domain: fabric.domain().clone(),
+            domain: domain.clone(),
         };
         Endpoint::start_on(&fabric, conn, qp)
     }
@@ -185,8 +205,10 @@ impl Endpoint {
     }
 
     /// Accepts a connection request already taken from a listener, on the
-    /// fabric it arrived on (what a listener over several fabrics needs). A
-    /// peer whose parameters are refused is rejected with the reason.
+    /// fabric it arrived on (what a listener over several fabrics needs),
+    /// in a protection domain of the channel's own, as
+    /// [`Endpoint::connect`] does. A peer whose parameters are refused is
+    /// rejected with the reason.
     ///
     /// # Errors
     /// Protocol set-up errors, transport errors while answering.
@@ -196,7 +218,15 @@ impl Endpoint {
             incoming.reject(&e.to_string());
             return Err(Error::Proto(ProtoError::BadParams(e)));
         }
-        let mut conn = match Connection::new(incoming.fabric().domain(), cfg) {
+        let domain = match incoming.fabric().domain().child() {
+            Ok(domain) => domain,
+            Err(e) => {
+                tracing::error!(peer = %incoming.peer_addr(), "refusing connection: no protection domain: {e}");
+                incoming.reject(&format!("the server cannot set up a connection: {e}"));
+                return Err(ProtoError::Register(e).into());
+            }
+        };
+        let mut conn = match Connection::new(&domain, cfg) {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::error!(peer = %incoming.peer_addr(), "refusing connection: {e}");
@@ -212,9 +242,9 @@ impl Endpoint {
         let params = conn.local_params();
         let fabric = FabricRef {
             name: incoming.fabric().name(),
-            domain: incoming.fabric().domain().clone(),
+            domain: domain.clone(),
         };
-        let qp = incoming.accept(&params, conn.initial_recvs())?;
+        let qp = incoming.accept(&domain, &params, conn.initial_recvs())?;
         Endpoint::start_on(&fabric, conn, qp)
     }
 
@@ -274,8 +304,9 @@ impl Endpoint {
         self.shared.fabric
     }
 
-    /// The protection domain of the fabric this channel runs on: register
-    /// buffers to push or expose on this channel here.
+    /// The channel's protection domain: register buffers to expose on this
+    /// channel here (the peer reaches nothing else). Buffers to send or
+    /// push from may also come from the fabric's domain.
     pub fn domain(&self) -> &crate::mr::ProtectionDomain {
         &self.shared.domain
     }
@@ -523,12 +554,19 @@ impl Endpoint {
         self.staging_buf(&[], None)
     }
 
-    /// Exposes a buffer (registered with local and remote write) for the
-    /// peer to push into directly; send the returned target to the peer.
+    /// Exposes a buffer (registered with local and remote write in
+    /// [`Endpoint::domain`]) for the peer to push into directly; send the
+    /// returned target to the peer.
     ///
     /// # Errors
-    /// `BadBuffer` (with the buffer dropped) if it lacks remote write.
+    /// `BadBuffer` (with the buffer dropped) if it lacks remote write or
+    /// was registered in another domain (the peer could not reach it).
     pub fn expose(&self, buf: Buf) -> Result<DirectTarget, Error> {
+        if !self.shared.domain.holds(&buf) {
+            return Err(Error::BadBuffer(
+                "an exposed buffer must be registered in the channel's domain (Endpoint::domain)",
+            ));
+        }
         self.shared
             .inner
             .lock()

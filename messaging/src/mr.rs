@@ -48,11 +48,12 @@
 
 use crate::intmap::IntMap;
 use std::alloc::{self, Layout};
+use std::collections::hash_map::RandomState;
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::BuildHasher;
 use std::ops::{BitOr, Deref, DerefMut};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
@@ -251,6 +252,21 @@ pub unsafe trait Registrar: Send + Sync {
     /// [`MrError::Deregister`] when the device may still reach the memory;
     /// the caller then must never free it.
     unsafe fn deregister(&self, handle: u64) -> Result<(), MrError>;
+
+    /// A registrar of a new protection domain on the same device, for
+    /// [`ProtectionDomain::child`]: the child's regions are then reachable
+    /// only on queue pairs of that device domain. `Ok(None)`, the default,
+    /// where the device has one domain that children share.
+    ///
+    /// # Errors
+    /// [`MrError::Device`] when the device refuses a new domain.
+    fn new_domain(&self) -> Result<Option<Arc<dyn Registrar>>, MrError> {
+        Ok(None)
+    }
+
+    /// This registrar as `Any`, so that the provider that made it can find
+    /// its device domain behind a [`ProtectionDomain`].
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }
 
 /// A hook that provides the memory of a domain's registrations, for
@@ -301,25 +317,32 @@ pub enum RemoteAccessError {
 }
 
 /// A protection domain: the set of registrations that peers may reach by
-/// remote key. Each fabric instance owns one; clones share it.
+/// remote key. Each fabric instance owns one, and each connection gets a
+/// [`child`](ProtectionDomain::child) of it, so that a peer reaches only
+/// what was registered for its own connection; clones share a domain.
 #[derive(Clone)]
 pub struct ProtectionDomain {
     inner: Arc<PdInner>,
 }
 
 struct PdInner {
-    next_key: AtomicU32,
+    /// Software keys are a keyed hash of this counter (SipHash under a
+    /// secret random key): unpredictable to a peer that saw other keys.
+    key_counter: AtomicU64,
+    key_hash: RandomState,
     /// Every live registration by local key, which is unique in a domain
     /// (a device may give many local-only regions one remote key: rxe gives
     /// them 0). Software domains give a region equal keys.
     regions: RwLock<IntMap<u32, Weak<Region>>>,
     registrar: Option<Arc<dyn Registrar>>,
     allocator: Option<Arc<dyn RegionAllocator>>,
+    /// The domain this one was made from by `child`.
+    parent: Option<Arc<PdInner>>,
 }
 
 impl ProtectionDomain {
-    /// Creates an empty domain. Keys start at a random point so that a stale
-    /// key from an earlier process is unlikely to name a live region.
+    /// Creates an empty domain. Its keys are random, so that neither a
+    /// peer nor a stale key from an earlier process can name a region.
     pub fn new() -> ProtectionDomain {
         ProtectionDomain::build(None)
     }
@@ -342,15 +365,63 @@ impl ProtectionDomain {
     }
 
     fn build(registrar: Option<Arc<dyn Registrar>>) -> ProtectionDomain {
-        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish() as u32;
         ProtectionDomain {
             inner: Arc::new(PdInner {
-                next_key: AtomicU32::new(seed | 1),
+                key_counter: AtomicU64::new(0),
+                key_hash: RandomState::new(),
                 regions: RwLock::new(IntMap::default()),
                 registrar,
                 allocator: None,
+                parent: None,
             }),
         }
+    }
+
+    /// A new, empty domain for one connection (or one host controller):
+    /// its memory comes from where this domain's does (the heap, the shm
+    /// provider's memfds, the device), but its registrations are reached
+    /// only through it. A remote key of any other domain, this one
+    /// included, is a remote access error on the child's queue pairs, as a
+    /// NIC refuses a key of another protection domain. Buffers of this
+    /// domain stay usable locally there (posted, sent from): the child
+    /// [`owns`](ProtectionDomain::owns) them.
+    ///
+    /// On a device that gives each domain its own device protection domain
+    /// ([`Registrar::new_domain`]) the child gets one, and only the child's
+    /// own buffers can be used on its queue pairs.
+    ///
+    /// # Errors
+    /// The device's error when it refuses a new domain.
+    pub fn child(&self) -> Result<ProtectionDomain, MrError> {
+        let registrar = match &self.inner.registrar {
+            Some(r) => Some(r.new_domain()?.unwrap_or_else(|| r.clone())),
+            None => None,
+        };
+        Ok(ProtectionDomain {
+            inner: Arc::new(PdInner {
+                key_counter: AtomicU64::new(0),
+                key_hash: RandomState::new(),
+                regions: RwLock::new(IntMap::default()),
+                registrar,
+                allocator: self.inner.allocator.clone(),
+                parent: Some(self.inner.clone()),
+            }),
+        })
+    }
+
+    /// The device registrar of this domain, if it has one.
+    pub fn registrar(&self) -> Option<&Arc<dyn Registrar>> {
+        self.inner.registrar.as_ref()
+    }
+
+    /// Whether this domain is `other` or was made from it by `child`.
+    pub fn is_within(&self, other: &ProtectionDomain) -> bool {
+        self.lineage().any(|pd| std::ptr::eq(pd, Arc::as_ptr(&other.inner)))
+    }
+
+    /// This domain, then the ones it was made from.
+    fn lineage(&self) -> impl Iterator<Item = *const PdInner> + '_ {
+        std::iter::successors(Some(&self.inner), |pd| pd.parent.as_ref()).map(Arc::as_ptr)
     }
 
     /// Registers `count` chunks of `chunk_size` bytes (zeroed, page-aligned)
@@ -398,7 +469,8 @@ impl ProtectionDomain {
             }
             None => {
                 let key = loop {
-                    let k = self.inner.next_key.fetch_add(1, Ordering::Relaxed);
+                    let n = self.inner.key_counter.fetch_add(1, Ordering::Relaxed);
+                    let k = self.inner.key_hash.hash_one(n) as u32;
                     if k != 0 && !self.inner.regions.read().contains_key(&k) {
                         break k;
                     }
@@ -466,9 +538,22 @@ impl ProtectionDomain {
         })
     }
 
-    /// Whether `buf` is registered in this domain (the check a device makes
-    /// of a local key before it reads or writes a work request's buffer).
+    /// Whether `buf` may be used in this domain's work requests (the check
+    /// a device makes of a local key before it reads or writes a work
+    /// request's buffer): it is registered here, or in a domain this one
+    /// was made from that shares its device domain.
     pub fn owns(&self, buf: &Buf) -> bool {
+        let region_pd = buf.region.pd.as_ptr();
+        let device = |r: &Option<Arc<dyn Registrar>>| r.as_ref().map(|r| Arc::as_ptr(r).cast::<()>());
+        let mine = device(&self.inner.registrar);
+        std::iter::successors(Some(&self.inner), |pd| pd.parent.as_ref())
+            .take_while(|pd| device(&pd.registrar) == mine)
+            .any(|pd| std::ptr::eq(Arc::as_ptr(pd), region_pd))
+    }
+
+    /// Whether `buf` is registered in this very domain: only then can a
+    /// peer of this domain's queue pairs reach it by remote key.
+    pub fn holds(&self, buf: &Buf) -> bool {
         std::ptr::eq(buf.region.pd.as_ptr(), Arc::as_ptr(&self.inner))
     }
 
@@ -848,8 +933,49 @@ impl fmt::Debug for RemoteTarget {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::sync::atomic::AtomicU32;
 
     use super::*;
+
+    #[test]
+    fn a_child_reaches_only_its_own_registrations() {
+        let fabric = ProtectionDomain::new();
+        let (a, b) = (fabric.child().unwrap(), fabric.child().unwrap());
+        let rights = Access::LOCAL_WRITE | Access::REMOTE_WRITE | Access::REMOTE_READ;
+        let in_a = a.register(4096, 1, rights).unwrap();
+        let in_fabric = fabric.register(4096, 1, rights).unwrap();
+        for pool in [&in_a, &in_fabric] {
+            let r = pool.remote();
+            assert!(matches!(
+                b.remote_target(r.rkey, r.addr, 1, Access::REMOTE_WRITE),
+                Err(RemoteAccessError::BadKey(_))
+            ));
+        }
+        let r = in_a.remote();
+        assert!(a.remote_target(r.rkey, r.addr, 1, Access::REMOTE_WRITE).is_ok());
+        assert!(fabric.remote_target(r.rkey, r.addr, 1, Access::REMOTE_WRITE).is_err());
+        // Local use: a child owns its parent's buffers, not its sibling's.
+        let (buf_a, buf_fabric) = (in_a.checkout().unwrap(), in_fabric.checkout().unwrap());
+        assert!(a.owns(&buf_a) && a.owns(&buf_fabric) && !b.owns(&buf_a));
+        assert!(a.holds(&buf_a) && !a.holds(&buf_fabric));
+        assert!(a.is_within(&fabric) && a.is_within(&a) && !a.is_within(&b) && !fabric.is_within(&a));
+    }
+
+    #[test]
+    fn keys_are_not_sequential() {
+        let pd = ProtectionDomain::new();
+        let pools: Vec<BufPool> = (0..64)
+            .map(|_| pd.register(64, 1, Access::LOCAL_WRITE).unwrap())
+            .collect();
+        let keys: Vec<u32> = pools.iter().map(|p| p.rkey().0).collect();
+        let neighbours = keys.windows(2).filter(|w| w[1].wrapping_sub(w[0]) < 1 << 16).count();
+        // Random keys fall within 2^16 of the one before with odds of 2^-16.
+        assert!(neighbours <= 1, "keys in sequence: {keys:x?}");
+        let mut unique = keys.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), keys.len());
+    }
 
     #[test]
     fn checkout_and_return() {
@@ -954,6 +1080,10 @@ mod tests {
                 });
             }
             Ok(())
+        }
+
+        fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+            self
         }
     }
 

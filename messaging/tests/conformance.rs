@@ -38,6 +38,7 @@ macro_rules! all_checks {
                 write_with_imm,
                 read,
                 bad_key,
+                other_domains_key,
                 out_of_bounds,
                 no_permission,
                 receiver_not_ready,

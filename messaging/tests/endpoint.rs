@@ -193,7 +193,7 @@ fn pushes_land_in_slots_and_tickets_resolve() {
 fn direct_placement_into_an_application_buffer() {
     for (fabric, addr) in fabrics() {
         let (a, b) = pair(&*fabric, addr);
-        let pool = fabric
+        let pool = b
             .domain()
             .register(1 << 20, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
             .unwrap();
@@ -202,7 +202,7 @@ fn direct_placement_into_an_application_buffer() {
         let advert = a.recv_timeout(LONG).unwrap();
         let target = DirectTarget::decode(&advert).expect("target decodes");
         drop(advert);
-        let src_pool = fabric.domain().register(1 << 20, 1, Access::LOCAL_WRITE).unwrap();
+        let src_pool = a.domain().register(1 << 20, 1, Access::LOCAL_WRITE).unwrap();
         // Pushes `len` bytes of `byte(i)` into `target` with `flag`; the
         // delivery carries the tag and the flag.
         let push = |target: DirectTarget, len: usize, byte: fn(usize) -> u8, flag: bool| {
@@ -226,11 +226,73 @@ fn direct_placement_into_an_application_buffer() {
         let target = b.expose(buf).expect("expose again");
         let d = push(target, 100, |_| 7, true);
         assert_eq!(&d[..], &[7u8; 100][..]);
-        let unregistered = fabric.domain().register(64, 1, Access::LOCAL_WRITE).unwrap();
+        let unregistered = b.domain().register(64, 1, Access::LOCAL_WRITE).unwrap();
         assert!(matches!(
             b.expose(unregistered.checkout().unwrap()),
             Err(Error::BadBuffer(_))
         ));
+        // Writable, but registered in another domain (the fabric's): the
+        // peer could not reach it, so it is refused.
+        let foreign = fabric
+            .domain()
+            .register(64, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+            .unwrap();
+        assert!(matches!(
+            b.expose(foreign.checkout().unwrap()),
+            Err(Error::BadBuffer(reason)) if reason.contains("domain")
+        ));
+    }
+}
+
+/// Two hosts on one server (as on an I/O unit): the second learns the
+/// first one's exposure (key, address and tag) and pushes into it over its
+/// own channel. The server's channel of the second host refuses the key
+/// (a remote access error that ends that channel only); the first host's
+/// buffer is untouched and its channel keeps working.
+#[test]
+fn a_peer_cannot_push_into_another_channels_exposure() {
+    for (fabric, addr) in fabrics() {
+        let listener = fabric.listen(addr).expect("listen");
+        let local = listener.local_addr();
+        let accept = || Endpoint::accept(&*fabric, &*listener, Config::default(), Some(LONG)).expect("accept");
+        let (victim, server_of_victim) = std::thread::scope(|s| {
+            let server = s.spawn(accept);
+            let client = Endpoint::connect(&*fabric, &local, Config::default()).expect("connect");
+            (client, server.join().expect("accept thread"))
+        });
+        let (attacker, server_of_attacker) = std::thread::scope(|s| {
+            let server = s.spawn(accept);
+            let client = Endpoint::connect(&*fabric, &local, Config::default()).expect("connect");
+            (client, server.join().expect("accept thread"))
+        });
+        // The server exposes a buffer to the victim (as an I/O unit's
+        // staging): the attacker learns the target.
+        let pool = server_of_victim
+            .domain()
+            .register(4096, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+            .unwrap();
+        let target = server_of_victim.expose(pool.checkout().unwrap()).expect("expose");
+        let mut src = attacker.alloc_push_buf().expect("staging");
+        src.fill(&[0xee; 64]).unwrap();
+        let outcome = attacker.push_direct(src, target).and_then(|t| t.wait_timeout(LONG));
+        let name = fabric.name();
+        assert!(
+            outcome.is_err(),
+            "{name}: the push into another channel's exposure succeeded"
+        );
+        assert!(
+            matches!(server_of_attacker.recv_timeout(LONG), Err(Error::Closed(_))),
+            "{name}: the attacker's channel ends"
+        );
+        // The victim's exposure is intact and its channel works.
+        assert!(server_of_victim.try_recv().is_err(), "{name}: nothing was delivered");
+        let mut buf = server_of_victim.unexpose(target.tag).expect("still exposed");
+        assert!(
+            buf.spare_capacity().iter().all(|&b| b == 0),
+            "{name}: the victim's buffer was written"
+        );
+        victim.send(b"still here").unwrap().wait_timeout(LONG).unwrap();
+        assert_eq!(&server_of_victim.recv_timeout(LONG).unwrap()[..], b"still here");
     }
 }
 
@@ -241,11 +303,11 @@ fn filled_pushes_land_whole_whether_placed_or_staged() {
     // staged. Either way every delivery holds exactly what `fill` wrote.
     for (fabric, addr) in fabrics() {
         let (a, b) = pair(&*fabric, addr);
-        let pool = fabric
+        let pool = b
             .domain()
             .register(64 * 1024, 2, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
             .unwrap();
-        let staging = fabric.domain().register(64 * 1024, 2, Access::LOCAL_WRITE).unwrap();
+        let staging = a.domain().register(64 * 1024, 2, Access::LOCAL_WRITE).unwrap();
         let mut bufs = vec![pool.checkout().unwrap(), pool.checkout().unwrap()];
         for round in 0..40usize {
             let buf = bufs.pop().expect("a buffer to expose");
@@ -303,11 +365,11 @@ fn detached_pushes_and_sends_land_and_give_their_buffers_back() {
     // `wait_progress` until a completed push returned one to its pool.
     for (fabric, addr) in fabrics() {
         let (a, b) = pair(&*fabric, addr);
-        let exposed = fabric
+        let exposed = b
             .domain()
             .register(4096, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
             .unwrap();
-        let staging = fabric.domain().register(4096, 2, Access::LOCAL_WRITE).unwrap();
+        let staging = a.domain().register(4096, 2, Access::LOCAL_WRITE).unwrap();
         let mut buf = exposed.checkout();
         for round in 0..30usize {
             let target = b.expose(buf.take().expect("a buffer to expose")).expect("expose");
@@ -553,7 +615,7 @@ fn bad_peer_parameters_are_rejected() {
     let addr = listener.local_addr();
     std::thread::scope(|s| {
         let server = s.spawn(|| Endpoint::accept(&fabric, &*listener, Config::default(), Some(LONG)));
-        let refused = fabric.connect(&addr, b"not a parameter block", vec![]);
+        let refused = fabric.connect(&addr, fabric.domain(), b"not a parameter block", vec![]);
         match refused {
             Err(messaging::provider::FabricError::Rejected { reason, .. }) => {
                 assert!(reason.contains("parameter block"), "{reason}")

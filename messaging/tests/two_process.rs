@@ -115,7 +115,9 @@ fn dying_server_process() {
     println!("listening on {}", listener.local_addr());
     let p = pool(&fabric, 64, 4, messaging::mr::Access::ALL);
     let incoming = listener.accept(Some(LONG)).expect("accept");
-    let qp = incoming.accept(b"", recvs(&p, 4, 0)).expect("accept queue pair");
+    let qp = incoming
+        .accept(fabric.domain(), b"", recvs(&p, 4, 0))
+        .expect("accept queue pair");
     let got = wait_for(&*qp, 1);
     assert_eq!(&got[0].buf[..], b"last words");
     std::process::abort();
@@ -131,7 +133,9 @@ fn shm_peer_death_flushes() {
     let (mut child, addr) = spawn_server("dying_server_process", DIE_ROLE, "1");
     let fabric = messaging::provider::shm::ShmFabric::new();
     let p = pool(&fabric, 64, 8, messaging::mr::Access::ALL);
-    let qp = fabric.connect(&addr, b"", recvs(&p, 3, 10)).expect("connect");
+    let qp = fabric
+        .connect(&addr, fabric.domain(), b"", recvs(&p, 3, 10))
+        .expect("connect");
     let mut buf = p.checkout().expect("chunk");
     buf.fill(b"last words").expect("fits");
     qp.post_send(&mut vec![SendWr {

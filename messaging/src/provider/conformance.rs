@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use super::{Completion, Fabric, FabricError, QueuePair, RecvWr, RemoteAddr, SendOp, SendWr, WcOpcode, WcStatus, WrId};
-use crate::mr::{Access, BufPool, RKey};
+use crate::mr::{Access, BufPool, ProtectionDomain, RKey};
 
 /// A named conformance check.
 pub type Check = (&'static str, fn(&dyn Fabric, &str));
@@ -21,6 +21,7 @@ pub const CHECKS: &[Check] = &[
     ("write_with_imm", write_with_imm),
     ("read", read),
     ("bad_key", bad_key),
+    ("other_domains_key", other_domains_key),
     ("out_of_bounds", out_of_bounds),
     ("no_permission", no_permission),
     ("receiver_not_ready", receiver_not_ready),
@@ -112,17 +113,37 @@ pub fn connect_pair(
     client: (&[u8], Vec<RecvWr>),
     server: (&[u8], Vec<RecvWr>),
 ) -> (Box<dyn QueuePair>, Box<dyn QueuePair>) {
+    let domain = fabric.domain();
+    connect_pair_in(fabric, addr, (domain, client.0, client.1), (domain, server.0, server.1))
+}
+
+/// As [`connect_pair`], each queue pair in the given protection domain
+/// (the fabric's or a child of it).
+///
+/// # Panics
+/// If listening, connecting or accepting fails.
+pub fn connect_pair_in(
+    fabric: &dyn Fabric,
+    addr: &str,
+    client: (&ProtectionDomain, &[u8], Vec<RecvWr>),
+    server: (&ProtectionDomain, &[u8], Vec<RecvWr>),
+) -> (Box<dyn QueuePair>, Box<dyn QueuePair>) {
     let listener = fabric.listen(addr).expect("listen");
     let local = listener.local_addr();
     std::thread::scope(|s| {
         let acceptor = s.spawn(|| {
             let incoming = listener.accept(Some(TIMEOUT)).expect("accept");
             let peer = incoming.peer_params().to_vec();
-            (incoming.accept(server.0, server.1).expect("accept queue pair"), peer)
+            (
+                incoming
+                    .accept(server.0, server.1, server.2)
+                    .expect("accept queue pair"),
+                peer,
+            )
         });
-        let qp = fabric.connect(&local, client.0, client.1).expect("connect");
+        let qp = fabric.connect(&local, client.0, client.1, client.2).expect("connect");
         let (server_qp, seen) = acceptor.join().expect("acceptor thread");
-        assert_eq!(seen, client.0, "server saw the client's hello parameters");
+        assert_eq!(seen, client.1, "server saw the client's hello parameters");
         (qp, server_qp)
     })
 }
@@ -379,6 +400,72 @@ pub fn bad_key(fabric: &dyn Fabric, addr: &str) {
     expect_remote_access_error(fabric, addr, |l| {
         write_op(l, desc.addr, RKey(desc.rkey.0 ^ 0x5a5a_0000), 16)
     });
+}
+
+/// Connections are isolated as protection domains isolate them on a NIC:
+/// the server's queue pair runs in a domain of its own, where the client's
+/// Write reaches a region of that domain, while a Write and a Read with
+/// the right key and address of a region registered for another
+/// connection (another child of the fabric's domain) fail with remote
+/// access errors and leave that region untouched.
+pub fn other_domains_key(fabric: &dyn Fabric, addr: &str) {
+    let fabric_domain = fabric.domain();
+    let child = || fabric_domain.child().expect("a child domain");
+    let (server_domain, another) = (child(), child());
+    let elsewhere = another.register(4096, 1, RW).expect("register");
+    let server_pool = server_domain.register(4096, 2, RW).expect("register");
+    let local = pool(fabric, 4096, 4, RW);
+    for attack in ["write", "read"] {
+        let (a, b) = connect_pair_in(
+            fabric,
+            addr,
+            (fabric_domain, b"", recvs(&local, 1, 10)),
+            (&server_domain, b"", recvs(&server_pool, 1, 20)),
+        );
+        // The server's own region is reachable.
+        let own = server_pool.checkout().expect("chunk");
+        let d = own.remote();
+        a.post_send(&mut vec![SendWr {
+            id: WrId(1),
+            op: write_op(&local, d.addr, d.rkey, 16),
+        }])
+        .expect("post");
+        let got = wait_for(&*a, 1);
+        assert_eq!((got[0].id, got[0].status), (WrId(1), WcStatus::Success), "{attack}");
+        // Another connection's region is not.
+        let d = elsewhere.remote();
+        let op = match attack {
+            "write" => write_op(&local, d.addr, d.rkey, 16),
+            _ => {
+                let mut buf = local.checkout().expect("chunk");
+                buf.set_len(16);
+                SendOp::Read {
+                    buf,
+                    remote: RemoteAddr {
+                        addr: d.addr,
+                        rkey: d.rkey,
+                    },
+                }
+            }
+        };
+        a.post_send(&mut vec![SendWr { id: WrId(2), op }]).expect("post");
+        let got = wait_for(&*a, 2);
+        let bad = got.iter().find(|c| c.id == WrId(2)).expect("the attack completes");
+        assert_eq!(bad.status, WcStatus::RemoteAccessError, "{attack}: {bad:?}");
+        assert!(a.is_failed(), "{attack}: the connection breaks");
+        let peer = wait_for(&*b, 1);
+        assert_eq!(
+            peer[0].status,
+            WcStatus::Flushed,
+            "{attack}: the server's queue pair fails too"
+        );
+        drop(own);
+    }
+    let mut untouched = elsewhere.checkout().expect("chunk");
+    assert!(
+        untouched.spare_capacity().iter().all(|&b| b == 0),
+        "the other connection's memory was written"
+    );
 }
 
 /// A Write past the end of the registration fails with a remote access error.

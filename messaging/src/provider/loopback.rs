@@ -169,8 +169,8 @@ impl LoopbackFabric {
         b: (&[u8], Vec<RecvWr>),
     ) -> (LoopbackQp, LoopbackQp) {
         let mut st = self.world.state.lock();
-        let qa = QpCore::new(&mut st, self, a.1);
-        let qb = QpCore::new(&mut st, other, b.1);
+        let qa = QpCore::new(&mut st, self, &self.pd, a.1);
+        let qb = QpCore::new(&mut st, other, &other.pd, b.1);
         let _ = qa.peer_params.set(b.0.to_vec());
         let _ = qb.peer_params.set(a.0.to_vec());
         *qa.peer.lock() = Arc::downgrade(&qb);
@@ -263,7 +263,16 @@ impl Fabric for LoopbackFabric {
         }))
     }
 
-    fn connect(&self, addr: &str, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError> {
+    fn connect(
+        &self,
+        addr: &str,
+        domain: &ProtectionDomain,
+        params: &[u8],
+        recvs: Vec<RecvWr>,
+    ) -> Result<Box<dyn QueuePair>, FabricError> {
+        if !domain.is_within(&self.pd) {
+            return Err(FabricError::ForeignDomain { provider: "loopback" });
+        }
         let answer = Arc::new((Mutex::new(None), Condvar::new()));
         let client = {
             let mut st = self.world.state.lock();
@@ -273,7 +282,7 @@ impl Fabric for LoopbackFabric {
                     source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
                 });
             }
-            let client = QpCore::new(&mut st, self, recvs);
+            let client = QpCore::new(&mut st, self, domain, recvs);
             st.listeners
                 .get_mut(addr)
                 .expect("checked above")
@@ -399,11 +408,19 @@ impl Incoming for LoopbackIncoming {
             .map_or_else(String::new, |p| format!("loopback-qp-{}", p.client.id))
     }
 
-    fn accept(mut self: Box<Self>, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError> {
+    fn accept(
+        mut self: Box<Self>,
+        domain: &ProtectionDomain,
+        params: &[u8],
+        recvs: Vec<RecvWr>,
+    ) -> Result<Box<dyn QueuePair>, FabricError> {
+        if !domain.is_within(&self.fabric.pd) {
+            return Err(FabricError::ForeignDomain { provider: "loopback" });
+        }
         let pending = self.pending.take().ok_or(FabricError::Shutdown)?;
         let server = {
             let mut st = self.fabric.world.state.lock();
-            let server = QpCore::new(&mut st, &self.fabric, recvs);
+            let server = QpCore::new(&mut st, &self.fabric, domain, recvs);
             let _ = server.peer_params.set(pending.params.clone());
             let _ = pending.client.peer_params.set(params.to_vec());
             *server.peer.lock() = Arc::downgrade(&pending.client);
@@ -442,12 +459,12 @@ struct QpCore {
 }
 
 impl QpCore {
-    fn new(st: &mut WorldState, fabric: &LoopbackFabric, recvs: Vec<RecvWr>) -> Arc<QpCore> {
+    fn new(st: &mut WorldState, fabric: &LoopbackFabric, domain: &ProtectionDomain, recvs: Vec<RecvWr>) -> Arc<QpCore> {
         st.next_qp += 1;
         Arc::new(QpCore {
             id: st.next_qp,
             world: Arc::downgrade(&fabric.world),
-            pd: fabric.pd.clone(),
+            pd: domain.clone(),
             cq: CompletionQueue::default(),
             recvs: Mutex::new(recvs.into()),
             peer: Mutex::new(Weak::new()),

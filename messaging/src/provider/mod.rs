@@ -366,6 +366,13 @@ pub enum FabricError {
         /// Why, and how to fix it.
         reason: String,
     },
+    /// A connection's protection domain is neither the fabric's nor made
+    /// from it by [`ProtectionDomain::child`].
+    #[error("the connection's protection domain does not belong to the {provider} fabric")]
+    ForeignDomain {
+        /// Provider name.
+        provider: &'static str,
+    },
     /// An operating-system call failed.
     #[error("{op} failed")]
     Io {
@@ -401,12 +408,22 @@ pub trait Fabric: Send + Sync + fmt::Debug {
     fn listen(&self, addr: &str) -> Result<Box<dyn Listener>, FabricError>;
 
     /// Connects to a listener, sending `params` in the hello. `recvs` are
-    /// posted before the connection goes live. Returns the queue pair; the
-    /// peer's parameters are in [`QueuePair::peer_params`].
+    /// posted before the connection goes live. `domain` is the
+    /// connection's: this fabric's domain or a child of it. The peer's
+    /// remote keys are looked up there only, and posted buffers must be
+    /// owned by it. Returns the queue pair; the peer's parameters are in
+    /// [`QueuePair::peer_params`].
     ///
     /// # Errors
-    /// Address, transport, handshake or rejection errors.
-    fn connect(&self, addr: &str, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError>;
+    /// [`FabricError::ForeignDomain`]; address, transport, handshake or
+    /// rejection errors.
+    fn connect(
+        &self,
+        addr: &str,
+        domain: &ProtectionDomain,
+        params: &[u8],
+        recvs: Vec<RecvWr>,
+    ) -> Result<Box<dyn QueuePair>, FabricError>;
 }
 
 /// A listening endpoint.
@@ -433,16 +450,22 @@ pub trait Incoming: Send + fmt::Debug {
     /// The peer's address, for logs.
     fn peer_addr(&self) -> String;
 
-    /// The fabric the connection arrived on: its protection domain is where
-    /// the accepting side registers the connection's memory.
+    /// The fabric the connection arrived on: the connection's protection
+    /// domain is its domain or a child of it.
     fn fabric(&self) -> &dyn Fabric;
 
     /// Accepts: posts `recvs`, answers with `params` and returns the live
-    /// queue pair.
+    /// queue pair, whose protection domain is `domain` (as in
+    /// [`Fabric::connect`]).
     ///
     /// # Errors
-    /// Transport errors while answering.
-    fn accept(self: Box<Self>, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError>;
+    /// [`FabricError::ForeignDomain`]; transport errors while answering.
+    fn accept(
+        self: Box<Self>,
+        domain: &ProtectionDomain,
+        params: &[u8],
+        recvs: Vec<RecvWr>,
+    ) -> Result<Box<dyn QueuePair>, FabricError>;
 
     /// Refuses the connection with a reason the peer will see.
     fn reject(self: Box<Self>, reason: &str);

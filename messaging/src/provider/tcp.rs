@@ -230,7 +230,16 @@ impl Fabric for TcpFabric {
         }))
     }
 
-    fn connect(&self, addr: &str, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError> {
+    fn connect(
+        &self,
+        addr: &str,
+        domain: &ProtectionDomain,
+        params: &[u8],
+        recvs: Vec<RecvWr>,
+    ) -> Result<Box<dyn QueuePair>, FabricError> {
+        if !domain.is_within(&self.pd) {
+            return Err(FabricError::ForeignDomain { provider: "tcp" });
+        }
         let sa = resolve(addr)?;
         let peer = format!("tcp://{sa}");
         let conn_err = |source| FabricError::Connect {
@@ -255,7 +264,9 @@ impl Fabric for TcpFabric {
                 reason,
             })?;
         match kind {
-            KIND_ACCEPT => TcpQp::start(self.clone(), stream, peer, body, recvs).map(|qp| Box::new(qp) as _),
+            KIND_ACCEPT => {
+                TcpQp::start(self.clone(), domain.clone(), stream, peer, body, recvs).map(|qp| Box::new(qp) as _)
+            }
             KIND_REJECT => Err(FabricError::Rejected {
                 peer,
                 reason: String::from_utf8_lossy(&body).into_owned(),
@@ -438,7 +449,15 @@ impl Incoming for TcpIncoming {
         self.peer.clone()
     }
 
-    fn accept(self: Box<Self>, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError> {
+    fn accept(
+        self: Box<Self>,
+        domain: &ProtectionDomain,
+        params: &[u8],
+        recvs: Vec<RecvWr>,
+    ) -> Result<Box<dyn QueuePair>, FabricError> {
+        if !domain.is_within(&self.fabric.pd) {
+            return Err(FabricError::ForeignDomain { provider: "tcp" });
+        }
         let TcpIncoming {
             stream,
             peer,
@@ -454,7 +473,8 @@ impl Incoming for TcpIncoming {
         // The answer goes out only once the receives are posted: `start`
         // posts them before the I/O thread reads anything.
         let answer = hello_bytes(KIND_ACCEPT, params);
-        TcpQp::start_with_answer(fabric, stream, peer, peer_params, recvs, Some(answer)).map(|qp| Box::new(qp) as _)
+        TcpQp::start_with_answer(fabric, domain.clone(), stream, peer, peer_params, recvs, Some(answer))
+            .map(|qp| Box::new(qp) as _)
     }
 
     fn reject(mut self: Box<Self>, reason: &str) {
@@ -476,6 +496,9 @@ struct QpShared {
     peer: String,
     peer_params: Vec<u8>,
     fabric: TcpFabric,
+    /// The connection's protection domain: the peer's remote keys are
+    /// looked up here only.
+    domain: ProtectionDomain,
     cq: CompletionQueue,
     recvs: Mutex<VecDeque<RecvWr>>,
     tx: Mutex<Tx>,
@@ -647,16 +670,18 @@ impl Header {
 impl TcpQp {
     fn start(
         fabric: TcpFabric,
+        domain: ProtectionDomain,
         stream: TcpStream,
         peer: String,
         peer_params: Vec<u8>,
         recvs: Vec<RecvWr>,
     ) -> Result<TcpQp, FabricError> {
-        TcpQp::start_with_answer(fabric, stream, peer, peer_params, recvs, None)
+        TcpQp::start_with_answer(fabric, domain, stream, peer, peer_params, recvs, None)
     }
 
     fn start_with_answer(
         fabric: TcpFabric,
+        domain: ProtectionDomain,
         mut stream: TcpStream,
         peer: String,
         peer_params: Vec<u8>,
@@ -687,6 +712,7 @@ impl TcpQp {
             peer,
             peer_params,
             fabric,
+            domain,
             cq: CompletionQueue::default(),
             recvs: Mutex::new(recvs.into()),
             tx: Mutex::new(Tx::default()),
@@ -1365,7 +1391,7 @@ impl Rx {
             OP_WRITE | OP_WRITE_IMM => {
                 self.check_psn(&header)?;
                 let accepted = responder::accept_write(
-                    &sh.fabric.pd,
+                    &sh.domain,
                     &mut sh.recvs.lock(),
                     RKey(header.rkey),
                     header.addr,
@@ -1382,7 +1408,7 @@ impl Rx {
             }
             OP_READ_REQ => {
                 self.check_psn(&header)?;
-                let target = responder::accept_read(&sh.fabric.pd, RKey(header.rkey), header.addr, header.len.into())
+                let target = responder::accept_read(&sh.domain, RKey(header.rkey), header.addr, header.len.into())
                     .map_err(|r| self.refuse(header.psn, r))?;
                 // The response acks everything before it; drop a pending ACK for those.
                 if self.ack_due.is_some_and(|p| p < header.psn) {

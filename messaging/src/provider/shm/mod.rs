@@ -295,7 +295,16 @@ impl Fabric for ShmFabric {
         }))
     }
 
-    fn connect(&self, addr: &str, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError> {
+    fn connect(
+        &self,
+        addr: &str,
+        domain: &ProtectionDomain,
+        params: &[u8],
+        recvs: Vec<RecvWr>,
+    ) -> Result<Box<dyn QueuePair>, FabricError> {
+        if !domain.is_within(&self.pd) {
+            return Err(FabricError::ForeignDomain { provider: "shm" });
+        }
         let name = socket_name(addr)?;
         let peer = format!("shm://{name}");
         let conn_err = |source| FabricError::Connect {
@@ -339,7 +348,7 @@ impl Fabric for ShmFabric {
                     wake_peer: to_server,
                     wake_me: to_client,
                 };
-                start(self.clone(), links, peer, body, recvs).map(|qp| qp as Box<dyn QueuePair>)
+                start(self.clone(), domain.clone(), links, peer, body, recvs).map(|qp| qp as Box<dyn QueuePair>)
             }
             KIND_REJECT => Err(FabricError::Rejected {
                 peer,
@@ -552,8 +561,16 @@ impl Incoming for ShmIncoming {
         &self.fabric
     }
 
-    fn accept(self: Box<Self>, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError> {
+    fn accept(
+        self: Box<Self>,
+        domain: &ProtectionDomain,
+        params: &[u8],
+        recvs: Vec<RecvWr>,
+    ) -> Result<Box<dyn QueuePair>, FabricError> {
         let this = *self;
+        if !domain.is_within(&this.fabric.pd) {
+            return Err(FabricError::ForeignDomain { provider: "shm" });
+        }
         if params.len() > MAX_PARAMS {
             return Err(FabricError::Handshake {
                 peer: this.peer,
@@ -562,7 +579,7 @@ impl Incoming for ShmIncoming {
         }
         let answer = hello_bytes(KIND_ACCEPT, params);
         // Receives are posted (inside `start`) before the answer goes out.
-        let qp = start(this.fabric, this.links, this.peer, this.params, recvs)?;
+        let qp = start(this.fabric, domain.clone(), this.links, this.peer, this.params, recvs)?;
         let shared = qp.shared.clone();
         shared.links.sock.send(&answer, &[]).map_err(|source| FabricError::Io {
             op: "send shm accept",
@@ -594,6 +611,9 @@ struct Links {
 
 struct Shared {
     fabric: ShmFabric,
+    /// The connection's protection domain: the peer's remote keys are
+    /// looked up here only.
+    domain: ProtectionDomain,
     links: Links,
     peer: String,
     peer_params: Vec<u8>,
@@ -669,6 +689,7 @@ impl std::fmt::Debug for ShmQp {
 
 fn start(
     fabric: ShmFabric,
+    domain: ProtectionDomain,
     links: Links,
     peer: String,
     peer_params: Vec<u8>,
@@ -684,6 +705,7 @@ fn start(
     })?;
     let shared = Arc::new(Shared {
         fabric,
+        domain,
         links,
         peer,
         peer_params,
@@ -1420,13 +1442,14 @@ impl Progress {
             return Ok(());
         };
         // Granted already, unless the key now names another registration
-        // (keys come back after 2^32 registrations): then granted anew.
+        // (a key freed with its region may be drawn again): then granted
+        // anew.
         if st.granted.get(&rkey).is_some_and(|&(_, s)| s == serial) {
             return Ok(());
         }
         if st.granted.len() >= CHECKED_PRUNE_AT {
             // Forget grants of regions that are gone.
-            let pd = &sh.fabric.pd;
+            let pd = &sh.domain;
             st.granted
                 .retain(|k, (b, _)| pd.remote_target(RKey(*k), *b, 0, Access::NONE).is_ok());
         }
@@ -1592,7 +1615,7 @@ impl Progress {
                 // gone into the memfd of the region the key names now (a
                 // key reused after its region died names another one).
                 let accepted = responder::accept_write(
-                    &sh.fabric.pd,
+                    &sh.domain,
                     &mut st.recvs,
                     RKey(e.rkey),
                     e.addr,
@@ -1636,7 +1659,7 @@ impl Progress {
                 }
             }
             _ => {
-                let target = responder::accept_read(&sh.fabric.pd, RKey(e.rkey), e.addr, len as u64)
+                let target = responder::accept_read(&sh.domain, RKey(e.rkey), e.addr, len as u64)
                     .map_err(|r| refuse(e.psn, r, completions))?;
                 self.ensure_mapped(sh, e.serial)?;
                 if !self.maps[&e.serial].write_from(offset, target.as_slice()) {

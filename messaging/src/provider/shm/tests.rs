@@ -39,12 +39,12 @@ fn bad_hellos_are_refused_and_the_listener_keeps_accepting() {
                 assert!(end.is_err(), "refused without an answer: {end:?}");
             }
             fabric
-                .connect(&listener.local_addr(), b"good", vec![])
+                .connect(&listener.local_addr(), fabric.domain(), b"good", vec![])
                 .expect("real connect")
         });
         let incoming = listener.accept(Some(LONG)).expect("accept survives bad hellos");
         assert_eq!(incoming.peer_params(), b"good");
-        let _server = incoming.accept(b"", vec![]).expect("accept");
+        let _server = incoming.accept(fabric.domain(), b"", vec![]).expect("accept");
         let _client = client.join().expect("client thread");
     });
 }
@@ -55,7 +55,7 @@ fn rejection_reaches_the_client_and_shutdown_stops_accepting() {
     let listener = fabric.listen("").expect("listen");
     std::thread::scope(|s| {
         let server = s.spawn(|| listener.accept(Some(LONG)).expect("accept").reject("go away"));
-        match fabric.connect(&listener.local_addr(), b"", vec![]) {
+        match fabric.connect(&listener.local_addr(), fabric.domain(), b"", vec![]) {
             Err(FabricError::Rejected { reason, .. }) => assert_eq!(reason, "go away"),
             other => panic!("expected a rejection, got {other:?}"),
         }
@@ -83,15 +83,15 @@ fn accept_times_out() {
 fn bad_addresses_are_refused() {
     let fabric = ShmFabric::new();
     assert!(matches!(
-        fabric.connect("shm://", b"", vec![]),
+        fabric.connect("shm://", fabric.domain(), b"", vec![]),
         Err(FabricError::BadAddress { .. })
     ));
     assert!(matches!(
-        fabric.connect(&format!("shm://{}", "x".repeat(200)), b"", vec![]),
+        fabric.connect(&format!("shm://{}", "x".repeat(200)), fabric.domain(), b"", vec![]),
         Err(FabricError::BadAddress { .. })
     ));
     assert!(matches!(
-        fabric.connect("shm://nobody-listens-here", b"", vec![]),
+        fabric.connect("shm://nobody-listens-here", fabric.domain(), b"", vec![]),
         Err(FabricError::Connect { .. })
     ));
 }
@@ -375,7 +375,7 @@ fn a_silent_client_neither_blocks_others_nor_lives_forever() {
     std::thread::scope(|s| {
         let client = s.spawn(|| {
             fabric
-                .connect(&listener.local_addr(), b"talks", vec![])
+                .connect(&listener.local_addr(), fabric.domain(), b"talks", vec![])
                 .expect("connect")
         });
         let started = Instant::now();
@@ -385,7 +385,7 @@ fn a_silent_client_neither_blocks_others_nor_lives_forever() {
             started.elapsed() < Duration::from_millis(1500),
             "not held up by the silent one"
         );
-        let _qp = incoming.accept(b"", vec![]).expect("accept");
+        let _qp = incoming.accept(fabric.domain(), b"", vec![]).expect("accept");
         let _client = client.join().expect("client thread");
     });
     // The silent connection is dropped once its hello deadline passes.

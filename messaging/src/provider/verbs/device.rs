@@ -473,6 +473,21 @@ unsafe impl Registrar for Pd {
         }
         Ok(())
     }
+
+    fn new_domain(&self) -> Result<Option<Arc<dyn Registrar>>, MrError> {
+        match Pd::new(&self._ctx) {
+            Ok(pd) => Ok(Some(pd)),
+            Err(FabricError::Io { source, .. }) => Err(MrError::Device { bytes: 0, source }),
+            Err(other) => Err(MrError::Device {
+                bytes: 0,
+                source: io::Error::other(other.to_string()),
+            }),
+        }
+    }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
 }
 
 /// A completion channel plus its completion queue (`ibv_comp_channel`,

@@ -4,7 +4,9 @@
 //!
 //! ```text
 //!  VerbsFabric ── one device context, one ibv_pd (= the fabric's ProtectionDomain,
-//!     │           every BufPool an ibv_mr: Buf/BufPool report the NIC's lkey/rkey)
+//!     │           every BufPool an ibv_mr: Buf/BufPool report the NIC's lkey/rkey);
+//!     │           each child domain (one per connection) an ibv_pd of its own,
+//!     │           where that connection's QP and memory live
 //!     ├─ listen ─▶ VerbsListener (TCP, out-of-band exchange, see `oob`)
 //!     └─ connect ─▶ PreparedQp (INIT, receives posted) ─ exchange ─▶ RTR/RTS ─▶ VerbsQp
 //!                     VerbsQp: ibv_qp + ibv_cq + completion channel + one thread
@@ -177,7 +179,7 @@ pub struct VerbsFabric {
 
 struct Inner {
     ctx: Arc<Context>,
-    pd: Arc<Pd>,
+    /// Its registrar is the fabric's device protection domain.
     domain: ProtectionDomain,
     opts: VerbsOptions,
     caps: Capabilities,
@@ -226,11 +228,10 @@ impl VerbsFabric {
             max_recv_wr: opts.max_recv_wr.min(info.max_qp_wr).min(max_cqe / 2).max(1),
         };
         tracing::debug!(device = %info.name, port = info.port, gid_index = info.gid_index, ?caps, "verbs fabric open");
-        let domain = ProtectionDomain::with_registrar(pd.clone() as Arc<dyn Registrar>);
+        let domain = ProtectionDomain::with_registrar(pd as Arc<dyn Registrar>);
         Ok(VerbsFabric {
             inner: Arc::new(Inner {
                 ctx,
-                pd,
                 domain,
                 opts,
                 caps,
@@ -311,7 +312,13 @@ impl Fabric for VerbsFabric {
         }))
     }
 
-    fn connect(&self, addr: &str, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError> {
+    fn connect(
+        &self,
+        addr: &str,
+        domain: &ProtectionDomain,
+        params: &[u8],
+        recvs: Vec<RecvWr>,
+    ) -> Result<Box<dyn QueuePair>, FabricError> {
         let sa = resolve(addr)?;
         let peer = format!("verbs://{sa}");
         params_fit(&peer, params)?;
@@ -325,7 +332,7 @@ impl Fabric for VerbsFabric {
             reason,
         };
         // Receives are posted (INIT) before the peer can learn our QP number.
-        let mut prepared = qp::PreparedQp::new(&self.inner, recvs)?;
+        let mut prepared = qp::PreparedQp::new(&self.inner, domain, recvs)?;
         let mut stream = TcpStream::connect_timeout(&sa, timeout).map_err(conn_err)?;
         stream.set_nodelay(true).map_err(conn_err)?;
         let hello = oob::endpoint_body(&prepared.endpoint(), params);
@@ -524,7 +531,12 @@ impl Incoming for VerbsIncoming {
         self.peer.clone()
     }
 
-    fn accept(self: Box<Self>, params: &[u8], recvs: Vec<RecvWr>) -> Result<Box<dyn QueuePair>, FabricError> {
+    fn accept(
+        self: Box<Self>,
+        domain: &ProtectionDomain,
+        params: &[u8],
+        recvs: Vec<RecvWr>,
+    ) -> Result<Box<dyn QueuePair>, FabricError> {
         let VerbsIncoming {
             mut stream,
             peer,
@@ -533,7 +545,8 @@ impl Incoming for VerbsIncoming {
             fabric,
         } = *self;
         params_fit(&peer, params)?;
-        let prepared = qp::PreparedQp::new(&fabric.inner, recvs).and_then(|mut p| p.ready_to_send(&remote).map(|()| p));
+        let prepared =
+            qp::PreparedQp::new(&fabric.inner, domain, recvs).and_then(|mut p| p.ready_to_send(&remote).map(|()| p));
         let prepared = match prepared {
             Ok(p) => p,
             Err(e) => {

@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 
-use super::device::{self, Cq, DeviceInfo, Endpoint, RawQp, SendDesc, SendKind, Sge, WakeFd, Wc};
+use super::device::{self, Cq, DeviceInfo, Endpoint, Pd, RawQp, SendDesc, SendKind, Sge, WakeFd, Wc};
 use super::oob;
 use super::Inner;
 use crate::mr::{Access, Buf, ProtectionDomain};
@@ -113,8 +113,21 @@ pub(super) struct PreparedQp {
 }
 
 impl PreparedQp {
-    /// Creates the CQ and QP, moves the QP to INIT and posts `recvs`.
-    pub(super) fn new(fabric: &Inner, recvs: Vec<RecvWr>) -> Result<PreparedQp, FabricError> {
+    /// Creates the CQ and QP, moves the QP to INIT and posts `recvs`, which
+    /// `domain` (the connection's) must own. The QP is created in
+    /// `domain`'s device protection domain (a child of the fabric's domain
+    /// has one of its own), so the NIC refuses the peer any key of another
+    /// domain.
+    pub(super) fn new(
+        fabric: &Inner,
+        domain: &ProtectionDomain,
+        recvs: Vec<RecvWr>,
+    ) -> Result<PreparedQp, FabricError> {
+        let device_pd = domain
+            .registrar()
+            .and_then(|r| r.clone().into_any().downcast::<Pd>().ok())
+            .filter(|_| domain.is_within(&fabric.domain))
+            .ok_or(FabricError::ForeignDomain { provider: "verbs" })?;
         let caps = fabric.caps;
         if recvs.len() > caps.max_recv_wr as usize {
             return Err(FabricError::QueueFull {
@@ -124,7 +137,7 @@ impl PreparedQp {
         }
         let info = fabric.ctx.info().clone();
         let cq = Cq::new(&fabric.ctx, caps.max_send_wr + caps.max_recv_wr)?;
-        let qp = RawQp::new(&fabric.pd, &cq, caps.max_send_wr, caps.max_recv_wr)?;
+        let qp = RawQp::new(&device_pd, &cq, caps.max_send_wr, caps.max_recv_wr)?;
         let io = |op| move |source| FabricError::Io { op, source };
         qp.to_init(info.port).map_err(io("ibv_modify_qp(INIT)"))?;
         let psn = (RandomState::new().build_hasher().finish() as u32) & 0xff_ffff;
@@ -147,7 +160,7 @@ impl PreparedQp {
             read_depth: 0,
             info,
             caps,
-            domain: fabric.domain.clone(),
+            domain: domain.clone(),
         };
         for wr in recvs {
             if !prepared.domain.owns(&wr.buf) {
