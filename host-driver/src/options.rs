@@ -39,7 +39,9 @@ pub struct HostOptions {
     /// How long one call (all its commands, retries included) may take.
     pub command_timeout: Duration,
     /// Keep Alive Timeout announced to the I/O unit; a Keep Alive is sent
-    /// every half of it. Zero disables keep alive.
+    /// every half of it. From 100 ms to the most an I/O unit accepts
+    /// (`iounit::transport::KATO_MS`, 300 s); keep alive cannot be
+    /// disabled.
     pub keep_alive: Duration,
     /// After a connection loss, how long commands wait for the host to
     /// reconnect before failing with [`HostError::ConnectionLost`].
@@ -93,15 +95,11 @@ impl HostOptions {
         if self.connect_timeout.is_zero() {
             return bad("connect_timeout must be more than zero".into());
         }
-        if !self.keep_alive.is_zero() && self.keep_alive < Duration::from_millis(100) {
+        let max_kato = Duration::from_millis((*transport::KATO_MS.end()).into());
+        if self.keep_alive < Duration::from_millis(100) || self.keep_alive > max_kato {
             return bad(format!(
-                "keep_alive {:?} is below 100ms (use 0 to disable)",
-                self.keep_alive
-            ));
-        }
-        if self.keep_alive.as_millis() > u128::from(u32::MAX) {
-            return bad(format!(
-                "keep_alive {:?} does not fit KATO (32-bit milliseconds)",
+                "keep_alive {:?} is outside 100ms..={max_kato:?} (an I/O unit frees the controller \
+                 of a host silent for that long, and keep alive cannot be disabled)",
                 self.keep_alive
             ));
         }
@@ -406,16 +404,25 @@ mod tests {
                 },
                 "keep_alive",
             ),
+            (
+                HostOptions {
+                    keep_alive: Duration::ZERO,
+                    ..HostOptions::default()
+                },
+                "keep_alive",
+            ),
+            (
+                HostOptions {
+                    keep_alive: Duration::from_secs(301),
+                    ..HostOptions::default()
+                },
+                "keep_alive",
+            ),
         ];
         for (opts, field) in cases {
             let e = opts.validate().unwrap_err().to_string();
             assert!(e.contains(field), "{e} should name {field}");
         }
-        let off = HostOptions {
-            keep_alive: Duration::ZERO,
-            ..HostOptions::default()
-        };
-        assert!(off.validate().is_ok());
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub const SLOT_COUNT: u16 = 32;
 pub const CHANNEL_SLACK: u16 = 8;
 /// Largest queue depth (entries) an I/O unit accepts.
 pub const MAX_QUEUE_DEPTH: u16 = 1024;
+/// The keep-alive timeouts (KATO, milliseconds) an I/O unit accepts for a
+/// controller, at Connect and in Set Features: 0 (disabled) is refused, so
+/// that the controller of a host gone silent is always freed, and with it
+/// its queues and worker threads.
+pub const KATO_MS: std::ops::RangeInclusive<u32> = 1..=300_000;
 /// Message size of every channel: a capsule with full in-capsule data.
 pub const CAPSULE_MAX: u32 = (SQE_LEN + INLINE_DATA_MAX) as u32;
 

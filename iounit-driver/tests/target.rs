@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use iounit::nvme::{
-    AsyncEvent, Cns, CommandId, Connect, ConnectData, ConnectResponse, Cqe, HostId, IdentifyController,
-    IdentifyNamespace, Nqn, Nsid, Sgl, Sqe, Status,
+    AsyncEvent, Cns, CommandId, Connect, ConnectData, ConnectResponse, Cqe, FeatureId, HostId, IdentifyController,
+    IdentifyNamespace, KeepAliveTimer, Nqn, Nsid, Sgl, Sqe, Status,
 };
 use iounit::target::{Target, TargetConfig, DEFAULT_NQN};
 use iounit::transport;
@@ -35,6 +35,16 @@ struct RawHost {
 
 impl RawHost {
     fn connect(t: &Target, qid: u16, cntlid: u16, fabric: Option<TcpFabric>) -> Result<RawHost, Status> {
+        RawHost::connect_kato(t, qid, cntlid, fabric, 10_000)
+    }
+
+    fn connect_kato(
+        t: &Target,
+        qid: u16,
+        cntlid: u16,
+        fabric: Option<TcpFabric>,
+        kato_ms: u32,
+    ) -> Result<RawHost, Status> {
         let fabric = fabric.unwrap_or_default();
         let addr = t.local_uris()[0].trim_start_matches("tcp://").to_string();
         let ep = Endpoint::connect(&fabric, &addr, transport::host_channel(32)).unwrap();
@@ -44,7 +54,7 @@ impl RawHost {
             cid: 0,
             cntlid,
         };
-        let sqe = Connect::new(qid, 32, 10_000)
+        let sqe = Connect::new(qid, 32, kato_ms)
             .unwrap()
             .to_sqe(CommandId(0), &Sgl::DataBlockOffset { offset: 0, len: 1024 })
             .unwrap();
@@ -220,6 +230,40 @@ fn bad_connects_are_refused() {
     assert!(RawHost::connect(&t, 1, 4242, None)
         .unwrap_err()
         .same_code(Status::CONNECT_INVALID_PARAMETERS));
+    // Keep alive disabled, or longer than an I/O unit waits for a silent
+    // host: the controller would outlive its host.
+    for kato in [0, transport::KATO_MS.end() + 1] {
+        let refused = RawHost::connect_kato(&t, 0, 0, None, kato).unwrap_err();
+        assert!(
+            refused.same_code(Status::CONNECT_INVALID_PARAMETERS),
+            "KATO {kato}: {refused:?}"
+        );
+    }
+    // Nor can Set Features turn it off afterwards.
+    let mut host = RawHost::connect(&t, 0, 0, None).expect("a good admin connect");
+    for kato in [0, transport::KATO_MS.end() + 1] {
+        let cid = host.next();
+        let set = Sqe::set_features(
+            cid,
+            FeatureId::KeepAliveTimer,
+            KeepAliveTimer { timeout_ms: kato }.to_dword(),
+            false,
+        );
+        let cqe = host.exchange(&set, &[]);
+        assert!(
+            cqe.status().same_code(Status::INVALID_FIELD),
+            "KATO {kato}: {:?}",
+            cqe.status()
+        );
+    }
+    let cid = host.next();
+    let set = Sqe::set_features(
+        cid,
+        FeatureId::KeepAliveTimer,
+        KeepAliveTimer { timeout_ms: 5000 }.to_dword(),
+        false,
+    );
+    assert!(host.exchange(&set, &[]).status().is_success());
     t.shutdown();
 }
 

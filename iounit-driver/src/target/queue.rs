@@ -243,6 +243,17 @@ fn connect(shared: &Arc<Shared>, ep: &Endpoint) -> Option<(Arc<Controller>, u16,
             format!("queue size {size} outside 2..={}", shared.cfg.max_queue_depth),
         );
     }
+    if connect.qid == 0 && !transport::KATO_MS.contains(&connect.kato) {
+        return refuse(
+            Status::CONNECT_INVALID_PARAMETERS,
+            format!(
+                "keep-alive timeout {} ms outside {}..={} ms (0, disabled, is not accepted)",
+                connect.kato,
+                transport::KATO_MS.start(),
+                transport::KATO_MS.end()
+            ),
+        );
+    }
     let ctrl = if connect.qid == 0 {
         shared.new_controller(cdata.hostnqn.as_str(), Duration::from_millis(connect.kato.into()))
     } else {
@@ -589,6 +600,9 @@ impl Queue {
             },
             Ok(FeatureId::KeepAliveTimer) => {
                 let kato = KeepAliveTimer::from_dword(sqe.cdw11);
+                if !transport::KATO_MS.contains(&kato.timeout_ms) {
+                    return Outcome::status(Status::INVALID_FIELD.with_dnr());
+                }
                 *self.ctrl.kato.lock() = Duration::from_millis(kato.timeout_ms.into());
                 Outcome::status(Status::SUCCESS)
             }
