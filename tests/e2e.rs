@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{hostctl, ok, pattern, Daemon, Scratch};
 
@@ -444,12 +444,12 @@ fn iounitd_refuses(args: &[&str]) -> (std::process::ExitStatus, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("iounitd runs");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait for iounitd") {
             break status;
         }
-        if std::time::Instant::now() > deadline {
+        if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             panic!("iounitd {args:?} started serving instead of refusing");
@@ -464,6 +464,38 @@ fn iounitd_refuses(args: &[&str]) -> (std::process::ExitStatus, String) {
         .read_to_string(&mut err)
         .expect("stderr");
     (status, err)
+}
+
+#[test]
+fn a_reload_that_would_resize_a_ram_namespace_keeps_its_data() {
+    let scratch = Scratch::new("ram-resize");
+    let cfg = scratch.path("iounit.toml");
+    std::fs::write(&cfg, "[[namespace]]\nbackend = \"ram:1MiB\"\n").unwrap();
+    let mut cmd = Command::new(common::binary("iounitd"));
+    cmd.args(["--config", cfg.to_str().unwrap(), "--listen", "tcp://127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let d = Daemon::spawn(cmd);
+    write_blocks(&d.uri, 1, 0, &pattern(4 * 512, 9));
+    // Namespace 1 grown to 4 MiB (which would re-create it empty), and a
+    // new namespace 5, whose arrival shows the reload was applied.
+    std::fs::write(
+        &cfg,
+        "[[namespace]]\nbackend = \"ram:4MiB\"\n[[namespace]]\nnsid = 5\nbackend = \"ram:1MiB\"\n",
+    )
+    .unwrap();
+    d.signal("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !hostctl(&d.uri, &["identify", "--ns", "5"], None).0.status.success() {
+        assert!(Instant::now() < deadline, "the reload never attached namespace 5");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (out, _) = hostctl(&d.uri, &["identify", "--ns", "1"], None);
+    assert!(
+        String::from_utf8_lossy(&ok(&out)).contains("2048 blocks"),
+        "namespace 1 kept its size"
+    );
+    assert_eq!(read_blocks(&d.uri, 1, 0, 4), pattern(4 * 512, 9), "and its data");
 }
 
 #[test]

@@ -17,8 +17,9 @@
 //! ```
 //!
 //! On SIGHUP the daemon re-reads the file and attaches or detaches
-//! namespaces to match it (namespace hot-plug); other settings need a
-//! restart.
+//! namespaces to match it (namespace hot-plug, [`plan_reload`]), except
+//! that a RAM namespace is never replaced by another RAM spec at its NSID
+//! (its data would be lost); other settings need a restart.
 
 use std::path::Path;
 
@@ -142,9 +143,124 @@ pub fn parse(text: &str, origin: &str) -> Result<DaemonConfig, ConfigError> {
     })
 }
 
+/// What a reload changes: the namespaces to detach and the entries to
+/// attach, in order, and the RAM namespaces it keeps because replacing
+/// them would lose their data.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadPlan<'a> {
+    /// Attached namespaces no entry names any more.
+    pub detach: Vec<u32>,
+    /// Entries not attached yet.
+    pub attach: Vec<&'a NamespaceEntry>,
+    /// RAM namespaces that an entry with another RAM spec would take the
+    /// place of (a resize): kept as they are, with that entry, which is not
+    /// attached, and the reason for the operator.
+    pub refused: Vec<(u32, &'a NamespaceEntry, String)>,
+}
+
+/// Plans a reload from the `attached` namespaces (NSID and spec) to the
+/// `wanted` entries. An attached namespace stays when an entry names its
+/// spec (and its NSID, if the entry gives one); the others are detached,
+/// and entries left over are attached, each at its NSID or the lowest free
+/// one. A RAM namespace is memory: detaching it discards its data. When an
+/// entry with a RAM spec would land at the NSID of a RAM namespace being
+/// detached, the reload is a resize that would lose that data, so the
+/// namespace is kept and the entry is refused.
+pub fn plan_reload<'a>(
+    attached: &std::collections::BTreeMap<u32, BackendSpec>,
+    wanted: &'a [NamespaceEntry],
+) -> ReloadPlan<'a> {
+    let names = |nsid: u32, spec: &BackendSpec, w: &NamespaceEntry| &w.spec == spec && w.nsid.is_none_or(|n| n == nsid);
+    let mut plan = ReloadPlan::default();
+    for (&nsid, spec) in attached {
+        if !wanted.iter().any(|w| names(nsid, spec, w)) {
+            plan.detach.push(nsid);
+        }
+    }
+    let mut occupied: std::collections::BTreeSet<u32> =
+        attached.keys().filter(|n| !plan.detach.contains(n)).copied().collect();
+    for w in wanted {
+        if attached.iter().any(|(&nsid, spec)| names(nsid, spec, w)) {
+            continue;
+        }
+        let lands = w
+            .nsid
+            .unwrap_or_else(|| (1..).find(|n| !occupied.contains(n)).unwrap_or(u32::MAX));
+        let replaced = attached
+            .get(&lands)
+            .filter(|old| plan.detach.contains(&lands) && is_ram(old) && is_ram(&w.spec));
+        match replaced {
+            Some(old) => {
+                plan.detach.retain(|&n| n != lands);
+                plan.refused.push((
+                    lands,
+                    w,
+                    format!(
+                        "namespace {lands}: replacing {old} with {} would discard its data (RAM); \
+                         kept as it is. To resize it, remove it from the configuration and reload, \
+                         then add the new size and reload again",
+                        w.spec
+                    ),
+                ));
+            }
+            None => plan.attach.push(w),
+        }
+        occupied.insert(lands);
+    }
+    plan
+}
+
+fn is_ram(spec: &BackendSpec) -> bool {
+    matches!(spec, BackendSpec::Ram { .. })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entries(list: &[(Option<u32>, &str)]) -> Vec<NamespaceEntry> {
+        list.iter()
+            .map(|&(nsid, spec)| NamespaceEntry {
+                nsid,
+                spec: spec.parse().expect("spec"),
+            })
+            .collect()
+    }
+
+    fn attached(list: &[(u32, &str)]) -> std::collections::BTreeMap<u32, BackendSpec> {
+        list.iter().map(|&(n, spec)| (n, spec.parse().expect("spec"))).collect()
+    }
+
+    #[test]
+    fn a_reload_never_replaces_a_ram_namespace() {
+        let now = attached(&[(1, "ram:1MiB"), (2, "ram:2MiB")]);
+        // The same namespaces: nothing to do.
+        let same = entries(&[(None, "ram:1MiB"), (None, "ram:2MiB")]);
+        assert_eq!(plan_reload(&now, &same), ReloadPlan::default());
+        // Namespace 2 removed: detached (its data is discarded, as asked).
+        let fewer = entries(&[(None, "ram:1MiB")]);
+        let plan = plan_reload(&now, &fewer);
+        assert_eq!((plan.detach, plan.attach.len(), plan.refused.len()), (vec![2], 0, 0));
+        // Namespace 1 resized, with or without its NSID: refused, kept.
+        for resized in [
+            entries(&[(None, "ram:4MiB"), (None, "ram:2MiB")]),
+            entries(&[(Some(1), "ram:4MiB"), (None, "ram:2MiB")]),
+        ] {
+            let plan = plan_reload(&now, &resized);
+            assert!(plan.detach.is_empty() && plan.attach.is_empty(), "{plan:?}");
+            assert_eq!(plan.refused.len(), 1);
+            assert_eq!(plan.refused[0].0, 1);
+            assert!(plan.refused[0].2.contains("discard"), "{}", plan.refused[0].2);
+        }
+        // A new RAM namespace elsewhere is attached as usual.
+        let more = entries(&[(None, "ram:1MiB"), (None, "ram:2MiB"), (Some(5), "ram:4MiB")]);
+        let plan = plan_reload(&now, &more);
+        assert_eq!((plan.detach.len(), plan.attach.len(), plan.refused.len()), (0, 1, 0));
+        // A file may take a RAM namespace's place: the file keeps its data.
+        let file = entries(&[(Some(1), "file:/tmp/x.img:1MiB"), (None, "ram:2MiB")]);
+        let plan = plan_reload(&now, &file);
+        assert_eq!((plan.detach, plan.attach.len(), plan.refused.len()), (vec![1], 1, 0));
+    }
 
     #[test]
     fn full_file_parses() {

@@ -32,7 +32,9 @@ Examples:
   iounitd --config /etc/chanio/iounit.toml
 
 Signals: SIGINT/SIGTERM drain in-flight I/O and exit; SIGHUP re-reads --config and
-attaches or detaches namespaces to match it (hosts receive an asynchronous event).
+attaches or detaches namespaces to match it (hosts receive an asynchronous event);
+a RAM namespace is never replaced by one of another size, which would discard its
+data (remove it in one reload, add the new size in the next).
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
 )]
 struct Args {
@@ -188,34 +190,26 @@ fn attach(target: &Target, ns: &NamespaceEntry, attached: &mut BTreeMap<u32, Bac
     Ok(nsid)
 }
 
-/// Makes the attached namespaces match `wanted`.
+/// Makes the attached namespaces match `wanted` (`config::plan_reload`):
+/// never by replacing a RAM namespace, whose data that would discard.
 fn resync(target: &Target, wanted: &[NamespaceEntry], attached: &mut BTreeMap<u32, BackendSpec>) {
-    let keep: Vec<u32> = attached
-        .iter()
-        .filter(|(nsid, spec)| {
-            wanted
-                .iter()
-                .any(|w| &w.spec == *spec && w.nsid.is_none_or(|n| n == **nsid))
-        })
-        .map(|(n, _)| *n)
-        .collect();
-    let gone: Vec<u32> = attached.keys().filter(|n| !keep.contains(n)).copied().collect();
-    for nsid in gone {
+    let plan = config::plan_reload(attached, wanted);
+    for (_, _, why) in &plan.refused {
+        tracing::error!("reload: {why}");
+    }
+    for nsid in plan.detach {
+        let ram = matches!(attached.get(&nsid), Some(BackendSpec::Ram { .. }));
         match target.registry().detach(nsid, Duration::from_secs(30)) {
+            Ok(_) if ram => tracing::warn!(nsid, "namespace detached by reload; its RAM data is discarded"),
             Ok(_) => tracing::info!(nsid, "namespace detached by reload"),
             Err(e) => tracing::warn!(nsid, "detach: {e}"),
         }
         attached.remove(&nsid);
     }
-    for w in wanted {
-        let present = attached
-            .iter()
-            .any(|(n, spec)| spec == &w.spec && w.nsid.is_none_or(|want| want == *n));
-        if !present {
-            match attach(target, w, attached) {
-                Ok(nsid) => tracing::info!(nsid, spec = %w.spec, "namespace attached by reload"),
-                Err(e) => tracing::error!("{e}"),
-            }
+    for w in plan.attach {
+        match attach(target, w, attached) {
+            Ok(nsid) => tracing::info!(nsid, spec = %w.spec, "namespace attached by reload"),
+            Err(e) => tracing::error!("{e}"),
         }
     }
 }
