@@ -393,6 +393,15 @@ fn write_op(local: &BufPool, addr: u64, rkey: RKey, len: usize) -> SendOp {
     }
 }
 
+fn read_op(local: &BufPool, addr: u64, rkey: RKey, len: usize) -> SendOp {
+    let mut buf = local.checkout().expect("chunk");
+    buf.set_len(len);
+    SendOp::Read {
+        buf,
+        remote: RemoteAddr { addr, rkey },
+    }
+}
+
 /// A Write with an unknown remote key fails with a remote access error and breaks the connection.
 pub fn bad_key(fabric: &dyn Fabric, addr: &str) {
     let remote = pool(fabric, 4096, 1, RW);
@@ -436,17 +445,7 @@ pub fn other_domains_key(fabric: &dyn Fabric, addr: &str) {
         let d = elsewhere.remote();
         let op = match attack {
             "write" => write_op(&local, d.addr, d.rkey, 16),
-            _ => {
-                let mut buf = local.checkout().expect("chunk");
-                buf.set_len(16);
-                SendOp::Read {
-                    buf,
-                    remote: RemoteAddr {
-                        addr: d.addr,
-                        rkey: d.rkey,
-                    },
-                }
-            }
+            _ => read_op(&local, d.addr, d.rkey, 16),
         };
         a.post_send(&mut vec![SendWr { id: WrId(2), op }]).expect("post");
         let got = wait_for(&*a, 2);
@@ -482,17 +481,7 @@ pub fn no_permission(fabric: &dyn Fabric, addr: &str) {
     expect_remote_access_error(fabric, addr, |l| write_op(l, d.addr, d.rkey, 16));
     let write_only = pool(fabric, 4096, 1, Access::LOCAL_WRITE | Access::REMOTE_WRITE);
     let d = write_only.remote();
-    expect_remote_access_error(fabric, addr, |l| {
-        let mut buf = l.checkout().expect("chunk");
-        buf.set_len(16);
-        SendOp::Read {
-            buf,
-            remote: RemoteAddr {
-                addr: d.addr,
-                rkey: d.rkey,
-            },
-        }
-    });
+    expect_remote_access_error(fabric, addr, |l| read_op(l, d.addr, d.rkey, 16));
 }
 
 /// A Send with no posted receive fails with receiver-not-ready; nothing is dropped silently.

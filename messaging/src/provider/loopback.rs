@@ -270,9 +270,7 @@ impl Fabric for LoopbackFabric {
         params: &[u8],
         recvs: Vec<RecvWr>,
     ) -> Result<Box<dyn QueuePair>, FabricError> {
-        if !domain.is_within(&self.pd) {
-            return Err(FabricError::ForeignDomain { provider: "loopback" });
-        }
+        super::check_domain(domain, &self.pd, "loopback")?;
         let answer = Arc::new((Mutex::new(None), Condvar::new()));
         let client = {
             let mut st = self.world.state.lock();
@@ -414,9 +412,7 @@ impl Incoming for LoopbackIncoming {
         params: &[u8],
         recvs: Vec<RecvWr>,
     ) -> Result<Box<dyn QueuePair>, FabricError> {
-        if !domain.is_within(&self.fabric.pd) {
-            return Err(FabricError::ForeignDomain { provider: "loopback" });
-        }
+        super::check_domain(domain, &self.fabric.pd, "loopback")?;
         let pending = self.pending.take().ok_or(FabricError::Shutdown)?;
         let server = {
             let mut st = self.fabric.world.state.lock();

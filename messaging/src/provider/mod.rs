@@ -384,6 +384,20 @@ pub enum FabricError {
     },
 }
 
+/// Checks that a connection's `domain` is the fabric's own domain or was
+/// made from it ([`ProtectionDomain::child`]).
+pub(crate) fn check_domain(
+    domain: &ProtectionDomain,
+    fabric_domain: &ProtectionDomain,
+    provider: &'static str,
+) -> Result<(), FabricError> {
+    if domain.is_within(fabric_domain) {
+        Ok(())
+    } else {
+        Err(FabricError::ForeignDomain { provider })
+    }
+}
+
 /// Callback run by a provider after it queued new completions. It must be
 /// cheap and must not call back into the queue pair.
 pub type Notify = Arc<dyn Fn() + Send + Sync>;

@@ -237,9 +237,7 @@ impl Fabric for TcpFabric {
         params: &[u8],
         recvs: Vec<RecvWr>,
     ) -> Result<Box<dyn QueuePair>, FabricError> {
-        if !domain.is_within(&self.pd) {
-            return Err(FabricError::ForeignDomain { provider: "tcp" });
-        }
+        super::check_domain(domain, &self.pd, "tcp")?;
         let sa = resolve(addr)?;
         let peer = format!("tcp://{sa}");
         let conn_err = |source| FabricError::Connect {
@@ -455,9 +453,7 @@ impl Incoming for TcpIncoming {
         params: &[u8],
         recvs: Vec<RecvWr>,
     ) -> Result<Box<dyn QueuePair>, FabricError> {
-        if !domain.is_within(&self.fabric.pd) {
-            return Err(FabricError::ForeignDomain { provider: "tcp" });
-        }
+        super::check_domain(domain, &self.fabric.pd, "tcp")?;
         let TcpIncoming {
             stream,
             peer,

@@ -302,9 +302,7 @@ impl Fabric for ShmFabric {
         params: &[u8],
         recvs: Vec<RecvWr>,
     ) -> Result<Box<dyn QueuePair>, FabricError> {
-        if !domain.is_within(&self.pd) {
-            return Err(FabricError::ForeignDomain { provider: "shm" });
-        }
+        super::check_domain(domain, &self.pd, "shm")?;
         let name = socket_name(addr)?;
         let peer = format!("shm://{name}");
         let conn_err = |source| FabricError::Connect {
@@ -568,9 +566,7 @@ impl Incoming for ShmIncoming {
         recvs: Vec<RecvWr>,
     ) -> Result<Box<dyn QueuePair>, FabricError> {
         let this = *self;
-        if !domain.is_within(&this.fabric.pd) {
-            return Err(FabricError::ForeignDomain { provider: "shm" });
-        }
+        super::check_domain(domain, &this.fabric.pd, "shm")?;
         if params.len() > MAX_PARAMS {
             return Err(FabricError::Handshake {
                 peer: this.peer,
