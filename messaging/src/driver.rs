@@ -645,6 +645,17 @@ impl Endpoint {
         })
     }
 
+    /// Hands the channel's progress to the provider's own thread until a
+    /// caller drives again: for a thread about to sleep elsewhere (an
+    /// io_uring, an event loop) after registering a waker through
+    /// [`Endpoint::recv_async`], so that what arrives meanwhile is read
+    /// and wakes it at once rather than after the last caller's lease.
+    /// Held sends are posted first.
+    pub fn step_away(&self) {
+        self.shared.post_held();
+        self.shared.qp.step_away();
+    }
+
     /// Holds back posting until the returned guard drops, so that the sends
     /// and pushes made meanwhile reach the fabric as one batch (one system
     /// call on tcp): what a server answering several requests at once wants.

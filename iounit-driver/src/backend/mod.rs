@@ -15,12 +15,19 @@
 //! Backends: [`ram`] (memory), [`uring`] (regular files and block devices
 //! through io_uring, `O_DIRECT` where the file system supports it). Every
 //! call is checked against the geometry before it reaches storage.
+//!
+//! Two contracts: the [`BlockIo`] calls run one request each and return
+//! when it is done (the RAM backend, and every command that is not a read,
+//! write or flush); a backend that offers its [`BlockIo::files`] is also
+//! driven asynchronously by each queue's [`ring::Ring`], many requests in
+//! flight, completed in whatever order the device finishes them.
 
 use std::fmt;
 use std::sync::Arc;
 
 pub mod ram;
 pub mod registry;
+pub mod ring;
 pub mod uring;
 
 pub use registry::{NamespaceCache, NamespaceRef, Registry, RegistryEvent, SubscriptionId};
@@ -140,6 +147,13 @@ pub trait BlockIo: Send + Sync + fmt::Debug {
     /// # Errors
     /// `WriteFailed`.
     fn flush(&self) -> Result<(), BlockError>;
+
+    /// The files behind this backend, for a backend that a queue's own
+    /// [`ring::Ring`] can drive with many requests in flight. `None` (the
+    /// default) means the queue calls the methods above, one at a time.
+    fn files(&self) -> Option<&Arc<uring::Files>> {
+        None
+    }
 }
 
 /// Zeroing a range without sending zeros.

@@ -5,9 +5,13 @@
 //! it; tmpfs, for one, does not) for block-aligned I/O from page-aligned
 //! buffers, and buffered for everything else. Linux keeps the two coherent
 //! (direct writes invalidate the page cache, direct reads write dirty pages
-//! back first). Each calling thread owns a small ring; a request is
-//! submitted and its completion reaped in one `io_uring_enter`. FUA is a
-//! data sync after the write, Flush an `fdatasync`; Write Zeroes and
+//! back first).
+//!
+//! Two ways in: the [`BlockIo`] calls, where each calling thread owns a
+//! small ring and a request is submitted and its completion reaped in one
+//! `io_uring_enter`; and the queue's own ring ([`super::ring::Ring`]), which
+//! keeps many requests in flight on the [`Files`] this backend shares. FUA
+//! is a write with `RWF_DSYNC`, Flush an `fdatasync`; Write Zeroes and
 //! Deallocate use `fallocate` (zero range, punch hole) and fall back to
 //! writing zeros where the file system refuses.
 
@@ -17,6 +21,7 @@ use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 
@@ -31,11 +36,56 @@ thread_local! {
 
 /// A namespace stored in a file or block device.
 pub struct FileBackend {
+    files: Arc<Files>,
+    geometry: Geometry,
+    block_device: bool,
+}
+
+/// The open files of a file namespace, shared with the requests in flight
+/// on them (a request keeps them open until it completes).
+#[derive(Debug)]
+pub struct Files {
     path: PathBuf,
     buffered: File,
     direct: Option<File>,
-    geometry: Geometry,
-    block_device: bool,
+}
+
+impl Files {
+    /// Files opened elsewhere (tests: pipes, read-only descriptors).
+    #[cfg(test)]
+    pub(crate) fn from_parts(path: &Path, buffered: File, direct: Option<File>) -> Files {
+        Files {
+            path: path.to_path_buf(),
+            buffered,
+            direct,
+        }
+    }
+
+    /// The file a request of `len` bytes at `offset` from or into `buf`
+    /// goes through: the `O_DIRECT` one when everything is aligned.
+    pub(crate) fn pick(&self, offset: u64, buf: *const u8, len: usize) -> &File {
+        match &self.direct {
+            Some(d)
+                if offset.is_multiple_of(ALIGN as u64)
+                    && len.is_multiple_of(ALIGN)
+                    && (buf as usize).is_multiple_of(ALIGN) =>
+            {
+                d
+            }
+            _ => &self.buffered,
+        }
+    }
+
+    /// The file a flush goes through (any descriptor of the file syncs
+    /// all its data).
+    pub(crate) fn sync_file(&self) -> &File {
+        &self.buffered
+    }
+
+    /// An error of `kind` naming what failed, where, and the OS reason.
+    pub(crate) fn error(&self, kind: ErrorKind, what: &str, offset: u64, e: std::io::Error) -> BlockError {
+        BlockError::with_source(kind, format!("{what} at byte {offset} of {}", self.path.display()), e)
+    }
 }
 
 impl FileBackend {
@@ -102,9 +152,11 @@ impl FileBackend {
             .ok();
         tracing::debug!(path = %path.display(), direct = direct.is_some(), bytes, "file backend open");
         Ok(FileBackend {
-            path: path.to_path_buf(),
-            buffered,
-            direct,
+            files: Arc::new(Files {
+                path: path.to_path_buf(),
+                buffered,
+                direct,
+            }),
             geometry: Geometry { block_size, blocks },
             block_device,
         })
@@ -112,34 +164,23 @@ impl FileBackend {
 
     /// Whether `O_DIRECT` is in use for aligned requests.
     pub fn is_direct(&self) -> bool {
-        self.direct.is_some()
+        self.files.direct.is_some()
     }
 
     fn pick(&self, offset: u64, buf: *const u8, len: usize) -> &File {
-        match &self.direct {
-            Some(d)
-                if offset.is_multiple_of(ALIGN as u64)
-                    && len.is_multiple_of(ALIGN)
-                    && (buf as usize).is_multiple_of(ALIGN) =>
-            {
-                d
-            }
-            _ => &self.buffered,
-        }
+        self.files.pick(offset, buf, len)
     }
 
     fn io_error(&self, kind: ErrorKind, what: &str, offset: u64, e: std::io::Error) -> BlockError {
-        BlockError::with_source(kind, format!("{what} at byte {offset} of {}", self.path.display()), e)
+        self.files.error(kind, what, offset, e)
     }
 
     fn datasync(&self) -> Result<(), BlockError> {
-        for file in std::iter::once(&self.buffered).chain(self.direct.as_ref()) {
-            let entry = opcode::Fsync::new(types::Fd(file.as_raw_fd()))
-                .flags(types::FsyncFlags::DATASYNC)
-                .build();
-            // SAFETY: an fsync entry refers to no memory; the fd outlives the call.
-            unsafe { submit(entry) }.map_err(|e| self.io_error(ErrorKind::WriteFailed, "fdatasync", 0, e))?;
-        }
+        let entry = opcode::Fsync::new(types::Fd(self.files.sync_file().as_raw_fd()))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        // SAFETY: an fsync entry refers to no memory; the fd outlives the call.
+        unsafe { submit(entry) }.map_err(|e| self.io_error(ErrorKind::WriteFailed, "fdatasync", 0, e))?;
         Ok(())
     }
 
@@ -147,7 +188,7 @@ impl FileBackend {
         if self.block_device {
             return Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
         }
-        let entry = opcode::Fallocate::new(types::Fd(self.buffered.as_raw_fd()), len)
+        let entry = opcode::Fallocate::new(types::Fd(self.files.buffered.as_raw_fd()), len)
             .offset(offset)
             .mode(mode)
             .build();
@@ -170,8 +211,8 @@ impl FileBackend {
 impl std::fmt::Debug for FileBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileBackend")
-            .field("path", &self.path)
-            .field("direct", &self.direct.is_some())
+            .field("path", &self.files.path)
+            .field("direct", &self.files.direct.is_some())
             .field("geometry", &self.geometry)
             .finish()
     }
@@ -238,7 +279,11 @@ unsafe fn submit(entry: io_uring::squeue::Entry) -> std::io::Result<u32> {
 
 impl BlockIo for FileBackend {
     fn describe(&self) -> String {
-        format!("file:{}", self.path.display())
+        format!("file:{}", self.files.path.display())
+    }
+
+    fn files(&self) -> Option<&Arc<Files>> {
+        Some(&self.files)
     }
 
     fn geometry(&self) -> Geometry {

@@ -10,24 +10,39 @@
 //!                                      └─ each push ─▶ written ─▶ … ─▶ Completed
 //! ```
 //!
+//! Reads, writes and flushes of a namespace with files
+//! ([`BlockIo::files`](crate::backend::BlockIo::files))
+//! run on the queue's own io_uring ([`Ring`]), as many at once as the host
+//! sends, and complete as the device finishes them, out of order; a read's
+//! data is pushed, and a write completed, only then. Everything else (RAM
+//! namespaces, Write Zeroes, Dataset Management, admin commands) runs on
+//! the queue's thread and completes before the next capsule is looked at.
+//! While the ring holds requests, the thread sleeps in the ring, woken by a
+//! completion or by its channel ([`Ring::waker`]).
+//!
 //! A malformed capsule, a push nobody waits for, or a direct placement
 //! (an I/O unit never exposes memory) is a protocol violation: the channel
 //! closes and only it.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use messaging::mr::{Access, BufPool, RKey, RemoteBuf};
+use messaging::mr::{Access, Buf, BufPool, RKey, RemoteBuf};
 use messaging::{DirectTarget, Endpoint, Error as MsgError, ReceivedKind};
+use slab::Slab;
 
 use super::{Controller, Shared};
+use crate::backend::ring::{IoOp, Ring, Transfer};
+use crate::backend::uring::Files;
 use crate::backend::{BlockError, ErrorKind, NamespaceCache, NamespaceRef};
 use crate::nvme::{
     AdminOpcode, ChangedNamespaceList, Cns, CommandId, Connect, ConnectData, ConnectResponse, Cqe, DsmRange,
     ErrorLogEntry, FabricsCommandType, FeatureId, GetLogPage, IdentifyController, IdentifyNamespace, IoOpcode,
-    KeepAliveTimer, LogPageId, NamespaceList, Nsid, NumberOfQueues, Sgl, Sqe, Status,
+    KeepAliveTimer, LogPageId, NamespaceList, Nsid, NumberOfQueues, Sgl, Sqe, Status, SQE_LEN,
 };
 use crate::transport;
 
@@ -41,6 +56,9 @@ const TICK: Duration = Duration::from_millis(250);
 /// over shm; 128 KiB shm writes 2.2 → 7.0 GB/s; reads unchanged).
 const BATCH: usize = 8;
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// How long a queue with requests on its ring sleeps in the ring alone
+/// before it hands its channel to the provider's thread and sleeps on.
+const RING_FIRST_WAIT: Duration = Duration::from_micros(200);
 const STAGING_BUFFERS: usize = 4;
 /// Size and number of the small staging buffers (reads up to that size).
 const SMALL_STAGING: usize = 16 * 1024;
@@ -73,9 +91,11 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
         qid,
         depth,
         sq_head: 0,
-        writes: VecDeque::new(),
+        writes: Slab::new(),
+        awaiting: VecDeque::new(),
         staging,
         namespaces: NamespaceCache::default(),
+        ring: None,
     };
     if qid > 0 {
         ctrl.io_active.fetch_add(1, Ordering::AcqRel);
@@ -92,7 +112,7 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
             let drained = if qid == 0 {
                 ctrl.io_active.load(Ordering::Acquire) == 0
             } else {
-                q.writes.is_empty()
+                q.writes.is_empty() && q.ring_idle()
             };
             if drained || since.elapsed() > DRAIN_GRACE {
                 break;
@@ -108,11 +128,11 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
                 break;
             }
         }
-        match ep.recv_timeout(TICK) {
-            Ok(d) => {
+        match q.next(TICK) {
+            Ok(Some(d)) => {
                 // Everything the host sent meanwhile is handled in one go,
                 // and the data pushes and completions it produces go out as
-                // one batch.
+                // one batch; the storage requests it started, too.
                 let cork = ep.cork();
                 let mut outcome = q.handle(d);
                 for _ in 1..BATCH {
@@ -124,25 +144,29 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
                         Err(_) => break,
                     }
                 }
+                if outcome.is_ok() {
+                    outcome = q.submit_ring();
+                }
                 drop(cork);
                 if let Err(reason) = outcome {
                     tracing::warn!(%peer, qid, "closing the channel: {reason}");
                     break;
                 }
             }
-            Err(MsgError::Timeout(_)) => {}
-            Err(MsgError::Closed(reason)) => {
+            Ok(None) => {}
+            Err(Stop::Closed(reason)) => {
                 tracing::debug!(%peer, qid, "channel closed: {reason}");
                 break;
             }
-            Err(e) => {
-                tracing::warn!(%peer, qid, "channel error: {e}");
+            Err(Stop::Failed(reason)) => {
+                tracing::warn!(%peer, qid, "closing the channel: {reason}");
                 break;
             }
         }
     }
     // Commands waiting for data that will never come release their namespaces.
     q.writes.clear();
+    q.awaiting.clear();
     ep.close();
     if qid == 0 {
         shared.remove_controller(ctrl.cntlid);
@@ -294,8 +318,89 @@ struct PendingWrite {
     offset: u64,
     len: u64,
     received: u64,
+    /// Chunks on the ring: the write completes when all its data came
+    /// and none is left there.
+    outstanding: u32,
     fua: bool,
     status: Status,
+}
+
+/// Why a queue's wait ended its service.
+enum Stop {
+    /// The channel closed (the host went, or the fabric failed).
+    Closed(String),
+    /// This side gives up on the channel.
+    Failed(String),
+}
+
+/// A read, write or flush on the queue's ring. Each owns the memory the
+/// kernel transfers (see [`Ring`]).
+enum Io {
+    /// A read into a staging buffer, pushed to the host once complete.
+    Read {
+        cid: CommandId,
+        _ns: NamespaceRef,
+        offset: u64,
+        buf: Buf,
+        target: DirectTarget,
+        by_data: bool,
+    },
+    /// In-capsule write data: the capsule after its SQE.
+    Inline {
+        cid: CommandId,
+        _ns: NamespaceRef,
+        offset: u64,
+        capsule: messaging::Delivery,
+        fua: bool,
+    },
+    /// One pushed chunk of the write `write` (a key of `Queue::writes`,
+    /// which holds its namespace).
+    Chunk {
+        write: usize,
+        offset: u64,
+        data: messaging::Delivery,
+        fua: bool,
+    },
+    Flush {
+        cid: CommandId,
+        _ns: NamespaceRef,
+    },
+}
+
+// SAFETY: every variant names memory that neither moves nor resizes while
+// the request lives: a staging `Buf` (a chunk of a registration) whose
+// length is set before the request starts, or a `Delivery`'s receive buffer
+// or slot, which it holds until dropped; `op` writes nothing.
+unsafe impl Transfer for Io {
+    fn op(&mut self) -> IoOp<'_> {
+        match self {
+            Io::Read { offset, buf, .. } => IoOp::Read {
+                offset: *offset,
+                buf: &mut buf[..],
+            },
+            Io::Inline {
+                offset, capsule, fua, ..
+            } => IoOp::Write {
+                offset: *offset,
+                data: capsule.get(SQE_LEN..).unwrap_or_default(),
+                fua: *fua,
+            },
+            Io::Chunk { offset, data, fua, .. } => IoOp::Write {
+                offset: *offset,
+                data,
+                fua: *fua,
+            },
+            Io::Flush { .. } => IoOp::Flush,
+        }
+    }
+}
+
+/// What an I/O command needs started on the ring once its capsule is
+/// decoded (the capsule itself may go with it).
+enum Start {
+    Read { ns: NamespaceRef, offset: u64, len: usize },
+    InlineWrite { ns: NamespaceRef, offset: u64, fua: bool },
+    Flush { ns: NamespaceRef },
 }
 
 struct Queue {
@@ -305,10 +410,18 @@ struct Queue {
     qid: u16,
     depth: u16,
     sq_head: u16,
-    writes: VecDeque<PendingWrite>,
+    /// Writes not yet completed: waiting for pushed data, or for their
+    /// chunks on the ring.
+    writes: Slab<PendingWrite>,
+    /// Keys of the writes still waiting for data, oldest first: pushed
+    /// data belongs to the first.
+    awaiting: VecDeque<usize>,
     staging: Staging,
     /// The namespace this queue's commands addressed last.
     namespaces: NamespaceCache,
+    /// The queue's io_uring and the waker that ends its sleep, made at the
+    /// first request for a namespace with files.
+    ring: Option<(Ring<Io>, Waker)>,
 }
 
 /// Registered buffers that read data is staged in before its push to the
@@ -383,6 +496,8 @@ enum Outcome {
     /// Completed by its flagged data push: no response capsule
     /// ([`transport::CDW3_COMPLETE_BY_DATA`]).
     Pushed,
+    /// To run on the ring; it completes when the ring hands it back.
+    Start(Start),
 }
 
 impl Outcome {
@@ -395,14 +510,14 @@ impl Queue {
     /// One command capsule. `Err` closes the channel.
     fn handle(&mut self, d: messaging::Delivery) -> Result<(), String> {
         match d.kind() {
-            ReceivedKind::Message => self.capsule(&d),
+            ReceivedKind::Message => self.capsule(d),
             ReceivedKind::Push => self.pushed(d),
             ReceivedKind::Direct { .. } => Err("a direct placement into an I/O unit".into()),
         }
     }
 
-    fn capsule(&mut self, msg: &[u8]) -> Result<(), String> {
-        let (sqe, inline) = transport::decode_capsule(msg).map_err(|e| format!("malformed capsule: {e}"))?;
+    fn capsule(&mut self, msg: messaging::Delivery) -> Result<(), String> {
+        let (sqe, inline) = transport::decode_capsule(&msg).map_err(|e| format!("malformed capsule: {e}"))?;
         self.sq_head = (self.sq_head + 1) % self.depth.max(1);
         if self.qid == 0 {
             self.ctrl.touch();
@@ -412,10 +527,20 @@ impl Queue {
         } else {
             self.io(&sqe, inline)
         }?;
-        if let Outcome::Done(status, dw0) = outcome {
-            self.complete(sqe.command_id, status, dw0)?;
+        let cid = sqe.command_id;
+        match outcome {
+            Outcome::Done(status, dw0) => self.complete(cid, status, dw0),
+            Outcome::Later | Outcome::Pushed => Ok(()),
+            Outcome::Start(Start::Read { ns, offset, len }) => self.start_read(&sqe, ns, offset, len),
+            Outcome::Start(Start::InlineWrite { ns, offset, fua }) => self.start(Io::Inline {
+                cid,
+                _ns: ns,
+                offset,
+                capsule: msg,
+                fua,
+            }),
+            Outcome::Start(Start::Flush { ns }) => self.start(Io::Flush { cid, _ns: ns }),
         }
-        Ok(())
     }
 
     fn complete(&mut self, cid: CommandId, status: Status, dw0: u32) -> Result<(), String> {
@@ -443,21 +568,11 @@ impl Queue {
         want: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<(), Status>,
     ) -> Result<Outcome, String> {
-        let (addr, len, key) = match sqe.sgl() {
-            Ok(Sgl::KeyedDataBlock { addr, len, key }) | Ok(Sgl::KeyedDataBlockInvalidate { addr, len, key }) => {
-                (addr, len, key)
-            }
-            Ok(_) => return Ok(Outcome::status(Status::SGL_INVALID_DESCRIPTOR_TYPE.with_dnr())),
-            Err(e) => return Ok(Outcome::status(e.status())),
+        let target = match host_target(sqe) {
+            Ok(t) => t,
+            Err(status) => return Ok(Outcome::status(status)),
         };
-        let target = DirectTarget {
-            tag: transport::transfer_tag(sqe),
-            remote: RemoteBuf {
-                addr,
-                len,
-                rkey: RKey(key),
-            },
-        };
+        let len = target.remote.len;
         // The command succeeds with this push: when the host allows, the
         // push itself says so and no response capsule follows.
         let by_data = transport::completes_by_data(sqe);
@@ -633,12 +748,13 @@ impl Queue {
         // before storage was touched: take the pushes in, then complete.
         if let (Ok(Sgl::TransportDataBlock { len }), Outcome::Done(status, _)) = (sqe.sgl(), &outcome) {
             if sqe.opcode == IoOpcode::Write as u8 && !status.is_success() && len > 0 {
-                self.writes.push_back(PendingWrite {
+                self.await_data(PendingWrite {
                     cid: sqe.command_id,
                     ns: None,
                     offset: 0,
                     len: u64::from(len),
                     received: 0,
+                    outstanding: 0,
                     fua: false,
                     status: *status,
                 });
@@ -692,6 +808,13 @@ impl Queue {
                 if sqe.sgl().map(|s| u64::from(s.len()) < len).unwrap_or(false) {
                     return Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr()));
                 }
+                if ns.files().is_some() {
+                    return Ok(Outcome::Start(Start::Read {
+                        ns,
+                        offset,
+                        len: len as usize,
+                    }));
+                }
                 // Checked above: the host's buffer takes all `len` bytes.
                 self.push_to_host(sqe, len as usize, |dest| {
                     ns.read(offset, dest).map_err(|e| block_status(&e))
@@ -709,6 +832,17 @@ impl Queue {
                     Ok(Sgl::DataBlockOffset { offset: 0, len: l })
                         if u64::from(l) == len && inline.len() as u64 == len =>
                     {
+                        // In-capsule data sits 64 bytes into its buffer,
+                        // never aligned for O_DIRECT: it goes through the
+                        // page cache, a copy made here at once; only a FUA
+                        // write (which waits for the device) goes on the ring.
+                        if sqe.fua() && ns.files().is_some() {
+                            return Ok(Outcome::Start(Start::InlineWrite {
+                                ns,
+                                offset,
+                                fua: sqe.fua(),
+                            }));
+                        }
                         Ok(Outcome::status(match ns.write(offset, inline, sqe.fua()) {
                             Ok(()) => Status::SUCCESS,
                             Err(e) => block_status(&e),
@@ -716,12 +850,13 @@ impl Queue {
                     }
                     Ok(Sgl::DataBlockOffset { .. }) => Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr())),
                     Ok(Sgl::TransportDataBlock { len: l }) if u64::from(l) == len => {
-                        self.writes.push_back(PendingWrite {
+                        self.await_data(PendingWrite {
                             cid: sqe.command_id,
                             ns: Some(ns),
                             offset,
                             len,
                             received: 0,
+                            outstanding: 0,
                             fua: sqe.fua(),
                             status: Status::SUCCESS,
                         });
@@ -737,6 +872,7 @@ impl Queue {
                     Err(e) => Ok(Outcome::status(e.status())),
                 }
             }
+            IoOpcode::Flush if ns.files().is_some() => Ok(Outcome::Start(Start::Flush { ns })),
             IoOpcode::Flush => Ok(Outcome::status(match ns.flush() {
                 Ok(()) => Status::SUCCESS,
                 Err(e) => block_status(&e),
@@ -780,28 +916,350 @@ impl Queue {
 
     /// A chunk of pushed write data: it belongs to the oldest write waiting.
     fn pushed(&mut self, d: messaging::Delivery) -> Result<(), String> {
-        let Some(w) = self.writes.front_mut() else {
+        let Some(&key) = self.awaiting.front() else {
             return Err("pushed data for no write command".into());
         };
+        let w = &mut self.writes[key];
         let len = d.len() as u64;
         if w.received + len > w.len {
             return Err(format!("pushed {} bytes for a {}-byte write", w.received + len, w.len));
         }
-        if let (true, Some(ns)) = (w.status.is_success(), &w.ns) {
-            if let Err(e) = ns.write(w.offset + w.received, &d, w.fua) {
-                w.status = block_status(&e);
+        let at = w.offset + w.received;
+        w.received += len;
+        let (fua, all_in) = (w.fua, w.received == w.len);
+        if all_in {
+            self.awaiting.pop_front();
+        }
+        match (w.status.is_success(), &w.ns) {
+            (true, Some(ns)) if ns.files().is_some() => {
+                w.outstanding += 1;
+                self.start(Io::Chunk {
+                    write: key,
+                    offset: at,
+                    data: d,
+                    fua,
+                })?;
+            }
+            (true, Some(ns)) => {
+                if let Err(e) = ns.write(at, &d, fua) {
+                    w.status = block_status(&e);
+                }
+            }
+            _ => {}
+        }
+        self.finish_write(key)
+    }
+
+    /// Completes write `key` once all its data came and none of it is left
+    /// on the ring.
+    fn finish_write(&mut self, key: usize) -> Result<(), String> {
+        let done = self
+            .writes
+            .get(key)
+            .is_some_and(|w| w.received == w.len && w.outstanding == 0);
+        if !done {
+            return Ok(());
+        }
+        let w = self.writes.remove(key);
+        let (cid, status) = (w.cid, w.status);
+        // The namespace goes before the completion: a host that saw the
+        // write complete may detach it at once.
+        drop(w);
+        self.complete(cid, status, 0)
+    }
+
+    fn await_data(&mut self, w: PendingWrite) {
+        let key = self.writes.insert(w);
+        self.awaiting.push_back(key);
+    }
+
+    /// Whether no request is on the ring.
+    fn ring_idle(&self) -> bool {
+        self.ring.as_ref().is_none_or(|(r, _)| r.in_flight() == 0)
+    }
+
+    /// Starts `io` on the ring (made on first use). Where no ring can be
+    /// made, or it is full, `io` runs here and now instead.
+    fn start(&mut self, io: Io) -> Result<(), String> {
+        if self.ring.is_none() {
+            let capacity =
+                usize::from(self.depth) + usize::from(transport::CHANNEL_SLACK) + usize::from(transport::SLOT_COUNT);
+            match Ring::new(capacity) {
+                Ok(ring) => {
+                    let waker = ring.waker();
+                    self.ring = Some((ring, waker));
+                }
+                Err(e) => tracing::warn!(
+                    qid = self.qid,
+                    "no io_uring for this queue ({e}); running I/O one at a time"
+                ),
             }
         }
-        drop(d);
-        w.received += len;
-        if w.received == w.len {
-            let done = self.writes.pop_front().expect("front exists");
-            let (cid, status) = (done.cid, done.status);
-            drop(done);
-            self.complete(cid, status, 0)?;
-        }
-        Ok(())
+        let files = match self.files_of(&io) {
+            Some(f) => f.clone(),
+            None => return self.run_now(io),
+        };
+        let io = match &mut self.ring {
+            Some((ring, _)) => match ring.start(&files, io) {
+                Ok(()) => return Ok(()),
+                Err(io) => io,
+            },
+            None => io,
+        };
+        self.run_now(io)
     }
+
+    /// The files `io` runs against.
+    fn files_of<'a>(&'a self, io: &'a Io) -> Option<&'a Arc<Files>> {
+        match io {
+            Io::Read { _ns: ns, .. } | Io::Inline { _ns: ns, .. } | Io::Flush { _ns: ns, .. } => ns.files(),
+            Io::Chunk { write, .. } => self.writes.get(*write)?.ns.as_ref()?.files(),
+        }
+    }
+
+    /// Runs `io` through the blocking calls and handles its result.
+    fn run_now(&mut self, mut io: Io) -> Result<(), String> {
+        let r = match &mut io {
+            Io::Read { _ns, offset, buf, .. } => _ns.read(*offset, buf),
+            Io::Inline {
+                _ns,
+                offset,
+                capsule,
+                fua,
+                ..
+            } => _ns.write(*offset, capsule.get(SQE_LEN..).unwrap_or_default(), *fua),
+            Io::Flush { _ns, .. } => _ns.flush(),
+            Io::Chunk {
+                write,
+                offset,
+                data,
+                fua,
+            } => match self.writes.get(*write).and_then(|w| w.ns.as_ref()) {
+                Some(ns) => ns.write(*offset, data, *fua),
+                None => Err(BlockError::new(ErrorKind::NotReady, "the write's namespace is gone")),
+            },
+        };
+        self.done(io, r)
+    }
+
+    /// Starts a read of `len` bytes at `offset` into a staging buffer.
+    fn start_read(&mut self, sqe: &Sqe, ns: NamespaceRef, offset: u64, len: usize) -> Result<(), String> {
+        let cid = sqe.command_id;
+        let target = match host_target(sqe) {
+            Ok(t) => t,
+            Err(status) => return self.complete(cid, status, 0),
+        };
+        let mut buf = self.staging_buf(target.remote.len as usize)?;
+        // The descriptor takes all `len` bytes (checked by the caller); a
+        // staging buffer too small would cut the data short unnoticed.
+        if len > buf.capacity() {
+            return self.complete(cid, Status::INTERNAL_ERROR, 0);
+        }
+        buf.set_len(len);
+        self.start(Io::Read {
+            cid,
+            _ns: ns,
+            offset,
+            buf,
+            target,
+            by_data: transport::completes_by_data(sqe),
+        })
+    }
+
+    /// A staging buffer for `len` bytes. While all are taken, the ring's
+    /// completions (reads whose data is then pushed) and the channel's
+    /// (pushes that give their buffer back) are waited for, up to
+    /// `STAGING_WAIT`.
+    fn staging_buf(&mut self, len: usize) -> Result<Buf, String> {
+        if let Some(b) = self.staging.tier(len).pool.checkout() {
+            return Ok(b);
+        }
+        let deadline = Instant::now() + STAGING_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("no staging buffer came back within {STAGING_WAIT:?}"));
+            }
+            if self.ring_idle() {
+                match self.ep.wait_progress(left) {
+                    Ok(()) | Err(MsgError::Timeout(_)) => {}
+                    Err(e) => return Err(format!("data push to the host failed: {e}")),
+                }
+            } else {
+                self.wait_ring(left.min(TICK))?;
+            }
+            if let Some(b) = self.staging.tier(len).pool.checkout() {
+                return Ok(b);
+            }
+        }
+    }
+
+    /// Hands the ring's queued requests to the kernel.
+    fn submit_ring(&mut self) -> Result<(), String> {
+        match &mut self.ring {
+            Some((ring, _)) => ring.submit().map_err(|e| format!("io_uring submission failed: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Sleeps in the ring up to `timeout` (a completion or the channel's
+    /// waker ends it), then handles what completed.
+    fn wait_ring(&mut self, timeout: Duration) -> Result<(), String> {
+        if let Some((ring, _)) = &mut self.ring {
+            ring.wait(timeout).map_err(|e| format!("io_uring wait failed: {e}"))?;
+        }
+        self.reap_ring()
+    }
+
+    /// Handles every request the ring finished; their pushes and
+    /// completions go out as one batch.
+    fn reap_ring(&mut self) -> Result<(), String> {
+        let Some((mut ring, waker)) = self.ring.take() else {
+            return Ok(());
+        };
+        let ep = self.ep.clone();
+        let cork = ep.cork();
+        let mut outcome = Ok(());
+        ring.reap(|io, r| {
+            if outcome.is_ok() {
+                outcome = self.done(io, r);
+            }
+        });
+        drop(cork);
+        self.ring = Some((ring, waker));
+        outcome
+    }
+
+    /// A request finished with `r`: push a read's data, complete the
+    /// command (or, for a chunk, its write once the last chunk is in).
+    fn done(&mut self, io: Io, r: Result<(), BlockError>) -> Result<(), String> {
+        match (io, r) {
+            (
+                Io::Read {
+                    cid,
+                    _ns,
+                    buf,
+                    target,
+                    by_data,
+                    ..
+                },
+                Ok(()),
+            ) => {
+                drop(_ns);
+                self.ep
+                    .push_direct_with(buf, target, by_data)
+                    .map_err(|e| format!("cannot push data to the host: {e}"))?;
+                if by_data {
+                    Ok(())
+                } else {
+                    self.complete(cid, Status::SUCCESS, 0)
+                }
+            }
+            (Io::Read { cid, .. }, Err(e)) => self.complete(cid, block_status(&e), 0),
+            (Io::Inline { cid, _ns, capsule, .. }, r) => {
+                // The receive (a credit) and the namespace go back first.
+                drop((capsule, _ns));
+                self.complete(cid, r.map_or_else(|e| block_status(&e), |()| Status::SUCCESS), 0)
+            }
+            (Io::Flush { cid, _ns }, r) => {
+                drop(_ns);
+                self.complete(cid, r.map_or_else(|e| block_status(&e), |()| Status::SUCCESS), 0)
+            }
+            (Io::Chunk { write, data, .. }, r) => {
+                drop(data);
+                if let Some(w) = self.writes.get_mut(write) {
+                    w.outstanding = w.outstanding.saturating_sub(1);
+                    if let (Err(e), true) = (r, w.status.is_success()) {
+                        w.status = block_status(&e);
+                    }
+                }
+                self.finish_write(write)
+            }
+        }
+    }
+
+    /// The next delivery within `timeout` (`None`: none came). While the
+    /// ring holds requests, their completions are handled meanwhile, and
+    /// the thread sleeps in the ring, which the channel's waker wakes.
+    fn next(&mut self, timeout: Duration) -> Result<Option<messaging::Delivery>, Stop> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.ring_idle() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                return match self.ep.recv_timeout(left) {
+                    Ok(d) => Ok(Some(d)),
+                    Err(MsgError::Timeout(_)) => Ok(None),
+                    Err(MsgError::Closed(reason)) => Err(Stop::Closed(reason.to_string())),
+                    Err(e) => Err(Stop::Failed(format!("channel error: {e}"))),
+                };
+            }
+            self.submit_ring().map_err(Stop::Failed)?;
+            self.reap_ring().map_err(Stop::Failed)?;
+            if self.ring_idle() {
+                // All done: the channel alone is waited for.
+                continue;
+            }
+            let Some((_, waker)) = &self.ring else {
+                continue;
+            };
+            // Polled once: ready now, or the waker is registered with the
+            // channel and ends the ring's sleep when something arrives.
+            let mut cx = Context::from_waker(waker);
+            let polled = std::pin::pin!(self.ep.recv_async()).poll(&mut cx);
+            match polled {
+                Poll::Ready(Ok(d)) => return Ok(Some(d)),
+                Poll::Ready(Err(MsgError::Closed(reason))) => return Err(Stop::Closed(reason.to_string())),
+                Poll::Ready(Err(e)) => return Err(Stop::Failed(format!("channel error: {e}"))),
+                Poll::Pending => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // First a short sleep for storage alone: a request usually
+            // completes within it, and the channel's own driving stays
+            // with this thread (at depth 1 the host sends nothing
+            // meanwhile; deeper, each completion ends the sleep, and what
+            // the host sent meanwhile is read right after). Only a longer
+            // sleep hands the channel to the provider's thread, which
+            // costs a wake-up on each side, and lets it end the sleep.
+            let Some((ring, _)) = &mut self.ring else {
+                continue;
+            };
+            let first = left.min(RING_FIRST_WAIT);
+            if !ring.has_completions() {
+                ring.wait_storage(first)
+                    .map_err(|e| Stop::Failed(format!("io_uring wait failed: {e}")))?;
+            }
+            if !ring.has_completions() && left > first {
+                self.ep.step_away();
+                if let Some((ring, _)) = &mut self.ring {
+                    ring.wait(left - first)
+                        .map_err(|e| Stop::Failed(format!("io_uring wait failed: {e}")))?;
+                }
+            }
+        }
+    }
+}
+
+/// Where a read's data goes: the command's keyed descriptor and transfer
+/// tag.
+fn host_target(sqe: &Sqe) -> Result<DirectTarget, Status> {
+    let (addr, len, key) = match sqe.sgl() {
+        Ok(Sgl::KeyedDataBlock { addr, len, key }) | Ok(Sgl::KeyedDataBlockInvalidate { addr, len, key }) => {
+            (addr, len, key)
+        }
+        Ok(_) => return Err(Status::SGL_INVALID_DESCRIPTOR_TYPE.with_dnr()),
+        Err(e) => return Err(e.status()),
+    };
+    Ok(DirectTarget {
+        tag: transport::transfer_tag(sqe),
+        remote: RemoteBuf {
+            addr,
+            len,
+            rkey: RKey(key),
+        },
+    })
 }
 
 /// Copies the first `dest.len()` bytes of `data` into `dest`

@@ -28,6 +28,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
@@ -53,6 +54,12 @@ pub(crate) struct Drive {
     kick_pending: AtomicBool,
     kick: UnixStream,
     kicked: UnixStream,
+    /// The `activity` at which a caller last stepped away
+    /// ([`Drive::step_away`]): while `activity` still reads it, no caller
+    /// drives, lease or not, and the provider thread does.
+    away: AtomicU64,
+    /// The provider thread, to end its park early.
+    thread: OnceLock<std::thread::Thread>,
 }
 
 /// The provider thread's view of caller activity.
@@ -85,7 +92,32 @@ impl Drive {
             kick_pending: AtomicBool::new(false),
             kick,
             kicked,
+            away: AtomicU64::new(u64::MAX),
+            thread: OnceLock::new(),
         })
+    }
+
+    /// For the provider thread, once at its start: names the thread that
+    /// [`Drive::step_away`] unparks.
+    pub(crate) fn register_thread(&self) {
+        let _ = self.thread.set(std::thread::current());
+    }
+
+    /// A caller stops driving and sleeps elsewhere: the provider thread
+    /// takes over now (see `QueuePair::step_away`).
+    pub(crate) fn step_away(&self) {
+        self.away
+            .store(self.activity.load(Ordering::Acquire), Ordering::Release);
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+
+    /// Whether callers drove since `seen` and none of them stepped away
+    /// after.
+    fn callers_drive(&self, seen: u64) -> bool {
+        let now = self.activity.load(Ordering::Acquire);
+        now != seen && now != self.away.load(Ordering::Acquire)
     }
 
     /// Counts the caller as driving: the provider thread stays aside. For
@@ -187,10 +219,12 @@ impl Drive {
     /// For the provider thread: parks and returns true while callers drove
     /// since the thread last looked. The park grows from `LEASE` to
     /// 32 x `LEASE` while callers keep driving, so a busy channel's thread
-    /// wakes rarely (each wake-up may preempt a spinning caller).
+    /// wakes rarely (each wake-up may preempt a spinning caller). A caller
+    /// that stepped away since ends the park and the standing aside.
     pub(crate) fn thread_stands_aside(&self, failed: &AtomicBool, aside: &mut Aside) -> bool {
         let now = self.activity.load(Ordering::Acquire);
-        if now == aside.seen || failed.load(Ordering::Acquire) {
+        if !self.callers_drive(aside.seen) || failed.load(Ordering::Acquire) {
+            aside.seen = now;
             aside.streak = 0;
             return false;
         }
@@ -211,7 +245,7 @@ impl Drive {
     ) -> Option<T> {
         // Blocks (without spinning) while a caller drives.
         let mut guard = state.lock();
-        if self.activity.load(Ordering::Acquire) != aside.seen && !failed.load(Ordering::Acquire) {
+        if self.callers_drive(aside.seen) && !failed.load(Ordering::Acquire) {
             return None;
         }
         self.thread_holds.store(true, Ordering::Release);

@@ -517,6 +517,12 @@ pub trait QueuePair: Send + Sync + fmt::Debug {
     /// drives the queue pair that something it waits for happened elsewhere.
     fn interrupt(&self) {}
 
+    /// Hands progress to the provider's own thread now, instead of after
+    /// the lease of the last caller that drove: for a caller about to sleep
+    /// somewhere else (an io_uring, an event loop) with a waker registered,
+    /// which would otherwise sleep while nobody reads the transport.
+    fn step_away(&self) {}
+
     /// Whether [`QueuePair::wait`] makes progress on the calling thread (run
     /// to completion: the waiting thread reads the transport itself), so that
     /// a driver should wait in it rather than on the completion notification.

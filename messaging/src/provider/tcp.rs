@@ -896,6 +896,10 @@ impl QueuePair for TcpQp {
         self.shared.drive(timeout)
     }
 
+    fn step_away(&self) {
+        self.shared.drive.step_away();
+    }
+
     fn interrupt(&self) {
         self.shared.drive.interrupt();
         self.shared.cq.interrupt();
@@ -1207,6 +1211,7 @@ impl QpShared {
 /// asynchronous application, a peer's traffic nobody waits for), and
 /// finishes writes the socket did not take.
 fn io_thread(shared: &QpShared, mut poll: Poll) {
+    shared.drive.register_thread();
     let mut events = Events::with_capacity(8);
     let mut aside = Aside::default();
     loop {

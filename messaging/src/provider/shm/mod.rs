@@ -861,6 +861,10 @@ impl QueuePair for ShmQp {
         self.shared.drive(timeout)
     }
 
+    fn step_away(&self) {
+        self.shared.drive.step_away();
+    }
+
     fn interrupt(&self) {
         self.shared.drive.interrupt();
         self.shared.cq.interrupt();
@@ -1245,6 +1249,7 @@ impl Shared {
 /// The progress thread: executes the incoming ring whenever no caller
 /// drives (an asynchronous application, a peer's traffic nobody waits for).
 fn progress_thread(shared: &Shared) {
+    shared.drive.register_thread();
     let links = &shared.links;
     let mut aside = Aside::default();
     loop {

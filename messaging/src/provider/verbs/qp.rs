@@ -668,6 +668,7 @@ impl Shared {
 }
 
 fn completion_thread(shared: Arc<Shared>) {
+    shared.drive.register_thread();
     // Whether completion events can be relied on (arming worked) and
     // whether `poll` works; without either, the device is polled every
     // POLL_INTERVAL while it still owes completions.
@@ -1037,6 +1038,10 @@ impl QueuePair for VerbsQp {
             },
             |_, timeout| shared.sleep_on_cq(timeout),
         )
+    }
+
+    fn step_away(&self) {
+        self.shared.drive.step_away();
     }
 
     fn interrupt(&self) {
