@@ -50,6 +50,17 @@ alternating):
   daemon     iounitd idle CPU over 10 s with 4 hosts connected (hostctl watch),
              iounitd VmRSS with 0 hosts and per connected queue
              (4 hosts x (admin + 1 I/O queue) = 8 queues)
+  storage    real storage: a 1 GiB file on the disk (CHANIO_BENCH_DIR, default
+             target/bench-storage; O_DIRECT), one iounitd --ns file:IMG
+             listening on shm and tcp; rows "file ..." over shm, "file tcp ..."
+             peer:   fio ioengine=nbd -> nbdkit file IMG cache=none
+             floor:  fio io_uring --direct=1 on the same file (the device's
+                     own limit); the page cache of the file is dropped
+                     before every run of every side
+             4 KiB randread/randwrite QD1 latency, QD32 and QD128 IOPS,
+             128 KiB sequential read/write QD8 MB/s, 4 KiB 70/30 randrw QD32
+             IOPS, and iounitd CPU per I/O on the file against a RAM
+             namespace (4 KiB randread QD32, shm)
 
 Options:
   --repeats N      repeats of every measurement, medians reported (default 3)
@@ -59,6 +70,8 @@ Options:
   --no-install     do not apt-get install missing peers
   --no-build       do not run cargo build (use the binaries in target/release)
   --keep           keep the work directory (raw JSON, logs) and print its path
+  --only LIST      run only these sections, comma-separated: block, storage,
+                   messaging, daemon (default: all of them)
   -h, --help       this help
 
 Peers that cannot be installed or do not work show "n/a (why)" in the table;
@@ -79,6 +92,8 @@ MARKDOWN=""
 DO_INSTALL=1
 DO_BUILD=1
 KEEP=0
+ONLY="block,storage,messaging,daemon"
+FLOOR_ENGINE=io_uring
 CMDLINE="$(printf '%q ' "$0" "$@")"
 CMDLINE="${CMDLINE% }"
 
@@ -94,11 +109,17 @@ while [[ $# -gt 0 ]]; do
         --no-install) DO_INSTALL=0; shift ;;
         --no-build) DO_BUILD=0; shift ;;
         --keep) KEEP=1; shift ;;
+        --only) ONLY="${2:?--only needs a list}"; shift 2 ;;
+        --only=*) ONLY="${1#*=}"; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "compare.sh: unknown option: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 BLOCK_TIME="${BLOCK_TIME%s}"
+for sec in ${ONLY//,/ }; do
+    case "$sec" in block|storage|messaging|daemon) ;; *) echo "compare.sh: --only: unknown section $sec (block, storage, messaging, daemon)" >&2; exit 2 ;; esac
+done
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
 [[ "$REPEATS" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --repeats must be a positive integer" >&2; exit 2; }
 [[ "$BLOCK_TIME" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: --time must be whole seconds (e.g. 5)" >&2; exit 2; }
 
@@ -224,7 +245,12 @@ short_err() { # FILE -> last meaningful line, table-safe
 # ---------------------------------------------------------------- results
 ROWS="$WORK/rows.tsv"; SAMPLES="$WORK/samples.tsv"; NAS="$WORK/na.tsv"
 : >"$ROWS"; : >"$SAMPLES"; : >"$NAS"
-defrow() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$ROWS"; } # KEY KIND(lower|higher|info) LABEL PEER HASFLOOR
+# Rows of the sections not run (--only) are left out of the table.
+SECTION=all
+defrow() { # KEY KIND(lower|higher|info) LABEL PEER HASFLOOR
+    [[ $SECTION == all ]] || want "$SECTION" || return 0
+    printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$ROWS"
+}
 rec()    { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$SAMPLES"; } # KEY SIDE VALUE
 na()     { printf '%s\t%s\t%s\n' "$1" "$2" "$(printf '%s' "$3" | tr '\t\n|' '  /')" >>"$NAS"; }
 
@@ -250,8 +276,10 @@ def block(kind, path):
     r = j["read"] if j["read"]["total_ios"] else j["write"]
     lat = r["lat_ns"]
     pct = lat.get("percentile") or r["clat_ns"].get("percentile", {})
-    print(r["iops"], r["bw_bytes"] / 1e6, lat["mean"] / 1e3,
-          pct.get("50.000000", 0) / 1e3, pct.get("99.000000", 0) / 1e3, r["total_ios"])
+    # A mix (randrw) counts its reads and writes together; latency is the reads'.
+    both = [j[d] for d in ("read", "write") if j[d]["total_ios"]]
+    print(sum(d["iops"] for d in both), sum(d["bw_bytes"] for d in both) / 1e6, lat["mean"] / 1e3,
+          pct.get("50.000000", 0) / 1e3, pct.get("99.000000", 0) / 1e3, sum(d["total_ios"] for d in both))
 
 def pingpong(path):
     """-> p50_us mean_us mbps"""
@@ -322,7 +350,7 @@ def table(rows_f, samples_f, na_f, meta_f, md_f, targets_f=""):
         k, s, why = line.rstrip("\n").split("\t", 2)
         nas.setdefault((k, s), why)
     meta = [l.rstrip("\n") for l in open(meta_f)]
-    out, ratios, whys = [], {}, {}
+    out, ratios, fratios, whys = [], {}, {}, {}
     for line in open(rows_f):
         key, kind, label, peer, has_floor = line.rstrip("\n").split("\t")
         def val(side):
@@ -336,6 +364,8 @@ def table(rows_f, samples_f, na_f, meta_f, md_f, targets_f=""):
         cv, cs = val("chanio")
         pv, ps = val("peer") if peer != "-" else (None, "-")
         fv, fs = val("floor") if has_floor == "1" else (None, "-")
+        if cv is not None and fv:
+            fratios[key] = cv / fv
         if kind == "info":
             ratio, better = "n/a (chanio only)", ""
         elif cv is not None and pv is not None and pv != 0:
@@ -359,15 +389,15 @@ def table(rows_f, samples_f, na_f, meta_f, md_f, targets_f=""):
         for line in open(targets_f):
             key, op, factor, text = line.rstrip("\n").split("\t", 3)
             factor = float(factor)
-            r = ratios.get(key)
+            r = (fratios if op.endswith("f") else ratios).get(key)
             if r is None:
                 verdict = "n/a (%s)" % whys.get(key, "no result")
             else:
-                ok = r >= factor if op == "ge" else r <= factor
+                ok = r >= factor if op.startswith("ge") else r <= factor
                 verdict = "%.2fx, %s" % (r, "met" if ok else "missed")
-            tl.append("  %s %s %gx: %s" % (text, ">=" if op == "ge" else "<=", factor, verdict))
+            tl.append("  %s %s %gx: %s" % (text, ">=" if op.startswith("ge") else "<=", factor, verdict))
         if tl:
-            meta = ["Targets (ratio = chanio / peer):"] + tl + meta
+            meta = ["Targets (ratio = chanio / peer, or / floor where the target says so):"] + tl + meta
     hdr = ["workload", "chanio", "peer", "peer value", "ratio", "better", "floor"]
     widths = [max(len(r[i]) for r in out + [hdr]) for i in range(len(hdr))]
     def line(r):
@@ -510,6 +540,7 @@ HAVE_PP_SHM=0
 
 # ---------------------------------------------------------------- table rows
 # Block rows: KEY KIND LABEL PEER HASFLOOR
+SECTION=block
 NBD_PEER="fio nbd->nbdkit memory"
 defrow b.rr1.mean  lower  "4k randread QD1 lat mean (us)"   "$NBD_PEER" 1
 defrow b.rr1.p50   lower  "4k randread QD1 lat p50 (us)"    "$NBD_PEER" 1
@@ -535,6 +566,7 @@ defrow bs.rr32.iops higher "4k randread QD32 IOPS (shm)"           "$NBD_PEER" 1
 defrow bs.rw32.iops higher "4k randwrite QD32 IOPS (shm)"          "$NBD_PEER" 1
 defrow bs.sr128.mbps higher "128k read QD8 MB/s (shm)"             "$NBD_PEER" 1
 defrow bs.sw128.mbps higher "128k write QD8 MB/s (shm)"            "$NBD_PEER" 1
+SECTION=messaging
 for t in tcp shm; do
     if [[ $t == tcp ]]; then fip="fi_pingpong -p $FI_TCP_PROV -e msg"; else fip="fi_pingpong -p shm -e rdm"; fi
     defrow "m.$t.8.p50"   lower  "msg $t 8 B one-way p50 (us)"      "ucx_perftest tag_lat UCX_TLS=$t" 0
@@ -551,17 +583,49 @@ defrow tcp.1m.floor higher "tcp 1 MiB stream vs plain TCP write/read" "bench/tcp
 defrow tcp.1m.zero higher "tcp 1 MiB stream vs plain TCP from a never-written source" "bench/tcpbw.c ... untouched (zero page, as ucx_perftest)" 0
 defrow tcp.8.floor lower "msg tcp 8 B one-way p50 vs plain TCP ping-pong" "bench/tcplat.c 8 B, spinning recv(2) (us)" 0
 
-# Targets the table is read against: KEY OP(ge|le) FACTOR TEXT
+# Storage rows (section storage): chanio over shm (and tcp) on a file.
+SECTION=storage
+FILE_PEER="fio nbd->nbdkit file"
+defrow f.rr1.p50    lower  "file 4k randread QD1 lat p50 (us)"    "$FILE_PEER" 1
+defrow f.rr1.mean   lower  "file 4k randread QD1 lat mean (us)"   "$FILE_PEER" 1
+defrow f.rw1.p50    lower  "file 4k randwrite QD1 lat p50 (us)"   "$FILE_PEER" 1
+defrow f.rr32.iops  higher "file 4k randread QD32 IOPS"           "$FILE_PEER" 1
+defrow f.rw32.iops  higher "file 4k randwrite QD32 IOPS"          "$FILE_PEER" 1
+defrow f.rr128.iops higher "file 4k randread QD128 IOPS"          "$FILE_PEER" 1
+defrow f.rw128.iops higher "file 4k randwrite QD128 IOPS"         "$FILE_PEER" 1
+defrow f.mix32.iops higher "file 4k randrw 70/30 QD32 IOPS"       "$FILE_PEER" 1
+defrow f.sr128.mbps higher "file 128k read QD8 MB/s"              "$FILE_PEER" 1
+defrow f.sw128.mbps higher "file 128k write QD8 MB/s"             "$FILE_PEER" 1
+defrow ft.rr1.p50   lower  "file tcp 4k randread QD1 lat p50 (us)" "$FILE_PEER" 1
+defrow ft.rr32.iops higher "file tcp 4k randread QD32 IOPS"       "$FILE_PEER" 1
+defrow ft.rw32.iops higher "file tcp 4k randwrite QD32 IOPS"      "$FILE_PEER" 1
+defrow f.cpu.rr32   lower  "iounitd CPU s/1M IO 4k randread QD32, file vs RAM (shm)" "iounitd --ns ram:1GiB, same workload" 0
+
+# Targets the table is read against: KEY OP FACTOR TEXT; OP ge / le compare
+# chanio / peer, gef / lef chanio / floor.
 TARGETS="$WORK/targets.tsv"
 {
-    printf '%s\t%s\t%s\t%s\n' bs.rr32.iops ge 5    "shm 4k randread QD32 IOPS vs fio nbd"
-    printf '%s\t%s\t%s\t%s\n' bs.rr1.mean  le 0.1  "shm 4k randread QD1 lat mean vs fio nbd"
-    printf '%s\t%s\t%s\t%s\n' bs.rr1.p50   le 0.1  "shm 4k randread QD1 lat p50 vs fio nbd"
-    printf '%s\t%s\t%s\t%s\n' memcpy.1m    ge 0.75 "shm 1 MiB one-sided write vs single-thread memcpy"
+    if want block; then
+        printf '%s\t%s\t%s\t%s\n' bs.rr32.iops ge 5    "shm 4k randread QD32 IOPS vs fio nbd"
+        printf '%s\t%s\t%s\t%s\n' bs.rr1.mean  le 0.1  "shm 4k randread QD1 lat mean vs fio nbd"
+        printf '%s\t%s\t%s\t%s\n' bs.rr1.p50   le 0.1  "shm 4k randread QD1 lat p50 vs fio nbd"
+    fi
+    if want messaging; then
+        printf '%s\t%s\t%s\t%s\n' memcpy.1m    ge 0.75 "shm 1 MiB one-sided write vs single-thread memcpy"
+    fi
+    if want storage; then
+        printf '%s\t%s\t%s\t%s\n' f.rr32.iops  gef 0.85 "file shm 4k randread QD32 IOPS vs the local floor"
+        printf '%s\t%s\t%s\t%s\n' f.rr32.iops  ge 2     "file shm 4k randread QD32 IOPS vs fio nbd->nbdkit file"
+        printf '%s\t%s\t%s\t%s\n' ft.rr32.iops ge 2     "file tcp 4k randread QD32 IOPS vs fio nbd->nbdkit file"
+        printf '%s\t%s\t%s\t%s\n' f.cpu.rr32   le 1     "iounitd CPU per I/O, file vs RAM namespace"
+    fi
 } >"$TARGETS"
+SECTION=daemon
 defrow idle.cpu  info "iounitd idle CPU, 4 hosts (ms CPU/s)" "-" 0
+SECTION=all
 defrow stall.every info "machine: a spinning thread stalled > 1 us every (us)" "-" 0
 defrow stall.pct   info "machine: share of a spinning thread's time lost to stalls (%)" "-" 0
+SECTION=daemon
 defrow rss.base  info "iounitd VmRSS, 0 hosts (MiB)"         "-" 0
 defrow rss.perq  info "iounitd VmRSS per connected queue (MiB)" "-" 0
 
@@ -606,6 +670,7 @@ else
 fi
 
 # ---------------------------------------------------------------- 3a. block
+if want block; then
 # workload table: ID RW BS QD (run order: writes first so both RAM targets are populated)
 BLOCK_WORKLOADS=(
     "sw128 write 128k 8"
@@ -787,7 +852,10 @@ done
 stop_pid "$IOU_PID"
 rm -f "$FLOOR_FILE"
 
+fi # block
+
 # ---------------------------------------------------------------- 3b. messaging
+if want messaging; then
 # A client/server pair inside a private network namespace that only has lo:
 # the peers' rendezvous sockets bind 0.0.0.0, which there means loopback only.
 NETPAIR="$WORK/netpair.sh"
@@ -926,7 +994,10 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
     done
 done
 
+fi # messaging
+
 # ---------------------------------------------------------------- 3c. daemon idle CPU and RSS
+if want daemon; then
 for ((rep = 1; rep <= REPEATS; rep++)); do
     port="$(free_port)"
     "$IOUNITD" --listen "tcp://127.0.0.1:$port" --ns ram:1GiB >"$WORK/idle.out" 2>"$WORK/idle.err" &
@@ -967,6 +1038,178 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
     stop_pid "$ipid"
 done
 
+fi # daemon
+
+# ---------------------------------------------------------------- 3d. storage (a file on the disk)
+if want storage; then
+STORE_DIR="${CHANIO_BENCH_DIR:-$ROOT/target/bench-storage}"
+STORE_IMG="$STORE_DIR/ns.img"
+STORE_KEYS=(f.rr1.p50 f.rr1.mean f.rw1.p50 f.rr32.iops f.rw32.iops f.rr128.iops f.rw128.iops f.mix32.iops
+            f.sr128.mbps f.sw128.mbps ft.rr1.p50 ft.rr32.iops ft.rw32.iops)
+# workload table: ID RW BS QD; tcp runs too for the ids with "ft." rows
+STORE_WORKLOADS=(
+    "sw128 write 128k 8"
+    "sr128 read 128k 8"
+    "rw1 randwrite 4k 1"
+    "rr1 randread 4k 1"
+    "rw32 randwrite 4k 32"
+    "rr32 randread 4k 32"
+    "rw128 randwrite 4k 128"
+    "rr128 randread 4k 128"
+    "mix32 randrw 4k 32"
+)
+HAVE_STORE=1; STORE_WHY=""
+if ! mkdir -p "$STORE_DIR" 2>/dev/null; then
+    HAVE_STORE=0; STORE_WHY="cannot create $STORE_DIR"
+elif [[ ! -f "$STORE_IMG" || "$(stat -c %s "$STORE_IMG")" != 1073741824 ]]; then
+    log "laying out $STORE_IMG (1 GiB of random data, once; kept for later runs)"
+    head -c 1G /dev/urandom >"$STORE_IMG.tmp" 2>"$WORK/layout.err" && mv "$STORE_IMG.tmp" "$STORE_IMG" ||
+        { HAVE_STORE=0; STORE_WHY="cannot write $STORE_IMG: $(short_err "$WORK/layout.err")"; rm -f "$STORE_IMG.tmp"; }
+fi
+if [[ $HAVE_STORE == 1 ]] &&
+   ! python3 -c 'import os,sys; os.close(os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECT))' "$STORE_IMG" 2>/dev/null; then
+    HAVE_STORE=0; STORE_WHY="$STORE_DIR refuses O_DIRECT (tmpfs?); set CHANIO_BENCH_DIR to a directory on a disk"
+fi
+# Writes out and drops the file's page cache, so that no side reads what
+# another left there.
+drop_cache() {
+    python3 -c 'import os,sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.fdatasync(fd)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+os.close(fd)' "$STORE_IMG" 2>/dev/null || true
+}
+# record one run: ID SIDE "iops mbps mean p50 p99 total" PREFIX
+rec_store() {
+    local id=$1 side=$2 k="$4.$1" iops mbps mean p50 p99 total
+    read -r iops mbps mean p50 p99 total <<<"$3"
+    rec "$k.p50" "$side" "$p50"; rec "$k.mean" "$side" "$mean"
+    rec "$k.iops" "$side" "$iops"; rec "$k.mbps" "$side" "$mbps"
+}
+na_store() { # ID SIDE WHY PREFIX...
+    local id=$1 side=$2 why=$3 p k; shift 3
+    for p in "$@"; do for k in p50 mean iops mbps; do na "$p.$id.$k" "$side" "$why"; done; done
+}
+STORE_NBD=$HAVE_NBD; STORE_NBD_WHY="$NBD_WHY"
+if [[ $STORE_NBD == 1 ]] && ! nbdkit file --dump-plugin >/dev/null 2>&1; then
+    STORE_NBD=0; STORE_NBD_WHY="nbdkit file plugin missing"
+fi
+if [[ $HAVE_STORE == 0 ]]; then
+    log "storage: $STORE_WHY"
+    for k in "${STORE_KEYS[@]}" f.cpu.rr32; do na "$k" chanio "$STORE_WHY"; done
+else
+    SPORT="$(free_port)"; SNAME="chanio-bench-$$-file"
+    log "starting iounitd on tcp://127.0.0.1:$SPORT and shm://$SNAME (file:$STORE_IMG)"
+    "$IOUNITD" --listen "tcp://127.0.0.1:$SPORT" --listen "shm://$SNAME" --ns "file:$STORE_IMG:1GiB:4096" \
+        >"$WORK/iounitd-file.out" 2>"$WORK/iounitd-file.err" &
+    SPID=$!; PIDS+=("$SPID")
+    wait_ready "$SPID" 30 "$SPORT" || { cat "$WORK/iounitd-file.err" >&2; die "iounitd (file) did not come up"; }
+    RNAME="chanio-bench-$$-ram"
+    "$IOUNITD" --listen "shm://$RNAME" --ns ram:1GiB:4096 >"$WORK/iounitd-ram.out" 2>"$WORK/iounitd-ram.err" &
+    RPID=$!; PIDS+=("$RPID")
+    HAVE_RAMCMP=1
+    if wait_ready "$RPID" 30 - "$WORK/iounitd-ram.out" "listening on"; then
+        "$HOSTCTL" --target "shm://$RNAME" bench --ns 1 --rw write --bs 512k --qd 4 --time 4s --json \
+            >"$WORK/prefill-ram.json" 2>&1 || log "prefill of the RAM namespace failed"
+    else
+        HAVE_RAMCMP=0; na f.cpu.rr32 peer "RAM iounitd did not start: $(short_err "$WORK/iounitd-ram.err")"
+    fi
+    NPID=""
+    if [[ $STORE_NBD == 1 ]]; then
+        NPORT="$(free_port)"
+        nbdkit -f -i 127.0.0.1 -p "$NPORT" file "$STORE_IMG" cache=none >"$WORK/nbdkit-file.log" 2>&1 &
+        NPID=$!; PIDS+=("$NPID")
+        wait_ready "$NPID" 30 "$NPORT" || { STORE_NBD=0; STORE_NBD_WHY="nbdkit file did not start: $(short_err "$WORK/nbdkit-file.log")"; }
+    fi
+    if [[ $STORE_NBD == 0 ]]; then
+        for w in "${STORE_WORKLOADS[@]}"; do na_store "${w%% *}" peer "$STORE_NBD_WHY" f ft; done
+    fi
+    for ((rep = 1; rep <= REPEATS; rep++)); do
+        for w in "${STORE_WORKLOADS[@]}"; do
+            read -r id rw bs qd <<<"$w"
+            mix=(); fmix=()
+            [[ $rw == randrw ]] && mix=(--rwmixread 70) && fmix=(--rwmixread=70)
+            summary="[$rep/$REPEATS] file $bs $rw QD$qd:"
+            # chanio over shm, then tcp (for the ft. rows)
+            for t in shm tcp; do
+                p=f; target="shm://$SNAME"
+                if [[ $t == tcp ]]; then
+                    [[ $id == rr1 || $id == rr32 || $id == rw32 ]] || continue
+                    p=ft; target="tcp://127.0.0.1:$SPORT"
+                fi
+                drop_cache
+                j="$WORK/file-$t-$id-$rep.json"
+                s0="$(proc_ticks "$SPID")"
+                if timeout $((BLOCK_TIME + 60)) "$HOSTCTL" --target "$target" bench --ns 1 --rw "$rw" "${mix[@]}" \
+                       --bs "$bs" --qd "$qd" --time "${BLOCK_TIME}s" --json >"$j" 2>"$j.err" &&
+                   r="$(py block hostctl "$j" 2>"$j.perr")"; then
+                    s1="$(proc_ticks "$SPID")"
+                    rec_store "$id" chanio "$r" "$p"; summary+=" $t {$r}"
+                    if [[ $t == shm && $id == rr32 ]]; then
+                        read -r iops _ <<<"$r"
+                        rec f.cpu.rr32 chanio "$(python3 -c "print(($s1 - $s0) / $CLK_TCK / ($iops * $BLOCK_TIME) * 1e6)")"
+                    fi
+                else
+                    why="hostctl $t failed: $(short_err "$j.err")"
+                    na_store "$id" chanio "$why" "$p"; summary+=" $t FAILED ($why)"
+                fi
+            done
+            # iounitd on RAM, same workload: its CPU per I/O
+            if [[ $id == rr32 && $HAVE_RAMCMP == 1 ]]; then
+                j="$WORK/ram-$id-$rep.json"
+                s0="$(proc_ticks "$RPID")"
+                if timeout $((BLOCK_TIME + 60)) "$HOSTCTL" --target "shm://$RNAME" bench --ns 1 --rw "$rw" \
+                       --bs "$bs" --qd "$qd" --time "${BLOCK_TIME}s" --json >"$j" 2>"$j.err" &&
+                   r="$(py block hostctl "$j" 2>"$j.perr")"; then
+                    s1="$(proc_ticks "$RPID")"
+                    read -r iops _ <<<"$r"
+                    rec f.cpu.rr32 peer "$(python3 -c "print(($s1 - $s0) / $CLK_TCK / ($iops * $BLOCK_TIME) * 1e6)")"
+                    summary+=" ram {$r}"
+                else
+                    na f.cpu.rr32 peer "hostctl on RAM failed: $(short_err "$j.err")"
+                fi
+            fi
+            # peer: fio nbd -> nbdkit file
+            if [[ $STORE_NBD == 1 ]]; then
+                drop_cache
+                j="$WORK/nbdfile-$id-$rep.json"
+                if timeout $((BLOCK_TIME + 60)) fio --name=nbd --ioengine=nbd --uri="nbd://127.0.0.1:$NPORT" \
+                       --rw="$rw" "${fmix[@]}" --bs="$bs" --iodepth="$qd" --size=1G --time_based \
+                       --runtime="$BLOCK_TIME" --lat_percentiles=1 --output-format=json --output="$j" \
+                       >"$j.stdout" 2>"$j.err" &&
+                   r="$(py block fio "$j" 2>"$j.perr")"; then
+                    rec_store "$id" peer "$r" f; rec_store "$id" peer "$r" ft; summary+=" nbd {$r}"
+                else
+                    why="fio nbd failed: $(short_err "$j.err")"
+                    na_store "$id" peer "$why" f ft; summary+=" nbd FAILED"
+                fi
+            fi
+            # floor: fio io_uring O_DIRECT on the same file
+            if [[ $HAVE_FLOOR == 1 ]]; then
+                drop_cache
+                j="$WORK/filefloor-$id-$rep.json"
+                if timeout $((BLOCK_TIME + 60)) fio --name=floor --ioengine=io_uring --direct=1 --iodepth="$qd" \
+                       --filename="$STORE_IMG" --size=1G --rw="$rw" "${fmix[@]}" --bs="$bs" --time_based \
+                       --runtime="$BLOCK_TIME" --lat_percentiles=1 --output-format=json --output="$j" \
+                       >"$j.stdout" 2>"$j.err" &&
+                   r="$(py block fio "$j" 2>"$j.perr")"; then
+                    rec_store "$id" floor "$r" f; rec_store "$id" floor "$r" ft; summary+=" floor {$r}"
+                else
+                    why="fio io_uring --direct=1 failed: $(short_err "$j.err")"
+                    na_store "$id" floor "$why" f ft; summary+=" floor FAILED"
+                fi
+            else
+                na_store "$id" floor "$FLOOR_WHY" f ft
+            fi
+            log "$summary"
+        done
+    done
+    [[ -n "$NPID" ]] && stop_pid "$NPID"
+    stop_pid "$RPID"
+    stop_pid "$SPID"
+fi
+fi # storage
+
 # ---------------------------------------------------------------- 4. table
 META="$WORK/meta.txt"
 cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
@@ -974,36 +1217,51 @@ cpu_model="$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
     echo "Ratio = chanio / peer (median of $REPEATS). Latency and CPU rows: lower is better, ratio < 1 favours chanio."
     echo "Throughput rows (IOPS, MB/s): higher is better, ratio > 1 favours chanio. MB/s = 10^6 bytes/s everywhere."
     echo "Notes:"
-    echo "  block: iounitd --ns ram:1GiB + hostctl bench --json over tcp (--qd I/Os in flight from one submitting thread, as one fio job), ${BLOCK_TIME} s per run;"
-    echo "  peer: fio 3 ioengine=nbd uri=nbd://127.0.0.1:PORT iodepth=QD, one connection, against nbdkit memory 1G; latency = fio lat_ns (submit to completion);"
-    if [[ $FLOOR_ENGINE == io_uring ]]; then
-        echo "  floor: fio on a 1 GiB file in /dev/shm (tmpfs, buffered): psync 1 job for QD1, io_uring iodepth=QD 1 job for QD8/QD32."
-    else
-        echo "  floor: fio on a 1 GiB file in /dev/shm (tmpfs, buffered): psync 1 job for QD1, psync numjobs=QD (group_reporting) for QD8/QD32."
+    if want block; then
+        echo "  block: iounitd --ns ram:1GiB + hostctl bench --json over tcp (--qd I/Os in flight from one submitting thread, as one fio job), ${BLOCK_TIME} s per run;"
+        echo "  peer: fio 3 ioengine=nbd uri=nbd://127.0.0.1:PORT iodepth=QD, one connection, against nbdkit memory 1G; latency = fio lat_ns (submit to completion);"
+        if [[ $FLOOR_ENGINE == io_uring ]]; then
+            echo "  floor: fio on a 1 GiB file in /dev/shm (tmpfs, buffered): psync 1 job for QD1, io_uring iodepth=QD 1 job for QD8/QD32."
+        else
+            echo "  floor: fio on a 1 GiB file in /dev/shm (tmpfs, buffered): psync 1 job for QD1, psync numjobs=QD (group_reporting) for QD8/QD32."
+        fi
+        echo "  block (shm): the same workloads with a second iounitd --listen shm://NAME --ns ram:1GiB and hostctl --target shm://NAME, run right after"
+        echo "  the tcp run of each workload; peer and floor are the same fio runs as the tcp rows."
+        echo "  CPU s/1M IO: utime+stime of client (hostctl / fio, incl. children) + server (iounitd / nbdkit, /proc/PID/stat delta) per 10^6 I/Os."
     fi
-    echo "  block (shm): the same workloads with a second iounitd --listen shm://NAME --ns ram:1GiB and hostctl --target shm://NAME, run right after"
-    echo "  the tcp run of each workload; peer and floor are the same fio runs as the tcp rows."
-    echo "  CPU s/1M IO: utime+stime of client (hostctl / fio, incl. children) + server (iounitd / nbdkit, /proc/PID/stat delta) per 10^6 I/Os."
-    echo "  messaging: pingpong --transport tcp|shm (server and client in one process; send mode 8 B/4 KiB, ${LAT_ITERS} round trips;"
-    echo "  push mode = RDMA Write with immediate from registered memory (--zero-copy), 64 KiB x ${BW64K_ITERS} / 1 MiB x ${BW1M_ITERS} streamed). ucx_perftest -w 1000 -n same:"
-    echo "  tag_lat = UCP tagged send/recv ping-pong, p50 of one-way (RTT/2); ucp_am_bw = UCP active messages streamed, overall MiB/s converted to MB/s."
-    echo "  write mode (shm, 1 MiB x ${BW1M_ITERS}) = one-sided RDMA Write with immediate into one 1 MiB buffer the receiver exposes, and exposes again"
-    echo "  (a 24-byte Send back) after each write lands; shm places it: the writer copies its source straight into that buffer (ADR 5)."
-    echo "  ucp_put_bw = UCP one-sided puts of the same size into one remote buffer, streamed with no per-put notification."
-    echo "  fi_pingpong ($FI_TCP_PROV: msg endpoint; shm: rdm endpoint) reports only mean one-way usec/xfer and has no streaming test, so it is compared on mean latency."
-    echo "  ucx_perftest and fi_pingpong ran in a private network namespace with only lo (their listeners bind 0.0.0.0)."
-    echo "  memcpy: bench/memcpy.c (cc -O2), one thread copying a touched 1 MiB buffer to another ${MEMCPY_ITERS} times (cache-hot), and 1 MiB chunks"
-    echo "  across two 64 MiB areas ${MEMCPY_COLD_ITERS} times (cache-cold, as a stream through many buffers), MB/s; run right after"
-    echo "  pingpong --transport shm --mode write --size 1MiB, whose MB/s is the chanio value (the same sample as msg shm 1 MiB one-sided write)."
-    echo "  plain tcp: bench/tcpbw.c (cc -O2 -pthread), blocking write(2) of 1 MiB messages x ${BW1M_ITERS} and read(2) into a 1 MiB buffer,"
-    echo "  one thread each, over 127.0.0.1 (no framing, no acknowledgements), MB/s; run right after the tcp 1 MiB pingpong stream."
-    echo "  plain tcp untouched: the same from a never-written mapping (every page the kernel's zero page, always cached), as ucx_perftest"
-    echo "  sends (its send buffer stays unwritten); chanio and the touched row send data a producer wrote."
-    echo "  plain tcp ping-pong: bench/tcplat.c (cc -O2 -pthread), 8 B x ${LAT_ITERS} round trips between two threads over 127.0.0.1,"
-    echo "  both spinning on recv(2) with MSG_DONTWAIT (no poll, no framing), one-way p50; run right after the tcp 8 B pingpong."
+    if want messaging; then
+        echo "  messaging: pingpong --transport tcp|shm (server and client in one process; send mode 8 B/4 KiB, ${LAT_ITERS} round trips;"
+        echo "  push mode = RDMA Write with immediate from registered memory (--zero-copy), 64 KiB x ${BW64K_ITERS} / 1 MiB x ${BW1M_ITERS} streamed). ucx_perftest -w 1000 -n same:"
+        echo "  tag_lat = UCP tagged send/recv ping-pong, p50 of one-way (RTT/2); ucp_am_bw = UCP active messages streamed, overall MiB/s converted to MB/s."
+        echo "  write mode (shm, 1 MiB x ${BW1M_ITERS}) = one-sided RDMA Write with immediate into one 1 MiB buffer the receiver exposes, and exposes again"
+        echo "  (a 24-byte Send back) after each write lands; shm places it: the writer copies its source straight into that buffer (ADR 5)."
+        echo "  ucp_put_bw = UCP one-sided puts of the same size into one remote buffer, streamed with no per-put notification."
+        echo "  fi_pingpong ($FI_TCP_PROV: msg endpoint; shm: rdm endpoint) reports only mean one-way usec/xfer and has no streaming test, so it is compared on mean latency."
+        echo "  ucx_perftest and fi_pingpong ran in a private network namespace with only lo (their listeners bind 0.0.0.0)."
+        echo "  memcpy: bench/memcpy.c (cc -O2), one thread copying a touched 1 MiB buffer to another ${MEMCPY_ITERS} times (cache-hot), and 1 MiB chunks"
+        echo "  across two 64 MiB areas ${MEMCPY_COLD_ITERS} times (cache-cold, as a stream through many buffers), MB/s; run right after"
+        echo "  pingpong --transport shm --mode write --size 1MiB, whose MB/s is the chanio value (the same sample as msg shm 1 MiB one-sided write)."
+        echo "  plain tcp: bench/tcpbw.c (cc -O2 -pthread), blocking write(2) of 1 MiB messages x ${BW1M_ITERS} and read(2) into a 1 MiB buffer,"
+        echo "  one thread each, over 127.0.0.1 (no framing, no acknowledgements), MB/s; run right after the tcp 1 MiB pingpong stream."
+        echo "  plain tcp untouched: the same from a never-written mapping (every page the kernel's zero page, always cached), as ucx_perftest"
+        echo "  sends (its send buffer stays unwritten); chanio and the touched row send data a producer wrote."
+        echo "  plain tcp ping-pong: bench/tcplat.c (cc -O2 -pthread), 8 B x ${LAT_ITERS} round trips between two threads over 127.0.0.1,"
+        echo "  both spinning on recv(2) with MSG_DONTWAIT (no poll, no framing), one-way p50; run right after the tcp 8 B pingpong."
+    fi
     echo "  machine: bench/stalls.c (cc -O2), one thread reading CLOCK_MONOTONIC in a loop for 2 s before the runs; a gap > 1 us is a stall"
     echo "  (interrupts, hypervisor, other tenants): every latency figure above carries this noise."
-    echo "  daemon: VmRSS per queue = (RSS with 4 hosts x (admin + 1 I/O queue) - RSS with 0 hosts) / 8; idle CPU over ${IDLE_SECS} s."
+    if want daemon; then
+        echo "  daemon: VmRSS per queue = (RSS with 4 hosts x (admin + 1 I/O queue) - RSS with 0 hosts) / 8; idle CPU over ${IDLE_SECS} s."
+    fi
+    if want storage; then
+        echo "  file: one iounitd --listen tcp://... --listen shm://... --ns file:IMG:1GiB:4096 (IMG: 1 GiB of random data in ${STORE_DIR:-?},"
+        echo "  read with O_DIRECT; 4 KiB writes travel in the capsule, unaligned, so they go through the page cache; larger ones O_DIRECT);"
+        echo "  hostctl bench over shm (rows \"file ...\") and tcp (\"file tcp ...\"), ${BLOCK_TIME} s per run; peer: fio nbd -> nbdkit file IMG cache=none;"
+        echo "  floor: fio io_uring --direct=1 iodepth=QD on IMG; the file's page cache is written back and dropped before every run."
+        echo "  randrw: 70 % reads (hostctl --rwmixread 70, fio --rwmixread=70), IOPS of reads and writes together."
+        echo "  iounitd CPU per I/O: /proc/PID/stat ticks of the file iounitd over a 4 KiB randread QD32 shm run, against a second"
+        echo "  iounitd --ns ram:1GiB:4096 (prefilled) running the same workload right after."
+    fi
     [[ $HAVE_PP_SHM == 0 ]] && echo "  shm: not built yet (pingpong --help lists no shm transport)."
     [[ -n "$INSTALL_NOTE" ]] && echo "  install: $INSTALL_NOTE"
     echo "Machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, Linux $(uname -r); $(date -u '+%Y-%m-%d %H:%M UTC')"

@@ -41,8 +41,12 @@ pub enum Pattern {
     Read,
     /// Sequential writes.
     Write,
-    /// Random mix, half reads and half writes.
-    RandRw,
+    /// Random mix of reads and writes, `read_percent` of them reads
+    /// (`randrw` alone: half and half).
+    RandRw {
+        /// Share of reads, 0 to 100.
+        read_percent: u8,
+    },
 }
 
 impl Pattern {
@@ -53,12 +57,22 @@ impl Pattern {
             Pattern::RandWrite => "randwrite",
             Pattern::Read => "read",
             Pattern::Write => "write",
-            Pattern::RandRw => "randrw",
+            Pattern::RandRw { .. } => "randrw",
+        }
+    }
+
+    /// Whether the I/O drawn with random number `r` writes. A mix looks
+    /// at the high bits, unrelated to the block's (`r % slots`).
+    fn writes(self, r: u64) -> bool {
+        match self {
+            Pattern::RandWrite | Pattern::Write => true,
+            Pattern::RandRw { read_percent } => (r >> 32) % 100 >= u64::from(read_percent),
+            Pattern::RandRead | Pattern::Read => false,
         }
     }
 
     fn random(self) -> bool {
-        matches!(self, Pattern::RandRead | Pattern::RandWrite | Pattern::RandRw)
+        matches!(self, Pattern::RandRead | Pattern::RandWrite | Pattern::RandRw { .. })
     }
 }
 
@@ -70,7 +84,7 @@ impl FromStr for Pattern {
             "randwrite" => Pattern::RandWrite,
             "read" => Pattern::Read,
             "write" => Pattern::Write,
-            "randrw" => Pattern::RandRw,
+            "randrw" => Pattern::RandRw { read_percent: 50 },
             _ => {
                 return Err(format!(
                     "unknown pattern {s:?} (randread, randwrite, read, write, randrw)"
@@ -293,11 +307,7 @@ async fn worker(
             s
         };
         let lba = slot * blocks_per_io;
-        let write = match cfg.pattern {
-            Pattern::RandWrite | Pattern::Write => true,
-            Pattern::RandRw => r >> 63 == 1,
-            Pattern::RandRead | Pattern::Read => false,
-        };
+        let write = cfg.pattern.writes(r);
         let t0 = now;
         let result = if write {
             host.write_from_async(cfg.nsid, lba, &mut buf, false).await
@@ -343,11 +353,26 @@ mod tests {
             Pattern::RandWrite,
             Pattern::Read,
             Pattern::Write,
-            Pattern::RandRw,
+            Pattern::RandRw { read_percent: 50 },
         ] {
             assert_eq!(p.name().parse::<Pattern>(), Ok(p));
         }
         assert!("sideways".parse::<Pattern>().is_err());
+    }
+
+    #[test]
+    fn a_mix_reads_its_share() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let draws: Vec<u64> = (0..20_000).map(|_| xorshift(&mut rng)).collect();
+        let writes = |read_percent| {
+            let p = Pattern::RandRw { read_percent };
+            draws.iter().filter(|&&r| p.writes(r)).count()
+        };
+        assert_eq!(writes(100), 0);
+        assert_eq!(writes(0), draws.len());
+        let w = writes(70) as f64 / draws.len() as f64;
+        assert!((0.28..0.32).contains(&w), "70/30 mix wrote {w:.3} of the I/Os");
+        assert!(!Pattern::RandRead.writes(u64::MAX) && Pattern::Write.writes(0));
     }
 
     #[test]

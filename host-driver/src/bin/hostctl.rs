@@ -152,6 +152,10 @@ struct BenchArgs {
     /// Access pattern: randread, randwrite, read, write or randrw.
     #[arg(long, default_value = "randread")]
     rw: Pattern,
+    /// With --rw randrw: the share of reads, in percent (as fio's
+    /// rwmixread; 70 is the usual database-like mix).
+    #[arg(long, value_name = "PCT", default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    rwmixread: u8,
     /// Bytes per I/O (4k, 64k, 1m, ...).
     #[arg(long, default_value = "4k", value_parser = parse_size)]
     bs: u64,
@@ -210,6 +214,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
     }
     if let Command::Bench(b) = &cli.command {
         opts.queue_depth = u16::try_from(b.qd.clamp(2, 1024)).unwrap_or(1024);
+        // Checked before connecting: bad arguments cost no connection.
+        if b.rwmixread != 50 && !matches!(b.rw, Pattern::RandRw { .. }) {
+            return Err("--rwmixread applies to --rw randrw only".into());
+        }
     }
     let target = match &cli.transport {
         Some(t) => {
@@ -311,9 +319,15 @@ fn command(host: &Host, command: Command) -> Result<(), CliError> {
 }
 
 fn bench(host: &Host, b: BenchArgs, out: &mut impl Write) -> Result<(), CliError> {
+    let pattern = match b.rw {
+        Pattern::RandRw { .. } => Pattern::RandRw {
+            read_percent: b.rwmixread,
+        },
+        other => other,
+    };
     let cfg = BenchConfig {
         nsid: Nsid(b.ns),
-        pattern: b.rw,
+        pattern,
         block_size: usize::try_from(b.bs).map_err(|_| "--bs is too large")?,
         queue_depth: b.qd,
         threads: b.threads,
@@ -475,7 +489,13 @@ mod tests {
             Command::Bench(b) => {
                 assert_eq!(
                     (b.rw, b.bs, b.qd, b.time, b.json),
-                    (Pattern::RandRw, 65536, 4, Duration::from_secs(2), true)
+                    (
+                        Pattern::RandRw { read_percent: 50 },
+                        65536,
+                        4,
+                        Duration::from_secs(2),
+                        true
+                    )
                 );
             }
             other => panic!("{other:?}"),
