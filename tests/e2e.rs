@@ -420,6 +420,46 @@ fn hostctl_transport_flag_picks_the_fabric() {
     }
 }
 
+/// The shm listener lets in only the users it is told to: by default
+/// iounitd's own (ours, here); told another user only, it refuses us with
+/// a reason hostctl shows.
+#[test]
+fn shm_lets_in_only_the_allowed_users() {
+    if !common::covers("shm") {
+        return;
+    }
+    // SAFETY: `geteuid` takes nothing and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let d = Daemon::start_on("shm", &["--ns", "ram:1MiB"]);
+    ok(&hostctl(&d.uri, &["list"], None).0);
+    let other = me.wrapping_add(1).to_string();
+    let d = Daemon::start_on("shm", &["--ns", "ram:1MiB", "--shm-allow-uid", &other]);
+    let (out, _) = hostctl(&d.uri, &["list"], None);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "a user not allowed got in: {err}");
+    assert!(
+        err.contains(&format!("user {me}")) && err.contains(&format!("users [{other}]")),
+        "{err}"
+    );
+    d.wait_log("its user is not allowed", Duration::from_secs(20));
+    let d = Daemon::start_on(
+        "shm",
+        &[
+            "--ns",
+            "ram:1MiB",
+            "--shm-allow-uid",
+            &other,
+            "--shm-allow-gid",
+            &{
+                // SAFETY: `getegid` takes nothing and cannot fail.
+                unsafe { libc::getegid() }
+            }
+            .to_string(),
+        ],
+    );
+    ok(&hostctl(&d.uri, &["list"], None).0);
+}
+
 #[cfg(feature = "verbs")]
 #[test]
 fn auto_picks_rdma_when_both_ends_have_a_device() {

@@ -1179,6 +1179,7 @@ mod tests {
             max_io_queues: 1,
             max_queue_depth: 32,
             workers: 4,
+            ..TargetConfig::default()
         })
         .unwrap();
         let host = Host::connect(&target.local_uris()[0], HostOptions::default()).unwrap();

@@ -72,6 +72,7 @@ fn start_target(listen: &str) -> (Target, String) {
         max_io_queues: 1,
         max_queue_depth: 128,
         workers: 16,
+        ..TargetConfig::default()
     })
     .expect("target starts");
     let uri = target.local_uris()[0].clone();

@@ -23,6 +23,7 @@ fn start_target_on(listen: &str, namespaces: &[&str], max_io_queues: u16) -> (Ta
         max_io_queues,
         max_queue_depth: 128,
         workers: 256,
+        ..TargetConfig::default()
     })
     .expect("target starts");
     let uri = target.local_uris()[0].clone();

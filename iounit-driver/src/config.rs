@@ -7,6 +7,10 @@
 //! max_io_queues = 8                        # per controller
 //! max_queue_depth = 128                    # entries per queue
 //! workers = 256                            # worker threads (one per queue)
+//! max_controllers_per_host = 8             # controllers one host NQN may hold
+//! shm_allow_uids = [1000]                  # users let in on shm:// listeners
+//! shm_allow_gids = []                      # ... or groups (primary group)
+//! shm_allow_any_user = false               # default: only the daemon's user
 //!
 //! [[namespace]]
 //! backend = "ram:64MiB"                    # NSID 1
@@ -23,6 +27,7 @@
 
 use std::path::Path;
 
+use messaging::provider::shm::ShmAccess;
 use serde::Deserialize;
 
 use crate::backend::BackendSpec;
@@ -87,6 +92,13 @@ struct File {
     max_io_queues: Option<u16>,
     max_queue_depth: Option<u16>,
     workers: Option<usize>,
+    max_controllers_per_host: Option<usize>,
+    #[serde(default)]
+    shm_allow_uids: Vec<u32>,
+    #[serde(default)]
+    shm_allow_gids: Vec<u32>,
+    #[serde(default)]
+    shm_allow_any_user: bool,
     #[serde(default)]
     namespace: Vec<Namespace>,
 }
@@ -96,6 +108,18 @@ struct File {
 struct Namespace {
     nsid: Option<u32>,
     backend: String,
+}
+
+/// Who may connect over shm: the users and groups listed, or, when none
+/// is, the daemon's own user (the default), or everyone.
+pub fn shm_access(uids: Vec<u32>, gids: Vec<u32>, any_user: bool) -> ShmAccess {
+    if uids.is_empty() && gids.is_empty() {
+        return ShmAccess {
+            any_user,
+            ..ShmAccess::own_user()
+        };
+    }
+    ShmAccess { uids, gids, any_user }
 }
 
 /// Reads and validates a configuration file.
@@ -138,6 +162,10 @@ pub fn parse(text: &str, origin: &str) -> Result<DaemonConfig, ConfigError> {
             max_io_queues: file.max_io_queues.unwrap_or(defaults.max_io_queues),
             max_queue_depth: file.max_queue_depth.unwrap_or(defaults.max_queue_depth),
             workers: file.workers.unwrap_or(defaults.workers),
+            max_controllers_per_host: file
+                .max_controllers_per_host
+                .unwrap_or(defaults.max_controllers_per_host),
+            shm_access: shm_access(file.shm_allow_uids, file.shm_allow_gids, file.shm_allow_any_user),
         },
         namespaces,
     })

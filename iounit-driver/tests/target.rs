@@ -45,6 +45,17 @@ impl RawHost {
         fabric: Option<TcpFabric>,
         kato_ms: u32,
     ) -> Result<RawHost, Status> {
+        RawHost::connect_as(t, qid, cntlid, fabric, kato_ms, HOST)
+    }
+
+    fn connect_as(
+        t: &Target,
+        qid: u16,
+        cntlid: u16,
+        fabric: Option<TcpFabric>,
+        kato_ms: u32,
+        hostnqn: &str,
+    ) -> Result<RawHost, Status> {
         let fabric = fabric.unwrap_or_default();
         let addr = t.local_uris()[0].trim_start_matches("tcp://").to_string();
         let ep = Endpoint::connect(&fabric, &addr, transport::host_channel(32)).unwrap();
@@ -62,7 +73,7 @@ impl RawHost {
             host_id: HostId([7; 16]),
             cntlid: if qid == 0 { ConnectData::CNTLID_DYNAMIC } else { cntlid },
             subnqn: Nqn::new(DEFAULT_NQN).unwrap(),
-            hostnqn: Nqn::new(HOST).unwrap(),
+            hostnqn: Nqn::new(hostnqn).unwrap(),
         }
         .encode();
         let cqe = h.exchange(&sqe, &data);
@@ -333,6 +344,35 @@ fn worker_limit_refuses_extra_queues_with_controller_busy() {
             Err(s) => panic!("{s}"),
         }
     }
+    t.shutdown();
+}
+
+#[test]
+fn one_host_holds_at_most_its_quota_of_controllers() {
+    let t = Target::start(TargetConfig {
+        listen: vec!["tcp://127.0.0.1:0".into()],
+        namespaces: vec!["ram:1MiB".parse().unwrap()],
+        max_controllers_per_host: 2,
+        ..TargetConfig::default()
+    })
+    .unwrap();
+    let greedy = "nqn.2026-12.io.chanio:greedy";
+    let connect = |host| RawHost::connect_as(&t, 0, 0, None, 10_000, host);
+    let held = [connect(greedy).unwrap(), connect(greedy).unwrap()];
+    let refused = connect(greedy).unwrap_err();
+    assert!(refused.same_code(Status::CONNECT_CONTROLLER_BUSY), "{refused}");
+    assert!(refused.dnr(), "the same Connect fails the same way: {refused}");
+    // Another host is not held back by the greedy one.
+    let other = connect(HOST).expect("another host still gets a controller");
+    // A controller given back makes room for the greedy host again.
+    drop(held);
+    let deadline = std::time::Instant::now() + LONG;
+    while let Err(s) = connect(greedy) {
+        assert!(s.same_code(Status::CONNECT_CONTROLLER_BUSY), "{s}");
+        assert!(std::time::Instant::now() < deadline, "the controllers were never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(other);
     t.shutdown();
 }
 

@@ -164,6 +164,14 @@ impl Fabrics {
         fabrics
     }
 
+    /// This set of fabrics, its shm fabric made with `opts` (who may
+    /// connect to its listeners, among others).
+    #[cfg(target_os = "linux")]
+    pub fn with_shm_options(self, opts: crate::provider::shm::ShmOptions) -> Fabrics {
+        let _ = self.shm.set(crate::provider::shm::ShmFabric::with_options(opts));
+        self
+    }
+
     /// The fabric for `scheme` (not `Auto`).
     ///
     /// # Errors

@@ -62,6 +62,20 @@ struct Args {
     /// Worker threads: each connected queue gets one; at most N at once.
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// Controllers one host NQN may hold at once (default 8).
+    #[arg(long, value_name = "N")]
+    max_controllers_per_host: Option<usize>,
+    /// User ID let in on shm:// listeners, repeatable (default: only the
+    /// user iounitd runs as; checked with SO_PEERCRED).
+    #[arg(long = "shm-allow-uid", value_name = "UID")]
+    shm_allow_uids: Vec<u32>,
+    /// Group ID let in on shm:// listeners (the connecting process's
+    /// primary group), repeatable.
+    #[arg(long = "shm-allow-gid", value_name = "GID")]
+    shm_allow_gids: Vec<u32>,
+    /// Let every local user in on shm:// listeners.
+    #[arg(long)]
+    shm_allow_any_user: bool,
 }
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -119,6 +133,16 @@ fn settings(args: &Args) -> Res<DaemonConfig> {
     }
     if let Some(n) = args.workers {
         cfg.target.workers = n;
+    }
+    if let Some(n) = args.max_controllers_per_host {
+        cfg.target.max_controllers_per_host = n;
+    }
+    if !args.shm_allow_uids.is_empty() || !args.shm_allow_gids.is_empty() || args.shm_allow_any_user {
+        cfg.target.shm_access = config::shm_access(
+            args.shm_allow_uids.clone(),
+            args.shm_allow_gids.clone(),
+            args.shm_allow_any_user,
+        );
     }
     if cfg.namespaces.is_empty() {
         tracing::warn!("no namespaces configured (use --ns ram:64MiB or a [[namespace]] in --config)");

@@ -59,6 +59,13 @@ pub struct TargetConfig {
     /// thread, and at most this many run at once. A Connect beyond the
     /// limit is refused with Connect Controller Busy.
     pub workers: usize,
+    /// Controllers one host NQN may hold at once; an admin Connect beyond
+    /// it is refused with Connect Controller Busy, so one host cannot take
+    /// every worker.
+    pub max_controllers_per_host: usize,
+    /// Local users allowed on `shm://` listeners (checked with
+    /// `SO_PEERCRED`); by default only the daemon's own user.
+    pub shm_access: messaging::provider::shm::ShmAccess,
 }
 
 impl Default for TargetConfig {
@@ -71,6 +78,8 @@ impl Default for TargetConfig {
             max_io_queues: 8,
             max_queue_depth: 128,
             workers: 256,
+            max_controllers_per_host: 8,
+            shm_access: messaging::provider::shm::ShmAccess::default(),
         }
     }
 }
@@ -160,6 +169,9 @@ impl Target {
         if cfg.max_io_queues == 0 {
             return Err(TargetError::Config("max I/O queues must be at least 1".into()));
         }
+        if cfg.max_controllers_per_host == 0 {
+            return Err(TargetError::Config("controllers per host must be at least 1".into()));
+        }
         let registry = Registry::new();
         for spec in &cfg.namespaces {
             let backend = backend::open(spec).map_err(|source| TargetError::Namespace {
@@ -170,7 +182,10 @@ impl Target {
                 .attach(None, backend)
                 .map_err(|e| TargetError::Config(format!("namespace {spec}: {e}")))?;
         }
-        let fabrics = Fabrics::new();
+        let fabrics = Fabrics::new().with_shm_options(messaging::provider::shm::ShmOptions {
+            access: cfg.shm_access.clone(),
+            ..Default::default()
+        });
         let mut listeners: Vec<Arc<dyn Listener>> = Vec::new();
         let mut uris = Vec::new();
         for uri in &cfg.listen {
@@ -419,8 +434,14 @@ impl Controller {
 }
 
 impl Shared {
-    pub(crate) fn new_controller(&self, hostnqn: &str, kato: Duration) -> Arc<Controller> {
+    /// A new controller for `hostnqn`, or `Err(held)` when that host
+    /// already holds its `max_controllers_per_host`.
+    pub(crate) fn new_controller(&self, hostnqn: &str, kato: Duration) -> Result<Arc<Controller>, usize> {
         let mut ctrls = self.controllers.lock();
+        let held = ctrls.values().filter(|c| c.hostnqn == hostnqn).count();
+        if held >= self.cfg.max_controllers_per_host {
+            return Err(held);
+        }
         let cntlid = loop {
             let id = self.next_cntlid.fetch_add(1, Ordering::AcqRel);
             if (1..0xffef).contains(&id) && !ctrls.contains_key(&id) {
@@ -446,7 +467,7 @@ impl Shared {
             error_count: AtomicU64::new(0),
         });
         ctrls.insert(cntlid, ctrl.clone());
-        ctrl
+        Ok(ctrl)
     }
 
     pub(crate) fn controller(&self, cntlid: u16) -> Option<Arc<Controller>> {

@@ -279,7 +279,18 @@ fn connect(shared: &Arc<Shared>, ep: &Endpoint) -> Option<(Arc<Controller>, u16,
         );
     }
     let ctrl = if connect.qid == 0 {
-        shared.new_controller(cdata.hostnqn.as_str(), Duration::from_millis(connect.kato.into()))
+        match shared.new_controller(cdata.hostnqn.as_str(), Duration::from_millis(connect.kato.into())) {
+            Ok(ctrl) => ctrl,
+            Err(held) => {
+                return refuse(
+                    Status::CONNECT_CONTROLLER_BUSY,
+                    format!(
+                        "host {} already holds {held} controllers, the most one host may (max_controllers_per_host)",
+                        cdata.hostnqn
+                    ),
+                )
+            }
+        }
     } else {
         let Some(ctrl) = shared.controller(cdata.cntlid) else {
             return refuse(

@@ -136,6 +136,11 @@ pub struct ShmOptions {
     pub max_send_wr: u32,
     /// Most posted receives per queue pair.
     pub max_recv_wr: u32,
+    /// Which local users a listener lets in: checked against the
+    /// credentials the kernel recorded for the connecting process
+    /// (`SO_PEERCRED`) before anything else. By default only the
+    /// listening process's own user.
+    pub access: ShmAccess,
 }
 
 impl Default for ShmOptions {
@@ -145,7 +150,44 @@ impl Default for ShmOptions {
             max_message: 1 << 30,
             max_send_wr: 1024,
             max_recv_wr: 4096,
+            access: ShmAccess::default(),
         }
+    }
+}
+
+/// The local users allowed to connect to an shm listener: a connecting
+/// process is let in when its user ID is listed, or its (primary) group ID
+/// is, or `any_user` is set. An abstract socket has no file permissions, so
+/// this is the only gate in front of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShmAccess {
+    /// User IDs let in.
+    pub uids: Vec<u32>,
+    /// Group IDs let in (the connecting process's primary group).
+    pub gids: Vec<u32>,
+    /// Let every local user in.
+    pub any_user: bool,
+}
+
+impl ShmAccess {
+    /// Only the user this process runs as (the default).
+    pub fn own_user() -> ShmAccess {
+        ShmAccess {
+            uids: vec![sys::effective_uid()],
+            gids: Vec::new(),
+            any_user: false,
+        }
+    }
+
+    /// Whether a process of user `uid` and group `gid` may connect.
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        self.any_user || self.uids.contains(&uid) || self.gids.contains(&gid)
+    }
+}
+
+impl Default for ShmAccess {
+    fn default() -> Self {
+        ShmAccess::own_user()
     }
 }
 
@@ -320,18 +362,44 @@ impl Fabric for ShmFabric {
         let rings = Arc::new(Mapping::new(&rings_fd, 2 * RING_BYTES).map_err(conn_err)?);
         let to_server = sys::eventfd().map_err(conn_err)?;
         let to_client = sys::eventfd().map_err(conn_err)?;
-        sock.send(
+        let sent = sock.send(
             &hello_bytes(KIND_HELLO, params),
             &[rings_fd.as_raw_fd(), to_server.as_raw_fd(), to_client.as_raw_fd()],
-        )
-        .map_err(conn_err)?;
-        let deadline = Instant::now() + self.opts.handshake_timeout;
-        let msg = sock
-            .recv_until(HELLO_HEADER + MAX_PARAMS + 1, deadline)
-            .map_err(|e| FabricError::Handshake {
-                peer: peer.clone(),
-                reason: format!("reading the answer: {e}"),
-            })?;
+        );
+        // A listener that refuses us (ShmAccess) may have answered and
+        // closed before our hello went out: its reason is the error then.
+        let deadline = if sent.is_err() {
+            Instant::now() + Duration::from_millis(100)
+        } else {
+            Instant::now() + self.opts.handshake_timeout
+        };
+        if let Err(e) = sent {
+            return match sock
+                .recv_until(HELLO_HEADER + MAX_PARAMS + 1, deadline)
+                .map(|m| parse_hello(&m))
+            {
+                Ok(Ok((KIND_REJECT, why))) => Err(FabricError::Rejected {
+                    peer,
+                    reason: String::from_utf8_lossy(&why).into_owned(),
+                }),
+                _ => Err(conn_err(e)),
+            };
+        }
+        let answer = match sock.recv_until(HELLO_HEADER + MAX_PARAMS + 1, deadline) {
+            // A listener that refused us closed with our hello unread: the
+            // reset is reported first, its reject right after.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => sock
+                .recv_until(
+                    HELLO_HEADER + MAX_PARAMS + 1,
+                    Instant::now() + Duration::from_millis(100),
+                )
+                .map_err(|_| e),
+            other => other,
+        };
+        let msg = answer.map_err(|e| FabricError::Handshake {
+            peer: peer.clone(),
+            reason: format!("reading the answer: {e}"),
+        })?;
         let (kind, body) = parse_hello(&msg).map_err(|reason| FabricError::Handshake {
             peer: peer.clone(),
             reason,
@@ -357,6 +425,25 @@ impl Fabric for ShmFabric {
                 reason: format!("unexpected hello kind {other} in answer"),
             }),
         }
+    }
+}
+
+/// The users and groups `access` lets in, for a refusal.
+fn describe_access(access: &ShmAccess) -> String {
+    if access.any_user {
+        return "every user".into();
+    }
+    let mut parts = Vec::new();
+    if !access.uids.is_empty() {
+        parts.push(format!("users {:?}", access.uids));
+    }
+    if !access.gids.is_empty() {
+        parts.push(format!("groups {:?}", access.gids));
+    }
+    if parts.is_empty() {
+        "nobody".into()
+    } else {
+        parts.join(" and ")
     }
 }
 
@@ -444,6 +531,9 @@ impl ShmListener {
         loop {
             match self.sock.accept() {
                 Ok(conn) => {
+                    if !self.admits(&conn) {
+                        continue;
+                    }
                     let mut pending = self.pending.lock();
                     if pending.len() >= MAX_HANDSHAKES {
                         tracing::warn!(listener = %self.name, "refusing shm connection: {MAX_HANDSHAKES} hellos already pending");
@@ -459,6 +549,35 @@ impl ShmListener {
                     tracing::warn!(listener = %self.name, error = %e, "shm accept failed");
                     return;
                 }
+            }
+        }
+    }
+
+    /// Whether the process behind `conn` may connect ([`ShmAccess`]); a
+    /// refused one gets a reject naming why, and is closed.
+    fn admits(&self, conn: &Socket) -> bool {
+        let access = &self.fabric.opts.access;
+        match conn.peer_cred() {
+            Ok(c) if access.allows(c.uid, c.gid) => true,
+            Ok(c) => {
+                tracing::warn!(
+                    listener = %self.name, pid = c.pid, uid = c.uid, gid = c.gid,
+                    "refusing shm connection: its user is not allowed here"
+                );
+                let why = format!(
+                    "user {} (group {}) may not connect to shm://{}; the I/O unit lets in {}",
+                    c.uid,
+                    c.gid,
+                    self.name,
+                    describe_access(access)
+                );
+                // A fresh socket's buffer takes one small message at once.
+                let _ = conn.send(&hello_bytes(KIND_REJECT, why.as_bytes()), &[]);
+                false
+            }
+            Err(e) => {
+                tracing::warn!(listener = %self.name, "refusing shm connection: cannot read its credentials: {e}");
+                false
             }
         }
     }

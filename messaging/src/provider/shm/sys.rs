@@ -238,6 +238,20 @@ pub(crate) struct Socket {
     fd: OwnedFd,
 }
 
+/// Who is at the other end of a connected socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PeerCred {
+    pub(crate) pid: i32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+}
+
+/// This process's effective user ID.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: `geteuid` takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// One received message.
 #[derive(Debug)]
 pub(crate) struct Message {
@@ -325,6 +339,29 @@ impl Socket {
 
     pub(crate) fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// The credentials the kernel recorded for the process at the other
+    /// end when it connected (`SO_PEERCRED`): they cannot be forged.
+    pub(crate) fn peer_cred(&self) -> io::Result<PeerCred> {
+        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `cred` is a writable `ucred` of `len` bytes, which is what
+        // SO_PEERCRED writes (at most `len` bytes); the descriptor is ours.
+        cvt(unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        })?;
+        Ok(PeerCred {
+            pid: cred.pid,
+            uid: cred.uid,
+            gid: cred.gid,
+        })
     }
 
     /// Sends one message with descriptors (blocking).

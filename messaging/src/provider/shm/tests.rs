@@ -674,3 +674,63 @@ fn a_placed_write_must_name_the_memfd_its_key_names_now() {
     assert_eq!(got[0].status, WcStatus::Success, "the plain Write");
     assert_eq!(got[1].status, WcStatus::RemoteAccessError, "the placed one");
 }
+
+#[test]
+fn only_allowed_users_get_in() {
+    use crate::provider::shm::ShmAccess;
+    let me = sys::effective_uid();
+    let listen_with = |access: ShmAccess| {
+        let fabric = ShmFabric::with_options(ShmOptions {
+            access,
+            ..ShmOptions::default()
+        });
+        let listener = fabric.listen("").expect("listen");
+        (fabric, listener)
+    };
+    // The default lets this process's own user in.
+    assert!(ShmAccess::default().uids.contains(&me));
+    let fabric = ShmFabric::new();
+    let (a, b) = connect_pair(&fabric, "", (b"", Vec::new()), (b"", Vec::new()));
+    assert!(!a.is_failed() && !b.is_failed());
+    // A listener that lets in only another user refuses us, and says why.
+    let other = me.wrapping_add(1);
+    let (fabric, listener) = listen_with(ShmAccess {
+        uids: vec![other],
+        gids: Vec::new(),
+        any_user: false,
+    });
+    let addr = listener.local_addr();
+    std::thread::scope(|s| {
+        let server = s.spawn(|| listener.accept(Some(Duration::from_millis(500))).map(drop));
+        match fabric.connect(&addr, &fabric.pd, b"", Vec::new()) {
+            Err(FabricError::Rejected { reason, .. }) => {
+                assert!(reason.contains(&format!("user {me}")), "{reason}");
+                assert!(reason.contains(&format!("users [{other}]")), "{reason}");
+            }
+            other => panic!("expected a rejection, got {:?}", other.map(|_| ())),
+        }
+        assert!(
+            matches!(server.join().unwrap(), Err(FabricError::Timeout(_))),
+            "the listener handed out nothing"
+        );
+    });
+    // Groups and "any user" open it again.
+    assert!(ShmAccess {
+        uids: vec![],
+        gids: vec![7],
+        any_user: false
+    }
+    .allows(other, 7));
+    assert!(ShmAccess {
+        uids: vec![],
+        gids: vec![],
+        any_user: true
+    }
+    .allows(other, 9));
+    assert!(!ShmAccess {
+        uids: vec![],
+        gids: vec![],
+        any_user: false
+    }
+    .allows(me, 0));
+}
