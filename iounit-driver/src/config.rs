@@ -8,6 +8,7 @@
 //! max_queue_depth = 128                    # entries per queue
 //! workers = 256                            # worker threads (one per queue)
 //! max_controllers_per_host = 8             # controllers one host NQN may hold
+//! max_connections_per_address = 256        # tcp connections from one address
 //! shm_allow_uids = [1000]                  # users let in on shm:// listeners
 //! shm_allow_gids = []                      # ... or groups (primary group)
 //! shm_allow_any_user = false               # default: only the daemon's user
@@ -93,6 +94,7 @@ struct File {
     max_queue_depth: Option<u16>,
     workers: Option<usize>,
     max_controllers_per_host: Option<usize>,
+    max_connections_per_address: Option<usize>,
     #[serde(default)]
     shm_allow_uids: Vec<u32>,
     #[serde(default)]
@@ -166,6 +168,9 @@ pub fn parse(text: &str, origin: &str) -> Result<DaemonConfig, ConfigError> {
                 .max_controllers_per_host
                 .unwrap_or(defaults.max_controllers_per_host),
             shm_access: shm_access(file.shm_allow_uids, file.shm_allow_gids, file.shm_allow_any_user),
+            max_connections_per_address: file
+                .max_connections_per_address
+                .unwrap_or(defaults.max_connections_per_address),
         },
         namespaces,
     })

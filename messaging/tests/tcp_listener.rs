@@ -173,3 +173,80 @@ fn a_malformed_frame_closes_only_its_own_connection() {
     d.send(b"new peer").unwrap();
     assert_eq!(&c.recv_timeout(LONG).unwrap()[..], b"new peer");
 }
+
+#[test]
+fn one_address_holds_at_most_its_share_of_connections() {
+    logs();
+    let fabric = TcpFabric::with_options(TcpOptions {
+        handshake_timeout: Duration::from_millis(300),
+        max_connections_per_address: 3,
+        ..TcpOptions::default()
+    });
+    let listener = fabric.listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    // Two channels and one connection that never says hello: three.
+    let (a, a_server) = good_pair(&fabric, listener.as_ref());
+    let (b, b_server) = good_pair(&fabric, listener.as_ref());
+    let silent = TcpStream::connect(&addr).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    // The fourth is refused with the reason, before any hello is read.
+    match Endpoint::connect(&fabric, &addr, Config::default()) {
+        Err(Error::Fabric(messaging::provider::FabricError::Rejected { reason, .. })) => {
+            assert!(reason.contains("too many connections from 127.0.0.1"), "{reason}");
+        }
+        other => panic!("expected a rejection, got {:?}", other.map(|_| ())),
+    }
+    wait_for_log("connections from its address already");
+    // Channels that go (and the silent one, at its hello deadline) give
+    // their places back.
+    drop((a, a_server, silent));
+    let deadline = Instant::now() + LONG;
+    loop {
+        let attempt = std::thread::scope(|s| {
+            let server = s.spawn(|| {
+                Endpoint::accept(
+                    &fabric,
+                    listener.as_ref(),
+                    Config::default(),
+                    Some(Duration::from_secs(2)),
+                )
+            });
+            let client = Endpoint::connect(&fabric, &addr, Config::default());
+            (client, server.join().unwrap())
+        });
+        match attempt {
+            (Ok(c), Ok(s)) => {
+                drop((c, s));
+                break;
+            }
+            _ => {
+                assert!(Instant::now() < deadline, "the places never came back");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    drop((b, b_server));
+}
+
+#[test]
+fn one_address_cannot_hold_every_hello() {
+    logs();
+    // Hellos may take their time here; the 17th silent socket from one
+    // address is closed at once all the same.
+    let fabric = TcpFabric::with_options(TcpOptions {
+        handshake_timeout: LONG,
+        ..TcpOptions::default()
+    });
+    let listener = fabric.listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    let silent: Vec<TcpStream> = (0..16).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    let mut over = TcpStream::connect(&addr).unwrap();
+    over.set_read_timeout(Some(LONG / 4)).unwrap();
+    let mut byte = [0u8; 1];
+    match over.read(&mut byte) {
+        Ok(0) => {}
+        other => panic!("the 17th hello of one address was not refused: {other:?}"),
+    }
+    wait_for_log("hellos from its address already pending");
+    drop(silent);
+}

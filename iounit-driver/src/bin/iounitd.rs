@@ -65,6 +65,10 @@ struct Args {
     /// Controllers one host NQN may hold at once (default 8).
     #[arg(long, value_name = "N")]
     max_controllers_per_host: Option<usize>,
+    /// Connections one source address may hold on tcp:// listeners at once
+    /// (default 256); a further one is refused with the reason.
+    #[arg(long, value_name = "N")]
+    max_connections_per_address: Option<usize>,
     /// User ID let in on shm:// listeners, repeatable (default: only the
     /// user iounitd runs as; checked with SO_PEERCRED).
     #[arg(long = "shm-allow-uid", value_name = "UID")]
@@ -136,6 +140,9 @@ fn settings(args: &Args) -> Res<DaemonConfig> {
     }
     if let Some(n) = args.max_controllers_per_host {
         cfg.target.max_controllers_per_host = n;
+    }
+    if let Some(n) = args.max_connections_per_address {
+        cfg.target.max_connections_per_address = n;
     }
     if !args.shm_allow_uids.is_empty() || !args.shm_allow_gids.is_empty() || args.shm_allow_any_user {
         cfg.target.shm_access = config::shm_access(

@@ -66,6 +66,9 @@ pub struct TargetConfig {
     /// Local users allowed on `shm://` listeners (checked with
     /// `SO_PEERCRED`); by default only the daemon's own user.
     pub shm_access: messaging::provider::shm::ShmAccess,
+    /// Connections a `tcp://` listener holds from one source address at
+    /// once (queues of every host behind it, and hellos still awaited).
+    pub max_connections_per_address: usize,
 }
 
 impl Default for TargetConfig {
@@ -80,6 +83,7 @@ impl Default for TargetConfig {
             workers: 256,
             max_controllers_per_host: 8,
             shm_access: messaging::provider::shm::ShmAccess::default(),
+            max_connections_per_address: 256,
         }
     }
 }
@@ -169,6 +173,9 @@ impl Target {
         if cfg.max_io_queues == 0 {
             return Err(TargetError::Config("max I/O queues must be at least 1".into()));
         }
+        if cfg.max_connections_per_address == 0 {
+            return Err(TargetError::Config("connections per address must be at least 1".into()));
+        }
         if cfg.max_controllers_per_host == 0 {
             return Err(TargetError::Config("controllers per host must be at least 1".into()));
         }
@@ -182,7 +189,11 @@ impl Target {
                 .attach(None, backend)
                 .map_err(|e| TargetError::Config(format!("namespace {spec}: {e}")))?;
         }
-        let fabrics = Fabrics::new().with_shm_options(messaging::provider::shm::ShmOptions {
+        let fabrics = Fabrics::with_tcp_options(messaging::provider::tcp::TcpOptions {
+            max_connections_per_address: cfg.max_connections_per_address,
+            ..Default::default()
+        })
+        .with_shm_options(messaging::provider::shm::ShmOptions {
             access: cfg.shm_access.clone(),
             ..Default::default()
         });

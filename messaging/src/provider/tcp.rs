@@ -46,9 +46,9 @@
 //! The listener validates magic, version, kind and length under a timeout on
 //! its own thread per connection, logs a refusal and keeps accepting.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -120,6 +120,10 @@ pub struct TcpOptions {
     pub max_send_wr: u32,
     /// Most posted receives per queue pair.
     pub max_recv_wr: u32,
+    /// Most connections a listener holds from one source address at once,
+    /// counted from the TCP accept (hellos still awaited included) until
+    /// the queue pair is dropped; one more is answered with a reject.
+    pub max_connections_per_address: usize,
 }
 
 impl Default for TcpOptions {
@@ -130,6 +134,7 @@ impl Default for TcpOptions {
             max_message: 1 << 30,
             max_send_wr: 4096,
             max_recv_wr: 4096,
+            max_connections_per_address: 256,
         }
     }
 }
@@ -209,6 +214,8 @@ impl Fabric for TcpFabric {
         let shared = Arc::new(ListenShared {
             handshakes: std::sync::atomic::AtomicUsize::new(0),
             queue: AcceptQueue::new(MAX_PENDING),
+            per_address: Arc::new(Mutex::new(HashMap::new())),
+            hellos_per_address: Arc::new(Mutex::new(HashMap::new())),
         });
         let thread = {
             let shared = shared.clone();
@@ -293,6 +300,46 @@ fn read_hello(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>
 struct ListenShared {
     handshakes: std::sync::atomic::AtomicUsize,
     queue: AcceptQueue<TcpIncoming>,
+    /// Live connections per source address.
+    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Hellos awaited per source address.
+    hellos_per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One connection counted against its source address's limit
+/// (`TcpOptions::max_connections_per_address`); it goes with the queue
+/// pair (or with the hello that never became one).
+struct AddressSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    /// A slot for `ip`, or `None` when it already holds `max`.
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut held = counts.lock();
+        let n = held.entry(ip).or_insert(0);
+        if *n >= max.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut held = self.counts.lock();
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A listening tcp endpoint.
@@ -312,6 +359,8 @@ impl std::fmt::Debug for TcpListener {
 pub(crate) const MAX_PENDING: usize = 128;
 /// Most connections whose hello is still being read.
 const MAX_HANDSHAKES: usize = 64;
+/// Most of them from one source address.
+pub(crate) const MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
 
 fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<ListenShared>, fabric: TcpFabric) {
     let mut events = Events::with_capacity(16);
@@ -326,6 +375,21 @@ fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<List
         loop {
             match listener.accept() {
                 Ok((stream, peer)) => {
+                    // Hellos awaited from one address are few: a client
+                    // that opens many and says nothing is closed at once,
+                    // and cannot take every handshake from others.
+                    let Some(hello_slot) =
+                        AddressSlot::take(&shared.hellos_per_address, peer.ip(), MAX_HANDSHAKES_PER_ADDRESS)
+                    else {
+                        tracing::warn!(%peer, "refusing tcp connection: {MAX_HANDSHAKES_PER_ADDRESS} hellos from its address already pending");
+                        continue;
+                    };
+                    // Over its address's limit, the connection is still
+                    // read up to its hello and then refused with the
+                    // reason (closing it unread would reset it, and the
+                    // reason would be lost).
+                    let max = fabric.opts.max_connections_per_address;
+                    let slot = AddressSlot::take(&shared.per_address, peer.ip(), max);
                     if shared.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
                         shared.handshakes.fetch_sub(1, Ordering::AcqRel);
                         tracing::warn!(%peer, "refusing tcp connection: {MAX_HANDSHAKES} hellos already pending");
@@ -337,8 +401,9 @@ fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<List
                         .name("chanio-tcp-hello".into())
                         .spawn(move || {
                             let counter = shared.clone();
-                            handshake(stream, peer, shared, fabric);
+                            handshake(stream, peer, shared, fabric, slot);
                             counter.handshakes.fetch_sub(1, Ordering::AcqRel);
+                            drop(hello_slot);
                         });
                     if let Err(e) = spawned {
                         tracing::warn!(%peer, error = %e, "refusing connection: cannot spawn handshake thread");
@@ -358,7 +423,13 @@ fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<List
     }
 }
 
-fn handshake(stream: mio::net::TcpStream, peer: SocketAddr, shared: Arc<ListenShared>, fabric: TcpFabric) {
+fn handshake(
+    stream: mio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<ListenShared>,
+    fabric: TcpFabric,
+    slot: Option<AddressSlot>,
+) {
     let refuse = |reason: &str| tracing::warn!(%peer, "refusing tcp connection: {reason}");
     let stream = TcpStream::from(stream);
     let setup = stream.set_nonblocking(false).and_then(|()| stream.set_nodelay(true));
@@ -379,11 +450,18 @@ fn handshake(stream: mio::net::TcpStream, peer: SocketAddr, shared: Arc<ListenSh
     if kind != KIND_HELLO {
         return refuse(&format!("first message is hello kind {kind}, not a hello"));
     }
+    let Some(slot) = slot else {
+        let max = fabric.opts.max_connections_per_address;
+        let why = format!("too many connections from {}: at most {max} at once", peer.ip());
+        let _ = stream.write_all(&hello_bytes(KIND_REJECT, why.as_bytes()));
+        return refuse(&format!("{max} connections from its address already"));
+    };
     let incoming = TcpIncoming {
         stream,
         peer: format!("tcp://{peer}"),
         params,
         fabric,
+        slot,
     };
     match shared.queue.offer(incoming) {
         Ok(()) | Err(Refused::Closed) => {}
@@ -426,6 +504,7 @@ pub struct TcpIncoming {
     peer: String,
     params: Vec<u8>,
     fabric: TcpFabric,
+    slot: AddressSlot,
 }
 
 impl std::fmt::Debug for TcpIncoming {
@@ -459,6 +538,7 @@ impl Incoming for TcpIncoming {
             peer,
             params: peer_params,
             fabric,
+            slot,
         } = *self;
         if params.len() > MAX_PARAMS {
             return Err(FabricError::Handshake {
@@ -469,8 +549,9 @@ impl Incoming for TcpIncoming {
         // The answer goes out only once the receives are posted: `start`
         // posts them before the I/O thread reads anything.
         let answer = hello_bytes(KIND_ACCEPT, params);
-        TcpQp::start_with_answer(fabric, domain.clone(), stream, peer, peer_params, recvs, Some(answer))
-            .map(|qp| Box::new(qp) as _)
+        let mut qp = TcpQp::start_with_answer(fabric, domain.clone(), stream, peer, peer_params, recvs, Some(answer))?;
+        qp._slot = Some(slot);
+        Ok(Box::new(qp))
     }
 
     fn reject(mut self: Box<Self>, reason: &str) {
@@ -485,6 +566,8 @@ impl Incoming for TcpIncoming {
 pub struct TcpQp {
     shared: Arc<QpShared>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// An accepted queue pair's place in its address's count.
+    _slot: Option<AddressSlot>,
 }
 
 struct QpShared {
@@ -727,6 +810,7 @@ impl TcpQp {
         Ok(TcpQp {
             shared,
             thread: Mutex::new(Some(thread)),
+            _slot: None,
         })
     }
 }
