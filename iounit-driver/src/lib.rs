@@ -17,6 +17,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod fuzz;
 pub mod nvme;
 pub mod target;
 pub mod transport;

@@ -49,6 +49,7 @@
 #![warn(missing_docs)]
 
 pub mod driver;
+pub mod fuzz;
 pub mod intmap;
 pub mod mr;
 pub mod proto;

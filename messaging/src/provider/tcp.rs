@@ -288,6 +288,17 @@ fn hello_bytes(kind: u16, body: &[u8]) -> Vec<u8> {
     HELLO.encode(kind, body)
 }
 
+/// Runs the decoders of what a tcp peer sends (hello, frame header) on
+/// `data`: the fuzzing entry point ([`crate::fuzz`]).
+pub(crate) fn decode_untrusted(data: &[u8]) {
+    let _ = HELLO.parse(data);
+    for chunk in data.chunks_exact(FRAME_HEADER) {
+        if let Ok(h) = <&[u8; FRAME_HEADER]>::try_from(chunk) {
+            let _ = Header::decode(h);
+        }
+    }
+}
+
 /// Reads and validates one hello message within `timeout`; the error is a
 /// reason for logs.
 fn read_hello(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), String> {

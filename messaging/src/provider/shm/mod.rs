@@ -451,6 +451,12 @@ fn hello_bytes(kind: u16, body: &[u8]) -> Vec<u8> {
     HELLO.encode(kind, body)
 }
 
+/// Runs the decoder of an shm hello on `data`: the fuzzing entry point
+/// ([`crate::fuzz`]).
+pub(crate) fn decode_untrusted(data: &[u8]) {
+    let _ = HELLO.parse(data);
+}
+
 /// Validates one hello message (one datagram, without its descriptors).
 fn parse_hello(msg: &sys::Message) -> Result<(u16, Vec<u8>), String> {
     if msg.truncated {
