@@ -31,7 +31,8 @@
 //! drawn by the domain itself.
 //!
 //! # Where the memory comes from
-//! By default from the heap. A domain made with
+//! By default from an anonymous mapping of its own (fresh zero pages,
+//! given back to the system when the region goes). A domain made with
 //! [`ProtectionDomain::with_allocator`] takes it from a [`RegionAllocator`]
 //! instead: the shm provider allocates every registration from a sealed
 //! memfd so that a peer process can map it; [`Buf::allocation`] names the
@@ -47,7 +48,7 @@
 //! zeroed when allocated).
 
 use crate::intmap::IntMap;
-use std::alloc::{self, Layout};
+use std::alloc::Layout;
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::BuildHasher;
@@ -272,7 +273,7 @@ pub unsafe trait Registrar: Send + Sync {
 /// A hook that provides the memory of a domain's registrations, for
 /// providers that must share it with other processes (the shm provider
 /// allocates every registration from a memfd). Without one, a domain
-/// allocates from the heap.
+/// maps anonymous memory for each registration.
 ///
 /// # Safety
 /// Implementors promise that a successful `allocate(len)` returns a pointer
@@ -355,7 +356,7 @@ impl ProtectionDomain {
     }
 
     /// Creates an empty domain whose registrations take their memory from
-    /// `allocator` instead of the heap (the shm provider's memfds).
+    /// `allocator` instead of anonymous mappings (the shm provider's memfds).
     pub fn with_allocator(allocator: Arc<dyn RegionAllocator>) -> ProtectionDomain {
         let mut pd = ProtectionDomain::build(None);
         if let Some(inner) = Arc::get_mut(&mut pd.inner) {
@@ -378,7 +379,7 @@ impl ProtectionDomain {
     }
 
     /// A new, empty domain for one connection (or one host controller):
-    /// its memory comes from where this domain's does (the heap, the shm
+    /// its memory comes from where this domain's does (anonymous mappings, the shm
     /// provider's memfds, the device), but its registrations are reached
     /// only through it. A remote key of any other domain, this one
     /// included, is a remote access error on the child's queue pairs, as a
@@ -446,11 +447,7 @@ impl ProtectionDomain {
                 let (ptr, handle) = allocator.allocate(bytes)?;
                 (ptr, Some((allocator.clone(), handle)))
             }
-            None => {
-                // SAFETY: `layout` has a non-zero size (checked above).
-                let raw = unsafe { alloc::alloc_zeroed(layout) };
-                (NonNull::new(raw).ok_or(MrError::OutOfMemory { bytes })?, None)
-            }
+            None => (map_anonymous(bytes).ok_or(MrError::OutOfMemory { bytes })?, None),
         };
         let (lkey, rkey, device) = match &self.inner.registrar {
             Some(registrar) => {
@@ -605,19 +602,47 @@ struct Region {
 /// Frees region memory where it came from.
 ///
 /// # Safety
-/// `ptr` must come from `alloc_zeroed(layout)` when `allocation` is `None`,
+/// `ptr` must come from `map_anonymous(layout.size())` when `allocation` is `None`,
 /// else from that allocator's `allocate(layout.size())` with that handle;
 /// it is freed once and never used after.
 unsafe fn release(ptr: NonNull<u8>, layout: Layout, allocation: Option<(Arc<dyn RegionAllocator>, u64)>) {
     match allocation {
         // SAFETY: the caller's contract, passed on.
         Some((allocator, handle)) => unsafe { allocator.free(ptr, layout.size(), handle) },
-        // SAFETY: the caller's contract: a heap allocation of `layout`.
-        None => unsafe { alloc::dealloc(ptr.as_ptr(), layout) },
+        // SAFETY: the caller's contract: a mapping of `layout.size()` bytes
+        // from `map_anonymous`, unmapped once.
+        None => unsafe {
+            libc::munmap(ptr.as_ptr().cast(), layout.size());
+        },
     }
 }
 
-// SAFETY: the region is a plain heap allocation of bytes that nothing else
+/// `bytes` of fresh, zeroed, page-aligned memory straight from the kernel
+/// (an anonymous private mapping), for a registration without an
+/// allocator. Not from the heap: its pages cost nothing until touched, and
+/// unmapping gives them back to the system at once (a freed heap block of
+/// this size would stay with the process, and a reused one would have to
+/// be zeroed, touching every page).
+fn map_anonymous(bytes: usize) -> Option<NonNull<u8>> {
+    // SAFETY: an anonymous mapping at an address the kernel picks refers to
+    // no existing memory; the result is checked before use.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return None;
+    }
+    NonNull::new(raw.cast())
+}
+
+// SAFETY: the region is a plain mapping (or allocation) of bytes that nothing else
 // frees while the `Arc<Region>` lives; all access to the bytes goes through
 // `Buf` (exclusive per chunk) or `RemoteTarget` (the documented DMA hazard),
 // and the free list is behind a mutex.
@@ -639,7 +664,7 @@ impl Drop for Region {
             // deregistered once, here; the memory is still allocated.
             if let Err(error) = unsafe { registrar.deregister(handle) } {
                 // The device (or a peer's RDMA Write) may still reach the
-                // memory: freeing it could let DMA land in reused heap.
+                // memory: freeing it could let DMA land in reused memory.
                 tracing::error!(
                     %error,
                     bytes = self.layout.size(),
@@ -648,7 +673,7 @@ impl Drop for Region {
                 return;
             }
         }
-        // SAFETY: `ptr` came from `alloc_zeroed(self.layout)` (or the
+        // SAFETY: `ptr` came from `map_anonymous(self.layout.size())` (or the
         // allocator in `allocation`) and is freed once, here, after the last
         // `Arc` (and so the last `Buf`/`RemoteTarget`) died and, with a
         // registrar, after the device let go of it (`Ok`).
@@ -815,7 +840,7 @@ impl Buf {
     }
 
     /// The allocator handle of the registration and the chunk's offset in
-    /// it, when the domain has a [`RegionAllocator`] (`None` for heap memory).
+    /// it, when the domain has a [`RegionAllocator`] (`None` for its own mappings).
     pub fn allocation(&self) -> Option<(u64, usize)> {
         let (_, handle) = self.region.allocation.as_ref()?;
         Some((*handle, self.index as usize * self.region.chunk_size))
