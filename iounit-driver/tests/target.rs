@@ -348,6 +348,27 @@ fn worker_limit_refuses_extra_queues_with_controller_busy() {
 }
 
 #[test]
+fn channels_that_never_connect_take_no_worker() {
+    let t = Target::start(TargetConfig {
+        listen: vec!["tcp://127.0.0.1:0".into()],
+        namespaces: vec!["ram:1MiB".parse().unwrap()],
+        workers: 1,
+        ..TargetConfig::default()
+    })
+    .unwrap();
+    // Three channels that complete the hello and then say nothing.
+    let fabric = TcpFabric::default();
+    let addr = t.local_uris()[0].trim_start_matches("tcp://").to_string();
+    let silent: Vec<Endpoint> = (0..3)
+        .map(|_| Endpoint::connect(&fabric, &addr, transport::host_channel(32)).unwrap())
+        .collect();
+    // The one worker is still there for a host that connects.
+    let host = RawHost::connect(&t, 0, 0, None).expect("the worker was free");
+    drop((host, silent));
+    t.shutdown();
+}
+
+#[test]
 fn one_host_holds_at_most_its_quota_of_controllers() {
     let t = Target::start(TargetConfig {
         listen: vec!["tcp://127.0.0.1:0".into()],

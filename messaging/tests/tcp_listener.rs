@@ -250,3 +250,31 @@ fn one_address_cannot_hold_every_hello() {
     wait_for_log("hellos from its address already pending");
     drop(silent);
 }
+
+#[test]
+fn slow_hellos_make_room_for_new_connections() {
+    logs();
+    // Every handshake is held by a socket that says nothing (slowloris);
+    // hellos may take their time, yet a new client gets in, and the one
+    // that waited longest is closed.
+    let fabric = TcpFabric::with_options(TcpOptions {
+        handshake_timeout: LONG,
+        max_handshakes: 4,
+        ..TcpOptions::default()
+    });
+    let listener = fabric.listen("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr();
+    let mut silent: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (client, server) = good_pair(&fabric, listener.as_ref());
+    wait_for_log("closing the hello waiting longest");
+    let first = &mut silent[0];
+    first.set_read_timeout(Some(LONG / 4)).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(first.read(&mut byte), Ok(0) | Err(_)),
+        "the oldest silent socket was closed"
+    );
+    client.send(b"through").unwrap().wait_timeout(LONG).unwrap();
+    assert_eq!(&*server.recv_timeout(LONG).unwrap(), b"through");
+}

@@ -69,9 +69,8 @@ const STAGING_WAIT: Duration = Duration::from_secs(30);
 /// Serves one channel until it closes, the controller dies or the target
 /// shuts down.
 pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
-    let _worker = WorkerSlot::take(&shared);
     let peer = ep.peer_addr().to_string();
-    let Some((ctrl, qid, depth)) = connect(&shared, &ep) else {
+    let Some((_worker, ctrl, qid, depth)) = connect(&shared, &ep) else {
         ep.close();
         return;
     };
@@ -175,13 +174,19 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
     }
 }
 
-/// Counts this thread among the workers for as long as it serves a queue.
+/// Counts this thread among the workers for as long as it serves a
+/// connected queue. A channel still waiting for its Connect holds none, so
+/// connections that never send one cannot keep hosts out.
 struct WorkerSlot<'a>(&'a Shared);
 
 impl<'a> WorkerSlot<'a> {
-    fn take(shared: &'a Shared) -> WorkerSlot<'a> {
-        shared.active_queues.fetch_add(1, Ordering::AcqRel);
-        WorkerSlot(shared)
+    /// A slot, or `None` when all `workers` are taken.
+    fn try_take(shared: &'a Shared) -> Option<WorkerSlot<'a>> {
+        if shared.active_queues.fetch_add(1, Ordering::AcqRel) >= shared.cfg.workers {
+            shared.active_queues.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(WorkerSlot(shared))
     }
 }
 
@@ -192,7 +197,7 @@ impl Drop for WorkerSlot<'_> {
 }
 
 /// Waits for the Connect capsule and binds the queue to a controller.
-fn connect(shared: &Arc<Shared>, ep: &Endpoint) -> Option<(Arc<Controller>, u16, u16)> {
+fn connect<'a>(shared: &'a Arc<Shared>, ep: &Endpoint) -> Option<(WorkerSlot<'a>, Arc<Controller>, u16, u16)> {
     let peer = ep.peer_addr().to_string();
     let d = match ep.recv_timeout(CONNECT_TIMEOUT) {
         Ok(d) => d,
@@ -225,13 +230,12 @@ fn connect(shared: &Arc<Shared>, ep: &Endpoint) -> Option<(Arc<Controller>, u16,
         reply(status.with_dnr(), 0);
         None
     };
-    let busy = shared.active_queues.load(Ordering::Acquire);
-    if busy > shared.cfg.workers {
+    let Some(worker) = WorkerSlot::try_take(shared) else {
         return refuse(
             Status::CONNECT_CONTROLLER_BUSY,
             format!("all {} worker threads serve other queues", shared.cfg.workers),
         );
-    }
+    };
     if sqe.opcode != AdminOpcode::Fabrics as u8
         || !matches!(sqe.fabrics_command_type(), Ok(FabricsCommandType::Connect))
     {
@@ -317,7 +321,7 @@ fn connect(shared: &Arc<Shared>, ep: &Endpoint) -> Option<(Arc<Controller>, u16,
     ctrl.touch();
     tracing::info!(%peer, host = %cdata.hostnqn, cntlid = ctrl.cntlid, qid = connect.qid, size, "queue connected");
     reply(Status::SUCCESS, ConnectResponse::new(ctrl.cntlid).to_dw0());
-    Some((ctrl, connect.qid, size as u16))
+    Some((worker, ctrl, connect.qid, size as u16))
 }
 
 /// A write waiting for its pushed data.

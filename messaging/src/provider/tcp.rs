@@ -53,7 +53,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::Mutex;
@@ -124,6 +124,10 @@ pub struct TcpOptions {
     /// counted from the TCP accept (hellos still awaited included) until
     /// the queue pair is dropped; one more is answered with a reject.
     pub max_connections_per_address: usize,
+    /// Most hellos a listener reads at once (each on its own short-lived
+    /// thread). When all are taken, a new connection ends the one that has
+    /// waited longest, if that waited over 100 ms.
+    pub max_handshakes: usize,
 }
 
 impl Default for TcpOptions {
@@ -135,6 +139,7 @@ impl Default for TcpOptions {
             max_send_wr: 4096,
             max_recv_wr: 4096,
             max_connections_per_address: 256,
+            max_handshakes: 64,
         }
     }
 }
@@ -213,6 +218,8 @@ impl Fabric for TcpFabric {
         let waker = Arc::new(Waker::new(poll.registry(), WAKE).map_err(listen_err)?);
         let shared = Arc::new(ListenShared {
             handshakes: std::sync::atomic::AtomicUsize::new(0),
+            hellos: Mutex::new(VecDeque::new()),
+            next_hello: std::sync::atomic::AtomicU64::new(0),
             queue: AcceptQueue::new(MAX_PENDING),
             per_address: Arc::new(Mutex::new(HashMap::new())),
             hellos_per_address: Arc::new(Mutex::new(HashMap::new())),
@@ -310,11 +317,55 @@ fn read_hello(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>
 
 struct ListenShared {
     handshakes: std::sync::atomic::AtomicUsize,
+    /// The hellos being read, oldest first, each with a handle on its
+    /// socket that ends the read when the hello is evicted.
+    hellos: Mutex<VecDeque<PendingHello>>,
+    next_hello: std::sync::atomic::AtomicU64,
     queue: AcceptQueue<TcpIncoming>,
     /// Live connections per source address.
     per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Hellos awaited per source address.
     hellos_per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// A hello being read on its handshake thread.
+struct PendingHello {
+    id: u64,
+    peer: SocketAddr,
+    since: Instant,
+    /// The same socket (a duplicated descriptor), to shut it down.
+    handle: TcpStream,
+}
+
+/// A second handle on `stream`'s socket.
+fn stream_handle(stream: &mio::net::TcpStream) -> io::Result<TcpStream> {
+    use std::os::fd::{AsFd, OwnedFd};
+    let fd: OwnedFd = stream.as_fd().try_clone_to_owned()?;
+    Ok(TcpStream::from(fd))
+}
+
+/// Every handshake is taken: ends the oldest pending hello if it waited
+/// longer than [`HELLO_EVICTABLE_AFTER`] (its thread then reads the end of
+/// the stream and goes), so that `peer` gets its turn. Whether it did.
+fn evict_oldest_hello(shared: &ListenShared, peer: SocketAddr) -> bool {
+    let mut hellos = shared.hellos.lock();
+    let Some(oldest) = hellos.front() else {
+        return false;
+    };
+    let waited = oldest.since.elapsed();
+    if waited < HELLO_EVICTABLE_AFTER {
+        return false;
+    }
+    let Some(oldest) = hellos.pop_front() else {
+        return false;
+    };
+    tracing::warn!(
+        evicted = %oldest.peer, %peer,
+        "every handshake taken: closing the hello waiting longest ({} ms) for a new connection",
+        waited.as_millis()
+    );
+    let _ = oldest.handle.shutdown(Shutdown::Both);
+    true
 }
 
 /// One connection counted against its source address's limit
@@ -368,9 +419,11 @@ impl std::fmt::Debug for TcpListener {
 }
 
 pub(crate) const MAX_PENDING: usize = 128;
-/// Most connections whose hello is still being read.
-const MAX_HANDSHAKES: usize = 64;
-/// Most of them from one source address.
+/// A pending hello that waited this long may make room for a new
+/// connection when every handshake is taken: a client that means it sends
+/// its hello at once, one that trickles bytes (slowloris) loses its place.
+const HELLO_EVICTABLE_AFTER: Duration = Duration::from_millis(100);
+/// Most hellos awaited from one source address.
 pub(crate) const MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
 
 fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<ListenShared>, fabric: TcpFabric) {
@@ -401,22 +454,39 @@ fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<List
                     // reason would be lost).
                     let max = fabric.opts.max_connections_per_address;
                     let slot = AddressSlot::take(&shared.per_address, peer.ip(), max);
-                    if shared.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
-                        shared.handshakes.fetch_sub(1, Ordering::AcqRel);
-                        tracing::warn!(%peer, "refusing tcp connection: {MAX_HANDSHAKES} hellos already pending");
+                    let max_handshakes = fabric.opts.max_handshakes.max(1);
+                    if shared.handshakes.load(Ordering::Acquire) >= max_handshakes && !evict_oldest_hello(&shared, peer)
+                    {
+                        tracing::warn!(%peer, "refusing tcp connection: {max_handshakes} hellos already pending");
                         continue;
                     }
-                    let shared = shared.clone();
+                    let Ok(handle) = stream_handle(&stream) else {
+                        tracing::warn!(%peer, "refusing tcp connection: cannot duplicate its descriptor");
+                        continue;
+                    };
+                    shared.handshakes.fetch_add(1, Ordering::AcqRel);
+                    let id = shared.next_hello.fetch_add(1, Ordering::Relaxed);
+                    shared.hellos.lock().push_back(PendingHello {
+                        id,
+                        peer,
+                        since: Instant::now(),
+                        handle,
+                    });
+                    let for_thread = shared.clone();
                     let fabric = fabric.clone();
                     let spawned = std::thread::Builder::new()
                         .name("chanio-tcp-hello".into())
                         .spawn(move || {
+                            let shared = for_thread;
                             let counter = shared.clone();
                             handshake(stream, peer, shared, fabric, slot);
+                            counter.hellos.lock().retain(|h| h.id != id);
                             counter.handshakes.fetch_sub(1, Ordering::AcqRel);
                             drop(hello_slot);
                         });
                     if let Err(e) = spawned {
+                        shared.hellos.lock().retain(|h| h.id != id);
+                        shared.handshakes.fetch_sub(1, Ordering::AcqRel);
                         tracing::warn!(%peer, error = %e, "refusing connection: cannot spawn handshake thread");
                     }
                 }
