@@ -320,15 +320,20 @@ fn namespace_changes_complete_event_requests() {
     t.shutdown();
 }
 
-#[test]
-fn worker_limit_refuses_extra_queues_with_controller_busy() {
-    let t = Target::start(TargetConfig {
+/// A target on 127.0.0.1 with one small RAM namespace, `limits` applied.
+fn limited_target(limits: impl FnOnce(&mut TargetConfig)) -> Target {
+    let mut cfg = TargetConfig {
         listen: vec!["tcp://127.0.0.1:0".into()],
         namespaces: vec!["ram:1MiB".parse().unwrap()],
-        workers: 1,
         ..TargetConfig::default()
-    })
-    .unwrap();
+    };
+    limits(&mut cfg);
+    Target::start(cfg).unwrap()
+}
+
+#[test]
+fn worker_limit_refuses_extra_queues_with_controller_busy() {
+    let t = limited_target(|c| c.workers = 1);
     let first = RawHost::connect(&t, 0, 0, None).unwrap();
     let refused = RawHost::connect(&t, 0, 0, None).unwrap_err();
     assert!(refused.same_code(Status::CONNECT_CONTROLLER_BUSY), "{refused}");
@@ -349,13 +354,7 @@ fn worker_limit_refuses_extra_queues_with_controller_busy() {
 
 #[test]
 fn channels_that_never_connect_take_no_worker() {
-    let t = Target::start(TargetConfig {
-        listen: vec!["tcp://127.0.0.1:0".into()],
-        namespaces: vec!["ram:1MiB".parse().unwrap()],
-        workers: 1,
-        ..TargetConfig::default()
-    })
-    .unwrap();
+    let t = limited_target(|c| c.workers = 1);
     // Three channels that complete the hello and then say nothing.
     let fabric = TcpFabric::default();
     let addr = t.local_uris()[0].trim_start_matches("tcp://").to_string();
@@ -370,13 +369,7 @@ fn channels_that_never_connect_take_no_worker() {
 
 #[test]
 fn one_host_holds_at_most_its_quota_of_controllers() {
-    let t = Target::start(TargetConfig {
-        listen: vec!["tcp://127.0.0.1:0".into()],
-        namespaces: vec!["ram:1MiB".parse().unwrap()],
-        max_controllers_per_host: 2,
-        ..TargetConfig::default()
-    })
-    .unwrap();
+    let t = limited_target(|c| c.max_controllers_per_host = 2);
     let greedy = "nqn.2026-12.io.chanio:greedy";
     let connect = |host| RawHost::connect_as(&t, 0, 0, None, 10_000, host);
     let held = [connect(greedy).unwrap(), connect(greedy).unwrap()];

@@ -65,8 +65,9 @@ pub enum IoOp<'a> {
 /// Every call of [`Transfer::op`] on one value names the same memory (same
 /// address and length) as long as the value lives, and `op` changes
 /// nothing but that memory's contents: the kernel holds the address from
-/// the first call until the request completes.
-pub unsafe trait Transfer {
+/// the first call until the request completes. (`'static`: a request
+/// borrows nothing, so a ring leaked with its requests leaks valid memory.)
+pub unsafe trait Transfer: 'static {
     /// The operation and its memory.
     fn op(&mut self) -> IoOp<'_>;
 }
@@ -102,8 +103,16 @@ impl<T: Transfer> Ring<T> {
         let entries = u32::try_from(capacity + 1)
             .map_err(|_| std::io::Error::other("ring capacity too large"))?
             .next_power_of_two();
+        let ring = IoUring::new(entries)?;
+        if !ring.params().is_feature_ext_arg() {
+            // `wait` needs a timeout on the wait itself (Linux 5.11).
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "this kernel's io_uring cannot time a wait (IORING_FEAT_EXT_ARG, Linux 5.11)",
+            ));
+        }
         Ok(Ring {
-            ring: IoUring::new(entries)?,
+            ring,
             requests: Slab::with_capacity(capacity),
             capacity,
             refused: Vec::with_capacity(capacity),
@@ -176,8 +185,9 @@ impl<T: Transfer> Ring<T> {
         self.wait_for(timeout, true)
     }
 
-    /// As [`Ring::wait`], but only a completion or the timeout end it (a
-    /// waker firing meanwhile ends the next [`Ring::wait`] instead).
+    /// As [`Ring::wait`], but the waker's poll is not armed for it: a
+    /// completion or the timeout end it (and a wake-up only if a poll armed
+    /// by an earlier [`Ring::wait`] is still pending).
     ///
     /// # Errors
     /// The kernel refused the wait.
@@ -456,6 +466,28 @@ mod tests {
         }
     }
 
+    impl Req {
+        fn write(id: usize, offset: u64, buf: Vec<u8>) -> Req {
+            Req {
+                id,
+                offset,
+                buf,
+                write: true,
+                flush: false,
+            }
+        }
+
+        fn read(id: usize, offset: u64, len: usize) -> Req {
+            Req {
+                id,
+                offset,
+                buf: vec![0; len],
+                write: false,
+                flush: false,
+            }
+        }
+    }
+
     fn temp(name: &str) -> PathBuf {
         let p = std::env::temp_dir().join(format!("chanio-ring-{}-{name}", std::process::id()));
         let _ = std::fs::remove_file(&p);
@@ -480,14 +512,9 @@ mod tests {
         let files = backend.files().unwrap().clone();
         let mut ring = Ring::new(64).unwrap();
         for i in 0..64usize {
-            let req = Req {
-                id: i,
-                offset: i as u64 * 4096,
-                buf: vec![i as u8; 4096],
-                write: true,
-                flush: false,
-            };
-            assert!(ring.start(&files, req).is_ok());
+            assert!(ring
+                .start(&files, Req::write(i, i as u64 * 4096, vec![i as u8; 4096]))
+                .is_ok());
         }
         assert!(ring.is_full());
         let extra = Req {
@@ -506,14 +533,7 @@ mod tests {
         let done = drain(&mut ring, 64);
         assert!(done.iter().all(|(_, r)| r.is_ok()));
         for i in 0..64usize {
-            let req = Req {
-                id: i,
-                offset: i as u64 * 4096,
-                buf: vec![0; 4096],
-                write: false,
-                flush: false,
-            };
-            assert!(ring.start(&files, req).is_ok());
+            assert!(ring.start(&files, Req::read(i, i as u64 * 4096, 4096)).is_ok());
         }
         for (req, res) in drain(&mut ring, 64) {
             res.unwrap();
@@ -537,13 +557,7 @@ mod tests {
         let read_only = Arc::new(Files::from_parts(&path, File::open(&path).unwrap(), None));
         let mut ring = Ring::new(8).unwrap();
         for i in 0..5usize {
-            let req = Req {
-                id: i,
-                offset: i as u64 * 512,
-                buf: vec![0xab; 512],
-                write: true,
-                flush: false,
-            };
+            let req = Req::write(i, i as u64 * 512, vec![0xab; 512]);
             let files = if i == 2 { &read_only } else { &good };
             assert!(ring.start(files, req).is_ok());
         }
@@ -589,13 +603,7 @@ mod tests {
         let (slow, mut slow_in) = pipe();
         let (fast, mut fast_in) = pipe();
         let mut ring = Ring::new(4).unwrap();
-        let read = |id| Req {
-            id,
-            offset: 0,
-            buf: vec![0; 8],
-            write: false,
-            flush: false,
-        };
+        let read = |id| Req::read(id, 0, 8);
         assert!(ring.start(&slow, read(1)).is_ok());
         assert!(ring.start(&fast, read(2)).is_ok());
         ring.submit().unwrap();

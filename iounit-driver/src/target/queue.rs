@@ -79,6 +79,11 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
         Err(e) => {
             tracing::error!("cannot register staging buffers: {e}");
             ep.close();
+            // An admin queue's controller goes with it (it would count
+            // against the host's quota for nothing).
+            if qid == 0 {
+                shared.remove_controller(ctrl.cntlid);
+            }
             return;
         }
     };
@@ -163,6 +168,10 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
             }
         }
     }
+    // The ring finishes what it holds first (its drop waits for the
+    // kernel): its writes must land while their namespace is still held and
+    // before the controller, and with it the queue, is declared gone.
+    drop(q.ring.take());
     // Commands waiting for data that will never come release their namespaces.
     q.writes.clear();
     q.awaiting.clear();
@@ -476,32 +485,6 @@ impl Staging {
     }
 }
 
-impl Tier {
-    /// A buffer, waiting for a push of the tier to complete if all are in
-    /// flight (the host acknowledges pushes as they land: a host that
-    /// stops for `STAGING_WAIT` costs its channel).
-    fn checkout(&self, ep: &Endpoint) -> Result<messaging::mr::Buf, String> {
-        if let Some(b) = self.pool.checkout() {
-            return Ok(b);
-        }
-        // All in flight: the clock is read only here, not per checkout.
-        let deadline = Instant::now() + STAGING_WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!("no staging buffer came back within {STAGING_WAIT:?}"));
-            }
-            match ep.wait_progress(left) {
-                Ok(()) | Err(MsgError::Timeout(_)) => {}
-                Err(e) => return Err(format!("data push to the host failed: {e}")),
-            }
-            if let Some(b) = self.pool.checkout() {
-                return Ok(b);
-            }
-        }
-    }
-}
-
 /// What running a command led to.
 enum Outcome {
     /// Complete now with this status and DW0.
@@ -591,7 +574,7 @@ impl Queue {
         // The command succeeds with this push: when the host allows, the
         // push itself says so and no response capsule follows.
         let by_data = transport::completes_by_data(sqe);
-        let buf = self.staging.tier(len as usize).checkout(&self.ep)?;
+        let buf = self.staging_buf(len as usize)?;
         // Fewer bytes than wanted only where the host's buffer is smaller;
         // a staging buffer too small would cut the data short unnoticed.
         let n = want.min(len as usize);
@@ -1083,8 +1066,9 @@ impl Queue {
 
     /// A staging buffer for `len` bytes. While all are taken, the ring's
     /// completions (reads whose data is then pushed) and the channel's
-    /// (pushes that give their buffer back) are waited for, up to
-    /// `STAGING_WAIT`.
+    /// (pushes that give their buffer back: the host acknowledges pushes as
+    /// they land) are waited for; a host that stops for `STAGING_WAIT`
+    /// costs its channel. The clock is read only when all are taken.
     fn staging_buf(&mut self, len: usize) -> Result<Buf, String> {
         if let Some(b) = self.staging.tier(len).pool.checkout() {
             return Ok(b);
@@ -1101,6 +1085,10 @@ impl Queue {
                     Err(e) => return Err(format!("data push to the host failed: {e}")),
                 }
             } else {
+                // The pushes that give buffers back must move while this
+                // thread sleeps in the ring: held sends go out, and the
+                // provider's thread reads the acknowledgements.
+                self.ep.step_away();
                 self.wait_ring(left.min(TICK))?;
             }
             if let Some(b) = self.staging.tier(len).pool.checkout() {

@@ -337,6 +337,20 @@ struct PendingHello {
     handle: TcpStream,
 }
 
+/// A handshake's place among those being read (its entry and its count),
+/// given back however the handshake ends.
+struct HandshakePlace {
+    shared: Arc<ListenShared>,
+    id: u64,
+}
+
+impl Drop for HandshakePlace {
+    fn drop(&mut self) {
+        self.shared.hellos.lock().retain(|h| h.id != self.id);
+        self.shared.handshakes.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A second handle on `stream`'s socket.
 fn stream_handle(stream: &mio::net::TcpStream) -> io::Result<TcpStream> {
     use std::os::fd::{AsFd, OwnedFd};
@@ -478,10 +492,11 @@ fn accept_loop(mut poll: Poll, listener: mio::net::TcpListener, shared: Arc<List
                         .name("chanio-tcp-hello".into())
                         .spawn(move || {
                             let shared = for_thread;
-                            let counter = shared.clone();
-                            handshake(stream, peer, shared, fabric, slot);
-                            counter.hellos.lock().retain(|h| h.id != id);
-                            counter.handshakes.fetch_sub(1, Ordering::AcqRel);
+                            let _place = HandshakePlace {
+                                shared: shared.clone(),
+                                id,
+                            };
+                            handshake(stream, peer, shared, fabric, slot, id);
                             drop(hello_slot);
                         });
                     if let Err(e) = spawned {
@@ -510,6 +525,7 @@ fn handshake(
     shared: Arc<ListenShared>,
     fabric: TcpFabric,
     slot: Option<AddressSlot>,
+    id: u64,
 ) {
     let refuse = |reason: &str| tracing::warn!(%peer, "refusing tcp connection: {reason}");
     let stream = TcpStream::from(stream);
@@ -528,6 +544,8 @@ fn handshake(
             return refuse(&reason);
         }
     };
+    // Read whole: no longer a hello that a new connection may evict.
+    shared.hellos.lock().retain(|h| h.id != id);
     if kind != KIND_HELLO {
         return refuse(&format!("first message is hello kind {kind}, not a hello"));
     }
