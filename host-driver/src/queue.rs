@@ -345,7 +345,13 @@ impl Queue {
                 len: u32::try_from(*len).map_err(|_| too_long(*len))?,
             },
             OpData::In(len) => {
-                let exposure = self.expose(cid, *len, lent.take(), cache).map_err(ExecError::Host)?;
+                // A channel that closed under us (the I/O unit restarted, say)
+                // loses the command like a failed send does: it is re-issued
+                // on the next connection, not failed.
+                let exposure = self.expose(cid, *len, lent.take(), cache).map_err(|e| match e {
+                    HostError::Messaging(messaging::Error::Closed(_)) => ExecError::Lost,
+                    e => ExecError::Host(e),
+                })?;
                 transport::set_transfer_tag(&mut sqe, exposure.target.tag);
                 transport::set_completes_by_data(&mut sqe);
                 Sgl::KeyedDataBlock {
