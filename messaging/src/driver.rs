@@ -434,6 +434,21 @@ impl Endpoint {
         })
     }
 
+    /// As [`Endpoint::push_direct_with`], with no [`Ticket`]: nobody waits
+    /// for this push, which is forgotten once it completes (a failed push
+    /// fails the channel); `buf` returns to its pool then. For a server
+    /// answering many requests: no ticket is kept, nor dropped, per push.
+    ///
+    /// # Errors
+    /// As [`Endpoint::push_direct`].
+    pub fn push_direct_detached(&self, buf: Buf, target: DirectTarget, flag: bool) -> Result<(), Error> {
+        let mut slot = Some(buf);
+        self.blocking_as(None, true, |inner, token| {
+            push_with(&mut slot, |b| inner.conn.push_direct_with(token, b, target, flag))
+        })
+        .map(drop)
+    }
+
     /// Fills `len` bytes for the peer's exposed `target` and pushes them,
     /// as [`Endpoint::push_direct_with`] of a `buf` that `fill` wrote. Where
     /// the provider lets the initiator copy into the peer's memory (shm,

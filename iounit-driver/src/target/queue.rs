@@ -1150,7 +1150,7 @@ impl Queue {
             ) => {
                 drop(_ns);
                 self.ep
-                    .push_direct_with(buf, target, by_data)
+                    .push_direct_detached(buf, target, by_data)
                     .map_err(|e| format!("cannot push data to the host: {e}"))?;
                 if by_data {
                     Ok(())
