@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use iounit::nvme::Nsid;
+use nvme::Nsid;
 
 use crate::{Host, HostError};
 

@@ -8,15 +8,15 @@
 
 use std::borrow::Cow;
 
-use iounit::nvme::command::MAX_BLOCKS_PER_COMMAND;
-use iounit::nvme::{Cns, CommandId, DsmRange, FeatureId, GetLogPage, LogPageId, Nsid, NumberOfQueues, Sqe};
-use iounit::transport;
+use nvme::command::MAX_BLOCKS_PER_COMMAND;
+use nvme::transport;
+use nvme::{Cns, CommandId, DsmRange, FeatureId, GetLogPage, LogPageId, Nsid, NumberOfQueues, Sqe};
 
 use crate::HostError;
 
 /// Most ranges in one Dataset Management command: they travel in the
 /// capsule, 16 bytes each.
-pub(crate) const DSM_RANGES_PER_COMMAND: usize = transport::INLINE_DATA_MAX / iounit::nvme::command::DSM_RANGE_LEN;
+pub(crate) const DSM_RANGES_PER_COMMAND: usize = transport::INLINE_DATA_MAX / nvme::command::DSM_RANGE_LEN;
 
 /// Which queue a command goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +150,7 @@ impl<'a> Op<'a> {
         Op::admin(
             "Identify",
             Sqe::identify(CID, cns, nsid),
-            OpData::In(iounit::nvme::identify::IDENTIFY_LEN),
+            OpData::In(nvme::identify::IDENTIFY_LEN),
         )
     }
 
@@ -307,7 +307,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use iounit::nvme::IoOpcode;
+    use nvme::IoOpcode;
 
     #[test]
     fn reads_and_writes_are_built_and_checked() {

@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use iounit::nvme::{IdentifyController, IdentifyNamespace};
+use nvme::{IdentifyController, IdentifyNamespace};
 
 /// Identify Controller, one field per line.
 #[derive(Debug, Clone, Copy)]

@@ -14,8 +14,8 @@
 
 use std::time::Duration;
 
-use iounit::nvme::{NvmeError, Status};
 use messaging::mr::MrError;
+use nvme::{NvmeError, Status};
 
 /// Why a host operation failed.
 #[derive(Debug, thiserror::Error)]

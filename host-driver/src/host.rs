@@ -11,16 +11,16 @@ use std::task::{Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use iounit::nvme::{
-    AsyncEvent, AsyncEventType, ChangedNamespaceList, Cns, ConnectData, IdentifyController, IdentifyNamespace,
-    LogPageId, NamespaceList, Nqn, Nsid, NumberOfQueues, Status,
-};
-use iounit::transport;
 use messaging::intmap::IntMap;
 use messaging::mr::Buf;
 use messaging::mr::ProtectionDomain;
 use messaging::provider::tcp::TcpOptions;
 use messaging::{Fabrics, TransportUri};
+use nvme::transport;
+use nvme::{
+    AsyncEvent, AsyncEventType, ChangedNamespaceList, Cns, ConnectData, IdentifyController, IdentifyNamespace,
+    LogPageId, NamespaceList, Nqn, Nsid, NumberOfQueues, Status,
+};
 use parking_lot::{Condvar, Mutex};
 
 use crate::buf::{BufCache, IoBuf};
@@ -451,7 +451,7 @@ impl Host {
     pub async fn write_zeroes_async(&self, nsid: Nsid, slba: u64, blocks: u64) -> Result<(), HostError> {
         let inner = &self.handle.inner;
         check_request("Write Zeroes", nsid, slba, blocks)?;
-        let ops = command::split_blocks(slba, blocks, iounit::nvme::command::MAX_BLOCKS_PER_COMMAND)
+        let ops = command::split_blocks(slba, blocks, nvme::command::MAX_BLOCKS_PER_COMMAND)
             .map(|(lba, n, _)| Op::write_zeroes(nsid, lba, n));
         inner.run_all(ops).await
     }
@@ -1068,10 +1068,7 @@ impl Inner {
             return;
         }
         let changed = async {
-            let op = Op::get_log_page(
-                LogPageId::ChangedNamespaceList,
-                iounit::nvme::log::CHANGED_NAMESPACE_LIST_LEN,
-            )?;
+            let op = Op::get_log_page(LogPageId::ChangedNamespaceList, nvme::log::CHANGED_NAMESPACE_LIST_LEN)?;
             let reply = self.run(&op, None).await?;
             Ok::<_, HostError>(ChangedNamespaceList::decode(reply_data(&reply))?)
         }

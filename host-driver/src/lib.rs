@@ -2,7 +2,7 @@
 //!
 //! A [`Host`] is one NVMe controller on an I/O unit, reached over chanio's
 //! push-push [`messaging`] layer with the NVMe transport binding of
-//! [`iounit::transport`] (a small NVMe-over-Fabrics look-alike). It owns
+//! [`nvme::transport`] (a small NVMe-over-Fabrics look-alike). It owns
 //! an admin queue and one or more I/O queues; each queue is one messaging
 //! channel whose first message is a Fabrics Connect.
 //!
@@ -23,7 +23,7 @@
 //! # The model
 //! - **Commands** are built and checked before anything is sent ([`HostError::InvalidArgument`]
 //!   names the problem); requests larger than one command may move
-//!   ([`iounit::transport::MAX_TRANSFER`], 65536 blocks) are split and the
+//!   ([`nvme::transport::MAX_TRANSFER`], 65536 blocks) are split and the
 //!   parts run concurrently.
 //! - **Writes** of up to 4 KiB travel inside the command capsule; larger
 //!   ones are pushed right after it, in slot-sized chunks, under a per-queue
@@ -69,6 +69,7 @@
 //! connect timeout). Registered buffers return to their pools when dropped.
 #![warn(missing_docs)]
 
+#[cfg(feature = "bench")]
 pub mod bench;
 mod buf;
 mod command;
@@ -82,8 +83,8 @@ mod queue;
 pub use buf::IoBuf;
 pub use error::HostError;
 pub use host::{Host, HostEvent, NamespaceInfo, ADMIN_QUEUE_DEPTH};
-pub use iounit::nvme::{IdentifyController, IdentifyNamespace, Nsid, Status};
+pub use nvme::{IdentifyController, IdentifyNamespace, Nsid, Status};
 pub use options::{default_hostnqn, HostOptions, TargetUri, Transport, MAX_IO_QUEUES};
 
-pub use iounit;
 pub use messaging;
+pub use nvme;

@@ -4,8 +4,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use iounit::nvme::{HostId, Nqn};
-use iounit::transport;
+use nvme::transport;
+use nvme::{HostId, Nqn};
 
 use crate::HostError;
 
@@ -40,7 +40,7 @@ pub struct HostOptions {
     pub command_timeout: Duration,
     /// Keep Alive Timeout announced to the I/O unit; a Keep Alive is sent
     /// every half of it. From 100 ms to the most an I/O unit accepts
-    /// (`iounit::transport::KATO_MS`, 300 s); keep alive cannot be
+    /// (`nvme::transport::KATO_MS`, 300 s); keep alive cannot be
     /// disabled.
     pub keep_alive: Duration,
     /// After a connection loss, how long commands wait for the host to
@@ -55,7 +55,7 @@ impl Default for HostOptions {
     fn default() -> Self {
         HostOptions {
             hostnqn: default_hostnqn(),
-            subnqn: iounit::target::DEFAULT_NQN.to_string(),
+            subnqn: nvme::transport::DEFAULT_NQN.to_string(),
             io_queues: 1,
             queue_depth: 32,
             command_timeout: Duration::from_secs(30),

@@ -33,13 +33,13 @@ use std::sync::{Arc, Weak};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use iounit::nvme::fabrics::CONNECT_DATA_LEN;
-use iounit::nvme::{CommandId, Connect, ConnectData, ConnectResponse, Cqe, Sgl, Sqe, Status};
-use iounit::transport;
 use messaging::intmap::IntMap;
 use messaging::mr::{Access, Buf, BufPool, ProtectionDomain};
 use messaging::provider::Fabric;
 use messaging::{DirectTarget, Endpoint, ReceivedKind, Ticket};
+use nvme::fabrics::CONNECT_DATA_LEN;
+use nvme::transport;
+use nvme::{CommandId, Connect, ConnectData, ConnectResponse, Cqe, Sgl, Sqe, Status};
 use parking_lot::Mutex;
 use slab::Slab;
 

@@ -8,9 +8,10 @@
 //!                 BlockBackend: ram │ file (io_uring)
 //! ```
 //!
-//! - [`nvme`]: NVMe wire formats (SQE, CQE, SGL, status codes, Identify,
-//!   log pages, Fabrics Connect);
-//! - [`transport`]: chanio's binding of NVMe capsules to messaging channels;
+//! - [`nvme`] (the `chanio-nvme` crate, shared with the host module): NVMe
+//!   wire formats (SQE, CQE, SGL, status codes, Identify, log pages, Fabrics
+//!   Connect), and [`transport`], chanio's binding of NVMe capsules to
+//!   messaging channels;
 //! - [`backend`]: the common block layer, its backends and the namespace
 //!   registry.
 #![warn(missing_docs)]
@@ -18,8 +19,7 @@
 pub mod backend;
 pub mod config;
 pub mod fuzz;
-pub mod nvme;
 pub mod target;
-pub mod transport;
 
 pub use messaging;
+pub use nvme::{self, transport};

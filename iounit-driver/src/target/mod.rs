@@ -33,8 +33,7 @@ use crate::transport;
 
 pub mod queue;
 
-/// The subsystem NQN a target uses unless configured otherwise.
-pub const DEFAULT_NQN: &str = "nqn.2026-11.io.chanio:iounit";
+pub use crate::transport::DEFAULT_NQN;
 /// Most Asynchronous Event Requests a controller holds (AERL + 1).
 pub const MAX_AERS: usize = 4;
 /// Error log entries kept per controller.

@@ -38,8 +38,11 @@
 
 use messaging::Config;
 
-use crate::nvme::{Cqe, NvmeError, Sqe, CQE_LEN, SQE_LEN};
+use crate::{Cqe, NvmeError, Sqe, CQE_LEN, SQE_LEN};
 
+/// The subsystem NQN an I/O unit uses unless configured otherwise, and the
+/// one a host connects to unless told another.
+pub const DEFAULT_NQN: &str = "nqn.2026-11.io.chanio:iounit";
 /// Largest in-capsule data.
 pub const INLINE_DATA_MAX: usize = 4096;
 /// Largest data transfer of one command (Identify Controller MDTS = 7,
@@ -170,7 +173,7 @@ pub fn push_chunks(len: usize, slot: usize) -> impl Iterator<Item = (usize, usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nvme::{CommandId, Nsid, Status};
+    use crate::{CommandId, Nsid, Status};
 
     #[test]
     fn capsules_round_trip() {

@@ -1,8 +1,10 @@
 //! NVMe wire formats: the bytes an NVMe-over-fabrics host and controller
 //! exchange, laid out as the NVM Express Base Specification 2.0 and NVM
-//! Express over Fabrics 1.1 define them.
+//! Express over Fabrics 1.1 define them, and [`transport`]: chanio's binding
+//! of NVMe capsules to messaging channels. The host module and the I/O-unit
+//! module both build on this crate, so neither depends on the other.
 //!
-//! This module only encodes and decodes; it holds no queue state and does no
+//! This crate only encodes and decodes; it holds no queue state and does no
 //! I/O. Everything is little-endian. Decoders take `&[u8]`, check the length
 //! first and never panic, whatever the bytes; a peer's bad input comes back as
 //! an [`NvmeError`], which [`NvmeError::status`] turns into the completion
@@ -40,6 +42,8 @@
 //! specification reserves *inside* a defined field (a FUSE of 11b, an unknown
 //! SGL type) are errors.
 
+#![warn(missing_docs)]
+
 pub mod command;
 pub mod completion;
 pub mod event;
@@ -49,6 +53,7 @@ pub mod identify;
 pub mod log;
 pub mod sgl;
 pub mod status;
+pub mod transport;
 
 use std::fmt;
 
