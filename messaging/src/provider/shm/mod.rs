@@ -786,12 +786,12 @@ struct State {
 }
 
 struct Pending {
-    psn: u64,
-    id: super::WrId,
-    opcode: WcOpcode,
-    buf: crate::mr::Buf,
+    pub(super) psn: u64,
+    pub(super) id: super::WrId,
+    pub(super) opcode: WcOpcode,
+    pub(super) buf: crate::mr::Buf,
     /// A local error to complete with when the queue pair is flushed.
-    error: Option<WcStatus>,
+    pub(super) error: Option<WcStatus>,
 }
 
 /// A connected shm queue pair.
