@@ -102,8 +102,8 @@ struct Shared {
     /// from inside the provider.
     signal: Arc<Signal>,
     staging: Option<BufPool>,
-    domain: crate::mr::ProtectionDomain,
-    fabric: &'static str,
+    pub(super) domain: crate::mr::ProtectionDomain,
+    pub(super) fabric: &'static str,
     peer: String,
     /// The provider makes progress in [`QueuePair::wait`]: one waiting
     /// thread at a time drives it there (run to completion).
