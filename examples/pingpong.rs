@@ -36,7 +36,7 @@ use chanio::messaging::mr::{Access, Buf, BufPool};
 use chanio::messaging::provider::loopback::LoopbackFabric;
 use chanio::messaging::provider::tcp::TcpFabric;
 use chanio::messaging::provider::Fabric;
-use chanio::messaging::{Config, Delivery, DirectTarget, Endpoint, ReceivedKind};
+use chanio::messaging::{Config, Delivery, DirectPush, DirectTarget, Endpoint, FillError, ReceivedKind};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 
@@ -294,7 +294,7 @@ impl Way {
 
     fn offer(&self, ep: &Endpoint, buf: Buf) -> Res<()> {
         let target = ep.expose(buf)?;
-        ep.send_parts(&[OFFER, &target.encode()])?;
+        ep.send(&[OFFER, &target.encode()[..]])?;
         Ok(())
     }
 
@@ -357,9 +357,10 @@ impl Way {
                 };
                 // Nobody waits for the write itself: the receiver's next
                 // target says it landed.
-                match ep.push_direct_fill_detached(stand_in, target, false, data.len(), fill) {
-                    Ok(pushed) => pushed?,
-                    Err(never) => match never {},
+                match ep.push_direct_fill(stand_in, DirectPush::to(target), data.len(), fill) {
+                    Ok(ticket) => ticket.detach(),
+                    Err(FillError::Push(e)) => return Err(e.into()),
+                    Err(FillError::Fill(never)) => match never {},
                 }
             }
         }

@@ -512,9 +512,10 @@ impl Queue {
         let capsule: [&[u8]; 2] = [&sqe_bytes, inline];
         let _lock = self.submit.lock().await;
         self.ep
-            .send_parts_detached_async(&capsule)
+            .send_async(&capsule)
             .await
-            .map_err(|e| self.send_failed(e))?;
+            .map_err(|e| self.send_failed(e))?
+            .detach();
         stage.store(CAPSULE_SENT, Ordering::Release);
         let mut lent_push = None;
         if whole {
@@ -712,9 +713,9 @@ impl Queue {
 
     fn handle(&self, delivery: messaging::Delivery) {
         match delivery.kind() {
-            ReceivedKind::Direct { tag, flag } => {
+            ReceivedKind::Direct { tag, completes_request } => {
                 if let Ok(buf) = delivery.into_buf() {
-                    self.handle_data(tag, buf, flag);
+                    self.handle_data(tag, buf, completes_request);
                 }
             }
             ReceivedKind::Message => {

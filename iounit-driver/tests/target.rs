@@ -130,11 +130,14 @@ impl RawHost {
         loop {
             let d = self.ep.recv_timeout(LONG).unwrap();
             match d.kind() {
-                ReceivedKind::Direct { tag, flag } => {
+                ReceivedKind::Direct { tag, completes_request } => {
                     assert_eq!(tag, target.tag);
-                    assert_eq!(flag, by_data, "the push is flagged exactly when the host asked");
+                    assert_eq!(
+                        completes_request, by_data,
+                        "the push completes the command exactly when the host asked"
+                    );
                     data = Some(d.into_buf().unwrap());
-                    if flag {
+                    if completes_request {
                         return (None, data);
                     }
                 }

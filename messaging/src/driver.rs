@@ -35,8 +35,8 @@ use slab::Slab;
 
 use crate::mr::{Access, Buf, BufPool};
 use crate::proto::{
-    CloseReason, Config, Connection, DirectTarget, Event, ProtoError, PushError, Received, ReceivedKind, SendError,
-    Work,
+    CloseReason, Config, Connection, DirectPush, DirectTarget, Event, ProtoError, PushError, Received, ReceivedKind,
+    SendError, Work,
 };
 use crate::provider::{Completion, Fabric, FabricError, Incoming, Listener, QueuePair, WcStatus};
 
@@ -85,6 +85,68 @@ impl From<SendError> for Error {
             SendError::NotConnected => Error::Closed(CloseReason::LocalError("not connected".into())),
             SendError::Closed(r) => Error::Closed(r),
         }
+    }
+}
+
+/// Why [`Endpoint::push_direct_fill`] pushed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError<E> {
+    /// The fill function failed, with its error.
+    #[error("filling the push failed: {0}")]
+    Fill(E),
+    /// The push itself failed.
+    #[error(transparent)]
+    Push(Error),
+}
+
+/// The bytes of one message: one slice, or several parts sent in order as
+/// one message. Made from `&[u8]`, `&[u8; N]`, `&Vec<u8>` and slices or
+/// arrays of `&[u8]`.
+#[derive(Debug, Clone, Copy)]
+pub enum Parts<'a> {
+    /// The whole message.
+    One(&'a [u8]),
+    /// The message's parts, in order.
+    Many(&'a [&'a [u8]]),
+}
+
+impl<'a> Parts<'a> {
+    /// The parts as slices.
+    pub fn as_slices(&self) -> &[&'a [u8]] {
+        match self {
+            Parts::One(one) => std::slice::from_ref(one),
+            Parts::Many(many) => many,
+        }
+    }
+}
+
+impl<'a> From<&'a [u8]> for Parts<'a> {
+    fn from(one: &'a [u8]) -> Self {
+        Parts::One(one)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [u8; N]> for Parts<'a> {
+    fn from(one: &'a [u8; N]) -> Self {
+        Parts::One(one)
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for Parts<'a> {
+    fn from(one: &'a Vec<u8>) -> Self {
+        Parts::One(one)
+    }
+}
+
+impl<'a> From<&'a [&'a [u8]]> for Parts<'a> {
+    fn from(many: &'a [&'a [u8]]) -> Self {
+        Parts::Many(many)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [&'a [u8]; N]> for Parts<'a> {
+    fn from(many: &'a [&'a [u8]; N]) -> Self {
+        Parts::Many(many)
     }
 }
 
@@ -336,55 +398,41 @@ impl Endpoint {
         self.shared.inner.lock().closed.clone()
     }
 
-    /// Sends a message (copied into a registered send buffer), waiting while
-    /// the peer has no receive credit for us.
+    /// Sends one message, gathered from its parts (one slice, or several
+    /// sent in order as one message: a header and a payload go out without
+    /// first being joined), copied into a registered send buffer. Waits
+    /// while the peer has no receive credit for us.
+    ///
+    /// ```no_run
+    /// # fn f(ep: &messaging::Endpoint) -> Result<(), messaging::Error> {
+    /// ep.send(b"hello")?.wait()?;
+    /// let header = [1u8, 2];
+    /// ep.send(&[&header[..], b"payload"])?.detach();
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// `TooLarge`, `Closed`.
-    pub fn send(&self, data: &[u8]) -> Result<Ticket, Error> {
-        self.blocking(None, |inner, token| inner.conn.send(token, data))
+    pub fn send<'a>(&self, message: impl Into<Parts<'a>>) -> Result<Ticket, Error> {
+        let parts = message.into();
+        self.blocking(None, |inner, token| inner.conn.send(token, parts.as_slices()))
     }
 
     /// As [`Endpoint::send`], but fails with `WouldBlock` instead of waiting.
     ///
     /// # Errors
     /// `WouldBlock`, `TooLarge`, `Closed`.
-    pub fn try_send(&self, data: &[u8]) -> Result<Ticket, Error> {
-        self.attempt(|inner, token| inner.conn.send(token, data))
-            .and_then(|t| t.ok_or(Error::WouldBlock))
+    pub fn try_send<'a>(&self, message: impl Into<Parts<'a>>) -> Result<Ticket, Error> {
+        let parts = message.into();
+        self.attempt(|inner, token| inner.conn.send(token, parts.as_slices()))?
+            .map(|key| self.ticket(key))
+            .ok_or(Error::WouldBlock)
     }
 
     /// Async form of [`Endpoint::send`].
-    pub fn send_async<'a>(&'a self, data: &'a [u8]) -> impl Future<Output = Result<Ticket, Error>> + 'a {
-        self.async_op(move |inner, token| inner.conn.send(token, data))
-    }
-
-    /// As [`Endpoint::send`], with the message gathered from `parts` in
-    /// order: a header and a payload go out without first being joined.
-    ///
-    /// # Errors
-    /// As [`Endpoint::send`].
-    pub fn send_parts(&self, parts: &[&[u8]]) -> Result<Ticket, Error> {
-        self.blocking(None, |inner, token| inner.conn.send_parts(token, parts))
-    }
-
-    /// Async form of [`Endpoint::send_parts`].
-    pub fn send_parts_async<'a>(&'a self, parts: &'a [&'a [u8]]) -> impl Future<Output = Result<Ticket, Error>> + 'a {
-        self.async_op(move |inner, token| inner.conn.send_parts(token, parts))
-    }
-
-    /// As [`Endpoint::send_parts_async`], for a message whose completion
-    /// nobody waits for: no [`Ticket`] (a failed send fails the channel,
-    /// as any failed transfer does, and that is what the sender sees).
-    ///
-    /// # Errors
-    /// As [`Endpoint::send`].
-    pub fn send_parts_detached_async<'a>(
-        &'a self,
-        parts: &'a [&'a [u8]],
-    ) -> impl Future<Output = Result<(), Error>> + 'a {
-        let op = self.async_op_as(true, move |inner, token| inner.conn.send_parts(token, parts));
-        async move { op.await.map(drop) }
+    pub fn send_async<'a>(&'a self, message: impl Into<Parts<'a>>) -> impl Future<Output = Result<Ticket, Error>> + 'a {
+        let parts = message.into();
+        self.async_op(move |inner, token| inner.conn.send(token, parts.as_slices()))
     }
 
     /// Pushes `data` into a slot the peer granted (copied once into a
@@ -417,96 +465,40 @@ impl Endpoint {
     ///
     /// # Errors
     /// `TooLarge`, `Closed`.
-    pub fn push_direct(&self, buf: Buf, target: DirectTarget) -> Result<Ticket, Error> {
-        self.push_direct_with(buf, target, false)
-    }
-
-    /// As [`Endpoint::push_direct`], carrying `flag`: the peer's delivery
-    /// reads [`crate::ReceivedKind::Direct`] `{ flag }`, so that the push
-    /// itself can say "this completes the request".
-    ///
-    /// # Errors
-    /// As [`Endpoint::push_direct`].
-    pub fn push_direct_with(&self, buf: Buf, target: DirectTarget, flag: bool) -> Result<Ticket, Error> {
+    pub fn push_direct(&self, buf: Buf, push: DirectPush) -> Result<Ticket, Error> {
         let mut slot = Some(buf);
         self.blocking(None, |inner, token| {
-            push_with(&mut slot, |b| inner.conn.push_direct_with(token, b, target, flag))
+            push_with(&mut slot, |b| inner.conn.push_direct(token, b, push))
         })
     }
 
-    /// As [`Endpoint::push_direct_with`], with no [`Ticket`]: nobody waits
-    /// for this push, which is forgotten once it completes (a failed push
-    /// fails the channel); `buf` returns to its pool then. For a server
-    /// answering many requests: no ticket is kept, nor dropped, per push.
-    ///
-    /// # Errors
-    /// As [`Endpoint::push_direct`].
-    pub fn push_direct_detached(&self, buf: Buf, target: DirectTarget, flag: bool) -> Result<(), Error> {
-        let mut slot = Some(buf);
-        self.blocking_as(None, true, |inner, token| {
-            push_with(&mut slot, |b| inner.conn.push_direct_with(token, b, target, flag))
-        })
-        .map(drop)
-    }
-
-    /// Fills `len` bytes for the peer's exposed `target` and pushes them,
-    /// as [`Endpoint::push_direct_with`] of a `buf` that `fill` wrote. Where
-    /// the provider lets the initiator copy into the peer's memory (shm,
-    /// once the peer granted the target's region: after a first push into
-    /// it), `fill` writes straight into the target and `buf` only stands for
-    /// the push (its bytes are not sent): one copy fewer. Elsewhere `fill`
+    /// Fills `len` bytes for the peer's exposed target and pushes them, as
+    /// [`Endpoint::push_direct`] of a `buf` that `fill` wrote. Where the
+    /// provider lets the initiator copy into the peer's memory (shm, once
+    /// the peer granted the target's region: after a first push into it),
+    /// `fill` writes straight into the target and `buf` only stands for the
+    /// push (its bytes are not sent): one copy fewer. Elsewhere `fill`
     /// writes `buf`, which is pushed.
     ///
     /// `fill` runs while the provider holds its locks: it must only write
     /// its slice (all `len` bytes), never call into this endpoint.
     ///
     /// # Errors
-    /// `Err(e)`: `fill`'s error; nothing was pushed (the target may hold
-    /// part of the data, as after a failed transfer). `Ok(Err(..))`: as
-    /// [`Endpoint::push_direct`], `TooLarge` also when `len` exceeds `buf`.
+    /// [`FillError::Fill`]: `fill`'s error; nothing was pushed (the target
+    /// may hold part of the data, as after a failed transfer).
+    /// [`FillError::Push`]: as [`Endpoint::push_direct`], `TooLarge` also
+    /// when `len` exceeds `buf`.
     pub fn push_direct_fill<E>(
         &self,
-        buf: Buf,
-        target: DirectTarget,
-        flag: bool,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
-    ) -> Result<Result<Ticket, Error>, E> {
-        Ok(self
-            .push_direct_fill_as(false, buf, target, flag, len, fill)?
-            .map(|key| self.ticket(key)))
-    }
-
-    /// As [`Endpoint::push_direct_fill`], with no [`Ticket`]: nobody waits
-    /// for this push, which is forgotten once it completes (a failed push
-    /// fails the channel, as any failed transfer does). `buf` returns to
-    /// its pool then; [`Endpoint::wait_progress`] waits for that.
-    ///
-    /// # Errors
-    /// As [`Endpoint::push_direct_fill`].
-    pub fn push_direct_fill_detached<E>(
-        &self,
-        buf: Buf,
-        target: DirectTarget,
-        flag: bool,
-        len: usize,
-        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
-    ) -> Result<Result<(), Error>, E> {
-        Ok(self.push_direct_fill_as(true, buf, target, flag, len, fill)?.map(drop))
-    }
-
-    fn push_direct_fill_as<E>(
-        &self,
-        detached: bool,
         mut buf: Buf,
-        target: DirectTarget,
-        flag: bool,
+        push: DirectPush,
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
-    ) -> Result<Result<usize, Error>, E> {
+    ) -> Result<Ticket, FillError<E>> {
+        let target = push.target;
         let max = buf.capacity().min(target.remote.len as usize);
         if len > max {
-            return Ok(Err(Error::TooLarge { len, max }));
+            return Err(FillError::Push(Error::TooLarge { len, max }));
         }
         buf.set_len(len);
         let remote = crate::provider::RemoteAddr {
@@ -524,18 +516,24 @@ impl Endpoint {
             (Some(p), None) => Some(p),
             // Not placed: the data goes the usual way, from `buf`.
             (_, Some(f)) => {
-                f(&mut buf)?;
+                f(&mut buf).map_err(FillError::Fill)?;
                 None
             }
-            (None, None) => return Ok(Err(Error::BadBuffer("the fabric filled a placement it then refused"))),
+            (None, None) => {
+                return Err(FillError::Push(Error::BadBuffer(
+                    "the fabric filled a placement it then refused",
+                )))
+            }
         };
-        filled?;
+        filled.map_err(FillError::Fill)?;
         let mut slot = Some(buf);
-        Ok(self.blocking_as(None, detached, |inner, token| {
-            push_with(&mut slot, |b| {
-                inner.conn.push_direct_as(token, b, target, flag, placement)
+        self.blocking(None, |inner, token| {
+            push_with(&mut slot, |b| match placement {
+                Some(placement) => inner.conn.push_placed(token, b, push, placement),
+                None => inner.conn.push_direct(token, b, push),
             })
-        }))
+        })
+        .map_err(FillError::Push)
     }
 
     /// Runs the channel's progress and, unless that moved anything (a
@@ -706,12 +704,7 @@ impl Endpoint {
         }
     }
 
-    /// One attempt of a send-like operation: `Ok(None)` when it must wait.
-    fn attempt(&self, op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>) -> Result<Option<Ticket>, Error> {
-        Ok(self.attempt_as(false, op)?.map(|key| self.ticket(key)))
-    }
-
-    /// The handle of the transfer whose (not detached) ticket is `key`.
+    /// The handle of the transfer whose ticket is `key`.
     fn ticket(&self, key: usize) -> Ticket {
         Ticket {
             shared: self.shared.clone(),
@@ -720,16 +713,14 @@ impl Endpoint {
         }
     }
 
-    /// As [`Endpoint::attempt`], returning the ticket's key; a `detached`
-    /// ticket is forgotten when its transfer completes (no [`Ticket`]
-    /// stands for it).
-    fn attempt_as(
-        &self,
-        detached: bool,
-        mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>,
-    ) -> Result<Option<usize>, Error> {
+    /// One attempt of a send-like operation: the key of its ticket, or
+    /// `Ok(None)` when it must wait.
+    fn attempt(&self, mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>) -> Result<Option<usize>, Error> {
         let mut inner = self.shared.inner.lock();
-        let key = inner.tickets.insert(TicketState { result: None, detached });
+        let key = inner.tickets.insert(TicketState {
+            result: None,
+            detached: false,
+        });
         // Optimistic: the operation first, on what the last progress left;
         // only when it finds no credit or room does a round of progress
         // (which may free some) come first, then the one retry. A message
@@ -744,8 +735,7 @@ impl Endpoint {
                 // Hands the queued work to the provider (or to the cork's
                 // batch). Not a whole round of progress: reaping completions
                 // is for whoever waits, and posting a send frees nothing a
-                // waiter could want, so it signals no one (a signal here
-                // woke every registered task on every send). Events, should
+                // waiter could want, so it signals no one. Events, should
                 // the operation have routed any, are signalled as usual.
                 let (_, routed) = self.shared.flush(&mut inner);
                 if routed {
@@ -764,26 +754,17 @@ impl Endpoint {
         }
     }
 
+    /// Runs a send-like operation, waiting (until `deadline`) while it
+    /// finds no credit or room.
     fn blocking(
         &self,
         deadline: Option<Instant>,
-        op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>,
-    ) -> Result<Ticket, Error> {
-        self.blocking_as(deadline, false, op).map(|key| self.ticket(key))
-    }
-
-    /// As [`Endpoint::blocking`], returning the ticket's key (see
-    /// [`Endpoint::attempt_as`]).
-    fn blocking_as(
-        &self,
-        deadline: Option<Instant>,
-        detached: bool,
         mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError>,
-    ) -> Result<usize, Error> {
+    ) -> Result<Ticket, Error> {
         loop {
             let generation = self.shared.signal.generation.load(Ordering::SeqCst);
-            if let Some(key) = self.attempt_as(detached, &mut op)? {
-                return Ok(key);
+            if let Some(key) = self.attempt(&mut op)? {
+                return Ok(self.ticket(key));
             }
             // Counted while asleep: credits or room that another thread's
             // progress frees move no event, so that progress must interrupt
@@ -796,33 +777,25 @@ impl Endpoint {
         }
     }
 
+    /// Async form of [`Endpoint::blocking`].
     fn async_op<'a>(
         &'a self,
-        op: impl FnMut(&mut Inner, u64) -> Result<(), SendError> + 'a,
-    ) -> impl Future<Output = Result<Ticket, Error>> + 'a {
-        let op = self.async_op_as(false, op);
-        async move { op.await.map(|key| self.ticket(key)) }
-    }
-
-    /// As [`Endpoint::async_op`], returning the ticket's key (see
-    /// [`Endpoint::attempt_as`]).
-    fn async_op_as<'a>(
-        &'a self,
-        detached: bool,
         mut op: impl FnMut(&mut Inner, u64) -> Result<(), SendError> + 'a,
-    ) -> impl Future<Output = Result<usize, Error>> + 'a {
+    ) -> impl Future<Output = Result<Ticket, Error>> + 'a {
         std::future::poll_fn(move |cx: &mut Context<'_>| {
             // The waker is registered only when the operation must wait (and
             // then the operation is tried once more, in case what it waits
             // for came before the registration): one registered on every
             // call would be woken by the next signal, this call's own
             // progress included, and its task polled again for nothing.
-            if let Some(done) = self.attempt_as(detached, &mut op).transpose() {
-                return Poll::Ready(done);
+            match self.attempt(&mut op) {
+                Ok(Some(key)) => return Poll::Ready(Ok(self.ticket(key))),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Err(e)),
             }
             self.shared.signal.register(cx.waker());
-            match self.attempt_as(detached, &mut op) {
-                Ok(Some(key)) => Poll::Ready(Ok(key)),
+            match self.attempt(&mut op) {
+                Ok(Some(key)) => Poll::Ready(Ok(self.ticket(key))),
                 Ok(None) => {
                     self.shared.post_held();
                     Poll::Pending
@@ -1249,6 +1222,12 @@ impl Ticket {
     pub fn wait_timeout(self, timeout: Duration) -> Result<(), Error> {
         self.wait_deadline(Some(Instant::now() + timeout))
     }
+
+    /// Lets the transfer go on without anyone waiting for it: it is
+    /// forgotten once it completes, and a failure fails the channel (as any
+    /// failed transfer does, which is what the sender sees next). The same
+    /// as dropping the ticket, said out loud.
+    pub fn detach(self) {}
 
     /// Async form of [`Ticket::wait`].
     pub fn completion(mut self) -> impl Future<Output = Result<(), Error>> {

@@ -59,6 +59,6 @@ pub mod transport;
 #[cfg(test)]
 mod doc_constants;
 
-pub use driver::{Cork, Delivery, Endpoint, Error, Ticket};
-pub use proto::{CloseReason, Config, DirectTarget, ReceivedKind};
+pub use driver::{Cork, Delivery, Endpoint, Error, FillError, Parts, Ticket};
+pub use proto::{CloseReason, Config, DirectPush, DirectTarget, ReceivedKind};
 pub use transport::{Fabrics, Scheme, TransportUri};

@@ -13,7 +13,7 @@ use messaging::provider::conformance;
 use messaging::provider::loopback::LoopbackFabric;
 use messaging::provider::tcp::TcpFabric;
 use messaging::provider::Fabric;
-use messaging::{CloseReason, Config, DirectTarget, Endpoint, Error, ReceivedKind};
+use messaging::{CloseReason, Config, DirectPush, DirectTarget, Endpoint, Error, FillError, ReceivedKind};
 
 const LONG: Duration = Duration::from_secs(20);
 
@@ -209,12 +209,18 @@ fn direct_placement_into_an_application_buffer() {
             let mut src = src_pool.checkout().unwrap();
             src.set_len(len);
             src.iter_mut().enumerate().for_each(|(i, x)| *x = byte(i));
-            a.push_direct_with(src, target, flag)
+            a.push_direct(src, DirectPush::to(target).completing(flag))
                 .unwrap()
                 .wait_timeout(LONG)
                 .unwrap();
             let d = b.recv_timeout(LONG).unwrap();
-            assert_eq!(d.kind(), ReceivedKind::Direct { tag: target.tag, flag });
+            assert_eq!(
+                d.kind(),
+                ReceivedKind::Direct {
+                    tag: target.tag,
+                    completes_request: flag
+                }
+            );
             d
         };
         let d = push(target, 700_000, |i| (i % 253) as u8, false);
@@ -274,7 +280,9 @@ fn a_peer_cannot_push_into_another_channels_exposure() {
         let target = server_of_victim.expose(pool.checkout().unwrap()).expect("expose");
         let mut src = attacker.alloc_push_buf().expect("staging");
         src.fill(&[0xee; 64]).unwrap();
-        let outcome = attacker.push_direct(src, target).and_then(|t| t.wait_timeout(LONG));
+        let outcome = attacker
+            .push_direct(src, DirectPush::to(target))
+            .and_then(|t| t.wait_timeout(LONG));
         let name = fabric.name();
         assert!(
             outcome.is_err(),
@@ -315,20 +323,19 @@ fn filled_pushes_land_whole_whether_placed_or_staged() {
             let len = 1000 + round * 997 % 60_000;
             let byte = |i: usize| (i * 7 + round) as u8;
             let src = staging.checkout().expect("staging buffer");
-            let pushed = a
-                .push_direct_fill(src, target, round % 2 == 0, len, |dest: &mut [u8]| {
-                    assert_eq!(dest.len(), len, "fill gets exactly the length");
-                    dest.iter_mut().enumerate().for_each(|(i, x)| *x = byte(i));
-                    Ok::<(), ()>(())
-                })
-                .expect("fill succeeds");
-            pushed.expect("push").wait_timeout(LONG).expect("pushed");
+            let push = DirectPush::to(target).completing(round % 2 == 0);
+            let pushed = a.push_direct_fill(src, push, len, |dest: &mut [u8]| {
+                assert_eq!(dest.len(), len, "fill gets exactly the length");
+                dest.iter_mut().enumerate().for_each(|(i, x)| *x = byte(i));
+                Ok::<(), ()>(())
+            });
+            pushed.expect("fill and push").wait_timeout(LONG).expect("pushed");
             let d = b.recv_timeout(LONG).unwrap();
             assert_eq!(
                 d.kind(),
                 ReceivedKind::Direct {
                     tag: target.tag,
-                    flag: round % 2 == 0
+                    completes_request: round % 2 == 0
                 }
             );
             let got = d.into_buf().expect("the exposed buffer comes back");
@@ -342,20 +349,20 @@ fn filled_pushes_land_whole_whether_placed_or_staged() {
         // A failing fill pushes nothing and hands its error back.
         let target = b.expose(bufs.pop().unwrap()).expect("expose");
         let src = staging.checkout().expect("staging buffer");
-        assert_eq!(
-            a.push_direct_fill(src, target, false, 10, |_| Err("no data")).err(),
-            Some("no data")
-        );
+        assert!(matches!(
+            a.push_direct_fill(src, DirectPush::to(target), 10, |_| Err("no data")),
+            Err(FillError::Fill("no data"))
+        ));
         assert!(matches!(
             b.recv_timeout(Duration::from_millis(50)),
             Err(Error::Timeout(_))
         ));
         // Longer than the target (or the staging buffer): refused up front.
         let src = staging.checkout().expect("staging buffer");
-        let too_long = a.push_direct_fill(src, target, false, 64 * 1024 + 1, |_| -> Result<(), ()> {
+        let too_long = a.push_direct_fill(src, DirectPush::to(target), 64 * 1024 + 1, |_| -> Result<(), ()> {
             panic!("no fill for a push that cannot be made")
         });
-        assert!(matches!(too_long, Ok(Err(Error::TooLarge { .. }))));
+        assert!(matches!(too_long, Err(FillError::Push(Error::TooLarge { .. }))));
     }
 }
 
@@ -384,19 +391,22 @@ fn detached_pushes_and_sends_land_and_give_their_buffers_back() {
                     Err(e) => panic!("round {round}: {e}"),
                 }
             };
-            a.push_direct_fill_detached(src, target, true, 100 + round, |dest: &mut [u8]| {
+            let push = DirectPush::to(target).completing(true);
+            a.push_direct_fill(src, push, 100 + round, |dest: &mut [u8]| {
                 dest.fill(round as u8);
                 Ok::<(), ()>(())
             })
-            .expect("fill succeeds")
-            .expect("push");
-            block_on(a.send_parts_detached_async(&[b"round ", &[round as u8]])).expect("send");
+            .expect("fill and push")
+            .detach();
+            block_on(a.send_async(&[&b"round "[..], &[round as u8]]))
+                .expect("send")
+                .detach();
             let d = b.recv_timeout(LONG).unwrap();
             assert_eq!(
                 d.kind(),
                 ReceivedKind::Direct {
                     tag: target.tag,
-                    flag: true
+                    completes_request: true
                 }
             );
             let got = d.into_buf().expect("the exposed buffer comes back");

@@ -35,7 +35,7 @@ fn server_process() {
             return;
         }
         match d.kind() {
-            ReceivedKind::Message => ep.send(&d).expect("echo send"),
+            ReceivedKind::Message => ep.send(&d[..]).expect("echo send"),
             _ => ep.push(&d).expect("echo push"),
         };
     }

@@ -32,7 +32,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use messaging::mr::{Access, Buf, BufPool, RKey, RemoteBuf};
-use messaging::{DirectTarget, Endpoint, Error as MsgError, ReceivedKind};
+use messaging::{DirectPush, DirectTarget, Endpoint, Error as MsgError, FillError, ReceivedKind};
 use slab::Slab;
 
 use super::{Controller, Shared};
@@ -581,9 +581,11 @@ impl Queue {
         if n > buf.capacity() {
             return Ok(Outcome::status(Status::INTERNAL_ERROR));
         }
-        match self.ep.push_direct_fill_detached(buf, target, by_data, n, fill) {
-            Err(status) => return Ok(Outcome::status(status)),
-            Ok(pushed) => pushed.map_err(|e| format!("cannot push data to the host: {e}"))?,
+        let push = DirectPush::to(target).completing(by_data);
+        match self.ep.push_direct_fill(buf, push, n, fill) {
+            Ok(ticket) => ticket.detach(),
+            Err(FillError::Fill(status)) => return Ok(Outcome::status(status)),
+            Err(FillError::Push(e)) => return Err(format!("cannot push data to the host: {e}")),
         }
         Ok(if by_data {
             Outcome::Pushed
@@ -1150,8 +1152,9 @@ impl Queue {
             ) => {
                 drop(_ns);
                 self.ep
-                    .push_direct_detached(buf, target, by_data)
-                    .map_err(|e| format!("cannot push data to the host: {e}"))?;
+                    .push_direct(buf, DirectPush::to(target).completing(by_data))
+                    .map_err(|e| format!("cannot push data to the host: {e}"))?
+                    .detach();
                 if by_data {
                     Ok(())
                 } else {

@@ -217,6 +217,38 @@ impl DirectTarget {
     }
 }
 
+/// A push straight into a buffer the peer exposed: where it goes, and what
+/// it tells the peer besides the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectPush {
+    /// The exposed buffer.
+    pub target: DirectTarget,
+    /// This push completes the request it answers, so no other message
+    /// follows: the peer's delivery reads [`ReceivedKind::Direct`] with
+    /// `completes_request` set (bit 14 of the transfer indication's index;
+    /// what it means is the application's).
+    pub completes_request: bool,
+}
+
+impl DirectPush {
+    /// A plain push into `target`.
+    pub fn to(target: DirectTarget) -> DirectPush {
+        DirectPush {
+            target,
+            completes_request: false,
+        }
+    }
+
+    /// The same push, saying whether it completes the request.
+    #[must_use]
+    pub fn completing(self, completes_request: bool) -> DirectPush {
+        DirectPush {
+            completes_request,
+            ..self
+        }
+    }
+}
+
 /// Work for the driver, in order.
 #[derive(Debug)]
 pub enum Work {
@@ -255,8 +287,9 @@ pub enum ReceivedKind {
     Direct {
         /// The exposure's tag.
         tag: u16,
-        /// The flag the pusher set ([`Connection::push_direct_with`]).
-        flag: bool,
+        /// The pusher said this push completes the request it answers
+        /// ([`DirectPush::completes_request`]).
+        completes_request: bool,
     },
 }
 
@@ -277,7 +310,7 @@ pub struct Received {
 enum Origin {
     Message,
     Slot(u16),
-    Direct { tag: u16, flag: bool },
+    Direct { tag: u16, completes_request: bool },
 }
 
 impl Received {
@@ -291,7 +324,7 @@ impl Received {
         match self.origin {
             Origin::Message => ReceivedKind::Message,
             Origin::Slot(_) => ReceivedKind::Push,
-            Origin::Direct { tag, flag } => ReceivedKind::Direct { tag, flag },
+            Origin::Direct { tag, completes_request } => ReceivedKind::Direct { tag, completes_request },
         }
     }
 
@@ -613,23 +646,16 @@ impl Connection {
 
     // ----- application commands -----
 
-    /// Sends `data` as one message into a receive the peer pre-posted
-    /// (copied into a registered send buffer). `token` comes back in
-    /// [`Event::Sent`].
+    /// Sends one message, gathered from `parts` in order, into a receive
+    /// the peer pre-posted (one copy into a registered send buffer, none
+    /// before it: a header and a payload go out without first being
+    /// joined). `token` comes back in [`Event::Sent`].
     ///
     /// # Errors
     /// [`SendError::Full`] while out of credits or send room (retry after
-    /// progress), `TooLarge`, `NotConnected`, `Closed`.
-    pub fn send(&mut self, token: u64, data: &[u8]) -> Result<(), SendError> {
-        self.send_parts(token, &[data])
-    }
-
-    /// As [`Connection::send`], with the message gathered from `parts` in
-    /// order (one copy into the send buffer, none before it).
-    ///
-    /// # Errors
-    /// As [`Connection::send`], with the parts' total length.
-    pub fn send_parts(&mut self, token: u64, parts: &[&[u8]]) -> Result<(), SendError> {
+    /// progress), `TooLarge` (the parts' total length), `NotConnected`,
+    /// `Closed`.
+    pub fn send(&mut self, token: u64, parts: &[&[u8]]) -> Result<(), SendError> {
         self.check_open()?;
         let len = parts.iter().map(|p| p.len()).sum::<usize>();
         if len > self.max_send {
@@ -693,45 +719,31 @@ impl Connection {
     ///
     /// # Errors
     /// As [`Connection::push`]; `TooLarge` when `src` exceeds the target.
-    pub fn push_direct(&mut self, token: u64, src: Buf, target: DirectTarget) -> Result<(), PushError> {
-        self.push_direct_with(token, src, target, false)
+    pub fn push_direct(&mut self, token: u64, src: Buf, push: DirectPush) -> Result<(), PushError> {
+        self.post_direct(token, src, push, None)
     }
 
-    /// As [`Connection::push_direct`], carrying `flag`: the receiver's
-    /// delivery reads [`ReceivedKind::Direct`] `{ flag }`. What it means is
-    /// the application's (the NVMe binding: "this push completes the read,
-    /// no response follows").
-    ///
-    /// # Errors
-    /// As [`Connection::push_direct`].
-    pub fn push_direct_with(
-        &mut self,
-        token: u64,
-        src: Buf,
-        target: DirectTarget,
-        flag: bool,
-    ) -> Result<(), PushError> {
-        self.push_direct_as(token, src, target, flag, None)
-    }
-
-    /// As [`Connection::push_direct_with`]; with `placed`, for data the
-    /// application already placed at the target through the provider
-    /// ([`QueuePair::place`], which returned this placement): `src` then
-    /// stands for it (its length is the placed length, its bytes are not
-    /// sent) and comes back as a pushed buffer does.
+    /// Tells the peer about data the application already placed at
+    /// `push.target` through the provider ([`QueuePair::place`], which
+    /// returned `placement`): `stand_in`'s length is the placed length, its
+    /// bytes are not sent, and it comes back as a pushed buffer does.
     ///
     /// # Errors
     /// As [`Connection::push_direct`].
     ///
     /// [`QueuePair::place`]: crate::provider::QueuePair::place
-    pub fn push_direct_as(
+    pub fn push_placed(
         &mut self,
         token: u64,
-        src: Buf,
-        target: DirectTarget,
-        flag: bool,
-        placed: Option<u64>,
+        stand_in: Buf,
+        push: DirectPush,
+        placement: u64,
     ) -> Result<(), PushError> {
+        self.post_direct(token, stand_in, push, Some(placement))
+    }
+
+    fn post_direct(&mut self, token: u64, src: Buf, push: DirectPush, placed: Option<u64>) -> Result<(), PushError> {
+        let target = push.target;
         if let Err(error) = self.check_open() {
             return Err(PushError { error, buf: src });
         }
@@ -760,7 +772,11 @@ impl Connection {
             addr: target.remote.addr,
             rkey: target.remote.rkey,
         };
-        let index = if flag { target.tag | DIRECT_FLAG } else { target.tag };
+        let index = if push.completes_request {
+            target.tag | DIRECT_FLAG
+        } else {
+            target.tag
+        };
         self.post_push(token, src, remote, Target::Direct(index), placed);
         Ok(())
     }
@@ -1119,9 +1135,9 @@ impl Connection {
                 _ => return Err(format!("push into slot {i}, which is not granted")),
             },
             Target::Direct(index) => {
-                let (tag, flag) = (index & MAX_TAG, index & DIRECT_FLAG != 0);
+                let (tag, completes_request) = (index & MAX_TAG, index & DIRECT_FLAG != 0);
                 match self.direct.remove(&tag) {
-                    Some(b) => (b, Origin::Direct { tag, flag }),
+                    Some(b) => (b, Origin::Direct { tag, completes_request }),
                     None => return Err(format!("push to direct tag {tag}, which is not exposed")),
                 }
             }

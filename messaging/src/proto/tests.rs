@@ -148,7 +148,7 @@ impl Side {
 
     fn send(&mut self, data: &[u8]) -> Result<u64, SendError> {
         let t = self.token();
-        self.conn.send(t, data).map(|()| t)
+        self.conn.send(t, &[data]).map(|()| t)
     }
 
     fn push(&mut self, data: &[u8]) -> Result<u64, SendError> {
@@ -198,7 +198,7 @@ fn credits_run_out_and_come_back() {
 fn gathered_parts_arrive_as_one_message() {
     let mut p = Pair::new(small(), small());
     let t = p.a.token();
-    p.a.conn.send_parts(t, &[b"head ", b"", b"and body"]).unwrap();
+    p.a.conn.send(t, &[b"head ", b"", b"and body"]).unwrap();
     p.drive();
     assert_eq!(p.b.got.len(), 1);
     assert_eq!(p.b.got[0].1, b"head and body");
@@ -207,7 +207,7 @@ fn gathered_parts_arrive_as_one_message() {
     let half = vec![0u8; 129];
     let t = p.a.token();
     assert_eq!(
-        p.a.conn.send_parts(t, &[&half, &half]),
+        p.a.conn.send(t, &[&half, &half]),
         Err(SendError::TooLarge { len: 258, max: 256 })
     );
 }
@@ -338,9 +338,17 @@ fn direct_placement_lands_in_the_exposed_buffer() {
         let src_pool = p.a.fabric.domain().register(8192, 1, Access::LOCAL_WRITE).unwrap();
         let mut src = src_pool.checkout().unwrap();
         src.fill(&[0x5a; 5000]).unwrap();
-        p.a.conn.push_direct_with(99, src, advertised, flag).unwrap();
+        p.a.conn
+            .push_direct(99, src, DirectPush::to(advertised).completing(flag))
+            .unwrap();
         p.drive();
-        assert_eq!(p.b.got[0].0, ReceivedKind::Direct { tag: target.tag, flag });
+        assert_eq!(
+            p.b.got[0].0,
+            ReceivedKind::Direct {
+                tag: target.tag,
+                completes_request: flag
+            }
+        );
         let r = p.b.held.pop_front().unwrap();
         let buf = r.into_buf().unwrap();
         assert_eq!(&buf[..], &[0x5a; 5000][..]);
@@ -554,7 +562,7 @@ fn bad_configs_and_params_are_refused() {
         conn.handle_connected(b"garbage", caps),
         Err(ProtoError::BadParams(_))
     ));
-    assert!(matches!(conn.send(1, b"x"), Err(SendError::NotConnected)));
+    assert!(matches!(conn.send(1, &[b"x"]), Err(SendError::NotConnected)));
 }
 
 // ----- property tests -----
