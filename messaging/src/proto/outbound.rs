@@ -1,0 +1,151 @@
+//! What this side sends: messages with their credits and releases, pushes,
+//! and the control messages that return credits.
+
+use super::*;
+
+impl Connection {
+    pub(super) fn check_open(&self) -> Result<(), SendError> {
+        match &self.state {
+            State::Open => Ok(()),
+            State::Setup => Err(SendError::NotConnected),
+            State::Closed(r) => Err(SendError::Closed(r.clone())),
+        }
+    }
+
+    pub(super) fn has_send_room(&self, wrs: usize) -> bool {
+        self.inflight.len() + wrs <= self.cfg.send_depth as usize && self.send_pool.available() >= 1
+    }
+
+    fn credit_threshold(&self) -> u32 {
+        u32::from(self.cfg.recv_depth / 2).max(2)
+    }
+
+    fn release_threshold(&self) -> usize {
+        (self.cfg.slot_count as usize / 4).max(1)
+    }
+
+    /// Sends one message (data, control or indication). The caller checked
+    /// the credit and the send room.
+    pub(super) fn send_message(&mut self, kind: Kind, token: Option<u64>, payload: &[&[u8]]) -> Result<(), SendError> {
+        let mut buf = self.send_pool.checkout().ok_or(SendError::Full)?;
+        let releases = self.released.len().min(MAX_RELEASES);
+        let seq = if kind == Kind::Control {
+            0
+        } else {
+            let s = self.tx_seq;
+            self.tx_seq = self.tx_seq.wrapping_add(1);
+            s
+        };
+        let len = payload.iter().map(|p| p.len()).sum::<usize>();
+        let header = Header {
+            kind,
+            credits: u16::try_from(self.owed).unwrap_or(u16::MAX),
+            releases: releases as u16,
+            seq,
+            len: len as u32,
+        };
+        self.owed -= u32::from(header.credits);
+        let total = header.payload_offset() + len;
+        {
+            let space = buf.spare_capacity();
+            header.encode(space);
+            for (i, r) in self.released.drain(..releases).enumerate() {
+                let at = HEADER_LEN + 2 * i;
+                space[at..at + 2].copy_from_slice(&r.to_le_bytes());
+            }
+            let mut at = header.payload_offset();
+            for part in payload {
+                space[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+        }
+        buf.set_len(total);
+        self.credits -= 1;
+        let key = self.inflight.insert(Inflight { token });
+        self.work.push_back(Work::Send(SendWr {
+            id: WrId(key as u64),
+            op: SendOp::Send { buf, imm: None },
+        }));
+        Ok(())
+    }
+
+    pub(super) fn post_push(&mut self, token: u64, src: Buf, remote: RemoteAddr, target: Target, placed: Option<u64>) {
+        let len = src.len() as u32;
+        let write = |buf: Buf, imm: Option<u32>| match placed {
+            Some(placement) => SendOp::Placed {
+                token: buf,
+                remote,
+                imm,
+                placement,
+            },
+            None => SendOp::Write { buf, remote, imm },
+        };
+        if self.separate {
+            let key = self.inflight.insert(Inflight { token: None });
+            self.work.push_back(Work::Send(SendWr {
+                id: WrId(key as u64),
+                op: write(src, None),
+            }));
+            let indication = wire::encode_indication(target, len);
+            // Room and credit were checked by the caller, so this cannot fail.
+            let sent = self.send_message(Kind::Indication, Some(token), &[&indication]);
+            debug_assert!(sent.is_ok());
+        } else {
+            let seq = self.tx_seq;
+            self.tx_seq = self.tx_seq.wrapping_add(1);
+            self.credits -= 1;
+            let key = self.inflight.insert(Inflight { token: Some(token) });
+            self.work.push_back(Work::Send(SendWr {
+                id: WrId(key as u64),
+                op: write(src, Some(wire::encode_imm(target, seq))),
+            }));
+        }
+    }
+
+    /// Sends control messages while credits or slot releases are owed past
+    /// their thresholds. Only a control that returns credits may spend the
+    /// last credit: it hands the peer at least `credit_threshold` (>= 2)
+    /// credits, so the peer can always answer, and two sides can never both
+    /// sit at zero credits while owing each other (see docs/protocol.md).
+    pub(super) fn maybe_control(&mut self) {
+        loop {
+            let credit_due = self.owed >= self.credit_threshold();
+            let release_due = self.released.len() >= self.release_threshold();
+            let reserve = if credit_due { 1 } else { 2 };
+            if !(self.is_open() && (credit_due || release_due) && self.credits >= reserve && self.has_send_room(1)) {
+                return;
+            }
+            if self.send_message(Kind::Control, None, &[]).is_err() {
+                return;
+            }
+        }
+    }
+
+    pub(super) fn repost(&mut self, mut buf: Buf) {
+        buf.set_len(0);
+        self.work.push_back(Work::Recv(RecvWr {
+            id: WrId(RECV_TAG | u64::from(buf.index())),
+            buf,
+        }));
+        self.recvs_posted += 1;
+        self.owed += 1;
+    }
+
+    pub(super) fn complete_send(&mut self, id: WrId, status: WcStatus) {
+        let Some(entry) = usize::try_from(id.0).ok().and_then(|k| self.inflight.try_remove(k)) else {
+            tracing::warn!(id = id.0, "completion for an unknown send request");
+            return;
+        };
+        let result = if status.is_success() { Ok(()) } else { Err(status) };
+        if let Some(token) = entry.token {
+            self.events.push_back(Event::Sent { token, result });
+        }
+        if !status.is_success() {
+            self.close_with(if status == WcStatus::Flushed {
+                CloseReason::Disconnected
+            } else {
+                CloseReason::Fabric(status)
+            });
+        }
+    }
+}
