@@ -1,0 +1,511 @@
+//! One NVMe queue: a channel's thread. It connects the queue to a
+//! controller ([`connect`]), then takes capsules and pushed data in
+//! channel order and moves each command through its states to its
+//! completion.
+//!
+//! # A command's states
+//!
+//! Every command is in one [`State`], and every change of state goes
+//! through [`Queue::advance`] (as SPDK's `nvmf_tcp_req_process` drives
+//! `spdk_nvmf_tcp_req_state`):
+//!
+//! ```text
+//!  capsule ──execute──┬──────────────────────────────────────────────▶ Complete ──▶ CQE sent
+//!                     │                                                   ▲
+//!                     ├──▶ AwaitingData ──each pushed chunk──▶ Storage ───┤ (the last chunk)
+//!                     │          │        (RAM: written at once) ─────────┤
+//!                     ├──▶ Storage ──ring completion──▶ done ─────────────┤
+//!                     │                                  └──▶ ToHost ─────┘
+//!                     │                                         └──▶ Settled (completed by its push)
+//!                     └──▶ Settled (completed by its data push, or held for an event)
+//! ```
+//!
+//! - **execute** ([`Queue::execute`]): decode and check the capsule; an
+//!   admin command, a RAM namespace's I/O, Write Zeroes and Dataset
+//!   Management run at once and complete (a read's data is pushed first).
+//! - **AwaitingData**: a write whose data the host pushes after its
+//!   capsule ([`io`]); each chunk goes to storage as it lands.
+//! - **Storage**: a read, write chunk, FUA in-capsule write or flush of a
+//!   namespace with files ([`BlockIo::files`](crate::backend::BlockIo::files))
+//!   runs on the queue's own io_uring ([`Ring`]), as many at once as the
+//!   host sends; they complete out of order, as the device finishes them
+//!   ([`storage`]). Where no ring can be made, it runs at once.
+//! - **ToHost**: a read's data, in a staging buffer, is pushed to the host.
+//! - **Complete**: the response capsule goes out.
+//!
+//! While the ring holds requests, the thread sleeps in the ring, woken by
+//! a completion or by its channel ([`Ring::waker`]).
+//!
+//! A malformed capsule, a push nobody waits for, or a direct placement
+//! (an I/O unit never exposes memory) is a protocol violation
+//! ([`QueueError`]): the channel closes and only it.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use messaging::mr::{Access, Buf, BufPool, RKey, RemoteBuf};
+use messaging::{CloseReason, DirectPush, DirectTarget, Endpoint, Error as MsgError, FillError, ReceivedKind};
+use slab::Slab;
+
+use super::{Controller, Shared};
+use crate::backend::ring::{IoOp, Ring, Transfer};
+use crate::backend::uring::Files;
+use crate::backend::{BlockError, ErrorKind, NamespaceCache, NamespaceRef};
+use crate::nvme::{
+    AdminOpcode, ChangedNamespaceList, Cns, CommandId, Connect, ConnectData, ConnectResponse, Cqe, DsmRange,
+    ErrorLogEntry, FabricsCommandType, FeatureId, GetLogPage, IdentifyController, IdentifyNamespace, IoOpcode,
+    KeepAliveTimer, LogPageId, NamespaceList, Nsid, NumberOfQueues, NvmeError, Sgl, Sqe, Status, SQE_LEN,
+};
+use crate::transport;
+
+mod admin;
+mod connect;
+mod io;
+mod storage;
+#[cfg(test)]
+mod tests;
+
+use connect::connect;
+use io::{block_status, PendingWrite};
+use storage::{Io, Staging};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const TICK: Duration = Duration::from_millis(250);
+/// Most deliveries handled before the answers they produced are posted.
+/// Small on purpose: with a whole queue's worth handled before the first
+/// completion leaves, host and I/O unit take turns, each idle while the
+/// other works through the batch (`docs/performance.md`, "iounitd posts
+/// what a batch produced every 8 deliveries").
+const BATCH: usize = 8;
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// How long a queue with requests on its ring sleeps in the ring alone
+/// before it hands its channel to the provider's thread and sleeps on.
+const RING_FIRST_WAIT: Duration = Duration::from_micros(200);
+const STAGING_BUFFERS: usize = 4;
+/// Size and number of the small staging buffers (reads up to that size).
+const SMALL_STAGING: usize = 16 * 1024;
+const SMALL_STAGING_BUFFERS: usize = 64;
+/// How long a read waits for a staging buffer to come back from the host.
+const STAGING_WAIT: Duration = Duration::from_secs(30);
+
+/// Why a queue closes its channel: the host broke the protocol, or the
+/// channel or the ring failed under it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum QueueError {
+    /// A capsule that does not decode.
+    #[error("malformed capsule: {0}")]
+    Capsule(#[source] NvmeError),
+    /// Pushed data while no write waits for any.
+    #[error("pushed data for no write command")]
+    PushWithoutWrite,
+    /// More pushed data than the write announced.
+    #[error("pushed {got} bytes for a {len}-byte write")]
+    PushBeyondWrite {
+        /// Bytes pushed for the write so far.
+        got: u64,
+        /// The write's length.
+        len: u64,
+    },
+    /// The host pushed into memory it thinks the I/O unit exposed.
+    #[error("a direct placement into an I/O unit")]
+    DirectPlacement,
+    /// The response capsule could not be sent.
+    #[error("cannot send a completion: {0}")]
+    Complete(#[source] MsgError),
+    /// Read data could not be pushed to the host.
+    #[error("cannot push data to the host: {0}")]
+    Push(#[source] MsgError),
+    /// The host kept every staging buffer (it acknowledges no pushes).
+    #[error("no staging buffer came back within {0:?}")]
+    NoStaging(Duration),
+    /// The queue's io_uring failed.
+    #[error("io_uring {what} failed: {source}")]
+    Ring {
+        /// "submission" or "wait".
+        what: &'static str,
+        /// The kernel's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The channel failed while the queue waited on it.
+    #[error("channel error: {0}")]
+    Channel(#[source] MsgError),
+}
+
+impl QueueError {
+    fn ring(what: &'static str) -> impl FnOnce(std::io::Error) -> QueueError {
+        move |source| QueueError::Ring { what, source }
+    }
+}
+
+/// Why a queue's wait ended its service.
+enum Stop {
+    /// The channel closed (the host went, or the fabric failed).
+    Closed(CloseReason),
+    /// This side gives up on the channel.
+    Failed(QueueError),
+}
+
+/// Where a command stands (see the module docs); [`Queue::advance`] moves
+/// it on.
+enum State {
+    /// Send the response capsule.
+    Complete { cid: CommandId, status: Status, dw0: u32 },
+    /// A write waiting for the data the host pushes after its capsule.
+    AwaitingData(PendingWrite),
+    /// A transfer to run on the queue's ring; the ring hands it to
+    /// [`Queue::done`] when the device finished it.
+    Storage(Io),
+    /// A read's data, staged: push it into the host's buffer.
+    ToHost {
+        cid: CommandId,
+        buf: Buf,
+        target: DirectTarget,
+        /// The push completes the command: no response capsule follows.
+        by_data: bool,
+    },
+    /// Nothing left to do here: completed by its data push, parked on the
+    /// ring or for pushed data, or held until an event completes it.
+    Settled,
+}
+
+impl State {
+    fn complete(cid: CommandId, status: Status) -> State {
+        State::Complete { cid, status, dw0: 0 }
+    }
+}
+
+/// What executing a command's capsule decided ([`admin`], [`io`]); the
+/// command's next [`State`] follows from it ([`Queue::execute`]).
+enum Outcome {
+    /// Complete now with this status and DW0.
+    Done(Status, u32),
+    /// The completion comes later: an event completes it, or its data push
+    /// did ([`transport::CDW3_COMPLETE_BY_DATA`]).
+    Settled,
+    /// A write waiting for its pushed data.
+    AwaitData(PendingWrite),
+    /// To run on the ring.
+    Start(Start),
+}
+
+impl Outcome {
+    fn status(s: Status) -> Outcome {
+        Outcome::Done(s, 0)
+    }
+}
+
+/// What an I/O command needs started on the ring once its capsule is
+/// decoded (the capsule itself may go with it).
+enum Start {
+    Read { ns: NamespaceRef, offset: u64, len: usize },
+    InlineWrite { ns: NamespaceRef, offset: u64, fua: bool },
+    Flush { ns: NamespaceRef },
+}
+
+struct Queue {
+    shared: Arc<Shared>,
+    ctrl: Arc<Controller>,
+    ep: Endpoint,
+    qid: u16,
+    depth: u16,
+    sq_head: u16,
+    /// Writes not yet completed: waiting for pushed data, or for their
+    /// chunks on the ring.
+    writes: Slab<PendingWrite>,
+    /// Keys of the writes still waiting for data, oldest first: pushed
+    /// data belongs to the first.
+    awaiting: VecDeque<usize>,
+    staging: Staging,
+    /// The namespace this queue's commands addressed last.
+    namespaces: NamespaceCache,
+    /// The queue's io_uring and the waker that ends its sleep, made at the
+    /// first request for a namespace with files.
+    ring: Option<(Ring<Io>, Waker)>,
+}
+
+/// Serves one channel until it closes, the controller dies or the target
+/// shuts down.
+pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
+    let peer = ep.peer_addr().to_string();
+    let Some((_worker, ctrl, qid, depth)) = connect(&shared, &ep) else {
+        ep.close();
+        return;
+    };
+    let staging = match Staging::register(&ep) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot register staging buffers: {e}");
+            ep.close();
+            // An admin queue's controller goes with it (it would count
+            // against the host's quota for nothing).
+            if qid == 0 {
+                shared.remove_controller(ctrl.cntlid);
+            }
+            return;
+        }
+    };
+    tracing::debug!(%peer, cntlid = ctrl.cntlid, qid, depth, "queue connected");
+    let mut q = Queue {
+        shared: shared.clone(),
+        ctrl: ctrl.clone(),
+        ep: ep.clone(),
+        qid,
+        depth,
+        sq_head: 0,
+        writes: Slab::new(),
+        awaiting: VecDeque::new(),
+        staging,
+        namespaces: NamespaceCache::default(),
+        ring: None,
+    };
+    if qid > 0 {
+        ctrl.io_active.fetch_add(1, Ordering::AcqRel);
+    }
+    let mut draining_since: Option<Instant> = None;
+    while !q.must_stop(&mut draining_since) {
+        match q.next(TICK) {
+            Ok(Some(d)) => {
+                if let Err(reason) = q.handle_batch(d) {
+                    tracing::warn!(%peer, qid, "closing the channel: {reason}");
+                    break;
+                }
+            }
+            Ok(None) => {}
+            Err(Stop::Closed(reason)) => {
+                tracing::debug!(%peer, qid, "channel closed: {reason}");
+                break;
+            }
+            Err(Stop::Failed(reason)) => {
+                tracing::warn!(%peer, qid, "closing the channel: {reason}");
+                break;
+            }
+        }
+    }
+    // The ring finishes what it holds first (its drop waits for the
+    // kernel): its writes must land while their namespace is still held and
+    // before the controller, and with it the queue, is declared gone.
+    drop(q.ring.take());
+    // Commands waiting for data that will never come release their namespaces.
+    q.writes.clear();
+    q.awaiting.clear();
+    ep.close();
+    if qid == 0 {
+        shared.remove_controller(ctrl.cntlid);
+    } else {
+        ctrl.io_active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Queue {
+    /// Whether the queue ends its service: its controller died, its
+    /// keep-alive expired (admin queue), or the target shuts down and the
+    /// queue drained (or had `DRAIN_GRACE` to).
+    fn must_stop(&self, draining_since: &mut Option<Instant>) -> bool {
+        if self.ctrl.dead.load(Ordering::Acquire) {
+            return true;
+        }
+        if self.shared.shutdown.load(Ordering::Acquire) {
+            let since = *draining_since.get_or_insert_with(Instant::now);
+            // The admin queue stays until the controller's I/O queues have
+            // drained: tearing the controller down closes them.
+            let drained = if self.qid == 0 {
+                self.ctrl.io_active.load(Ordering::Acquire) == 0
+            } else {
+                self.writes.is_empty() && self.ring_idle()
+            };
+            if drained || since.elapsed() > DRAIN_GRACE {
+                return true;
+            }
+        }
+        if self.qid == 0 {
+            if let Some(silent) = self.ctrl.expired() {
+                tracing::warn!(
+                    cntlid = self.ctrl.cntlid,
+                    host = %self.ctrl.hostnqn,
+                    "keep-alive expired: no command for {silent:?}; freeing the controller"
+                );
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Handles `d` and whatever else the host sent meanwhile (up to
+    /// `BATCH`), so that the data pushes and completions they produce go
+    /// out as one batch; the storage requests they started, too.
+    fn handle_batch(&mut self, d: messaging::Delivery) -> Result<(), QueueError> {
+        let ep = self.ep.clone();
+        let _cork = ep.cork();
+        self.handle(d)?;
+        for _ in 1..BATCH {
+            match ep.try_recv_taken() {
+                Ok(d) => self.handle(d)?,
+                Err(_) => break,
+            }
+        }
+        self.submit_ring()
+    }
+
+    /// One delivery: a command capsule, or a chunk of pushed write data.
+    fn handle(&mut self, d: messaging::Delivery) -> Result<(), QueueError> {
+        let state = match d.kind() {
+            ReceivedKind::Message => self.execute(d)?,
+            ReceivedKind::Push => self.pushed(d)?,
+            ReceivedKind::Direct { .. } => return Err(QueueError::DirectPlacement),
+        };
+        self.advance(state)
+    }
+
+    /// Moves a command from `state` until it settles: completed, or
+    /// waiting on the ring, for pushed data or for an event.
+    fn advance(&mut self, mut state: State) -> Result<(), QueueError> {
+        loop {
+            state = match state {
+                State::Settled => return Ok(()),
+                State::Complete { cid, status, dw0 } => return self.complete(cid, status, dw0),
+                State::AwaitingData(w) => {
+                    let key = self.writes.insert(w);
+                    self.awaiting.push_back(key);
+                    return Ok(());
+                }
+                State::Storage(io) => match self.start(io) {
+                    None => return Ok(()),
+                    Some(io) => self.run_now(io),
+                },
+                State::ToHost {
+                    cid,
+                    buf,
+                    target,
+                    by_data,
+                } => {
+                    self.ep
+                        .push_direct(buf, DirectPush::to(target).completing(by_data))
+                        .map_err(QueueError::Push)?
+                        .detach();
+                    if by_data {
+                        State::Settled
+                    } else {
+                        State::complete(cid, Status::SUCCESS)
+                    }
+                }
+            };
+        }
+    }
+
+    /// A command capsule: decoded, checked and executed as far as it can
+    /// be at once. Its next state is returned.
+    fn execute(&mut self, msg: messaging::Delivery) -> Result<State, QueueError> {
+        let (sqe, inline) = transport::decode_capsule(&msg).map_err(QueueError::Capsule)?;
+        self.sq_head = (self.sq_head + 1) % self.depth.max(1);
+        if self.qid == 0 {
+            self.ctrl.touch();
+        }
+        let outcome = if self.qid == 0 {
+            self.admin(&sqe, inline)
+        } else {
+            self.io(&sqe, inline)
+        }?;
+        let cid = sqe.command_id;
+        Ok(match outcome {
+            Outcome::Done(status, dw0) => State::Complete { cid, status, dw0 },
+            Outcome::Settled => State::Settled,
+            Outcome::AwaitData(w) => State::AwaitingData(w),
+            Outcome::Start(Start::Read { ns, offset, len }) => self.read_io(&sqe, ns, offset, len)?,
+            Outcome::Start(Start::InlineWrite { ns, offset, fua }) => State::Storage(Io::Inline {
+                cid,
+                _ns: ns,
+                offset,
+                capsule: msg,
+                fua,
+            }),
+            Outcome::Start(Start::Flush { ns }) => State::Storage(Io::Flush { cid, _ns: ns }),
+        })
+    }
+
+    /// Sends the command's response capsule.
+    fn complete(&mut self, cid: CommandId, status: Status, dw0: u32) -> Result<(), QueueError> {
+        if !status.is_success() {
+            self.ctrl.log_error(self.qid, cid, status);
+            tracing::debug!(qid = self.qid, cid = cid.0, %status, "command failed");
+        }
+        let mut cqe = Cqe::new(cid, status);
+        cqe.dw0 = dw0;
+        cqe.sq_head = self.sq_head;
+        cqe.sq_id = self.qid;
+        self.ep
+            .send(&transport::encode_response(&cqe))
+            .map(drop)
+            .map_err(QueueError::Complete)
+    }
+
+    /// The next delivery within `timeout` (`None`: none came). While the
+    /// ring holds requests, their completions are handled meanwhile, and
+    /// the thread sleeps in the ring, which the channel's waker wakes.
+    fn next(&mut self, timeout: Duration) -> Result<Option<messaging::Delivery>, Stop> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.ring_idle() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                return match self.ep.recv_timeout(left) {
+                    Ok(d) => Ok(Some(d)),
+                    Err(MsgError::Timeout(_)) => Ok(None),
+                    Err(MsgError::Closed(reason)) => Err(Stop::Closed(reason)),
+                    Err(e) => Err(Stop::Failed(QueueError::Channel(e))),
+                };
+            }
+            self.submit_ring().map_err(Stop::Failed)?;
+            self.reap_ring().map_err(Stop::Failed)?;
+            if self.ring_idle() {
+                // All done: the channel alone is waited for.
+                continue;
+            }
+            let Some((_, waker)) = &self.ring else {
+                continue;
+            };
+            // Polled once: ready now, or the waker is registered with the
+            // channel and ends the ring's sleep when something arrives.
+            let mut cx = Context::from_waker(waker);
+            let polled = std::pin::pin!(self.ep.recv_async()).poll(&mut cx);
+            match polled {
+                Poll::Ready(Ok(d)) => return Ok(Some(d)),
+                Poll::Ready(Err(MsgError::Closed(reason))) => return Err(Stop::Closed(reason)),
+                Poll::Ready(Err(e)) => return Err(Stop::Failed(QueueError::Channel(e))),
+                Poll::Pending => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.sleep_in_ring(left).map_err(Stop::Failed)?;
+        }
+    }
+
+    /// Sleeps in the ring up to `left`. First a short sleep for storage
+    /// alone: a request usually completes within it, and the channel's own
+    /// driving stays with this thread (at depth 1 the host sends nothing
+    /// meanwhile; deeper, each completion ends the sleep, and what the host
+    /// sent meanwhile is read right after). Only a longer sleep hands the
+    /// channel to the provider's thread, which costs a wake-up on each
+    /// side, and lets it end the sleep.
+    fn sleep_in_ring(&mut self, left: Duration) -> Result<(), QueueError> {
+        let Some((ring, _)) = &mut self.ring else {
+            return Ok(());
+        };
+        let first = left.min(RING_FIRST_WAIT);
+        if !ring.has_completions() {
+            ring.wait_storage(first).map_err(QueueError::ring("wait"))?;
+        }
+        if !ring.has_completions() && left > first {
+            self.ep.step_away();
+            if let Some((ring, _)) = &mut self.ring {
+                ring.wait(left - first).map_err(QueueError::ring("wait"))?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,323 @@
+//! Storage on the queue's io_uring: the requests a command puts there
+//! (each owning the memory the kernel transfers), the staging buffers a
+//! read's data waits in until it is pushed, and what a finished request
+//! leads to.
+
+use super::*;
+
+/// A read, write or flush on the queue's ring. Each owns the memory the
+/// kernel transfers (see [`Ring`]).
+pub(super) enum Io {
+    /// A read into a staging buffer, pushed to the host once complete.
+    Read {
+        cid: CommandId,
+        _ns: NamespaceRef,
+        offset: u64,
+        buf: Buf,
+        target: DirectTarget,
+        by_data: bool,
+    },
+    /// In-capsule write data: the capsule after its SQE.
+    Inline {
+        cid: CommandId,
+        _ns: NamespaceRef,
+        offset: u64,
+        capsule: messaging::Delivery,
+        fua: bool,
+    },
+    /// One pushed chunk of the write `write` (a key of `Queue::writes`,
+    /// which holds its namespace).
+    Chunk {
+        write: usize,
+        offset: u64,
+        data: messaging::Delivery,
+        fua: bool,
+    },
+    Flush {
+        cid: CommandId,
+        _ns: NamespaceRef,
+    },
+}
+
+// SAFETY: every variant names memory that neither moves nor resizes while
+// the request lives: a staging `Buf` (a chunk of a registration) whose
+// length is set before the request starts, or a `Delivery`'s receive buffer
+// or slot, which it holds until dropped; `op` writes nothing.
+unsafe impl Transfer for Io {
+    fn op(&mut self) -> IoOp<'_> {
+        match self {
+            Io::Read { offset, buf, .. } => IoOp::Read {
+                offset: *offset,
+                buf: &mut buf[..],
+            },
+            Io::Inline {
+                offset, capsule, fua, ..
+            } => IoOp::Write {
+                offset: *offset,
+                data: capsule.get(SQE_LEN..).unwrap_or_default(),
+                fua: *fua,
+            },
+            Io::Chunk { offset, data, fua, .. } => IoOp::Write {
+                offset: *offset,
+                data,
+                fua: *fua,
+            },
+            Io::Flush { .. } => IoOp::Flush,
+        }
+    }
+}
+
+/// Registered buffers that read data is staged in before its push to the
+/// host: many small ones (a queue full of 4 KiB reads never waits for one)
+/// and a few of the largest transfer.
+pub(super) struct Staging {
+    small: Tier,
+    large: Tier,
+}
+
+/// One size of staging buffers. Each push in flight holds one (a placed
+/// push too: it stands for the push); it returns to the pool when the push
+/// completes.
+struct Tier {
+    pool: BufPool,
+}
+
+impl Staging {
+    pub(super) fn register(ep: &Endpoint) -> Result<Staging, messaging::mr::MrError> {
+        let tier = |size, count| -> Result<Tier, messaging::mr::MrError> {
+            Ok(Tier {
+                pool: ep.domain().register(size, count, Access::LOCAL_WRITE)?,
+            })
+        };
+        Ok(Staging {
+            small: tier(SMALL_STAGING, SMALL_STAGING_BUFFERS)?,
+            large: tier(transport::MAX_TRANSFER, STAGING_BUFFERS)?,
+        })
+    }
+
+    fn tier(&self, len: usize) -> &Tier {
+        if len <= SMALL_STAGING {
+            &self.small
+        } else {
+            &self.large
+        }
+    }
+}
+
+impl Queue {
+    /// Whether no request is on the ring.
+    pub(super) fn ring_idle(&self) -> bool {
+        self.ring.as_ref().is_none_or(|(r, _)| r.in_flight() == 0)
+    }
+
+    /// Starts `io` on the ring (made on first use): `None` once it is
+    /// there. Where no ring can be made, or it is full, `io` comes back, to
+    /// run here and now instead ([`Queue::run_now`]).
+    pub(super) fn start(&mut self, io: Io) -> Option<Io> {
+        if self.ring.is_none() {
+            let capacity =
+                usize::from(self.depth) + usize::from(transport::CHANNEL_SLACK) + usize::from(transport::SLOT_COUNT);
+            match Ring::new(capacity) {
+                Ok(ring) => {
+                    let waker = ring.waker();
+                    self.ring = Some((ring, waker));
+                }
+                Err(e) => tracing::warn!(
+                    qid = self.qid,
+                    "no io_uring for this queue ({e}); running I/O one at a time"
+                ),
+            }
+        }
+        let files = match self.files_of(&io) {
+            Some(f) => f.clone(),
+            None => return Some(io),
+        };
+        match &mut self.ring {
+            Some((ring, _)) => ring.start(&files, io).err(),
+            None => Some(io),
+        }
+    }
+
+    /// The files `io` runs against.
+    fn files_of<'a>(&'a self, io: &'a Io) -> Option<&'a Arc<Files>> {
+        match io {
+            Io::Read { _ns: ns, .. } | Io::Inline { _ns: ns, .. } | Io::Flush { _ns: ns, .. } => ns.files(),
+            Io::Chunk { write, .. } => self.writes.get(*write)?.ns.as_ref()?.files(),
+        }
+    }
+
+    /// Runs `io` through the blocking calls: the command's next state.
+    pub(super) fn run_now(&mut self, mut io: Io) -> State {
+        let r = match &mut io {
+            Io::Read { _ns, offset, buf, .. } => _ns.read(*offset, buf),
+            Io::Inline {
+                _ns,
+                offset,
+                capsule,
+                fua,
+                ..
+            } => _ns.write(*offset, capsule.get(SQE_LEN..).unwrap_or_default(), *fua),
+            Io::Flush { _ns, .. } => _ns.flush(),
+            Io::Chunk {
+                write,
+                offset,
+                data,
+                fua,
+            } => match self.writes.get(*write).and_then(|w| w.ns.as_ref()) {
+                Some(ns) => ns.write(*offset, data, *fua),
+                None => Err(BlockError::new(ErrorKind::NotReady, "the write's namespace is gone")),
+            },
+        };
+        self.done(io, r)
+    }
+
+    /// A read of `len` bytes at `offset` into a staging buffer, for the
+    /// ring.
+    pub(super) fn read_io(
+        &mut self,
+        sqe: &Sqe,
+        ns: NamespaceRef,
+        offset: u64,
+        len: usize,
+    ) -> Result<State, QueueError> {
+        let cid = sqe.command_id;
+        let target = match io::host_target(sqe) {
+            Ok(t) => t,
+            Err(status) => return Ok(State::complete(cid, status)),
+        };
+        let mut buf = self.staging_buf(target.remote.len as usize)?;
+        // The descriptor takes all `len` bytes (checked by the caller); a
+        // staging buffer too small would cut the data short unnoticed.
+        if len > buf.capacity() {
+            return Ok(State::complete(cid, Status::INTERNAL_ERROR));
+        }
+        buf.set_len(len);
+        Ok(State::Storage(Io::Read {
+            cid,
+            _ns: ns,
+            offset,
+            buf,
+            target,
+            by_data: transport::completes_by_data(sqe),
+        }))
+    }
+
+    /// A staging buffer for `len` bytes. While all are taken, the ring's
+    /// completions (reads whose data is then pushed) and the channel's
+    /// (pushes that give their buffer back: the host acknowledges pushes as
+    /// they land) are waited for; a host that stops for `STAGING_WAIT`
+    /// costs its channel. The clock is read only when all are taken.
+    pub(super) fn staging_buf(&mut self, len: usize) -> Result<Buf, QueueError> {
+        if let Some(b) = self.staging.tier(len).pool.checkout() {
+            return Ok(b);
+        }
+        let deadline = Instant::now() + STAGING_WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(QueueError::NoStaging(STAGING_WAIT));
+            }
+            if self.ring_idle() {
+                match self.ep.wait_progress(left) {
+                    Ok(()) | Err(MsgError::Timeout(_)) => {}
+                    Err(e) => return Err(QueueError::Push(e)),
+                }
+            } else {
+                // The pushes that give buffers back must move while this
+                // thread sleeps in the ring: held sends go out, and the
+                // provider's thread reads the acknowledgements.
+                self.ep.step_away();
+                self.wait_ring(left.min(TICK))?;
+            }
+            if let Some(b) = self.staging.tier(len).pool.checkout() {
+                return Ok(b);
+            }
+        }
+    }
+
+    /// Hands the ring's queued requests to the kernel.
+    pub(super) fn submit_ring(&mut self) -> Result<(), QueueError> {
+        match &mut self.ring {
+            Some((ring, _)) => ring.submit().map_err(QueueError::ring("submission")),
+            None => Ok(()),
+        }
+    }
+
+    /// Sleeps in the ring up to `timeout` (a completion or the channel's
+    /// waker ends it), then handles what completed.
+    fn wait_ring(&mut self, timeout: Duration) -> Result<(), QueueError> {
+        if let Some((ring, _)) = &mut self.ring {
+            ring.wait(timeout).map_err(QueueError::ring("wait"))?;
+        }
+        self.reap_ring()
+    }
+
+    /// Moves on every command whose request the ring finished; their
+    /// pushes and completions go out as one batch.
+    pub(super) fn reap_ring(&mut self) -> Result<(), QueueError> {
+        let Some((mut ring, waker)) = self.ring.take() else {
+            return Ok(());
+        };
+        let ep = self.ep.clone();
+        let cork = ep.cork();
+        let mut outcome = Ok(());
+        ring.reap(|io, r| {
+            if outcome.is_ok() {
+                // A finished request leads to a push or a completion, never
+                // back to the ring (which is out of `self` meanwhile).
+                let next = self.done(io, r);
+                outcome = self.advance(next);
+            }
+        });
+        drop(cork);
+        self.ring = Some((ring, waker));
+        outcome
+    }
+
+    /// A request finished with `r`: the command's next state (a read's
+    /// data to push, a completion, or, for a chunk, its write's completion
+    /// once the last chunk is in).
+    pub(super) fn done(&mut self, io: Io, r: Result<(), BlockError>) -> State {
+        match (io, r) {
+            (
+                Io::Read {
+                    cid,
+                    _ns,
+                    buf,
+                    target,
+                    by_data,
+                    ..
+                },
+                Ok(()),
+            ) => {
+                drop(_ns);
+                State::ToHost {
+                    cid,
+                    buf,
+                    target,
+                    by_data,
+                }
+            }
+            (Io::Read { cid, .. }, Err(e)) => State::complete(cid, block_status(&e)),
+            (Io::Inline { cid, _ns, capsule, .. }, r) => {
+                // The receive (a credit) and the namespace go back first.
+                drop((capsule, _ns));
+                State::complete(cid, r.map_or_else(|e| block_status(&e), |()| Status::SUCCESS))
+            }
+            (Io::Flush { cid, _ns }, r) => {
+                drop(_ns);
+                State::complete(cid, r.map_or_else(|e| block_status(&e), |()| Status::SUCCESS))
+            }
+            (Io::Chunk { write, data, .. }, r) => {
+                drop(data);
+                if let Some(w) = self.writes.get_mut(write) {
+                    w.outstanding = w.outstanding.saturating_sub(1);
+                    if let (Err(e), true) = (r, w.status.is_success()) {
+                        w.status = block_status(&e);
+                    }
+                }
+                self.finish_write(write)
+            }
+        }
+    }
+}
