@@ -215,6 +215,8 @@ impl Status {
     /// Command-specific codes 80h..BFh depend on the command; as this crate
     /// serves fabrics, they are named after the Fabrics command statuses
     /// (Connect Invalid Parameters, ...), not the NVM command set ones.
+    ///
+    /// Long: one arm per status code, a table read top to bottom.
     pub fn name(self) -> Option<&'static str> {
         let name = match (self.sct.0, self.sc) {
             (0, 0x00) => "Successful Completion",

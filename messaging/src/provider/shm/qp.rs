@@ -22,8 +22,8 @@ pub(super) struct Shared {
     /// looked up here only.
     pub(super) domain: ProtectionDomain,
     pub(super) links: Links,
-    peer: String,
-    peer_params: Vec<u8>,
+    pub(super) peer: String,
+    pub(super) peer_params: Vec<u8>,
     pub(super) state: Mutex<State>,
     pub(super) cq: CompletionQueue,
     pub(super) failed: AtomicBool,

@@ -60,6 +60,10 @@ use crate::provider::{
     Capabilities, Completion, FabricError, Notify, QueuePair, RecvWr, SendOp, SendWr, WcOpcode, WcStatus, WrId,
 };
 
+mod progress;
+
+use progress::*;
+
 /// How long the device gets to flush a failed queue pair before it is
 /// destroyed and the rest is flushed in software.
 pub const FLUSH_GRACE: Duration = Duration::from_secs(2);
@@ -318,490 +322,6 @@ pub struct VerbsQp {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-struct Shared {
-    state: Mutex<State>,
-    cq: Arc<Cq>,
-    /// Its own callback is never set: ours is in `notify`, run only once
-    /// the state lock is released.
-    queue: CompletionQueue,
-    notify: Mutex<Option<Notify>>,
-    failed: AtomicBool,
-    closing: AtomicBool,
-    told_peer: AtomicBool,
-    socket: TcpStream,
-    wake: WakeFd,
-    /// Callers that drive the queue pair (run to completion) and the
-    /// completion thread's lease.
-    drive: Drive,
-    /// Held by the caller that drives: the one that may sleep on the
-    /// completion channel (other callers sleep on `queue`).
-    events: Mutex<()>,
-    peer: String,
-    peer_params: Vec<u8>,
-    caps: Capabilities,
-    /// Outstanding RDMA Reads allowed (`max_rd_atomic`); 0: none at all.
-    read_depth: u8,
-    domain: ProtectionDomain,
-}
-
-/// As in [`PreparedQp`], its `Drop` destroys `qp` before the tables give
-/// their buffers back, and leaks them if that fails.
-struct State {
-    /// `None` once destroyed after a failed flush.
-    qp: Option<RawQp>,
-    /// Posted to the device, in posting order.
-    sends: VecDeque<SendSlot>,
-    recvs: VecDeque<RecvSlot>,
-    next_seq: u64,
-    failed_at: Option<Instant>,
-    /// Software completions due after every posted request came back.
-    deferred: Vec<Completion>,
-    /// Reused by every post and reap (nothing allocated per request): the
-    /// descriptors of a post, the device completions and the provider's
-    /// of a reap.
-    descs: Vec<SendDesc>,
-    wcs: Vec<Wc>,
-    done: Vec<Completion>,
-}
-
-impl Drop for State {
-    fn drop(&mut self) {
-        if let Some(qp) = self.qp.take() {
-            destroy_or_leak(qp, &mut self.sends, &mut self.recvs);
-        }
-    }
-}
-
-impl State {
-    fn outstanding(&self) -> usize {
-        self.sends.len() + self.recvs.len()
-    }
-
-    /// Turns a device completion into the provider's, handing the buffer back.
-    fn complete(&mut self, wc: &Wc) -> Option<Completion> {
-        if wc.wr_id & RECV_BIT != 0 {
-            // rxe reports a receive too small for the Send as
-            // REM_INV_REQ_ERR, mlx5 as LOC_LEN_ERR: both are the receiver's
-            // local length error (see `device::map_recv_status`).
-            let status = device::map_recv_status(wc.raw_status);
-            let success = status == WcStatus::Success;
-            let seq = wc.wr_id & !RECV_BIT;
-            let pos = self.recvs.iter().position(|s| s.seq == seq)?;
-            let RecvSlot { id, mut buf, .. } = self.recvs.remove(pos)?;
-            let with_imm_write = success && wc.opcode == rdma_mummy_sys::ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM;
-            let opcode = if with_imm_write {
-                WcOpcode::RecvRdmaWithImm
-            } else {
-                WcOpcode::Recv
-            };
-            if success && !with_imm_write {
-                buf.set_len((wc.byte_len as usize).min(buf.capacity()));
-            } else {
-                buf.set_len(0);
-            }
-            Some(Completion {
-                id,
-                status,
-                opcode,
-                byte_len: if success { wc.byte_len } else { 0 },
-                imm: if success { wc.imm } else { None },
-                buf,
-            })
-        } else {
-            let success = wc.status == WcStatus::Success;
-            let pos = self.sends.iter().position(|s| s.seq == wc.wr_id)?;
-            let SendSlot { id, opcode, buf, .. } = self.sends.remove(pos)?;
-            Some(Completion {
-                id,
-                status: wc.status,
-                opcode,
-                byte_len: if success { buf.len() as u32 } else { 0 },
-                imm: None,
-                buf,
-            })
-        }
-    }
-}
-
-impl Shared {
-    /// Polls the device CQ dry and queues the completions (in order, under
-    /// the state lock), then whatever software completions became due.
-    fn reap(&self) {
-        self.reap_for(false);
-    }
-
-    /// [`Shared::reap`]; `driver` when the caller is the thread that drives
-    /// (it sees what it queued, so it is not kicked).
-    fn reap_for(&self, driver: bool) {
-        let mut newly_failed = false;
-        let mut pushed = false;
-        let mut st = self.state.lock();
-        let mut wcs = std::mem::take(&mut st.wcs);
-        let mut done = std::mem::take(&mut st.done);
-        loop {
-            wcs.clear();
-            let n = self.cq.poll(&mut wcs, REAP_BATCH);
-            for wc in &wcs {
-                if !matches!(wc.status, WcStatus::Success | WcStatus::Flushed) {
-                    tracing::debug!(
-                        peer = %self.peer,
-                        status = %device::status_name(wc.raw_status),
-                        vendor_err = wc.vendor_err,
-                        "verbs work request failed"
-                    );
-                }
-                if wc.status != WcStatus::Success && !self.failed.load(Ordering::Acquire) {
-                    newly_failed = true;
-                    self.fail_locked(&mut st);
-                }
-                match st.complete(wc) {
-                    Some(c) => done.push(c),
-                    None => tracing::debug!(wr_id = wc.wr_id, "completion of an unknown request ignored"),
-                }
-            }
-            if st.outstanding() == 0 {
-                done.append(&mut st.deferred);
-            }
-            pushed |= !done.is_empty();
-            self.queue.push_all(done.drain(..));
-            if n < REAP_BATCH {
-                break;
-            }
-        }
-        st.wcs = wcs;
-        st.done = done;
-        drop(st);
-        if newly_failed {
-            self.tell_peer();
-            self.wake.wake();
-        }
-        if pushed {
-            if !driver {
-                self.drive.interrupt();
-            }
-            self.notify_callback();
-        }
-    }
-
-    /// After completions were queued other than by the driving caller's own
-    /// reap: kicks that caller, then runs the notify callback.
-    fn run_notify(&self) {
-        self.drive.interrupt();
-        self.notify_callback();
-    }
-
-    /// Runs the notify callback; never with the state lock held (it is not
-    /// re-entrant, and the callback may well poll or post).
-    fn notify_callback(&self) {
-        let notify = self.notify.lock().clone();
-        if let Some(notify) = notify {
-            notify();
-        }
-    }
-
-    /// Whether the queue pair failed and the device owes nothing more:
-    /// driving it can bring no further completion.
-    fn spent(&self) -> bool {
-        self.failed.load(Ordering::Acquire) && self.state.lock().outstanding() == 0
-    }
-
-    /// Takes the pending events off the channel and, if there were any,
-    /// arms the CQ again; the caller reaps next. Rule for both the driving
-    /// caller and the completion thread: whoever takes an event arms
-    /// again, so the CQ is armed (or an event is pending) whenever a thread
-    /// sleeps on the channel. Left unarmed, a thread asleep on the channel
-    /// would sleep through every later completion until someone polled.
-    /// Returns false if arming failed: the queue pair was failed.
-    fn take_events_and_rearm(&self) -> bool {
-        self.cq.take_events() == 0 || self.arm()
-    }
-
-    /// The driving caller's sleep: arms the CQ, looks once more (a
-    /// completion that arrived before arming raised no event), then sleeps
-    /// on the completion channel and the kick.
-    fn sleep_on_cq(&self, timeout: Option<Duration>) -> Woke {
-        if !self.arm() {
-            // The queue pair was failed: the pump sees the flush.
-            return Woke::Ready;
-        }
-        self.reap_for(true);
-        if self.queue.has_completions() {
-            return Woke::Ready;
-        }
-        match device::wait_readable([self.cq.fd(), self.drive.kick_fd()], timeout) {
-            Ok([events, kicked]) => {
-                if events {
-                    // Arming fails only by failing the queue pair: the
-                    // pump then sees the flush.
-                    self.take_events_and_rearm();
-                }
-                if kicked {
-                    Woke::Kicked
-                } else if events {
-                    Woke::Ready
-                } else {
-                    Woke::TimedOut
-                }
-            }
-            Err(error) => {
-                tracing::error!(peer = %self.peer, %error, "poll on the completion channel failed; failing the queue pair");
-                self.fail();
-                // Never spin: a failing `poll` returns at once.
-                std::thread::sleep(POLL_INTERVAL);
-                Woke::Ready
-            }
-        }
-    }
-
-    /// After a failure found outside the completion thread (state lock
-    /// released): tells the peer, wakes the thread so it starts the flush
-    /// grace, and runs the callback if completions were queued.
-    fn after_failure(&self, pushed: bool) {
-        self.tell_peer();
-        self.wake.wake();
-        if pushed {
-            self.run_notify();
-        }
-    }
-
-    /// Fails the queue pair and tells the peer (state lock not held).
-    fn fail(&self) {
-        self.fail_locked(&mut self.state.lock());
-        self.after_failure(false);
-    }
-
-    /// Asks for a completion event; returns whether events can be relied
-    /// on. If not, the queue pair is failed, so the device flushes what it
-    /// holds, and the caller must poll for that flush instead of waiting.
-    fn arm(&self) -> bool {
-        match self.cq.arm() {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::error!(
-                    peer = %self.peer,
-                    %error,
-                    "ibv_req_notify_cq failed; failing the queue pair and polling for its flush"
-                );
-                self.fail();
-                false
-            }
-        }
-    }
-
-    /// Marks the queue pair failed and moves it to ERR (idempotent).
-    fn fail_locked(&self, st: &mut State) {
-        if self.failed.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        st.failed_at = Some(Instant::now());
-        if let Some(qp) = &st.qp {
-            qp.to_error();
-        }
-    }
-
-    /// Queues software completions behind everything the device still owes.
-    /// Returns whether any were queued now: the caller then runs the notify
-    /// callback once it has released the lock.
-    #[must_use]
-    fn complete_later(
-        &self,
-        st: &mut MutexGuard<'_, State>,
-        completions: impl IntoIterator<Item = Completion>,
-    ) -> bool {
-        st.deferred.extend(completions);
-        if st.outstanding() == 0 && !st.deferred.is_empty() {
-            let due = std::mem::take(&mut st.deferred);
-            self.queue.push_all(due);
-            return true;
-        }
-        false
-    }
-
-    /// Sends DISCONNECT on the side channel, once.
-    fn tell_peer(&self) {
-        if !self.told_peer.swap(true, Ordering::AcqRel) {
-            let _ = (&self.socket).write(&oob::message(oob::KIND_DISCONNECT, &[]));
-        }
-    }
-
-    /// The device did not flush in time: destroy the queue pair (ending
-    /// the NIC's access to the buffers) and flush the rest in software. If
-    /// the destroy fails, the buffers still posted are leaked instead
-    /// (`destroy_or_leak`); only the software completions are delivered.
-    fn abandon_hardware(&self) {
-        let mut guard = self.state.lock();
-        let st = &mut *guard;
-        if st.outstanding() == 0 {
-            return;
-        }
-        tracing::warn!(
-            peer = %self.peer,
-            outstanding = st.outstanding(),
-            "device did not flush the failed queue pair in {FLUSH_GRACE:?}; destroying it and flushing in software"
-        );
-        if let Some(qp) = st.qp.take() {
-            destroy_or_leak(qp, &mut st.sends, &mut st.recvs);
-        }
-        let mut done: Vec<Completion> = st.sends.drain(..).map(flushed_slot).collect();
-        done.extend(
-            st.recvs
-                .drain(..)
-                .map(|s| flushed_recv(RecvWr { id: s.id, buf: s.buf })),
-        );
-        done.append(&mut st.deferred);
-        let pushed = !done.is_empty();
-        self.queue.push_all(done);
-        drop(guard);
-        if pushed {
-            self.run_notify();
-        }
-    }
-
-    fn grace_left(&self) -> Option<Duration> {
-        let st = self.state.lock();
-        let failed_at = st.failed_at?;
-        if st.outstanding() == 0 {
-            return None;
-        }
-        Some(FLUSH_GRACE.saturating_sub(failed_at.elapsed()))
-    }
-}
-
-fn completion_thread(shared: Arc<Shared>) {
-    shared.drive.register_thread();
-    // Whether completion events can be relied on (arming worked) and
-    // whether `poll` works; without either, the device is polled every
-    // POLL_INTERVAL while it still owes completions.
-    let mut events_ok = shared.arm();
-    let mut poll_ok = true;
-    shared.reap();
-    let mut peer_open = true;
-    let mut aside = Aside::default();
-    let mut stood_aside = false;
-    loop {
-        if shared.closing.load(Ordering::Acquire) && shared.state.lock().outstanding() == 0 {
-            break;
-        }
-        let grace = shared.grace_left();
-        if grace.is_some_and(|g| g.is_zero()) {
-            shared.abandon_hardware();
-            continue;
-        }
-        // While callers drive, they poll the CQ themselves (a failed queue
-        // pair never parks the thread: it runs the flush grace).
-        if !shared.closing.load(Ordering::Acquire) && shared.drive.thread_stands_aside(&shared.failed, &mut aside) {
-            stood_aside = true;
-            continue;
-        }
-        if std::mem::take(&mut stood_aside) {
-            // Callers reaped while the thread stood aside: take what they
-            // left, arming first so that what comes after raises an event.
-            if events_ok {
-                events_ok = shared.arm();
-            }
-            shared.reap();
-        }
-        let owed = shared.state.lock().outstanding() > 0;
-        let timeout = if events_ok && poll_ok {
-            grace
-        } else if owed {
-            Some(grace.map_or(POLL_INTERVAL, |g| g.min(POLL_INTERVAL)))
-        } else {
-            // Nothing left to poll for: only the wake fd and the side
-            // channel matter, and without `poll` they are checked this often.
-            Some(grace.map_or(POLL_INTERVAL * 10, |g| g.min(POLL_INTERVAL * 10)))
-        };
-        let socket_fd = if peer_open { shared.socket.as_raw_fd() } else { -1 };
-        let ready = if poll_ok {
-            device::wait_readable([shared.cq.fd(), socket_fd, shared.wake.fd()], timeout)
-        } else {
-            Err(std::io::Error::other("poll failed before"))
-        };
-        let (events, socket) = match ready {
-            Ok([events, socket, wake]) => {
-                if wake {
-                    shared.wake.drain();
-                }
-                (events, socket)
-            }
-            Err(error) => {
-                if poll_ok {
-                    tracing::error!(
-                        peer = %shared.peer,
-                        %error,
-                        "poll on the completion channel failed; polling the queue pair instead"
-                    );
-                    poll_ok = false;
-                }
-                // Never spin: a failing `poll` returns at once.
-                std::thread::sleep(timeout.unwrap_or(POLL_INTERVAL));
-                shared.wake.drain();
-                // The events fd cannot be watched: take whatever is pending.
-                (true, peer_open)
-            }
-        };
-        // Callers that drive take the event and the completions themselves
-        // (the event stays pending on the channel for them).
-        if !socket
-            && !shared.closing.load(Ordering::Acquire)
-            && shared.drive.thread_stands_aside(&shared.failed, &mut aside)
-        {
-            stood_aside = true;
-            continue;
-        }
-        if events && events_ok {
-            events_ok = shared.take_events_and_rearm();
-        } else if events {
-            shared.cq.take_events();
-        }
-        shared.reap();
-        if socket && peer_gone(&shared.socket) {
-            peer_open = false;
-            // The peer disconnected or failed: it needs no answer.
-            shared.told_peer.store(true, Ordering::Release);
-            drain_sends(&shared);
-            shared.fail_locked(&mut shared.state.lock());
-            tracing::debug!(peer = %shared.peer, "verbs peer disconnected");
-        }
-    }
-}
-
-/// Gives sends still in flight up to [`DISCONNECT_DRAIN`] to complete, so
-/// a Send the peer executed before disconnecting completes successfully
-/// instead of being flushed by the move to ERR. Events that arrive
-/// meanwhile stay pending on the channel for the completion thread.
-fn drain_sends(shared: &Shared) {
-    let deadline = Instant::now() + DISCONNECT_DRAIN;
-    loop {
-        shared.reap();
-        if shared.failed.load(Ordering::Acquire) || shared.state.lock().sends.is_empty() {
-            return;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        std::thread::sleep(left.min(POLL_INTERVAL));
-    }
-}
-
-/// Reads the side channel; true when the peer sent DISCONNECT, closed it or it failed.
-fn peer_gone(socket: &TcpStream) -> bool {
-    let mut buf = [0u8; 64];
-    match (&*socket).read(&mut buf) {
-        Ok(_) => true, // EOF, or a DISCONNECT (nothing else is ever sent)
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-            ) =>
-        {
-            false
-        }
-        Err(_) => true,
-    }
-}
-
 impl std::fmt::Debug for VerbsQp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VerbsQp")
@@ -845,11 +365,13 @@ impl QueuePair for VerbsQp {
                 continue;
             }
             let opcode = wr.opcode();
-            let (kind, buf) = match wr.op {
-                // Refused by `check_local` above.
-                SendOp::Placed { token, .. } => {
+            let id = wr.id;
+            let (kind, buf) = match send_kind(wr.op) {
+                Ok(described) => described,
+                // Placement is refused by `check_local` above.
+                Err(token) => {
                     later.push(Completion {
-                        id: wr.id,
+                        id,
                         status: WcStatus::LocalProtectionError,
                         opcode,
                         byte_len: 0,
@@ -858,22 +380,6 @@ impl QueuePair for VerbsQp {
                     });
                     continue;
                 }
-                SendOp::Send { buf, imm } => (SendKind::Send { imm }, buf),
-                SendOp::Write { buf, remote, imm } => (
-                    SendKind::Write {
-                        addr: remote.addr,
-                        rkey: remote.rkey,
-                        imm,
-                    },
-                    buf,
-                ),
-                SendOp::Read { buf, remote } => (
-                    SendKind::Read {
-                        addr: remote.addr,
-                        rkey: remote.rkey,
-                    },
-                    buf,
-                ),
             };
             let seq = st.next_seq;
             st.next_seq += 1;
@@ -886,12 +392,7 @@ impl QueuePair for VerbsQp {
                     lkey: buf.lkey(),
                 },
             });
-            st.sends.push_back(SendSlot {
-                seq,
-                id: wr.id,
-                opcode,
-                buf,
-            });
+            st.sends.push_back(SendSlot { seq, id, opcode, buf });
         }
         let posted = match st.qp.as_ref() {
             // SAFETY: every descriptor names a buffer registered in this QP's
@@ -904,23 +405,7 @@ impl QueuePair for VerbsQp {
         if let Err((posted, error)) = posted {
             failing = true;
             let unposted = descs.len() - posted;
-            if unposted == 0 {
-                // The driver named no bad request: it may have queued them
-                // all (rxe does), so they stay in flight and come back with
-                // the flush after the move to ERR (or `abandon_hardware`).
-                tracing::warn!(
-                    peer = %shared.peer,
-                    %error,
-                    "ibv_post_send failed without naming a request; treating the batch as posted and failing the queue pair"
-                );
-            } else {
-                tracing::warn!(peer = %shared.peer, %error, "ibv_post_send refused a request; failing the queue pair");
-            }
-            let keep = st.sends.len() - unposted;
-            let unposted = st.sends.split_off(keep);
-            let mut flushed: Vec<Completion> = unposted.into_iter().map(flushed_slot).collect();
-            flushed.append(&mut later);
-            later = flushed;
+            later = shared.unposted(&mut st, unposted, &error, later);
         }
         descs.clear();
         st.descs = descs;
@@ -1091,6 +576,30 @@ impl Drop for VerbsQp {
             }
         }
     }
+}
+
+/// The work request kind and buffer a send becomes; a placed Write has
+/// none over verbs, and its token comes back as the error.
+fn send_kind(op: SendOp) -> Result<(SendKind, Buf), Buf> {
+    Ok(match op {
+        SendOp::Placed { token, .. } => return Err(token),
+        SendOp::Send { buf, imm } => (SendKind::Send { imm }, buf),
+        SendOp::Write { buf, remote, imm } => (
+            SendKind::Write {
+                addr: remote.addr,
+                rkey: remote.rkey,
+                imm,
+            },
+            buf,
+        ),
+        SendOp::Read { buf, remote } => (
+            SendKind::Read {
+                addr: remote.addr,
+                rkey: remote.rkey,
+            },
+            buf,
+        ),
+    })
 }
 
 /// Whether `buf` belongs to a registration of `domain` (so its lkey is one
