@@ -80,7 +80,7 @@ fn main() {
 }
 
 fn size(text: &str, what: &str) -> Res<u64> {
-    chanio::iounit::backend::parse_size(text).map_err(|e| format!("--{what}: {e}").into())
+    chanio::messaging::units::parse_size(text).map_err(|e| format!("--{what}: {e}").into())
 }
 
 fn run(args: Args) -> Res<()> {

@@ -36,6 +36,7 @@ use chanio::messaging::mr::{Access, Buf, BufPool};
 use chanio::messaging::provider::loopback::LoopbackFabric;
 use chanio::messaging::provider::tcp::TcpFabric;
 use chanio::messaging::provider::Fabric;
+use chanio::messaging::units;
 use chanio::messaging::{Config, Delivery, DirectPush, DirectTarget, Endpoint, FillError, ReceivedKind};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
@@ -112,20 +113,9 @@ const SEND_MAX: usize = 64 * 1024;
 const PUSH_MAX: usize = 1024 * 1024;
 const HELLO_LEN: usize = 17;
 
-fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: usize = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (try 8, 4KiB, 1MiB)"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1024,
-        "m" | "mb" | "mib" => 1024 * 1024,
-        other => return Err(format!("unknown unit {other:?} (use B, KiB or MiB)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+fn parse_size(text: &str) -> Result<usize, String> {
+    let n = units::parse_size(text).map_err(|e| e.to_string())?;
+    usize::try_from(n).map_err(|_| format!("{text:?} is too large"))
 }
 
 fn config() -> Config {

@@ -55,6 +55,7 @@ pub mod mr;
 pub mod proto;
 pub mod provider;
 pub mod transport;
+pub mod units;
 
 #[cfg(test)]
 mod doc_constants;

@@ -25,6 +25,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use messaging::units::parse_size;
+
 pub mod ram;
 pub mod registry;
 pub mod ring;
@@ -200,32 +202,6 @@ pub fn check_range(geo: Geometry, offset: u64, len: u64) -> Result<(), BlockErro
     }
 }
 
-/// Parses a size such as `4096`, `64MiB`, `1GiB`, `512k`.
-///
-/// # Errors
-/// A message naming the bad text.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (try 64MiB or 1GiB)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {text:?} (use KiB, MiB, GiB, TiB)"
-            ))
-        }
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
-}
-
 /// A parsed backend specification: `ram:SIZE[:BS]` or `file:PATH[:SIZE[:BS]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendSpec {
@@ -265,7 +241,7 @@ impl std::str::FromStr for BackendSpec {
         match kind {
             "ram" => {
                 let mut parts = rest.split(':');
-                let size = parse_size(parts.next().unwrap_or_default())?;
+                let size = parse_size(parts.next().unwrap_or_default()).map_err(|e| e.to_string())?;
                 let block_size = block_size(parts.next())?;
                 Ok(BackendSpec::Ram { size, block_size })
             }
