@@ -90,7 +90,7 @@ fn run(args: Args) -> Res<()> {
     if io_size == 0 || io_size % 512 != 0 || io_size > 512 * 1024 {
         return Err("--io-size must be a multiple of 512 bytes, at most 512KiB".into());
     }
-    let spec = format!("ram:{ns_size}").parse().map_err(|e: String| e)?;
+    let spec: chanio::iounit::backend::BackendSpec = format!("ram:{ns_size}").parse()?;
     let target = Target::start(TargetConfig {
         listen: vec![args.transport.listen_uri()],
         namespaces: vec![spec],

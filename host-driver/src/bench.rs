@@ -76,20 +76,21 @@ impl Pattern {
     }
 }
 
+/// A pattern name [`Pattern`] does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown pattern {0:?} (randread, randwrite, read, write, randrw)")]
+pub struct UnknownPattern(pub String);
+
 impl FromStr for Pattern {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Pattern, String> {
+    type Err = UnknownPattern;
+    fn from_str(s: &str) -> Result<Pattern, UnknownPattern> {
         Ok(match s {
             "randread" => Pattern::RandRead,
             "randwrite" => Pattern::RandWrite,
             "read" => Pattern::Read,
             "write" => Pattern::Write,
             "randrw" => Pattern::RandRw { read_percent: 50 },
-            _ => {
-                return Err(format!(
-                    "unknown pattern {s:?} (randread, randwrite, read, write, randrw)"
-                ))
-            }
+            _ => return Err(UnknownPattern(s.into())),
         })
     }
 }

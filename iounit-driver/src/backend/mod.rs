@@ -25,7 +25,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use messaging::units::parse_size;
+use messaging::units::{parse_size, UnitError};
 
 pub mod ram;
 pub mod registry;
@@ -223,25 +223,55 @@ pub enum BackendSpec {
     },
 }
 
-impl std::str::FromStr for BackendSpec {
-    type Err = String;
+/// Why a backend specification does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// Not `KIND:...` at all.
+    #[error("{0:?}: expected ram:SIZE or file:PATH[:SIZE], e.g. ram:64MiB")]
+    Syntax(String),
+    /// A kind other than ram or file.
+    #[error("unknown backend {kind:?} in {spec:?}: use ram or file")]
+    UnknownKind {
+        /// The kind given.
+        kind: String,
+        /// The whole specification.
+        spec: String,
+    },
+    /// The size does not parse.
+    #[error("size in {spec:?}: {source}")]
+    Size {
+        /// The whole specification.
+        spec: String,
+        /// Why.
+        #[source]
+        source: UnitError,
+    },
+    /// A block size other than 512 or 4096.
+    #[error("block size {0:?}: use 512 or 4096")]
+    BlockSize(String),
+    /// `file:` without a path.
+    #[error("{0:?}: missing file path")]
+    MissingPath(String),
+}
 
-    fn from_str(s: &str) -> Result<BackendSpec, String> {
-        let (kind, rest) = s
-            .split_once(':')
-            .ok_or_else(|| format!("{s:?}: expected ram:SIZE or file:PATH[:SIZE], e.g. ram:64MiB"))?;
-        let block_size = |t: Option<&str>| -> Result<u32, String> {
+impl std::str::FromStr for BackendSpec {
+    type Err = SpecError;
+
+    fn from_str(s: &str) -> Result<BackendSpec, SpecError> {
+        let (kind, rest) = s.split_once(':').ok_or_else(|| SpecError::Syntax(s.into()))?;
+        let block_size = |t: Option<&str>| -> Result<u32, SpecError> {
             match t {
                 None => Ok(512),
                 Some("512") => Ok(512),
                 Some("4096") | Some("4k") | Some("4KiB") => Ok(4096),
-                Some(o) => Err(format!("block size {o:?}: use 512 or 4096")),
+                Some(o) => Err(SpecError::BlockSize(o.into())),
             }
         };
         match kind {
             "ram" => {
                 let mut parts = rest.split(':');
-                let size = parse_size(parts.next().unwrap_or_default()).map_err(|e| e.to_string())?;
+                let size = parse_size(parts.next().unwrap_or_default())
+                    .map_err(|source| SpecError::Size { spec: s.into(), source })?;
                 let block_size = block_size(parts.next())?;
                 Ok(BackendSpec::Ram { size, block_size })
             }
@@ -261,7 +291,7 @@ impl std::str::FromStr for BackendSpec {
                 }
                 let path = parts.join(":");
                 if path.is_empty() {
-                    return Err(format!("{s:?}: missing file path"));
+                    return Err(SpecError::MissingPath(s.into()));
                 }
                 Ok(BackendSpec::File {
                     path: path.into(),
@@ -269,7 +299,10 @@ impl std::str::FromStr for BackendSpec {
                     block_size: block_size(block)?,
                 })
             }
-            other => Err(format!("unknown backend {other:?} in {s:?}: use ram or file")),
+            other => Err(SpecError::UnknownKind {
+                kind: other.into(),
+                spec: s.into(),
+            }),
         }
     }
 }

@@ -118,9 +118,9 @@ pub enum TargetError {
 /// `shm://NAME`, `auto://HOST:PORT` (or `HOST:PORT`).
 ///
 /// # Errors
-/// A message for unknown schemes or a missing address.
-pub fn parse_uri(uri: &str) -> Result<TransportUri, String> {
-    TransportUri::parse(uri).map_err(|e| e.to_string())
+/// [`FabricError::BadAddress`] for unknown schemes or a missing address.
+pub fn parse_uri(uri: &str) -> Result<TransportUri, FabricError> {
+    TransportUri::parse(uri)
 }
 
 /// A running I/O-unit target. Clones share it.
@@ -199,7 +199,7 @@ impl Target {
         let mut listeners: Vec<Arc<dyn Listener>> = Vec::new();
         let mut uris = Vec::new();
         for uri in &cfg.listen {
-            let parsed = parse_uri(uri).map_err(TargetError::Config)?;
+            let parsed = parse_uri(uri).map_err(|e| TargetError::Config(e.to_string()))?;
             let listener: Arc<dyn Listener> =
                 Arc::from(fabrics.listen(&parsed).map_err(|source| TargetError::Listen {
                     uri: uri.clone(),

@@ -46,6 +46,40 @@ pub(crate) struct HelloFormat {
     pub what: &'static str,
 }
 
+/// Why a hello (or its answer) is refused: the reason a log and a REJECT
+/// carry.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HelloError {
+    #[error("bad magic {magic:02x?} (not a {peer} peer)")]
+    Magic { magic: [u8; 4], peer: &'static str },
+    #[error("unsupported {what} version {got} (this side speaks {ours})")]
+    Version { what: &'static str, got: u16, ours: u16 },
+    #[error("reserved {what} field is {value:#x}, not 0")]
+    Reserved { what: &'static str, value: u32 },
+    #[error("{what} parameters too long ({len} > {max} bytes)")]
+    TooLong { what: &'static str, len: usize, max: usize },
+    #[error("{what} message too long (or too many descriptors)")]
+    Oversized { what: &'static str },
+    #[error("truncated {what} ({len} bytes)")]
+    Truncated { what: &'static str, len: usize },
+    #[error("{what} says {says} parameter bytes but carries {carries}")]
+    LengthMismatch {
+        what: &'static str,
+        says: usize,
+        carries: usize,
+    },
+    #[error("timed out reading {what} ({have} of {want} bytes)")]
+    Timeout { what: String, have: usize, want: usize },
+    #[error("truncated {what}: connection closed after {have} of {want} bytes")]
+    Closed { what: String, have: usize, want: usize },
+    #[error("reading {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// A checked hello header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct HelloHeader {
@@ -69,25 +103,29 @@ impl HelloFormat {
     /// Checks a header: magic, version, reserved field and length, in that
     /// order (a peer of another version may well send longer messages,
     /// and deserves the version reason rather than a length one).
-    pub(crate) fn check(&self, header: &[u8; HELLO_HEADER]) -> Result<HelloHeader, String> {
+    pub(crate) fn check(&self, header: &[u8; HELLO_HEADER]) -> Result<HelloHeader, HelloError> {
         let (what, max) = (self.what, self.max_body);
         if header[0..4] != self.magic {
-            return Err(format!("bad magic {:02x?} (not a {} peer)", &header[0..4], self.peer));
+            return Err(HelloError::Magic {
+                magic: [header[0], header[1], header[2], header[3]],
+                peer: self.peer,
+            });
         }
         let version = u16::from_le_bytes([header[4], header[5]]);
         if version != self.version {
-            return Err(format!(
-                "unsupported {what} version {version} (this side speaks {})",
-                self.version
-            ));
+            return Err(HelloError::Version {
+                what,
+                got: version,
+                ours: self.version,
+            });
         }
         let reserved = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
         if reserved != 0 {
-            return Err(format!("reserved {what} field is {reserved:#x}, not 0"));
+            return Err(HelloError::Reserved { what, value: reserved });
         }
         let len = u32::from_le_bytes([header[12], header[13], header[14], header[15]]) as usize;
         if len > max {
-            return Err(format!("{what} parameters too long ({len} > {max} bytes)"));
+            return Err(HelloError::TooLong { what, len, max });
         }
         Ok(HelloHeader {
             kind: u16::from_le_bytes([header[6], header[7]]),
@@ -96,18 +134,20 @@ impl HelloFormat {
     }
 
     /// Parses a whole message that arrived as one datagram.
-    pub(crate) fn parse<'a>(&self, bytes: &'a [u8]) -> Result<(u16, &'a [u8]), String> {
+    pub(crate) fn parse<'a>(&self, bytes: &'a [u8]) -> Result<(u16, &'a [u8]), HelloError> {
         let Some((header, body)) = bytes.split_first_chunk::<HELLO_HEADER>() else {
-            return Err(format!("truncated {} ({} bytes)", self.what, bytes.len()));
+            return Err(HelloError::Truncated {
+                what: self.what,
+                len: bytes.len(),
+            });
         };
         let h = self.check(header)?;
         if h.len != body.len() {
-            return Err(format!(
-                "{} says {} parameter bytes but carries {}",
-                self.what,
-                h.len,
-                body.len()
-            ));
+            return Err(HelloError::LengthMismatch {
+                what: self.what,
+                says: h.len,
+                carries: body.len(),
+            });
         }
         Ok((h.kind, body))
     }
@@ -117,7 +157,7 @@ impl HelloFormat {
     /// the length is within bounds, the body is read before the error
     /// returns, so that a REJECT sent then is not destroyed by a reset for
     /// unread data.
-    pub(crate) fn read(&self, stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), String> {
+    pub(crate) fn read(&self, stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), HelloError> {
         let deadline = Instant::now() + timeout;
         let mut header = [0u8; HELLO_HEADER];
         read_exact_by(stream, &mut header, &format!("{} header", self.what), deadline)?;
@@ -223,29 +263,42 @@ pub(crate) fn read_exact_by(
     buf: &mut [u8],
     what: &str,
     deadline: Instant,
-) -> Result<(), String> {
+) -> Result<(), HelloError> {
     let mut have = 0;
     while have < buf.len() {
         let left = deadline.saturating_duration_since(Instant::now());
+        let want = buf.len();
+        let timed_out = || HelloError::Timeout {
+            what: what.into(),
+            have,
+            want,
+        };
         if left.is_zero() {
-            return Err(format!("timed out reading {what} ({have} of {} bytes)", buf.len()));
+            return Err(timed_out());
         }
-        stream
-            .set_read_timeout(Some(left))
-            .map_err(|e| format!("reading {what}: {e}"))?;
+        stream.set_read_timeout(Some(left)).map_err(|source| HelloError::Io {
+            what: what.into(),
+            source,
+        })?;
         match stream.read(&mut buf[have..]) {
             Ok(0) => {
-                return Err(format!(
-                    "truncated {what}: connection closed after {have} of {} bytes",
-                    buf.len()
-                ))
+                return Err(HelloError::Closed {
+                    what: what.into(),
+                    have,
+                    want,
+                })
             }
             Ok(n) => have += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(format!("timed out reading {what} ({have} of {} bytes)", buf.len()))
+                return Err(timed_out())
             }
-            Err(e) => return Err(format!("reading {what}: {e}")),
+            Err(source) => {
+                return Err(HelloError::Io {
+                    what: what.into(),
+                    source,
+                })
+            }
         }
     }
     Ok(())
@@ -267,8 +320,13 @@ mod tests {
     fn hellos_round_trip_and_every_header_field_is_checked() {
         let msg = FORMAT.encode(KIND_ACCEPT, b"body");
         assert_eq!(msg.len(), HELLO_HEADER + 4);
-        assert_eq!(FORMAT.parse(&msg), Ok((KIND_ACCEPT, &b"body"[..])));
-        let field = |at: usize, bytes: &[u8]| FORMAT.parse(&field_bytes(&msg, at, bytes)).expect_err("refused");
+        assert_eq!(FORMAT.parse(&msg).ok(), Some((KIND_ACCEPT, &b"body"[..])));
+        let field = |at: usize, bytes: &[u8]| {
+            FORMAT
+                .parse(&field_bytes(&msg, at, bytes))
+                .expect_err("refused")
+                .to_string()
+        };
         assert!(field(0, b"XXXX").starts_with("bad magic"));
         assert!(field(4, &3u16.to_le_bytes()).starts_with("unsupported hello version 3"));
         assert!(field(8, &1u32.to_le_bytes()).starts_with("reserved hello field"));
@@ -277,8 +335,11 @@ mod tests {
         // The version is judged before the length.
         let mut m = field_bytes(&msg, 4, &3u16.to_le_bytes());
         m[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(FORMAT.parse(&m).expect_err("refused").starts_with("unsupported"));
-        assert!(FORMAT.parse(&msg[..15]).expect_err("refused").starts_with("truncated"));
+        assert!(matches!(FORMAT.parse(&m), Err(HelloError::Version { got: 3, .. })));
+        assert!(matches!(
+            FORMAT.parse(&msg[..15]),
+            Err(HelloError::Truncated { len: 15, .. })
+        ));
     }
 
     fn field_bytes(msg: &[u8], at: usize, bytes: &[u8]) -> Vec<u8> {

@@ -48,6 +48,53 @@ impl Refusal {
     }
 }
 
+/// Why a provider stops serving a queue pair: the reason (for logs and
+/// the queue pair's failure), the NAK to send the peer first, and whether
+/// the peer broke the protocol (logged as a warning; anything else, such
+/// as the peer closing, at debug level).
+#[derive(Debug)]
+pub(crate) struct Fatal {
+    pub reason: String,
+    pub nak: Option<(u64, WcStatus)>,
+    pub violation: bool,
+}
+
+impl Fatal {
+    /// The queue pair ends without a fault of the peer's protocol: the
+    /// peer closed, disconnected or refused a request of ours.
+    pub fn closed(reason: impl Into<String>) -> Fatal {
+        Fatal {
+            reason: reason.into(),
+            nak: None,
+            violation: false,
+        }
+    }
+
+    /// The peer broke the transport's protocol.
+    pub fn violation(reason: impl Into<String>) -> Fatal {
+        Fatal {
+            violation: true,
+            ..Fatal::closed(reason)
+        }
+    }
+
+    /// Request `psn` fails on this side with `status`, which the peer
+    /// learns from a NAK.
+    pub fn nak(psn: u64, status: WcStatus, reason: impl Into<String>) -> Fatal {
+        Fatal {
+            nak: Some((psn, status)),
+            ..Fatal::violation(reason)
+        }
+    }
+
+    /// The responder refused request `psn`: the receive it failed (if any)
+    /// joins `completions`, and the peer gets the NAK.
+    pub fn refused(psn: u64, refusal: Refusal, completions: &mut Vec<Completion>) -> Fatal {
+        completions.extend(refusal.receive);
+        Fatal::nak(psn, refusal.status, refusal.reason)
+    }
+}
+
 /// Where a Write's payload goes, and the receive its immediate data
 /// consumes.
 #[derive(Debug)]

@@ -150,7 +150,7 @@ impl ShmListener {
     }
 
     fn handshake(&self, sock: Socket, mut msg: sys::Message) -> Result<ShmIncoming, String> {
-        let (kind, params) = parse_hello(&msg)?;
+        let (kind, params) = parse_hello(&msg).map_err(|e| e.to_string())?;
         if kind != KIND_HELLO {
             return Err(format!("unexpected hello kind {kind}"));
         }

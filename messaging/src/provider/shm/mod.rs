@@ -74,8 +74,8 @@ use self::ring::{Entry, Gate, Ring, MAX_INLINE, RING_BYTES, RING_ENTRIES};
 use self::sys::{Mapping, Socket};
 use super::cq::CompletionQueue;
 use super::drive::{self, Aside, Drive, Woke};
-use super::handshake::{HelloFormat, HELLO_HEADER, KIND_ACCEPT, KIND_HELLO, KIND_REJECT};
-use super::responder::{self, Refusal, WriteTarget};
+use super::handshake::{HelloError, HelloFormat, HELLO_HEADER, KIND_ACCEPT, KIND_HELLO, KIND_REJECT};
+use super::responder::{self, Fatal, Refusal, WriteTarget};
 use super::{
     Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, RemoteAddr, SendOp,
     SendWr, WcOpcode, WcStatus,
@@ -374,9 +374,9 @@ impl Fabric for ShmFabric {
             &[rings_fd.as_raw_fd(), to_server.as_raw_fd(), to_client.as_raw_fd()],
         );
         let msg = self.read_answer(&sock, sent, addr, &peer)?;
-        let (kind, body) = parse_hello(&msg).map_err(|reason| FabricError::Handshake {
+        let (kind, body) = parse_hello(&msg).map_err(|e| FabricError::Handshake {
             peer: peer.clone(),
-            reason,
+            reason: e.to_string(),
         })?;
         match kind {
             KIND_ACCEPT => {
@@ -478,9 +478,9 @@ pub(crate) fn decode_untrusted(data: &[u8]) {
 }
 
 /// Validates one hello message (one datagram, without its descriptors).
-fn parse_hello(msg: &sys::Message) -> Result<(u16, Vec<u8>), String> {
+fn parse_hello(msg: &sys::Message) -> Result<(u16, Vec<u8>), HelloError> {
     if msg.truncated {
-        return Err("hello message too long (or too many descriptors)".into());
+        return Err(HelloError::Oversized { what: HELLO.what });
     }
     HELLO.parse(&msg.bytes).map(|(kind, body)| (kind, body.to_vec()))
 }

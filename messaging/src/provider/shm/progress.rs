@@ -145,34 +145,16 @@ pub(super) fn progress_thread(shared: &Shared) {
     }
 }
 
-/// Why processing stopped: a NAK to send first, or just a reason.
-pub(super) struct Fatal {
-    reason: String,
-    nak: Option<(u64, WcStatus)>,
-    warn: bool,
-}
-
 pub(super) fn violation(reason: impl Into<String>) -> Fatal {
-    Fatal {
-        reason: format!("protocol violation: {}", reason.into()),
-        nak: None,
-        warn: true,
-    }
+    Fatal::violation(format!("protocol violation: {}", reason.into()))
 }
 
 pub(super) fn nak(psn: u64, status: WcStatus, reason: impl Into<String>) -> Fatal {
-    Fatal {
-        reason: reason.into(),
-        nak: Some((psn, status)),
-        warn: true,
-    }
+    Fatal::nak(psn, status, reason)
 }
 
-/// The responder refused request `psn`: the receive it failed (if any)
-/// completes, and the peer gets the NAK.
 pub(super) fn refuse(psn: u64, refusal: Refusal, completions: &mut Vec<Completion>) -> Fatal {
-    completions.extend(refusal.receive);
-    nak(psn, refusal.status, refusal.reason)
+    Fatal::refused(psn, refusal, completions)
 }
 
 /// The progress thread's own state: its incoming ring and the peer's memfds.
@@ -196,14 +178,7 @@ pub(super) struct Progress {
 impl Progress {
     /// `poll` itself failed: the queue pair cannot wait any more.
     fn poll_failed(&mut self, sh: &Shared, e: &std::io::Error) {
-        self.fail(
-            sh,
-            Fatal {
-                reason: format!("poll: {e}"),
-                nak: None,
-                warn: true,
-            },
-        );
+        self.fail(sh, Fatal::violation(format!("poll: {e}")));
         self.dead = true;
     }
 
@@ -222,7 +197,7 @@ impl Progress {
                 }
             }
         }
-        sh.fail_locked(&mut st, &fatal.reason, fatal.warn);
+        sh.fail_locked(&mut st, &fatal.reason, fatal.violation);
     }
 
     /// Takes every queued control message (memfd exports) off the socket;
@@ -233,15 +208,11 @@ impl Progress {
                 Ok(Some(msg)) => self.handle_control(sh, msg)?,
                 Ok(None) => return Ok(()),
                 Err(e) => {
-                    return Err(Fatal {
-                        reason: if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                            "peer closed the connection".into()
-                        } else {
-                            format!("socket: {e}")
-                        },
-                        nak: None,
-                        warn: false,
-                    })
+                    return Err(Fatal::closed(if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        "peer closed the connection".into()
+                    } else {
+                        format!("socket: {e}")
+                    }))
                 }
             }
         }
@@ -393,11 +364,7 @@ impl Progress {
                                 });
                             }
                         }
-                        Err(Fatal {
-                            reason: format!("peer refused request {}: {status}", e.psn),
-                            nak: None,
-                            warn: false,
-                        })
+                        Err(Fatal::closed(format!("peer refused request {}: {status}", e.psn)))
                     })
                 }
                 other => Err(violation(format!("unknown opcode {other}"))),

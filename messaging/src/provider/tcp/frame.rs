@@ -35,6 +35,15 @@ pub(super) struct Pending {
     pub(super) error: Option<WcStatus>,
 }
 
+/// Why a frame header is malformed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FrameError {
+    #[error("reserved header bytes are not zero")]
+    Reserved,
+    #[error("unknown opcode {0}")]
+    Opcode(u8),
+}
+
 #[derive(Clone, Copy)]
 pub(super) struct Header {
     pub(super) opcode: u8,
@@ -63,7 +72,7 @@ impl Header {
         h
     }
 
-    pub(super) fn decode(h: &[u8; FRAME_HEADER]) -> Result<Header, String> {
+    pub(super) fn decode(h: &[u8; FRAME_HEADER]) -> Result<Header, FrameError> {
         let le32 = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
         let le64 = |i: usize| {
             u64::from_le_bytes([
@@ -78,7 +87,7 @@ impl Header {
             ])
         };
         if h[2] != 0 || h[3] != 0 {
-            return Err("reserved header bytes are not zero".into());
+            return Err(FrameError::Reserved);
         }
         let header = Header {
             opcode: h[0],
@@ -91,7 +100,7 @@ impl Header {
             ack: le64(32),
         };
         if !(OP_SEND..=OP_DISCONNECT).contains(&header.opcode) {
-            return Err(format!("unknown opcode {}", header.opcode));
+            return Err(FrameError::Opcode(header.opcode));
         }
         Ok(header)
     }

@@ -229,8 +229,9 @@ pub(super) fn handshake(
     let mut stream = stream;
     let (kind, params) = match read_hello(&mut stream, fabric.opts.handshake_timeout) {
         Ok(hello) => hello,
-        Err(reason) => {
-            if reason.starts_with("unsupported hello version") {
+        Err(e) => {
+            let reason = e.to_string();
+            if matches!(e, HelloError::Version { .. }) {
                 let _ = stream.write_all(&hello_bytes(KIND_REJECT, reason.as_bytes()));
                 let _ = stream.shutdown(Shutdown::Write);
             }

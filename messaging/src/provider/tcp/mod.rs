@@ -60,8 +60,8 @@ use parking_lot::Mutex;
 
 use super::cq::CompletionQueue;
 use super::drive::{self, Aside, Drive, Woke};
-use super::handshake::{AcceptQueue, HelloFormat, Refused, KIND_ACCEPT, KIND_HELLO, KIND_REJECT};
-use super::responder::{self, Refusal, WriteTarget};
+use super::handshake::{AcceptQueue, HelloError, HelloFormat, Refused, KIND_ACCEPT, KIND_HELLO, KIND_REJECT};
+use super::responder::{self, Fatal, Refusal, WriteTarget};
 use super::{
     Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
     WcOpcode, WcStatus, WrId,
@@ -280,11 +280,10 @@ impl Fabric for TcpFabric {
             .set_read_timeout(Some(self.opts.connect_timeout))
             .map_err(conn_err)?;
         stream.write_all(&hello_bytes(KIND_HELLO, params)).map_err(conn_err)?;
-        let (kind, body) =
-            read_hello(&mut stream, self.opts.connect_timeout).map_err(|reason| FabricError::Handshake {
-                peer: peer.clone(),
-                reason,
-            })?;
+        let (kind, body) = read_hello(&mut stream, self.opts.connect_timeout).map_err(|e| FabricError::Handshake {
+            peer: peer.clone(),
+            reason: e.to_string(),
+        })?;
         match kind {
             KIND_ACCEPT => {
                 TcpQp::start(self.clone(), domain.clone(), stream, peer, body, recvs).map(|qp| Box::new(qp) as _)
@@ -318,6 +317,6 @@ pub(crate) fn decode_untrusted(data: &[u8]) {
 
 /// Reads and validates one hello message within `timeout`; the error is a
 /// reason for logs.
-fn read_hello(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), String> {
+fn read_hello(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), HelloError> {
     HELLO.read(stream, timeout)
 }

@@ -41,27 +41,12 @@ pub(super) enum Sink {
     },
 }
 
-/// Why the I/O thread stops; `nak` is what to tell the peer first.
-pub(super) struct Fatal {
-    reason: String,
-    nak: Option<(u64, WcStatus)>,
-    /// The peer broke the transport protocol (logged as a warning).
-    violation: bool,
-}
-
 pub(super) fn fatal(reason: impl Into<String>) -> Fatal {
-    Fatal {
-        reason: reason.into(),
-        nak: None,
-        violation: false,
-    }
+    Fatal::closed(reason)
 }
 
 pub(super) fn violation(reason: impl Into<String>) -> Fatal {
-    Fatal {
-        violation: true,
-        ..fatal(reason)
-    }
+    Fatal::violation(reason)
 }
 
 impl QpShared {
@@ -329,12 +314,7 @@ impl Rx {
     /// The responder refused request `psn`: the receive it failed (if
     /// any) completes here, and the peer gets the NAK.
     fn refuse(&mut self, psn: u64, refusal: Refusal) -> Fatal {
-        self.completions.extend(refusal.receive);
-        Fatal {
-            reason: refusal.reason,
-            nak: Some((psn, refusal.status)),
-            violation: true,
-        }
+        Fatal::refused(psn, refusal, &mut self.completions)
     }
 
     /// Starts executing a frame whose header was read: one function per

@@ -74,7 +74,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::handshake::{AcceptQueue, Refused};
+use super::handshake::{AcceptQueue, HelloError, Refused};
 use super::{Capabilities, Fabric, FabricError, Incoming, Listener, QueuePair, RecvWr};
 use crate::mr::{ProtectionDomain, Registrar};
 
@@ -337,7 +337,7 @@ impl Fabric for VerbsFabric {
         stream.set_nodelay(true).map_err(conn_err)?;
         let hello = oob::endpoint_body(&prepared.endpoint(), params);
         oob::write_message(&mut stream, oob::KIND_HELLO, &hello).map_err(conn_err)?;
-        let (kind, body) = oob::read_message(&mut stream, timeout).map_err(handshake)?;
+        let (kind, body) = oob::read_message(&mut stream, timeout).map_err(|e| handshake(e.to_string()))?;
         match kind {
             oob::KIND_ACCEPT => {
                 let (remote, peer_params) = oob::parse_endpoint(&body).map_err(handshake)?;
@@ -441,8 +441,9 @@ fn handshake(stream: TcpStream, peer: SocketAddr, shared: &ListenShared, fabric:
     let mut stream = stream;
     let (kind, body) = match oob::read_message(&mut stream, fabric.inner.opts.handshake_timeout) {
         Ok(message) => message,
-        Err(reason) => {
-            if reason.starts_with("unsupported exchange version") {
+        Err(e) => {
+            let reason = e.to_string();
+            if matches!(e, HelloError::Version { .. }) {
                 let _ = oob::write_message(&mut stream, oob::KIND_REJECT, reason.as_bytes());
                 let _ = stream.shutdown(Shutdown::Write);
             }
@@ -567,7 +568,9 @@ impl Incoming for VerbsIncoming {
             peer: peer.clone(),
             reason,
         };
-        match oob::read_message(&mut stream, fabric.inner.opts.handshake_timeout).map_err(handshake)? {
+        match oob::read_message(&mut stream, fabric.inner.opts.handshake_timeout)
+            .map_err(|e| handshake(e.to_string()))?
+        {
             (oob::KIND_READY, _) => {}
             (kind, _) => return Err(handshake(format!("expected READY, got message kind {kind}"))),
         }

@@ -33,7 +33,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use super::device::{Endpoint, GidType};
-use crate::provider::handshake::HelloFormat;
+use crate::provider::handshake::{HelloError, HelloFormat};
 
 /// Magic of the verbs exchange ("chanio verbs").
 pub const MAGIC: [u8; 4] = *b"CHIV";
@@ -141,7 +141,7 @@ pub(super) fn parse_endpoint(body: &[u8]) -> Result<(Endpoint, Vec<u8>), String>
 
 /// Reads one message within `timeout` (for the whole message); the error
 /// is a reason for logs.
-pub(super) fn read_message(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), String> {
+pub(super) fn read_message(stream: &mut TcpStream, timeout: Duration) -> Result<(u16, Vec<u8>), HelloError> {
     EXCHANGE.read(stream, timeout)
 }
 
@@ -219,6 +219,6 @@ mod tests {
         m[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
         client.write_all(&m).unwrap();
         let reason = read_message(&mut server, Duration::from_secs(5)).unwrap_err();
-        assert!(reason.starts_with("unsupported exchange version 2"), "{reason}");
+        assert!(matches!(reason, HelloError::Version { got: 2, .. }), "{reason}");
     }
 }
