@@ -130,6 +130,9 @@ struct Inner {
     /// Open [`Cork`]s: while any, sends wait in `held` to go out as one batch.
     corks: usize,
     held: Vec<crate::provider::SendWr>,
+    /// The placements of `held`'s requests, one each, while any of them
+    /// is a placed Write ([`Work::SendPlaced`]); empty otherwise.
+    held_placements: Vec<Option<u64>>,
 }
 
 struct TicketState {
@@ -287,6 +290,7 @@ impl Endpoint {
                 scratch: Vec::with_capacity(POLL_BATCH),
                 corks: 0,
                 held: Vec::new(),
+                held_placements: Vec::new(),
             }),
             signal: Arc::new(Signal {
                 generation: AtomicU64::new(0),

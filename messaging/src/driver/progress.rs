@@ -133,7 +133,18 @@ impl Shared {
                 }
                 // Sends gather in `held` and leave as one batch below,
                 // or when the last cork drops.
-                Work::Send(wr) => inner.held.push(wr),
+                Work::Send(wr) => {
+                    if !inner.held_placements.is_empty() {
+                        inner.held_placements.push(None);
+                    }
+                    inner.held.push(wr);
+                }
+                Work::SendPlaced(wr, placement) => {
+                    let unplaced = inner.held.len() - inner.held_placements.len();
+                    inner.held_placements.extend(std::iter::repeat_n(None, unplaced));
+                    inner.held_placements.push(Some(placement));
+                    inner.held.push(wr);
+                }
                 Work::Disconnect => {
                     self.post_held_locked(inner);
                     self.qp.disconnect();
@@ -176,11 +187,25 @@ impl Shared {
 
     /// Posts the sends waiting in `held`, as one batch.
     pub(super) fn post_held_locked(&self, inner: &mut Inner) {
-        if !inner.held.is_empty() {
-            if let Err(e) = self.qp.post_send(&mut inner.held) {
-                let wrs = std::mem::take(&mut inner.held);
-                inner.conn.handle_post_failure(e.to_string(), wrs);
+        if inner.held.is_empty() {
+            return;
+        }
+        let posted = if inner.held_placements.is_empty() {
+            self.qp.post_send(&mut inner.held)
+        } else {
+            match self.qp.placement() {
+                Some(p) => p.post_send_placed(&mut inner.held, &mut inner.held_placements),
+                // Placements come from `placement()`: not reached.
+                None => Err(FabricError::Unavailable {
+                    provider: "placement",
+                    reason: "a placed Write on a queue pair without placement".into(),
+                }),
             }
+        };
+        if let Err(e) = posted {
+            let wrs = std::mem::take(&mut inner.held);
+            inner.held_placements.clear();
+            inner.conn.handle_post_failure(e.to_string(), wrs);
         }
     }
 

@@ -113,10 +113,12 @@ impl Endpoint {
         };
         let mut fill = Some(fill);
         let mut filled = Ok(());
-        let placement = self.shared.qp.place(remote, len, &mut |dest| {
-            if let Some(f) = fill.take() {
-                filled = f(dest);
-            }
+        let placement = self.shared.qp.placement().and_then(|p| {
+            p.place(remote, len, &mut |dest| {
+                if let Some(f) = fill.take() {
+                    filled = f(dest);
+                }
+            })
         });
         let placement = match (placement, fill) {
             (Some(p), None) => Some(p),

@@ -71,20 +71,19 @@ impl Connection {
 
     pub(super) fn post_push(&mut self, token: u64, src: Buf, remote: RemoteAddr, target: Target, placed: Option<u64>) {
         let len = src.len() as u32;
-        let write = |buf: Buf, imm: Option<u32>| match placed {
-            Some(placement) => SendOp::Placed {
-                token: buf,
-                remote,
-                imm,
-                placement,
-            },
-            None => SendOp::Write { buf, remote, imm },
+        let work = |wr: SendWr| match placed {
+            Some(placement) => Work::SendPlaced(wr, placement),
+            None => Work::Send(wr),
         };
         if self.separate {
             let key = self.inflight.insert(Inflight { token: None });
-            self.work.push_back(Work::Send(SendWr {
+            self.work.push_back(work(SendWr {
                 id: WrId(key as u64),
-                op: write(src, None),
+                op: SendOp::Write {
+                    buf: src,
+                    remote,
+                    imm: None,
+                },
             }));
             let indication = wire::encode_indication(target, len);
             // Room and credit were checked by the caller, so this cannot fail.
@@ -95,9 +94,13 @@ impl Connection {
             self.tx_seq = self.tx_seq.wrapping_add(1);
             self.credits -= 1;
             let key = self.inflight.insert(Inflight { token: Some(token) });
-            self.work.push_back(Work::Send(SendWr {
+            self.work.push_back(work(SendWr {
                 id: WrId(key as u64),
-                op: write(src, Some(wire::encode_imm(target, seq))),
+                op: SendOp::Write {
+                    buf: src,
+                    remote,
+                    imm: Some(wire::encode_imm(target, seq)),
+                },
             }));
         }
     }

@@ -105,6 +105,7 @@ impl Side {
                     }
                 }
                 Work::Send(wr) => batch.push(wr),
+                Work::SendPlaced(..) => panic!("loopback never places"),
                 Work::Disconnect => self.qp.disconnect(),
             }
         }

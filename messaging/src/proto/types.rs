@@ -184,6 +184,13 @@ pub enum Work {
     Recv(RecvWr),
     /// Post this send-queue request (consecutive ones may be batched).
     Send(SendWr),
+    /// Post this Write, whose data the application placed at its remote
+    /// address already ([`Placement::place`] returned the placement), with
+    /// the sends around it in order ([`Placement::post_send_placed`]).
+    ///
+    /// [`Placement::place`]: crate::provider::Placement::place
+    /// [`Placement::post_send_placed`]: crate::provider::Placement::post_send_placed
+    SendPlaced(SendWr, u64),
     /// Disconnect the queue pair (the connection closed).
     Disconnect,
 }

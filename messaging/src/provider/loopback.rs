@@ -544,13 +544,6 @@ fn execute(st: &mut WorldState, from: &Arc<QpCore>, wr: SendWr) {
         fail(st, wr, refusal.status, refusal.reason);
     };
     match wr.op {
-        // Loopback never places (`QueuePair::place` says no): nothing was copied.
-        SendOp::Placed { .. } => fail(
-            st,
-            wr,
-            WcStatus::LocalProtectionError,
-            "a placed Write on a provider that does not place".into(),
-        ),
         SendOp::Send { ref buf, imm } => {
             let len = buf.len() as u32;
             // The receive queue's lock is released before a refusal fails

@@ -101,22 +101,6 @@ pub enum SendOp {
         /// Source on the peer.
         remote: RemoteAddr,
     },
-    /// One-sided RDMA Write of `token.len()` bytes whose data the initiator
-    /// already copied to `remote` itself ([`QueuePair::place`]): only the
-    /// notification travels (and the immediate, as for a Write). `token`'s
-    /// bytes are not sent; it comes back in the completion, as a Write's
-    /// buffer does. Only providers whose `place` succeeds see it.
-    Placed {
-        /// Stands for the request; its length is the placed length.
-        token: Buf,
-        /// Where the data was placed on the peer.
-        remote: RemoteAddr,
-        /// As for [`SendOp::Write`].
-        imm: Option<u32>,
-        /// What [`QueuePair::place`] returned for this data (the provider's
-        /// name for the memory it copied into).
-        placement: u64,
-    },
 }
 
 /// A send-queue work request.
@@ -133,7 +117,7 @@ impl SendWr {
     pub fn opcode(&self) -> WcOpcode {
         match self.op {
             SendOp::Send { .. } => WcOpcode::Send,
-            SendOp::Write { .. } | SendOp::Placed { .. } => WcOpcode::RdmaWrite,
+            SendOp::Write { .. } => WcOpcode::RdmaWrite,
             SendOp::Read { .. } => WcOpcode::RdmaRead,
         }
     }
@@ -142,7 +126,6 @@ impl SendWr {
     pub fn into_buf(self) -> Buf {
         match self.op {
             SendOp::Send { buf, .. } | SendOp::Write { buf, .. } | SendOp::Read { buf, .. } => buf,
-            SendOp::Placed { token, .. } => token,
         }
     }
 }
@@ -549,16 +532,36 @@ pub trait QueuePair: Send + Sync + fmt::Debug {
     /// Capabilities of the provider this queue pair runs on.
     fn capabilities(&self) -> Capabilities;
 
-    /// Runs `fill` on `len` bytes of the peer's memory at `remote`, when
-    /// this provider lets the initiator of a Write copy the data itself
-    /// (shm, into a region the peer granted) and the peer is still there;
-    /// `Some(placement)` exactly when it did, to pass on in the
-    /// [`SendOp::Placed`] that tells the peer. `None` (the default, and for
-    /// an unknown key, bounds outside the grant or a closing peer) leaves
-    /// the Write to the usual path. `fill` runs under the provider's locks:
-    /// it must not post or poll.
-    fn place(&self, remote: RemoteAddr, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> Option<u64> {
-        let _ = (remote, len, fill);
+    /// Initiator-side placement, where this provider has it (shm);
+    /// `None` (the default) elsewhere.
+    fn placement(&self) -> Option<&dyn Placement> {
         None
     }
+}
+
+/// Initiator-side placement (ADR 5), a capability of some providers only,
+/// reached through [`QueuePair::placement`]: the initiator of a Write copies
+/// the data into the peer's memory itself ([`Placement::place`]), then
+/// posts the Write with a buffer that only stands for the data
+/// ([`Placement::post_send_placed`]): the peer learns of it, with the
+/// immediate, as of any Write.
+pub trait Placement: Send + Sync {
+    /// Runs `fill` on `len` bytes of the peer's memory at `remote` when the
+    /// peer granted that region and is still there; `Some(placement)`
+    /// exactly when it did, to pass to [`Placement::post_send_placed`].
+    /// `None` (an unknown key, bounds outside the grant, a closing peer)
+    /// leaves the Write to the usual path. `fill` runs under the provider's
+    /// locks: it must not post or poll.
+    fn place(&self, remote: RemoteAddr, len: usize, fill: &mut dyn FnMut(&mut [u8])) -> Option<u64>;
+
+    /// As [`QueuePair::post_send`], for a batch of which some Writes were
+    /// placed: `placements[i]` belongs to `wrs[i]`, `Some` for a
+    /// [`SendOp::Write`] whose data [`Placement::place`] put at its remote
+    /// address (its buffer's length is the placed length, its bytes are not
+    /// sent; it comes back in the completion as a Write's does). Both
+    /// vectors are emptied when the batch is accepted.
+    ///
+    /// # Errors
+    /// As [`QueuePair::post_send`]; `QueueFull` leaves both untouched.
+    fn post_send_placed(&self, wrs: &mut Vec<SendWr>, placements: &mut Vec<Option<u64>>) -> Result<(), FabricError>;
 }

@@ -34,8 +34,10 @@
 //! # Placement
 //! After a first Write into a registration, the responder grants it to the
 //! initiator (`OP_GRANT`: its memfd, exported first, and its range). The
-//! initiator may then copy a Write's data there itself ([`QueuePair::place`],
-//! checked against the grant) and post a [`SendOp::Placed`]: the responder
+//! initiator may then copy a Write's data there itself ([`Placement::place`](crate::provider::Placement::place),
+//! checked against the grant; shm is the provider whose
+//! [`QueuePair::placement`] is `Some`) and post the Write's notification
+//! ([`Placement::post_send_placed`](crate::provider::Placement::post_send_placed)): the responder
 //! checks it as any Write, minus the copy, and also that the key still
 //! names the memfd the data went into. A gate in the rings' header keeps a
 //! closing side's memory its own (`docs/protocol.md` §7b, ADR 5).

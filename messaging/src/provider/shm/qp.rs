@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::mr::Buf;
+use crate::provider::Placement;
 
 /// What connects a queue pair to its peer.
 pub(super) struct Links {
@@ -158,17 +159,20 @@ pub(super) fn start(
     Ok(Box::new(ShmQp { shared }))
 }
 
-impl QueuePair for ShmQp {
-    fn post_send(&self, wrs: &mut Vec<SendWr>) -> Result<(), FabricError> {
+impl ShmQp {
+    /// Posts `wrs` (with their `placements`, one each, when some were
+    /// placed) as one batch into the outgoing ring.
+    fn post(&self, wrs: &mut Vec<SendWr>, placements: Option<&mut Vec<Option<u64>>>) -> Result<(), FabricError> {
         let shared = &self.shared;
         let mut st = shared.state.lock();
+        let depth = shared.fabric.opts.max_send_wr;
+        if !st.failed && st.outstanding.len() + wrs.len() > depth as usize {
+            return Err(FabricError::QueueFull { queue: "send", depth });
+        }
+        let placements = placements.map(std::mem::take);
         if st.failed {
             shared.cq.push_all(wrs.drain(..).map(flushed_send));
             return Ok(());
-        }
-        let depth = shared.fabric.opts.max_send_wr;
-        if st.outstanding.len() + wrs.len() > depth as usize {
-            return Err(FabricError::QueueFull { queue: "send", depth });
         }
         let mut entries = std::mem::take(&mut st.publish);
         let mut data = std::mem::take(&mut st.publish_data);
@@ -182,7 +186,8 @@ impl QueuePair for ShmQp {
             Err(_) => RING_ENTRIES,
         };
         let mut local_error: Option<String> = None;
-        for wr in wrs.drain(..) {
+        for (i, wr) in wrs.drain(..).enumerate() {
+            let placement = placements.as_ref().and_then(|p| p.get(i).copied().flatten());
             let opcode = wr.opcode();
             let id = wr.id;
             if local_error.is_some() {
@@ -195,7 +200,7 @@ impl QueuePair for ShmQp {
                 });
                 continue;
             }
-            match shared.prepare(&mut st, &wr, &mut planned, &mut data) {
+            match shared.prepare(&mut st, &wr, placement, &mut planned, &mut data) {
                 Ok(entry) => {
                     entries.push(entry);
                     let psn = st.next_psn;
@@ -236,6 +241,12 @@ impl QueuePair for ShmQp {
             shared.fail_locked(&mut st, &reason, true);
         }
         Ok(())
+    }
+}
+
+impl QueuePair for ShmQp {
+    fn post_send(&self, wrs: &mut Vec<SendWr>) -> Result<(), FabricError> {
+        self.post(wrs, None)
     }
 
     fn post_recv(&self, wr: RecvWr) -> Result<(), (FabricError, RecvWr)> {
@@ -310,6 +321,12 @@ impl QueuePair for ShmQp {
         self.shared.fabric.capabilities()
     }
 
+    fn placement(&self) -> Option<&dyn Placement> {
+        Some(self)
+    }
+}
+
+impl Placement for ShmQp {
     /// Copies into a region the peer granted (`OP_GRANT`, sent by the peer
     /// after it executed a first Write into that region): the remote key
     /// and bounds are checked against the grant, as the peer checks a
@@ -350,6 +367,10 @@ impl QueuePair for ShmQp {
         sh.out_gate.end_placing();
         placed
     }
+
+    fn post_send_placed(&self, wrs: &mut Vec<SendWr>, placements: &mut Vec<Option<u64>>) -> Result<(), FabricError> {
+        self.post(wrs, Some(placements))
+    }
 }
 
 impl Drop for ShmQp {
@@ -360,7 +381,8 @@ impl Drop for ShmQp {
 
 impl Shared {
     /// Checks a request locally, exports its memfd if needed and builds its
-    /// ring entry (psn `next_psn`). A Send of at most [`MAX_INLINE`] bytes
+    /// ring entry (psn `next_psn`); a Write with a `placement` becomes the
+    /// notification of a placed Write. A Send of at most [`MAX_INLINE`] bytes
     /// goes inline, its bytes appended to `data`, if the ring stays at most
     /// half full with `planned` slots in use before it; `planned` counts the
     /// entry's slots.
@@ -368,16 +390,17 @@ impl Shared {
         &self,
         st: &mut State,
         wr: &SendWr,
+        placement: Option<u64>,
         planned: &mut u64,
         data: &mut Vec<u8>,
     ) -> Result<Entry, (WcStatus, String)> {
+        if let Some(placement) = placement {
+            return match &wr.op {
+                SendOp::Write { buf, remote, imm } => self.placed_entry(st, buf, *remote, *imm, placement, planned),
+                _ => Err((WcStatus::LocalProtectionError, "only a Write can be placed".into())),
+            };
+        }
         let (opcode, buf, remote, imm) = match &wr.op {
-            SendOp::Placed {
-                token,
-                remote,
-                imm,
-                placement,
-            } => return self.placed_entry(st, token, *remote, *imm, *placement, planned),
             SendOp::Send { buf, imm } => (if imm.is_some() { OP_SEND_IMM } else { OP_SEND }, buf, None, *imm),
             SendOp::Write { buf, remote, imm } => (
                 if imm.is_some() { OP_WRITE_IMM } else { OP_WRITE },

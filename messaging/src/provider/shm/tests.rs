@@ -420,7 +420,11 @@ fn write_into(fabric: &ShmFabric, a: &dyn QueuePair, remote: RemoteAddr, byte: u
 fn place_soon(a: &dyn QueuePair, remote: RemoteAddr, byte: u8, len: usize) -> Option<u64> {
     let deadline = Instant::now() + LONG;
     while Instant::now() < deadline {
-        if let Some(placement) = a.place(remote, len, &mut |dest| dest.fill(byte)) {
+        if let Some(placement) = a
+            .placement()
+            .expect("shm places")
+            .place(remote, len, &mut |dest| dest.fill(byte))
+        {
             return Some(placement);
         }
         a.wait(Some(Duration::from_millis(1)));
@@ -428,16 +432,25 @@ fn place_soon(a: &dyn QueuePair, remote: RemoteAddr, byte: u8, len: usize) -> Op
     None
 }
 
-fn placed(token: Buf, remote: RemoteAddr, imm: Option<u32>, placement: u64) -> SendWr {
-    SendWr {
+/// The Write whose data `placement` put at `remote`, with its token.
+fn placed(token: Buf, remote: RemoteAddr, imm: Option<u32>, placement: u64) -> (SendWr, Option<u64>) {
+    let wr = SendWr {
         id: WrId(2),
-        op: SendOp::Placed {
-            token,
+        op: SendOp::Write {
+            buf: token,
             remote,
             imm,
-            placement,
         },
-    }
+    };
+    (wr, Some(placement))
+}
+
+/// Posts a batch of which some Writes were placed.
+fn post_placed(a: &dyn QueuePair, batch: Vec<(SendWr, Option<u64>)>) -> Result<(), FabricError> {
+    let (mut wrs, mut placements): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    a.placement()
+        .expect("shm places")
+        .post_send_placed(&mut wrs, &mut placements)
 }
 
 /// A connected pair whose responder `b` has four receives posted (for
@@ -483,7 +496,10 @@ fn a_written_region_is_granted_and_later_writes_are_placed_by_the_initiator() {
     };
     let (a, b) = connect_pair(&fabric, "", (b"", vec![]), (b"", recvs(&imm_bufs, 4, 100)));
     assert!(
-        a.place(chunk1, 8, &mut |_| panic!("no grant yet")).is_none(),
+        a.placement()
+            .expect("shm places")
+            .place(chunk1, 8, &mut |_| panic!("no grant yet"))
+            .is_none(),
         "nothing is granted before a first Write"
     );
     assert_eq!(write_into(&fabric, &*a, chunk1, 0x11, 100), WcStatus::Success);
@@ -495,23 +511,34 @@ fn a_written_region_is_granted_and_later_writes_are_placed_by_the_initiator() {
         addr: desc.addr + 8000,
         rkey: desc.rkey,
     };
-    assert!(a.place(beyond, 400, &mut |_| panic!("out of bounds")).is_none());
+    assert!(a
+        .placement()
+        .expect("shm places")
+        .place(beyond, 400, &mut |_| panic!("out of bounds"))
+        .is_none());
     let below = RemoteAddr {
         addr: desc.addr - 1,
         rkey: desc.rkey,
     };
-    assert!(a.place(below, 1, &mut |_| panic!("below the region")).is_none());
+    assert!(a
+        .placement()
+        .expect("shm places")
+        .place(below, 1, &mut |_| panic!("below the region"))
+        .is_none());
     let other = RemoteAddr {
         addr: chunk1.addr,
         rkey: crate::mr::RKey(desc.rkey.0 ^ 1),
     };
-    assert!(a.place(other, 1, &mut |_| panic!("unknown key")).is_none());
+    assert!(a
+        .placement()
+        .expect("shm places")
+        .place(other, 1, &mut |_| panic!("unknown key"))
+        .is_none());
     // The notification: only the immediate and the length travel.
     let src = pool(&fabric, 4096, 1, Access::LOCAL_WRITE);
     let mut token = src.checkout().expect("chunk");
     token.set_len(300);
-    a.post_send(&mut vec![placed(token, chunk1, Some(77), placement)])
-        .expect("post");
+    post_placed(&*a, vec![placed(token, chunk1, Some(77), placement)]).expect("post");
     let done = wait_for(&*a, 1);
     assert_eq!(
         (done[0].status, done[0].opcode),
@@ -544,7 +571,7 @@ fn a_placed_write_names_a_granted_region_or_fails_the_queue_pair() {
     let mut token = src.checkout().expect("chunk");
     token.set_len(10);
     // (Placement 0: no memfd, as nothing was granted to place into.)
-    a.post_send(&mut vec![placed(token, remote, None, 0)]).expect("post");
+    post_placed(&*a, vec![placed(token, remote, None, 0)]).expect("post");
     assert_ne!(wait_for(&*a, 1)[0].status, WcStatus::Success);
     let deadline = Instant::now() + LONG;
     while !b.is_failed() {
@@ -572,13 +599,14 @@ fn a_placement_into_a_region_the_peer_freed_is_refused_when_announced() {
     // into a deregistered region is.
     drop(target);
     let placement = a
+        .placement()
+        .expect("shm places")
         .place(remote, 64, &mut |dest| dest.fill(3))
         .expect("still granted here");
     let src = pool(&fabric, 4096, 1, Access::LOCAL_WRITE);
     let mut token = src.checkout().expect("chunk");
     token.set_len(64);
-    a.post_send(&mut vec![placed(token, remote, Some(5), placement)])
-        .expect("post");
+    post_placed(&*a, vec![placed(token, remote, Some(5), placement)]).expect("post");
     assert_eq!(wait_for(&*a, 1)[0].status, WcStatus::RemoteAccessError);
 }
 
@@ -593,6 +621,8 @@ fn no_placement_starts_once_the_peer_closed() {
     p.b.disconnect();
     assert!(p
         .a
+        .placement()
+        .expect("shm places")
         .place(p.remote, 64, &mut |_| panic!("placed after the peer closed"))
         .is_none());
 }
@@ -661,15 +691,12 @@ fn a_placed_write_must_name_the_memfd_its_key_names_now() {
     buf.fill(&[1; 64]).expect("fits");
     let mut token = src.checkout().expect("chunk");
     token.set_len(64);
-    a.post_send(&mut vec![
-        SendWr {
-            id: WrId(1),
-            op: SendOp::Write { buf, remote, imm: None },
-        },
-        // Placement 0: the initiator held no grant, so named no memfd.
-        placed(token, remote, Some(3), 0),
-    ])
-    .expect("post");
+    let plain = SendWr {
+        id: WrId(1),
+        op: SendOp::Write { buf, remote, imm: None },
+    };
+    // Placement 0: the initiator held no grant, so named no memfd.
+    post_placed(&*a, vec![(plain, None), placed(token, remote, Some(3), 0)]).expect("post");
     let got = wait_for(&*a, 2);
     assert_eq!(got[0].status, WcStatus::Success, "the plain Write");
     assert_eq!(got[1].status, WcStatus::RemoteAccessError, "the placed one");

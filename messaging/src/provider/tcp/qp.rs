@@ -198,22 +198,7 @@ impl QueuePair for TcpQp {
             }
             let psn = tx.next_psn;
             tx.next_psn += 1;
-            let (header, payload, pending_buf) = match request_frame(wr.op, psn) {
-                Ok(frame) => frame,
-                // Placement is refused by `check_local` above.
-                Err(token) => {
-                    local_error = true;
-                    tx.outstanding.push_back(Pending {
-                        psn,
-                        id: wr.id,
-                        opcode,
-                        buf: Some(token),
-                        written: false,
-                        error: Some(WcStatus::LocalProtectionError),
-                    });
-                    continue;
-                }
-            };
+            let (header, payload, pending_buf) = request_frame(wr.op, psn);
             tx.outstanding.push_back(Pending {
                 psn,
                 id: wr.id,
@@ -330,9 +315,8 @@ impl QueuePair for TcpQp {
 }
 
 /// The frame a request becomes: its header, the payload written after it,
-/// and the buffer kept until the reply (a Read's destination). A placed
-/// Write has no frame on tcp: its token comes back as the error.
-fn request_frame(op: SendOp, psn: u64) -> Result<(Header, TxPayload, Option<Buf>), Buf> {
+/// and the buffer kept until the reply (a Read's destination).
+fn request_frame(op: SendOp, psn: u64) -> (Header, TxPayload, Option<Buf>) {
     let request = |opcode, len: usize, remote: Option<RemoteAddr>, imm: Option<u32>| Header {
         opcode,
         status: 0,
@@ -343,8 +327,7 @@ fn request_frame(op: SendOp, psn: u64) -> Result<(Header, TxPayload, Option<Buf>
         imm: imm.unwrap_or(0),
         ack: 0,
     };
-    Ok(match op {
-        SendOp::Placed { token, .. } => return Err(token),
+    match op {
         SendOp::Send { buf, imm } => {
             let opcode = if imm.is_some() { OP_SEND_IMM } else { OP_SEND };
             (request(opcode, buf.len(), None, imm), TxPayload::Buf(buf), None)
@@ -358,7 +341,7 @@ fn request_frame(op: SendOp, psn: u64) -> Result<(Header, TxPayload, Option<Buf>
             TxPayload::None,
             Some(buf),
         ),
-    })
+    }
 }
 
 impl Drop for TcpQp {
@@ -371,8 +354,6 @@ pub(super) fn check_local(wr: &SendWr, max_message: u32) -> Result<(), WcStatus>
     let len = match &wr.op {
         SendOp::Send { buf, .. } | SendOp::Write { buf, .. } => buf.len(),
         SendOp::Read { buf, .. } => buf.len(),
-        // tcp never places (`QueuePair::place` says no): nothing was copied.
-        SendOp::Placed { .. } => return Err(WcStatus::LocalProtectionError),
     };
     if len > max_message as usize {
         return Err(WcStatus::LocalLengthError);

@@ -366,21 +366,7 @@ impl QueuePair for VerbsQp {
             }
             let opcode = wr.opcode();
             let id = wr.id;
-            let (kind, buf) = match send_kind(wr.op) {
-                Ok(described) => described,
-                // Placement is refused by `check_local` above.
-                Err(token) => {
-                    later.push(Completion {
-                        id,
-                        status: WcStatus::LocalProtectionError,
-                        opcode,
-                        byte_len: 0,
-                        imm: None,
-                        buf: token,
-                    });
-                    continue;
-                }
-            };
+            let (kind, buf) = send_kind(wr.op);
             let seq = st.next_seq;
             st.next_seq += 1;
             descs.push(SendDesc {
@@ -578,11 +564,9 @@ impl Drop for VerbsQp {
     }
 }
 
-/// The work request kind and buffer a send becomes; a placed Write has
-/// none over verbs, and its token comes back as the error.
-fn send_kind(op: SendOp) -> Result<(SendKind, Buf), Buf> {
-    Ok(match op {
-        SendOp::Placed { token, .. } => return Err(token),
+/// The work request kind and buffer a send becomes.
+fn send_kind(op: SendOp) -> (SendKind, Buf) {
+    match op {
         SendOp::Send { buf, imm } => (SendKind::Send { imm }, buf),
         SendOp::Write { buf, remote, imm } => (
             SendKind::Write {
@@ -599,7 +583,7 @@ fn send_kind(op: SendOp) -> Result<(SendKind, Buf), Buf> {
             },
             buf,
         ),
-    })
+    }
 }
 
 /// Whether `buf` belongs to a registration of `domain` (so its lkey is one
@@ -609,8 +593,6 @@ fn send_kind(op: SendOp) -> Result<(SendKind, Buf), Buf> {
 fn check_local(domain: &ProtectionDomain, wr: &SendWr, max_message: u32, read_depth: u8) -> Result<(), WcStatus> {
     let buf = match &wr.op {
         SendOp::Send { buf, .. } | SendOp::Write { buf, .. } | SendOp::Read { buf, .. } => buf,
-        // The NIC moves the data: nothing is ever placed by the initiator.
-        SendOp::Placed { .. } => return Err(WcStatus::LocalProtectionError),
     };
     if buf.len() > max_message as usize {
         return Err(WcStatus::LocalLengthError);
