@@ -463,14 +463,14 @@ impl Connection {
     }
 
     /// Tells the peer about data the application already placed at
-    /// `push.target` through the provider ([`QueuePair::place`], which
+    /// `push.target` through the provider ([`Placement::place`], which
     /// returned `placement`): `stand_in`'s length is the placed length, its
     /// bytes are not sent, and it comes back as a pushed buffer does.
     ///
     /// # Errors
     /// As [`Connection::push_direct`].
     ///
-    /// [`QueuePair::place`]: crate::provider::QueuePair::place
+    /// [`Placement::place`]: crate::provider::Placement::place
     pub fn push_placed(
         &mut self,
         token: u64,
