@@ -149,6 +149,8 @@ pub struct Fabrics {
     shm: OnceLock<crate::provider::shm::ShmFabric>,
     #[cfg(feature = "verbs")]
     verbs: OnceLock<Result<crate::provider::verbs::VerbsFabric, String>>,
+    /// How long a connect may take on every fabric made from now on.
+    connect_timeout: Option<Duration>,
 }
 
 impl Fabrics {
@@ -162,6 +164,14 @@ impl Fabrics {
         let fabrics = Fabrics::default();
         let _ = fabrics.tcp.set(TcpFabric::with_options(opts));
         fabrics
+    }
+
+    /// This set of fabrics, each fabric it makes from now on giving up a
+    /// connect (the transport connection and the hello's answer) after
+    /// `timeout`, whatever the provider.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Fabrics {
+        self.connect_timeout = Some(timeout);
+        self
     }
 
     /// This set of fabrics, its shm fabric made with `opts` (who may
@@ -178,7 +188,13 @@ impl Fabrics {
     /// [`FabricError::Unavailable`] when this build or machine lacks it.
     pub fn fabric(&self, scheme: Scheme) -> Result<&dyn Fabric, FabricError> {
         match scheme {
-            Scheme::Tcp => Ok(self.tcp.get_or_init(TcpFabric::new)),
+            Scheme::Tcp => Ok(self.tcp.get_or_init(|| {
+                let mut opts = crate::provider::tcp::TcpOptions::default();
+                if let Some(t) = self.connect_timeout {
+                    opts.connect_timeout = t;
+                }
+                TcpFabric::with_options(opts)
+            })),
             Scheme::Loopback => Ok(self.loopback.get_or_init(LoopbackFabric::new)),
             Scheme::Rdma => self.verbs(),
             Scheme::Shm => self.shm(),
@@ -191,7 +207,13 @@ impl Fabrics {
 
     #[cfg(target_os = "linux")]
     fn shm(&self) -> Result<&dyn Fabric, FabricError> {
-        Ok(self.shm.get_or_init(crate::provider::shm::ShmFabric::new))
+        Ok(self.shm.get_or_init(|| {
+            let mut opts = crate::provider::shm::ShmOptions::default();
+            if let Some(t) = self.connect_timeout {
+                opts.connect_timeout = t;
+            }
+            crate::provider::shm::ShmFabric::with_options(opts)
+        }))
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -205,7 +227,13 @@ impl Fabrics {
     #[cfg(feature = "verbs")]
     fn verbs(&self) -> Result<&dyn Fabric, FabricError> {
         match self.verbs.get_or_init(|| {
-            crate::provider::verbs::VerbsFabric::new().map_err(|e| match e {
+            let opened = crate::provider::verbs::VerbsOptions::from_env().and_then(|mut opts| {
+                if let Some(t) = self.connect_timeout {
+                    opts.connect_timeout = t;
+                }
+                crate::provider::verbs::VerbsFabric::open(opts)
+            });
+            opened.map_err(|e| match e {
                 FabricError::Unavailable { reason, .. } => reason,
                 other => other.to_string(),
             })

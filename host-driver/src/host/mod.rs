@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use messaging::intmap::IntMap;
 use messaging::mr::Buf;
 use messaging::mr::ProtectionDomain;
-use messaging::provider::tcp::TcpOptions;
 use messaging::{Fabrics, TransportUri};
 use nvme::transport;
 use nvme::{
@@ -204,10 +203,7 @@ impl Host {
     pub fn connect(uri: &str, opts: HostOptions) -> Result<Host, HostError> {
         let uri = TargetUri::parse(uri)?;
         opts.validate()?;
-        let fabrics = Arc::new(Fabrics::with_tcp_options(TcpOptions {
-            connect_timeout: opts.connect_timeout,
-            ..TcpOptions::default()
-        }));
+        let fabrics = Arc::new(Fabrics::new().with_connect_timeout(opts.connect_timeout));
         let candidates = match uri.transport() {
             Transport::Auto => fabrics.auto_candidates(uri.addr()),
             _ => vec![uri.to_transport_uri()],

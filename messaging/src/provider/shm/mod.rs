@@ -138,6 +138,8 @@ const CHECKED_PRUNE_AT: usize = 64;
 pub struct ShmOptions {
     /// How long handshakes and memfd exports may take.
     pub handshake_timeout: Duration,
+    /// How long a connecting side waits for the listener's answer.
+    pub connect_timeout: Duration,
     /// Largest message in bytes.
     pub max_message: u32,
     /// Most outstanding send work requests per queue pair (with the peer's,
@@ -156,6 +158,7 @@ impl Default for ShmOptions {
     fn default() -> Self {
         ShmOptions {
             handshake_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
             max_message: 1 << 30,
             max_send_wr: 1024,
             max_recv_wr: 4096,
@@ -431,7 +434,7 @@ impl ShmFabric {
                 }),
             };
         }
-        let deadline = Instant::now() + self.opts.handshake_timeout;
+        let deadline = Instant::now() + self.opts.connect_timeout;
         let answer = match sock.recv_until(HELLO_HEADER + MAX_PARAMS + 1, deadline) {
             // A listener that refused us closed with our hello unread: the
             // reset is reported first, its reject right after.

@@ -162,16 +162,20 @@ pub(super) fn start(
 impl ShmQp {
     /// Posts `wrs` (with their `placements`, one each, when some were
     /// placed) as one batch into the outgoing ring.
-    fn post(&self, wrs: &mut Vec<SendWr>, placements: Option<&mut Vec<Option<u64>>>) -> Result<(), FabricError> {
+    fn post(&self, wrs: &mut Vec<SendWr>, mut placements: Option<&mut Vec<Option<u64>>>) -> Result<(), FabricError> {
         let shared = &self.shared;
         let mut st = shared.state.lock();
         let depth = shared.fabric.opts.max_send_wr;
         if !st.failed && st.outstanding.len() + wrs.len() > depth as usize {
             return Err(FabricError::QueueFull { queue: "send", depth });
         }
-        let placements = placements.map(std::mem::take);
+        // `placements` is read in place and cleared, so the caller's vector
+        // keeps its allocation for the next batch.
         if st.failed {
             shared.cq.push_all(wrs.drain(..).map(flushed_send));
+            if let Some(p) = placements.as_mut() {
+                p.clear();
+            }
             return Ok(());
         }
         let mut entries = std::mem::take(&mut st.publish);
@@ -237,6 +241,9 @@ impl ShmQp {
         }
         st.publish = entries;
         st.publish_data = data;
+        if let Some(p) = placements.as_mut() {
+            p.clear();
+        }
         if let Some(reason) = local_error {
             shared.fail_locked(&mut st, &reason, true);
         }
