@@ -162,11 +162,11 @@ struct TimerState {
 /// Deadlines kept by their owner instead of one timer entry each: the
 /// timer thread calls `sweep` whenever it wakes (at least every
 /// `TIMER_PERIOD`, 100 ms), and the owner wakes whatever is due. A queue
-/// keeps its commands' deadlines this way: registering and cancelling an
-/// entry for every command (two locks, a waker cloned and dropped, before
-/// the capsule left) cost ~50 ns of a 2.6 µs shm read (docs/performance.md),
-/// for a deadline that almost never passes; the price is that a command
-/// times out up to one period late.
+/// keeps its commands' deadlines this way, so that no command registers or
+/// cancels a timer entry (two locks and a waker, on the path of every
+/// capsule) for a deadline that almost never passes; the price is that a
+/// command times out up to one period late. (The cost it saves is in
+/// `docs/performance.md`.)
 pub(crate) trait Sweep: Send + Sync {
     /// Wakes everything due at `now`; `None`: everything with a deadline
     /// (the timer stopped, and its waiters treat that as their deadline,
