@@ -32,10 +32,10 @@ use super::cq::CompletionQueue;
 use super::responder::{self, Refusal, WriteTarget};
 use super::{flushed_recv, flushed_send};
 use super::{
-    Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, SendOp, SendWr,
-    WcStatus,
+    Capabilities, Completion, Fabric, FabricError, Incoming, Listener, Notify, QueuePair, RecvWr, RemoteAddr, SendOp,
+    SendWr, WcStatus,
 };
-use crate::mr::{Access, ProtectionDomain};
+use crate::mr::{Access, Buf, ProtectionDomain};
 
 /// Fault injection settings of a loopback world.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -517,8 +517,9 @@ fn break_connection(st: &mut WorldState, qp: &Arc<QpCore>) {
     }
 }
 
-/// Executes one send-queue operation of `from` against its peer.
-fn execute(st: &mut WorldState, from: &Arc<QpCore>, wr: SendWr) {
+/// Executes one send-queue operation of `from` against its peer: the
+/// peer's responder decides where it lands, and the copy is made here.
+fn execute(st: &mut WorldState, from: &Arc<QpCore>, mut wr: SendWr) {
     from.held.fetch_sub(1, Ordering::AcqRel);
     let peer = from.peer.lock().upgrade();
     let peer = match peer {
@@ -531,73 +532,69 @@ fn execute(st: &mut WorldState, from: &Arc<QpCore>, wr: SendWr) {
             return;
         }
     };
-    let fail = |st: &mut WorldState, wr: SendWr, status: WcStatus, reason: String| {
-        tracing::debug!(qp = from.id, %status, "loopback operation failed: {reason}");
-        from.cq.push(completion(wr, status, 0));
-        break_connection(st, from);
+    let outcome = match wr.op {
+        SendOp::Send { ref buf, imm } => execute_send(&peer, buf, imm),
+        SendOp::Write { ref buf, remote, imm } => execute_write(&peer, buf, remote, imm),
+        SendOp::Read { ref mut buf, remote } => execute_read(&peer, buf, remote),
     };
-    // The peer's responder refused: the receive it failed completes there.
-    let refuse = |st: &mut WorldState, wr: SendWr, refusal: Refusal, peer: &QpCore| {
-        if let Some(receive) = refusal.receive {
-            peer.cq.push(receive);
-        }
-        fail(st, wr, refusal.status, refusal.reason);
-    };
-    match wr.op {
-        SendOp::Send { ref buf, imm } => {
-            let len = buf.len() as u32;
-            // The receive queue's lock is released before a refusal fails
-            // the connection (which flushes that queue).
-            let accepted = responder::accept_send(&mut peer.recvs.lock(), len);
-            let mut recv = match accepted {
-                Ok(recv) => recv,
-                Err(refusal) => return refuse(st, wr, refusal, &peer),
-            };
-            recv.buf.spare_capacity()[..buf.len()].copy_from_slice(buf);
-            peer.cq.push(responder::send_received(recv, len, imm));
-            from.cq.push(completion(wr, WcStatus::Success, len));
-        }
-        SendOp::Write { ref buf, remote, imm } => {
-            let len = buf.len() as u32;
-            let accepted = responder::accept_write(
-                &peer.pd,
-                &mut peer.recvs.lock(),
-                remote.rkey,
-                remote.addr,
-                len.into(),
-                imm.is_some(),
-            );
-            let WriteTarget { mut target, receive } = match accepted {
-                Ok(t) => t,
-                Err(refusal) => return refuse(st, wr, refusal, &peer),
-            };
-            target.as_mut_slice().copy_from_slice(buf);
-            if let (Some(recv), Some(imm)) = (receive, imm) {
-                peer.cq.push(responder::write_received(recv, len, imm));
+    match outcome {
+        Ok(len) => from.cq.push(completion(wr, WcStatus::Success, len)),
+        Err(refusal) => {
+            // The peer's responder refused: the receive it failed completes there.
+            if let Some(receive) = refusal.receive {
+                peer.cq.push(receive);
             }
-            from.cq.push(completion(wr, WcStatus::Success, len));
-        }
-        SendOp::Read { ref buf, remote } => {
-            if !buf.access().contains(Access::LOCAL_WRITE) {
-                return fail(
-                    st,
-                    wr,
-                    WcStatus::LocalProtectionError,
-                    "read into memory without local write".into(),
-                );
-            }
-            let target = match responder::accept_read(&peer.pd, remote.rkey, remote.addr, buf.len() as u64) {
-                Ok(t) => t,
-                Err(refusal) => return refuse(st, wr, refusal, &peer),
-            };
-            let len = buf.len();
-            let mut wr = wr;
-            if let SendOp::Read { buf, .. } = &mut wr.op {
-                buf.copy_from_slice(target.as_slice());
-            }
-            from.cq.push(completion(wr, WcStatus::Success, len as u32));
+            tracing::debug!(qp = from.id, status = %refusal.status, "loopback operation failed: {}", refusal.reason);
+            from.cq.push(completion(wr, refusal.status, 0));
+            break_connection(st, from);
         }
     }
+}
+
+/// A Send into the peer's next posted receive; the bytes sent.
+fn execute_send(peer: &QpCore, buf: &Buf, imm: Option<u32>) -> Result<u32, Refusal> {
+    let len = buf.len() as u32;
+    // The receive queue's lock is released before a refusal fails the
+    // connection (which flushes that queue).
+    let accepted = responder::accept_send(&mut peer.recvs.lock(), len);
+    let mut recv = accepted?;
+    recv.buf.spare_capacity()[..buf.len()].copy_from_slice(buf);
+    peer.cq.push(responder::send_received(recv, len, imm));
+    Ok(len)
+}
+
+/// A Write into the peer's registered memory (with immediate: into a
+/// posted receive's completion too); the bytes written.
+fn execute_write(peer: &QpCore, buf: &Buf, remote: RemoteAddr, imm: Option<u32>) -> Result<u32, Refusal> {
+    let len = buf.len() as u32;
+    let accepted = responder::accept_write(
+        &peer.pd,
+        &mut peer.recvs.lock(),
+        remote.rkey,
+        remote.addr,
+        len.into(),
+        imm.is_some(),
+    );
+    let WriteTarget { mut target, receive } = accepted?;
+    target.as_mut_slice().copy_from_slice(buf);
+    if let (Some(recv), Some(imm)) = (receive, imm) {
+        peer.cq.push(responder::write_received(recv, len, imm));
+    }
+    Ok(len)
+}
+
+/// A Read of the peer's registered memory into `buf`; the bytes read.
+fn execute_read(peer: &QpCore, buf: &mut Buf, remote: RemoteAddr) -> Result<u32, Refusal> {
+    if !buf.access().contains(Access::LOCAL_WRITE) {
+        return Err(Refusal {
+            status: WcStatus::LocalProtectionError,
+            reason: "read into memory without local write".into(),
+            receive: None,
+        });
+    }
+    let target = responder::accept_read(&peer.pd, remote.rkey, remote.addr, buf.len() as u64)?;
+    buf.copy_from_slice(target.as_slice());
+    Ok(buf.len() as u32)
 }
 
 /// A loopback queue pair.
