@@ -51,6 +51,7 @@
 pub mod driver;
 pub mod fuzz;
 pub mod intmap;
+pub mod lease;
 pub mod mr;
 pub mod proto;
 pub mod provider;

@@ -28,12 +28,13 @@
 use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use messaging::intmap::IntMap;
+use messaging::lease::{Aside, Lease};
 use messaging::mr::{Access, Buf, BufPool, ProtectionDomain};
 use messaging::provider::Fabric;
 use messaging::{DirectTarget, Endpoint, ReceivedKind, Ticket};
@@ -118,9 +119,9 @@ pub(crate) struct Queue {
     me: Weak<Queue>,
     /// Held by the thread that reaps.
     reaper: Mutex<()>,
-    /// Bumped whenever a blocked caller reaps: the receiver thread stays
+    /// Renewed whenever a blocked caller reaps: the receiver thread stays
     /// aside for as long as it moves within each `REAP_LEASE`.
-    activity: AtomicU64,
+    lease: Lease,
     /// Blocked callers parked because another thread reaps: the reaper
     /// wakes one when it stops, so that someone keeps reaping for them.
     parked: Mutex<Vec<std::thread::Thread>>,
@@ -228,7 +229,7 @@ impl Queue {
                     state: Arc::new(Mutex::new(State::default())),
                     me: me.clone(),
                     reaper: Mutex::new(()),
-                    activity: AtomicU64::new(0),
+                    lease: Lease::new(REAP_LEASE, 4),
                     parked: Mutex::new(Vec::new()),
                 }),
                 cntlid,

@@ -5,29 +5,22 @@ use super::*;
 
 impl Queue {
     fn renew_lease(&self) {
-        self.activity.fetch_add(1, Ordering::Release);
+        self.lease.renew();
     }
 
     /// The receiver thread: reaps whenever no blocked caller does, until
     /// the channel closes; then fails every command in flight.
     pub(super) fn receive_loop(&self) {
-        let mut seen = 0;
-        // Consecutive stand-asides: the park grows to 16 x REAP_LEASE while
-        // callers keep reaping (each wake-up may preempt a spinning caller).
-        let mut streak = 0u32;
+        // The park grows to 16 x REAP_LEASE while callers keep reaping
+        // (each wake-up may preempt a spinning caller).
+        let mut aside = Aside::default();
         loop {
-            let now = self.activity.load(Ordering::Acquire);
-            if now != seen {
-                seen = now;
-                self.wake_parked();
-                std::thread::park_timeout(REAP_LEASE * (1 << streak.min(4)));
-                streak += 1;
+            if self.lease.stands_aside(&mut aside, false, || self.wake_parked()) {
                 continue;
             }
-            streak = 0;
             // Blocks (without spinning) while a caller reaps.
             let reaper = self.reaper.lock();
-            if self.activity.load(Ordering::Acquire) != seen {
+            if self.lease.callers_active(aside.seen()) {
                 // A caller came by meanwhile, and may have parked because
                 // this thread held the lock: hand the reaping back.
                 drop(reaper);

@@ -27,13 +27,14 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 
 use super::cq::CompletionQueue;
+pub(crate) use crate::lease::Aside;
+use crate::lease::Lease;
 
 /// How long the provider thread stays away after a caller drove.
 pub(crate) const LEASE: Duration = Duration::from_millis(1);
@@ -41,10 +42,10 @@ pub(crate) const LEASE: Duration = Duration::from_millis(1);
 /// The coordination state of a driven queue pair.
 #[derive(Debug)]
 pub(crate) struct Drive {
-    /// Bumped by every caller drive: the provider thread stays parked for
+    /// Renewed by every caller drive: the provider thread stays parked for
     /// as long as it moves within each `LEASE` (no clock read on the
     /// callers' path).
-    activity: AtomicU64,
+    lease: Lease,
     /// The provider thread holds the state lock (only for a non-blocking
     /// pump): a caller that wants to drive waits for it.
     thread_holds: AtomicBool,
@@ -54,19 +55,6 @@ pub(crate) struct Drive {
     kick_pending: AtomicBool,
     kick: UnixStream,
     kicked: UnixStream,
-    /// The `activity` at which a caller last stepped away
-    /// ([`Drive::step_away`]): while `activity` still reads it, no caller
-    /// drives, lease or not, and the provider thread does.
-    away: AtomicU64,
-    /// The provider thread, to end its park early.
-    thread: OnceLock<std::thread::Thread>,
-}
-
-/// The provider thread's view of caller activity.
-#[derive(Debug, Default)]
-pub(crate) struct Aside {
-    seen: u64,
-    streak: u32,
 }
 
 /// What a caller's blocking sleep reports.
@@ -86,45 +74,32 @@ impl Drive {
         kick.set_nonblocking(true)?;
         kicked.set_nonblocking(true)?;
         Ok(Drive {
-            activity: AtomicU64::new(0),
+            lease: Lease::new(LEASE, 5),
             thread_holds: AtomicBool::new(false),
             caller_drives: AtomicBool::new(false),
             kick_pending: AtomicBool::new(false),
             kick,
             kicked,
-            away: AtomicU64::new(u64::MAX),
-            thread: OnceLock::new(),
         })
     }
 
     /// For the provider thread, once at its start: names the thread that
     /// [`Drive::step_away`] unparks.
     pub(crate) fn register_thread(&self) {
-        let _ = self.thread.set(std::thread::current());
+        self.lease.register_fallback();
     }
 
     /// A caller stops driving and sleeps elsewhere: the provider thread
     /// takes over now (see `QueuePair::step_away`).
     pub(crate) fn step_away(&self) {
-        self.away
-            .store(self.activity.load(Ordering::Acquire), Ordering::Release);
-        if let Some(t) = self.thread.get() {
-            t.unpark();
-        }
-    }
-
-    /// Whether callers drove since `seen` and none of them stepped away
-    /// after.
-    fn callers_drive(&self, seen: u64) -> bool {
-        let now = self.activity.load(Ordering::Acquire);
-        now != seen && now != self.away.load(Ordering::Acquire)
+        self.lease.step_away();
     }
 
     /// Counts the caller as driving: the provider thread stays aside. For
     /// a provider whose `poll` reaps the transport itself (verbs), a
     /// polling caller counts too.
     pub(crate) fn renew_lease(&self) {
-        self.activity.fetch_add(1, Ordering::Release);
+        self.lease.renew();
     }
 
     /// Makes a driving caller return (or the next one, if it comes just after).
@@ -222,16 +197,7 @@ impl Drive {
     /// wakes rarely (each wake-up may preempt a spinning caller). A caller
     /// that stepped away since ends the park and the standing aside.
     pub(crate) fn thread_stands_aside(&self, failed: &AtomicBool, aside: &mut Aside) -> bool {
-        let now = self.activity.load(Ordering::Acquire);
-        if !self.callers_drive(aside.seen) || failed.load(Ordering::Acquire) {
-            aside.seen = now;
-            aside.streak = 0;
-            return false;
-        }
-        aside.seen = now;
-        std::thread::park_timeout(LEASE * (1 << aside.streak.min(5)));
-        aside.streak += 1;
-        true
+        self.lease.stands_aside(aside, failed.load(Ordering::Acquire), || {})
     }
 
     /// For the provider thread: one non-blocking round under the state
@@ -245,7 +211,7 @@ impl Drive {
     ) -> Option<T> {
         // Blocks (without spinning) while a caller drives.
         let mut guard = state.lock();
-        if self.callers_drive(aside.seen) && !failed.load(Ordering::Acquire) {
+        if self.lease.callers_active(aside.seen()) && !failed.load(Ordering::Acquire) {
             return None;
         }
         self.thread_holds.store(true, Ordering::Release);
