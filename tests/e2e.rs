@@ -554,3 +554,58 @@ fn one_backing_file_serves_one_namespace() {
     assert!(err.contains("in use"), "{err}");
     assert!(d.stop().success(), "the first daemon still runs and stops cleanly");
 }
+
+#[test]
+fn masked_namespaces_follow_the_configuration_across_reloads() {
+    const A: &str = "nqn.2026-12.io.chanio:e2e-host-a";
+    const B: &str = "nqn.2026-12.io.chanio:e2e-host-b";
+    let scratch = Scratch::new("masking");
+    let cfg = scratch.path("iounit.toml");
+    let masked = |hosts: &str| {
+        format!("[[namespace]]\nbackend = \"ram:1MiB\"\n[[namespace]]\nbackend = \"ram:1MiB\"\nhosts = [{hosts}]\n")
+    };
+    std::fs::write(&cfg, masked(&format!("\"{A}\""))).unwrap();
+    let mut cmd = Command::new(common::binary("iounitd"));
+    cmd.args(["--config", cfg.to_str().unwrap(), "--listen", "tcp://127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let d = Daemon::spawn(cmd);
+    let sees = |host: &str, nsid: &str| {
+        hostctl(&d.uri, &["--hostnqn", host, "identify", "--ns", nsid], None)
+            .0
+            .status
+            .success()
+    };
+    assert!(sees(A, "1") && sees(A, "2"), "host A sees both namespaces");
+    assert!(sees(B, "1"), "host B sees the unmasked namespace");
+    let (out, _) = hostctl(&d.uri, &["--hostnqn", B, "identify", "--ns", "2"], None);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Invalid Namespace"),
+        "to host B the masked namespace does not exist"
+    );
+    // The mask moves to B by a reload, without re-creating the namespace.
+    let data = pattern(512, 4);
+    let (out, _) = hostctl(
+        &d.uri,
+        &["--hostnqn", A, "write", "--ns", "2", "--lba", "0"],
+        Some(&data),
+    );
+    ok(&out);
+    std::fs::write(&cfg, masked(&format!("\"{B}\""))).unwrap();
+    d.signal("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sees(B, "2") {
+        assert!(
+            Instant::now() < deadline,
+            "the reload never showed namespace 2 to host B"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!sees(A, "2"), "host A lost it");
+    let (out, _) = hostctl(
+        &d.uri,
+        &["--hostnqn", B, "read", "--ns", "2", "--lba", "0", "--blocks", "1"],
+        None,
+    );
+    assert_eq!(ok(&out), data, "the data stayed");
+}

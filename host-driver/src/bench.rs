@@ -190,6 +190,9 @@ impl fmt::Display for BenchReport {
 /// # Errors
 /// [`HostError::InvalidArgument`] for a bad configuration; the first I/O
 /// error stops the run and is returned.
+//
+// Long: the workload's set-up, its submitting threads and the report read
+// best in one place.
 pub fn run(host: &Host, cfg: &BenchConfig, progress: &dyn Fn(Duration, u64)) -> Result<BenchReport, HostError> {
     let ns = host
         .namespaces()?

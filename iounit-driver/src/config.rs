@@ -19,12 +19,15 @@
 //! [[namespace]]
 //! nsid = 3                                 # optional explicit NSID
 //! backend = "file:/var/lib/chanio/disk.img:1GiB"
+//! hosts = ["nqn.2014-08.org.nvmexpress:uuid:..."]  # masking: only these
+//!                                          # hosts see it (default: all)
 //! ```
 //!
 //! On SIGHUP the daemon re-reads the file and attaches or detaches
 //! namespaces to match it (namespace hot-plug, [`plan_reload`]), except
 //! that a RAM namespace is never replaced by another RAM spec at its NSID
-//! (its data would be lost); other settings need a restart.
+//! (its data would be lost), and applies each namespace's `hosts`; other
+//! settings need a restart.
 
 use std::path::Path;
 
@@ -41,6 +44,8 @@ pub struct NamespaceEntry {
     pub nsid: Option<u32>,
     /// What stores it.
     pub spec: BackendSpec,
+    /// The host NQNs that see it; empty: every allowed host.
+    pub hosts: Vec<String>,
 }
 
 /// A loaded configuration: target settings plus the namespaces.
@@ -110,6 +115,8 @@ struct File {
 struct Namespace {
     nsid: Option<u32>,
     backend: String,
+    #[serde(default)]
+    hosts: Vec<String>,
 }
 
 /// Who may connect over shm: the users and groups listed, or, when none
@@ -153,7 +160,11 @@ pub fn parse(text: &str, origin: &str) -> Result<DaemonConfig, ConfigError> {
             path: origin.to_string(),
             message: format!("namespace #{}: {m}", i + 1),
         })?;
-        namespaces.push(NamespaceEntry { nsid: ns.nsid, spec });
+        namespaces.push(NamespaceEntry {
+            nsid: ns.nsid,
+            spec,
+            hosts: ns.hosts.clone(),
+        });
     }
     Ok(DaemonConfig {
         target: TargetConfig {
@@ -243,6 +254,35 @@ pub fn plan_reload<'a>(
     plan
 }
 
+/// Which entry of `wanted` each attached namespace is: an entry with an
+/// NSID is the namespace at that NSID (when the spec matches); the others,
+/// in file order, take the lowest attached NSID with their spec not taken
+/// yet (the order in which they were attached). A namespace no entry
+/// names is missing from the map.
+pub fn assign<'a>(
+    attached: &std::collections::BTreeMap<u32, BackendSpec>,
+    wanted: &'a [NamespaceEntry],
+) -> std::collections::BTreeMap<u32, &'a NamespaceEntry> {
+    let mut out = std::collections::BTreeMap::new();
+    for w in wanted {
+        if let Some(nsid) = w.nsid {
+            if attached.get(&nsid) == Some(&w.spec) {
+                out.insert(nsid, w);
+            }
+        }
+    }
+    for w in wanted.iter().filter(|w| w.nsid.is_none()) {
+        let free = attached
+            .iter()
+            .find(|(nsid, spec)| **spec == w.spec && !out.contains_key(*nsid))
+            .map(|(nsid, _)| *nsid);
+        if let Some(nsid) = free {
+            out.insert(nsid, w);
+        }
+    }
+    out
+}
+
 fn is_ram(spec: &BackendSpec) -> bool {
     matches!(spec, BackendSpec::Ram { .. })
 }
@@ -256,6 +296,7 @@ mod tests {
             .map(|&(nsid, spec)| NamespaceEntry {
                 nsid,
                 spec: spec.parse().expect("spec"),
+                hosts: Vec::new(),
             })
             .collect()
     }
@@ -296,6 +337,20 @@ mod tests {
     }
 
     #[test]
+    fn each_namespace_is_matched_to_one_entry() {
+        let now = attached(&[(1, "ram:1MiB"), (2, "ram:1MiB"), (7, "ram:2MiB")]);
+        let mut wanted = entries(&[(None, "ram:1MiB"), (None, "ram:1MiB"), (Some(7), "ram:2MiB")]);
+        wanted[1].hosts = vec!["nqn.2026-11.io.chanio:b".into()];
+        let map = assign(&now, &wanted);
+        assert!(std::ptr::eq(map[&1], &wanted[0]) && std::ptr::eq(map[&2], &wanted[1]));
+        assert!(std::ptr::eq(map[&7], &wanted[2]));
+        // An entry whose spec changed names no namespace.
+        let changed = entries(&[(None, "ram:1MiB"), (Some(7), "ram:4MiB")]);
+        let map = assign(&now, &changed);
+        assert_eq!(map.keys().copied().collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
     fn full_file_parses() {
         let cfg = parse(
             r#"
@@ -309,6 +364,7 @@ mod tests {
             [[namespace]]
             nsid = 7
             backend = "ram:1MiB:4096"
+            hosts = ["nqn.2026-11.io.chanio:host1"]
             "#,
             "test.toml",
         )
@@ -318,6 +374,8 @@ mod tests {
         assert_eq!(cfg.target.workers, 16);
         assert_eq!(cfg.namespaces.len(), 2);
         assert_eq!(cfg.namespaces[1].nsid, Some(7));
+        assert!(cfg.namespaces[0].hosts.is_empty(), "unmasked by default");
+        assert_eq!(cfg.namespaces[1].hosts, ["nqn.2026-11.io.chanio:host1"]);
     }
 
     #[test]

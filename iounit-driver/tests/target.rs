@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use iounit::nvme::{
     AsyncEvent, Cns, CommandId, Connect, ConnectData, ConnectResponse, Cqe, FeatureId, HostId, IdentifyController,
-    IdentifyNamespace, KeepAliveTimer, Nqn, Nsid, Sgl, Sqe, Status,
+    IdentifyNamespace, KeepAliveTimer, NamespaceList, Nqn, Nsid, Sgl, Sqe, Status,
 };
 use iounit::target::{Target, TargetConfig, DEFAULT_NQN};
 use iounit::transport;
@@ -423,4 +423,61 @@ fn refused_pushed_writes_complete_with_their_status_and_keep_the_channel() {
     sqe.set_sgl(&Sgl::DataBlockOffset { offset: 0, len: 512 }).unwrap();
     assert!(io.exchange(&sqe, &[1; 512]).status().is_success());
     t.shutdown();
+}
+
+/// The namespaces host `h` sees (Identify, active namespace list).
+fn active_namespaces(h: &mut RawHost) -> Vec<u32> {
+    let cid = h.next();
+    let (cqe, data) = h.fetch(Sqe::identify(cid, Cns::ActiveNamespaceList, Nsid(0)), 4096);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    let list = NamespaceList::decode(&data.expect("the list")).expect("a namespace list");
+    list.nsids().iter().map(|n| n.0).collect()
+}
+
+#[test]
+fn a_masked_namespace_is_seen_only_by_its_hosts() {
+    const OTHER: &str = "nqn.2026-11.io.chanio:other-host";
+    let t = target();
+    t.set_namespace_hosts(2, &[HOST.to_string()]).unwrap();
+    let mut mine = RawHost::connect(&t, 0, 0, None).unwrap();
+    assert_eq!(active_namespaces(&mut mine), [1, 2]);
+    let mut other = RawHost::connect_as(&t, 0, 0, None, 10_000, OTHER).unwrap();
+    assert_eq!(active_namespaces(&mut other), [1]);
+    // To the other host the masked namespace does not exist: Identify and
+    // I/O get Invalid Namespace, and nothing is pushed.
+    let cid = other.next();
+    let (cqe, data) = other.fetch(Sqe::identify(cid, Cns::Namespace, Nsid(2)), 4096);
+    assert!(cqe.status().same_code(Status::INVALID_NAMESPACE), "{}", cqe.status());
+    assert!(data.is_none());
+    let mut io = RawHost::connect_as(&t, 1, other.cntlid, Some(other.fabric.clone()), 10_000, OTHER).unwrap();
+    let cid = io.next();
+    let (cqe, data) = io.fetch(Sqe::read(cid, Nsid(2), 0, 1).unwrap(), 4096);
+    assert!(cqe.status().same_code(Status::INVALID_NAMESPACE), "{}", cqe.status());
+    assert!(data.is_none());
+    let cid = io.next();
+    let mut sqe = Sqe::write(cid, Nsid(2), 0, 1).unwrap();
+    sqe.set_sgl(&Sgl::DataBlockOffset { offset: 0, len: 4096 }).unwrap();
+    assert!(io
+        .exchange(&sqe, &[0xaa; 4096])
+        .status()
+        .same_code(Status::INVALID_NAMESPACE));
+    let cid = io.next();
+    let (cqe, _) = io.fetch(Sqe::read(cid, Nsid(1), 0, 1).unwrap(), 512);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    // Unmasked: the same queue sees it now (its cache follows the masks).
+    t.set_namespace_hosts(2, &[]).unwrap();
+    assert_eq!(active_namespaces(&mut other), [1, 2]);
+    let cid = io.next();
+    let (cqe, data) = io.fetch(Sqe::read(cid, Nsid(2), 0, 1).unwrap(), 4096);
+    assert!(cqe.status().is_success(), "{}", cqe.status());
+    assert!(data.is_some());
+    // Masked again, to someone else: both lose it at once.
+    t.set_namespace_hosts(2, &["nqn.2026-11.io.chanio:third".to_string()])
+        .unwrap();
+    assert_eq!(active_namespaces(&mut mine), [1]);
+    let cid = io.next();
+    let (cqe, _) = io.fetch(Sqe::read(cid, Nsid(2), 0, 1).unwrap(), 4096);
+    assert!(cqe.status().same_code(Status::INVALID_NAMESPACE), "{}", cqe.status());
+    // A malformed host NQN is refused.
+    assert!(t.set_namespace_hosts(2, &["not an NQN".to_string()]).is_err());
 }

@@ -233,6 +233,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     result
 }
 
+/// Runs one subcommand. Long: one arm per subcommand, each a few lines.
 fn command(host: &Host, command: Command) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
     match command {

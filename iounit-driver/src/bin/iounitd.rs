@@ -118,7 +118,11 @@ fn settings(args: &Args) -> Res<DaemonConfig> {
             .iter()
             .map(|s| {
                 s.parse::<BackendSpec>()
-                    .map(|spec| NamespaceEntry { nsid: None, spec })
+                    .map(|spec| NamespaceEntry {
+                        nsid: None,
+                        spec,
+                        hosts: Vec::new(),
+                    })
                     .map_err(|m| format!("--ns {s}: {m}"))
             })
             .collect::<Result<_, _>>()?;
@@ -211,12 +215,18 @@ fn run(args: Args) -> Res<()> {
     Ok(())
 }
 
+/// Attaches `ns`, masked first (so that it never shows to a host it is
+/// masked from): at its NSID, or the lowest one free.
 fn attach(target: &Target, ns: &NamespaceEntry, attached: &mut BTreeMap<u32, BackendSpec>) -> Res<u32> {
     let backend = backend::open(&ns.spec).map_err(|e| format!("namespace {}: {e}", ns.spec))?;
-    let nsid = target
-        .registry()
-        .attach(ns.nsid, backend)
-        .map_err(|e| format!("namespace {}: {e}", ns.spec))?;
+    let nsid = ns
+        .nsid
+        .unwrap_or_else(|| (1..).find(|n| !attached.contains_key(n)).unwrap_or(u32::MAX));
+    target.set_namespace_hosts(nsid, &ns.hosts)?;
+    if let Err(e) = target.registry().attach(Some(nsid), backend) {
+        target.set_namespace_hosts(nsid, &[])?;
+        return Err(format!("namespace {}: {e}", ns.spec).into());
+    }
     attached.insert(nsid, ns.spec.clone());
     Ok(nsid)
 }
@@ -225,8 +235,13 @@ fn attach(target: &Target, ns: &NamespaceEntry, attached: &mut BTreeMap<u32, Bac
 /// never by replacing a RAM namespace, whose data that would discard.
 fn resync(target: &Target, wanted: &[NamespaceEntry], attached: &mut BTreeMap<u32, BackendSpec>) {
     let plan = config::plan_reload(attached, wanted);
-    for (_, _, why) in &plan.refused {
+    // A namespace kept because its replacement was refused takes the
+    // hosts of the entry that wanted to replace it: a mask is never lost
+    // by a refused reload.
+    let mut kept_hosts: BTreeMap<u32, &[String]> = BTreeMap::new();
+    for (nsid, w, why) in &plan.refused {
         tracing::error!("reload: {why}");
+        kept_hosts.insert(*nsid, &w.hosts);
     }
     for nsid in plan.detach {
         let ram = matches!(attached.get(&nsid), Some(BackendSpec::Ram { .. }));
@@ -236,11 +251,25 @@ fn resync(target: &Target, wanted: &[NamespaceEntry], attached: &mut BTreeMap<u3
             Err(e) => tracing::warn!(nsid, "detach: {e}"),
         }
         attached.remove(&nsid);
+        if let Err(e) = target.set_namespace_hosts(nsid, &[]) {
+            tracing::warn!(nsid, "unmask: {e}");
+        }
     }
     for w in plan.attach {
         match attach(target, w, attached) {
             Ok(nsid) => tracing::info!(nsid, spec = %w.spec, "namespace attached by reload"),
             Err(e) => tracing::error!("{e}"),
+        }
+    }
+    // Namespaces kept as they were take the hosts the file names now.
+    let assigned = config::assign(attached, wanted);
+    for &nsid in attached.keys() {
+        let hosts = match assigned.get(&nsid) {
+            Some(w) => &w.hosts[..],
+            None => kept_hosts.get(&nsid).copied().unwrap_or_default(),
+        };
+        if let Err(e) = target.set_namespace_hosts(nsid, hosts) {
+            tracing::error!(nsid, "reload: {e}");
         }
     }
 }

@@ -87,6 +87,40 @@ impl Default for TargetConfig {
     }
 }
 
+impl TargetConfig {
+    /// Checks the settings; the subsystem NQN, parsed.
+    fn check(&self) -> Result<Nqn, TargetError> {
+        let cfg = self;
+        let nqn = Nqn::new(cfg.nqn.clone()).map_err(|e| TargetError::Config(format!("subsystem NQN: {e}")))?;
+        for host in &cfg.allowed_hosts {
+            Nqn::new(host.clone()).map_err(|e| TargetError::Config(format!("allowed host {host:?}: {e}")))?;
+        }
+        if cfg.listen.is_empty() {
+            return Err(TargetError::Config("no listen address".into()));
+        }
+        if cfg.max_queue_depth < 2 || cfg.max_queue_depth > transport::MAX_QUEUE_DEPTH {
+            return Err(TargetError::Config(format!(
+                "queue depth {} outside 2..={}",
+                cfg.max_queue_depth,
+                transport::MAX_QUEUE_DEPTH
+            )));
+        }
+        if cfg.workers == 0 {
+            return Err(TargetError::Config("workers must be at least 1".into()));
+        }
+        if cfg.max_io_queues == 0 {
+            return Err(TargetError::Config("max I/O queues must be at least 1".into()));
+        }
+        if cfg.max_connections_per_address == 0 {
+            return Err(TargetError::Config("connections per address must be at least 1".into()));
+        }
+        if cfg.max_controllers_per_host == 0 {
+            return Err(TargetError::Config("controllers per host must be at least 1".into()));
+        }
+        Ok(nqn)
+    }
+}
+
 /// Errors starting a target.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -143,6 +177,12 @@ pub(crate) struct Shared {
     threads: Mutex<Vec<JoinHandle<()>>>,
     uris: Vec<String>,
     listeners: Mutex<Vec<Arc<dyn Listener>>>,
+    /// Namespace masking: the host NQNs each masked namespace is visible
+    /// to (a namespace not named here is visible to every allowed host).
+    masks: parking_lot::RwLock<HashMap<u32, Vec<String>>>,
+    /// Bumped on every change of `masks`, so that queues can cache what
+    /// they looked up.
+    pub(crate) mask_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Target {
@@ -152,32 +192,7 @@ impl Target {
     /// Bad configuration, a namespace that cannot be opened, a listener that
     /// cannot bind.
     pub fn start(cfg: TargetConfig) -> Result<Target, TargetError> {
-        let nqn = Nqn::new(cfg.nqn.clone()).map_err(|e| TargetError::Config(format!("subsystem NQN: {e}")))?;
-        for host in &cfg.allowed_hosts {
-            Nqn::new(host.clone()).map_err(|e| TargetError::Config(format!("allowed host {host:?}: {e}")))?;
-        }
-        if cfg.listen.is_empty() {
-            return Err(TargetError::Config("no listen address".into()));
-        }
-        if cfg.max_queue_depth < 2 || cfg.max_queue_depth > transport::MAX_QUEUE_DEPTH {
-            return Err(TargetError::Config(format!(
-                "queue depth {} outside 2..={}",
-                cfg.max_queue_depth,
-                transport::MAX_QUEUE_DEPTH
-            )));
-        }
-        if cfg.workers == 0 {
-            return Err(TargetError::Config("workers must be at least 1".into()));
-        }
-        if cfg.max_io_queues == 0 {
-            return Err(TargetError::Config("max I/O queues must be at least 1".into()));
-        }
-        if cfg.max_connections_per_address == 0 {
-            return Err(TargetError::Config("connections per address must be at least 1".into()));
-        }
-        if cfg.max_controllers_per_host == 0 {
-            return Err(TargetError::Config("controllers per host must be at least 1".into()));
-        }
+        let nqn = cfg.check()?;
         let registry = Registry::new();
         for spec in &cfg.namespaces {
             let backend = backend::open(spec).map_err(|source| TargetError::Namespace {
@@ -220,6 +235,8 @@ impl Target {
             threads: Mutex::new(Vec::new()),
             uris,
             listeners: Mutex::new(listeners.clone()),
+            masks: parking_lot::RwLock::new(HashMap::new()),
+            mask_generation: std::sync::atomic::AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&shared);
         shared.registry.subscribe(move |event| {
@@ -241,6 +258,28 @@ impl Target {
     /// The addresses hosts connect to, e.g. `tcp://127.0.0.1:4520`.
     pub fn local_uris(&self) -> Vec<String> {
         self.shared.uris.clone()
+    }
+
+    /// Masks namespace `nsid`: only the hosts named in `hosts` see it (in
+    /// the active namespace list, in Identify, and for I/O, which others
+    /// get Invalid Namespace for, as for a namespace that does not exist).
+    /// An empty list shows it to every allowed host again. It may be set
+    /// before the namespace is attached, so that it never shows unmasked.
+    ///
+    /// # Errors
+    /// [`TargetError::Config`] when a host NQN is malformed.
+    pub fn set_namespace_hosts(&self, nsid: u32, hosts: &[String]) -> Result<(), TargetError> {
+        for host in hosts {
+            Nqn::new(host.clone()).map_err(|e| TargetError::Config(format!("namespace {nsid}: host {host:?}: {e}")))?;
+        }
+        let mut masks = self.shared.masks.write();
+        if hosts.is_empty() {
+            masks.remove(&nsid);
+        } else {
+            masks.insert(nsid, hosts.to_vec());
+        }
+        self.shared.mask_generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     /// The namespace registry (attach and detach at run time here).
@@ -493,6 +532,22 @@ impl Shared {
 
     pub(crate) fn host_allowed(&self, hostnqn: &str) -> bool {
         self.cfg.allowed_hosts.is_empty() || self.cfg.allowed_hosts.iter().any(|h| h == hostnqn)
+    }
+
+    /// Whether namespace `nsid` is visible to `hostnqn` (masking).
+    pub(crate) fn visible(&self, nsid: u32, hostnqn: &str) -> bool {
+        self.masks
+            .read()
+            .get(&nsid)
+            .is_none_or(|hosts| hosts.iter().any(|h| h == hostnqn))
+    }
+
+    /// The attached namespaces `hostnqn` sees, in order.
+    pub(crate) fn visible_nsids(&self, hostnqn: &str) -> Vec<u32> {
+        let masks = self.masks.read();
+        let mut nsids = self.registry.nsids();
+        nsids.retain(|n| masks.get(n).is_none_or(|hosts| hosts.iter().any(|h| h == hostnqn)));
+        nsids
     }
 
     fn namespace_changed(&self, event: &RegistryEvent) {

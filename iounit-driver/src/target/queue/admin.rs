@@ -68,6 +68,9 @@ impl Queue {
     fn identify(&mut self, sqe: &Sqe) -> Result<Outcome, QueueError> {
         let data = match sqe.identify_cns() {
             Ok(Cns::Controller) => self.identify_controller().encode(),
+            Ok(Cns::Namespace) if !self.visible(sqe.nsid.0) => {
+                return Ok(Outcome::status(Status::INVALID_NAMESPACE.with_dnr()))
+            }
             Ok(Cns::Namespace) => match self.shared.registry.get(sqe.nsid.0) {
                 Some(ns) => {
                     let geo = ns.geometry();
@@ -79,7 +82,7 @@ impl Queue {
                 None => return Ok(Outcome::status(Status::INVALID_NAMESPACE.with_dnr())),
             },
             Ok(Cns::ActiveNamespaceList) => {
-                let active = self.shared.registry.nsids().into_iter().map(Nsid);
+                let active = self.shared.visible_nsids(&self.ctrl.hostnqn).into_iter().map(Nsid);
                 NamespaceList::active_after(active, sqe.nsid).encode()
             }
             _ => return Ok(Outcome::status(Status::INVALID_FIELD.with_dnr())),

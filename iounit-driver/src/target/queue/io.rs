@@ -50,6 +50,10 @@ impl Queue {
         if op == IoOpcode::Flush && sqe.nsid == Nsid::BROADCAST {
             return Ok(self.flush_all());
         }
+        // A namespace masked from this host is, to it, one that does not exist.
+        if !self.visible(sqe.nsid.0) {
+            return Ok(Outcome::status(Status::INVALID_NAMESPACE.with_dnr()));
+        }
         let Some(ns) = self.shared.registry.get_cached(&mut self.namespaces, sqe.nsid.0) else {
             return Ok(Outcome::status(Status::INVALID_NAMESPACE.with_dnr()));
         };
@@ -63,9 +67,9 @@ impl Queue {
         })
     }
 
-    /// Flush of every namespace.
+    /// Flush of every namespace this host sees.
     fn flush_all(&self) -> Outcome {
-        for nsid in self.shared.registry.nsids() {
+        for nsid in self.shared.visible_nsids(&self.ctrl.hostnqn) {
             if let Some(ns) = self.shared.registry.get(nsid) {
                 if let Err(e) = ns.flush() {
                     return Outcome::status(block_status(&e));

@@ -223,6 +223,9 @@ struct Queue {
     staging: Staging,
     /// The namespace this queue's commands addressed last.
     namespaces: NamespaceCache,
+    /// Whether the host sees the namespace it addressed last: (NSID, the
+    /// masks' generation, visible).
+    visible: Option<(u32, u64, bool)>,
     /// The queue's io_uring and the waker that ends its sleep, made at the
     /// first request for a namespace with files.
     ring: Option<(Ring<Io>, Waker)>,
@@ -261,6 +264,7 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
         awaiting: VecDeque::new(),
         staging,
         namespaces: NamespaceCache::default(),
+        visible: None,
         ring: None,
     };
     if qid > 0 {
@@ -425,6 +429,20 @@ impl Queue {
             }),
             Outcome::Start(Start::Flush { ns }) => State::Storage(Io::Flush { cid, _ns: ns }),
         })
+    }
+
+    /// Whether this queue's host sees namespace `nsid` (masking), cached
+    /// until the masks change.
+    fn visible(&mut self, nsid: u32) -> bool {
+        let generation = self.shared.mask_generation.load(Ordering::Acquire);
+        match self.visible {
+            Some((n, g, v)) if n == nsid && g == generation => v,
+            _ => {
+                let v = self.shared.visible(nsid, &self.ctrl.hostnqn);
+                self.visible = Some((nsid, generation, v));
+                v
+            }
+        }
     }
 
     /// Sends the command's response capsule.

@@ -161,7 +161,9 @@ pub(super) fn start(
 
 impl ShmQp {
     /// Posts `wrs` (with their `placements`, one each, when some were
-    /// placed) as one batch into the outgoing ring.
+    /// placed) as one batch into the outgoing ring. Long: each request's
+    /// local checks, its ring entry and the batch's push, under the one
+    /// state lock.
     fn post(&self, wrs: &mut Vec<SendWr>, mut placements: Option<&mut Vec<Option<u64>>>) -> Result<(), FabricError> {
         let shared = &self.shared;
         let mut st = shared.state.lock();

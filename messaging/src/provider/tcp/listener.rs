@@ -128,6 +128,9 @@ pub(super) const HELLO_EVICTABLE_AFTER: Duration = Duration::from_millis(100);
 /// Most hellos awaited from one source address.
 pub(crate) const MAX_HANDSHAKES_PER_ADDRESS: usize = 16;
 
+/// The listener's thread: accepts connections and hands each hello to a
+/// handshake thread, within the listener's limits. Long: one poll loop
+/// with its accept, eviction and shutdown cases side by side.
 pub(super) fn accept_loop(
     mut poll: Poll,
     listener: mio::net::TcpListener,

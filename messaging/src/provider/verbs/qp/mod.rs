@@ -332,6 +332,8 @@ impl std::fmt::Debug for VerbsQp {
 }
 
 impl QueuePair for VerbsQp {
+    // Long: the checks, the descriptors and the post of one batch, and what
+    // a refused post leaves, all under the one state lock.
     fn post_send(&self, wrs: &mut Vec<SendWr>) -> Result<(), FabricError> {
         let shared = &self.shared;
         let mut st = shared.state.lock();
