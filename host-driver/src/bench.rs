@@ -200,7 +200,7 @@ pub fn run(host: &Host, cfg: &BenchConfig, progress: &dyn Fn(Duration, u64)) -> 
         .find(|n| n.nsid == cfg.nsid)
         .ok_or_else(|| HostError::InvalidArgument(format!("namespace {} is not active", cfg.nsid.0)))?;
     let bs = ns.block_size as usize;
-    if cfg.block_size == 0 || !cfg.block_size.is_multiple_of(bs) {
+    if cfg.block_size == 0 || cfg.block_size % bs != 0 {
         return Err(HostError::InvalidArgument(format!(
             "I/O size {} is not a whole number of {bs}-byte blocks",
             cfg.block_size

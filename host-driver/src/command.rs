@@ -276,7 +276,7 @@ pub(crate) fn blocks_in(len: usize, block_size: u32) -> Result<u32, HostError> {
     if len == 0 {
         return Err(HostError::InvalidArgument("no data (0 bytes)".into()));
     }
-    if !len.is_multiple_of(bs) {
+    if len % bs != 0 {
         return Err(HostError::InvalidArgument(format!(
             "{len} bytes is not a whole number of {bs}-byte blocks"
         )));

@@ -121,7 +121,7 @@ impl fmt::Display for Bytes {
         const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
         let mut unit = 0;
         let mut v = self.0;
-        while v >= 1024 && v.is_multiple_of(1024) && unit < UNITS.len() - 1 {
+        while v >= 1024 && v % 1024 == 0 && unit < UNITS.len() - 1 {
             v /= 1024;
             unit += 1;
         }

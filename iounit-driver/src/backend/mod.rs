@@ -187,7 +187,7 @@ impl<T: BlockIo + WriteZeroes + Discard> BlockBackend for T {}
 /// `InvalidArgument` for misalignment, `OutOfRange` past the end.
 pub fn check_range(geo: Geometry, offset: u64, len: u64) -> Result<(), BlockError> {
     let bs = u64::from(geo.block_size);
-    if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+    if offset % bs != 0 || len % bs != 0 {
         return Err(BlockError::new(
             ErrorKind::InvalidArgument,
             format!("{len} bytes at {offset} are not aligned to {bs}-byte blocks"),

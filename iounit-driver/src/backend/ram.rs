@@ -36,7 +36,7 @@ impl RamBackend {
                 format!("block size {block_size}: use 512 or 4096"),
             ));
         }
-        if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
+        if size == 0 || size % u64::from(block_size) != 0 {
             return Err(BlockError::new(
                 ErrorKind::Open,
                 format!("RAM size {size} is not a positive multiple of {block_size}"),

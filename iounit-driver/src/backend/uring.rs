@@ -65,13 +65,7 @@ impl Files {
     /// goes through: the `O_DIRECT` one when everything is aligned.
     pub(crate) fn pick(&self, offset: u64, buf: *const u8, len: usize) -> &File {
         match &self.direct {
-            Some(d)
-                if offset.is_multiple_of(ALIGN as u64)
-                    && len.is_multiple_of(ALIGN)
-                    && (buf as usize).is_multiple_of(ALIGN) =>
-            {
-                d
-            }
+            Some(d) if offset % (ALIGN as u64) == 0 && len % ALIGN == 0 && (buf as usize) % ALIGN == 0 => d,
             _ => &self.buffered,
         }
     }

@@ -385,7 +385,7 @@ impl Ring {
 
 /// A header word of the ring at `base`.
 fn header_word(map: &Mapping, base: usize, offset: usize) -> &AtomicU64 {
-    assert!(offset < HEADER_BYTES && offset.is_multiple_of(64), "not a header word");
+    assert!(offset < HEADER_BYTES && offset % 64 == 0, "not a header word");
     // SAFETY: `offset` is a line of the header page, inside the mapping
     // (`Ring::new` and `Gate::new` check the ring fits) and 8-aligned
     // (page-aligned base); the memory is shared with the peer only through
