@@ -609,3 +609,37 @@ fn masked_namespaces_follow_the_configuration_across_reloads() {
     );
     assert_eq!(ok(&out), data, "the data stayed");
 }
+
+#[test]
+fn logs_carry_no_colour_codes_off_a_terminal_and_json_on_request() {
+    // stderr is a pipe here: the default writes plain text.
+    let d = Daemon::start(&["--ns", "ram:1MiB"]);
+    d.wait_log("namespace attached", Duration::from_secs(10));
+    let log = d.log.lock().unwrap().clone();
+    assert!(!log.contains('\u{1b}'), "colour codes in a piped log: {log:?}");
+    drop(d);
+    // --log-format json: one JSON object per line; --pidfile: the PID,
+    // removed when the daemon stops.
+    let scratch = Scratch::new("json-log");
+    let pidfile = scratch.path("iounitd.pid");
+    let d = Daemon::start(&[
+        "--ns",
+        "ram:1MiB",
+        "--log-format",
+        "json",
+        "--pidfile",
+        pidfile.to_str().unwrap(),
+    ]);
+    d.wait_log("namespace attached", Duration::from_secs(10));
+    let pid = std::fs::read_to_string(&pidfile).expect("the pidfile exists once it listens");
+    assert_eq!(pid.trim(), d.pid().to_string());
+    let log = d.log.lock().unwrap().clone();
+    for line in log.lines().filter(|l| !l.is_empty()) {
+        assert!(
+            line.starts_with('{') && line.ends_with('}') && line.contains("\"level\":\"INFO\""),
+            "not a JSON log line: {line}"
+        );
+    }
+    assert!(d.stop().success());
+    assert!(!pidfile.exists(), "the pidfile goes with a clean stop");
+}

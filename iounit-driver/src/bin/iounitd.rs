@@ -2,9 +2,9 @@
 //! library's target; all behaviour lives in the `iounit` crate.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,16 +80,61 @@ struct Args {
     /// Let every local user in on shm:// listeners.
     #[arg(long)]
     shm_allow_any_user: bool,
+    /// Log lines on stderr: text (coloured only on a terminal, so journald
+    /// and files get none), plain text, or one JSON object per line.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "auto")]
+    log_format: LogFormat,
+    /// Write the daemon's process ID here once it listens; removed when it
+    /// stops cleanly.
+    #[arg(long, value_name = "FILE")]
+    pidfile: Option<PathBuf>,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Text, coloured when stderr is a terminal.
+    Auto,
+    /// Text without colours.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(false).init(),
+        LogFormat::Auto => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// The pidfile, removed when the daemon stops cleanly.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: &Path) -> Res<PidFile> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot write the pidfile {}: {e}", path.display()))?;
+        Ok(PidFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    init_logging(args.log_format);
     if let Err(e) = run(args) {
         eprintln!("iounitd: {e}");
         let mut source = e.source();
@@ -185,6 +230,7 @@ fn run(args: Args) -> Res<()> {
         signal_hook::low_level::pipe::register(sig, wake_tx.try_clone()?)?;
     }
     drop(wake_tx);
+    let _pidfile = args.pidfile.as_deref().map(PidFile::write).transpose()?;
     {
         let mut out = std::io::stdout().lock();
         for uri in target.local_uris() {
