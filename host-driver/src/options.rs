@@ -1,6 +1,7 @@
 //! Connection options and target URIs.
 
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -26,8 +27,9 @@ pub const MAX_IO_QUEUES: u16 = 64;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostOptions {
-    /// This host's NQN, sent in every Connect. The default is derived from
-    /// the machine's hostname (see [`default_hostnqn`]).
+    /// This host's NQN, sent in every Connect. The default is the
+    /// machine's `/etc/nvme/hostnqn`, or one derived from its hostname (see
+    /// [`default_hostnqn`]).
     pub hostnqn: String,
     /// The subsystem to connect to.
     pub subnqn: String,
@@ -251,16 +253,32 @@ impl FromStr for TargetUri {
     }
 }
 
-/// The default host NQN: `nqn.2014-08.org.nvmexpress:uuid:` and a stable
-/// UUID-shaped hash of the machine's hostname, so that one machine always
-/// presents the same identity.
+/// Where nvme-cli keeps the machine's host NQN and host ID.
+const NVME_DIR: &str = "/etc/nvme";
+
+/// The default host NQN: the machine's, as nvme-cli keeps it in
+/// `/etc/nvme/hostnqn`; without that file, `nqn.2014-08.org.nvmexpress:uuid:`
+/// and a stable UUID-shaped hash of the machine's hostname, so that one
+/// machine always presents the same identity.
 pub fn default_hostnqn() -> String {
-    format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid_text(&host_uuid(&hostname())))
+    system_identity(Path::new(NVME_DIR))
+        .0
+        .unwrap_or_else(|| format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid_text(&host_uuid(&hostname()))))
 }
 
-/// The host identifier sent in Connect: the same 16 bytes as the UUID in the
-/// default host NQN, or a hash of a custom NQN.
+/// The host identifier sent in Connect: the machine's (`/etc/nvme/hostid`)
+/// when `hostnqn` is the machine's NQN (`/etc/nvme/hostnqn`); otherwise the
+/// same 16 bytes as the UUID in a UUID-form NQN, or a hash of a custom NQN.
 pub(crate) fn host_id(hostnqn: &str) -> HostId {
+    host_id_in(Path::new(NVME_DIR), hostnqn)
+}
+
+fn host_id_in(dir: &Path, hostnqn: &str) -> HostId {
+    if let (Some(nqn), Some(id)) = system_identity(dir) {
+        if nqn == hostnqn {
+            return HostId(id);
+        }
+    }
     match hostnqn
         .strip_prefix("nqn.2014-08.org.nvmexpress:uuid:")
         .and_then(parse_uuid)
@@ -268,6 +286,19 @@ pub(crate) fn host_id(hostnqn: &str) -> HostId {
         Some(bytes) => HostId(bytes),
         None => HostId(host_uuid(hostnqn)),
     }
+}
+
+/// The host NQN and host ID that `dir` (`/etc/nvme`) holds, each when its
+/// file is there and well formed (`hostnqn` a valid NQN, `hostid` a UUID).
+fn system_identity(dir: &Path) -> (Option<String>, Option<[u8; 16]>) {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .ok()
+            .map(|t| t.trim().to_string())
+    };
+    let nqn = read("hostnqn").filter(|n| Nqn::new(n.clone()).is_ok());
+    let id = read("hostid").and_then(|t| parse_uuid(&t));
+    (nqn, id)
 }
 
 fn hostname() -> String {
@@ -324,6 +355,30 @@ fn parse_uuid(text: &str) -> Option<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_machines_nvme_identity_is_used_when_it_is_there() {
+        let dir = std::env::temp_dir().join(format!("chanio-nvme-id-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Nothing there: no identity.
+        assert_eq!(system_identity(&dir), (None, None));
+        let nqn = "nqn.2014-08.org.nvmexpress:uuid:00000000-1111-2222-3333-444444444444";
+        std::fs::write(dir.join("hostnqn"), format!("{nqn}\n")).unwrap();
+        std::fs::write(dir.join("hostid"), "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee\n").unwrap();
+        let id = [
+            0xaa, 0xaa, 0xaa, 0xaa, 0xbb, 0xbb, 0xcc, 0xcc, 0xdd, 0xdd, 0xee, 0xee, 0xee, 0xee, 0xee, 0xee,
+        ];
+        assert_eq!(system_identity(&dir), (Some(nqn.to_string()), Some(id)));
+        // The machine's NQN goes with the machine's ID; another NQN keeps its own.
+        assert_eq!(host_id_in(&dir, nqn), HostId(id));
+        let other = "nqn.2014-08.org.nvmexpress:uuid:00000000-1111-2222-3333-555555555555";
+        assert_ne!(host_id_in(&dir, other), HostId(id));
+        // A malformed file is ignored.
+        std::fs::write(dir.join("hostnqn"), "not an nqn").unwrap();
+        std::fs::write(dir.join("hostid"), "xyz").unwrap();
+        assert_eq!(system_identity(&dir), (None, None));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn uris() {

@@ -47,7 +47,8 @@ struct Cli {
     /// Transport to use, replacing the scheme of --target: tcp, rdma, shm or auto.
     #[arg(long, value_name = "NAME", value_parser = ["tcp", "rdma", "shm", "auto"])]
     transport: Option<String>,
-    /// This host's NQN (default: derived from the hostname).
+    /// This host's NQN (default: /etc/nvme/hostnqn, as nvme-cli keeps it;
+    /// without it, one derived from the hostname).
     #[arg(long, value_name = "NQN")]
     hostnqn: Option<String>,
     /// The subsystem NQN to connect to.
