@@ -69,16 +69,38 @@ fn data_written_is_data_read_at_every_size_and_edge(t: &str) {
 fn errors_name_the_nvme_status_and_exit_non_zero(t: &str) {
     let d = Daemon::start_on(t, &["--ns", "ram:1MiB"]);
     let (out, _) = hostctl(&d.uri, &["read", "--ns", "1", "--lba", "2047", "--blocks", "2"], None);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(4), "an NVMe status exits 4");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("LBA Out of Range"), "{err}");
     let (out, _) = hostctl(&d.uri, &["read", "--ns", "7", "--lba", "0", "--blocks", "1"], None);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Invalid Namespace"), "{err}");
-    // A length that is not whole blocks is refused unless padded.
+    // A length that is not whole blocks is refused unless padded: a usage
+    // error, as are bad options.
     let (out, _) = hostctl(&d.uri, &["write", "--ns", "1", "--lba", "0"], Some(&[1u8; 700]));
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "a usage error exits 2");
+    let (out, _) = hostctl(&d.uri, &["read", "--ns", "1", "--frobnicate"], None);
+    assert_eq!(out.status.code(), Some(2));
+    let (out, _) = hostctl(
+        &d.uri,
+        &[
+            "bench",
+            "--ns",
+            "1",
+            "--rw",
+            "randread",
+            "--rwmixread",
+            "70",
+            "--time",
+            "1s",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "--rwmixread without randrw");
+    // Nobody listening: a connection failure exits 3.
+    let (out, _) = hostctl("tcp://127.0.0.1:1", &["--timeout", "2s", "list"], None);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
     let (out, _) = hostctl(
         &d.uri,
         &["write", "--ns", "1", "--lba", "0", "--pad"],

@@ -472,7 +472,7 @@ mod hostctl {
             &uri,
             &["write", "--ns", "1", "--lba", "3", "--input", input.to_str().unwrap()],
         );
-        assert_eq!(out.status.code(), Some(1), "partial block refused");
+        assert_eq!(out.status.code(), Some(2), "partial block refused: a usage error");
         assert!(String::from_utf8_lossy(&out.stderr).contains("--pad"));
         let out = hostctl(
             &uri,
@@ -511,7 +511,7 @@ mod hostctl {
         assert_eq!(out.stdout, &pattern(1000, 7)[..512]);
 
         let out = hostctl(&uri, &["read", "--ns", "1", "--lba", "8192", "--blocks", "1"]);
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(4), "an NVMe error status");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             err.contains("hostctl: Read failed: LBA Out of Range (SCT 0h, SC 80h"),
@@ -542,7 +542,7 @@ mod hostctl {
         let out = hostctl(&uri, &["read", "--ns", "1"]);
         assert_eq!(out.status.code(), Some(2), "usage error");
         let out = hostctl("udp://127.0.0.1:1", &["list"]);
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(2), "a bad target URI is a usage error");
         assert!(String::from_utf8_lossy(&out.stderr).starts_with("hostctl: invalid target URI"));
         std::fs::remove_dir_all(&dir).ok();
         target.shutdown();

@@ -35,7 +35,52 @@ Examples:
   # Print namespace changes as namespaces are attached or detached:
   hostctl --target 127.0.0.1:4520 watch --count 1 --timeout 60s
 
-Logs go to stderr; set RUST_LOG=debug for more.";
+Logs go to stderr; set RUST_LOG=debug for more.
+
+Exit status:
+  0  success
+  1  any other failure (a local file, a malformed answer, ...)
+  2  usage error: bad arguments or options, refused before connecting
+  3  the I/O unit could not be reached, or the connection was lost or
+     timed out
+  4  the I/O unit completed a command with an NVMe error status (printed
+     in words)";
+
+/// Exit statuses, as `--help` documents them.
+const EXIT_OTHER: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_CONNECTION: u8 = 3;
+const EXIT_NVME: u8 = 4;
+
+/// The exit status for `e` (see [`EXAMPLES`], "Exit status").
+fn exit_status(e: &(dyn std::error::Error + 'static)) -> u8 {
+    if e.is::<UsageError>() {
+        return EXIT_USAGE;
+    }
+    match e.downcast_ref::<host::HostError>() {
+        Some(host::HostError::Nvme { .. }) => EXIT_NVME,
+        Some(host::HostError::InvalidUri { .. } | host::HostError::InvalidArgument(_)) => EXIT_USAGE,
+        Some(
+            host::HostError::Connect { .. }
+            | host::HostError::ConnectionLost { .. }
+            | host::HostError::Timeout { .. }
+            | host::HostError::Messaging(_),
+        ) => EXIT_CONNECTION,
+        _ => EXIT_OTHER,
+    }
+}
+
+/// Arguments refused before anything is sent.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
 
 /// Read and write NVMe namespaces on a chanio I/O unit.
 #[derive(Debug, Parser)]
@@ -196,7 +241,7 @@ fn main() -> ExitCode {
                 source = s.source();
             }
             eprintln!("{msg}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_status(e.as_ref()))
         }
     }
 }
@@ -219,7 +264,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         opts.queue_depth = u16::try_from(b.qd.clamp(2, 1024)).unwrap_or(1024);
         // Checked before connecting: bad arguments cost no connection.
         if b.rwmixread != 50 && !matches!(b.rw, Pattern::RandRw { .. }) {
-            return Err("--rwmixread applies to --rw randrw only".into());
+            return Err(Box::new(UsageError("--rwmixread applies to --rw randrw only".into())));
         }
     }
     let target = match &cli.transport {
@@ -281,15 +326,14 @@ fn command(host: &Host, command: Command) -> Result<(), CliError> {
             let nsid = Nsid(at.ns);
             let bs = host.identify_namespace(nsid)?.block_size()? as usize;
             if data.is_empty() {
-                return Err("no data to write (empty input)".into());
+                return Err(Box::new(UsageError("no data to write (empty input)".into())));
             }
             if data.len() % bs != 0 {
                 if !pad {
-                    return Err(format!(
+                    return Err(Box::new(UsageError(format!(
                         "{} bytes is not a whole number of {bs}-byte blocks (use --pad to zero-pad the last block)",
                         data.len()
-                    )
-                    .into());
+                    ))));
                 }
                 data.resize(data.len().div_ceil(bs) * bs, 0);
             }
