@@ -475,7 +475,7 @@ impl Shared {
     }
 
     /// The entry of a placed Write: the data is in the peer's memory already
-    /// ([`QueuePair::place`]), so only the notification goes, naming the
+    /// ([`Placement::place`]), so only the notification goes, naming the
     /// memfd the data went into (the peer refuses it if the key names
     /// another), and the token stays here.
     fn placed_entry(
