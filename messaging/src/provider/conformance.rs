@@ -81,7 +81,7 @@ pub fn verbs_for_tests() -> Option<super::verbs::VerbsFabric> {
 }
 
 /// Whether a test should run over verbs: this run covers verbs, the build
-/// has the provider and a device opens ([`verbs_for_tests`]).
+/// has the provider and a device opens (`verbs_for_tests`, with the `verbs` feature).
 ///
 /// # Panics
 /// When [`REQUIRE_VERBS_ENV`] is `1` and the build lacks the provider or
