@@ -665,3 +665,76 @@ fn logs_carry_no_colour_codes_off_a_terminal_and_json_on_request() {
     assert!(d.stop().success());
     assert!(!pidfile.exists(), "the pidfile goes with a clean stop");
 }
+
+/// Runs hostctl under `/usr/bin/time` and returns its peak RSS in KiB.
+fn hostctl_peak_rss_kib(uri: &str, args: &[&str]) -> u64 {
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "peak-rss-kib %M"])
+        .arg(common::binary("hostctl"))
+        .args(["--target", uri])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("/usr/bin/time (Debian package time; .ci/run installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find_map(|l| l.strip_prefix("peak-rss-kib "))
+        .expect("time's line");
+    line.trim().parse().expect("a number")
+}
+
+#[test]
+fn read_and_write_stream_without_holding_the_transfer() {
+    let d = Daemon::start(&["--ns", "ram:80MiB"]);
+    let scratch = Scratch::new("stream");
+    // 64 MiB and 100 bytes, through stdin: the last block zero-padded.
+    let data = pattern((64 << 20) + 100, 3);
+    let (out, _) = hostctl(&d.uri, &["write", "--ns", "1", "--lba", "0", "--pad"], Some(&data));
+    ok(&out);
+    let blocks = data.len().div_ceil(512);
+    let (out, _) = hostctl(
+        &d.uri,
+        &["read", "--ns", "1", "--lba", "0", "--blocks", &blocks.to_string()],
+        None,
+    );
+    let back = ok(&out);
+    assert_eq!(back.len(), blocks * 512);
+    assert!(back[..data.len()] == data[..], "the data read back");
+    assert!(back[data.len()..].iter().all(|&b| b == 0), "the padding is zeros");
+    // A file that is not whole blocks is refused before anything is written.
+    let odd = scratch.path("odd.bin");
+    std::fs::write(&odd, pattern(1000, 9)).unwrap();
+    let (out, _) = hostctl(
+        &d.uri,
+        &["write", "--ns", "1", "--lba", "0", "--input", odd.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(read_blocks(&d.uri, 1, 0, 1), data[..512], "nothing was written");
+    // Memory: a 64 MiB transfer costs hostctl no more than a 4 KiB one does,
+    // but a chunk (the transfer is never held whole).
+    let small = scratch.path("small.bin");
+    let big = scratch.path("big.bin");
+    std::fs::write(&small, pattern(4096, 1)).unwrap();
+    std::fs::write(&big, &data[..64 << 20]).unwrap();
+    let write = |f: &std::path::Path| {
+        hostctl_peak_rss_kib(
+            &d.uri,
+            &["write", "--ns", "1", "--lba", "0", "--input", f.to_str().unwrap()],
+        )
+    };
+    let (small_kib, big_kib) = (write(&small), write(&big));
+    assert!(
+        big_kib < small_kib + 16 * 1024,
+        "writing 64 MiB peaked at {big_kib} KiB against {small_kib} KiB for 4 KiB"
+    );
+    let read = |blocks: &str| hostctl_peak_rss_kib(&d.uri, &["read", "--ns", "1", "--lba", "0", "--blocks", blocks]);
+    let (small_kib, big_kib) = (read("8"), read("131072"));
+    assert!(
+        big_kib < small_kib + 16 * 1024,
+        "reading 64 MiB peaked at {big_kib} KiB against {small_kib} KiB for 4 KiB"
+    );
+}

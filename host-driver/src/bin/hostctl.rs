@@ -306,39 +306,39 @@ fn command(host: &Host, command: Command) -> Result<(), CliError> {
             writeln!(out, "{}", NamespaceSummary(&host.identify_namespace(Nsid(n))?))?;
         }
         Command::Read { at, output } => {
-            let blocks = u32::try_from(at.blocks).map_err(|_| format!("--blocks {} is too many", at.blocks))?;
-            let data = host.read(Nsid(at.at.ns), at.at.lba, blocks)?;
-            match output {
-                Some(path) => std::fs::write(&path, &data).map_err(|e| format!("writing {}: {e}", path.display()))?,
-                None => out.write_all(&data)?,
-            }
+            let mut file;
+            let sink: &mut dyn Write = match &output {
+                Some(path) => {
+                    file = std::fs::File::create(path).map_err(|e| format!("writing {}: {e}", path.display()))?;
+                    &mut file
+                }
+                None => &mut out,
+            };
+            read_stream(host, Nsid(at.at.ns), at.at.lba, at.blocks, sink)?;
         }
         Command::Write { at, input, pad, fua } => {
-            let mut data = Vec::new();
-            match &input {
+            let nsid = Nsid(at.ns);
+            let bs = host.identify_namespace(nsid)?.block_size()? as u64;
+            let mut file;
+            let mut stdin;
+            let source: &mut dyn Read = match &input {
                 Some(path) => {
-                    data = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                    file = std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                    // A file's length is known: refused before anything is written.
+                    let len = file
+                        .metadata()
+                        .map_err(|e| format!("reading {}: {e}", path.display()))?
+                        .len();
+                    check_length(len, bs, pad)?;
+                    &mut file
                 }
                 None => {
-                    std::io::stdin().lock().read_to_end(&mut data)?;
+                    stdin = std::io::stdin().lock();
+                    &mut stdin
                 }
-            }
-            let nsid = Nsid(at.ns);
-            let bs = host.identify_namespace(nsid)?.block_size()? as usize;
-            if data.is_empty() {
-                return Err(Box::new(UsageError("no data to write (empty input)".into())));
-            }
-            if data.len() % bs != 0 {
-                if !pad {
-                    return Err(Box::new(UsageError(format!(
-                        "{} bytes is not a whole number of {bs}-byte blocks (use --pad to zero-pad the last block)",
-                        data.len()
-                    ))));
-                }
-                data.resize(data.len().div_ceil(bs) * bs, 0);
-            }
-            host.write(nsid, at.lba, &data, fua)?;
-            eprintln!("wrote {} blocks at LBA {}", data.len() / bs, at.lba);
+            };
+            let blocks = write_stream(host, nsid, at.lba, bs as usize, pad, fua, source)?;
+            eprintln!("wrote {blocks} blocks at LBA {}", at.lba);
         }
         Command::Flush { ns } => host.flush(Nsid(ns))?,
         Command::Trim { at } => host.trim(Nsid(at.at.ns), at.at.lba, at.blocks)?,
@@ -416,6 +416,102 @@ fn bench(host: &Host, b: BenchArgs, out: &mut impl Write) -> Result<(), CliError
         writeln!(out, "{report}")?;
     }
     Ok(())
+}
+
+/// Bytes per command while streaming: the largest transfer of one
+/// command, so that `read` and `write` hold one such buffer, never the
+/// whole transfer.
+const STREAM_CHUNK: usize = host::nvme::transport::MAX_TRANSFER;
+
+/// Reads `blocks` blocks from `lba` into `sink`, one chunk at a time.
+fn read_stream(host: &Host, nsid: Nsid, lba: u64, blocks: u64, sink: &mut dyn Write) -> Result<(), CliError> {
+    let bs = host.identify_namespace(nsid)?.block_size()? as usize;
+    let per = (STREAM_CHUNK / bs).max(1);
+    let mut buf = host.alloc(per * bs)?;
+    let (mut lba, mut left) = (lba, blocks);
+    while left > 0 {
+        let n = left.min(per as u64);
+        buf.set_len(n as usize * bs)?;
+        host.read_into(nsid, lba, &mut buf)?;
+        sink.write_all(&buf)?;
+        lba += n;
+        left -= n;
+    }
+    sink.flush()?;
+    Ok(())
+}
+
+/// Whether `len` bytes may be written as blocks of `bs`: not empty, and
+/// whole blocks unless `pad`.
+fn check_length(len: u64, bs: u64, pad: bool) -> Result<(), CliError> {
+    if len == 0 {
+        return Err(Box::new(UsageError("no data to write (empty input)".into())));
+    }
+    if len % bs != 0 && !pad {
+        return Err(Box::new(UsageError(format!(
+            "{len} bytes is not a whole number of {bs}-byte blocks (use --pad to zero-pad the last block)"
+        ))));
+    }
+    Ok(())
+}
+
+/// Writes what `source` holds at `lba`, one chunk at a time (the last one
+/// zero-padded to a whole block with `pad`); the blocks written. From a
+/// stream whose length is not whole blocks, the chunks before the last are
+/// written before that is known: the error says how much.
+fn write_stream(
+    host: &Host,
+    nsid: Nsid,
+    lba: u64,
+    bs: usize,
+    pad: bool,
+    fua: bool,
+    source: &mut dyn Read,
+) -> Result<u64, CliError> {
+    let per = (STREAM_CHUNK / bs).max(1) * bs;
+    let mut buf = host.alloc(per)?;
+    let (mut at, mut total) = (lba, 0u64);
+    loop {
+        buf.set_len(per)?;
+        let n = fill(source, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let mut len = n;
+        if n % bs != 0 {
+            if let Err(e) = check_length(total + n as u64, bs as u64, pad) {
+                if total == 0 {
+                    return Err(e);
+                }
+                return Err(format!("{e}; the first {total} bytes were written").into());
+            }
+            len = n.div_ceil(bs) * bs;
+            buf[n..len].fill(0);
+        }
+        buf.set_len(len)?;
+        host.write_from(nsid, at, &mut buf, fua)?;
+        at += (len / bs) as u64;
+        total += n as u64;
+        if n < per {
+            break;
+        }
+    }
+    check_length(total, bs as u64, true)?;
+    Ok(at - lba)
+}
+
+/// Reads into `buf` until it is full or the source ends; the bytes read.
+fn fill(source: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut have = 0;
+    while have < buf.len() {
+        match source.read(&mut buf[have..]) {
+            Ok(0) => break,
+            Ok(n) => have += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(have)
 }
 
 /// A size of at least one byte ([`units::parse_size`]).
