@@ -250,7 +250,7 @@ impl Fabrics {
     fn verbs(&self) -> Result<&dyn Fabric, FabricError> {
         Err(FabricError::Unavailable {
             provider: "verbs",
-            reason: "this build has no RDMA support; rebuild with `--features verbs` (see docs/soft-roce.md)".into(),
+            reason: "this build has no RDMA support; rebuild with the `verbs` feature (`cargo install chanio-iounit --features verbs`, likewise chanio-host; `--features chanio/verbs` in the workspace; see docs/soft-roce.md)".into(),
         })
     }
 
@@ -468,6 +468,15 @@ impl Drop for MultiListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(not(feature = "verbs"))]
+    #[test]
+    fn rdma_without_the_verbs_feature_names_the_feature_to_build_with() {
+        let e = Fabrics::new().fabric(Scheme::Rdma).expect_err("no verbs in this build");
+        let text = e.to_string();
+        assert!(text.contains("--features verbs"), "{text}");
+        assert!(text.contains("cargo install chanio-iounit"), "{text}");
+    }
 
     #[test]
     fn addresses_parse() {
