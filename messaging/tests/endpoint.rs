@@ -385,7 +385,11 @@ fn detached_pushes_and_sends_land_and_give_their_buffers_back() {
                 if let Some(s) = staging.checkout() {
                     break s;
                 }
-                assert!(Instant::now() < deadline, "round {round}: no staging buffer came back");
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: round {round}: no staging buffer came back",
+                    fabric.name()
+                );
                 match a.wait_progress(Duration::from_millis(100)) {
                     Ok(()) | Err(Error::Timeout(_)) => {}
                     Err(e) => panic!("round {round}: {e}"),

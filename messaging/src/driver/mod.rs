@@ -151,7 +151,7 @@ struct FabricRef {
 /// costs one short spin per wait), unless the environment variable
 /// `CHANIO_SPIN_US` says otherwise (0 disables spinning). On a driven
 /// provider (tcp) the spin reads the transport itself, so it never starves
-/// a provider thread.
+/// the provider's fallback.
 const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
 fn spin_budget() -> Duration {
@@ -351,7 +351,7 @@ impl Endpoint {
         self.shared.inner.lock().closed.clone()
     }
 
-    /// Hands the channel's progress to the provider's own thread until a
+    /// Hands the channel's progress to the provider's fallback until a
     /// caller drives again: for a thread about to sleep elsewhere (an
     /// io_uring, an event loop) after registering a waker through
     /// [`Endpoint::recv_async`], so that what arrives meanwhile is read

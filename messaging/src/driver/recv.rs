@@ -34,7 +34,7 @@ impl Endpoint {
     }
 
     /// The next delivery already received (by an earlier wait, or by the
-    /// provider's own thread), without driving the fabric for more: for a
+    /// provider's fallback), without driving the fabric for more: for a
     /// thread draining a batch, whose next step (posting answers, waking the
     /// callers whose completions it handled) should not wait for a poll of
     /// the transport that most often finds nothing.

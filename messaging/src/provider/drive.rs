@@ -16,8 +16,8 @@
 //!                 │                          │ no
 //!                 │ (another caller drives)  └─▶ poll(transport fds + kick)
 //!                 └─▶ sleep on the completion queue
-//!  provider thread: parked while the lease lasts; otherwise pump, then
-//!                   sleep on the transport without holding the lock
+//!  fallback: aside while the lease lasts; otherwise pump, then sleep on
+//!            the transport without holding the lock
 //! ```
 //!
 //! [`Drive::interrupt`] makes a driving caller return early (the kick is a
@@ -28,26 +28,28 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 
 use super::cq::CompletionQueue;
+use super::engine::{EngineWaker, Next};
 pub(crate) use crate::lease::Aside;
 use crate::lease::Lease;
 
-/// How long the provider thread stays away after a caller drove.
+/// How long the fallback stays away after a caller drove.
 pub(crate) const LEASE: Duration = Duration::from_millis(1);
 
 /// The coordination state of a driven queue pair.
 #[derive(Debug)]
 pub(crate) struct Drive {
-    /// Renewed by every caller drive: the provider thread stays parked for
+    /// Renewed by every caller drive: the fallback stays aside for
     /// as long as it moves within each `LEASE` (no clock read on the
     /// callers' path).
     lease: Lease,
-    /// The provider thread holds the state lock (only for a non-blocking
-    /// pump): a caller that wants to drive waits for it.
+    /// The fallback (engine or thread) holds the state lock (only for a
+    /// non-blocking pump): a caller that wants to drive waits for it.
     thread_holds: AtomicBool,
     /// A caller holds the state lock and may sleep in `poll`.
     caller_drives: AtomicBool,
@@ -55,6 +57,11 @@ pub(crate) struct Drive {
     kick_pending: AtomicBool,
     kick: UnixStream,
     kicked: UnixStream,
+    /// The progress engine's waker, when the engine is the fallback.
+    engine: OnceLock<EngineWaker>,
+    /// The engine found the state held by a caller, or went to sleep: the
+    /// next caller to let go of the state wakes it.
+    engine_waiting: AtomicBool,
 }
 
 /// What a caller's blocking sleep reports.
@@ -80,22 +87,42 @@ impl Drive {
             kick_pending: AtomicBool::new(false),
             kick,
             kicked,
+            engine: OnceLock::new(),
+            engine_waiting: AtomicBool::new(false),
         })
+    }
+
+    /// Makes the progress engine the fallback: a caller that steps away,
+    /// or lets go of the state the engine waits for, wakes it.
+    pub(crate) fn attach_engine(&self, waker: EngineWaker) {
+        let for_lease = waker.clone();
+        self.lease.register_fallback_wake(Box::new(move || for_lease.wake()));
+        let _ = self.engine.set(waker);
+    }
+
+    /// Wakes the engine if it waits for the state a caller just let go of.
+    fn hand_back(&self) {
+        if self.engine_waiting.swap(false, Ordering::SeqCst) {
+            if let Some(w) = self.engine.get() {
+                w.wake();
+            }
+        }
     }
 
     /// For the provider thread, once at its start: names the thread that
     /// [`Drive::step_away`] unparks.
+    #[cfg(feature = "verbs")]
     pub(crate) fn register_thread(&self) {
         self.lease.register_fallback();
     }
 
-    /// A caller stops driving and sleeps elsewhere: the provider thread
-    /// takes over now (see `QueuePair::step_away`).
+    /// A caller stops driving and sleeps elsewhere: the fallback takes
+    /// over now (see `QueuePair::step_away`).
     pub(crate) fn step_away(&self) {
         self.lease.step_away();
     }
 
-    /// Counts the caller as driving: the provider thread stays aside. For
+    /// Counts the caller as driving: the fallback stays aside. For
     /// a provider whose `poll` reaps the transport itself (verbs), a
     /// polling caller counts too.
     pub(crate) fn renew_lease(&self) {
@@ -140,16 +167,14 @@ impl Drive {
     ) -> bool {
         if timeout == Some(Duration::ZERO) {
             // One non-blocking round (a spinning waiter): no clock reads.
-            // The spinner counts as driving (the provider thread stays
+            // The spinner counts as driving (the fallback stays
             // aside).
             self.renew_lease();
-            return match state.try_lock() {
-                Some(mut guard) => {
-                    pump(&mut guard);
-                    cq.has_completions()
-                }
-                None => cq.has_completions(),
-            };
+            let held = state.try_lock().map(|mut guard| pump(&mut guard)).is_some();
+            if held {
+                self.hand_back();
+            }
+            return cq.has_completions();
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut guard: MutexGuard<'_, S> = match state.try_lock() {
@@ -188,6 +213,8 @@ impl Drive {
         };
         self.caller_drives.store(false, Ordering::SeqCst);
         self.renew_lease();
+        drop(guard);
+        self.hand_back();
         ready
     }
 
@@ -196,26 +223,55 @@ impl Drive {
     /// 32 x `LEASE` while callers keep driving, so a busy channel's thread
     /// wakes rarely (each wake-up may preempt a spinning caller). A caller
     /// that stepped away since ends the park and the standing aside.
+    #[cfg(feature = "verbs")]
     pub(crate) fn thread_stands_aside(&self, failed: &AtomicBool, aside: &mut Aside) -> bool {
         self.lease.stands_aside(aside, failed.load(Ordering::Acquire), || {})
     }
+}
 
-    /// For the provider thread: one non-blocking round under the state
-    /// lock, unless callers took over meanwhile (then `None`).
-    pub(crate) fn thread_round<S, T>(
+impl Drive {
+    /// For the progress engine: one non-blocking round under the state
+    /// lock, unless callers drive (then what the engine does instead). A
+    /// failed queue pair is never left to callers: its round flushes it.
+    pub(crate) fn engine_round<S, T>(
         &self,
         state: &Mutex<S>,
         failed: &AtomicBool,
-        aside: &Aside,
+        aside: &mut Aside,
         round: impl FnOnce(&mut S) -> T,
-    ) -> Option<T> {
-        // Blocks (without spinning) while a caller drives.
-        let mut guard = state.lock();
+    ) -> Result<T, Next> {
+        let stop = failed.load(Ordering::Acquire);
+        if let Some(park) = self.lease.park_for(aside, stop) {
+            return Err(Next::Park(park));
+        }
+        // Announced before the attempt, so that a caller letting go just
+        // after it failed sees the announcement.
+        self.engine_waiting.store(true, Ordering::SeqCst);
+        let Some(mut guard) = state.try_lock() else {
+            return Err(Next::CallerHolds);
+        };
+        self.engine_waiting.store(false, Ordering::SeqCst);
         if self.lease.callers_active(aside.seen()) && !failed.load(Ordering::Acquire) {
-            return None;
+            return Err(Next::Again);
         }
         self.thread_holds.store(true, Ordering::Release);
         let out = round(&mut guard);
+        self.thread_holds.store(false, Ordering::Release);
+        // The engine may go to sleep on the descriptors now: a caller that
+        // drives after this takes what they announce, and may leave work
+        // that waits for a quiet moment (an acknowledgement due), so the
+        // first caller to let go wakes the engine for one more look.
+        self.engine_waiting.store(true, Ordering::SeqCst);
+        Ok(out)
+    }
+
+    /// For the progress engine: runs `f` under the state lock if nobody
+    /// holds it (a caller that comes meanwhile waits for the engine, not
+    /// for another caller).
+    pub(crate) fn engine_try<S, T>(&self, state: &Mutex<S>, f: impl FnOnce(&mut S) -> T) -> Option<T> {
+        let mut guard = state.try_lock()?;
+        self.thread_holds.store(true, Ordering::Release);
+        let out = f(&mut guard);
         self.thread_holds.store(false, Ordering::Release);
         Some(out)
     }

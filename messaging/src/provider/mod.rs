@@ -43,6 +43,7 @@ pub mod conformance;
 mod cq;
 #[cfg(unix)]
 mod drive;
+mod engine;
 pub(crate) mod handshake;
 pub mod loopback;
 mod responder;
@@ -500,7 +501,7 @@ pub trait QueuePair: Send + Sync + fmt::Debug {
     /// drives the queue pair that something it waits for happened elsewhere.
     fn interrupt(&self) {}
 
-    /// Hands progress to the provider's own thread now, instead of after
+    /// Hands progress to the provider's fallback now, instead of after
     /// the lease of the last caller that drove: for a caller about to sleep
     /// somewhere else (an io_uring, an event loop) with a waker registered,
     /// which would otherwise sleep while nobody reads the transport.

@@ -83,7 +83,7 @@ const TICK: Duration = Duration::from_millis(250);
 const BATCH: usize = 8;
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 /// How long a queue with requests on its ring sleeps in the ring alone
-/// before it hands its channel to the provider's thread and sleeps on.
+/// before it hands its channel to the provider's fallback and sleeps on.
 const RING_FIRST_WAIT: Duration = Duration::from_micros(200);
 const STAGING_BUFFERS: usize = 4;
 /// Size and number of the small staging buffers (reads up to that size).
@@ -508,7 +508,7 @@ impl Queue {
     /// driving stays with this thread (at depth 1 the host sends nothing
     /// meanwhile; deeper, each completion ends the sleep, and what the host
     /// sent meanwhile is read right after). Only a longer sleep hands the
-    /// channel to the provider's thread, which costs a wake-up on each
+    /// channel to the provider's fallback, which costs a wake-up on each
     /// side, and lets it end the sleep.
     fn sleep_in_ring(&mut self, left: Duration) -> Result<(), QueueError> {
         let Some((ring, _)) = &mut self.ring else {

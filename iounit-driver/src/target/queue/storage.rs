@@ -225,7 +225,7 @@ impl Queue {
             } else {
                 // The pushes that give buffers back must move while this
                 // thread sleeps in the ring: held sends go out, and the
-                // provider's thread reads the acknowledgements.
+                // provider's fallback reads the acknowledgements.
                 self.ep.step_away();
                 self.wait_ring(left.min(TICK))?;
             }

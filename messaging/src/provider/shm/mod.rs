@@ -6,8 +6,8 @@
 //!  ──────────────                                   ──────────────
 //!  SOCK_SEQPACKET "\0chanio-NAME" ── hello + fds ──▶ listener
 //!    (rings memfd, 2 eventfds)     ◀── accept ────
-//!  ring 0 (client → server): requests, responses ──▶ progress thread
-//!  progress thread ◀── ring 1 (server → client): requests, responses
+//!  ring 0 (client → server): requests, responses ──▶ server's progress
+//!  client's progress ◀── ring 1 (server → client): requests, responses
 //!  registrations: memfds, exported over the socket when first used
 //! ```
 //!
@@ -18,7 +18,8 @@
 //! (`SCM_RIGHTS`, before the request is published), and the peer maps it.
 //!
 //! # Execution
-//! Every request is executed by the responder's progress thread, which makes
+//! Every request is executed by the responder's progress (a waiting caller,
+//! or the progress engine when nobody waits, `provider/engine.rs`), which makes
 //! the one copy: a Send copies from the initiator's mapped buffer (or, for
 //! a Send of at most 208 bytes, from the ring, where the initiator put it
 //! inline) into the posted receive; an RDMA Write copies from the initiator's buffer into the
@@ -45,9 +46,9 @@
 //! # Rings and wake-ups
 //! One ring per direction in a memfd the client creates (`docs/protocol.md`
 //! §7b); an entry is published by the lap in its first word, so the
-//! consumer reads one cache line per entry. Each side's progress thread
-//! consumes its incoming ring and sleeps
-//! in `poll` on its eventfd and the socket after setting the ring's
+//! consumer reads one cache line per entry. Each side's progress (a
+//! waiting caller or the engine) consumes its incoming ring and sleeps
+//! on its eventfd and the socket after setting the ring's
 //! `sleeping` flag; producers ring the eventfd only when that flag is set.
 //!
 //! # Failure
@@ -76,6 +77,7 @@ use self::ring::{Entry, Gate, Ring, MAX_INLINE, RING_BYTES, RING_ENTRIES};
 use self::sys::{Mapping, Socket};
 use super::cq::CompletionQueue;
 use super::drive::{self, Aside, Drive, Woke};
+use super::engine::{self, Driven, Next, Registration};
 use super::handshake::{HelloError, HelloFormat, HELLO_HEADER, KIND_ACCEPT, KIND_HELLO, KIND_REJECT};
 use super::responder::{self, Fatal, Refusal, WriteTarget};
 use super::{

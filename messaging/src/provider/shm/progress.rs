@@ -1,4 +1,4 @@
-//! Progress, driven by waiting callers or by the progress thread: executes
+//! Progress, driven by waiting callers or by the progress engine: executes
 //! the incoming ring through the common responder, takes grants and
 //! exports, and fails the queue pair on a protocol violation.
 
@@ -74,9 +74,9 @@ impl Shared {
                     drive::pollfd(self.drive.kick_fd(), libc::POLLIN),
                 ];
                 let polled = drive::poll_fds(&mut fds, timeout);
-                // The progress thread may sleep in its own poll on the same
-                // flag: leave it set for the producer to ring, or nothing
-                // would wake that thread once this caller is gone.
+                // The engine may sleep on the same flag: leave it set for
+                // the producer to ring, or nothing would wake the engine
+                // once this caller is gone.
                 if !self.thread_polling.load(Ordering::SeqCst) {
                     p.rx.woke();
                 }
@@ -98,48 +98,40 @@ impl Shared {
     }
 }
 
-/// The progress thread: executes the incoming ring whenever no caller
-/// drives (an asynchronous application, a peer's traffic nobody waits for).
-pub(super) fn progress_thread(shared: &Shared) {
-    shared.drive.register_thread();
-    let links = &shared.links;
-    let mut aside = Aside::default();
-    loop {
-        if shared.drive.thread_stands_aside(&shared.failed, &mut aside) {
-            continue;
-        }
-        let round = shared
-            .drive
-            .thread_round(&shared.progress, &shared.failed, &aside, |p| {
-                if !shared.pump(p) {
-                    return None;
-                }
-                let entries_came = p.rx.prepare_sleep();
-                shared.thread_polling.store(!entries_came, Ordering::SeqCst);
-                Some(entries_came)
-            });
-        match round {
-            // Callers took over.
-            None => continue,
-            Some(None) => return,
-            // Entries arrived meanwhile.
-            Some(Some(true)) => continue,
-            Some(Some(false)) => {}
-        }
-        let polled = sys::poll(&[links.wake_me.as_raw_fd(), links.sock.raw()], None);
-        let mut p = shared.progress.lock();
-        shared.thread_polling.store(false, Ordering::SeqCst);
-        p.rx.woke();
-        match polled {
-            Ok(ready) => {
-                if ready[0] {
-                    sys::drain_eventfd(&links.wake_me);
-                }
-                p.socket_ready |= ready[1];
+/// The progress engine's round: it executes the incoming ring whenever no
+/// caller drives (an asynchronous application, a peer's traffic nobody
+/// waits for). Descriptor 0 is the ring's eventfd, 1 the socket.
+impl Driven for Shared {
+    fn round(&self, aside: &mut Aside, fired: &mut u32) -> Next {
+        let round = self.drive.engine_round(&self.progress, &self.failed, aside, |p| {
+            // What the engine slept on is news now.
+            self.thread_polling.store(false, Ordering::SeqCst);
+            p.rx.woke();
+            if *fired & 1 != 0 {
+                sys::drain_eventfd(&self.links.wake_me);
             }
-            Err(e) => {
-                p.poll_failed(shared, &e);
-                return;
+            p.socket_ready |= *fired & 2 != 0;
+            *fired = 0;
+            if !self.pump(p) {
+                return None;
+            }
+            let entries_came = p.rx.prepare_sleep();
+            self.thread_polling.store(!entries_came, Ordering::SeqCst);
+            Some(entries_came)
+        });
+        match round {
+            Ok(None) => Next::Done,
+            Ok(Some(true)) => Next::Again,
+            Ok(Some(false)) => Next::Sleep { writable: false },
+            Err(next) => {
+                // The engine stays aside: the producer need not ring for it
+                // (a caller that sleeps on the ring holds the lock and keeps
+                // its own request to be rung).
+                self.drive.engine_try(&self.progress, |p| {
+                    self.thread_polling.store(false, Ordering::SeqCst);
+                    p.rx.woke();
+                });
+                next
             }
         }
     }
@@ -157,7 +149,7 @@ pub(super) fn refuse(psn: u64, refusal: Refusal, completions: &mut Vec<Completio
     Fatal::refused(psn, refusal, completions)
 }
 
-/// The progress thread's own state: its incoming ring and the peer's memfds.
+/// The progress state: the incoming ring and the peer's memfds.
 pub(super) struct Progress {
     pub(super) rx: Ring,
     pub(super) expected_psn: u64,

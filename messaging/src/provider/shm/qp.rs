@@ -11,7 +11,7 @@ pub(super) struct Links {
     pub(super) rings: Arc<Mapping>,
     pub(super) tx_base: usize,
     pub(super) rx_base: usize,
-    /// The eventfd the peer's progress thread sleeps on.
+    /// The eventfd the peer's progress sleeps on.
     pub(super) wake_peer: OwnedFd,
     /// The eventfd ours sleeps on.
     pub(super) wake_me: OwnedFd,
@@ -30,9 +30,9 @@ pub(super) struct Shared {
     pub(super) failed: AtomicBool,
     /// The incoming ring and what executing it needs; its holder executes.
     pub(super) progress: Mutex<Progress>,
-    /// Who drives `progress`: waiting callers or the progress thread.
+    /// Who drives `progress`: waiting callers or the progress engine.
     pub(super) drive: Drive,
-    /// The progress thread sleeps in `poll` on the ring's sleeping flag.
+    /// The progress engine sleeps on the ring's sleeping flag.
     pub(super) thread_polling: AtomicBool,
     /// Regions the peer granted for placed Writes, by remote key.
     pub(super) grants: Mutex<IntMap<u32, Grant>>,
@@ -83,6 +83,9 @@ pub(super) struct Pending {
 
 /// A connected shm queue pair.
 pub struct ShmQp {
+    /// Its place in the progress engine: declared first, so it is dropped
+    /// (and the descriptors leave the engine's epoll) before they close.
+    _engine: Registration,
     pub(super) shared: Arc<Shared>,
 }
 
@@ -111,6 +114,11 @@ pub(super) fn start(
         op: "socketpair",
         source,
     })?;
+    let engine = engine::reserve().map_err(|source| FabricError::Io {
+        op: "start the progress engine",
+        source,
+    })?;
+    drive.attach_engine(engine.waker());
     let shared = Arc::new(Shared {
         fabric,
         domain,
@@ -148,15 +156,24 @@ pub(super) fn start(
         out_gate,
         in_gate,
     });
-    let thread_shared = shared.clone();
-    std::thread::Builder::new()
-        .name("chanio-shm-qp".into())
-        .spawn(move || progress_thread(&thread_shared))
+    let driven: Arc<dyn Driven> = shared.clone();
+    let events = libc::EPOLLIN as u32;
+    engine
+        .start(
+            Arc::downgrade(&driven),
+            &[
+                (shared.links.wake_me.as_raw_fd(), events),
+                (shared.links.sock.raw(), events),
+            ],
+        )
         .map_err(|source| FabricError::Io {
-            op: "spawn shm progress thread",
+            op: "epoll_ctl",
             source,
         })?;
-    Ok(Box::new(ShmQp { shared }))
+    Ok(Box::new(ShmQp {
+        _engine: engine,
+        shared,
+    }))
 }
 
 impl ShmQp {

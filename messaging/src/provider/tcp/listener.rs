@@ -343,7 +343,7 @@ impl Incoming for TcpIncoming {
             });
         }
         // The answer goes out only once the receives are posted: `start`
-        // posts them before the I/O thread reads anything.
+        // posts them before anything reads the socket.
         let answer = hello_bytes(KIND_ACCEPT, params);
         let mut qp = TcpQp::start_with_answer(fabric, domain.clone(), stream, peer, peer_params, recvs, Some(answer))?;
         qp._slot = Some(slot);

@@ -5,9 +5,10 @@
 //! path); frames are read, placed and executed by the thread that waits on
 //! the queue pair (run to completion, `provider/drive.rs`: the waiting
 //! thread polls the socket itself, so a completion reaches it without a
-//! hop) or, when nobody waits, by the queue pair's I/O thread. The socket
+//! hop) or, when nobody waits, by the progress engine (`provider/engine.rs`,
+//! a few threads for every queue pair of the process). The socket
 //! is non-blocking: whatever does not fit stays queued as owned work
-//! requests (no copy) and the waiting thread or the I/O thread finishes it
+//! requests (no copy) and the waiting thread or the engine finishes it
 //! when the socket drains, so a full socket never blocks a poster nor
 //! deadlocks two peers sending to each other.
 //!
@@ -60,6 +61,7 @@ use parking_lot::Mutex;
 
 use super::cq::CompletionQueue;
 use super::drive::{self, Aside, Drive, Woke};
+use super::engine::{self, Driven, EngineWaker, Next, Registration};
 use super::handshake::{AcceptQueue, HelloError, HelloFormat, Refused, KIND_ACCEPT, KIND_HELLO, KIND_REJECT};
 use super::responder::{self, Fatal, Refusal, WriteTarget};
 use super::{

@@ -6,8 +6,10 @@ use crate::provider::RemoteAddr;
 
 /// A tcp queue pair.
 pub struct TcpQp {
+    /// Its place in the progress engine: declared first, so it is dropped
+    /// (and the socket leaves the engine's epoll) before the socket closes.
+    _engine: Registration,
     shared: Arc<QpShared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
     /// An accepted queue pair's place in its address's count.
     pub(super) _slot: Option<AddressSlot>,
 }
@@ -24,11 +26,11 @@ pub(super) struct QpShared {
     pub(super) recvs: Mutex<VecDeque<RecvWr>>,
     pub(super) tx: Mutex<Tx>,
     pub(super) failed: AtomicBool,
-    /// Wakes the I/O thread's epoll.
-    waker: Waker,
+    /// Schedules a round of the progress engine.
+    waker: EngineWaker,
     /// The receive side; its holder reads the socket.
     pub(super) rx: Mutex<Rx>,
-    /// Who drives `rx`: waiting callers or the I/O thread.
+    /// Who drives `rx`: waiting callers or the progress engine.
     pub(super) drive: Drive,
 }
 
@@ -113,13 +115,10 @@ impl TcpQp {
             stream.write_all(&answer).map_err(io_err("write hello answer"))?;
         }
         stream.set_nonblocking(true).map_err(io_err("set_nonblocking"))?;
-        let mut stream = mio::net::TcpStream::from_std(stream);
-        let poll = Poll::new().map_err(io_err("epoll_create"))?;
-        poll.registry()
-            .register(&mut stream, SOCKET, Interest::READABLE | Interest::WRITABLE)
-            .map_err(io_err("epoll_ctl"))?;
-        let waker = Waker::new(poll.registry(), WAKE).map_err(io_err("eventfd"))?;
+        let stream = mio::net::TcpStream::from_std(stream);
+        let engine = engine::reserve().map_err(io_err("start the progress engine"))?;
         let drive = Drive::new().map_err(io_err("socketpair"))?;
+        drive.attach_engine(engine.waker());
         let shared = Arc::new(QpShared {
             stream,
             peer,
@@ -130,20 +129,18 @@ impl TcpQp {
             recvs: Mutex::new(recvs.into()),
             tx: Mutex::new(Tx::default()),
             failed: AtomicBool::new(false),
-            waker,
+            waker: engine.waker(),
             rx: Mutex::new(Rx::new()),
             drive,
         });
-        let thread = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("chanio-tcp-qp".into())
-                .spawn(move || io_thread(&shared, poll))
-                .map_err(io_err("spawn I/O thread"))?
-        };
+        let driven: Arc<dyn Driven> = shared.clone();
+        let events = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+        engine
+            .start(Arc::downgrade(&driven), &[(shared.stream.as_raw_fd(), events)])
+            .map_err(io_err("epoll_ctl"))?;
         Ok(TcpQp {
+            _engine: engine,
             shared,
-            thread: Mutex::new(Some(thread)),
             _slot: None,
         })
     }
@@ -182,7 +179,7 @@ impl QueuePair for TcpQp {
             if let Some(status) = status {
                 // A local error fails the queue pair, as in verbs: the request
                 // completes with its error after every earlier one (which the
-                // I/O thread flushes in order), and the rest are flushed.
+                // next round flushes in order), and the rest are flushed.
                 local_error = true;
                 let psn = tx.next_psn;
                 tx.next_psn += 1;
@@ -214,12 +211,17 @@ impl QueuePair for TcpQp {
             });
         }
         let flushed = flush_tx(&shared.stream, &mut tx);
+        let unwritten = !tx.frames.is_empty();
         drop(tx);
         if local_error {
             shared.fail_from_outside();
         } else if let Err(e) = flushed {
             tracing::debug!(peer = %shared.peer, error = %e, "tcp write failed");
             shared.fail_from_outside();
+        } else if unwritten {
+            // The socket took only part: the engine finishes the writing
+            // once it can (a caller that drives meanwhile writes, too).
+            shared.waker.wake();
         }
         Ok(())
     }
@@ -301,11 +303,17 @@ impl QueuePair for TcpQp {
             }
         }
         shared.fail_from_outside();
-        if let Some(thread) = self.thread.lock().take() {
-            if thread.thread().id() != std::thread::current().id() {
-                thread.thread().unpark();
-                let _ = thread.join();
-            }
+        // Flush now, so that every work request has completed when
+        // disconnect returns: under the state lock (waiting for a caller
+        // that drives), unless this thread is the engine's in a round,
+        // which may hold it (then the engine flushes).
+        let rx = if engine::in_round() {
+            shared.rx.try_lock()
+        } else {
+            Some(shared.rx.lock())
+        };
+        if let Some(mut rx) = rx {
+            shared.pump(&mut rx, false);
         }
     }
 
@@ -420,10 +428,11 @@ pub(super) fn flush_tx(stream: &mio::net::TcpStream, tx: &mut Tx) -> io::Result<
 }
 
 impl QpShared {
-    /// Fails the queue pair from a posting thread: the I/O thread does the flushing.
+    /// Fails the queue pair from a posting thread: the next round (the
+    /// engine's, scheduled here, or a caller's) does the flushing.
     fn fail_from_outside(&self) {
         self.failed.store(true, Ordering::Release);
         let _ = self.stream.shutdown(Shutdown::Both);
-        let _ = self.waker.wake();
+        self.waker.wake();
     }
 }

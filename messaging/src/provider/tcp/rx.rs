@@ -1,4 +1,4 @@
-//! The receive side, driven by waiting callers or by the I/O thread: reads
+//! The receive side, driven by waiting callers or by the progress engine: reads
 //! frames, executes them through the common responder, and fails the queue
 //! pair on a protocol violation.
 
@@ -56,7 +56,7 @@ impl QpShared {
     /// disconnects as soon as it sees a message must not overtake the
     /// acknowledgement of that message. False once the queue pair failed
     /// (everything is flushed by then).
-    fn pump(&self, rx: &mut Rx, short_read_drains: bool) -> bool {
+    pub(super) fn pump(&self, rx: &mut Rx, short_read_drains: bool) -> bool {
         if rx.dead {
             return false;
         }
@@ -155,38 +155,30 @@ impl QpShared {
     }
 }
 
-/// The I/O thread: it reads the socket whenever no caller drives it (an
-/// asynchronous application, a peer's traffic nobody waits for), and
-/// finishes writes the socket did not take.
-pub(super) fn io_thread(shared: &QpShared, mut poll: Poll) {
-    shared.drive.register_thread();
-    let mut events = Events::with_capacity(8);
-    let mut aside = Aside::default();
-    loop {
-        if shared.drive.thread_stands_aside(&shared.failed, &mut aside) {
-            continue;
-        }
-        let round = shared.drive.thread_round(&shared.rx, &shared.failed, &aside, |rx| {
-            let alive = shared.pump(rx, false);
-            if alive {
-                if let Err(e) = shared.ack_before_sleep() {
-                    rx.fail(shared, fatal(format!("write: {e}")));
-                    return false;
+/// The progress engine's round: it reads the socket whenever no caller
+/// drives it (an asynchronous application, a peer's traffic nobody waits
+/// for), and finishes writes the socket did not take.
+impl Driven for QpShared {
+    fn round(&self, aside: &mut Aside, fired: &mut u32) -> Next {
+        // The socket is read to the end in every round: what fired is news
+        // only, and it is consumed by any round.
+        *fired = 0;
+        let round = self.drive.engine_round(&self.rx, &self.failed, aside, |rx| {
+            if !self.pump(rx, false) {
+                return None;
+            }
+            match self.ack_before_sleep() {
+                Ok(unwritten) => Some(unwritten),
+                Err(e) => {
+                    rx.fail(self, fatal(format!("write: {e}")));
+                    None
                 }
             }
-            alive
         });
         match round {
-            None => continue,
-            Some(false) => return,
-            Some(true) => {}
-        }
-        if let Err(e) = poll.poll(&mut events, None) {
-            if e.kind() != io::ErrorKind::Interrupted {
-                shared.failed.store(true, Ordering::Release);
-                shared.rx.lock().fail(shared, fatal(format!("epoll_wait: {e}")));
-                return;
-            }
+            Ok(Some(unwritten)) => Next::Sleep { writable: unwritten },
+            Ok(None) => Next::Done,
+            Err(next) => next,
         }
     }
 }
@@ -215,8 +207,8 @@ impl Rx {
     /// Reads and executes frames until the socket has no more bytes. With
     /// `short_read_drains`, a read that returned less than it asked for
     /// counts as the end (the socket had no more at that moment: a caller
-    /// that polls level-triggered saves the read that would say so); the
-    /// I/O thread's edge-triggered epoll needs the socket read to EAGAIN.
+    /// that polls saves the read that would say so); the engine's round
+    /// reads to EAGAIN, so that one round takes everything there.
     fn read_available(&mut self, sh: &QpShared, short_read_drains: bool) -> Result<(), Fatal> {
         let mut drained = false;
         loop {
