@@ -6,9 +6,10 @@
 //! caller in [`QueuePair::wait`](super::QueuePair::wait) takes the lock and
 //! drives: it pumps (reads the transport, executes, publishes completions)
 //! and, when nothing is there, sleeps in `poll(2)` on the transport's
-//! descriptors itself. The provider's own thread is only the fallback for
-//! when no caller drives (an asynchronous application, a peer's traffic
-//! nobody waits for): callers hold a short *lease* that keeps it parked, and
+//! descriptors itself. The fallback for when no caller drives (an
+//! asynchronous application, a peer's traffic nobody waits for) is the
+//! progress engine (`engine.rs`) on tcp and shm, the queue pair's own
+//! thread on verbs: callers hold a short *lease* that keeps it aside, and
 //! when it does pump it holds the lock only for a non-blocking round.
 //!
 //! ```text
