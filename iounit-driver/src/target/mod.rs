@@ -31,6 +31,7 @@ use crate::backend::{self, BackendSpec, BlockError, Registry, RegistryEvent};
 use crate::nvme::{AsyncEvent, CommandId, Cqe, ErrorLogEntry, Nqn, Status};
 use crate::transport;
 
+mod lobby;
 pub mod queue;
 
 pub use crate::transport::DEFAULT_NQN;
@@ -177,6 +178,8 @@ pub(crate) struct Shared {
     threads: Mutex<Vec<JoinHandle<()>>>,
     uris: Vec<String>,
     listeners: Mutex<Vec<Arc<dyn Listener>>>,
+    /// Channels waiting for their Connect.
+    lobby: Arc<lobby::Lobby>,
     /// Namespace masking: the host NQNs each masked namespace is visible
     /// to (a namespace not named here is visible to every allowed host).
     masks: parking_lot::RwLock<HashMap<u32, Vec<String>>>,
@@ -235,6 +238,7 @@ impl Target {
             threads: Mutex::new(Vec::new()),
             uris,
             listeners: Mutex::new(listeners.clone()),
+            lobby: lobby::Lobby::new(),
             masks: parking_lot::RwLock::new(HashMap::new()),
             mask_generation: std::sync::atomic::AtomicU64::new(0),
         });
@@ -244,6 +248,14 @@ impl Target {
                 shared.namespace_changed(event);
             }
         });
+        {
+            let s = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name("iounit-lobby".into())
+                .spawn(move || lobby::run(&s, &s.lobby.clone()))
+                .map_err(|e| TargetError::Config(format!("cannot start a thread: {e}")))?;
+            shared.threads.lock().push(handle);
+        }
         for listener in listeners {
             let s = shared.clone();
             let handle = std::thread::Builder::new()
@@ -302,6 +314,7 @@ impl Target {
         for l in self.shared.listeners.lock().drain(..) {
             l.shutdown();
         }
+        self.shared.lobby.stop();
         loop {
             let handle = self.shared.threads.lock().pop();
             match handle {
@@ -337,20 +350,7 @@ fn accept_loop(shared: Arc<Shared>, listener: Arc<dyn Listener>) {
             .map_err(messaging::Error::from)
             .and_then(|incoming| Endpoint::accept_incoming(incoming, transport::iounit_channel(depth)));
         match accepted {
-            Ok(ep) => {
-                let s = shared.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("iounit-queue".into())
-                    .spawn(move || queue::serve(s, ep));
-                match spawned {
-                    Ok(h) => {
-                        let mut threads = shared.threads.lock();
-                        threads.retain(|t| !t.is_finished());
-                        threads.push(h);
-                    }
-                    Err(e) => tracing::error!("cannot start a queue thread: {e}"),
-                }
-            }
+            Ok(ep) => shared.lobby.enter(ep),
             Err(messaging::Error::Fabric(FabricError::Timeout(_))) => {}
             Err(messaging::Error::Fabric(FabricError::Shutdown)) => break,
             Err(e) => tracing::warn!("refused a connection: {e}"),

@@ -4,23 +4,23 @@
 
 use super::*;
 
-/// Counts this thread among the workers for as long as it serves a
-/// connected queue. A channel still waiting for its Connect holds none, so
-/// connections that never send one cannot keep hosts out.
-pub(super) struct WorkerSlot<'a>(&'a Shared);
+/// Counts a queue among the workers for as long as it is served. A
+/// channel still waiting for its Connect holds none, so connections that
+/// never send one cannot keep hosts out.
+pub(crate) struct WorkerSlot(Arc<Shared>);
 
-impl<'a> WorkerSlot<'a> {
+impl WorkerSlot {
     /// A slot, or `None` when all `workers` are taken.
-    fn try_take(shared: &'a Shared) -> Option<WorkerSlot<'a>> {
+    fn try_take(shared: &Arc<Shared>) -> Option<WorkerSlot> {
         if shared.active_queues.fetch_add(1, Ordering::AcqRel) >= shared.cfg.workers {
             shared.active_queues.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(WorkerSlot(shared))
+        Some(WorkerSlot(shared.clone()))
     }
 }
 
-impl Drop for WorkerSlot<'_> {
+impl Drop for WorkerSlot {
     fn drop(&mut self) {
         self.0.active_queues.fetch_sub(1, Ordering::AcqRel);
     }
@@ -30,67 +30,70 @@ impl Drop for WorkerSlot<'_> {
 /// reason the log gets.
 type Refusal = (Status, String);
 
-/// A queue the Connect admitted.
-struct Admitted<'a> {
-    worker: WorkerSlot<'a>,
-    ctrl: Arc<Controller>,
-    qid: u16,
-    size: u32,
+/// A queue the Connect admitted; its thread answers the Connect.
+pub(crate) struct Admitted {
+    pub(super) worker: WorkerSlot,
+    pub(super) ctrl: Arc<Controller>,
+    pub(super) qid: u16,
+    pub(super) size: u32,
+    /// The Connect command's identifier, for its answer.
+    pub(super) cid: CommandId,
 }
 
-/// Waits for the Connect capsule and binds the queue to a controller.
-pub(super) fn connect<'a>(
-    shared: &'a Arc<Shared>,
-    ep: &Endpoint,
-) -> Option<(WorkerSlot<'a>, Arc<Controller>, u16, u16)> {
+/// What a channel's first capsule decided.
+pub(crate) enum Admission {
+    /// A Connect that binds the queue to a controller.
+    Admitted(Admitted),
+    /// Refused; the answer went out when a ticket is given (the channel
+    /// closes once it is acknowledged).
+    Refused(Option<messaging::Ticket>),
+}
+
+/// Checks a channel's first capsule, which must be a Connect, and binds
+/// the queue to its controller. Never waits: a refusal's answer is only
+/// posted.
+pub(crate) fn admit_first(shared: &Arc<Shared>, ep: &Endpoint, d: messaging::Delivery) -> Admission {
     let peer = ep.peer_addr().to_string();
-    let d = match ep.recv_timeout(CONNECT_TIMEOUT) {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::warn!(%peer, "no Connect command: {e}");
-            return None;
-        }
-    };
     let (sqe, data) = match transport::decode_capsule(&d) {
         Ok(c) if d.kind() == ReceivedKind::Message => c,
         Ok(_) => {
             tracing::warn!(%peer, "first transfer is not a command capsule");
-            return None;
+            return Admission::Refused(None);
         }
         Err(e) => {
             tracing::warn!(%peer, "malformed Connect capsule: {e}");
-            return None;
+            return Admission::Refused(None);
         }
-    };
-    let reply = |status: Status, dw0: u32| {
-        let mut cqe = Cqe::new(sqe.command_id, status);
-        cqe.dw0 = dw0;
-        let _ = ep
-            .send(&transport::encode_response(&cqe))
-            .map(|t| t.wait_timeout(CONNECT_TIMEOUT));
     };
     match admit(shared, ep, &sqe, data) {
-        Ok(Admitted {
-            worker,
-            ctrl,
-            qid,
-            size,
-        }) => {
-            tracing::info!(%peer, host = %ctrl.hostnqn, cntlid = ctrl.cntlid, qid, size, "queue connected");
-            reply(Status::SUCCESS, ConnectResponse::new(ctrl.cntlid).to_dw0());
-            Some((worker, ctrl, qid, size as u16))
-        }
+        Ok(admitted) => Admission::Admitted(admitted),
         Err((status, why)) => {
             tracing::warn!(%peer, "refusing Connect: {why}");
-            reply(status.with_dnr(), 0);
-            None
+            let cqe = Cqe::new(sqe.command_id, status.with_dnr());
+            match ep.try_send(&transport::encode_response(&cqe)) {
+                Ok(ticket) => Admission::Refused(Some(ticket)),
+                Err(e) => {
+                    tracing::debug!(%peer, "cannot answer the refused Connect: {e}");
+                    Admission::Refused(None)
+                }
+            }
         }
     }
 }
 
+/// Answers an admitted Connect: on the queue's own thread, the first thing
+/// it sends.
+pub(super) fn answer(ep: &Endpoint, admitted: &Admitted) -> Result<(), QueueError> {
+    let mut cqe = Cqe::new(admitted.cid, Status::SUCCESS);
+    cqe.dw0 = ConnectResponse::new(admitted.ctrl.cntlid).to_dw0();
+    ep.send(&transport::encode_response(&cqe))
+        .map(messaging::Ticket::detach)
+        .map_err(QueueError::Complete)
+}
+
 /// Checks a Connect command against the target's limits and its
 /// configuration, and binds the queue to its controller.
-fn admit<'a>(shared: &'a Arc<Shared>, ep: &Endpoint, sqe: &Sqe, data: &[u8]) -> Result<Admitted<'a>, Refusal> {
+fn admit(shared: &Arc<Shared>, ep: &Endpoint, sqe: &Sqe, data: &[u8]) -> Result<Admitted, Refusal> {
     let Some(worker) = WorkerSlot::try_take(shared) else {
         return Err((
             Status::CONNECT_CONTROLLER_BUSY,
@@ -134,11 +137,13 @@ fn admit<'a>(shared: &'a Arc<Shared>, ep: &Endpoint, sqe: &Sqe, data: &[u8]) -> 
     };
     ctrl.add_queue(ep, connect.qid == 0);
     ctrl.touch();
+    tracing::info!(peer = %ep.peer_addr(), host = %ctrl.hostnqn, cntlid = ctrl.cntlid, qid = connect.qid, size, "queue connected");
     Ok(Admitted {
         worker,
         ctrl,
         qid: connect.qid,
         size,
+        cid: sqe.command_id,
     })
 }
 

@@ -1,7 +1,7 @@
-//! One NVMe queue: a channel's thread. It connects the queue to a
-//! controller ([`connect`]), then takes capsules and pushed data in
-//! channel order and moves each command through its states to its
-//! completion.
+//! One NVMe queue: a channel's thread, started once the lobby admitted
+//! its Connect ([`connect`]). It answers the Connect, then takes capsules
+//! and pushed data in channel order and moves each command through its
+//! states to its completion.
 //!
 //! # A command's states
 //!
@@ -69,11 +69,12 @@ mod storage;
 #[cfg(test)]
 mod tests;
 
-use connect::connect;
+pub(crate) use connect::{admit_first, Admission, Admitted};
 use io::{block_status, PendingWrite};
 use storage::{Io, Staging};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a channel may take to send its Connect.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(250);
 /// Most deliveries handled before the answers they produced are posted.
 /// Small on purpose: with a whole queue's worth handled before the first
@@ -231,14 +232,45 @@ struct Queue {
     ring: Option<(Ring<Io>, Waker)>,
 }
 
-/// Serves one channel until it closes, the controller dies or the target
-/// shuts down.
-pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
+/// Starts the thread that serves an admitted queue.
+pub(crate) fn spawn(shared: &Arc<Shared>, ep: Endpoint, admitted: Admitted) {
+    let s = shared.clone();
+    let (channel, qid, cntlid) = (ep.clone(), admitted.qid, admitted.ctrl.cntlid);
+    let spawned = std::thread::Builder::new()
+        .name("iounit-queue".into())
+        .spawn(move || serve(s, ep, admitted));
+    match spawned {
+        Ok(h) => {
+            let mut threads = shared.threads.lock();
+            threads.retain(|t| !t.is_finished());
+            threads.push(h);
+        }
+        Err(e) => {
+            // The admission (its worker slot) went with the closure.
+            tracing::error!("cannot start a queue thread: {e}");
+            channel.close();
+            if qid == 0 {
+                shared.remove_controller(cntlid);
+            }
+        }
+    }
+}
+
+/// Serves one admitted channel until it closes, the controller dies or
+/// the target shuts down.
+fn serve(shared: Arc<Shared>, ep: Endpoint, admitted: Admitted) {
     let peer = ep.peer_addr().to_string();
-    let Some((_worker, ctrl, qid, depth)) = connect(&shared, &ep) else {
-        ep.close();
-        return;
-    };
+    if let Err(e) = connect::answer(&ep, &admitted) {
+        tracing::warn!(%peer, "cannot answer the Connect: {e}");
+    }
+    let Admitted {
+        worker: _worker,
+        ctrl,
+        qid,
+        size,
+        ..
+    } = admitted;
+    let depth = size as u16;
     let staging = match Staging::register(&ep) {
         Ok(s) => s,
         Err(e) => {
@@ -252,7 +284,7 @@ pub(crate) fn serve(shared: Arc<Shared>, ep: Endpoint) {
             return;
         }
     };
-    tracing::debug!(%peer, cntlid = ctrl.cntlid, qid, depth, "queue connected");
+    tracing::debug!(%peer, cntlid = ctrl.cntlid, qid, depth, "queue serving");
     let mut q = Queue {
         shared: shared.clone(),
         ctrl: ctrl.clone(),
