@@ -738,3 +738,50 @@ fn read_and_write_stream_without_holding_the_transfer() {
         "reading 64 MiB peaked at {big_kib} KiB against {small_kib} KiB for 4 KiB"
     );
 }
+
+#[test]
+fn a_service_manager_hears_ready_reloading_and_stopping() {
+    // A systemd Type=notify unit: the manager's socket is named in
+    // NOTIFY_SOCKET; each state is one datagram.
+    let scratch = Scratch::new("sd-notify");
+    let socket_path = scratch.path("notify.sock");
+    let manager = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    manager.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let next = || {
+        let mut buf = [0u8; 1024];
+        let n = manager.recv(&mut buf).expect("a notification within 20 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let cfg = scratch.path("iounit.toml");
+    std::fs::write(&cfg, "[[namespace]]\nbackend = \"ram:1MiB\"\n").unwrap();
+    let mut cmd = Command::new(common::binary("iounitd"));
+    cmd.args(["--config", cfg.to_str().unwrap(), "--listen", "tcp://127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let d = Daemon::spawn(cmd);
+    let ready = next();
+    assert!(ready.starts_with("READY=1\n"), "{ready:?}");
+    assert!(ready.contains(&format!("MAINPID={}\n", d.pid())), "{ready:?}");
+    assert!(
+        ready.contains("STATUS=serving 1 namespaces on tcp://127.0.0.1:"),
+        "{ready:?}"
+    );
+    // Ready means served: a host gets in at once.
+    ok(&hostctl(&d.uri, &["list"], None).0);
+
+    std::fs::write(
+        &cfg,
+        "[[namespace]]\nbackend = \"ram:1MiB\"\n[[namespace]]\nbackend = \"ram:1MiB\"\n",
+    )
+    .unwrap();
+    d.signal("-HUP");
+    let reloading = next();
+    assert!(reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{reloading:?}");
+    let ready = next();
+    assert!(ready.contains("STATUS=serving 2 namespaces"), "{ready:?}");
+
+    d.signal("-TERM");
+    assert_eq!(next(), "STOPPING=1\n");
+    assert!(d.stop().success());
+}

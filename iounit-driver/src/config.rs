@@ -6,7 +6,7 @@
 //! allowed_hosts = []                       # host NQNs; empty allows any
 //! max_io_queues = 8                        # per controller
 //! max_queue_depth = 128                    # entries per queue
-//! workers = 256                            # worker threads (one per queue)
+//! workers = 256                            # queues served at once
 //! max_controllers_per_host = 8             # controllers one host NQN may hold
 //! max_connections_per_address = 256        # tcp connections from one address
 //! shm_allow_uids = [1000]                  # users let in on shm:// listeners
@@ -214,17 +214,19 @@ pub fn plan_reload<'a>(
     attached: &std::collections::BTreeMap<u32, BackendSpec>,
     wanted: &'a [NamespaceEntry],
 ) -> ReloadPlan<'a> {
-    let names = |nsid: u32, spec: &BackendSpec, w: &NamespaceEntry| &w.spec == spec && w.nsid.is_none_or(|n| n == nsid);
+    // One entry per namespace and one namespace per entry: two entries
+    // with the same spec are two namespaces.
+    let assigned = assign(attached, wanted);
     let mut plan = ReloadPlan::default();
-    for (&nsid, spec) in attached {
-        if !wanted.iter().any(|w| names(nsid, spec, w)) {
+    for &nsid in attached.keys() {
+        if !assigned.contains_key(&nsid) {
             plan.detach.push(nsid);
         }
     }
     let mut occupied: std::collections::BTreeSet<u32> =
         attached.keys().filter(|n| !plan.detach.contains(n)).copied().collect();
     for w in wanted {
-        if attached.iter().any(|(&nsid, spec)| names(nsid, spec, w)) {
+        if assigned.values().any(|a| std::ptr::eq(*a, w)) {
             continue;
         }
         let lands = w
@@ -348,6 +350,29 @@ mod tests {
         let changed = entries(&[(None, "ram:1MiB"), (Some(7), "ram:4MiB")]);
         let map = assign(&now, &changed);
         assert_eq!(map.keys().copied().collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
+    fn entries_with_one_spec_are_as_many_namespaces() {
+        let now = attached(&[(1, "ram:1MiB")]);
+        let want = entries(&[(None, "ram:1MiB"), (None, "ram:1MiB")]);
+        let plan = plan_reload(&now, &want);
+        assert!(plan.detach.is_empty() && plan.refused.is_empty());
+        assert_eq!(plan.attach.len(), 1, "the second entry is a second namespace");
+        assert!(std::ptr::eq(plan.attach[0], &want[1]));
+        // And back: one entry keeps one of the two.
+        let now = attached(&[(1, "ram:1MiB"), (2, "ram:1MiB")]);
+        let plan = plan_reload(&now, &want[..1]);
+        assert!(plan.attach.is_empty());
+        assert_eq!(plan.detach, vec![2]);
+    }
+
+    #[test]
+    fn the_packaged_example_parses() {
+        let cfg = parse(include_str!("../../packaging/iounitd.toml"), "packaging/iounitd.toml").unwrap();
+        assert_eq!(cfg.target.listen.len(), 2);
+        assert_eq!(cfg.namespaces.len(), 2);
+        assert_eq!(cfg.namespaces[1].nsid, Some(2));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use iounit::backend::{self, BackendSpec};
 use iounit::config::{self, DaemonConfig, NamespaceEntry};
+use iounit::service;
 use iounit::target::{Target, TargetConfig};
 
 /// The chanio I/O-unit daemon: serves NVMe namespaces to hosts over
@@ -35,7 +36,11 @@ Signals: SIGINT/SIGTERM drain in-flight I/O and exit; SIGHUP re-reads --config a
 attaches or detaches namespaces to match it (hosts receive an asynchronous event);
 a RAM namespace is never replaced by one of another size, which would discard its
 data (remove it in one reload, add the new size in the next).
-Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
+Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more.
+
+Under systemd (Type=notify, packaging/iounitd.service) it reports READY=1 once it
+listens with its namespaces attached, RELOADING=1 around a SIGHUP and STOPPING=1
+when it drains; without NOTIFY_SOCKET nothing is sent."
 )]
 struct Args {
     /// Configuration file (TOML); command-line options override it.
@@ -238,6 +243,9 @@ fn run(args: Args) -> Res<()> {
         }
         out.flush()?;
     }
+    tell_manager(service::State::Ready {
+        status: &status_line(&target, attached.len()),
+    });
     while !stop.load(Ordering::Acquire) {
         // A signal that came before this read left its byte: no wake-up is
         // lost between the check above and the read.
@@ -248,6 +256,7 @@ fn run(args: Args) -> Res<()> {
             Err(e) => return Err(format!("waiting for signals: {e}").into()),
         }
         if reload.swap(false, Ordering::AcqRel) {
+            tell_manager(service::State::Reloading);
             match &args.config {
                 Some(path) => match config::load(path) {
                     Ok(new) => resync(&target, &new.namespaces, &mut attached),
@@ -255,10 +264,27 @@ fn run(args: Args) -> Res<()> {
                 },
                 None => tracing::warn!("SIGHUP ignored: no --config file to reload"),
             }
+            tell_manager(service::State::Ready {
+                status: &status_line(&target, attached.len()),
+            });
         }
     }
+    tell_manager(service::State::Stopping);
     target.shutdown();
     Ok(())
+}
+
+/// Tells a service manager (systemd `Type=notify`) what the daemon does;
+/// a manager that cannot be reached is logged, never fatal.
+fn tell_manager(state: service::State<'_>) {
+    if let Err(e) = service::notify(state) {
+        tracing::warn!("cannot notify the service manager ({}): {e}", service::NOTIFY_SOCKET);
+    }
+}
+
+/// The status line a service manager shows.
+fn status_line(target: &Target, namespaces: usize) -> String {
+    format!("serving {namespaces} namespaces on {}", target.local_uris().join(", "))
 }
 
 /// Attaches `ns`, masked first (so that it never shows to a host it is
