@@ -299,16 +299,16 @@ impl Registration {
     pub(crate) fn start(&self, driven: Weak<dyn Driven>, fds: &[(RawFd, u32)]) -> io::Result<()> {
         assert!(fds.len() <= MAX_FDS, "too many descriptors for one queue pair");
         {
+            // Under the lock: an event cannot be taken (nor a round end and
+            // re-arm) before the entry lists the descriptor it is about.
             let mut st = self.shard.state.lock();
             let Some(entry) = st.entry(self.token, self.id) else {
                 return Err(io::Error::other("engine registration vanished"));
             };
             entry.driven = Some(driven);
             entry.wait = Wait::Sleeping;
-        }
-        for (i, &(fd, events)) in fds.iter().enumerate() {
-            self.shard.arm(libc::EPOLL_CTL_ADD, self.token, i, fd, events)?;
-            if let Some(entry) = self.shard.state.lock().entry(self.token, self.id) {
+            for (i, &(fd, events)) in fds.iter().enumerate() {
+                self.shard.arm(libc::EPOLL_CTL_ADD, self.token, i, fd, events)?;
                 entry.fds.push((fd, events));
             }
         }
@@ -620,6 +620,24 @@ mod tests {
         assert_eq!(rounds.recv_timeout(SOON), Ok(2), "readable: a round");
         // Nobody read the byte: the descriptor, armed again, fires again.
         assert_eq!(rounds.recv_timeout(SOON), Ok(3));
+    }
+
+    #[test]
+    fn a_descriptor_ready_at_registration_keeps_firing() {
+        // Readable from the start, and never read: every round ends in a
+        // sleep, and the descriptor, armed again, fires again. An event
+        // taken before the entry listed its descriptor was once consumed
+        // without re-arming it, and the queue pair went deaf.
+        for _ in 0..100 {
+            let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+            std::io::Write::write_all(&mut &a, b"x").expect("write");
+            let (p, rounds) = probe(Next::Sleep { writable: false }, None);
+            let reg = start(&p, &[(b.as_raw_fd(), libc::EPOLLIN as u32)]);
+            for n in 1..=3 {
+                assert_eq!(rounds.recv_timeout(SOON), Ok(n), "round {n} never came");
+            }
+            drop(reg);
+        }
     }
 
     #[test]
