@@ -7,6 +7,7 @@
 //! max_io_queues = 8                        # per controller
 //! max_queue_depth = 128                    # entries per queue
 //! workers = 256                            # queues served at once
+//! threads = 0                              # threads serving them (0: one per CPU)
 //! max_controllers_per_host = 8             # controllers one host NQN may hold
 //! max_connections_per_address = 256        # tcp connections from one address
 //! shm_allow_uids = [1000]                  # users let in on shm:// listeners
@@ -98,6 +99,7 @@ struct File {
     max_io_queues: Option<u16>,
     max_queue_depth: Option<u16>,
     workers: Option<usize>,
+    threads: Option<usize>,
     max_controllers_per_host: Option<usize>,
     max_connections_per_address: Option<usize>,
     #[serde(default)]
@@ -175,6 +177,7 @@ pub fn parse(text: &str, origin: &str) -> Result<DaemonConfig, ConfigError> {
             max_io_queues: file.max_io_queues.unwrap_or(defaults.max_io_queues),
             max_queue_depth: file.max_queue_depth.unwrap_or(defaults.max_queue_depth),
             workers: file.workers.unwrap_or(defaults.workers),
+            threads: file.threads.unwrap_or(defaults.threads),
             max_controllers_per_host: file
                 .max_controllers_per_host
                 .unwrap_or(defaults.max_controllers_per_host),

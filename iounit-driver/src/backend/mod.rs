@@ -156,6 +156,15 @@ pub trait BlockIo: Send + Sync + fmt::Debug {
     fn files(&self) -> Option<&Arc<uring::Files>> {
         None
     }
+
+    /// Whether a call may wait (for a device, a lock, the network). A
+    /// worker thread serves many queues, so such calls run on the target's
+    /// blocking threads instead, many at once, and complete back to their
+    /// queue; only a backend whose calls never wait (memory) is called on
+    /// the worker. The default, `true`, is the safe answer.
+    fn may_block(&self) -> bool {
+        true
+    }
 }
 
 /// Zeroing a range without sending zeros.

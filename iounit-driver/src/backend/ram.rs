@@ -210,6 +210,10 @@ impl BlockIo for RamBackend {
     fn flush(&self) -> Result<(), BlockError> {
         Ok(())
     }
+
+    fn may_block(&self) -> bool {
+        false
+    }
 }
 
 impl WriteZeroes for RamBackend {

@@ -272,6 +272,18 @@ impl Deref for NamespaceRef {
     }
 }
 
+impl Clone for NamespaceRef {
+    /// Another hold of the same namespace (a request that runs elsewhere):
+    /// a detach waits for it too.
+    fn clone(&self) -> NamespaceRef {
+        self.ns.inflight.fetch_add(1, Ordering::SeqCst);
+        NamespaceRef {
+            nsid: self.nsid,
+            ns: self.ns.clone(),
+        }
+    }
+}
+
 impl Drop for NamespaceRef {
     fn drop(&mut self) {
         self.ns.leave();

@@ -136,6 +136,12 @@ impl<T: Transfer> Ring<T> {
         !self.refused.is_empty() || !self.ring.completion().is_empty()
     }
 
+    /// The ring's descriptor: readable while completions wait to be
+    /// reaped, so one `epoll` can watch many rings.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+
     /// A waker that ends the current or next [`Ring::wait`].
     pub fn waker(&self) -> Waker {
         Waker::from(self.wake.clone())

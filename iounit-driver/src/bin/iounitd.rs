@@ -64,9 +64,14 @@ struct Args {
     /// Most entries per queue.
     #[arg(long, value_name = "N")]
     queue_depth: Option<u16>,
-    /// Worker threads: each connected queue gets one; at most N at once.
+    /// Queues served at once (default 256); a Connect beyond it gets
+    /// Controller Busy.
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// Threads that serve the queues, each many of them (default: one per
+    /// CPU).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
     /// Controllers one host NQN may hold at once (default 8).
     #[arg(long, value_name = "N")]
     max_controllers_per_host: Option<usize>,
@@ -191,6 +196,9 @@ fn settings(args: &Args) -> Res<DaemonConfig> {
     }
     if let Some(n) = args.workers {
         cfg.target.workers = n;
+    }
+    if let Some(n) = args.threads {
+        cfg.target.threads = n;
     }
     if let Some(n) = args.max_controllers_per_host {
         cfg.target.max_controllers_per_host = n;

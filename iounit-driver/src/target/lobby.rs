@@ -3,12 +3,12 @@
 //! holds them all, each under its deadline (`CONNECT_TIMEOUT`); the
 //! fabric's progress engine receives a channel's first capsule and the
 //! channel's waker tells the lobby. The lobby checks the Connect
-//! ([`queue::admit_first`]); only an admitted queue gets a thread of its
-//! own ([`queue::serve`]). A refused channel is closed once its answer
-//! went out, or after `REPLY_GRACE`.
+//! ([`queue::admit_first`]); only an admitted queue goes to a worker
+//! (`worker.rs`), which answers it. A refused channel is closed once its
+//! answer went out, or after `REPLY_GRACE`.
 //!
 //! ```text
-//!  accept ──▶ lobby ── first capsule (waker) ──▶ Connect admitted ──▶ queue thread
+//!  accept ──▶ lobby ── first capsule (waker) ──▶ Connect admitted ──▶ a worker
 //!               │                            └─▶ refused ──▶ answer, then close
 //!               └── no capsule by the deadline, closed by the peer, lobby full ──▶ close
 //! ```
@@ -207,7 +207,10 @@ fn step(shared: &Arc<Shared>, lobby: &Arc<Lobby>, id: u64, mut w: Waiting) -> Op
                 };
                 match queue::admit_first(shared, &w.ep, d) {
                     Admission::Admitted(admitted) => {
-                        queue::spawn(shared, w.ep, admitted);
+                        match shared.workers.get() {
+                            Some(workers) => workers.assign(w.ep, admitted),
+                            None => w.ep.close(),
+                        }
                         return None;
                     }
                     Admission::Refused(Some(ticket)) => {

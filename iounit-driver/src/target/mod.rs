@@ -1,11 +1,14 @@
 //! The I/O-unit target: an NVMe subsystem served over push-push channels.
 //!
 //! A [`Target`] owns the namespace [`Registry`], one fabric and its
-//! listeners. Every accepted channel is one NVMe queue served by its own
-//! thread ([`queue`]): the first capsule must be a Fabrics Connect, which
-//! creates a controller (admin queue) or joins one (I/O queue). Commands are
-//! checked (namespace, range, length, alignment, descriptor) before they
-//! touch storage, and run against the block layer on the queue's thread.
+//! listeners. Every accepted channel is one NVMe queue ([`queue`]). It
+//! waits in the lobby (no thread of its own) for its first capsule, which
+//! must be a Fabrics Connect: that creates a controller (admin queue) or
+//! joins one (I/O queue), and the queue goes to one of a fixed set of
+//! worker threads (one per CPU by default), each serving many queues.
+//! Commands are checked (namespace, range, length, alignment, descriptor)
+//! before they touch storage; memory runs on the worker, files on the
+//! queue's io_uring, and a backend that may wait on the blocking threads.
 //!
 //! Controllers keep an admin-queue keep-alive timer: a host silent for
 //! longer than its KATO loses its controller, and every channel of it is
@@ -31,8 +34,10 @@ use crate::backend::{self, BackendSpec, BlockError, Registry, RegistryEvent};
 use crate::nvme::{AsyncEvent, CommandId, Cqe, ErrorLogEntry, Nqn, Status};
 use crate::transport;
 
+mod blocking;
 mod lobby;
 pub mod queue;
+mod worker;
 
 pub use crate::transport::DEFAULT_NQN;
 /// Most Asynchronous Event Requests a controller holds (AERL + 1).
@@ -55,10 +60,12 @@ pub struct TargetConfig {
     pub max_io_queues: u16,
     /// Most entries per queue.
     pub max_queue_depth: u16,
-    /// Worker threads: every connected queue is served by its own worker
-    /// thread, and at most this many run at once. A Connect beyond the
-    /// limit is refused with Connect Controller Busy.
+    /// Queues served at once. A Connect beyond the limit is refused with
+    /// Connect Controller Busy.
     pub workers: usize,
+    /// Threads that serve the queues, each many of them; 0 (the default)
+    /// is one per CPU.
+    pub threads: usize,
     /// Controllers one host NQN may hold at once; an admin Connect beyond
     /// it is refused with Connect Controller Busy, so one host cannot take
     /// every worker.
@@ -81,6 +88,7 @@ impl Default for TargetConfig {
             max_io_queues: 8,
             max_queue_depth: 128,
             workers: 256,
+            threads: 0,
             max_controllers_per_host: 8,
             shm_access: messaging::provider::shm::ShmAccess::default(),
             max_connections_per_address: 256,
@@ -171,7 +179,7 @@ pub(crate) struct Shared {
     /// Owns the fabrics (and their protection domains) for the target's lifetime.
     _fabrics: Fabrics,
     pub(crate) shutdown: AtomicBool,
-    /// Queues being served (worker threads running).
+    /// Queues being served (each holds one of the `workers` slots).
     pub(crate) active_queues: std::sync::atomic::AtomicUsize,
     controllers: Mutex<HashMap<u16, Arc<Controller>>>,
     next_cntlid: AtomicU16,
@@ -180,6 +188,10 @@ pub(crate) struct Shared {
     listeners: Mutex<Vec<Arc<dyn Listener>>>,
     /// Channels waiting for their Connect.
     lobby: Arc<lobby::Lobby>,
+    /// The threads that serve the admitted queues.
+    workers: std::sync::OnceLock<worker::Workers>,
+    /// Where storage calls that may wait run.
+    pub(crate) blocking: blocking::Blocking,
     /// Namespace masking: the host NQNs each masked namespace is visible
     /// to (a namespace not named here is visible to every allowed host).
     masks: parking_lot::RwLock<HashMap<u32, Vec<String>>>,
@@ -239,6 +251,8 @@ impl Target {
             uris,
             listeners: Mutex::new(listeners.clone()),
             lobby: lobby::Lobby::new(),
+            workers: std::sync::OnceLock::new(),
+            blocking: blocking::Blocking::default(),
             masks: parking_lot::RwLock::new(HashMap::new()),
             mask_generation: std::sync::atomic::AtomicU64::new(0),
         });
@@ -248,6 +262,16 @@ impl Target {
                 shared.namespace_changed(event);
             }
         });
+        {
+            let threads = match shared.cfg.threads {
+                0 => worker::default_count(),
+                n => n,
+            };
+            let (workers, handles) = worker::Workers::start(&shared, threads)
+                .map_err(|e| TargetError::Config(format!("cannot start the workers: {e}")))?;
+            let _ = shared.workers.set(workers);
+            shared.threads.lock().extend(handles);
+        }
         {
             let s = shared.clone();
             let handle = std::thread::Builder::new()
@@ -315,6 +339,9 @@ impl Target {
             l.shutdown();
         }
         self.shared.lobby.stop();
+        if let Some(w) = self.shared.workers.get() {
+            w.wake_all();
+        }
         loop {
             let handle = self.shared.threads.lock().pop();
             match handle {

@@ -362,6 +362,16 @@ impl Endpoint {
         self.shared.qp.step_away();
     }
 
+    /// Makes a thread that waits in this endpoint (`wait_progress`, a
+    /// blocking receive or send) look again now, as if something moved:
+    /// for an event loop that sleeps in one channel while other sources
+    /// may need it. A wait that finds nothing new goes back to sleep,
+    /// except `wait_progress`, which returns.
+    pub fn wake_waiters(&self) {
+        self.shared.signal.wake_sleepers();
+        self.shared.qp.interrupt();
+    }
+
     /// Holds back posting until the returned guard drops, so that the sends
     /// and pushes made meanwhile reach the fabric as one batch (one system
     /// call on tcp): what a server answering several requests at once wants.

@@ -283,7 +283,7 @@ impl Signal {
     /// with no sleeper yet: a thread that found the provider driven and is
     /// on its way to `sleep` (spinning first) then returns at once instead
     /// of sleeping while nobody drives.
-    fn wake_sleepers(&self) {
+    pub(super) fn wake_sleepers(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) > 0 {
             let _guard = self.sleep_lock.lock();

@@ -469,8 +469,9 @@ impl Shard {
                         }
                     }
                 }
-                let ready = std::mem::take(&mut st.ready);
-                run.extend(ready);
+                // Drained, not taken: the list keeps its capacity, so a
+                // wake-up allocates nothing.
+                run.append(&mut st.ready);
                 run.append(&mut again);
                 st.due(Instant::now(), &mut run);
             }

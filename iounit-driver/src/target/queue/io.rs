@@ -60,7 +60,7 @@ impl Queue {
         Ok(match op {
             IoOpcode::Read => return self.read(sqe, ns),
             IoOpcode::Write => write(sqe, inline, ns),
-            IoOpcode::Flush if ns.files().is_some() => Outcome::Start(Start::Flush { ns }),
+            IoOpcode::Flush if deferred(&ns) => Outcome::Start(Start::Flush { ns }),
             IoOpcode::Flush => Outcome::status(ns.flush().map_or_else(|e| block_status(&e), |()| Status::SUCCESS)),
             IoOpcode::WriteZeroes => write_zeroes(sqe, &ns),
             IoOpcode::DatasetManagement => dataset_management(sqe, inline, &ns),
@@ -87,7 +87,7 @@ impl Queue {
         if sqe.sgl().map(|s| u64::from(s.len()) < len).unwrap_or(false) {
             return Ok(Outcome::status(Status::SGL_INVALID_DATA_LENGTH.with_dnr()));
         }
-        if ns.files().is_some() {
+        if deferred(&ns) {
             return Ok(Outcome::Start(Start::Read {
                 ns,
                 offset,
@@ -120,7 +120,7 @@ impl Queue {
             self.awaiting.pop_front();
         }
         match (w.status.is_success(), &w.ns) {
-            (true, Some(ns)) if ns.files().is_some() => {
+            (true, Some(ns)) if deferred(ns) => {
                 w.outstanding += 1;
                 return Ok(State::Storage(Io::Chunk {
                     write: key,
@@ -158,6 +158,12 @@ impl Queue {
     }
 }
 
+/// Whether `ns`'s requests leave the worker: on the queue's io_uring
+/// (files) or on a blocking thread (a backend that may wait).
+fn deferred(ns: &NamespaceRef) -> bool {
+    ns.files().is_some() || ns.may_block()
+}
+
 /// The byte range a Read or Write addresses, checked against the namespace
 /// and the largest transfer.
 fn transfer_range(sqe: &Sqe, ns: &NamespaceRef) -> Result<(u64, u64), Status> {
@@ -191,10 +197,15 @@ fn write(sqe: &Sqe, inline: &[u8], ns: NamespaceRef) -> Outcome {
     match sqe.sgl() {
         Ok(Sgl::DataBlockOffset { offset: 0, len: l }) if u64::from(l) == len && inline.len() as u64 == len => {
             // In-capsule data sits 64 bytes into its buffer, never aligned
-            // for O_DIRECT: it goes through the page cache, a copy made here
-            // at once; only a FUA write (which waits for the device) goes on
-            // the ring.
-            if sqe.fua() && ns.files().is_some() {
+            // for O_DIRECT: for files it goes through the page cache, a copy
+            // made here at once; only a FUA write (which waits for the
+            // device) goes on the ring. A backend that may wait gets it on a
+            // blocking thread.
+            let waits = match ns.files() {
+                Some(_) => sqe.fua(),
+                None => ns.may_block(),
+            };
+            if waits {
                 return Outcome::Start(Start::InlineWrite {
                     ns,
                     offset,

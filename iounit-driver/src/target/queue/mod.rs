@@ -1,6 +1,7 @@
-//! One NVMe queue: a channel's thread, started once the lobby admitted
-//! its Connect ([`connect`]). It answers the Connect, then takes capsules
-//! and pushed data in channel order and moves each command through its
+//! One NVMe queue, served by a worker thread (`worker.rs`) once the lobby
+//! admitted its Connect ([`connect`]). It answers the Connect, then takes
+//! capsules and pushed data in channel order, a turn at a time
+//! (`Queue::run`, never waiting), and moves each command through its
 //! states to its completion.
 //!
 //! # A command's states
@@ -29,12 +30,16 @@
 //!   namespace with files ([`BlockIo::files`](crate::backend::BlockIo::files))
 //!   runs on the queue's own io_uring ([`Ring`]), as many at once as the
 //!   host sends; they complete out of order, as the device finishes them
-//!   ([`storage`]). Where no ring can be made, it runs at once.
+//!   ([`storage`]). Where no ring can be made, it runs at once. A backend
+//!   that may wait (`BlockIo::may_block`) and has no files gets its
+//!   requests run on the target's blocking threads, which complete them
+//!   back to the queue the same way.
 //! - **ToHost**: a read's data, in a staging buffer, is pushed to the host.
 //! - **Complete**: the response capsule goes out.
 //!
-//! While the ring holds requests, the thread sleeps in the ring, woken by
-//! a completion or by its channel ([`Ring::waker`]).
+//! While storage requests are in flight, the worker watches the ring's
+//! descriptor (readable on completions) or is called by the blocking
+//! thread that finished one.
 //!
 //! A malformed capsule, a push nobody waits for, or a direct placement
 //! (an I/O unit never exposes memory) is a protocol violation
@@ -53,7 +58,6 @@ use slab::Slab;
 
 use super::{Controller, Shared};
 use crate::backend::ring::{IoOp, Ring, Transfer};
-use crate::backend::uring::Files;
 use crate::backend::{BlockError, ErrorKind, NamespaceCache, NamespaceRef};
 use crate::nvme::{
     AdminOpcode, ChangedNamespaceList, Cns, CommandId, Connect, ConnectData, ConnectResponse, Cqe, DsmRange,
@@ -75,7 +79,11 @@ use storage::{Io, Staging};
 
 /// How long a channel may take to send its Connect.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const TICK: Duration = Duration::from_millis(250);
+/// How often a worker looks at its queues' keep-alive and the shutdown.
+pub(crate) const TICK: Duration = Duration::from_millis(250);
+/// Most deliveries one turn of a queue takes before its worker serves the
+/// others.
+const RUN_BUDGET: usize = 64;
 /// Most deliveries handled before the answers they produced are posted.
 /// Small on purpose: with a whole queue's worth handled before the first
 /// completion leaves, host and I/O unit take turns, each idle while the
@@ -83,9 +91,6 @@ const TICK: Duration = Duration::from_millis(250);
 /// what a batch produced every 8 deliveries").
 const BATCH: usize = 8;
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
-/// How long a queue with requests on its ring sleeps in the ring alone
-/// before it hands its channel to the provider's fallback and sleeps on.
-const RING_FIRST_WAIT: Duration = Duration::from_micros(200);
 const STAGING_BUFFERS: usize = 4;
 /// Size and number of the small staging buffers (reads up to that size).
 const SMALL_STAGING: usize = 16 * 1024;
@@ -143,12 +148,15 @@ impl QueueError {
     }
 }
 
-/// Why a queue's wait ended its service.
-enum Stop {
+/// Why a queue's service ends.
+pub(crate) enum Stop {
     /// The channel closed (the host went, or the fabric failed).
     Closed(CloseReason),
     /// This side gives up on the channel.
     Failed(QueueError),
+    /// The service ends: the controller died, its keep-alive expired, or
+    /// the target shut down (`Queue::must_stop`).
+    Done,
 }
 
 /// Where a command stands (see the module docs); [`Queue::advance`] moves
@@ -208,10 +216,12 @@ enum Start {
     Flush { ns: NamespaceRef },
 }
 
-struct Queue {
+pub(crate) struct Queue {
     shared: Arc<Shared>,
     ctrl: Arc<Controller>,
     ep: Endpoint,
+    /// The host's address, for logs.
+    peer: String,
     qid: u16,
     depth: u16,
     sq_head: u16,
@@ -230,123 +240,186 @@ struct Queue {
     /// The queue's io_uring and the waker that ends its sleep, made at the
     /// first request for a namespace with files.
     ring: Option<(Ring<Io>, Waker)>,
-}
-
-/// Starts the thread that serves an admitted queue.
-pub(crate) fn spawn(shared: &Arc<Shared>, ep: Endpoint, admitted: Admitted) {
-    let s = shared.clone();
-    let (channel, qid, cntlid) = (ep.clone(), admitted.qid, admitted.ctrl.cntlid);
-    let spawned = std::thread::Builder::new()
-        .name("iounit-queue".into())
-        .spawn(move || serve(s, ep, admitted));
-    match spawned {
-        Ok(h) => {
-            let mut threads = shared.threads.lock();
-            threads.retain(|t| !t.is_finished());
-            threads.push(h);
-        }
-        Err(e) => {
-            // The admission (its worker slot) went with the closure.
-            tracing::error!("cannot start a queue thread: {e}");
-            channel.close();
-            if qid == 0 {
-                shared.remove_controller(cntlid);
-            }
-        }
-    }
-}
-
-/// Serves one admitted channel until it closes, the controller dies or
-/// the target shuts down.
-fn serve(shared: Arc<Shared>, ep: Endpoint, admitted: Admitted) {
-    let peer = ep.peer_addr().to_string();
-    if let Err(e) = connect::answer(&ep, &admitted) {
-        tracing::warn!(%peer, "cannot answer the Connect: {e}");
-    }
-    let Admitted {
-        worker: _worker,
-        ctrl,
-        qid,
-        size,
-        ..
-    } = admitted;
-    let depth = size as u16;
-    let staging = match Staging::register(&ep) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot register staging buffers: {e}");
-            ep.close();
-            // An admin queue's controller goes with it (it would count
-            // against the host's quota for nothing).
-            if qid == 0 {
-                shared.remove_controller(ctrl.cntlid);
-            }
-            return;
-        }
-    };
-    tracing::debug!(%peer, cntlid = ctrl.cntlid, qid, depth, "queue serving");
-    let mut q = Queue {
-        shared: shared.clone(),
-        ctrl: ctrl.clone(),
-        ep: ep.clone(),
-        qid,
-        depth,
-        sq_head: 0,
-        writes: Slab::new(),
-        awaiting: VecDeque::new(),
-        staging,
-        namespaces: NamespaceCache::default(),
-        visible: None,
-        ring: None,
-    };
-    if qid > 0 {
-        ctrl.io_active.fetch_add(1, Ordering::AcqRel);
-    }
-    let mut draining_since: Option<Instant> = None;
-    while !q.must_stop(&mut draining_since) {
-        match q.next(TICK) {
-            Ok(Some(d)) => {
-                if let Err(reason) = q.handle_batch(d) {
-                    tracing::warn!(%peer, qid, "closing the channel: {reason}");
-                    break;
-                }
-            }
-            Ok(None) => {}
-            Err(Stop::Closed(reason)) => {
-                tracing::debug!(%peer, qid, "channel closed: {reason}");
-                break;
-            }
-            Err(Stop::Failed(reason)) => {
-                tracing::warn!(%peer, qid, "closing the channel: {reason}");
-                break;
-            }
-        }
-    }
-    // The ring finishes what it holds first (its drop waits for the
-    // kernel): its writes must land while their namespace is still held and
-    // before the controller, and with it the queue, is declared gone.
-    drop(q.ring.take());
-    // Commands waiting for data that will never come release their namespaces.
-    q.writes.clear();
-    q.awaiting.clear();
-    ep.close();
-    if qid == 0 {
-        shared.remove_controller(ctrl.cntlid);
-    } else {
-        ctrl.io_active.fetch_sub(1, Ordering::AcqRel);
-    }
+    /// Storage requests on the target's blocking threads.
+    offload: storage::Offloaded,
+    /// Since when the queue drains for a shutdown.
+    draining_since: Option<Instant>,
+    /// The queue's place among the `workers` served at once.
+    _worker: connect::WorkerSlot,
 }
 
 impl Queue {
+    /// Opens an admitted queue for service: answers its Connect and
+    /// registers its staging buffers. `None` when that failed (the channel
+    /// is closed, and an admin queue's controller freed).
+    pub(crate) fn open(shared: &Arc<Shared>, ep: Endpoint, admitted: Admitted) -> Option<Queue> {
+        let peer = ep.peer_addr().to_string();
+        if let Err(e) = connect::answer(&ep, &admitted) {
+            tracing::warn!(%peer, "cannot answer the Connect: {e}");
+        }
+        let Admitted {
+            worker,
+            ctrl,
+            qid,
+            size,
+            ..
+        } = admitted;
+        let depth = size as u16;
+        let staging = match Staging::register(&ep) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot register staging buffers: {e}");
+                ep.close();
+                // An admin queue's controller goes with it (it would count
+                // against the host's quota for nothing).
+                if qid == 0 {
+                    shared.remove_controller(ctrl.cntlid);
+                }
+                return None;
+            }
+        };
+        tracing::debug!(%peer, cntlid = ctrl.cntlid, qid, depth, "queue serving");
+        if qid > 0 {
+            ctrl.io_active.fetch_add(1, Ordering::AcqRel);
+        }
+        Some(Queue {
+            shared: shared.clone(),
+            ctrl,
+            ep,
+            peer,
+            qid,
+            depth,
+            sq_head: 0,
+            writes: Slab::new(),
+            awaiting: VecDeque::new(),
+            staging,
+            namespaces: NamespaceCache::default(),
+            visible: None,
+            ring: None,
+            offload: storage::Offloaded::default(),
+            draining_since: None,
+            _worker: worker,
+        })
+    }
+
+    /// Ends the queue's service: what is on its ring finishes first (its
+    /// writes must land while their namespace is still held, and before
+    /// the controller, and with it the queue, is declared gone), then the
+    /// channel closes.
+    pub(crate) fn close(mut self, why: &Stop) {
+        match why {
+            Stop::Closed(reason) => tracing::debug!(peer = %self.peer, qid = self.qid, "channel closed: {reason}"),
+            Stop::Failed(reason) => tracing::warn!(peer = %self.peer, qid = self.qid, "closing the channel: {reason}"),
+            Stop::Done => {}
+        }
+        drop(self.ring.take());
+        // Commands waiting for data that will never come release their
+        // namespaces.
+        self.writes.clear();
+        self.awaiting.clear();
+        self.ep.close();
+        if self.qid == 0 {
+            self.shared.remove_controller(self.ctrl.cntlid);
+        } else {
+            self.ctrl.io_active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// One turn of service, without sleeping: takes what the ring finished
+    /// and what the host sent (driving the channel's transport once), up
+    /// to `RUN_BUDGET` deliveries, in batches whose pushes and completions
+    /// leave together. Returns whether anything was done.
+    pub(crate) fn run(&mut self) -> Result<bool, Stop> {
+        let mut worked = self.reap_offloaded().map_err(Stop::Failed)?;
+        if self.ring.as_mut().is_some_and(|(r, _)| r.has_completions()) {
+            self.reap_ring().map_err(Stop::Failed)?;
+            worked = true;
+        }
+        let ep = self.ep.clone();
+        let mut taken = 0;
+        while taken < RUN_BUDGET {
+            // The first of a batch drives the transport; the rest of the
+            // batch is what that brought.
+            let first = match ep.try_recv() {
+                Ok(d) => d,
+                Err(MsgError::WouldBlock) => break,
+                Err(MsgError::Closed(reason)) => return Err(Stop::Closed(reason)),
+                Err(e) => return Err(Stop::Failed(QueueError::Channel(e))),
+            };
+            worked = true;
+            let cork = ep.cork();
+            self.handle(first).map_err(Stop::Failed)?;
+            taken += 1;
+            for _ in 1..BATCH {
+                match ep.try_recv_taken() {
+                    Ok(d) => {
+                        self.handle(d).map_err(Stop::Failed)?;
+                        taken += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            drop(cork);
+            self.submit_ring().map_err(Stop::Failed)?;
+        }
+        Ok(worked)
+    }
+
+    /// Before its worker sleeps: `waker` is registered with the channel
+    /// (it fires when something arrives) and the channel's progress goes
+    /// to the fabric's fallback. Returns whether something had arrived
+    /// meanwhile (then the queue wants another turn, not a sleep).
+    pub(crate) fn prepare_sleep(&mut self, waker: &Waker) -> Result<bool, Stop> {
+        let mut cx = Context::from_waker(waker);
+        let polled = std::pin::pin!(self.ep.recv_async()).poll(&mut cx);
+        match polled {
+            Poll::Ready(Ok(d)) => {
+                let ep = self.ep.clone();
+                let cork = ep.cork();
+                self.handle(d).map_err(Stop::Failed)?;
+                drop(cork);
+                self.submit_ring().map_err(Stop::Failed)?;
+                Ok(true)
+            }
+            Poll::Ready(Err(MsgError::Closed(reason))) => Err(Stop::Closed(reason)),
+            Poll::Ready(Err(e)) => Err(Stop::Failed(QueueError::Channel(e))),
+            Poll::Pending => {
+                self.ep.step_away();
+                Ok(false)
+            }
+        }
+    }
+
+    /// The descriptor of the queue's io_uring, once it has one (readable
+    /// when requests completed).
+    pub(crate) fn ring_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.ring.as_ref().map(|(r, _)| r.fd())
+    }
+
+    /// The waker that calls the queue's worker when a request on a
+    /// blocking thread finishes.
+    pub(crate) fn set_waker(&mut self, waker: Waker) {
+        self.offload.waker = Some(waker);
+    }
+
+    /// The queue's channel.
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.ep
+    }
+
+    /// Whether requests are on the queue's ring.
+    pub(crate) fn ring_busy(&self) -> bool {
+        !self.ring_idle()
+    }
     /// Whether the queue ends its service: its controller died, its
     /// keep-alive expired (admin queue), or the target shuts down and the
     /// queue drained (or had `DRAIN_GRACE` to).
-    fn must_stop(&self, draining_since: &mut Option<Instant>) -> bool {
+    pub(crate) fn must_stop(&mut self) -> bool {
         if self.ctrl.dead.load(Ordering::Acquire) {
             return true;
         }
         if self.shared.shutdown.load(Ordering::Acquire) {
-            let since = *draining_since.get_or_insert_with(Instant::now);
+            let since = *self.draining_since.get_or_insert_with(Instant::now);
             // The admin queue stays until the controller's I/O queues have
             // drained: tearing the controller down closes them.
             let drained = if self.qid == 0 {
@@ -369,22 +442,6 @@ impl Queue {
             }
         }
         false
-    }
-
-    /// Handles `d` and whatever else the host sent meanwhile (up to
-    /// `BATCH`), so that the data pushes and completions they produce go
-    /// out as one batch; the storage requests they started, too.
-    fn handle_batch(&mut self, d: messaging::Delivery) -> Result<(), QueueError> {
-        let ep = self.ep.clone();
-        let _cork = ep.cork();
-        self.handle(d)?;
-        for _ in 1..BATCH {
-            match ep.try_recv_taken() {
-                Ok(d) => self.handle(d)?,
-                Err(_) => break,
-            }
-        }
-        self.submit_ring()
     }
 
     /// One delivery: a command capsule, or a chunk of pushed write data.
@@ -491,71 +548,5 @@ impl Queue {
             .send(&transport::encode_response(&cqe))
             .map(drop)
             .map_err(QueueError::Complete)
-    }
-
-    /// The next delivery within `timeout` (`None`: none came). While the
-    /// ring holds requests, their completions are handled meanwhile, and
-    /// the thread sleeps in the ring, which the channel's waker wakes.
-    fn next(&mut self, timeout: Duration) -> Result<Option<messaging::Delivery>, Stop> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.ring_idle() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                return match self.ep.recv_timeout(left) {
-                    Ok(d) => Ok(Some(d)),
-                    Err(MsgError::Timeout(_)) => Ok(None),
-                    Err(MsgError::Closed(reason)) => Err(Stop::Closed(reason)),
-                    Err(e) => Err(Stop::Failed(QueueError::Channel(e))),
-                };
-            }
-            self.submit_ring().map_err(Stop::Failed)?;
-            self.reap_ring().map_err(Stop::Failed)?;
-            if self.ring_idle() {
-                // All done: the channel alone is waited for.
-                continue;
-            }
-            let Some((_, waker)) = &self.ring else {
-                continue;
-            };
-            // Polled once: ready now, or the waker is registered with the
-            // channel and ends the ring's sleep when something arrives.
-            let mut cx = Context::from_waker(waker);
-            let polled = std::pin::pin!(self.ep.recv_async()).poll(&mut cx);
-            match polled {
-                Poll::Ready(Ok(d)) => return Ok(Some(d)),
-                Poll::Ready(Err(MsgError::Closed(reason))) => return Err(Stop::Closed(reason)),
-                Poll::Ready(Err(e)) => return Err(Stop::Failed(QueueError::Channel(e))),
-                Poll::Pending => {}
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            self.sleep_in_ring(left).map_err(Stop::Failed)?;
-        }
-    }
-
-    /// Sleeps in the ring up to `left`. First a short sleep for storage
-    /// alone: a request usually completes within it, and the channel's own
-    /// driving stays with this thread (at depth 1 the host sends nothing
-    /// meanwhile; deeper, each completion ends the sleep, and what the host
-    /// sent meanwhile is read right after). Only a longer sleep hands the
-    /// channel to the provider's fallback, which costs a wake-up on each
-    /// side, and lets it end the sleep.
-    fn sleep_in_ring(&mut self, left: Duration) -> Result<(), QueueError> {
-        let Some((ring, _)) = &mut self.ring else {
-            return Ok(());
-        };
-        let first = left.min(RING_FIRST_WAIT);
-        if !ring.has_completions() {
-            ring.wait_storage(first).map_err(QueueError::ring("wait"))?;
-        }
-        if !ring.has_completions() && left > first {
-            self.ep.step_away();
-            if let Some((ring, _)) = &mut self.ring {
-                ring.wait(left - first).map_err(QueueError::ring("wait"))?;
-            }
-        }
-        Ok(())
     }
 }

@@ -105,15 +105,28 @@ impl Staging {
 }
 
 impl Queue {
-    /// Whether no request is on the ring.
+    /// Whether no storage request is in flight (on the ring or on a
+    /// blocking thread).
     pub(super) fn ring_idle(&self) -> bool {
-        self.ring.as_ref().is_none_or(|(r, _)| r.in_flight() == 0)
+        self.ring.as_ref().is_none_or(|(r, _)| r.in_flight() == 0) && self.offload.idle()
     }
 
-    /// Starts `io` on the ring (made on first use): `None` once it is
-    /// there. Where no ring can be made, or it is full, `io` comes back, to
-    /// run here and now instead ([`Queue::run_now`]).
+    /// Starts `io`: on the ring (made on first use) for a namespace with
+    /// files, on the target's blocking threads for one whose calls may
+    /// wait; `None` once it is there. Where no ring can be made, or it is
+    /// full, or the namespace is memory, `io` comes back, to run here and
+    /// now instead ([`Queue::run_now`]).
     pub(super) fn start(&mut self, io: Io) -> Option<Io> {
+        let Some(ns) = self.namespace_of(&io).cloned() else {
+            return Some(io);
+        };
+        let Some(files) = ns.files().cloned() else {
+            if ns.may_block() {
+                self.offload(io, ns);
+                return None;
+            }
+            return Some(io);
+        };
         if self.ring.is_none() {
             let capacity =
                 usize::from(self.depth) + usize::from(transport::CHANNEL_SLACK) + usize::from(transport::SLOT_COUNT);
@@ -128,45 +141,61 @@ impl Queue {
                 ),
             }
         }
-        let files = match self.files_of(&io) {
-            Some(f) => f.clone(),
-            None => return Some(io),
-        };
         match &mut self.ring {
             Some((ring, _)) => ring.start(&files, io).err(),
             None => Some(io),
         }
     }
 
-    /// The files `io` runs against.
-    fn files_of<'a>(&'a self, io: &'a Io) -> Option<&'a Arc<Files>> {
+    /// The namespace `io` runs against.
+    fn namespace_of<'a>(&'a self, io: &'a Io) -> Option<&'a NamespaceRef> {
         match io {
-            Io::Read { _ns: ns, .. } | Io::Inline { _ns: ns, .. } | Io::Flush { _ns: ns, .. } => ns.files(),
-            Io::Chunk { write, .. } => self.writes.get(*write)?.ns.as_ref()?.files(),
+            Io::Read { _ns: ns, .. } | Io::Inline { _ns: ns, .. } | Io::Flush { _ns: ns, .. } => Some(ns),
+            Io::Chunk { write, .. } => self.writes.get(*write)?.ns.as_ref(),
         }
+    }
+
+    /// Runs `io` on a blocking thread; its result comes back through
+    /// `offloaded`, and the queue's waker calls its worker.
+    fn offload(&mut self, mut io: Io, ns: NamespaceRef) {
+        self.offload.in_flight += 1;
+        let done = self.offload.done.clone();
+        let waker = self.offload.waker.clone();
+        self.shared.blocking.spawn(move || {
+            let r = run_sync(&mut io, &ns);
+            drop(ns);
+            done.lock().push((io, r));
+            if let Some(w) = waker {
+                w.wake();
+            }
+        });
+    }
+
+    /// Moves on every command whose request a blocking thread finished.
+    pub(super) fn reap_offloaded(&mut self) -> Result<bool, QueueError> {
+        if self.offload.in_flight == 0 {
+            return Ok(false);
+        }
+        let mut finished = std::mem::take(&mut self.offload.finished);
+        std::mem::swap(&mut *self.offload.done.lock(), &mut finished);
+        let any = !finished.is_empty();
+        let mut outcome = Ok(());
+        for (io, r) in finished.drain(..) {
+            self.offload.in_flight -= 1;
+            if outcome.is_ok() {
+                let next = self.done(io, r);
+                outcome = self.advance(next);
+            }
+        }
+        self.offload.finished = finished;
+        outcome.map(|()| any)
     }
 
     /// Runs `io` through the blocking calls: the command's next state.
     pub(super) fn run_now(&mut self, mut io: Io) -> State {
-        let r = match &mut io {
-            Io::Read { _ns, offset, buf, .. } => _ns.read(*offset, buf),
-            Io::Inline {
-                _ns,
-                offset,
-                capsule,
-                fua,
-                ..
-            } => _ns.write(*offset, capsule.get(SQE_LEN..).unwrap_or_default(), *fua),
-            Io::Flush { _ns, .. } => _ns.flush(),
-            Io::Chunk {
-                write,
-                offset,
-                data,
-                fua,
-            } => match self.writes.get(*write).and_then(|w| w.ns.as_ref()) {
-                Some(ns) => ns.write(*offset, data, *fua),
-                None => Err(BlockError::new(ErrorKind::NotReady, "the write's namespace is gone")),
-            },
+        let r = match self.namespace_of(&io).cloned() {
+            Some(ns) => run_sync(&mut io, &ns),
+            None => Err(BlockError::new(ErrorKind::NotReady, "the write's namespace is gone")),
         };
         self.done(io, r)
     }
@@ -319,5 +348,39 @@ impl Queue {
                 self.finish_write(write)
             }
         }
+    }
+}
+
+/// `io` through `ns`'s blocking calls.
+fn run_sync(io: &mut Io, ns: &NamespaceRef) -> Result<(), BlockError> {
+    match io {
+        Io::Read { offset, buf, .. } => ns.read(*offset, buf),
+        Io::Inline {
+            offset, capsule, fua, ..
+        } => ns.write(*offset, capsule.get(SQE_LEN..).unwrap_or_default(), *fua),
+        Io::Flush { .. } => ns.flush(),
+        Io::Chunk { offset, data, fua, .. } => ns.write(*offset, data, *fua),
+    }
+}
+
+/// A request a blocking thread finished, with its result.
+type Finished = (Io, Result<(), BlockError>);
+
+/// Storage requests on the target's blocking threads.
+#[derive(Default)]
+pub(super) struct Offloaded {
+    /// Requests there.
+    in_flight: usize,
+    /// What they finished, with their results.
+    done: Arc<parking_lot::Mutex<Vec<Finished>>>,
+    /// Swapped with `done` to take its contents (no allocation).
+    finished: Vec<Finished>,
+    /// Calls the queue's worker when one finishes.
+    pub(super) waker: Option<Waker>,
+}
+
+impl Offloaded {
+    pub(super) fn idle(&self) -> bool {
+        self.in_flight == 0
     }
 }
