@@ -400,11 +400,11 @@ fn transient(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY))
 }
 
-/// An eventfd: written by wakers, polled by the ring.
-struct EventFd(File);
+/// An eventfd: written by wakers, polled by a ring or a worker's epoll.
+pub(crate) struct EventFd(File);
 
 impl EventFd {
-    fn new() -> std::io::Result<EventFd> {
+    pub(crate) fn new() -> std::io::Result<EventFd> {
         // SAFETY: `eventfd` takes no pointers; the descriptor it returns is
         // new and owned by nothing else, so `OwnedFd` may take it.
         let fd = unsafe {
@@ -417,10 +417,22 @@ impl EventFd {
         Ok(EventFd(File::from(fd)))
     }
 
-    fn reset(&self) {
+    /// Makes it readable.
+    pub(crate) fn ring(&self) {
+        // A full counter (never, at 2^64 - 2) is readable already.
+        let _ = (&self.0).write(&1u64.to_ne_bytes());
+    }
+
+    /// Makes it unreadable again.
+    pub(crate) fn reset(&self) {
         let mut count = [0u8; 8];
         // Nonblocking: nothing to read means nothing to reset.
         let _ = (&self.0).read(&mut count);
+    }
+
+    /// The descriptor, for `epoll`.
+    pub(crate) fn raw(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
     }
 }
 
@@ -430,8 +442,7 @@ impl Wake for EventFd {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        // A full counter (never, at 2^64 - 2) would already wake the ring.
-        let _ = (&self.0).write(&1u64.to_ne_bytes());
+        self.ring();
     }
 }
 

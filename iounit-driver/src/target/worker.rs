@@ -35,6 +35,7 @@ use slab::Slab;
 
 use super::queue::{Admitted, Queue, Stop, TICK};
 use super::Shared;
+use crate::backend::ring::EventFd;
 
 /// How long a worker keeps polling its busy queues after the last work.
 const SPIN: Duration = Duration::from_micros(50);
@@ -55,30 +56,17 @@ struct Inbox {
 /// A worker as other threads see it.
 struct Handle {
     inbox: Mutex<Inbox>,
-    wake: OwnedFd,
+    wake: EventFd,
 }
 
 impl Handle {
     /// Wakes the worker, wherever it sleeps (the inbox was written first).
     fn wake(&self) {
         let sleeping_in = self.inbox.lock().sleeping_in.clone();
-        self.ring();
+        self.wake.ring();
         if let Some(ep) = sleeping_in {
             ep.wake_waiters();
         }
-    }
-
-    fn ring(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to the worker's eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-    }
-
-    fn drain(&self) {
-        let mut sink = [0u8; 8];
-        // SAFETY: reads at most 8 bytes into a live buffer; the eventfd is
-        // non-blocking.
-        unsafe { libc::read(self.wake.as_raw_fd(), sink.as_mut_ptr().cast(), sink.len()) };
     }
 }
 
@@ -111,16 +99,9 @@ impl Workers {
         let mut handles = Vec::new();
         let mut threads = Vec::new();
         for i in 0..n.max(1) {
-            // SAFETY: a plain system call; the descriptor it returns is
-            // checked and then owned by one `OwnedFd`.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
             let handle = Arc::new(Handle {
                 inbox: Mutex::new(Inbox::default()),
-                // SAFETY: `fd` is a new descriptor nothing else owns.
-                wake: unsafe { OwnedFd::from_raw_fd(fd) },
+                wake: EventFd::new()?,
             });
             let mut worker = Worker::new(shared.clone(), handle.clone())?;
             threads.push(
@@ -206,7 +187,7 @@ impl Worker {
             arrived: Vec::new(),
             ready: Vec::new(),
         };
-        w.watch(libc::EPOLL_CTL_ADD, w.handle.wake.as_raw_fd(), WAKE_TOKEN)?;
+        w.watch(libc::EPOLL_CTL_ADD, w.handle.wake.raw(), WAKE_TOKEN)?;
         Ok(w)
     }
 
@@ -267,7 +248,7 @@ impl Worker {
             };
             for ev in &events[..usize::try_from(n).unwrap_or(0)] {
                 match ev.u64 {
-                    WAKE_TOKEN => self.handle.drain(),
+                    WAKE_TOKEN => self.handle.wake.reset(),
                     key => self.run.push(key as usize),
                 }
             }
@@ -452,7 +433,7 @@ impl Worker {
         // channel closed), the queue's next turn finds out.
         let _ = ep.wait_progress(left);
         self.handle.inbox.lock().sleeping_in = None;
-        self.handle.drain();
+        self.handle.wake.reset();
         self.run.push(key);
     }
 
