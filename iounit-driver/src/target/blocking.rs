@@ -36,11 +36,12 @@ impl Blocking {
         let (lock, ready) = &*self.inner;
         let mut st = lock.lock();
         st.jobs.push_back(Box::new(job));
+        // An idle thread takes a job once it runs again; jobs beyond the
+        // idle threads (a burst) start threads of their own.
         if st.idle > 0 {
             ready.notify_one();
-            return;
         }
-        if st.threads >= MAX_THREADS {
+        if st.jobs.len() <= st.idle || st.threads >= MAX_THREADS {
             return;
         }
         let inner = self.inner.clone();
@@ -62,7 +63,10 @@ fn run(inner: &(Mutex<State>, Condvar)) {
     loop {
         if let Some(job) = st.jobs.pop_front() {
             drop(st);
-            job();
+            // A job that panics ends itself, not the thread.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                tracing::error!("a blocking storage call panicked");
+            }
             st = lock.lock();
             continue;
         }

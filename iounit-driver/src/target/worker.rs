@@ -217,6 +217,7 @@ impl Worker {
                 next_tick = Instant::now() + TICK;
                 self.tick();
                 if self.shared.shutdown.load(Ordering::Acquire) && self.queues.is_empty() {
+                    self.refuse_arrivals();
                     return;
                 }
             }
@@ -224,7 +225,7 @@ impl Worker {
             // that queue's channel, which it drives itself (a capsule then
             // reaches it with one wake-up, not through the fallback).
             let hot = match (self.busy.len(), self.ringing.is_empty()) {
-                (1, true) if std::env::var_os("NO_HOT").is_none() => self.busy.iter().next().copied(),
+                (1, true) => self.busy.iter().next().copied(),
                 _ => None,
             };
             if self.prepare_sleep(hot) {
@@ -466,8 +467,23 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Closes the queues handed over after the worker stopped taking any
+    /// (a shutdown), so that none waits for an answer that never comes.
+    fn refuse_arrivals(&mut self) {
+        let arrived = std::mem::take(&mut self.handle.inbox.lock().arrived);
+        for (ep, admitted) in arrived {
+            ep.close();
+            if let Some(cntlid) = admitted.created_controller() {
+                self.shared.remove_controller(cntlid);
+            }
+        }
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
+        self.refuse_arrivals();
         let keys: Vec<usize> = self.queues.iter().map(|(k, _)| k).collect();
         for key in keys {
             self.end(key, &Stop::Done);

@@ -51,6 +51,10 @@ use crate::lease::Aside;
 /// to hand it back before the engine looks again anyway.
 const CALLER_SAFETY_NET: Duration = Duration::from_secs(1);
 
+/// How soon a queue pair whose descriptor could not be re-armed is looked
+/// at again.
+const REARM_RETRY: Duration = Duration::from_millis(10);
+
 /// The most engine threads chosen by default.
 const DEFAULT_THREADS_MAX: usize = 4;
 
@@ -308,7 +312,15 @@ impl Registration {
             entry.driven = Some(driven);
             entry.wait = Wait::Sleeping;
             for (i, &(fd, events)) in fds.iter().enumerate() {
-                self.shard.arm(libc::EPOLL_CTL_ADD, self.token, i, fd, events)?;
+                if let Err(e) = self.shard.arm(libc::EPOLL_CTL_ADD, self.token, i, fd, events) {
+                    // Nothing stays in the epoll for the caller's error path
+                    // to remove after the descriptors closed.
+                    for (fd, _) in entry.fds.drain(..) {
+                        self.shard.disarm(fd);
+                    }
+                    entry.wait = Wait::Done;
+                    return Err(e);
+                }
                 entry.fds.push((fd, events));
             }
         }
@@ -325,17 +337,7 @@ impl Drop for Registration {
             ours.then(|| st.entries.remove(self.token))
         };
         for (fd, _) in entry.map(|e| e.fds).unwrap_or_default() {
-            // SAFETY: deleting a descriptor from an epoll set reads no
-            // memory (the event argument may be null since Linux 2.6.9);
-            // the owner keeps `fd` open until this registration is gone.
-            unsafe {
-                libc::epoll_ctl(
-                    self.shard.epoll.as_raw_fd(),
-                    libc::EPOLL_CTL_DEL,
-                    fd,
-                    std::ptr::null_mut(),
-                )
-            };
+            self.shard.disarm(fd);
         }
     }
 }
@@ -393,6 +395,13 @@ impl Shard {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Removes `fd` from the epoll; its owner keeps it open until then.
+    fn disarm(&self, fd: RawFd) {
+        // SAFETY: deleting a descriptor from an epoll set reads no memory
+        // (the event argument may be null since Linux 2.6.9).
+        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
     }
 
     fn schedule(&self, token: usize, id: u64) {
@@ -534,6 +543,7 @@ impl Shard {
             Next::Again => Wait::Ready,
         };
         e.wait = wait;
+        let mut rearm_failed = false;
         if let (Next::Sleep { writable }, Wait::Sleeping) = (next, wait) {
             // What fired (or needs output now) is armed again, under the
             // lock: the entry's descriptors stay open while it exists.
@@ -542,13 +552,23 @@ impl Shard {
                 if e.disarmed & (1 << i) != 0 || out_changes {
                     let out = if i == 0 && writable { libc::EPOLLOUT as u32 } else { 0 };
                     if let Err(err) = self.arm(libc::EPOLL_CTL_MOD, token, i, fd, events | out) {
+                        // Not left asleep on a descriptor that cannot wake
+                        // it: looked at again shortly.
                         tracing::debug!(fd, error = %err, "cannot re-arm a queue pair's descriptor");
+                        rearm_failed = true;
                     }
                 }
             }
             e.disarmed = 0;
             e.out_armed = writable;
         }
+        let wait = if rearm_failed {
+            e.disarmed = u32::MAX >> (32 - MAX_FDS);
+            Wait::Parked(now + REARM_RETRY)
+        } else {
+            wait
+        };
+        e.wait = wait;
         if let Wait::Parked(t) | Wait::Caller(t) = wait {
             st.timers.push(Reverse((t, token)));
         }

@@ -40,6 +40,14 @@ pub(crate) struct Admitted {
     pub(super) cid: CommandId,
 }
 
+impl Admitted {
+    /// The controller this admission created (an admin queue's): it goes
+    /// too if the queue is never served.
+    pub(crate) fn created_controller(&self) -> Option<u16> {
+        (self.qid == 0).then_some(self.ctrl.cntlid)
+    }
+}
+
 /// What a channel's first capsule decided.
 pub(crate) enum Admission {
     /// A Connect that binds the queue to a controller.

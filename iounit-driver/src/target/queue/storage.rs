@@ -162,7 +162,9 @@ impl Queue {
         let done = self.offload.done.clone();
         let waker = self.offload.waker.clone();
         self.shared.blocking.spawn(move || {
-            let r = run_sync(&mut io, &ns);
+            // A backend that panics fails the request, not the queue.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_sync(&mut io, &ns)))
+                .unwrap_or_else(|_| Err(BlockError::new(ErrorKind::NotReady, "the backend panicked")));
             drop(ns);
             done.lock().push((io, r));
             if let Some(w) = waker {
@@ -248,6 +250,15 @@ impl Queue {
             }
             if self.ring_idle() {
                 match self.ep.wait_progress(left) {
+                    Ok(()) | Err(MsgError::Timeout(_)) => {}
+                    Err(e) => return Err(QueueError::Push(e)),
+                }
+            } else if self.ring.as_ref().is_none_or(|(r, _)| r.in_flight() == 0) {
+                // Only blocking threads hold buffers: take what they
+                // finished (its pushes give buffers back as the host
+                // acknowledges them) and look again shortly.
+                self.reap_offloaded()?;
+                match self.ep.wait_progress(left.min(Duration::from_millis(1))) {
                     Ok(()) | Err(MsgError::Timeout(_)) => {}
                     Err(e) => return Err(QueueError::Push(e)),
                 }
