@@ -16,6 +16,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
@@ -50,6 +51,8 @@ struct Inbox {
 pub(crate) struct Lobby {
     inbox: Mutex<Inbox>,
     thread: OnceLock<Thread>,
+    /// The lobby thread ended: nothing is handed to the workers any more.
+    stopped: AtomicBool,
 }
 
 /// A channel in the lobby.
@@ -92,6 +95,7 @@ impl Lobby {
         Arc::new(Lobby {
             inbox: Mutex::new(Inbox::default()),
             thread: OnceLock::new(),
+            stopped: AtomicBool::new(false),
         })
     }
 
@@ -105,6 +109,11 @@ impl Lobby {
     pub(crate) fn stop(&self) {
         self.inbox.lock().stop = true;
         self.unpark();
+    }
+
+    /// Whether the lobby thread ended (after a stop).
+    pub(crate) fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
     }
 
     fn unpark(&self) {
@@ -136,6 +145,7 @@ pub(crate) fn run(shared: &Arc<Shared>, lobby: &Arc<Lobby>) {
             for ep in arrived {
                 ep.close();
             }
+            lobby.stopped.store(true, Ordering::Release);
             return;
         }
         for ep in arrived {
@@ -197,7 +207,13 @@ fn step(shared: &Arc<Shared>, lobby: &Arc<Lobby>, id: u64, mut w: Waiting) -> Op
             Phase::Connect => {
                 let polled = std::pin::pin!(w.ep.recv_async()).poll(&mut cx);
                 let d = match polled {
-                    Poll::Pending => return Some(w),
+                    Poll::Pending => {
+                        // Nobody drives the channel until the capsule comes:
+                        // the fabric's fallback takes over now, not after
+                        // the lease of the poll above.
+                        w.ep.step_away();
+                        return Some(w);
+                    }
                     Poll::Ready(Ok(d)) => d,
                     Poll::Ready(Err(e)) => {
                         tracing::debug!(peer = %w.ep.peer_addr(), "channel closed before its Connect: {e}");

@@ -262,16 +262,8 @@ impl Target {
                 shared.namespace_changed(event);
             }
         });
-        {
-            let threads = match shared.cfg.threads {
-                0 => worker::default_count(),
-                n => n,
-            };
-            let (workers, handles) = worker::Workers::start(&shared, threads)
-                .map_err(|e| TargetError::Config(format!("cannot start the workers: {e}")))?;
-            let _ = shared.workers.set(workers);
-            shared.threads.lock().extend(handles);
-        }
+        // The lobby first: the workers end only after it did, so a start
+        // that fails half way is undone by a shutdown.
         {
             let s = shared.clone();
             let handle = std::thread::Builder::new()
@@ -280,6 +272,25 @@ impl Target {
                 .map_err(|e| TargetError::Config(format!("cannot start a thread: {e}")))?;
             shared.threads.lock().push(handle);
         }
+        let target = Target { shared };
+        if let Err(e) = target.start_threads(listeners) {
+            target.shutdown();
+            return Err(e);
+        }
+        Ok(target)
+    }
+
+    /// Starts the workers and an accept thread per listener.
+    fn start_threads(&self, listeners: Vec<Arc<dyn Listener>>) -> Result<(), TargetError> {
+        let shared = &self.shared;
+        let threads = match shared.cfg.threads {
+            0 => worker::default_count(),
+            n => n,
+        };
+        let (workers, handles) = worker::Workers::start(shared, threads)
+            .map_err(|e| TargetError::Config(format!("cannot start the workers: {e}")))?;
+        let _ = shared.workers.set(workers);
+        shared.threads.lock().extend(handles);
         for listener in listeners {
             let s = shared.clone();
             let handle = std::thread::Builder::new()
@@ -288,7 +299,7 @@ impl Target {
                 .map_err(|e| TargetError::Config(format!("cannot start a thread: {e}")))?;
             shared.threads.lock().push(handle);
         }
-        Ok(Target { shared })
+        Ok(())
     }
 
     /// The addresses hosts connect to, e.g. `tcp://127.0.0.1:4520`.

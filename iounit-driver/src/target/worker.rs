@@ -23,7 +23,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Wake, Waker};
 use std::thread::JoinHandle;
@@ -56,13 +56,22 @@ struct Inbox {
 /// A worker as other threads see it.
 struct Handle {
     inbox: Mutex<Inbox>,
+    /// Set with every write to the inbox, cleared when the worker takes
+    /// it: the worker polling its queues looks here, not at the lock.
+    news: AtomicBool,
     wake: EventFd,
 }
 
 impl Handle {
-    /// Wakes the worker, wherever it sleeps (the inbox was written first).
-    fn wake(&self) {
-        let sleeping_in = self.inbox.lock().sleeping_in.clone();
+    /// Writes the inbox and wakes the worker, wherever it sleeps: one
+    /// hold of the lock for both.
+    fn tell(&self, write: impl FnOnce(&mut Inbox)) {
+        let sleeping_in = {
+            let mut inbox = self.inbox.lock();
+            write(&mut inbox);
+            self.news.store(true, Ordering::Release);
+            inbox.sleeping_in.clone()
+        };
         self.wake.ring();
         if let Some(ep) = sleeping_in {
             ep.wake_waiters();
@@ -82,8 +91,7 @@ impl Wake for QueueWake {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.handle.inbox.lock().ready.push(self.key);
-        self.handle.wake();
+        self.handle.tell(|inbox| inbox.ready.push(self.key));
     }
 }
 
@@ -101,6 +109,7 @@ impl Workers {
         for i in 0..n.max(1) {
             let handle = Arc::new(Handle {
                 inbox: Mutex::new(Inbox::default()),
+                news: AtomicBool::new(false),
                 wake: EventFd::new()?,
             });
             let mut worker = Worker::new(shared.clone(), handle.clone())?;
@@ -123,14 +132,13 @@ impl Workers {
     /// Hands an admitted queue to the next worker (round robin).
     pub(crate) fn assign(&self, ep: Endpoint, admitted: Admitted) {
         let h = &self.handles[self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()];
-        h.inbox.lock().arrived.push((ep, admitted));
-        h.wake();
+        h.tell(|inbox| inbox.arrived.push((ep, admitted)));
     }
 
     /// Wakes every worker (to see a shutdown at once).
     pub(crate) fn wake_all(&self) {
         for h in &self.handles {
-            h.wake();
+            h.tell(|_| {});
         }
     }
 }
@@ -216,7 +224,9 @@ impl Worker {
             if Instant::now() >= next_tick {
                 next_tick = Instant::now() + TICK;
                 self.tick();
-                if self.shared.shutdown.load(Ordering::Acquire) && self.queues.is_empty() {
+                // After the lobby stopped no queue can arrive any more.
+                if self.shared.shutdown.load(Ordering::Acquire) && self.queues.is_empty() && self.shared.lobby.stopped()
+                {
                     self.refuse_arrivals();
                     return;
                 }
@@ -261,6 +271,7 @@ impl Worker {
         {
             // Swapped with the worker's own lists: both keep their capacity.
             let mut inbox = self.handle.inbox.lock();
+            self.handle.news.store(false, Ordering::Release);
             std::mem::swap(&mut inbox.arrived, &mut self.arrived);
             std::mem::swap(&mut inbox.ready, &mut self.ready);
         }
@@ -375,8 +386,7 @@ impl Worker {
     }
 
     fn has_inbox(&self) -> bool {
-        let inbox = self.handle.inbox.lock();
-        !inbox.arrived.is_empty() || !inbox.ready.is_empty()
+        self.handle.news.load(Ordering::Acquire)
     }
 
     /// Before the worker sleeps: every queue run since the last sleep
