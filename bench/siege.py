@@ -28,7 +28,7 @@ HOSTCTL = os.path.join(ROOT, "target/release/hostctl")
 def tcp_hello():
     """A client hello carrying a host channel's parameter block (v2)."""
     params = bytearray(32)
-    params[0] = 1                                       # parameter block version
+    params[0] = 2                                       # parameter block version
     params[4:6] = (136).to_bytes(2, "little")           # recv_depth
     params[6:8] = (0).to_bytes(2, "little")             # slot_count
     params[8:12] = (4160).to_bytes(4, "little")         # msg_size

@@ -10,7 +10,7 @@ use iounit::nvme::{
 };
 use iounit::transport;
 use messaging::mr::RKey;
-use messaging::proto::wire::{encode_imm, encode_indication, Header, Kind, Params, Target, HEADER_LEN};
+use messaging::proto::wire::{encode_imm, encode_indication, Grant, Header, Kind, Params, Target, HEADER_LEN};
 
 fn hello(magic: &[u8; 4], version: u16, kind: u16, body: &[u8]) -> Vec<u8> {
     let mut out = magic.to_vec();
@@ -89,6 +89,15 @@ fn main() {
         message(Kind::Indication, &[], &encode_indication(Target::Slot(4), 4096)),
     ));
     seeds.push(("wire", encode_indication(Target::Direct(9), 512).to_vec()));
+    let grant = Grant {
+        recv_depth: 72,
+        slot_count: 32,
+        slot_size: 128 * 1024,
+        slot_rkey: messaging::mr::RKey(0x1234),
+        slot_addr: 0x7f00_0000_1000,
+    };
+    seeds.push(("wire", message(Kind::Grant, &[], &grant.encode())));
+    seeds.push(("wire", grant.encode().to_vec()));
     seeds.push(("wire", encode_imm(Target::Slot(1), 77).to_le_bytes().to_vec()));
 
     let connect = Connect::new(0, 32, 10_000).expect("connect");

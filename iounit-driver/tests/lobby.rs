@@ -5,7 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use iounit::nvme::{CommandId, Connect, ConnectData, HostId, Nqn, Sgl, Status};
+use iounit::nvme::features::{FeatureId, NumberOfQueues};
+use iounit::nvme::{CommandId, Connect, ConnectData, HostId, Nqn, Sgl, Sqe, Status};
 use iounit::target::{Target, TargetConfig, DEFAULT_NQN};
 use iounit::transport;
 use messaging::provider::tcp::TcpFabric;
@@ -39,13 +40,17 @@ fn threads_named(prefix: &str) -> usize {
 }
 
 fn connect_capsule(subnqn: &str) -> Vec<u8> {
-    let sqe = Connect::new(0, 32, 10_000)
+    queue_connect_capsule(subnqn, 0, ConnectData::CNTLID_DYNAMIC)
+}
+
+fn queue_connect_capsule(subnqn: &str, qid: u16, cntlid: u16) -> Vec<u8> {
+    let sqe = Connect::new(qid, 32, 10_000)
         .unwrap()
         .to_sqe(CommandId(1), &Sgl::DataBlockOffset { offset: 0, len: 1024 })
         .unwrap();
     let data = ConnectData {
         host_id: HostId([3; 16]),
-        cntlid: ConnectData::CNTLID_DYNAMIC,
+        cntlid,
         subnqn: Nqn::new(subnqn).unwrap(),
         hostnqn: Nqn::new("nqn.2026-12.io.chanio:lobby-test").unwrap(),
     }
@@ -126,4 +131,60 @@ fn channels_waiting_for_their_connect_hold_no_thread() {
         "shut down, every thread of the target ended"
     );
     assert!(threads_named("") <= before, "threads left behind");
+}
+
+/// Sends `capsule` on `ep` and returns the answer's DW0, asserting success.
+fn exchange(ep: &Endpoint, capsule: &[u8]) -> u32 {
+    ep.send(capsule).unwrap();
+    let answer = transport::decode_response(&ep.recv_timeout(LONG).unwrap()).unwrap();
+    assert!(answer.status().is_success(), "{}", answer.status());
+    answer.dw0
+}
+
+#[test]
+fn a_channel_gets_its_depth_and_slots_only_once_its_connect_is_admitted() {
+    let t = Target::start(TargetConfig {
+        listen: vec!["tcp://127.0.0.1:0".into()],
+        namespaces: vec!["ram:1MiB".parse().unwrap()],
+        threads: 1,
+        ..TargetConfig::default()
+    })
+    .unwrap();
+    let addr = t.local_uris()[0].trim_start_matches("tcp://").to_string();
+    let fabric = TcpFabric::default();
+    let lobby = transport::lobby_channel();
+
+    // Before its Connect a channel is granted the lobby's few receives and
+    // no slots: all a peer that never connects costs.
+    let admin = Endpoint::connect(&fabric, &addr, transport::host_channel(32)).unwrap();
+    assert_eq!(admin.credits(), u32::from(lobby.recv_depth));
+    assert_eq!(admin.max_push(), 0);
+    let cntlid = exchange(&admin, &connect_capsule(DEFAULT_NQN)) as u16;
+    // The admin queue grew to its depth (the Connect took one credit, the
+    // Grant's header returned it); it has no slots.
+    let grown = transport::iounit_admin_channel(32);
+    assert_eq!(admin.credits(), u32::from(grown.recv_depth));
+    assert_eq!(admin.max_push(), 0);
+
+    let queues = NumberOfQueues::new(1, 1).unwrap();
+    let set = Sqe::set_features(CommandId(2), FeatureId::NumberOfQueues, queues.to_dword(), false);
+    let mut capsule = Vec::new();
+    transport::encode_capsule(&set, &[], &mut capsule).unwrap();
+    exchange(&admin, &capsule);
+
+    let io = Endpoint::connect(&fabric, &addr, transport::host_channel(32)).unwrap();
+    assert_eq!(io.max_push(), 0);
+    exchange(&io, &queue_connect_capsule(DEFAULT_NQN, 1, cntlid));
+    let grown = transport::iounit_channel(32);
+    assert_eq!(io.credits(), u32::from(grown.recv_depth));
+    assert_eq!(
+        io.max_push(),
+        grown.slot_size as usize,
+        "an I/O queue's slots arrive with the answer"
+    );
+    // The slots take pushes: a push lands (nothing asked for it, so the
+    // I/O unit may refuse it later; the fabric accepted it).
+    io.push(&[7; 8192]).unwrap().wait().unwrap();
+    drop((io, admin));
+    t.shutdown();
 }

@@ -34,6 +34,7 @@ fn code_values() -> Vec<(&'static str, String)> {
         ("`HEADER_LEN`", wire::HEADER_LEN.to_string()),
         ("`MAX_RELEASES`", wire::MAX_RELEASES.to_string()),
         ("`INDICATION_LEN`", wire::INDICATION_LEN.to_string()),
+        ("`GRANT_LEN`", wire::GRANT_LEN.to_string()),
         ("`MAX_INDEX`", format!("{:#x}", wire::MAX_INDEX)),
         ("`MAX_TAG`", format!("{:#x}", wire::MAX_TAG)),
         ("`DIRECT_FLAG`", format!("{:#x}", wire::DIRECT_FLAG)),

@@ -4,7 +4,7 @@
 //! outcome. `fuzz/` drives them with cargo-afl, and `tests/fuzz_corpus.rs`
 //! replays the kept corpus through them in every test run.
 
-use crate::proto::wire::{decode_imm, decode_indication, Header, Params};
+use crate::proto::wire::{decode_imm, decode_indication, Grant, Header, Params};
 
 /// A tcp hello (client or answer) and tcp frame headers.
 pub fn tcp(data: &[u8]) {
@@ -29,6 +29,9 @@ pub fn wire(data: &[u8]) {
         let _ = h.releases(data).count();
     }
     let _ = decode_indication(data);
+    if let Ok(g) = Grant::decode(data) {
+        let _ = g.encode();
+    }
     if let Some(imm) = data.get(..4) {
         let _ = decode_imm(u32::from_le_bytes([imm[0], imm[1], imm[2], imm[3]]));
     }

@@ -30,11 +30,22 @@
 //!   status Success and DW0 = 0. A command that fails is answered with a
 //!   response capsule, as always. (NVMe/TCP's C2HData SUCCESS flag does the
 //!   same.) A read then takes one message from the I/O unit instead of two.
-//! - **Flow control.** Queue depth is bounded by the channel's credits: each
-//!   side pre-posts `queue depth + CHANNEL_SLACK` receives. A command takes
-//!   one receive on each side: its capsule, and its completion (a response
-//!   capsule, or a read's flagged data push). A read without completion by
-//!   data takes two on the host, and may wait for credits then.
+//! - **Admission.** An I/O unit accepts a channel small
+//!   ([`lobby_channel`]: a few receives, no push slots), so that a peer that
+//!   has not connected costs it a few KiB. Once the Connect is admitted it
+//!   grows the channel ([`messaging::Endpoint::grow`]) to the queue's depth,
+//!   and grants slots to I/O queues, before it answers: the Grant message
+//!   reaches the host ahead of the Connect's response.
+//! - **Flow control.** Queue depth is bounded by the channel's credits. A
+//!   command takes one receive on each side: its capsule, and its
+//!   completion (a response capsule, or a read's flagged data push). A read
+//!   without completion by data takes two on the host, and may wait for
+//!   credits then. The host pre-posts `queue depth + CHANNEL_SLACK`
+//!   receives, and returns their credits in its next capsule's header. The
+//!   I/O unit pre-posts `2 × queue depth + CHANNEL_SLACK`: a read's data
+//!   push carries no header, so its credits go back in control messages,
+//!   once half its receives are owed; twice the depth keeps a host with a
+//!   full queue from waiting for them.
 
 use messaging::Config;
 
@@ -66,10 +77,34 @@ pub const KATO_MS: std::ops::RangeInclusive<u32> = 1..=300_000;
 /// Message size of every channel: a capsule with full in-capsule data.
 pub const CAPSULE_MAX: u32 = (SQE_LEN + INLINE_DATA_MAX) as u32;
 
-/// Channel configuration of an I/O-unit queue of `depth` entries.
+/// Channel configuration of a channel an I/O unit accepts, before its NVMe
+/// Connect: room for the Connect capsule and its answer, and no push slots.
+pub fn lobby_channel() -> Config {
+    Config {
+        recv_depth: messaging::proto::MIN_RECV_DEPTH,
+        send_depth: 4,
+        msg_size: CAPSULE_MAX,
+        slot_size: 0,
+        slot_count: 0,
+        separate_indication: false,
+    }
+}
+
+/// Channel configuration of an I/O-unit admin queue of `depth` entries: no
+/// push slots (no admin command moves more than a capsule's data to the I/O
+/// unit).
+pub fn iounit_admin_channel(depth: u16) -> Config {
+    Config {
+        slot_size: 0,
+        slot_count: 0,
+        ..iounit_channel(depth)
+    }
+}
+
+/// Channel configuration of an I/O-unit I/O queue of `depth` entries.
 pub fn iounit_channel(depth: u16) -> Config {
     Config {
-        recv_depth: depth.saturating_add(CHANNEL_SLACK),
+        recv_depth: depth.saturating_mul(2).saturating_add(CHANNEL_SLACK),
         send_depth: depth.saturating_mul(2).saturating_add(CHANNEL_SLACK),
         msg_size: CAPSULE_MAX,
         slot_size: SLOT_SIZE,

@@ -381,12 +381,11 @@ impl std::fmt::Debug for Target {
 const ACCEPT_WAIT: Duration = Duration::from_secs(1);
 
 fn accept_loop(shared: Arc<Shared>, listener: Arc<dyn Listener>) {
-    let depth = shared.cfg.max_queue_depth;
     while !shared.shutdown.load(Ordering::Acquire) {
         let accepted = listener
             .accept(Some(ACCEPT_WAIT))
             .map_err(messaging::Error::from)
-            .and_then(|incoming| Endpoint::accept_incoming(incoming, transport::iounit_channel(depth)));
+            .and_then(|incoming| Endpoint::accept_incoming(incoming, transport::lobby_channel()));
         match accepted {
             Ok(ep) => shared.lobby.enter(ep),
             Err(messaging::Error::Fabric(FabricError::Timeout(_))) => {}

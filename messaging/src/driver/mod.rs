@@ -112,7 +112,9 @@ struct Shared {
     /// `Shared`), so a completion can never drop the last endpoint handle
     /// from inside the provider.
     signal: Arc<Signal>,
-    staging: Option<BufPool>,
+    /// Buffers for copy-in pushes, registered at the first such push (the
+    /// peer may grant its slots only after the hello).
+    staging: std::sync::OnceLock<BufPool>,
     pub(super) domain: crate::mr::ProtectionDomain,
     pub(super) fabric: &'static str,
     peer: String,
@@ -267,16 +269,6 @@ impl Endpoint {
             qp.disconnect();
             return Err(e.into());
         }
-        let staging = if conn.max_push() > 0 {
-            Some(
-                fabric
-                    .domain
-                    .register(conn.max_push(), STAGING_BUFFERS, Access::LOCAL_WRITE)
-                    .map_err(ProtoError::Register)?,
-            )
-        } else {
-            None
-        };
         let peer = qp.peer_addr();
         tracing::debug!(fabric = fabric.name, %peer, separate = conn.separate_indication(), "channel open");
         let driven = qp.drives_on_wait();
@@ -303,7 +295,7 @@ impl Endpoint {
                 wake: Condvar::new(),
                 wakers: Mutex::new(Vec::new()),
             }),
-            staging,
+            staging: std::sync::OnceLock::new(),
             domain: fabric.domain.clone(),
             fabric: fabric.name,
             peer,
@@ -312,6 +304,29 @@ impl Endpoint {
         let signal = shared.signal.clone();
         shared.qp.set_notify(Some(Arc::new(move || signal.signal())));
         Ok(Endpoint { shared })
+    }
+
+    /// Grows the channel to `cfg` (see [`Connection::grow`]): more
+    /// receives for the peer, more send buffers, and push slots where the
+    /// hello granted none. What a server does once the peer identified
+    /// itself, having accepted it with a small configuration.
+    ///
+    /// # Errors
+    /// `Closed`; `Proto` when `cfg` shrinks or changes what cannot change,
+    /// or registering fails (the channel is unchanged then).
+    pub fn grow(&self, cfg: Config) -> Result<(), Error> {
+        let mut inner = self.shared.inner.lock();
+        if let Some(reason) = &inner.closed {
+            return Err(Error::Closed(reason.clone()));
+        }
+        inner.conn.grow(&self.shared.domain, cfg)?;
+        self.shared.flush(&mut inner);
+        Ok(())
+    }
+
+    /// Credits held now for the peer's receives (diagnostics and tests).
+    pub fn credits(&self) -> u32 {
+        self.shared.inner.lock().conn.credits()
     }
 
     /// Name of the fabric provider carrying this channel.

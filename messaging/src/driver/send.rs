@@ -305,12 +305,22 @@ impl Endpoint {
     }
 
     fn staging_buf(&self, data: &[u8], deadline: Option<Instant>) -> Result<Buf, Error> {
-        let pool = self
-            .shared
-            .staging
-            .as_ref()
-            .filter(|_| self.max_push() > 0)
-            .ok_or(Error::BadBuffer("the peer granted no push slots"))?;
+        let max = self.max_push();
+        if max == 0 {
+            return Err(Error::BadBuffer("the peer granted no push slots"));
+        }
+        let pool = match self.shared.staging.get() {
+            Some(pool) => pool,
+            None => {
+                let pool = self
+                    .shared
+                    .domain
+                    .register(max, STAGING_BUFFERS, Access::LOCAL_WRITE)
+                    .map_err(ProtoError::Register)?;
+                // A racing caller's pool may have won: either serves.
+                self.shared.staging.get_or_init(|| pool)
+            }
+        };
         if data.len() > pool.chunk_size() {
             return Err(Error::TooLarge {
                 len: data.len(),

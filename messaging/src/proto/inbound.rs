@@ -37,6 +37,12 @@ impl Connection {
 
     fn handle_message(&mut self, buf: Buf) -> Result<(), String> {
         let header = Header::decode(&buf).map_err(|e| e.0)?;
+        if header.kind == Kind::Grant {
+            // Before the credit check: the header's credits are the
+            // receives the grant added.
+            let at = header.payload_offset();
+            self.take_grant(&buf[at..at + header.len as usize])?;
+        }
         let peer = self.peer.as_mut().expect("open implies peer");
         if self.credits + u32::from(header.credits) > u32::from(peer.params.recv_depth) {
             return Err(format!(
@@ -55,7 +61,7 @@ impl Connection {
             }
         }
         match header.kind {
-            Kind::Control => {
+            Kind::Control | Kind::Grant => {
                 if header.seq != 0 {
                     return Err(format!("control message with sequence number {}", header.seq));
                 }
@@ -83,6 +89,39 @@ impl Connection {
                 Ok(())
             }
         }
+    }
+
+    /// Takes a peer's grant: a deeper receive queue (never shallower), and
+    /// slots where none were granted.
+    fn take_grant(&mut self, payload: &[u8]) -> Result<(), String> {
+        let grant = Grant::decode(payload).map_err(|e| e.0)?;
+        let max_message = self.caps.map_or(0, |c| c.max_message);
+        let peer = self.peer.as_mut().expect("open implies peer");
+        if grant.recv_depth < peer.params.recv_depth {
+            return Err(format!(
+                "grant lowers the receive depth from {} to {}",
+                peer.params.recv_depth, grant.recv_depth
+            ));
+        }
+        if grant.slot_count > 0 {
+            if peer.params.slot_count > 0 {
+                return Err("push slots granted twice".into());
+            }
+            if grant.slot_size > max_message {
+                return Err(format!(
+                    "granted slot size {} above the fabric's message limit",
+                    grant.slot_size
+                ));
+            }
+            peer.params.slot_count = grant.slot_count;
+            peer.params.slot_size = grant.slot_size;
+            peer.params.slot_addr = grant.slot_addr;
+            peer.params.slot_rkey = grant.slot_rkey;
+            peer.free_slots = (0..grant.slot_count).rev().collect();
+            peer.slot_busy = vec![false; grant.slot_count.into()];
+        }
+        peer.params.recv_depth = grant.recv_depth;
+        Ok(())
     }
 
     fn check_seq(&mut self, seq: u32) -> Result<(), String> {

@@ -9,7 +9,7 @@
 //! Method kinds, as in quinn-proto:
 //! - getters (`&self`): [`Connection::credits`], [`Connection::is_open`], ...;
 //! - input: [`Connection::handle_connected`], [`Connection::handle_completion`];
-//! - application commands: [`Connection::send`], [`Connection::push`],
+//! - application commands: [`Connection::grow`], [`Connection::send`], [`Connection::push`],
 //!   [`Connection::push_direct`], [`Connection::expose`],
 //!   [`Connection::release`], [`Connection::close`];
 //! - output, drained in this order after any input or command:
@@ -32,8 +32,12 @@
 //!   credits owed for receives reposted since the last message; when no
 //!   traffic flows back, an explicit control message returns them once half
 //!   the window is owed. So one-way traffic never deadlocks.
+//! - **Grants.** A side may open small (what a server gives a peer it does
+//!   not know yet) and [`Connection::grow`] later: more receives, whose
+//!   credits the Grant message's header returns, and push slots where the
+//!   hello granted none. A grant never shrinks anything.
 //! - **Slots.** Each side registers `slot_count` slots of `slot_size` bytes
-//!   for the peer to push into. The pusher takes a free slot, writes into it
+//!   for the peer to push into (in the hello, or once in a grant). The pusher takes a free slot, writes into it
 //!   and names it in the transfer indication; the receiver hands the slot to
 //!   the application and, when the application releases it, returns it in a
 //!   header's release list (or a control message once a quarter of the
@@ -66,7 +70,7 @@ use crate::provider::{Capabilities, Completion, RecvWr, RemoteAddr, SendOp, Send
 
 pub mod wire;
 
-use wire::{Header, Kind, Params, Target, DIRECT_FLAG, HEADER_LEN, MAX_INDEX, MAX_RELEASES, MAX_TAG};
+use wire::{Grant, Header, Kind, Params, Target, DIRECT_FLAG, HEADER_LEN, MAX_INDEX, MAX_RELEASES, MAX_TAG};
 
 mod inbound;
 mod outbound;
@@ -131,6 +135,12 @@ pub struct Connection {
     next_tag: u16,
     recvs_posted: u32,
     held: u32,
+    /// The fabric's limits, once connected (what a grant is checked against).
+    caps: Option<Capabilities>,
+    /// A grant is waiting for a credit to go out.
+    grant_due: bool,
+    /// ... and names the slots (granted after the hello, not yet told).
+    grant_slots: bool,
 }
 
 impl Connection {
@@ -156,26 +166,19 @@ impl Connection {
         if cfg.slot_count > 0 && cfg.slot_size == 0 {
             return bad("slot_size 0 with slots".into());
         }
-        let buf_size = HEADER_LEN + 2 * MAX_RELEASES + cfg.msg_size as usize;
+        let buf_size = buffer_size(&cfg);
         let recv_pool = pd
             .register(buf_size, cfg.recv_depth.into(), Access::LOCAL_WRITE)
             .map_err(ProtoError::Register)?;
         let send_pool = pd
             .register(buf_size, cfg.send_depth.into(), Access::NONE)
             .map_err(ProtoError::Register)?;
-        let (slot_pool, slots) = if cfg.slot_count > 0 {
-            let pool = pd
-                .register(
-                    cfg.slot_size as usize,
-                    cfg.slot_count.into(),
-                    Access::LOCAL_WRITE | Access::REMOTE_WRITE,
-                )
-                .map_err(ProtoError::Register)?;
-            let mut bufs: Vec<Buf> = std::iter::from_fn(|| pool.checkout()).collect();
-            bufs.sort_by_key(Buf::index);
-            (Some(pool), bufs.into_iter().map(Slot::Granted).collect())
-        } else {
-            (None, Vec::new())
+        let (slot_pool, slots) = match cfg.slot_count {
+            0 => (None, Vec::new()),
+            _ => {
+                let (pool, slots) = register_slots(pd, &cfg)?;
+                (Some(pool), slots)
+            }
         };
         Ok(Connection {
             cfg,
@@ -199,6 +202,9 @@ impl Connection {
             next_tag: 0,
             recvs_posted: 0,
             held: 0,
+            caps: None,
+            grant_due: false,
+            grant_slots: false,
         })
     }
 
@@ -280,6 +286,7 @@ impl Connection {
         self.separate = self.cfg.separate_indication || params.separate_indication || !caps.immediate_data;
         self.max_send = params.msg_size.min(self.cfg.msg_size) as usize;
         self.credits = params.recv_depth.into();
+        self.caps = Some(caps);
         self.peer = Some(Peer {
             free_slots: (0..params.slot_count).rev().collect(),
             slot_busy: vec![false; params.slot_count.into()],
@@ -384,6 +391,95 @@ impl Connection {
     }
 
     // ----- application commands -----
+
+    /// Grows an open connection to `cfg`: the receives beyond the current
+    /// depth are registered and posted (their credits go to the peer), the
+    /// send buffers are registered anew at the new depth, and push slots
+    /// are granted where none were. A Grant message tells the peer (see the
+    /// module docs); it leaves before any later message. What a server
+    /// calls once a peer has identified itself, having opened small.
+    ///
+    /// Nothing changes on an error.
+    ///
+    /// # Errors
+    /// [`ProtoError::NotOpen`]; [`ProtoError::InvalidConfig`] when `cfg`
+    /// would shrink a depth, change the message size, the indication mode
+    /// or slots already granted, or exceed the fabric's limits;
+    /// [`ProtoError::Register`] when registering fails.
+    pub fn grow(&mut self, pd: &ProtectionDomain, cfg: Config) -> Result<(), ProtoError> {
+        let caps = match (&self.state, self.caps) {
+            (State::Open, Some(caps)) => caps,
+            _ => return Err(ProtoError::NotOpen),
+        };
+        let bad = |m: String| Err(ProtoError::InvalidConfig(m));
+        let old = &self.cfg;
+        if cfg.msg_size != old.msg_size || cfg.separate_indication != old.separate_indication {
+            return bad("a grant cannot change the message size or the indication mode".into());
+        }
+        if cfg.recv_depth < old.recv_depth || cfg.send_depth < old.send_depth {
+            return bad(format!(
+                "a grant cannot shrink the depths {}/{} to {}/{}",
+                old.send_depth, old.recv_depth, cfg.send_depth, cfg.recv_depth
+            ));
+        }
+        if u32::from(cfg.send_depth) > caps.max_send_wr || u32::from(cfg.recv_depth) > caps.max_recv_wr {
+            return bad(format!(
+                "queue depths {}/{} exceed the fabric's {}/{}",
+                cfg.send_depth, cfg.recv_depth, caps.max_send_wr, caps.max_recv_wr
+            ));
+        }
+        let new_slots = old.slot_count == 0 && cfg.slot_count > 0;
+        if old.slot_count > 0 && (cfg.slot_count, cfg.slot_size) != (old.slot_count, old.slot_size) {
+            return bad("slots granted once cannot change".into());
+        }
+        if new_slots && (cfg.slot_count > MAX_INDEX + 1 || cfg.slot_size == 0 || cfg.slot_size > caps.max_message) {
+            return bad(format!(
+                "{} slots of {} bytes (at most {} slots of 1..={} bytes)",
+                cfg.slot_count,
+                cfg.slot_size,
+                MAX_INDEX as u32 + 1,
+                caps.max_message
+            ));
+        }
+        let buf_size = buffer_size(&cfg);
+        let added = usize::from(cfg.recv_depth - old.recv_depth);
+        let recvs = match added {
+            0 => None,
+            n => Some(
+                pd.register(buf_size, n, Access::LOCAL_WRITE)
+                    .map_err(ProtoError::Register)?,
+            ),
+        };
+        let sends = match cfg.send_depth > old.send_depth {
+            true => Some(
+                pd.register(buf_size, cfg.send_depth.into(), Access::NONE)
+                    .map_err(ProtoError::Register)?,
+            ),
+            false => None,
+        };
+        let slots = match new_slots {
+            true => Some(register_slots(pd, &cfg)?),
+            false => None,
+        };
+        if let Some(pool) = recvs {
+            while let Some(buf) = pool.checkout() {
+                self.repost(buf);
+            }
+        }
+        if let Some(pool) = sends {
+            // Buffers of the old pool still in flight go back to it.
+            self.send_pool = pool;
+        }
+        if let Some((pool, granted)) = slots {
+            self.slot_pool = Some(pool);
+            self.slots = granted;
+        }
+        self.grant_due |= added > 0 || new_slots;
+        self.grant_slots |= new_slots;
+        self.cfg = cfg;
+        self.maybe_control();
+        Ok(())
+    }
 
     /// Sends one message, gathered from `parts` in order, into a receive
     /// the peer pre-posted (one copy into a registered send buffer, none
@@ -618,6 +714,26 @@ impl Connection {
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
+}
+
+/// Size of a message buffer (receive or send) for `cfg`.
+fn buffer_size(cfg: &Config) -> usize {
+    HEADER_LEN + 2 * MAX_RELEASES + cfg.msg_size as usize
+}
+
+/// Registers `cfg`'s push slots for the peer to write: the pool and every
+/// slot granted, in index order.
+fn register_slots(pd: &ProtectionDomain, cfg: &Config) -> Result<(BufPool, Vec<Slot>), ProtoError> {
+    let pool = pd
+        .register(
+            cfg.slot_size as usize,
+            cfg.slot_count.into(),
+            Access::LOCAL_WRITE | Access::REMOTE_WRITE,
+        )
+        .map_err(ProtoError::Register)?;
+    let mut bufs: Vec<Buf> = std::iter::from_fn(|| pool.checkout()).collect();
+    bufs.sort_by_key(Buf::index);
+    Ok((pool, bufs.into_iter().map(Slot::Granted).collect()))
 }
 
 impl std::fmt::Debug for Connection {

@@ -29,7 +29,7 @@ impl Connection {
     pub(super) fn send_message(&mut self, kind: Kind, token: Option<u64>, payload: &[&[u8]]) -> Result<(), SendError> {
         let mut buf = self.send_pool.checkout().ok_or(SendError::Full)?;
         let releases = self.released.len().min(MAX_RELEASES);
-        let seq = if kind == Kind::Control {
+        let seq = if matches!(kind, Kind::Control | Kind::Grant) {
             0
         } else {
             let s = self.tx_seq;
@@ -110,17 +110,51 @@ impl Connection {
     /// last credit: it hands the peer at least `credit_threshold` (>= 2)
     /// credits, so the peer can always answer, and two sides can never both
     /// sit at zero credits while owing each other (see docs/protocol.md).
+    ///
+    /// A grant goes out first, as a control message does (its header
+    /// returns the credits of the receives it added).
     pub(super) fn maybe_control(&mut self) {
         loop {
             let credit_due = self.owed >= self.credit_threshold();
             let release_due = self.released.len() >= self.release_threshold();
             let reserve = if credit_due { 1 } else { 2 };
-            if !(self.is_open() && (credit_due || release_due) && self.credits >= reserve && self.has_send_room(1)) {
+            let due = credit_due || release_due || self.grant_due;
+            if !(self.is_open() && due && self.credits >= reserve && self.has_send_room(1)) {
                 return;
             }
-            if self.send_message(Kind::Control, None, &[]).is_err() {
+            let sent = if self.grant_due {
+                let grant = self.grant().encode();
+                self.send_message(Kind::Grant, None, &[&grant])
+            } else {
+                self.send_message(Kind::Control, None, &[])
+            };
+            if sent.is_err() {
                 return;
             }
+            if self.grant_due {
+                self.grant_due = false;
+                self.grant_slots = false;
+            }
+        }
+    }
+
+    /// What this side grants now: its receive depth and its slots.
+    fn grant(&self) -> Grant {
+        match self.slot_pool.as_ref().filter(|_| self.grant_slots) {
+            Some(pool) => Grant {
+                recv_depth: self.cfg.recv_depth,
+                slot_count: self.cfg.slot_count,
+                slot_size: self.cfg.slot_size,
+                slot_rkey: pool.rkey(),
+                slot_addr: pool.remote().addr,
+            },
+            None => Grant {
+                recv_depth: self.cfg.recv_depth,
+                slot_count: 0,
+                slot_size: 0,
+                slot_rkey: crate::mr::RKey(0),
+                slot_addr: 0,
+            },
         }
     }
 

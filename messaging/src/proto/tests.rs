@@ -570,10 +570,23 @@ fn bad_configs_and_params_are_refused() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Send { from_a: bool, len: usize },
-    Push { from_a: bool, len: usize },
-    Release { on_a: bool, index: usize },
-    ReleaseAll { on_a: bool },
+    Send {
+        from_a: bool,
+        len: usize,
+    },
+    Push {
+        from_a: bool,
+        len: usize,
+    },
+    Release {
+        on_a: bool,
+        index: usize,
+    },
+    ReleaseAll {
+        on_a: bool,
+    },
+    /// B grows to the full configuration (a no-op once grown).
+    Grow,
     Drive,
 }
 
@@ -583,6 +596,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<bool>(), 0usize..=1024).prop_map(|(from_a, len)| Op::Push { from_a, len }),
         3 => (any::<bool>(), 0usize..8).prop_map(|(on_a, index)| Op::Release { on_a, index }),
         1 => any::<bool>().prop_map(|on_a| Op::ReleaseAll { on_a }),
+        1 => Just(Op::Grow),
         2 => Just(Op::Drive),
     ]
 }
@@ -636,9 +650,15 @@ proptest! {
         separate in any::<bool>(),
         delay in 0u64..3,
         reorder_seed in proptest::option::of(any::<u64>()),
+        b_opens_small in any::<bool>(),
     ) {
         let cfg = Config { separate_indication: separate, ..small() };
-        let mut p = Pair::new(cfg.clone(), cfg);
+        let b_cfg = if b_opens_small { Config { separate_indication: separate, ..lobby() } } else { cfg.clone() };
+        let mut p = Pair::new(cfg.clone(), b_cfg);
+        let grow = |p: &mut Pair| -> Result<(), TestCaseError> {
+            let domain = p.b.fabric.domain().clone();
+            p.b.conn.grow(&domain, cfg.clone()).map_err(|e| TestCaseError::fail(format!("grow: {e}")))
+        };
         // Held and interleaved operations make the two directions cross.
         p.fabric.set_faults(Faults { delay, reorder_seed, break_at: None });
         let mut sent: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
@@ -657,9 +677,11 @@ proptest! {
                 Op::Push { from_a, len } => {
                     counter += 1;
                     let data = payload(from_a, counter, len);
+                    let granted = p.side(from_a).conn.max_push() > 0;
                     match p.side(from_a).push(&data) {
                         Ok(_) => sent[from_a as usize].push(data),
                         Err(SendError::Full) => {}
+                        Err(SendError::BadBuffer(_)) if !granted => {}
                         Err(e) => prop_assert!(false, "push failed: {e}"),
                     }
                 }
@@ -672,12 +694,14 @@ proptest! {
                     }
                 }
                 Op::ReleaseAll { on_a } => p.side(on_a).release_all(),
+                Op::Grow => grow(&mut p)?,
                 Op::Drive => {
                     p.drive();
                     check_quiescent(&p)?;
                 }
             }
         }
+        grow(&mut p)?;
         p.drive();
         check_quiescent(&p)?;
         // Drain: release everything until nothing moves.
@@ -720,4 +744,151 @@ fn exposure_tags_rotate_and_unexpose_returns_the_buffer() {
     assert_ne!(second.tag, first.tag, "a freed tag is not reused at once");
     let third = p.b.conn.expose(pool.checkout().unwrap()).unwrap();
     assert_ne!(third.tag, second.tag);
+}
+
+/// A server's side opened small: the fewest receives, no slots.
+fn lobby() -> Config {
+    Config {
+        recv_depth: MIN_RECV_DEPTH,
+        send_depth: 2,
+        slot_count: 0,
+        ..small()
+    }
+}
+
+#[test]
+fn a_grant_deepens_the_receive_queue_and_grants_slots() {
+    let mut p = Pair::new(small(), lobby());
+    assert_eq!(p.a.conn.credits(), u32::from(MIN_RECV_DEPTH));
+    assert_eq!(p.a.conn.max_push(), 0);
+    assert_eq!(
+        p.a.push(b"early"),
+        Err(SendError::BadBuffer("the peer granted no push slots"))
+    );
+    let domain = p.b.fabric.domain().clone();
+    p.b.conn.grow(&domain, small()).unwrap();
+    p.drive();
+    // Every receive B posts is A's credit; the grant spent one of B's.
+    assert_eq!(p.a.conn.credits(), u32::from(small().recv_depth));
+    assert_eq!(p.b.conn.recvs_posted(), u32::from(small().recv_depth));
+    assert_eq!(p.a.conn.max_push(), small().slot_size as usize);
+    assert_eq!(p.a.conn.free_peer_slots(), usize::from(small().slot_count));
+    let mut sent = 0;
+    while p.a.send(b"m").is_ok() {
+        sent += 1;
+    }
+    assert_eq!(sent, small().recv_depth - 1, "all of the new window but the reserve");
+    p.drive();
+    p.b.release_all();
+    p.drive();
+    p.a.push(b"pushed").unwrap();
+    p.drive();
+    assert_eq!(p.b.got.last().map(|g| g.1.as_slice()), Some(&b"pushed"[..]));
+    // B's send buffers grew too: it can answer with more than two at once.
+    let mut answers = 0;
+    while p.b.send(b"a").is_ok() {
+        answers += 1;
+    }
+    assert!(answers > 2, "{answers}");
+    p.drive();
+    assert!(p.a.closed.is_none() && p.b.closed.is_none());
+    assert!(p.a.results.values().chain(p.b.results.values()).all(Result::is_ok));
+}
+
+#[test]
+fn a_grant_never_shrinks_or_regrants() {
+    let mut p = Pair::new(small(), small());
+    let domain = p.b.fabric.domain().clone();
+    let shallower = Config {
+        recv_depth: 4,
+        ..small()
+    };
+    assert!(matches!(
+        p.b.conn.grow(&domain, shallower),
+        Err(ProtoError::InvalidConfig(_))
+    ));
+    let reslotted = Config {
+        slot_count: 8,
+        ..small()
+    };
+    assert!(matches!(
+        p.b.conn.grow(&domain, reslotted),
+        Err(ProtoError::InvalidConfig(_))
+    ));
+    let bigger = Config {
+        msg_size: 512,
+        ..small()
+    };
+    assert!(matches!(
+        p.b.conn.grow(&domain, bigger),
+        Err(ProtoError::InvalidConfig(_))
+    ));
+    // A refused grow changed nothing.
+    assert_eq!(p.b.conn.config(), &small());
+    assert_eq!(p.b.conn.poll_work().map(|_| ()), None);
+    let mut closed = Connection::new(&domain, small()).unwrap();
+    assert!(matches!(closed.grow(&domain, small()), Err(ProtoError::NotOpen)));
+}
+
+/// Sends a forged Grant from A with `credits` in its header.
+fn forge_grant(p: &mut Pair, grant: Grant, credits: u16) {
+    let pool = p.a.fabric.domain().register(128, 1, Access::NONE).unwrap();
+    let mut buf = pool.checkout().unwrap();
+    let header = Header {
+        kind: Kind::Grant,
+        credits,
+        releases: 0,
+        seq: 0,
+        len: wire::GRANT_LEN as u32,
+    };
+    header.encode(buf.spare_capacity());
+    buf.spare_capacity()[HEADER_LEN..HEADER_LEN + wire::GRANT_LEN].copy_from_slice(&grant.encode());
+    buf.set_len(HEADER_LEN + wire::GRANT_LEN);
+    p.a.qp
+        .post_send(&mut vec![SendWr {
+            id: WrId(1 << 40),
+            op: SendOp::Send { buf, imm: None },
+        }])
+        .unwrap();
+    p.drive();
+}
+
+#[test]
+fn forged_grants_are_violations() {
+    let none = Grant {
+        recv_depth: small().recv_depth,
+        slot_count: 0,
+        slot_size: 0,
+        slot_rkey: crate::mr::RKey(0),
+        slot_addr: 0,
+    };
+    let cases = [
+        (Grant { recv_depth: 4, ..none }, 0, "lowers the receive depth"),
+        (Grant { recv_depth: 9, ..none }, 5, "credits"),
+        (
+            Grant {
+                slot_count: 2,
+                slot_size: 1024,
+                slot_rkey: crate::mr::RKey(1),
+                slot_addr: 4096,
+                ..none
+            },
+            0,
+            "granted twice",
+        ),
+    ];
+    for (grant, credits, why) in cases {
+        let mut p = Pair::new(small(), small());
+        forge_grant(&mut p, grant, credits);
+        assert!(
+            matches!(&p.b.closed, Some(CloseReason::Violation(r)) if r.contains(why)),
+            "{why}: {:?}",
+            p.b.closed
+        );
+    }
+    // A grant that adds receives (and their credits) is taken.
+    let mut p = Pair::new(small(), small());
+    forge_grant(&mut p, Grant { recv_depth: 12, ..none }, 4);
+    assert!(p.b.closed.is_none(), "{:?}", p.b.closed);
+    assert_eq!(p.b.conn.peer_params().map(|pp| pp.recv_depth), Some(12));
 }

@@ -50,6 +50,9 @@ pub enum ProtoError {
     /// The connection was already set up.
     #[error("connection already set up")]
     AlreadyConnected,
+    /// The connection is not open (a grant needs an open connection).
+    #[error("connection not open")]
+    NotOpen,
 }
 
 /// Why a connection closed.

@@ -4,8 +4,9 @@
 
 use crate::mr::RKey;
 
-/// Protocol version carried in parameters and message headers.
-pub const VERSION: u8 = 1;
+/// Protocol version carried in parameters and message headers (2: the
+/// Grant message).
+pub const VERSION: u8 = 2;
 /// Size of the parameter block exchanged in the hello.
 pub const PARAMS_LEN: usize = 32;
 /// Size of a message header.
@@ -14,6 +15,8 @@ pub const HEADER_LEN: usize = 16;
 pub const MAX_RELEASES: usize = 32;
 /// Size of a transfer-indication payload.
 pub const INDICATION_LEN: usize = 12;
+/// Size of a Grant payload.
+pub const GRANT_LEN: usize = 24;
 /// Largest slot index (15 bits of the immediate).
 pub const MAX_INDEX: u16 = 0x7fff;
 /// Largest direct-placement tag: a direct push's 15-bit index is the tag
@@ -143,6 +146,9 @@ pub enum Kind {
     Control,
     /// A transfer indication for a push written without immediate data.
     Indication,
+    /// A later grant: a deeper receive queue, and push slots where the
+    /// hello granted none ([`Grant`]).
+    Grant,
 }
 
 /// A message header. `releases` slot indices (u16 each) and then `len`
@@ -172,6 +178,7 @@ impl Header {
             Kind::Data => 1,
             Kind::Control => 2,
             Kind::Indication => 3,
+            Kind::Grant => 4,
         };
         out[2..4].copy_from_slice(&self.credits.to_le_bytes());
         out[4..6].copy_from_slice(&self.releases.to_le_bytes());
@@ -197,6 +204,7 @@ impl Header {
             1 => Kind::Data,
             2 => Kind::Control,
             3 => Kind::Indication,
+            4 => Kind::Grant,
             k => return err(format!("unknown message kind {k}")),
         };
         if msg[6] != 0 || msg[7] != 0 {
@@ -227,6 +235,9 @@ impl Header {
             Kind::Indication if h.len as usize != INDICATION_LEN => {
                 err(format!("indication of {} bytes (expected {INDICATION_LEN})", h.len))
             }
+            Kind::Grant if h.len as usize != GRANT_LEN => {
+                err(format!("grant of {} bytes (expected {GRANT_LEN})", h.len))
+            }
             _ => Ok(h),
         }
     }
@@ -241,6 +252,80 @@ impl Header {
         msg[HEADER_LEN..self.payload_offset()]
             .chunks_exact(2)
             .map(|c| u16::from_le_bytes([c[0], c[1]]))
+    }
+}
+
+/// What a Grant message grants: the sender's receive queue grew to
+/// `recv_depth` (the header's credits stand for the receives added), and,
+/// where the hello granted no slots, `slot_count` push slots (none when 0).
+///
+/// Payload: `recv_depth u16 | reserved u16 | slot_count u16 | reserved u16
+/// | slot_size u32 | slot_rkey u32 | slot_addr u64`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// The sender's receive depth now: the receiver's credit limit.
+    pub recv_depth: u16,
+    /// Push slots granted (0: none in this grant).
+    pub slot_count: u16,
+    /// Size of each slot.
+    pub slot_size: u32,
+    /// Remote key of the slot pool.
+    pub slot_rkey: RKey,
+    /// Address of slot 0.
+    pub slot_addr: u64,
+}
+
+impl Grant {
+    /// Encodes as the [`GRANT_LEN`]-byte payload.
+    pub fn encode(&self) -> [u8; GRANT_LEN] {
+        let mut b = [0u8; GRANT_LEN];
+        b[0..2].copy_from_slice(&self.recv_depth.to_le_bytes());
+        b[4..6].copy_from_slice(&self.slot_count.to_le_bytes());
+        b[8..12].copy_from_slice(&self.slot_size.to_le_bytes());
+        b[12..16].copy_from_slice(&self.slot_rkey.0.to_le_bytes());
+        b[16..24].copy_from_slice(&self.slot_addr.to_le_bytes());
+        b
+    }
+
+    /// Decodes and validates a Grant payload on its own (what it may
+    /// change of the peer's parameters is checked by the connection).
+    ///
+    /// # Errors
+    /// Wrong size, non-zero reserved fields, or slot values out of range.
+    pub fn decode(b: &[u8]) -> Result<Grant, WireError> {
+        let b: &[u8; GRANT_LEN] = b
+            .try_into()
+            .map_err(|_| WireError(format!("grant of {} bytes (expected {GRANT_LEN})", b.len())))?;
+        if b[2..4] != [0; 2] || b[6..8] != [0; 2] {
+            return err("reserved grant fields are not zero");
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let mut addr = [0u8; 8];
+        addr.copy_from_slice(&b[16..24]);
+        let g = Grant {
+            recv_depth: u16::from_le_bytes([b[0], b[1]]),
+            slot_count: u16::from_le_bytes([b[4], b[5]]),
+            slot_size: u32_at(8),
+            slot_rkey: RKey(u32_at(12)),
+            slot_addr: u64::from_le_bytes(addr),
+        };
+        if g.slot_count > MAX_INDEX + 1 {
+            return err(format!("{} slots, at most {}", g.slot_count, MAX_INDEX as u32 + 1));
+        }
+        if g.slot_count > 0 && g.slot_size == 0 {
+            return err("slots of zero bytes");
+        }
+        if g.slot_count == 0 && (g.slot_size != 0 || g.slot_rkey.0 != 0 || g.slot_addr != 0) {
+            return err("a grant of no slots describes a slot pool");
+        }
+        if u64::from(g.slot_count)
+            .checked_mul(u64::from(g.slot_size))
+            .and_then(|len| g.slot_addr.checked_add(len))
+            .is_none()
+        {
+            return err("slot pool wraps the address space");
+        }
+        Ok(g)
     }
 }
 
@@ -371,6 +456,36 @@ mod tests {
         assert!(Header::decode(&bad).is_err());
     }
 
+    #[test]
+    fn grants_reject_bad_values() {
+        let none = Grant {
+            recv_depth: 40,
+            slot_count: 0,
+            slot_size: 0,
+            slot_rkey: RKey(0),
+            slot_addr: 0,
+        };
+        assert_eq!(Grant::decode(&none.encode()), Ok(none));
+        assert!(Grant::decode(&none.encode()[..20]).is_err());
+        let mut reserved = none.encode();
+        reserved[3] = 1;
+        assert!(Grant::decode(&reserved).unwrap_err().0.contains("reserved"));
+        let stray = Grant {
+            slot_rkey: RKey(7),
+            ..none
+        };
+        assert!(Grant::decode(&stray.encode()).is_err());
+        let empty = Grant { slot_count: 4, ..none };
+        assert!(Grant::decode(&empty.encode()).unwrap_err().0.contains("zero bytes"));
+        let wraps = Grant {
+            slot_count: 4,
+            slot_size: 1 << 20,
+            slot_addr: u64::MAX - 100,
+            ..none
+        };
+        assert!(Grant::decode(&wraps.encode()).unwrap_err().0.contains("wraps"));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(1000))]
 
@@ -387,10 +502,17 @@ mod tests {
         }
 
         #[test]
+        fn grant_round_trip(depth: u16, count in 1u16..=MAX_INDEX, size in 1u32..=1 << 20, rkey: u32, addr in 0u64..1 << 48) {
+            let g = Grant { recv_depth: depth, slot_count: count, slot_size: size, slot_rkey: RKey(rkey), slot_addr: addr };
+            prop_assert_eq!(Grant::decode(&g.encode()), Ok(g));
+        }
+
+        #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
             let _ = Header::decode(&bytes);
             let _ = Params::decode(&bytes);
             let _ = decode_indication(&bytes);
+            let _ = Grant::decode(&bytes);
         }
     }
 }

@@ -95,6 +95,8 @@ const STAGING_BUFFERS: usize = 4;
 /// Size and number of the small staging buffers (reads up to that size).
 const SMALL_STAGING: usize = 16 * 1024;
 const SMALL_STAGING_BUFFERS: usize = 64;
+/// Small staging buffers registered at a time.
+const SMALL_STAGING_CHUNK: usize = 16;
 /// How long a read waits for a staging buffer to come back from the host.
 const STAGING_WAIT: Duration = Duration::from_secs(30);
 
@@ -125,6 +127,9 @@ pub(crate) enum QueueError {
     /// Read data could not be pushed to the host.
     #[error("cannot push data to the host: {0}")]
     Push(#[source] MsgError),
+    /// No staging buffer could be registered.
+    #[error("cannot register staging buffers")]
+    Staging(#[source] messaging::mr::MrError),
     /// The host kept every staging buffer (it acknowledges no pushes).
     #[error("no staging buffer came back within {0:?}")]
     NoStaging(Duration),
@@ -254,30 +259,26 @@ impl Queue {
     /// is closed, and an admin queue's controller freed).
     pub(crate) fn open(shared: &Arc<Shared>, ep: Endpoint, admitted: Admitted) -> Option<Queue> {
         let peer = ep.peer_addr().to_string();
+        // The channel was accepted small (`lobby_channel`): it grows to the
+        // queue's depth before the answer, so the host holds the credits
+        // and slots when it sees the Connect succeed.
+        let depth = admitted.size as u16;
+        let grown = match admitted.qid {
+            0 => transport::iounit_admin_channel(depth),
+            _ => transport::iounit_channel(depth),
+        };
+        if let Err(e) = ep.grow(grown) {
+            tracing::error!(%peer, "cannot grow the channel to the queue's depth {depth}: {e}");
+            ep.close();
+            if admitted.qid == 0 {
+                shared.remove_controller(admitted.ctrl.cntlid);
+            }
+            return None;
+        }
         if let Err(e) = connect::answer(&ep, &admitted) {
             tracing::warn!(%peer, "cannot answer the Connect: {e}");
         }
-        let Admitted {
-            worker,
-            ctrl,
-            qid,
-            size,
-            ..
-        } = admitted;
-        let depth = size as u16;
-        let staging = match Staging::register(&ep) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("cannot register staging buffers: {e}");
-                ep.close();
-                // An admin queue's controller goes with it (it would count
-                // against the host's quota for nothing).
-                if qid == 0 {
-                    shared.remove_controller(ctrl.cntlid);
-                }
-                return None;
-            }
-        };
+        let Admitted { worker, ctrl, qid, .. } = admitted;
         tracing::debug!(%peer, cntlid = ctrl.cntlid, qid, depth, "queue serving");
         if qid > 0 {
             ctrl.io_active.fetch_add(1, Ordering::AcqRel);
@@ -292,7 +293,7 @@ impl Queue {
             sq_head: 0,
             writes: Slab::new(),
             awaiting: VecDeque::new(),
-            staging,
+            staging: Staging::new(),
             namespaces: NamespaceCache::default(),
             visible: None,
             ring: None,

@@ -69,37 +69,77 @@ unsafe impl Transfer for Io {
 
 /// Registered buffers that read data is staged in before its push to the
 /// host: many small ones (a queue full of 4 KiB reads never waits for one)
-/// and a few of the largest transfer.
+/// and a few of the largest transfer. None is registered before a read
+/// needs one: a queue's staging grows with the reads it has had in flight
+/// at once, in chunks, up to each tier's bound.
 pub(super) struct Staging {
     small: Tier,
     large: Tier,
 }
 
 /// One size of staging buffers. Each push in flight holds one (a placed
-/// push too: it stands for the push); it returns to the pool when the push
+/// push too: it stands for the push); it returns to its pool when the push
 /// completes.
 struct Tier {
-    pool: BufPool,
+    size: usize,
+    /// Buffers per registration.
+    chunk: usize,
+    /// Buffers in all, at most.
+    max: usize,
+    pools: Vec<BufPool>,
+}
+
+impl Tier {
+    fn new(size: usize, chunk: usize, max: usize) -> Tier {
+        Tier {
+            size,
+            chunk,
+            max,
+            pools: Vec::new(),
+        }
+    }
+
+    /// A free buffer, registering another chunk in `ep`'s domain while
+    /// under the bound. `None` when all are taken (or a registration failed
+    /// and earlier ones will give buffers back).
+    fn checkout(&mut self, ep: &Endpoint) -> Result<Option<Buf>, QueueError> {
+        if let Some(b) = self.pools.iter().find_map(BufPool::checkout) {
+            return Ok(Some(b));
+        }
+        if self.pools.len() * self.chunk >= self.max {
+            return Ok(None);
+        }
+        match ep.domain().register(self.size, self.chunk, Access::LOCAL_WRITE) {
+            Ok(pool) => {
+                let b = pool.checkout();
+                self.pools.push(pool);
+                Ok(b)
+            }
+            Err(e) if self.pools.is_empty() => Err(QueueError::Staging(e)),
+            Err(e) => {
+                tracing::warn!(
+                    size = self.size,
+                    "cannot register more staging buffers, waiting for one: {e}"
+                );
+                Ok(None)
+            }
+        }
+    }
 }
 
 impl Staging {
-    pub(super) fn register(ep: &Endpoint) -> Result<Staging, messaging::mr::MrError> {
-        let tier = |size, count| -> Result<Tier, messaging::mr::MrError> {
-            Ok(Tier {
-                pool: ep.domain().register(size, count, Access::LOCAL_WRITE)?,
-            })
-        };
-        Ok(Staging {
-            small: tier(SMALL_STAGING, SMALL_STAGING_BUFFERS)?,
-            large: tier(transport::MAX_TRANSFER, STAGING_BUFFERS)?,
-        })
+    pub(super) fn new() -> Staging {
+        Staging {
+            small: Tier::new(SMALL_STAGING, SMALL_STAGING_CHUNK, SMALL_STAGING_BUFFERS),
+            large: Tier::new(transport::MAX_TRANSFER, 1, STAGING_BUFFERS),
+        }
     }
 
-    fn tier(&self, len: usize) -> &Tier {
+    fn tier(&mut self, len: usize) -> &mut Tier {
         if len <= SMALL_STAGING {
-            &self.small
+            &mut self.small
         } else {
-            &self.large
+            &mut self.large
         }
     }
 }
@@ -239,7 +279,7 @@ impl Queue {
     /// they land) are waited for; a host that stops for `STAGING_WAIT`
     /// costs its channel. The clock is read only when all are taken.
     pub(super) fn staging_buf(&mut self, len: usize) -> Result<Buf, QueueError> {
-        if let Some(b) = self.staging.tier(len).pool.checkout() {
+        if let Some(b) = self.staging.tier(len).checkout(&self.ep)? {
             return Ok(b);
         }
         let deadline = Instant::now() + STAGING_WAIT;
@@ -269,7 +309,7 @@ impl Queue {
                 self.ep.step_away();
                 self.wait_ring(left.min(TICK))?;
             }
-            if let Some(b) = self.staging.tier(len).pool.checkout() {
+            if let Some(b) = self.staging.tier(len).checkout(&self.ep)? {
                 return Ok(b);
             }
         }
