@@ -14,6 +14,13 @@ use messaging::Endpoint;
 
 const LONG: Duration = Duration::from_secs(20);
 
+/// The tests count this process's threads: one target at a time.
+static ONE_TARGET: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_target() -> std::sync::MutexGuard<'static, ()> {
+    ONE_TARGET.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Waits until `count` threads of this process have a name starting with
 /// `prefix` (a new thread names itself once it runs); the count then.
 fn settled(prefix: &str, count: usize) -> usize {
@@ -62,6 +69,7 @@ fn queue_connect_capsule(subnqn: &str, qid: u16, cntlid: u16) -> Vec<u8> {
 
 #[test]
 fn channels_waiting_for_their_connect_hold_no_thread() {
+    let _one = one_target();
     let t = Target::start(TargetConfig {
         listen: vec!["tcp://127.0.0.1:0".into()],
         namespaces: vec!["ram:1MiB".parse().unwrap()],
@@ -143,6 +151,7 @@ fn exchange(ep: &Endpoint, capsule: &[u8]) -> u32 {
 
 #[test]
 fn a_channel_gets_its_depth_and_slots_only_once_its_connect_is_admitted() {
+    let _one = one_target();
     let t = Target::start(TargetConfig {
         listen: vec!["tcp://127.0.0.1:0".into()],
         namespaces: vec!["ram:1MiB".parse().unwrap()],
