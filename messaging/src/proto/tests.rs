@@ -799,30 +799,26 @@ fn a_grant_deepens_the_receive_queue_and_grants_slots() {
 fn a_grant_never_shrinks_or_regrants() {
     let mut p = Pair::new(small(), small());
     let domain = p.b.fabric.domain().clone();
-    let shallower = Config {
-        recv_depth: 4,
-        ..small()
-    };
-    assert!(matches!(
-        p.b.conn.grow(&domain, shallower),
-        Err(ProtoError::InvalidConfig(_))
-    ));
-    let reslotted = Config {
-        slot_count: 8,
-        ..small()
-    };
-    assert!(matches!(
-        p.b.conn.grow(&domain, reslotted),
-        Err(ProtoError::InvalidConfig(_))
-    ));
-    let bigger = Config {
-        msg_size: 512,
-        ..small()
-    };
-    assert!(matches!(
-        p.b.conn.grow(&domain, bigger),
-        Err(ProtoError::InvalidConfig(_))
-    ));
+    let refused = [
+        Config {
+            recv_depth: 4,
+            ..small()
+        },
+        Config {
+            slot_count: 8,
+            ..small()
+        },
+        Config {
+            msg_size: 512,
+            ..small()
+        },
+    ];
+    for cfg in refused {
+        assert!(
+            matches!(p.b.conn.grow(&domain, cfg.clone()), Err(ProtoError::InvalidConfig(_))),
+            "{cfg:?}"
+        );
+    }
     // A refused grow changed nothing.
     assert_eq!(p.b.conn.config(), &small());
     assert_eq!(p.b.conn.poll_work().map(|_| ()), None);
