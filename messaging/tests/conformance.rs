@@ -34,6 +34,7 @@ macro_rules! all_checks {
             [
                 send_recv,
                 send_in_order,
+                send_gather,
                 write,
                 write_with_imm,
                 read,

@@ -8,7 +8,9 @@
 //!   up to [`INLINE_DATA_MAX`] bytes of in-capsule data.
 //! - **Response capsule** (I/O unit → host, one Send): the 16-byte CQE.
 //! - **Host writes.** Up to [`INLINE_DATA_MAX`] bytes travel in the capsule
-//!   (SGL Data Block, offset subtype, offset 0). Larger data (SGL Transport
+//!   (SGL Data Block, offset subtype, offset 0); from a registered buffer
+//!   the host lent, the Send gathers them after the SQE (two scatter
+//!   entries, no copy over rdma). Larger data (SGL Transport
 //!   Data Block) is pushed by the host right after the capsule, on the same
 //!   channel, into slots the I/O unit granted: RDMA Writes with immediate,
 //!   each at most one slot, in order. The I/O unit writes each chunk to

@@ -120,8 +120,8 @@ impl Inner {
         let blocks = command::blocks_in(buf.len(), ns.block_size)?;
         check_request("Write", nsid, slba, u64::from(blocks))?;
         let max = command::max_blocks(self.max_transfer(), ns.block_size);
-        if buf.len() <= transport::INLINE_DATA_MAX || blocks > max {
-            // Carried in the capsule, or split into several commands: copied.
+        if blocks > max {
+            // Split into several commands: copied.
             return self.write(nsid, slba, buf, fua).await;
         }
         let op = Op::write_lent(nsid, slba, buf.len(), ns.block_size, fua)?;

@@ -399,12 +399,14 @@ impl Host {
     }
 
     /// Writes the contents of `buf`, as [`Host::write`], sending them
-    /// straight from its registered memory when they fit one push (up to
-    /// the I/O unit's slot size, 128 KiB by default) and are more than a
-    /// capsule carries (4 KiB): no copy on the host. `buf` is lent to the
-    /// fabric meanwhile and comes back with its contents; if the write
-    /// times out while the fabric still sends from it, `buf` gets fresh
-    /// memory (see [`IoBuf`]). Other sizes are copied, as by [`Host::write`].
+    /// straight from its registered memory: up to what a capsule carries
+    /// (4 KiB) in the capsule, gathered after the command by the NIC (over
+    /// rdma; tcp and shm copy it as they copy any message), and up to the
+    /// I/O unit's slot size (128 KiB by default) as one push. `buf` is lent
+    /// to the fabric meanwhile and comes back with its contents; if the
+    /// write times out while the fabric still sends from it, `buf` gets
+    /// fresh memory (see [`IoBuf`]). Larger writes are split and copied, as
+    /// by [`Host::write`].
     ///
     /// # Errors
     /// As [`Host::write`].

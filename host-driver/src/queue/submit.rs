@@ -164,6 +164,10 @@ impl Queue {
             OpData::Out(d) => Sgl::TransportDataBlock {
                 len: u32::try_from(d.len()).map_err(|_| too_long(d.len()))?,
             },
+            OpData::OutLent(len) if *len <= transport::INLINE_DATA_MAX => Sgl::DataBlockOffset {
+                offset: 0,
+                len: *len as u32,
+            },
             OpData::OutLent(len) => Sgl::TransportDataBlock {
                 len: u32::try_from(*len).map_err(|_| too_long(*len))?,
             },
@@ -275,11 +279,18 @@ impl Queue {
             OpData::Out(d) if d.len() <= transport::INLINE_DATA_MAX => d,
             _ => &[],
         };
+        // A lent buffer of at most a capsule's data travels in the capsule,
+        // gathered after the SQE from where it is (no copy on verbs).
+        let (gathered, lent) = match (data, lent) {
+            (OpData::OutLent(len), Some(b)) if *len <= transport::INLINE_DATA_MAX && b.len() == *len => (Some(b), None),
+            (_, lent) => (None, lent),
+        };
         // What is pushed after the capsule, checked before anything goes out
         // (half a command on the wire would cost the channel).
         let pushed: Option<&[u8]> = match (data, &lent) {
             (OpData::Out(d), _) if d.len() > transport::INLINE_DATA_MAX => Some(d),
             (OpData::OutLent(len), Some(b)) if b.len() == *len => Some(b),
+            (OpData::OutLent(_), _) if gathered.is_some() => None,
             (OpData::OutLent(_), _) => {
                 return Err(ExecError::Host(HostError::Protocol(
                     "a lent write buffer is missing or of the wrong length".into(),
@@ -301,13 +312,24 @@ impl Queue {
         let sqe_bytes = sqe.encode();
         let capsule: [&[u8]; 2] = [&sqe_bytes, inline];
         let _lock = self.submit.lock().await;
-        self.ep
-            .send_async(&capsule)
-            .await
-            .map_err(|e| self.send_failed(e))?
-            .detach();
-        stage.set(Stage::CapsuleOnly);
         let mut lent_push = None;
+        match gathered {
+            Some(buf) => {
+                let t = self
+                    .ep
+                    .send_gather_async(&sqe_bytes[..], buf)
+                    .await
+                    .map_err(|e| self.send_failed(e))?;
+                lent_push = Some(t);
+            }
+            None => self
+                .ep
+                .send_async(&capsule)
+                .await
+                .map_err(|e| self.send_failed(e))?
+                .detach(),
+        }
+        stage.set(Stage::CapsuleOnly);
         if whole {
             if let Some(buf) = lent {
                 let t = self.ep.push_buf_async(buf).await.map_err(|e| self.send_failed(e))?;

@@ -41,6 +41,41 @@ impl Endpoint {
         self.async_op(move |inner, token| inner.conn.send(token, parts.as_slices()))
     }
 
+    /// Sends one message of `message` (copied into a send buffer) followed
+    /// by `tail`, a buffer registered in [`Endpoint::domain`], waiting for a
+    /// credit. On verbs the NIC gathers the tail from where it is (no
+    /// copy); tcp and shm copy it as they copy any Send. `tail` returns to
+    /// its pool once the Send completes.
+    ///
+    /// # Errors
+    /// `TooLarge`, `Closed`; `BadBuffer` for a tail registered elsewhere.
+    pub fn send_gather<'a>(&self, message: impl Into<Parts<'a>>, tail: Buf) -> Result<Ticket, Error> {
+        self.check_gather_tail(&tail)?;
+        let parts = message.into();
+        let mut slot = Some(tail);
+        self.blocking(None, |inner, token| {
+            push_with(&mut slot, |b| inner.conn.send_gather(token, parts.as_slices(), b))
+        })
+    }
+
+    /// Async form of [`Endpoint::send_gather`].
+    pub async fn send_gather_async<'a>(&'a self, message: impl Into<Parts<'a>>, tail: Buf) -> Result<Ticket, Error> {
+        self.check_gather_tail(&tail)?;
+        let parts = message.into();
+        let mut slot = Some(tail);
+        self.async_op(move |inner, token| push_with(&mut slot, |b| inner.conn.send_gather(token, parts.as_slices(), b)))
+            .await
+    }
+
+    fn check_gather_tail(&self, tail: &Buf) -> Result<(), Error> {
+        match self.shared.domain.owns(tail) {
+            true => Ok(()),
+            false => Err(Error::BadBuffer(
+                "a gathered buffer must be registered in the channel's domain (Endpoint::domain)",
+            )),
+        }
+    }
+
     /// Pushes `data` into a slot the peer granted (copied once into a
     /// registered staging buffer), waiting for a slot and a credit.
     ///

@@ -66,7 +66,7 @@ use slab::Slab;
 use crate::intmap::IntMap;
 
 use crate::mr::{Access, Buf, BufPool, MrError, ProtectionDomain, RemoteBuf};
-use crate::provider::{Capabilities, Completion, RecvWr, RemoteAddr, SendOp, SendWr, WcOpcode, WcStatus, WrId};
+use crate::provider::{Capabilities, Completion, Gather, RecvWr, RemoteAddr, SendOp, SendWr, WcOpcode, WcStatus, WrId};
 
 pub mod wire;
 
@@ -503,6 +503,37 @@ impl Connection {
             return Err(SendError::Full);
         }
         self.send_message(Kind::Data, Some(token), parts)
+    }
+
+    /// Sends one message of `parts` (copied into a send buffer, as
+    /// [`Connection::send`] does) followed by `tail`, a buffer registered
+    /// in this side's domain that the fabric gathers after them without a
+    /// copy where it can (two scatter entries on verbs; the other providers
+    /// copy). `tail` goes back to its pool once the Send completes.
+    ///
+    /// # Errors
+    /// As [`Connection::send`], with `tail` handed back.
+    pub fn send_gather(&mut self, token: u64, parts: &[&[u8]], tail: Buf) -> Result<(), PushError> {
+        if let Err(error) = self.check_open() {
+            return Err(PushError { error, buf: tail });
+        }
+        let len = parts.iter().map(|p| p.len()).sum::<usize>() + tail.len();
+        if len > self.max_send {
+            return Err(PushError {
+                error: SendError::TooLarge {
+                    len,
+                    max: self.max_send,
+                },
+                buf: tail,
+            });
+        }
+        if !self.can_send() {
+            return Err(PushError {
+                error: SendError::Full,
+                buf: tail,
+            });
+        }
+        self.send_gathered(token, parts, tail)
     }
 
     /// Pushes `src` into a slot the peer granted, with the transfer

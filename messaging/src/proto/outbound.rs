@@ -27,6 +27,51 @@ impl Connection {
     /// Sends one message (data, control or indication). The caller checked
     /// the credit and the send room.
     pub(super) fn send_message(&mut self, kind: Kind, token: Option<u64>, payload: &[&[u8]]) -> Result<(), SendError> {
+        let buf = self.compose(kind, payload, 0)?;
+        let key = self.inflight.insert(Inflight { token });
+        self.work.push_back(Work::Send(SendWr {
+            id: WrId(key as u64),
+            op: SendOp::Send { buf, imm: None },
+        }));
+        Ok(())
+    }
+
+    /// A Data message of `payload` then `tail` (registered), the tail
+    /// gathered by the fabric. The caller checked the credit, the send
+    /// room and the length.
+    pub(super) fn send_gathered(&mut self, token: u64, payload: &[&[u8]], tail: Buf) -> Result<(), PushError> {
+        let head = match self.compose(Kind::Data, payload, tail.len()) {
+            Ok(head) => head,
+            Err(error) => return Err(PushError { error, buf: tail }),
+        };
+        let gather = match Gather::new(head, tail) {
+            Ok(g) => g,
+            Err((_, tail)) => {
+                // Not reached: a send buffer holds a full message.
+                self.close_with(CloseReason::LocalError(
+                    "a gathered message outgrew its send buffer".into(),
+                ));
+                return Err(PushError {
+                    error: SendError::TooLarge {
+                        len: 0,
+                        max: self.max_send,
+                    },
+                    buf: tail,
+                });
+            }
+        };
+        let key = self.inflight.insert(Inflight { token: Some(token) });
+        self.work.push_back(Work::Send(SendWr {
+            id: WrId(key as u64),
+            op: SendOp::SendGather(gather),
+        }));
+        Ok(())
+    }
+
+    /// A send buffer holding the header (credits, releases, sequence), and
+    /// `payload`; `extra` more payload bytes follow it on the wire. Spends
+    /// a credit.
+    fn compose(&mut self, kind: Kind, payload: &[&[u8]], extra: usize) -> Result<Buf, SendError> {
         let mut buf = self.send_pool.checkout().ok_or(SendError::Full)?;
         let releases = self.released.len().min(MAX_RELEASES);
         let seq = if matches!(kind, Kind::Control | Kind::Grant) {
@@ -42,7 +87,7 @@ impl Connection {
             credits: u16::try_from(self.owed).unwrap_or(u16::MAX),
             releases: releases as u16,
             seq,
-            len: len as u32,
+            len: (len + extra) as u32,
         };
         self.owed -= u32::from(header.credits);
         let total = header.payload_offset() + len;
@@ -61,12 +106,7 @@ impl Connection {
         }
         buf.set_len(total);
         self.credits -= 1;
-        let key = self.inflight.insert(Inflight { token });
-        self.work.push_back(Work::Send(SendWr {
-            id: WrId(key as u64),
-            op: SendOp::Send { buf, imm: None },
-        }));
-        Ok(())
+        Ok(buf)
     }
 
     pub(super) fn post_push(&mut self, token: u64, src: Buf, remote: RemoteAddr, target: Target, placed: Option<u64>) {

@@ -888,3 +888,25 @@ fn forged_grants_are_violations() {
     assert!(p.b.closed.is_none(), "{:?}", p.b.closed);
     assert_eq!(p.b.conn.peer_params().map(|pp| pp.recv_depth), Some(12));
 }
+
+#[test]
+fn a_gathered_send_is_one_message_and_hands_back_what_it_refuses() {
+    let mut p = Pair::new(small(), small());
+    let pool = p.a.fabric.domain().register(200, 2, Access::LOCAL_WRITE).unwrap();
+    let mut tail = pool.checkout().unwrap();
+    tail.fill(&[9; 200]).unwrap();
+    let t = p.a.token();
+    p.a.conn.send_gather(t, &[b"head:", b"more:"], tail).unwrap();
+    p.drive();
+    let mut want = b"head:more:".to_vec();
+    want.extend_from_slice(&[9; 200]);
+    assert_eq!(p.b.got.last().map(|g| &g.1), Some(&want));
+    assert_eq!(p.a.results.get(&t), Some(&Ok(())));
+    assert_eq!(pool.available(), 2, "the tail is back once the Send completed");
+    // Too long for a message: the tail comes back with the error.
+    let mut tail = pool.checkout().unwrap();
+    tail.fill(&[1; 200]).unwrap();
+    let refused = p.a.conn.send_gather(p.a.next_token, &[&[0; 100]], tail).unwrap_err();
+    assert!(matches!(refused.error, SendError::TooLarge { len: 300, max: 256 }));
+    assert_eq!(refused.buf.len(), 200);
+}

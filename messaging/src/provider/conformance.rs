@@ -7,7 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Completion, Fabric, FabricError, QueuePair, RecvWr, RemoteAddr, SendOp, SendWr, WcOpcode, WcStatus, WrId};
+use super::{
+    Completion, Fabric, FabricError, Gather, QueuePair, RecvWr, RemoteAddr, SendOp, SendWr, WcOpcode, WcStatus, WrId,
+};
 use crate::mr::{Access, BufPool, ProtectionDomain, RKey};
 
 /// A named conformance check.
@@ -17,6 +19,7 @@ pub type Check = (&'static str, fn(&dyn Fabric, &str));
 pub const CHECKS: &[Check] = &[
     ("send_recv", send_recv),
     ("send_in_order", send_in_order),
+    ("send_gather", send_gather),
     ("write", write),
     ("write_with_imm", write_with_imm),
     ("read", read),
@@ -256,6 +259,43 @@ pub fn send_in_order(fabric: &dyn Fabric, addr: &str) {
     }
     let sent = wait_for(&*a, 200);
     assert!(sent.iter().enumerate().all(|(i, c)| c.id == WrId(i as u64)));
+}
+
+/// A gathered Send arrives as one message, head then tail, and the tail
+/// goes back to its pool once the Send completes.
+pub fn send_gather(fabric: &dyn Fabric, addr: &str) {
+    let p = pool(fabric, 4096, 4, RW);
+    let tails = pool(fabric, 2048, 1, RW);
+    let (a, b) = connect_pair(fabric, addr, (b"", vec![]), (b"", recvs(&p, 2, 100)));
+    let mut head = p.checkout().expect("pool has room");
+    head.fill(b"capsule:").expect("fits");
+    let mut tail = tails.checkout().expect("pool has room");
+    let data: Vec<u8> = (0..2048u32).map(|i| (i * 7) as u8).collect();
+    tail.fill(&data).expect("fits");
+    let gather = Gather::new(head, tail).expect("the tail fits the head's capacity");
+    a.post_send(&mut vec![SendWr {
+        id: WrId(1),
+        op: SendOp::SendGather(gather),
+    }])
+    .expect("post");
+    let sent = wait_for(&*a, 1);
+    assert_eq!((sent[0].status, sent[0].opcode), (WcStatus::Success, WcOpcode::Send));
+    assert_eq!(
+        tails.available(),
+        1,
+        "the tail is back in its pool once the Send completed"
+    );
+    let got = wait_for(&*b, 1);
+    assert_eq!((got[0].status, got[0].byte_len), (WcStatus::Success, 8 + 2048));
+    assert_eq!(&got[0].buf[..8], b"capsule:");
+    assert_eq!(&got[0].buf[8..], &data[..]);
+    assert!(!a.is_failed() && !b.is_failed());
+    // A tail that would not fit the head is refused before anything posts.
+    let mut big = p.checkout().expect("pool has room");
+    big.fill(&[1; 3000]).expect("fits");
+    let mut tail = tails.checkout().expect("back in its pool");
+    tail.fill(&[2; 2048]).expect("fits");
+    assert!(Gather::new(big, tail).is_err());
 }
 
 /// An RDMA Write lands in the peer's registered memory; no receive is consumed.

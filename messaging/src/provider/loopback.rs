@@ -519,7 +519,7 @@ fn break_connection(st: &mut WorldState, qp: &Arc<QpCore>) {
 
 /// Executes one send-queue operation of `from` against its peer: the
 /// peer's responder decides where it lands, and the copy is made here.
-fn execute(st: &mut WorldState, from: &Arc<QpCore>, mut wr: SendWr) {
+fn execute(st: &mut WorldState, from: &Arc<QpCore>, wr: SendWr) {
     from.held.fetch_sub(1, Ordering::AcqRel);
     let peer = from.peer.lock().upgrade();
     let peer = match peer {
@@ -532,8 +532,11 @@ fn execute(st: &mut WorldState, from: &Arc<QpCore>, mut wr: SendWr) {
             return;
         }
     };
+    // A gathered Send is copied as one message, as the responder would.
+    let mut wr = wr.flattened();
     let outcome = match wr.op {
         SendOp::Send { ref buf, imm } => execute_send(&peer, buf, imm),
+        SendOp::SendGather(_) => unreachable!("flattened above"),
         SendOp::Write { ref buf, remote, imm } => execute_write(&peer, buf, remote, imm),
         SendOp::Read { ref mut buf, remote } => execute_read(&peer, buf, remote),
     };

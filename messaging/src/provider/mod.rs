@@ -102,6 +102,83 @@ pub enum SendOp {
         /// Source on the peer.
         remote: RemoteAddr,
     },
+    /// Two-sided Send of one message gathered from two buffers: the
+    /// head, then the tail (an application's registered buffer). The
+    /// verbs provider hands the NIC both as scatter entries (no copy);
+    /// the others copy the tail after the head ([`flatten_gathers`]).
+    SendGather(Gather),
+}
+
+/// The two buffers of a [`SendOp::SendGather`]. The tail always fits in the
+/// head's spare capacity, so a provider may copy it there.
+#[derive(Debug)]
+pub struct Gather {
+    head: Buf,
+    tail: Buf,
+}
+
+impl Gather {
+    /// Joins `head` and `tail`; both back when the tail does not fit in the
+    /// head's spare capacity.
+    ///
+    /// # Errors
+    /// `(head, tail)` when `head.len() + tail.len() > head.capacity()`.
+    pub fn new(head: Buf, tail: Buf) -> Result<Gather, (Buf, Buf)> {
+        if head.len() + tail.len() > head.capacity() {
+            return Err((head, tail));
+        }
+        Ok(Gather { head, tail })
+    }
+
+    /// The first part.
+    pub fn head(&self) -> &Buf {
+        &self.head
+    }
+
+    /// The second part.
+    pub fn tail(&self) -> &Buf {
+        &self.tail
+    }
+
+    /// Both lengths together: the message's.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
+
+    /// Whether the message is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Both buffers.
+    pub fn into_parts(self) -> (Buf, Buf) {
+        (self.head, self.tail)
+    }
+
+    /// The head with the tail's bytes copied after its own (the tail goes
+    /// back to its pool).
+    pub fn into_flat(self) -> Buf {
+        let Gather { mut head, tail } = self;
+        let at = head.len();
+        let n = tail.len();
+        head.spare_capacity()[at..at + n].copy_from_slice(&tail);
+        head.set_len(at + n);
+        head
+    }
+}
+
+/// Turns every gathered Send of `wrs` into a plain one, in place and in
+/// order (the tail copied into the head): what a provider that copies a
+/// Send's bytes anyway does first. Allocates nothing.
+pub fn flatten_gathers(wrs: &mut Vec<SendWr>) {
+    for i in 0..wrs.len() {
+        if matches!(wrs[i].op, SendOp::SendGather(_)) {
+            let wr = wrs.swap_remove(i).flattened();
+            wrs.push(wr);
+            let last = wrs.len() - 1;
+            wrs.swap(i, last);
+        }
+    }
 }
 
 /// A send-queue work request.
@@ -117,16 +194,46 @@ impl SendWr {
     /// Opcode the completion of this request will carry.
     pub fn opcode(&self) -> WcOpcode {
         match self.op {
-            SendOp::Send { .. } => WcOpcode::Send,
+            SendOp::Send { .. } | SendOp::SendGather(_) => WcOpcode::Send,
             SendOp::Write { .. } => WcOpcode::RdmaWrite,
             SendOp::Read { .. } => WcOpcode::RdmaRead,
         }
     }
 
-    /// Takes the buffer out (to hand back in a completion).
+    /// This request with a gathered Send made a plain one (the tail copied
+    /// after the head); any other request as it is.
+    pub fn flattened(self) -> SendWr {
+        match self.op {
+            SendOp::SendGather(g) => SendWr {
+                id: self.id,
+                op: SendOp::Send {
+                    buf: g.into_flat(),
+                    imm: None,
+                },
+            },
+            op => SendWr { id: self.id, op },
+        }
+    }
+
+    /// The bytes the request moves (a gathered Send's two parts together).
+    pub fn len(&self) -> usize {
+        match &self.op {
+            SendOp::Send { buf, .. } | SendOp::Write { buf, .. } | SendOp::Read { buf, .. } => buf.len(),
+            SendOp::SendGather(g) => g.len(),
+        }
+    }
+
+    /// Whether the request moves no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes the buffer out (to hand back in a completion; a gathered
+    /// Send's head, its tail going back to its pool).
     pub fn into_buf(self) -> Buf {
         match self.op {
             SendOp::Send { buf, .. } | SendOp::Write { buf, .. } | SendOp::Read { buf, .. } => buf,
+            SendOp::SendGather(g) => g.head,
         }
     }
 }

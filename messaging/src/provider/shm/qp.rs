@@ -182,6 +182,9 @@ impl ShmQp {
     /// local checks, its ring entry and the batch's push, under the one
     /// state lock.
     fn post(&self, wrs: &mut Vec<SendWr>, mut placements: Option<&mut Vec<Option<u64>>>) -> Result<(), FabricError> {
+        // The responder copies a Send from one buffer: the tail joins the
+        // head here (order kept, so `placements` still lines up).
+        crate::provider::flatten_gathers(wrs);
         let shared = &self.shared;
         let mut st = shared.state.lock();
         let depth = shared.fabric.opts.max_send_wr;
@@ -435,6 +438,12 @@ impl Shared {
                 *imm,
             ),
             SendOp::Read { buf, remote } => (OP_READ, buf, Some(*remote), None),
+            SendOp::SendGather(_) => {
+                return Err((
+                    WcStatus::LocalProtectionError,
+                    "a gathered Send reached the ring unflattened".into(),
+                ))
+            }
         };
         if buf.len() > self.fabric.opts.max_message as usize {
             return Err((WcStatus::LocalLengthError, "message longer than max_message".into()));

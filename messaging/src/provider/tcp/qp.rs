@@ -349,6 +349,11 @@ fn request_frame(op: SendOp, psn: u64) -> (Header, TxPayload, Option<Buf>) {
             TxPayload::None,
             Some(buf),
         ),
+        // Into the socket as one payload: the tail copied after the head.
+        SendOp::SendGather(g) => {
+            let buf = g.into_flat();
+            (request(OP_SEND, buf.len(), None, None), TxPayload::Buf(buf), None)
+        }
     }
 }
 
@@ -359,11 +364,7 @@ impl Drop for TcpQp {
 }
 
 pub(super) fn check_local(wr: &SendWr, max_message: u32) -> Result<(), WcStatus> {
-    let len = match &wr.op {
-        SendOp::Send { buf, .. } | SendOp::Write { buf, .. } => buf.len(),
-        SendOp::Read { buf, .. } => buf.len(),
-    };
-    if len > max_message as usize {
+    if wr.len() > max_message as usize {
         return Err(WcStatus::LocalLengthError);
     }
     if let SendOp::Read { buf, .. } = &wr.op {

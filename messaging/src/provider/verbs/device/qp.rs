@@ -67,6 +67,8 @@ pub(crate) struct SendDesc {
     pub wr_id: u64,
     pub kind: SendKind,
     pub sge: Sge,
+    /// A second scatter entry (a gathered Send), after `sge`.
+    pub tail: Option<Sge>,
 }
 
 impl RawQp {
@@ -81,7 +83,8 @@ impl RawQp {
         attr.recv_cq = cq.raw.as_ptr();
         attr.cap.max_send_wr = max_send_wr;
         attr.cap.max_recv_wr = max_recv_wr;
-        attr.cap.max_send_sge = 1;
+        // Two: a gathered Send (a capsule, then the application's data).
+        attr.cap.max_send_sge = 2;
         attr.cap.max_recv_sge = 1;
         attr.qp_type = sys::ibv_qp_type::IBV_QPT_RC;
         attr.sq_sig_all = 1;
@@ -240,18 +243,25 @@ impl RawQp {
         }
         // SAFETY: an all-zero SGE and send WR (null pointers, integers,
         // unions of those) are valid values.
-        let mut sges: [sys::ibv_sge; POST_CHAIN] = unsafe { std::mem::zeroed() };
+        let mut sges: [[sys::ibv_sge; 2]; POST_CHAIN] = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
         let mut wrs: [sys::ibv_send_wr; POST_CHAIN] = unsafe { std::mem::zeroed() };
         for ((d, wr), sge) in descs.iter().zip(wrs.iter_mut()).zip(sges.iter_mut()) {
             use sys::ibv_wr_opcode as op;
-            *sge = sys::ibv_sge {
-                addr: d.sge.addr,
-                length: d.sge.len,
-                lkey: d.sge.lkey.0,
+            let entry = |s: &Sge| sys::ibv_sge {
+                addr: s.addr,
+                length: s.len,
+                lkey: s.lkey.0,
             };
-            wr.wr_id = d.wr_id;
+            sge[0] = entry(&d.sge);
             wr.num_sge = i32::from(d.sge.len > 0);
+            if let Some(tail) = d.tail.as_ref().filter(|t| t.len > 0) {
+                // An empty head would leave a hole before the tail.
+                let at = usize::from(d.sge.len > 0);
+                sge[at] = entry(tail);
+                wr.num_sge = at as i32 + 1;
+            }
+            wr.wr_id = d.wr_id;
             wr.send_flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
             let (opcode, imm, remote) = match d.kind {
                 SendKind::Send { imm: None } => (op::IBV_WR_SEND, None, None),
@@ -285,7 +295,7 @@ impl RawQp {
             // in bounds; `i + 1` is only formed when `i + 1 < n`.
             unsafe {
                 let wr = base.add(i);
-                (*wr).sg_list = sge_base.add(i);
+                (*wr).sg_list = sge_base.add(i).cast::<sys::ibv_sge>();
                 (*wr).next = if i + 1 < n { base.add(i + 1) } else { ptr::null_mut() };
             }
         }

@@ -87,6 +87,8 @@ struct SendSlot {
     id: WrId,
     opcode: WcOpcode,
     buf: Buf,
+    /// A gathered Send's second buffer, held until the completion too.
+    _tail: Option<Buf>,
 }
 
 struct RecvSlot {
@@ -368,19 +370,27 @@ impl QueuePair for VerbsQp {
             }
             let opcode = wr.opcode();
             let id = wr.id;
-            let (kind, buf) = send_kind(wr.op);
+            let (kind, buf, tail) = send_kind(wr.op);
             let seq = st.next_seq;
             st.next_seq += 1;
+            let sge = |b: &Buf| Sge {
+                addr: b.addr(),
+                len: b.len() as u32,
+                lkey: b.lkey(),
+            };
             descs.push(SendDesc {
                 wr_id: seq,
                 kind,
-                sge: Sge {
-                    addr: buf.addr(),
-                    len: buf.len() as u32,
-                    lkey: buf.lkey(),
-                },
+                sge: sge(&buf),
+                tail: tail.as_ref().map(sge),
             });
-            st.sends.push_back(SendSlot { seq, id, opcode, buf });
+            st.sends.push_back(SendSlot {
+                seq,
+                id,
+                opcode,
+                buf,
+                _tail: tail,
+            });
         }
         let posted = match st.qp.as_ref() {
             // SAFETY: every descriptor names a buffer registered in this QP's
@@ -566,10 +576,15 @@ impl Drop for VerbsQp {
     }
 }
 
-/// The work request kind and buffer a send becomes.
-fn send_kind(op: SendOp) -> (SendKind, Buf) {
+/// The work request kind and buffers a send becomes: the first scatter
+/// entry's, and a gathered Send's second.
+fn send_kind(op: SendOp) -> (SendKind, Buf, Option<Buf>) {
     match op {
-        SendOp::Send { buf, imm } => (SendKind::Send { imm }, buf),
+        SendOp::Send { buf, imm } => (SendKind::Send { imm }, buf, None),
+        SendOp::SendGather(g) => {
+            let (head, tail) = g.into_parts();
+            (SendKind::Send { imm: None }, head, Some(tail))
+        }
         SendOp::Write { buf, remote, imm } => (
             SendKind::Write {
                 addr: remote.addr,
@@ -577,6 +592,7 @@ fn send_kind(op: SendOp) -> (SendKind, Buf) {
                 imm,
             },
             buf,
+            None,
         ),
         SendOp::Read { buf, remote } => (
             SendKind::Read {
@@ -584,6 +600,7 @@ fn send_kind(op: SendOp) -> (SendKind, Buf) {
                 rkey: remote.rkey,
             },
             buf,
+            None,
         ),
     }
 }
@@ -593,13 +610,14 @@ fn send_kind(op: SendOp) -> (SendKind, Buf) {
 /// proves it: live allocations never overlap, so a region of the domain
 /// that contains the buffer is the buffer's own region.
 fn check_local(domain: &ProtectionDomain, wr: &SendWr, max_message: u32, read_depth: u8) -> Result<(), WcStatus> {
-    let buf = match &wr.op {
-        SendOp::Send { buf, .. } | SendOp::Write { buf, .. } | SendOp::Read { buf, .. } => buf,
+    let (buf, tail) = match &wr.op {
+        SendOp::Send { buf, .. } | SendOp::Write { buf, .. } | SendOp::Read { buf, .. } => (buf, None),
+        SendOp::SendGather(g) => (g.head(), Some(g.tail())),
     };
-    if buf.len() > max_message as usize {
+    if wr.len() > max_message as usize {
         return Err(WcStatus::LocalLengthError);
     }
-    if !domain.owns(buf) {
+    if !domain.owns(buf) || tail.is_some_and(|t| !domain.owns(t)) {
         return Err(WcStatus::LocalProtectionError);
     }
     if matches!(wr.op, SendOp::Read { .. }) {
