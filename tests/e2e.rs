@@ -395,6 +395,70 @@ on_every_fabric!(
     write_from_lands_at_every_size,
 );
 
+/// The line of `hostctl identify` output that starts with `label`.
+fn identify_line(uri: &str, args: &[&str], label: &str) -> String {
+    let (out, _) = hostctl(uri, args, None);
+    let text = String::from_utf8_lossy(&ok(&out)).into_owned();
+    text.lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} in {text}"))
+        .to_string()
+}
+
+#[test]
+fn the_serial_number_and_nguids_survive_a_restart_with_their_state_file() {
+    let scratch = Scratch::new("identity");
+    let state = scratch.path("iounitd.state");
+    let img = scratch.path("disk.img");
+    let first = format!("file:{}:1MiB", img.display());
+    let again = format!("file:{}", img.display());
+    let seen = |ns: &str| {
+        let d = Daemon::start(&["--state", state.to_str().unwrap(), "--ns", ns, "--ns", "ram:1MiB"]);
+        let serial = identify_line(&d.uri, &["identify"], "serial:");
+        let file = identify_line(&d.uri, &["identify", "--ns", "1"], "NGUID:")
+            + &identify_line(&d.uri, &["identify", "--ns", "1"], "UUID:");
+        let ram = identify_line(&d.uri, &["identify", "--ns", "2"], "NGUID:");
+        assert!(d.stop().success(), "clean shutdown");
+        (serial, file, ram)
+    };
+    let (serial, file, ram) = seen(&first);
+    assert!(
+        !file.ends_with(&"0".repeat(32)),
+        "a file namespace has an NGUID: {file}"
+    );
+    let (serial2, file2, ram2) = seen(&again);
+    assert_eq!(serial2, serial, "the serial number is kept");
+    assert_eq!(file2, file, "the file namespace's NGUID is kept");
+    assert_ne!(ram2, ram, "a RAM namespace, whose data is gone, is a new device");
+    let kept = std::fs::read_to_string(&state).unwrap();
+    assert!(
+        kept.contains("[namespace.1]") && !kept.contains("[namespace.2]"),
+        "{kept}"
+    );
+    // Without a state file every start is a new identity.
+    let ephemeral = || {
+        let d = Daemon::start(&["--ns", "ram:1MiB"]);
+        identify_line(&d.uri, &["identify"], "serial:")
+    };
+    assert_ne!(ephemeral(), ephemeral());
+    // A damaged state file stops the daemon with the reason.
+    std::fs::write(&state, "serial = 7\n").unwrap();
+    let out = std::process::Command::new(common::binary("iounitd"))
+        .args([
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--state",
+            state.to_str().unwrap(),
+            "--ns",
+            "ram:1MiB",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("damaged") && err.contains("iounitd.state"), "{err}");
+}
+
 #[test]
 fn auto_picks_shm_between_two_local_processes() {
     let d = Daemon::start_on("auto", &["--ns", "ram:1MiB"]);

@@ -112,6 +112,15 @@ impl fmt::Display for NamespaceSummary<'_> {
     }
 }
 
+/// A UUID in its canonical text form (8-4-4-4-12 hex digits); "none"
+/// when all zero (not reported).
+pub fn uuid_text(u: &[u8; 16]) -> String {
+    if *u == [0; 16] {
+        return "none".into();
+    }
+    nvme::descriptors::uuid_text(u)
+}
+
 /// A byte count in binary units ("4 KiB", "1.5 GiB").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bytes(pub u64);

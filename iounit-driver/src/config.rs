@@ -185,6 +185,7 @@ pub fn parse(text: &str, origin: &str) -> Result<DaemonConfig, ConfigError> {
             max_connections_per_address: file
                 .max_connections_per_address
                 .unwrap_or(defaults.max_connections_per_address),
+            serial: None,
         },
         namespaces,
     })

@@ -38,4 +38,5 @@ pub fn host_data(data: &[u8]) {
     let _ = NamespaceList::decode(data);
     let _ = ErrorLogEntry::decode_list(data);
     let _ = ChangedNamespaceList::decode(data);
+    let _ = nvme::NamespaceIds::decode(data);
 }

@@ -19,6 +19,7 @@
 pub mod backend;
 pub mod config;
 pub mod fuzz;
+pub mod identity;
 pub mod service;
 pub mod target;
 

@@ -46,6 +46,7 @@
 
 pub mod command;
 pub mod completion;
+pub mod descriptors;
 pub mod event;
 pub mod fabrics;
 pub mod features;
@@ -59,6 +60,7 @@ use std::fmt;
 
 pub use command::{AdminOpcode, DataPointer, DsmRange, Fuse, IoOpcode, Psdt, Sqe, SQE_LEN};
 pub use completion::{Cqe, CQE_LEN};
+pub use descriptors::NamespaceIds;
 pub use event::{AsyncEvent, AsyncEventType};
 pub use fabrics::{
     Connect, ConnectData, ConnectResponse, FabricsCommandType, HostId, InvalidParameter, Nqn, PropertyGet, PropertySet,

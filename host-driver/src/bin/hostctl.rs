@@ -304,6 +304,8 @@ fn command(host: &Host, command: Command) -> Result<(), CliError> {
         Command::Identify { ns: Some(n) } => {
             writeln!(out, "namespace:          {n}")?;
             writeln!(out, "{}", NamespaceSummary(&host.identify_namespace(Nsid(n))?))?;
+            let ids = host.namespace_ids(Nsid(n))?;
+            writeln!(out, "UUID:               {}", host::describe::uuid_text(&ids.uuid))?;
         }
         Command::Read { at, output } => {
             let mut file;

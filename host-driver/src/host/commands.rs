@@ -21,6 +21,12 @@ impl Inner {
         Ok(id)
     }
 
+    pub(super) async fn namespace_ids(&self, nsid: Nsid) -> Result<nvme::NamespaceIds, HostError> {
+        command::check_nsid(nsid, false)?;
+        let reply = self.run(&Op::identify(Cns::NamespaceDescriptors, nsid), None).await?;
+        Ok(nvme::NamespaceIds::decode(reply_data(&reply))?)
+    }
+
     pub(super) async fn namespaces(&self) -> Result<Vec<NamespaceInfo>, HostError> {
         let mut nsids = Vec::new();
         let mut after = Nsid(0);

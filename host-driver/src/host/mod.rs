@@ -344,6 +344,16 @@ impl Host {
         exec::block_on(self.handle.inner.identify_namespace(nsid))
     }
 
+    /// The NGUID and UUID of `nsid` (Identify, Namespace Identification
+    /// Descriptor list): what stays the same across the I/O unit's
+    /// restarts while the same storage backs the namespace.
+    ///
+    /// # Errors
+    /// See [`HostError`].
+    pub fn namespace_ids(&self, nsid: Nsid) -> Result<nvme::NamespaceIds, HostError> {
+        exec::block_on(self.handle.inner.namespace_ids(nsid))
+    }
+
     /// Reads `blocks` blocks from `slba`. Requests above the transfer limit
     /// are split into several commands, run concurrently.
     ///

@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use iounit::backend::{self, BackendSpec};
 use iounit::config::{self, DaemonConfig, NamespaceEntry};
+use iounit::identity::Identity;
 use iounit::service;
 use iounit::target::{Target, TargetConfig};
 
@@ -98,6 +99,12 @@ struct Args {
     /// stops cleanly.
     #[arg(long, value_name = "FILE")]
     pidfile: Option<PathBuf>,
+    /// Keep the identity hosts see (serial number, each file namespace's
+    /// NGUID and UUID) in FILE, so that a restart keeps it. Default: beside
+    /// --config, with the extension .state; without --config, a new
+    /// identity at every start.
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
 }
 
 /// How log lines are written (`--log-format`).
@@ -220,11 +227,13 @@ fn settings(args: &Args) -> Res<DaemonConfig> {
 }
 
 fn run(args: Args) -> Res<()> {
-    let cfg = settings(&args)?;
+    let mut cfg = settings(&args)?;
+    let mut identity = identity(&args)?;
+    cfg.target.serial = Some(identity.serial().to_string());
     let target = Target::start(cfg.target.clone())?;
     let mut attached = BTreeMap::new();
     for ns in &cfg.namespaces {
-        attach(&target, ns, &mut attached)?;
+        attach(&target, &mut identity, ns, &mut attached)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let reload = Arc::new(AtomicBool::new(false));
@@ -267,7 +276,7 @@ fn run(args: Args) -> Res<()> {
             tell_manager(service::State::Reloading);
             match &args.config {
                 Some(path) => match config::load(path) {
-                    Ok(new) => resync(&target, &new.namespaces, &mut attached),
+                    Ok(new) => resync(&target, &mut identity, &new.namespaces, &mut attached),
                     Err(e) => tracing::error!("reload failed, keeping the current namespaces: {e}"),
                 },
                 None => tracing::warn!("SIGHUP ignored: no --config file to reload"),
@@ -297,11 +306,46 @@ fn status_line(target: &Target, namespaces: usize) -> String {
 
 /// Attaches `ns`, masked first (so that it never shows to a host it is
 /// masked from): at its NSID, or the lowest one free.
-fn attach(target: &Target, ns: &NamespaceEntry, attached: &mut BTreeMap<u32, BackendSpec>) -> Res<u32> {
+/// The identity to report: kept in `--state`, or beside `--config`, or
+/// new at every start.
+fn identity(args: &Args) -> Res<Identity> {
+    let path = match (&args.state, &args.config) {
+        (Some(state), _) => Some(state.clone()),
+        (None, Some(config)) => Some(config.with_extension("state")),
+        (None, None) => None,
+    };
+    let identity = match path {
+        Some(path) => Identity::load(&path)?,
+        None => {
+            tracing::info!(
+                "no --state or --config: the serial number and namespace identifiers are new at every start"
+            );
+            Identity::ephemeral()?
+        }
+    };
+    tracing::info!(serial = identity.serial(), state = ?identity.path(), "identity");
+    Ok(identity)
+}
+
+fn attach(
+    target: &Target,
+    identity: &mut Identity,
+    ns: &NamespaceEntry,
+    attached: &mut BTreeMap<u32, BackendSpec>,
+) -> Res<u32> {
     let backend = backend::open(&ns.spec).map_err(|e| format!("namespace {}: {e}", ns.spec))?;
     let nsid = ns
         .nsid
         .unwrap_or_else(|| (1..).find(|n| !attached.contains_key(n)).unwrap_or(u32::MAX));
+    // Opened, so a file given by a relative path or a link resolves.
+    let backing = match &ns.spec {
+        BackendSpec::File { path, .. } => Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.clone())),
+        BackendSpec::Ram { .. } => None,
+    };
+    let ids = identity
+        .namespace(nsid, backing.as_deref())
+        .map_err(|e| format!("namespace {}: {e}", ns.spec))?;
+    target.set_namespace_ids(nsid, ids);
     target.set_namespace_hosts(nsid, &ns.hosts)?;
     if let Err(e) = target.registry().attach(Some(nsid), backend) {
         target.set_namespace_hosts(nsid, &[])?;
@@ -313,7 +357,12 @@ fn attach(target: &Target, ns: &NamespaceEntry, attached: &mut BTreeMap<u32, Bac
 
 /// Makes the attached namespaces match `wanted` (`config::plan_reload`):
 /// never by replacing a RAM namespace, whose data that would discard.
-fn resync(target: &Target, wanted: &[NamespaceEntry], attached: &mut BTreeMap<u32, BackendSpec>) {
+fn resync(
+    target: &Target,
+    identity: &mut Identity,
+    wanted: &[NamespaceEntry],
+    attached: &mut BTreeMap<u32, BackendSpec>,
+) {
     let plan = config::plan_reload(attached, wanted);
     // A namespace kept because its replacement was refused takes the
     // hosts of the entry that wanted to replace it: a mask is never lost
@@ -336,7 +385,7 @@ fn resync(target: &Target, wanted: &[NamespaceEntry], attached: &mut BTreeMap<u3
         }
     }
     for w in plan.attach {
-        match attach(target, w, attached) {
+        match attach(target, identity, w, attached) {
             Ok(nsid) => tracing::info!(nsid, spec = %w.spec, "namespace attached by reload"),
             Err(e) => tracing::error!("{e}"),
         }

@@ -76,6 +76,10 @@ pub struct TargetConfig {
     /// Connections a `tcp://` listener holds from one source address at
     /// once (queues of every host behind it, and hellos still awaited).
     pub max_connections_per_address: usize,
+    /// The serial number controllers report (Identify Controller SN, 1 to
+    /// 20 printable ASCII characters); `None` makes a new one at start
+    /// ([`crate::identity`] keeps one across restarts).
+    pub serial: Option<String>,
 }
 
 impl Default for TargetConfig {
@@ -92,6 +96,7 @@ impl Default for TargetConfig {
             max_controllers_per_host: 8,
             shm_access: messaging::provider::shm::ShmAccess::default(),
             max_connections_per_address: 256,
+            serial: None,
         }
     }
 }
@@ -125,6 +130,13 @@ impl TargetConfig {
         }
         if cfg.max_controllers_per_host == 0 {
             return Err(TargetError::Config("controllers per host must be at least 1".into()));
+        }
+        if let Some(sn) = &cfg.serial {
+            if sn.is_empty() || sn.len() > 20 || !sn.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(TargetError::Config(format!(
+                    "serial number {sn:?} is not 1 to 20 printable ASCII characters"
+                )));
+            }
         }
         Ok(nqn)
     }
@@ -198,6 +210,10 @@ pub(crate) struct Shared {
     /// Bumped on every change of `masks`, so that queues can cache what
     /// they looked up.
     pub(crate) mask_generation: std::sync::atomic::AtomicU64,
+    /// The serial number controllers report.
+    pub(crate) serial: String,
+    /// Each namespace's NGUID and UUID (zero, so not reported, when unset).
+    namespace_ids: parking_lot::RwLock<HashMap<u32, nvme::NamespaceIds>>,
 }
 
 impl Target {
@@ -238,6 +254,7 @@ impl Target {
             uris.push(format!("{}://{}", parsed.scheme.as_str(), listener.local_addr()));
             listeners.push(listener);
         }
+        let serial = cfg.serial.clone().unwrap_or_else(random_serial);
         let shared = Arc::new(Shared {
             cfg,
             nqn,
@@ -255,6 +272,8 @@ impl Target {
             blocking: blocking::Blocking::default(),
             masks: parking_lot::RwLock::new(HashMap::new()),
             mask_generation: std::sync::atomic::AtomicU64::new(0),
+            serial,
+            namespace_ids: parking_lot::RwLock::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&shared);
         shared.registry.subscribe(move |event| {
@@ -329,6 +348,13 @@ impl Target {
         Ok(())
     }
 
+    /// Sets the NGUID and UUID namespace `nsid` reports (Identify
+    /// Namespace, and the Namespace Identification Descriptor list); it may
+    /// be set before the namespace is attached.
+    pub fn set_namespace_ids(&self, nsid: u32, ids: nvme::NamespaceIds) {
+        self.shared.namespace_ids.write().insert(nsid, ids);
+    }
+
     /// The namespace registry (attach and detach at run time here).
     pub fn registry(&self) -> &Arc<Registry> {
         &self.shared.registry
@@ -373,6 +399,15 @@ impl std::fmt::Debug for Target {
             .field("namespaces", &self.shared.registry.nsids())
             .finish()
     }
+}
+
+/// `CHANIO` and 14 hex digits from the process's random hash keys: a
+/// serial number for a target that was given none.
+fn random_serial() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    format!("CHANIO{:014X}", h.finish() >> 8)
 }
 
 /// How long an accept waits before it looks at the shutdown flag again. A
@@ -520,6 +555,11 @@ impl Controller {
 }
 
 impl Shared {
+    /// Namespace `nsid`'s NGUID and UUID (zero when unset).
+    pub(crate) fn namespace_ids(&self, nsid: u32) -> nvme::NamespaceIds {
+        self.namespace_ids.read().get(&nsid).copied().unwrap_or_default()
+    }
+
     /// A new controller for `hostnqn`, or `Err(held)` when that host
     /// already holds its `max_controllers_per_host`.
     pub(crate) fn new_controller(&self, hostnqn: &str, kato: Duration) -> Result<Arc<Controller>, usize> {

@@ -75,10 +75,20 @@ impl Queue {
                 Some(ns) => {
                     let geo = ns.geometry();
                     match IdentifyNamespace::new(geo.blocks, geo.block_size) {
-                        Ok(id) => id.encode(),
+                        Ok(mut id) => {
+                            id.nguid = self.shared.namespace_ids(sqe.nsid.0).nguid;
+                            id.encode()
+                        }
                         Err(_) => return Ok(Outcome::status(Status::INTERNAL_ERROR)),
                     }
                 }
+                None => return Ok(Outcome::status(Status::INVALID_NAMESPACE.with_dnr())),
+            },
+            Ok(Cns::NamespaceDescriptors) if !self.visible(sqe.nsid.0) => {
+                return Ok(Outcome::status(Status::INVALID_NAMESPACE.with_dnr()))
+            }
+            Ok(Cns::NamespaceDescriptors) => match self.shared.registry.get(sqe.nsid.0) {
+                Some(_) => self.shared.namespace_ids(sqe.nsid.0).encode(),
                 None => return Ok(Outcome::status(Status::INVALID_NAMESPACE.with_dnr())),
             },
             Ok(Cns::ActiveNamespaceList) => {
@@ -95,7 +105,7 @@ impl Queue {
         IdentifyController {
             vid: 0,
             ssvid: 0,
-            sn: AsciiField::new(&format!("CHANIO{:08X}", std::process::id())).unwrap_or_default(),
+            sn: AsciiField::new(&self.shared.serial).unwrap_or_default(),
             mn: AsciiField::new("chanio I/O unit").unwrap_or_default(),
             fr: AsciiField::new(env!("CARGO_PKG_VERSION")).unwrap_or_default(),
             mdts: transport::MDTS,
