@@ -316,7 +316,7 @@ fn every_command_works(t: &str) {
 /// The library's zero-copy write (`Host::write_from`) at every size class:
 /// in the capsule (gathered from the buffer: the Send's second scatter
 /// entry over rdma), one push from the buffer itself (an RDMA Write with
-/// immediate over rdma), several pushes, several commands. The data
+/// immediate over rdma), several pushes of pieces of it, several commands. The data
 /// lands and the buffer comes back intact.
 fn write_from_lands_at_every_size(t: &str) {
     use chanio::host::{Host, HostOptions, Nsid};

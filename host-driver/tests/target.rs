@@ -712,7 +712,7 @@ fn write_from_sends_from_the_buffer_and_gives_it_back() {
         let (target, uri) = start_target_on(&listen, &["ram:8MiB"], 2);
         let host = Host::connect(&uri, opts()).unwrap();
         // In the capsule (gathered from the buffer), one push from the
-        // buffer itself, two pushes copied out of it, and several commands.
+        // buffer itself, two pushes of pieces of it, and several commands.
         for (i, len) in [512usize, 4096, 64 * 1024, 128 * 1024, 256 * 1024, 3 << 20]
             .into_iter()
             .enumerate()

@@ -411,12 +411,13 @@ impl Host {
     /// Writes the contents of `buf`, as [`Host::write`], sending them
     /// straight from its registered memory: up to what a capsule carries
     /// (4 KiB) in the capsule, gathered after the command by the NIC (over
-    /// rdma; tcp and shm copy it as they copy any message), and up to the
-    /// I/O unit's slot size (128 KiB by default) as one push. `buf` is lent
-    /// to the fabric meanwhile and comes back with its contents; if the
-    /// write times out while the fabric still sends from it, `buf` gets
-    /// fresh memory (see [`IoBuf`]). Larger writes are split and copied, as
-    /// by [`Host::write`].
+    /// rdma; tcp and shm copy it as they copy any message), and beyond that
+    /// as pushes from the buffer itself, each a slot's size (128 KiB by
+    /// default) or less. `buf` is lent to the fabric meanwhile and comes
+    /// back with its contents; if the write times out while the fabric
+    /// still sends from it, `buf` gets fresh memory (see [`IoBuf`]). Writes
+    /// beyond one command's transfer limit are split into several commands
+    /// and copied, as by [`Host::write`].
     ///
     /// # Errors
     /// As [`Host::write`].

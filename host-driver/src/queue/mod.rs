@@ -263,6 +263,13 @@ impl Queue {
         self.ep.close();
     }
 
+    /// Whether this queue registered staging buffers for pushed data (a
+    /// write was copied).
+    #[cfg(test)]
+    pub(crate) fn staged_pushes(&self) -> bool {
+        self.push_pool.lock().is_some()
+    }
+
     /// Push tickets this queue still holds.
     #[cfg(test)]
     pub(crate) fn held_push_tickets(&self) -> usize {

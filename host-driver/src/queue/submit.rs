@@ -265,8 +265,9 @@ impl Queue {
     }
 
     /// Sends the capsule, then the data it does not carry: copied into
-    /// staging buffers, or (`OpData::OutLent` fitting one push) the lent
-    /// buffer itself, whose push ticket is returned.
+    /// staging buffers, or (`OpData::OutLent`) the lent buffer itself, in
+    /// slot-sized pieces, whose last push ticket is returned (the capsule's
+    /// Send's ticket when the lent data rides in the capsule).
     async fn submit(
         &self,
         sqe: &Sqe,
@@ -305,8 +306,8 @@ impl Queue {
                 "the I/O unit granted no slots for write data".into(),
             )));
         }
-        // Zero copy: a lent buffer that fits one push goes out itself.
-        let whole = matches!(data, OpData::OutLent(_)) && pushed.is_some_and(|d| d.len() <= chunk);
+        // Zero copy: a lent buffer goes out itself, in pieces of one slot.
+        let from_lent = matches!(data, OpData::OutLent(_)) && pushed.is_some();
         // The capsule (SQE, then in-capsule data) is gathered straight into
         // the channel's send buffer.
         let sqe_bytes = sqe.encode();
@@ -330,8 +331,20 @@ impl Queue {
                 .detach(),
         }
         stage.set(Stage::CapsuleOnly);
-        if whole {
-            if let Some(buf) = lent {
+        if from_lent {
+            if let Some(mut buf) = lent {
+                // The pieces `transport::push_chunks` names, split off the
+                // buffer in order: each returns its part of the chunk when
+                // its push completes, and the last push's completion comes
+                // after the others' (one queue pair completes in order).
+                while buf.len() > chunk {
+                    let piece = buf.split_to(chunk);
+                    self.ep
+                        .push_buf_async(piece)
+                        .await
+                        .map_err(|e| self.send_failed(e))?
+                        .detach();
+                }
                 let t = self.ep.push_buf_async(buf).await.map_err(|e| self.send_failed(e))?;
                 lent_push = Some(t);
             }

@@ -54,7 +54,7 @@ use std::fmt;
 use std::hash::BuildHasher;
 use std::ops::{BitOr, Deref, DerefMut};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
@@ -490,6 +490,7 @@ impl ProtectionDomain {
             access,
             free: Mutex::new((0..count as u32).rev().collect()),
             free_count: AtomicUsize::new(count),
+            pieces: (0..count).map(|_| AtomicU32::new(0)).collect(),
             pd: Arc::downgrade(&self.inner),
             device,
             allocation,

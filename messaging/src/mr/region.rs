@@ -17,6 +17,9 @@ pub(super) struct Region {
     /// reads it without taking the lock (the protocol asks before every
     /// send whether a buffer is left).
     pub(super) free_count: AtomicUsize,
+    /// Per chunk, the `Buf`s it is split into ([`Buf::split_to`]): 1 once
+    /// checked out; the chunk returns to `free` when the last one drops.
+    pub(super) pieces: Box<[AtomicU32]>,
     pub(super) pd: Weak<PdInner>,
     /// The device registration, undone before the memory is freed.
     pub(super) device: Option<(Arc<dyn Registrar>, u64)>,
@@ -120,12 +123,15 @@ impl BufPool {
         let index = {
             let mut free = self.region.free.lock();
             let index = free.pop()?;
+            self.region.pieces[index as usize].store(1, Ordering::Release);
             self.region.free_count.store(free.len(), Ordering::Release);
             index
         };
         Some(Buf {
             region: self.region.clone(),
             index,
+            start: 0,
+            cap: self.region.chunk_size,
             len: 0,
         })
     }
@@ -182,14 +188,19 @@ impl fmt::Debug for BufPool {
     }
 }
 
-/// One chunk of registered memory, owned exclusively.
+/// One chunk of registered memory, or a piece of one, owned exclusively.
 ///
-/// A `Buf` has a capacity (its chunk size) and a length (how many bytes hold
-/// data); it derefs to the first `len` bytes. Dropping it returns the chunk
-/// to its pool.
+/// A `Buf` has a capacity (its chunk size, or its piece's) and a length (how
+/// many bytes hold data); it derefs to the first `len` bytes. Dropping it
+/// returns the chunk to its pool, once every piece split from it
+/// ([`Buf::split_to`]) is dropped too.
 pub struct Buf {
     pub(super) region: Arc<Region>,
     index: u32,
+    /// Where this piece starts in its chunk (0 for a whole chunk).
+    start: usize,
+    /// This piece's size.
+    cap: usize,
     len: usize,
 }
 
@@ -201,7 +212,32 @@ impl Buf {
 
     /// Capacity in bytes.
     pub fn capacity(&self) -> usize {
-        self.region.chunk_size
+        self.cap
+    }
+
+    /// Splits off the first `at` bytes of data as a buffer of their own
+    /// (capacity `at`); this one keeps the rest, data and capacity. Both
+    /// stay registered where they were, so each can be sent, pushed or
+    /// posted on its own (a large write pushed in slot-sized pieces from
+    /// one buffer, with no copy); the chunk returns to its pool once every
+    /// piece is dropped.
+    ///
+    /// # Panics
+    /// If `at` exceeds the length (a local programming error).
+    pub fn split_to(&mut self, at: usize) -> Buf {
+        assert!(at <= self.len, "Buf::split_to({at}) beyond length {}", self.len);
+        self.region.pieces[self.index as usize].fetch_add(1, Ordering::AcqRel);
+        let front = Buf {
+            region: self.region.clone(),
+            index: self.index,
+            start: self.start,
+            cap: at,
+            len: at,
+        };
+        self.start += at;
+        self.cap -= at;
+        self.len -= at;
+        front
     }
 
     /// Sets the data length.
@@ -232,11 +268,13 @@ impl Buf {
 
     /// The whole chunk, whatever the length, for filling in place.
     pub fn spare_capacity(&mut self) -> &mut [u8] {
-        // SAFETY: the chunk lies inside the live allocation (index < count) and
-        // this `Buf` is its only local handle (the free list hands each index
-        // out once), so no other local reference aliases it; `&mut self`
-        // makes this borrow exclusive among this handle's own borrows.
-        unsafe { std::slice::from_raw_parts_mut(self.chunk_ptr(), self.region.chunk_size) }
+        // SAFETY: the piece lies inside the live allocation (index < count,
+        // start + cap <= chunk_size) and this `Buf` is its only local handle
+        // (the free list hands each index out once, and the pieces of a
+        // split chunk are disjoint), so no other local reference aliases it;
+        // `&mut self` makes this borrow exclusive among this handle's own
+        // borrows.
+        unsafe { std::slice::from_raw_parts_mut(self.chunk_ptr(), self.cap) }
     }
 
     /// Local key of the registration the chunk belongs to.
@@ -268,7 +306,7 @@ impl Buf {
     /// it, when the domain has a [`RegionAllocator`] (`None` for its own mappings).
     pub fn allocation(&self) -> Option<(u64, usize)> {
         let (_, handle) = self.region.allocation.as_ref()?;
-        Some((*handle, self.index as usize * self.region.chunk_size))
+        Some((*handle, self.index as usize * self.region.chunk_size + self.start))
     }
 
     /// Whether this buffer belongs to `pool`.
@@ -277,12 +315,13 @@ impl Buf {
     }
 
     fn chunk_ptr(&self) -> *mut u8 {
-        // SAFETY: index < count, so the offset stays inside the allocation.
+        // SAFETY: index < count and start <= chunk_size, so the offset stays
+        // inside the allocation.
         unsafe {
             self.region
                 .ptr
                 .as_ptr()
-                .add(self.index as usize * self.region.chunk_size)
+                .add(self.index as usize * self.region.chunk_size + self.start)
         }
     }
 }
@@ -290,7 +329,7 @@ impl Buf {
 impl Deref for Buf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: as in `spare_capacity`; `len <= chunk_size` is kept by `set_len`/`fill`.
+        // SAFETY: as in `spare_capacity`; `len <= cap` is kept by `set_len`/`fill`/`split_to`.
         unsafe { std::slice::from_raw_parts(self.chunk_ptr(), self.len) }
     }
 }
@@ -304,6 +343,9 @@ impl DerefMut for Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
+        if self.region.pieces[self.index as usize].fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
         let mut free = self.region.free.lock();
         free.push(self.index);
         self.region.free_count.store(free.len(), Ordering::Release);
@@ -314,6 +356,7 @@ impl fmt::Debug for Buf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Buf")
             .field("index", &self.index)
+            .field("start", &self.start)
             .field("len", &self.len)
             .field("capacity", &self.capacity())
             .field("lkey", &self.region.lkey)

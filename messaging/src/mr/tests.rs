@@ -239,3 +239,37 @@ fn remote_buf_round_trip() {
     assert_eq!(RemoteBuf::decode(&r.encode()), Some(r));
     assert_eq!(RemoteBuf::decode(&[0; 15]), None);
 }
+
+#[test]
+fn split_pieces_are_disjoint_and_the_chunk_returns_with_the_last() {
+    let pd = ProtectionDomain::new();
+    let pool = pd.register(1000, 2, Access::LOCAL_WRITE).unwrap();
+    let mut buf = pool.checkout().unwrap();
+    let data: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+    buf.fill(&data).unwrap();
+    let base = buf.addr();
+    let mut first = buf.split_to(300);
+    let second = buf.split_to(300);
+    assert_eq!((first.len(), first.capacity(), first.addr()), (300, 300, base));
+    assert_eq!((second.len(), second.addr()), (300, base + 300));
+    assert_eq!((buf.len(), buf.capacity(), buf.addr()), (400, 400, base + 600));
+    assert_eq!(
+        (&first[..], &second[..], &buf[..]),
+        (&data[..300], &data[300..600], &data[600..])
+    );
+    assert_eq!(buf.remote().len, 400);
+    // A piece's spare capacity is its own: filling it leaves the others be.
+    first.fill(&[0xee; 300]).unwrap();
+    assert!(first.fill(&[0; 301]).is_err(), "a piece does not grow into the next");
+    assert_eq!(&second[..], &data[300..600]);
+    assert_eq!(pool.available(), 1);
+    drop(first);
+    drop(buf);
+    assert_eq!(pool.available(), 1, "one piece still out: the chunk stays out");
+    drop(second);
+    assert_eq!(pool.available(), 2, "the last piece gave the chunk back");
+    // Handed out again whole.
+    let again = pool.checkout().unwrap();
+    let other = pool.checkout().unwrap();
+    assert_eq!(again.capacity() + other.capacity(), 2000);
+}
