@@ -214,12 +214,23 @@ impl Shared {
         if self.queue.has_completions() {
             return Woke::Ready;
         }
-        match device::wait_readable([self.cq.fd(), self.drive.kick_fd()], timeout) {
-            Ok([events, kicked]) => {
+        // The side channel too: while callers keep driving, the completion
+        // thread stands aside and does not read it, and a peer's close
+        // reaches this side only there.
+        let socket_fd = match self.failed.load(Ordering::Acquire) {
+            false => self.socket.as_raw_fd(),
+            true => -1,
+        };
+        match device::wait_readable([self.cq.fd(), self.drive.kick_fd(), socket_fd], timeout) {
+            Ok([events, kicked, socket]) => {
                 if events {
                     // Arming fails only by failing the queue pair: the
                     // pump then sees the flush.
                     self.take_events_and_rearm();
+                }
+                if socket && peer_gone(&self.socket) {
+                    self.peer_left();
+                    return Woke::Ready;
                 }
                 if kicked {
                     Woke::Kicked
@@ -444,16 +455,24 @@ pub(super) fn completion_thread(shared: Arc<Shared>) {
         shared.reap();
         if socket && peer_gone(&shared.socket) {
             peer_open = false;
-            // The peer disconnected or failed: it needs no answer.
-            shared.told_peer.store(true, Ordering::Release);
-            drain_sends(&shared);
-            shared.fail_locked(&mut shared.state.lock());
-            tracing::debug!(peer = %shared.peer, "verbs peer disconnected");
+            shared.peer_left();
         }
     }
 }
 
 impl Shared {
+    /// The peer disconnected or failed (its DISCONNECT or EOF on the side
+    /// channel): the queue pair fails, after sends it executed complete.
+    /// Whoever reads the side channel calls this: the completion thread, or
+    /// a caller that drives while the thread stands aside.
+    pub(super) fn peer_left(&self) {
+        // It needs no answer.
+        self.told_peer.store(true, Ordering::Release);
+        drain_sends(self);
+        self.fail_locked(&mut self.state.lock());
+        tracing::debug!(peer = %self.peer, "verbs peer disconnected");
+    }
+
     /// Waits up to `timeout` for a completion event, the side channel (when
     /// `peer_open`) or the wake fd; returns whether events and the socket
     /// are ready. Once `poll` failed (`poll_ok` false), it sleeps instead
