@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use nvme::Nsid;
 
-use crate::{Host, HostError};
+use crate::{Host, HostError, IoBuf};
 
 /// Access pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,18 +223,28 @@ pub fn run(host: &Host, cfg: &BenchConfig, progress: &dyn Fn(Duration, u64)) -> 
     let slots = ns.blocks / blocks_per_io;
     let done = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
+    // Thread t runs streams t, t + threads, t + 2 * threads, ..., each with
+    // its own registered buffer, registered before the clock starts (on a
+    // slow machine registering takes long enough to eat a short run).
+    let mut streams: Vec<Vec<(u64, IoBuf)>> = (0..threads).map(|_| Vec::new()).collect();
+    for i in 0..cfg.queue_depth {
+        let mut buf = host.alloc(cfg.block_size)?;
+        for (k, b) in buf.iter_mut().enumerate() {
+            *b = (k as u64 ^ i as u64) as u8;
+        }
+        streams[i % threads].push((i as u64, buf));
+    }
     let start = Instant::now();
     let end = start + cfg.duration;
     let results: Vec<Result<Histogram<u64>, HostError>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
+        let workers: Vec<_> = streams
+            .into_iter()
+            .map(|streams| {
                 let (done, stop) = (&done, &stop);
-                // Thread t runs streams t, t + threads, t + 2 * threads, ...
-                let streams: Vec<u64> = (t..cfg.queue_depth).step_by(threads).map(|i| i as u64).collect();
                 s.spawn(move || {
                     let runs = streams
                         .into_iter()
-                        .map(|i| worker(host, cfg, i, slots, blocks_per_io, end, done, stop))
+                        .map(|(i, buf)| worker(host, cfg, i, buf, slots, blocks_per_io, end, done, stop))
                         .collect();
                     let mut hist = new_histogram()?;
                     for h in crate::exec::block_on(crate::exec::join_all(runs)) {
@@ -283,6 +293,7 @@ async fn worker(
     host: &Host,
     cfg: &BenchConfig,
     index: u64,
+    mut buf: IoBuf,
     slots: u64,
     blocks_per_io: u64,
     end: Instant,
@@ -290,10 +301,6 @@ async fn worker(
     stop: &AtomicBool,
 ) -> Result<Histogram<u64>, HostError> {
     let mut hist = new_histogram()?;
-    let mut buf = host.alloc(cfg.block_size)?;
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = (i as u64 ^ index) as u8;
-    }
     let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (index + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     let mut next_seq = index * (slots / cfg.queue_depth as u64).max(1) % slots;
     // The end of one I/O is the loop's clock for the next check, and the
