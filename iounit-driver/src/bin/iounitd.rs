@@ -26,7 +26,11 @@ Namespaces (SPEC):
   ram:SIZE[:BS]               memory, e.g. ram:64MiB or ram:1GiB:4096
   file:PATH[:SIZE[:BS]]       a file or block device through io_uring (O_DIRECT where
                               supported); a missing file is created at SIZE
-  BS is the logical block size, 512 (default) or 4096.
+  BS is the logical block size, 512 (default) or 4096; on a block device at least
+  the device's own (file:/dev/nvme0n1 on a 4K-sector drive serves 4096).
+
+Identity: the serial number and each file namespace's NGUID and UUID are kept in
+--state FILE (default: beside --config), so hosts see the same device after a restart.
 
 Examples:
   iounitd --listen tcp://127.0.0.1:4520 --ns ram:64MiB
