@@ -17,8 +17,9 @@ pub(super) struct Region {
     /// reads it without taking the lock (the protocol asks before every
     /// send whether a buffer is left).
     pub(super) free_count: AtomicUsize,
-    /// Per chunk, the `Buf`s it is split into ([`Buf::split_to`]): 1 once
-    /// checked out; the chunk returns to `free` when the last one drops.
+    /// Per chunk, the `Buf`s it is split into ([`Buf::split_to`]), 0 while
+    /// it is one whole `Buf`: a whole one returns its chunk to `free` on
+    /// drop with one load, a piece when it is the last one.
     pub(super) pieces: Box<[AtomicU32]>,
     pub(super) pd: Weak<PdInner>,
     /// The device registration, undone before the memory is freed.
@@ -123,7 +124,6 @@ impl BufPool {
         let index = {
             let mut free = self.region.free.lock();
             let index = free.pop()?;
-            self.region.pieces[index as usize].store(1, Ordering::Release);
             self.region.free_count.store(free.len(), Ordering::Release);
             index
         };
@@ -226,7 +226,13 @@ impl Buf {
     /// If `at` exceeds the length (a local programming error).
     pub fn split_to(&mut self, at: usize) -> Buf {
         assert!(at <= self.len, "Buf::split_to({at}) beyond length {}", self.len);
-        self.region.pieces[self.index as usize].fetch_add(1, Ordering::AcqRel);
+        let pieces = &self.region.pieces[self.index as usize];
+        if pieces.load(Ordering::Acquire) == 0 {
+            // Whole until now: no other `Buf` of the chunk exists to race.
+            pieces.store(2, Ordering::Release);
+        } else {
+            pieces.fetch_add(1, Ordering::AcqRel);
+        }
         let front = Buf {
             region: self.region.clone(),
             index: self.index,
@@ -343,7 +349,9 @@ impl DerefMut for Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        if self.region.pieces[self.index as usize].fetch_sub(1, Ordering::AcqRel) != 1 {
+        let pieces = &self.region.pieces[self.index as usize];
+        // A piece gives the chunk back only as the last one (leaving 0).
+        if pieces.load(Ordering::Acquire) != 0 && pieces.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
         let mut free = self.region.free.lock();
