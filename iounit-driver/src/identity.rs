@@ -96,15 +96,12 @@ const SERIAL_LEN: usize = 20;
 impl Identity {
     /// An identity kept nowhere: a new serial number now, and new
     /// namespace identifiers at every start.
-    ///
-    /// # Errors
-    /// [`IdentityError::Random`].
-    pub fn ephemeral() -> Result<Identity, IdentityError> {
-        Ok(Identity {
-            serial: new_serial()?,
+    pub fn ephemeral() -> Identity {
+        Identity {
+            serial: new_serial(),
             namespaces: BTreeMap::new(),
             path: None,
-        })
+        }
     }
 
     /// The identity kept in `path`, made (and written) when the file does
@@ -119,7 +116,7 @@ impl Identity {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let identity = Identity {
                     path: Some(path.to_path_buf()),
-                    ..Identity::ephemeral()?
+                    ..Identity::ephemeral()
                 };
                 identity.save()?;
                 return Ok(identity);
@@ -136,15 +133,7 @@ impl Identity {
             reason,
         };
         let file: StateFile = toml::from_str(&text).map_err(|e| damaged(e.to_string()))?;
-        if file.serial.is_empty()
-            || file.serial.len() > SERIAL_LEN
-            || !file.serial.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(damaged(format!(
-                "serial {:?} is not 1 to 20 printable ASCII characters",
-                file.serial
-            )));
-        }
+        check_serial(&file.serial).map_err(damaged)?;
         let mut namespaces = BTreeMap::new();
         for (nsid, kept) in file.namespace {
             let n: u32 = nsid
@@ -241,9 +230,27 @@ impl Identity {
 }
 
 /// `CHANIO` and 14 random hex digits: 20 characters, the SN field's size.
-fn new_serial() -> Result<String, IdentityError> {
-    let r = random16()?;
-    Ok(format!("CHANIO{}", &hex(&r)[..SERIAL_LEN - 6]).to_ascii_uppercase())
+/// A new serial number: `CHANIO` and 14 hex digits from the process's
+/// random hash keys (20 characters, the SN field's size).
+pub fn new_serial() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    format!("CHANIO{:014X}", h.finish() >> 8)
+}
+
+/// Checks a serial number: 1 to 20 printable ASCII characters (Identify
+/// Controller's SN field).
+///
+/// # Errors
+/// What is wrong with it.
+pub fn check_serial(serial: &str) -> Result<(), String> {
+    match !serial.is_empty() && serial.len() <= SERIAL_LEN && serial.bytes().all(|b| b.is_ascii_graphic()) {
+        true => Ok(()),
+        false => Err(format!(
+            "serial number {serial:?} is not 1 to {SERIAL_LEN} printable ASCII characters"
+        )),
+    }
 }
 
 fn new_ids() -> Result<NamespaceIds, IdentityError> {

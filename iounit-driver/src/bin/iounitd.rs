@@ -324,7 +324,7 @@ fn identity(args: &Args) -> Res<Identity> {
             tracing::info!(
                 "no --state or --config: the serial number and namespace identifiers are new at every start"
             );
-            Identity::ephemeral()?
+            Identity::ephemeral()
         }
     };
     tracing::info!(serial = identity.serial(), state = ?identity.path(), "identity");

@@ -132,11 +132,7 @@ impl TargetConfig {
             return Err(TargetError::Config("controllers per host must be at least 1".into()));
         }
         if let Some(sn) = &cfg.serial {
-            if sn.is_empty() || sn.len() > 20 || !sn.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(TargetError::Config(format!(
-                    "serial number {sn:?} is not 1 to 20 printable ASCII characters"
-                )));
-            }
+            crate::identity::check_serial(sn).map_err(TargetError::Config)?;
         }
         Ok(nqn)
     }
@@ -254,7 +250,7 @@ impl Target {
             uris.push(format!("{}://{}", parsed.scheme.as_str(), listener.local_addr()));
             listeners.push(listener);
         }
-        let serial = cfg.serial.clone().unwrap_or_else(random_serial);
+        let serial = cfg.serial.clone().unwrap_or_else(crate::identity::new_serial);
         let shared = Arc::new(Shared {
             cfg,
             nqn,
@@ -399,15 +395,6 @@ impl std::fmt::Debug for Target {
             .field("namespaces", &self.shared.registry.nsids())
             .finish()
     }
-}
-
-/// `CHANIO` and 14 hex digits from the process's random hash keys: a
-/// serial number for a target that was given none.
-fn random_serial() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    format!("CHANIO{:014X}", h.finish() >> 8)
 }
 
 /// How long an accept waits before it looks at the shutdown flag again. A
