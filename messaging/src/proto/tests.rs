@@ -457,24 +457,7 @@ fn fault_break_resolves_every_token() {
 fn credit_inflation_is_a_violation() {
     let mut p = Pair::new(small(), small());
     // Forge a control message granting more credits than the window.
-    let pool = p.a.fabric.domain().register(64, 1, Access::NONE).unwrap();
-    let mut buf = pool.checkout().unwrap();
-    let header = Header {
-        kind: Kind::Control,
-        credits: 100,
-        releases: 0,
-        seq: 0,
-        len: 0,
-    };
-    header.encode(buf.spare_capacity());
-    buf.set_len(HEADER_LEN);
-    p.a.qp
-        .post_send(&mut vec![SendWr {
-            id: WrId(1 << 40),
-            op: SendOp::Send { buf, imm: None },
-        }])
-        .unwrap();
-    p.drive();
+    forge(&mut p, Kind::Control, 100, &[]);
     assert!(
         matches!(&p.b.closed, Some(CloseReason::Violation(r)) if r.contains("credits")),
         "{:?}",
@@ -833,20 +816,22 @@ fn a_grant_never_shrinks_or_regrants() {
     assert!(matches!(closed.grow(&domain, small()), Err(ProtoError::NotOpen)));
 }
 
-/// Sends a forged Grant from A with `credits` in its header.
-fn forge_grant(p: &mut Pair, grant: Grant, credits: u16) {
+/// Sends a forged message of `kind` from A, with `credits` in its header
+/// and `payload` after it, past A's connection (straight to its queue
+/// pair), and runs both sides.
+fn forge(p: &mut Pair, kind: Kind, credits: u16, payload: &[u8]) {
     let pool = p.a.fabric.domain().register(128, 1, Access::NONE).unwrap();
     let mut buf = pool.checkout().unwrap();
     let header = Header {
-        kind: Kind::Grant,
+        kind,
         credits,
         releases: 0,
         seq: 0,
-        len: wire::GRANT_LEN as u32,
+        len: payload.len() as u32,
     };
     header.encode(buf.spare_capacity());
-    buf.spare_capacity()[HEADER_LEN..HEADER_LEN + wire::GRANT_LEN].copy_from_slice(&grant.encode());
-    buf.set_len(HEADER_LEN + wire::GRANT_LEN);
+    buf.spare_capacity()[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+    buf.set_len(HEADER_LEN + payload.len());
     p.a.qp
         .post_send(&mut vec![SendWr {
             id: WrId(1 << 40),
@@ -882,7 +867,7 @@ fn forged_grants_are_violations() {
     ];
     for (grant, credits, why) in cases {
         let mut p = Pair::new(small(), small());
-        forge_grant(&mut p, grant, credits);
+        forge(&mut p, Kind::Grant, credits, &grant.encode());
         assert!(
             matches!(&p.b.closed, Some(CloseReason::Violation(r)) if r.contains(why)),
             "{why}: {:?}",
@@ -891,7 +876,7 @@ fn forged_grants_are_violations() {
     }
     // A grant that adds receives (and their credits) is taken.
     let mut p = Pair::new(small(), small());
-    forge_grant(&mut p, Grant { recv_depth: 12, ..none }, 4);
+    forge(&mut p, Kind::Grant, 4, &Grant { recv_depth: 12, ..none }.encode());
     assert!(p.b.closed.is_none(), "{:?}", p.b.closed);
     assert_eq!(p.b.conn.peer_params().map(|pp| pp.recv_depth), Some(12));
 }
