@@ -535,5 +535,10 @@ pub(crate) async fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
     .await
 }
 
+#[cfg(feature = "nbd")]
+mod tasks;
+#[cfg(feature = "nbd")]
+pub(crate) use tasks::{task_set, Spawner};
+
 #[cfg(test)]
 mod tests;

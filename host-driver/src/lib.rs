@@ -77,6 +77,8 @@ pub mod describe;
 mod error;
 mod exec;
 mod host;
+#[cfg(feature = "nbd")]
+pub mod nbd;
 mod options;
 mod queue;
 

@@ -35,6 +35,13 @@ Examples:
   # Print namespace changes as namespaces are attached or detached:
   hostctl --target 127.0.0.1:4520 watch --count 1 --timeout 60s
 
+  # Serve the namespaces over NBD (export names are the namespace IDs),
+  # then use them with the usual tools:
+  hostctl --target 127.0.0.1:4520 --queues 4 serve-nbd --listen 127.0.0.1:10809
+  nbdinfo --list nbd://127.0.0.1:10809
+  qemu-img convert -O raw nbd://127.0.0.1:10809/1 copy.img
+  hostctl --target 127.0.0.1:4520 serve-nbd --listen unix:/run/chanio-nbd.sock --read-only
+
 Logs go to stderr; set RUST_LOG=debug for more.
 
 Exit status:
@@ -159,6 +166,12 @@ enum Command {
     },
     /// Measure IOPS, bandwidth and latency.
     Bench(BenchArgs),
+    /// Serve the namespaces over NBD until SIGINT or SIGTERM, for nbdinfo,
+    /// nbdcopy, qemu-img, QEMU, fio's nbd engine or the kernel's NBD client.
+    /// Export names are the namespace IDs ("1", "2", ...); the empty name is
+    /// --ns. Prints "serving NBD on URI" on stdout once listening. NBD has no
+    /// authentication here: listen on a unix socket or a loopback address.
+    ServeNbd(ServeNbdArgs),
     /// Print asynchronous events (namespace changes) as they arrive. Says
     /// "watching for events" on stderr once connected and listening: what
     /// happens from then on is printed.
@@ -189,6 +202,26 @@ struct BlockRange {
     /// Number of blocks.
     #[arg(long, value_name = "COUNT")]
     blocks: u64,
+}
+
+#[derive(Debug, Args)]
+struct ServeNbdArgs {
+    /// Where to listen: HOST:PORT (port 0 picks a free one) or unix:PATH
+    /// (created with mode 0600).
+    #[arg(long, value_name = "ADDR")]
+    listen: host::nbd::Listen,
+    /// The namespace the empty export name selects (default: the first).
+    #[arg(long, value_name = "NSID")]
+    ns: Option<u32>,
+    /// Refuse writes, trims and write zeroes.
+    #[arg(long)]
+    read_only: bool,
+    /// Client connections served at once.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_connections: usize,
+    /// Requests in flight per client connection.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_in_flight: usize,
 }
 
 #[derive(Debug, Args)]
@@ -223,12 +256,17 @@ struct BenchArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A server says what it serves; a command speaks only when it fails.
+    let default_level = match cli.command {
+        Command::ServeNbd(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .init();
     match run(cli) {
@@ -346,6 +384,7 @@ fn command(host: &Host, command: Command) -> Result<(), CliError> {
         Command::Trim { at } => host.trim(Nsid(at.at.ns), at.at.lba, at.blocks)?,
         Command::WriteZeroes { at } => host.write_zeroes(Nsid(at.at.ns), at.at.lba, at.blocks)?,
         Command::Bench(b) => bench(host, b, &mut out)?,
+        Command::ServeNbd(args) => serve_nbd(host, args, &mut out)?,
         Command::Watch { count, timeout } => {
             let events = host.events();
             eprintln!("watching for events from {}", host.uri());
@@ -365,6 +404,39 @@ fn command(host: &Host, command: Command) -> Result<(), CliError> {
             }
         }
     }
+    Ok(())
+}
+
+fn serve_nbd(host: &Host, args: ServeNbdArgs, out: &mut impl Write) -> Result<(), CliError> {
+    use host::nbd::{NbdConfig, NbdServer};
+    let config = NbdConfig {
+        default_ns: args.ns.map(Nsid),
+        read_only: args.read_only,
+        max_connections: args.max_connections,
+        max_in_flight: args.max_in_flight,
+        ..NbdConfig::default()
+    };
+    let server = NbdServer::bind(host.clone(), &args.listen, config)?;
+    let stopper = server.stopper()?;
+    // SIGINT and SIGTERM each write a byte here; a thread turns it into a
+    // stop, so that connections close and a unix socket is removed.
+    let (mut wake_rx, wake_tx) = std::os::unix::net::UnixStream::pair()?;
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::low_level::pipe::register(sig, wake_tx.try_clone()?)?;
+    }
+    std::thread::Builder::new()
+        .name("hostctl-signals".into())
+        .spawn(move || {
+            let mut b = [0u8; 1];
+            if wake_rx.read(&mut b).is_ok() {
+                tracing::info!("stopping on a signal");
+                stopper.stop();
+            }
+        })?;
+    let exports: Vec<String> = host.namespaces()?.iter().map(|n| n.nsid.0.to_string()).collect();
+    writeln!(out, "serving NBD on {} (exports: {})", server.uri(), exports.join(", "))?;
+    out.flush()?;
+    server.run()?;
     Ok(())
 }
 
@@ -628,6 +700,17 @@ mod tests {
             parse(&["-t", "x:1", "identify", "--ns", "3"]).unwrap().command,
             Command::Identify { ns: Some(3) }
         ));
+        match parse(&["-t", "x:1", "serve-nbd", "--listen", "unix:/tmp/n.sock", "--read-only"])
+            .unwrap()
+            .command
+        {
+            Command::ServeNbd(a) => {
+                assert_eq!(a.listen, host::nbd::Listen::Unix("/tmp/n.sock".into()));
+                assert!(a.read_only);
+                assert_eq!((a.ns, a.max_connections, a.max_in_flight), (None, 16, 64));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -641,6 +724,8 @@ mod tests {
             &["-t", "x:1", "bench", "--ns", "1", "--bs", "4q"],
             &["-t", "x:1", "--timeout", "soon", "list"],
             &["-t", "x:1", "frobnicate"],
+            &["-t", "x:1", "serve-nbd"],
+            &["-t", "x:1", "serve-nbd", "--listen", "localhost"],
         ] {
             let e = parse(bad).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{bad:?}");

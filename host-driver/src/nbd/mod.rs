@@ -1,0 +1,823 @@
+//! An NBD server in front of a [`Host`]: every tool that speaks the Network
+//! Block Device protocol (`nbdinfo`, `nbdcopy`, `qemu-img`, QEMU, fio's nbd
+//! engine, the kernel's NBD client) reaches chanio namespaces through it.
+//!
+//! # What it serves
+//! - **Exports** are the controller's active namespaces, named by their
+//!   namespace ID in decimal (`"1"`, `"2"`, ...); the empty name selects
+//!   [`NbdConfig::default_ns`] (default: the first). `NBD_OPT_LIST` lists
+//!   them with a description; `NBD_OPT_INFO`/`GO` give the size and the
+//!   block sizes: the namespace's block size is the minimum, requests must
+//!   be whole blocks, and at most [`NbdConfig::max_payload`] bytes.
+//! - **Negotiation**: fixed newstyle, `NBD_OPT_GO`, `INFO`, `LIST`,
+//!   `EXPORT_NAME`, `ABORT`, and structured replies (errors then carry the
+//!   NVMe status in words). TLS is refused (`NBD_REP_ERR_POLICY`); bind a
+//!   unix socket or a trusted address.
+//! - **Commands**: read, write (with FUA), flush, trim, write zeroes (FUA
+//!   adds a flush) and disconnect, translated one for one into the host's
+//!   calls. Replies go out of order as commands complete. A flush covers
+//!   every write completed before it on any connection of the bridge (they
+//!   share one controller), so multi-conn is advertised.
+//!
+//! # Threads and memory
+//! Each client connection has a reader thread (it parses requests and
+//! reads write payloads straight into registered buffers) and a dispatcher
+//! thread that runs the commands as tasks of the host's async API, so up to
+//! [`NbdConfig::max_in_flight`] of them are in flight per connection. Read
+//! data lands in registered buffers and goes to the socket from there:
+//! besides the socket copies, nothing is copied. The buffers are reused.
+//!
+//! # Faults
+//! A request the host cannot complete gets an NBD error: NVMe statuses
+//! map to `EINVAL`, `ENOSPC`, `EPERM` or `EIO`, and the log names them.
+//! When the I/O unit is lost, the host reconnects; requests in flight are
+//! re-issued after the reconnect, or fail with `EIO` once
+//! [`HostOptions::reconnect_deadline`](crate::HostOptions::reconnect_deadline)
+//! has passed: none hangs. A client that breaks the protocol loses its own
+//! connection only. A connection must finish its negotiation within
+//! [`NbdConfig::handshake_timeout`], and at most
+//! [`NbdConfig::max_connections`] are served at once.
+
+mod proto;
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use slab::Slab;
+
+use crate::exec::{self, Spawner};
+use crate::{Host, HostError, IoBuf, Nsid};
+use proto::{Action, Export, Negotiation, Request, Step};
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address, e.g. `127.0.0.1:10809` (port 0: any free port).
+    Tcp(SocketAddr),
+    /// A Unix socket path (created with mode 0600; a stale socket there is
+    /// replaced).
+    Unix(PathBuf),
+}
+
+impl FromStr for Listen {
+    type Err = NbdError;
+
+    /// `HOST:PORT` or `unix:PATH`.
+    fn from_str(s: &str) -> Result<Listen, NbdError> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(NbdError::Listen(format!("{s:?}: unix: needs a path")));
+            }
+            return Ok(Listen::Unix(PathBuf::from(path)));
+        }
+        s.parse().map(Listen::Tcp).map_err(|_| {
+            NbdError::Listen(format!(
+                "{s:?} is neither HOST:PORT (e.g. 127.0.0.1:10809) nor unix:PATH"
+            ))
+        })
+    }
+}
+
+/// How the server serves.
+#[derive(Debug, Clone)]
+pub struct NbdConfig {
+    /// The namespace the empty export name selects; `None`: the first.
+    pub default_ns: Option<Nsid>,
+    /// Refuse writes, trims and write zeroes (and say so in the flags).
+    pub read_only: bool,
+    /// Client connections served at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Requests in flight per connection; the next waits (the socket is
+    /// not read meanwhile).
+    pub max_in_flight: usize,
+    /// The largest read or write, in bytes (the advertised maximum block
+    /// size).
+    pub max_payload: u32,
+    /// The time a connection has to finish its negotiation.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for NbdConfig {
+    fn default() -> NbdConfig {
+        NbdConfig {
+            default_ns: None,
+            read_only: false,
+            max_connections: 16,
+            max_in_flight: 64,
+            max_payload: 32 << 20,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NbdError {
+    /// A listen address that cannot be used.
+    #[error("listen address {0}")]
+    Listen(String),
+    /// Binding or accepting failed.
+    #[error("{what} {address}")]
+    Io {
+        /// The step.
+        what: &'static str,
+        /// The address.
+        address: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A configuration value out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The default namespace is not active on the controller.
+    #[error("namespace {0} is not active on the I/O unit")]
+    NoNamespace(u32),
+    /// A host call failed while starting.
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// An NBD server bound to its address; [`NbdServer::run`] serves.
+#[derive(Debug)]
+pub struct NbdServer {
+    listener: Listener,
+    shared: Arc<Shared>,
+    uri: String,
+}
+
+/// Stops a running [`NbdServer`] from another thread.
+#[derive(Debug, Clone)]
+pub struct NbdStopper {
+    shared: Arc<Shared>,
+    wake: Listen,
+}
+
+#[derive(Debug)]
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+#[derive(Debug)]
+struct Shared {
+    host: Host,
+    config: NbdConfig,
+    stopping: AtomicBool,
+    /// Live connections (a clone of each socket, to shut it down on stop).
+    conns: Mutex<Slab<Stream>>,
+}
+
+impl NbdServer {
+    /// Binds `listen` for `host`'s namespaces.
+    ///
+    /// # Errors
+    /// [`NbdError::Config`] for zero limits, [`NbdError::NoNamespace`] when
+    /// `config.default_ns` is not active, [`NbdError::Io`] when the address
+    /// cannot be bound (a Unix socket path in use by a live server
+    /// included).
+    pub fn bind(host: Host, listen: &Listen, config: NbdConfig) -> Result<NbdServer, NbdError> {
+        if config.max_connections == 0 || config.max_in_flight == 0 {
+            return Err(NbdError::Config(
+                "max_connections and max_in_flight must be at least 1".into(),
+            ));
+        }
+        if config.max_payload < 4096 {
+            return Err(NbdError::Config(format!(
+                "max_payload {} is below 4096 bytes",
+                config.max_payload
+            )));
+        }
+        if let Some(ns) = config.default_ns {
+            if !host.namespaces()?.iter().any(|n| n.nsid == ns) {
+                return Err(NbdError::NoNamespace(ns.0));
+            }
+        }
+        let (listener, uri) = match listen {
+            Listen::Tcp(addr) => {
+                let l = TcpListener::bind(addr).map_err(|source| NbdError::Io {
+                    what: "binding",
+                    address: addr.to_string(),
+                    source,
+                })?;
+                let local = l.local_addr().map_err(|source| NbdError::Io {
+                    what: "reading the address of",
+                    address: addr.to_string(),
+                    source,
+                })?;
+                if !local.ip().is_loopback() {
+                    tracing::warn!("NBD on {local} is open to anyone who reaches it: NBD has no authentication here");
+                }
+                (Listener::Tcp(l), format!("nbd://{local}"))
+            }
+            Listen::Unix(path) => {
+                let l = bind_unix(path)?;
+                (
+                    Listener::Unix(l, path.clone()),
+                    format!("nbd+unix:///?socket={}", path.display()),
+                )
+            }
+        };
+        Ok(NbdServer {
+            listener,
+            shared: Arc::new(Shared {
+                host,
+                config,
+                stopping: AtomicBool::new(false),
+                conns: Mutex::new(Slab::new()),
+            }),
+            uri,
+        })
+    }
+
+    /// The NBD URI of the default export (`nbd://127.0.0.1:PORT` or
+    /// `nbd+unix:///?socket=PATH`); add `/NSID` (or `/NSID?socket=...`) for
+    /// another namespace.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// A handle that stops [`NbdServer::run`].
+    pub fn stopper(&self) -> Result<NbdStopper, NbdError> {
+        let wake = match &self.listener {
+            Listener::Tcp(l) => Listen::Tcp(l.local_addr().map_err(|source| NbdError::Io {
+                what: "reading the address of",
+                address: self.uri.clone(),
+                source,
+            })?),
+            Listener::Unix(_, path) => Listen::Unix(path.clone()),
+        };
+        Ok(NbdStopper {
+            shared: self.shared.clone(),
+            wake,
+        })
+    }
+
+    /// Accepts and serves connections until stopped; then closes every
+    /// connection and returns once their threads have finished.
+    ///
+    /// # Errors
+    /// [`NbdError::Io`] when accepting fails for a reason other than a
+    /// client's (descriptor exhaustion is waited out).
+    pub fn run(&self) -> Result<(), NbdError> {
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let result = loop {
+            let accepted = match &self.listener {
+                Listener::Tcp(l) => l.accept().map(|(s, peer)| {
+                    let _ = s.set_nodelay(true);
+                    (Stream::Tcp(s), peer.to_string())
+                }),
+                Listener::Unix(l, path) => l
+                    .accept()
+                    .map(|(s, _)| (Stream::Unix(s), format!("unix:{}", path.display()))),
+            };
+            if self.shared.stopping.load(Ordering::Acquire) {
+                break Ok(());
+            }
+            threads.retain(|t| !t.is_finished());
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) if is_transient(&e) => {
+                    tracing::warn!("accepting an NBD connection: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                Err(source) => {
+                    break Err(NbdError::Io {
+                        what: "accepting on",
+                        address: self.uri.clone(),
+                        source,
+                    })
+                }
+            };
+            if threads.len() >= self.shared.config.max_connections {
+                tracing::warn!(
+                    %peer,
+                    "NBD connection refused: {} connections are served already",
+                    threads.len()
+                );
+                continue;
+            }
+            let shared = self.shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name("chanio-nbd-conn".into())
+                .spawn(move || shared.serve(stream, &peer));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::warn!("NBD connection refused: starting its thread: {e}"),
+            }
+        };
+        self.shared.stopping.store(true, Ordering::Release);
+        for (_, s) in self.shared.conns.lock().iter() {
+            let _ = s.shutdown();
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        result
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = &self.listener {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl NbdStopper {
+    /// Makes [`NbdServer::run`] return: it stops accepting and closes every
+    /// connection (their requests in flight finish first).
+    pub fn stop(&self) {
+        if self.shared.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Wakes the blocked accept.
+        match &self.wake {
+            Listen::Tcp(addr) => {
+                let _ = TcpStream::connect_timeout(addr, Duration::from_secs(1));
+            }
+            Listen::Unix(path) => {
+                let _ = UnixStream::connect(path);
+            }
+        }
+    }
+}
+
+/// Binds a Unix socket at `path`, replacing a stale one, mode 0600.
+fn bind_unix(path: &Path) -> Result<UnixListener, NbdError> {
+    let io_err = |what, source| NbdError::Io {
+        what,
+        address: format!("unix:{}", path.display()),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(NbdError::Listen(format!(
+                "unix:{}: the path exists and is not a socket",
+                path.display()
+            )));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(NbdError::Listen(format!(
+                "unix:{}: another server is listening there",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(|e| io_err("removing the stale socket", e))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| io_err("binding", e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io_err("setting the mode of", e))?;
+    Ok(l)
+}
+
+/// Accept errors that say nothing about the listener itself.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+    ) || matches!(e.raw_os_error(), Some(23 | 24 | 105 | 12)) // ENFILE, EMFILE, ENOBUFS, ENOMEM
+}
+
+/// A client's socket.
+#[derive(Debug)]
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        }
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads exactly `buf.len()` bytes before `deadline`.
+fn read_by(stream: &mut Stream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the negotiation took too long"));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf[at..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the negotiation took too long"))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes a header and its data with as few system calls as the socket
+/// allows.
+fn write_two(stream: &mut Stream, head: &[u8], data: &[u8]) -> io::Result<()> {
+    let mut bufs = [IoSlice::new(head), IoSlice::new(data)];
+    let mut slices: &mut [IoSlice<'_>] = &mut bufs;
+    while !slices.is_empty() {
+        match stream.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Shared {
+    /// Serves one client connection to its end.
+    fn serve(self: Arc<Self>, stream: Stream, peer: &str) {
+        let key = match stream.try_clone() {
+            Ok(s) => self.conns.lock().insert(s),
+            Err(e) => {
+                tracing::warn!(%peer, "NBD connection dropped: {e}");
+                return;
+            }
+        };
+        // A stop that came before the insert has already swept the list.
+        if !self.stopping.load(Ordering::Acquire) {
+            self.negotiate_and_serve(stream, peer);
+        }
+        if let Some(s) = self.conns.lock().try_remove(key) {
+            let _ = s.shutdown();
+        }
+    }
+
+    fn negotiate_and_serve(self: &Arc<Self>, mut stream: Stream, peer: &str) {
+        let mut neg = Negotiation::new(self.config.read_only, self.config.max_payload, self.config.default_ns);
+        let export = match self.negotiate(&mut stream, &mut neg) {
+            Ok(Some(e)) => e,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::info!(%peer, "NBD negotiation ended: {e}");
+                return;
+            }
+        };
+        tracing::info!(
+            %peer,
+            export = %export.name,
+            structured = neg.structured(),
+            "NBD client connected"
+        );
+        if let Err(e) = stream.set_read_timeout(None) {
+            tracing::warn!(%peer, "NBD connection dropped: {e}");
+            return;
+        }
+        match Connection::start(self.clone(), &stream, export, neg.structured()) {
+            Ok(conn) => conn.run(stream, peer),
+            Err(e) => tracing::warn!(%peer, "NBD connection dropped: {e}"),
+        }
+    }
+
+    /// The negotiation phase; `Some(export)` to serve it.
+    fn negotiate(
+        &self,
+        stream: &mut Stream,
+        neg: &mut Negotiation,
+    ) -> Result<Option<Export>, Box<dyn std::error::Error>> {
+        let deadline = Instant::now() + self.config.handshake_timeout;
+        stream.write_all(&proto::greeting())?;
+        let mut flags = [0u8; 4];
+        read_by(stream, &mut flags, deadline)?;
+        neg.handle_client_flags(u32::from_be_bytes(flags))?;
+        loop {
+            let mut header = [0u8; proto::OPTION_HEADER_LEN];
+            read_by(stream, &mut header, deadline)?;
+            let (option, len) = neg.handle_option_header(&header)?;
+            let mut data = vec![0u8; len as usize];
+            read_by(stream, &mut data, deadline)?;
+            let exports = match option {
+                proto::OPT_EXPORT_NAME | proto::OPT_LIST | proto::OPT_INFO | proto::OPT_GO => self.exports(),
+                _ => Vec::new(),
+            };
+            match neg.handle_option(option, &data, &exports) {
+                Step::Continue(out) => stream.write_all(&out)?,
+                Step::Serve(out, export) => {
+                    stream.write_all(&out)?;
+                    return Ok(Some(export));
+                }
+                Step::Close(out) => {
+                    stream.write_all(&out)?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// The controller's active namespaces as exports.
+    fn exports(&self) -> Vec<Export> {
+        match self.host.namespaces() {
+            Ok(list) => list
+                .into_iter()
+                .map(|n| Export {
+                    name: n.nsid.0.to_string(),
+                    nsid: n.nsid,
+                    size: n.bytes(),
+                    block_size: n.block_size,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!("listing namespaces for an NBD client: {e}");
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Registered buffers kept for reuse, at most this many bytes of them.
+const POOL_BYTES: usize = 64 << 20;
+
+/// One client in the transmission phase.
+struct Connection {
+    shared: Arc<Shared>,
+    export: Export,
+    structured: bool,
+    writer: Mutex<Stream>,
+    /// Requests in flight and their data bytes.
+    flight: Mutex<(usize, usize)>,
+    flight_cv: Condvar,
+    /// Free registered buffers, by capacity (powers of two).
+    pool: Mutex<Vec<IoBuf>>,
+}
+
+impl Connection {
+    fn start(shared: Arc<Shared>, stream: &Stream, export: Export, structured: bool) -> io::Result<Arc<Connection>> {
+        let writer = stream.try_clone()?;
+        Ok(Arc::new(Connection {
+            shared,
+            export,
+            structured,
+            writer: Mutex::new(writer),
+            flight: Mutex::new((0, 0)),
+            flight_cv: Condvar::new(),
+            pool: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Reads requests until the client disconnects (or breaks the
+    /// protocol), with a dispatcher thread running them; returns once every
+    /// request has been answered.
+    fn run(self: Arc<Self>, mut stream: Stream, peer: &str) {
+        let (spawner, set) = exec::task_set();
+        let dispatcher = std::thread::Builder::new()
+            .name("chanio-nbd-io".into())
+            .spawn(move || exec::block_on(set));
+        let dispatcher = match dispatcher {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(%peer, "NBD connection dropped: starting its dispatcher: {e}");
+                return;
+            }
+        };
+        match self.read_requests(&mut stream, &spawner) {
+            Ok(()) => tracing::info!(%peer, "NBD client disconnected"),
+            Err(e) => tracing::info!(%peer, "NBD connection closed: {e}"),
+        }
+        drop(spawner);
+        let _ = dispatcher.join();
+        let _ = stream.shutdown();
+    }
+
+    fn read_requests(self: &Arc<Self>, stream: &mut Stream, spawner: &Spawner) -> io::Result<()> {
+        let cfg = &self.shared.config;
+        loop {
+            let mut header = [0u8; proto::REQUEST_LEN];
+            if let Err(e) = stream.read_exact(&mut header) {
+                return match e.kind() {
+                    io::ErrorKind::UnexpectedEof => Ok(()),
+                    _ => Err(e),
+                };
+            }
+            let Some(req) = Request::parse(&header) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a request without the request magic",
+                ));
+            };
+            let action = match proto::check(&req, &self.export, cfg.read_only, cfg.max_payload) {
+                Ok(Action::Disconnect) => return Ok(()),
+                Ok(a) => a,
+                Err(refusal) => {
+                    discard(stream, u64::from(req.payload()))?;
+                    tracing::warn!("NBD request refused: {}", refusal.message);
+                    let reply = proto::error_reply(self.structured, req.cookie, refusal.errno, &refusal.message);
+                    self.send(&reply, &[]);
+                    continue;
+                }
+            };
+            self.admit(action.data_len());
+            let buf = match action {
+                Action::Write { len, .. } => match self.take_buf(len as usize) {
+                    Ok(mut b) => {
+                        stream.read_exact(&mut b)?;
+                        Some(b)
+                    }
+                    Err(e) => {
+                        discard(stream, u64::from(len))?;
+                        self.finish(&req, &action, Err(e));
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            let conn = self.clone();
+            spawner.spawn(Box::pin(async move {
+                let outcome = conn.execute(&action, buf).await;
+                conn.finish(&req, &action, outcome);
+            }));
+        }
+    }
+
+    /// Runs one request; `Some(buffer)` holds a read's data.
+    async fn execute(&self, action: &Action, buf: Option<IoBuf>) -> Result<Option<IoBuf>, HostError> {
+        let host = &self.shared.host;
+        let ns = self.export.nsid;
+        match *action {
+            Action::Read { lba, len } => {
+                let mut b = self.take_buf(len as usize)?;
+                match host.read_into_async(ns, lba, &mut b).await {
+                    Ok(()) => Ok(Some(b)),
+                    Err(e) => {
+                        self.put_buf(b);
+                        Err(e)
+                    }
+                }
+            }
+            Action::Write { lba, fua, .. } => {
+                let Some(mut b) = buf else {
+                    return Err(HostError::Protocol("a write without its data".into()));
+                };
+                let r = host.write_from_async(ns, lba, &mut b, fua).await;
+                self.put_buf(b);
+                r.map(|()| None)
+            }
+            Action::Flush => host.flush_async(ns).await.map(|()| None),
+            Action::Trim { blocks: 0, .. }
+            | Action::WriteZeroes {
+                blocks: 0, fua: false, ..
+            } => Ok(None),
+            Action::Trim { lba, blocks } => host.trim_async(ns, lba, blocks).await.map(|()| None),
+            Action::WriteZeroes { lba, blocks, fua } => {
+                if blocks > 0 {
+                    host.write_zeroes_async(ns, lba, blocks).await?;
+                }
+                if fua {
+                    host.flush_async(ns).await?;
+                }
+                Ok(None)
+            }
+            Action::Disconnect => Ok(None),
+        }
+    }
+
+    /// Answers a request and releases what it held.
+    fn finish(&self, req: &Request, action: &Action, outcome: Result<Option<IoBuf>, HostError>) {
+        match outcome {
+            Ok(Some(data)) => {
+                let head = proto::ok_reply(self.structured, req.cookie, Some((req.offset, data.len())));
+                self.send(&head, &data);
+                self.put_buf(data);
+            }
+            Ok(None) => self.send(&proto::ok_reply(self.structured, req.cookie, None), &[]),
+            Err(e) => {
+                tracing::warn!(
+                    export = %self.export.name,
+                    "NBD {} of {} bytes at offset {} failed: {e}",
+                    action.name(),
+                    req.len,
+                    req.offset
+                );
+                let errno = proto::errno(&e, action);
+                self.send(
+                    &proto::error_reply(self.structured, req.cookie, errno, &e.to_string()),
+                    &[],
+                );
+            }
+        }
+        let mut f = self.flight.lock();
+        f.0 -= 1;
+        f.1 -= action.data_len();
+        self.flight_cv.notify_one();
+    }
+
+    /// Waits until one more request of `bytes` fits the connection's
+    /// limits (one request always fits).
+    fn admit(&self, bytes: usize) {
+        let max = self.shared.config.max_in_flight;
+        let max_bytes = POOL_BYTES.max(self.shared.config.max_payload as usize);
+        let mut f = self.flight.lock();
+        while f.0 >= max || (f.0 > 0 && f.1 + bytes > max_bytes) {
+            self.flight_cv.wait(&mut f);
+        }
+        f.0 += 1;
+        f.1 += bytes;
+    }
+
+    /// Sends a reply; a client that stopped reading loses its connection.
+    fn send(&self, head: &[u8], data: &[u8]) {
+        let mut w = self.writer.lock();
+        if let Err(e) = write_two(&mut w, head, data) {
+            tracing::debug!("NBD reply not sent: {e}");
+            let _ = w.shutdown();
+        }
+    }
+
+    /// A registered buffer of `len` bytes, reused when one is free.
+    fn take_buf(&self, len: usize) -> Result<IoBuf, HostError> {
+        let cap = len.next_power_of_two().max(4096);
+        let found = {
+            let mut pool = self.pool.lock();
+            pool.iter()
+                .position(|b| b.capacity() == cap)
+                .map(|i| pool.swap_remove(i))
+        };
+        let mut b = match found {
+            Some(b) => b,
+            None => self.shared.host.alloc(cap)?,
+        };
+        b.set_len(len)?;
+        Ok(b)
+    }
+
+    fn put_buf(&self, b: IoBuf) {
+        let mut pool = self.pool.lock();
+        let held: usize = pool.iter().map(IoBuf::capacity).sum();
+        if held + b.capacity() <= POOL_BYTES {
+            pool.push(b);
+        }
+    }
+}
+
+/// Reads and drops `len` bytes (a refused write's payload).
+fn discard(stream: &mut Stream, len: u64) -> io::Result<()> {
+    let copied = io::copy(&mut Read::by_ref(stream).take(len), &mut io::sink())?;
+    if copied < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
