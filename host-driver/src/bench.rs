@@ -306,9 +306,13 @@ async fn worker(
     // The end of one I/O is the loop's clock for the next check, and the
     // start of the next: nothing but choosing its block runs in between (no
     // await), so one clock read per I/O does (the few nanoseconds of
-    // choosing count as latency).
+    // choosing count as latency). Every stream does at least one I/O, even
+    // when its thread first ran after the end (a loaded machine): a run
+    // always measures something.
     let mut now = Instant::now();
-    while now < end && !stop.load(Ordering::Relaxed) {
+    let mut first = true;
+    while first || (now < end && !stop.load(Ordering::Relaxed)) {
+        first = false;
         let r = xorshift(&mut rng);
         let slot = if cfg.pattern.random() {
             r % slots
