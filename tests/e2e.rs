@@ -850,3 +850,68 @@ fn a_service_manager_hears_ready_reloading_and_stopping() {
     assert_eq!(next(), "STOPPING=1\n");
     assert!(d.stop().success());
 }
+
+#[test]
+fn thin_clones_are_made_at_run_time_and_keep_their_writes_across_a_restart() {
+    let scratch = Scratch::new("clones");
+    let base = scratch.path("golden.img");
+    let golden = pattern(4 << 20, 21);
+    std::fs::write(&base, &golden).unwrap();
+    let clone = |n: u32| {
+        format!(
+            "[[namespace]]\nnsid = {n}\nbackend = \"clone:{}:{}\"\n",
+            base.display(),
+            scratch.path(&format!("vm{n}.img")).display()
+        )
+    };
+    let cfg = scratch.path("iounit.toml");
+    std::fs::write(&cfg, clone(1)).unwrap();
+    let start = || {
+        let mut cmd = Command::new(common::binary("iounitd"));
+        cmd.args(["--config", cfg.to_str().unwrap(), "--listen", "tcp://127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Daemon::spawn(cmd)
+    };
+    let d = start();
+    let blocks = (golden.len() / 512) as u64;
+    assert!(
+        read_blocks(&d.uri, 1, 0, blocks) == golden,
+        "a new clone reads as its base"
+    );
+    let mine = pattern(4 * 512, 1);
+    write_blocks(&d.uri, 1, 10, &mine);
+    // A second clone of the same base, made by a reload while the first
+    // is in use.
+    std::fs::write(&cfg, clone(1) + &clone(2)).unwrap();
+    d.signal("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !hostctl(&d.uri, &["identify", "--ns", "2"], None).0.status.success() {
+        assert!(Instant::now() < deadline, "the reload never attached the clone");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        read_blocks(&d.uri, 2, 0, blocks) == golden,
+        "the first clone's write is its own"
+    );
+    let theirs = pattern(512, 2);
+    write_blocks(&d.uri, 2, 8191, &theirs);
+    assert!(d.stop().success());
+    // Restarted: each clone holds its writes, the base is untouched.
+    let d = start();
+    let mut want1 = golden.clone();
+    want1[10 * 512..14 * 512].copy_from_slice(&mine);
+    let mut want2 = golden.clone();
+    want2[8191 * 512..].copy_from_slice(&theirs);
+    assert!(read_blocks(&d.uri, 1, 0, blocks) == want1, "clone 1 after the restart");
+    assert!(read_blocks(&d.uri, 2, 0, blocks) == want2, "clone 2 after the restart");
+    assert!(std::fs::read(&base).unwrap() == golden, "the base was never written");
+    let used: u64 = ["vm1.img", "vm2.img"]
+        .iter()
+        .map(|f| std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(scratch.path(f)).unwrap()) * 512)
+        .sum();
+    assert!(
+        used <= 2 * 64 * 1024 + 2 * 4096,
+        "the clones hold one cluster each, not copies: {used} bytes"
+    );
+}

@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use messaging::units::{parse_size, UnitError};
 
+pub mod clone;
 pub mod ram;
 pub mod registry;
 pub mod ring;
@@ -230,16 +231,27 @@ pub enum BackendSpec {
         /// Logical block size.
         block_size: u32,
     },
+    /// A thin clone of a read-only base image (`clone:BASE:PATH[:BLOCK]`):
+    /// reads go through to `base` until written; `path` (and `path.map`,
+    /// `path.log`) keep what was written, and are created if missing.
+    Clone {
+        /// The base image, read only.
+        base: std::path::PathBuf,
+        /// The clone's data file.
+        path: std::path::PathBuf,
+        /// Logical block size.
+        block_size: u32,
+    },
 }
 
 /// Why a backend specification does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
     /// Not `KIND:...` at all.
-    #[error("{0:?}: expected ram:SIZE or file:PATH[:SIZE], e.g. ram:64MiB")]
+    #[error("{0:?}: expected ram:SIZE, file:PATH[:SIZE] or clone:BASE:PATH, e.g. ram:64MiB")]
     Syntax(String),
     /// A kind other than ram or file.
-    #[error("unknown backend {kind:?} in {spec:?}: use ram or file")]
+    #[error("unknown backend {kind:?} in {spec:?}: use ram, file or clone")]
     UnknownKind {
         /// The kind given.
         kind: String,
@@ -308,6 +320,23 @@ impl std::str::FromStr for BackendSpec {
                     block_size: block_size(block)?,
                 })
             }
+            "clone" => {
+                // Paths may not contain ':' here.
+                let parts: Vec<&str> = rest.split(':').collect();
+                let (base, path, block) = match parts.as_slice() {
+                    [b, p] => (*b, *p, None),
+                    [b, p, bs] => (*b, *p, Some(*bs)),
+                    _ => return Err(SpecError::Syntax(s.into())),
+                };
+                if base.is_empty() || path.is_empty() {
+                    return Err(SpecError::MissingPath(s.into()));
+                }
+                Ok(BackendSpec::Clone {
+                    base: base.into(),
+                    path: path.into(),
+                    block_size: block_size(block)?,
+                })
+            }
             other => Err(SpecError::UnknownKind {
                 kind: other.into(),
                 spec: s.into(),
@@ -324,6 +353,9 @@ impl fmt::Display for BackendSpec {
                 Some(s) => write!(f, "file:{}:{s}:{block_size}", path.display()),
                 None => write!(f, "file:{}", path.display()),
             },
+            BackendSpec::Clone { base, path, block_size } => {
+                write!(f, "clone:{}:{}:{block_size}", base.display(), path.display())
+            }
         }
     }
 }
@@ -337,6 +369,9 @@ pub fn open(spec: &BackendSpec) -> Result<Arc<dyn BlockBackend>, BlockError> {
         BackendSpec::Ram { size, block_size } => Ok(Arc::new(ram::RamBackend::new(*size, *block_size)?)),
         BackendSpec::File { path, size, block_size } => {
             Ok(Arc::new(uring::FileBackend::open(path, *size, *block_size)?))
+        }
+        BackendSpec::Clone { base, path, block_size } => {
+            Ok(Arc::new(clone::CloneBackend::open(base, path, *block_size)?))
         }
     }
 }

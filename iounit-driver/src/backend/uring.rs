@@ -259,10 +259,20 @@ impl std::fmt::Debug for FileBackend {
 /// a second namespace, or a second daemon, on the same file would
 /// interleave writes that nobody orders. The lock lives as long as the
 /// open file, so it goes with the namespace (and with a killed daemon).
-fn lock(file: &File, path: &Path) -> Result<(), BlockError> {
+pub(super) fn lock(file: &File, path: &Path) -> Result<(), BlockError> {
+    flock(file, path, libc::LOCK_EX)
+}
+
+/// Takes `file`'s lock shared: readers (the clones of one base) together,
+/// and no one who holds it exclusively (a writable namespace).
+pub(super) fn lock_shared(file: &File, path: &Path) -> Result<(), BlockError> {
+    flock(file, path, libc::LOCK_SH)
+}
+
+fn flock(file: &File, path: &Path, how: libc::c_int) -> Result<(), BlockError> {
     // SAFETY: `flock` on a descriptor `file` owns for the whole call; no
     // memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+    if unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) } == 0 {
         return Ok(());
     }
     let e = std::io::Error::last_os_error();

@@ -26,6 +26,10 @@ Namespaces (SPEC):
   ram:SIZE[:BS]               memory, e.g. ram:64MiB or ram:1GiB:4096
   file:PATH[:SIZE[:BS]]       a file or block device through io_uring (O_DIRECT where
                               supported); a missing file is created at SIZE
+  clone:BASE:PATH[:BS]        a thin clone of the read-only image BASE: reads go through
+                              to BASE until written; PATH (+ PATH.map, PATH.log) keeps
+                              the clone's own 64 KiB clusters, created at once if missing
+                              (paths may not contain ':')
   BS is the logical block size, 512 (default) or 4096; on a block device at least
   the device's own (file:/dev/nvme0n1 on a 4K-sector drive serves 4096).
 
@@ -35,6 +39,8 @@ Identity: the serial number and each file namespace's NGUID and UUID are kept in
 Examples:
   iounitd --listen tcp://127.0.0.1:4520 --ns ram:64MiB
   iounitd --listen tcp://0.0.0.0:4520 --ns ram:64MiB --ns file:/srv/disk.img:1GiB
+  iounitd --listen tcp://0.0.0.0:4520 --ns clone:/srv/golden.img:/srv/vm1.img \
+          --ns clone:/srv/golden.img:/srv/vm2.img
   iounitd --config /etc/chanio/iounit.toml
 
 Signals: SIGINT/SIGTERM drain in-flight I/O and exit; SIGHUP re-reads --config and
@@ -343,7 +349,9 @@ fn attach(
         .unwrap_or_else(|| (1..).find(|n| !attached.contains_key(n)).unwrap_or(u32::MAX));
     // Opened, so a file given by a relative path or a link resolves.
     let backing = match &ns.spec {
-        BackendSpec::File { path, .. } => Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.clone())),
+        BackendSpec::File { path, .. } | BackendSpec::Clone { path, .. } => {
+            Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()))
+        }
         BackendSpec::Ram { .. } => None,
     };
     let ids = identity
