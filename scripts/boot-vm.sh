@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Remote boot, operating-system stage: a Linux machine boots with its root
+# filesystem on a chanio namespace, checked end to end.
+#
+# On this machine: iounitd serves a file namespace on 127.0.0.1, and
+# hostctl writes an ext4 root image into it. The booting machine is a QEMU
+# guest (Debian's stock kernel, the one scripts/rxe-vm.sh fetches) whose
+# only network device is QEMU's user-mode stack with restrict=on and one
+# guestfwd rule: each connection to 10.0.2.100:4520 in the guest gets a
+# `busybox nc` to iounitd's port on 127.0.0.1 here, and nothing else goes
+# anywhere. Its initramfs holds busybox, hostctl and
+# nbd-client: hostctl connects to the I/O unit over tcp and serves the
+# namespace over NBD on a unix socket, the kernel's NBD client attaches it
+# as /dev/nbd0, and the initramfs switches root to it. The root's init
+# prints where / is mounted, writes a file and powers off; the script then
+# reads the namespace back with hostctl and finds the file in the image.
+#
+# Exits 0 when all of that held; 1 with the reason otherwise.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: scripts/boot-vm.sh [--bin-dir DIR] [--timeout SECS] [--keep]
+
+Builds iounitd and hostctl (debug, unless --bin-dir names built ones),
+makes a root image and an initramfs, boots a QEMU guest from a namespace
+served by iounitd (TCG where KVM is unusable), and checks what the guest
+did. Work files go to target/boot-vm/ (kept with --keep).
+
+Needs: qemu-system-x86, busybox-static, kmod, cpio, e2fsprogs, nbd-client,
+and the kernel that scripts/rxe-vm.sh --kernel-only fetches.
+USAGE
+}
+
+die() { printf 'boot-vm.sh: %s\n' "$*" >&2; exit 1; }
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bindir=""
+timeout_s=900
+keep=0
+while (($#)); do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --bin-dir) bindir=${2:?--bin-dir needs a directory}; shift ;;
+    --timeout) timeout_s=${2:?--timeout needs seconds}; shift ;;
+    --keep) keep=1 ;;
+    *) die "unknown argument $1 (see --help)" ;;
+  esac
+  shift
+done
+
+for t in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs \
+  debugfs:e2fsprogs nbd-client:nbd-client modprobe:kmod; do
+  command -v "${t%%:*}" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "${t%%:*}" >/dev/null 2>&1 \
+    || die "'${t%%:*}' not found: install the Debian package ${t#*:}"
+done
+export PATH="$PATH:/usr/sbin:/sbin"
+busybox_bin=$(command -v busybox)
+
+if [[ -z "$bindir" ]]; then
+  (cd "$repo" && cargo build -q --locked -p chanio-iounit --bin iounitd -p chanio-host --bin hostctl)
+  bindir="$repo/target/debug"
+fi
+iounitd="$bindir/iounitd"
+hostctl="$bindir/hostctl"
+[[ -x "$iounitd" && -x "$hostctl" ]] || die "no iounitd and hostctl in $bindir"
+
+# The kernel and its modules (shared with the soft-RoCE VM).
+"$repo/scripts/rxe-vm.sh" --kernel-only >/dev/null
+kroot="${CHANIO_VM_DIR:-$repo/target/rxe-vm}/kernel"
+kver=$(cat "$kroot/version")
+
+work="$repo/target/boot-vm"
+rm -rf "$work"
+mkdir -p "$work"
+daemon_pid=""
+cleanup() {
+  [[ -n "$daemon_pid" ]] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
+  ((keep)) || rm -rf "$work"
+}
+trap cleanup EXIT
+token="chanio-$$-$RANDOM"
+
+# --- the root filesystem: busybox and an init that reports and stops ------
+root="$work/root"
+mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp}
+cp "$busybox_bin" "$root/bin/busybox"
+echo "$token" >"$root/etc/chanio-token"
+cat >"$root/sbin/init" <<'INIT'
+#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+rootdev=$($B awk '$2 == "/" && $1 != "rootfs" { print $1, $3 }' /proc/mounts | $B tail -n 1)
+echo "chanio-root: / is $rootdev"
+echo "booted $($B cat /etc/chanio-token)" >/booted
+$B sync
+echo "chanio-root: wrote /booted"
+echo o >/proc/sysrq-trigger
+$B sleep 10
+INIT
+chmod +x "$root/sbin/init"
+mkfs.ext4 -q -F -L chanio-root -d "$root" "$work/root.img" 32M
+
+# --- the I/O unit, and the image written into its namespace ---------------
+RUST_LOG=warn "$iounitd" --listen tcp://127.0.0.1:0 --ns "file:$work/ns.img:64MiB" \
+  >"$work/iounitd.out" 2>"$work/iounitd.log" &
+daemon_pid=$!
+for _ in $(seq 1 300); do
+  grep -q '^listening on ' "$work/iounitd.out" 2>/dev/null && break
+  kill -0 "$daemon_pid" 2>/dev/null || die "iounitd exited: $(cat "$work/iounitd.log")"
+  sleep 0.1
+done
+uri=$(sed -n 's/^listening on //p' "$work/iounitd.out" | head -n 1)
+[[ -n "$uri" ]] || die "iounitd did not start: $(cat "$work/iounitd.log")"
+port=${uri##*:}
+"$hostctl" --target "$uri" write --ns 1 --lba 0 --input "$work/root.img" >/dev/null 2>&1 \
+  || die "hostctl could not write the root image"
+echo "boot-vm: root image ($(du -k "$work/root.img" | cut -f1) KiB) written to $uri namespace 1"
+
+# --- the initramfs: busybox, hostctl, nbd-client, their libraries, modules --
+stage="$work/initramfs"
+mkdir -p "$stage"/{bin,dev,proc,sys,run,newroot,modules}
+cp "$busybox_bin" "$stage/bin/busybox"
+copy_with_libs() { # binary
+  cp "$1" "$stage/bin/"
+  ldd "$1" | awk '/=> \// { print $3 } /^[ \t]*\/lib/ { print $1 }' | while read -r lib; do
+    mkdir -p "$stage$(dirname "$lib")"
+    cp -L "$lib" "$stage$lib"
+  done
+}
+copy_with_libs "$hostctl"
+copy_with_libs "$(command -v nbd-client)"
+: >"$stage/modules/order"
+for m in virtio_pci virtio_net nbd ext4; do
+  modprobe -d "$kroot" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" { print $2 }' |
+    while read -r ko; do
+      name=$(basename "$ko")
+      grep -qx "$name" "$stage/modules/order" && continue
+      cp "$ko" "$stage/modules/$name"
+      echo "$name" >>"$stage/modules/order"
+    done
+done
+cat >"$stage/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs run /run
+fail() { echo "chanio-boot: $*"; cat /run/nbd.log 2>/dev/null; echo o >/proc/sysrq-trigger; sleep 10; }
+for m in $(cat /modules/order); do insmod "/modules/$m" || echo "chanio-boot: insmod $m failed"; done
+target=$(sed -n 's/.*chanio\.target=\([^ ]*\).*/\1/p' /proc/cmdline)
+ns=$(sed -n 's/.*chanio\.ns=\([0-9]*\).*/\1/p' /proc/cmdline)
+ip link set lo up
+for _ in $(seq 1 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+echo "chanio-boot: serving namespace $ns of $target over NBD"
+hostctl --target "$target" serve-nbd --listen unix:/run/nbd.sock --ns "$ns" >/run/nbd.out 2>/run/nbd.log &
+for _ in $(seq 1 600); do grep -q '^serving NBD' /run/nbd.out 2>/dev/null && break; sleep 0.1; done
+grep -q '^serving NBD' /run/nbd.out || fail "hostctl serve-nbd did not start"
+nbd-client -unix /run/nbd.sock /dev/nbd0 -name "$ns" || fail "nbd-client could not attach /dev/nbd0"
+mount -t ext4 /dev/nbd0 /newroot || fail "cannot mount /dev/nbd0"
+echo "chanio-boot: switching root to /dev/nbd0"
+exec switch_root /newroot /sbin/init
+INIT
+chmod +x "$stage/init"
+(cd "$stage" && find . | cpio -o -H newc --quiet) >"$work/initrd.cpio"
+
+# --- boot -------------------------------------------------------------------
+accel=(-accel tcg,thread=multi -cpu max)
+if [[ -w /dev/kvm ]] && grep -qE '\b(vmx|svm)\b' /proc/cpuinfo; then
+  accel=(-accel kvm -cpu host)
+fi
+echo "boot-vm: booting (serial log: $work/serial.log)"
+status=0
+timeout --foreground -k 10 "$timeout_s" \
+  qemu-system-x86_64 -machine q35 "${accel[@]}" -smp 2 -m 1G \
+    -display none -no-reboot -monitor none -serial "file:$work/serial.log" \
+    -nic "user,model=virtio-net-pci,restrict=on,guestfwd=tcp:10.0.2.100:4520-cmd:$busybox_bin nc 127.0.0.1 $port" \
+    -kernel "$kroot/boot/vmlinuz-$kver" -initrd "$work/initrd.cpio" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init chanio.target=tcp://10.0.2.100:4520 chanio.ns=1" \
+    </dev/null || status=$?
+serial=$(tr -d '\r' <"$work/serial.log")
+grep '^chanio-' <<<"$serial" | sed 's/^/  guest: /' || true
+((status == 124 || status == 137)) && die "the guest ran past ${timeout_s}s"
+grep -q '^chanio-root: / is /dev/nbd0 ext4' <<<"$serial" \
+  || die "the guest did not report its root on /dev/nbd0; serial log:
+$serial"
+grep -q '^chanio-root: wrote /booted' <<<"$serial" || die "the guest did not write /booted"
+
+# --- what the guest wrote is on the I/O unit --------------------------------
+blocks=$(($(stat -c %s "$work/root.img") / 512))
+"$hostctl" --target "$uri" read --ns 1 --lba 0 --blocks "$blocks" --output "$work/back.img" 2>/dev/null \
+  || die "hostctl could not read the namespace back"
+got=$(debugfs -R 'cat /booted' "$work/back.img" 2>/dev/null)
+[[ "$got" == "booted $token" ]] || die "the image read back holds '$got' in /booted, not 'booted $token'"
+echo "boot-vm: the guest booted from the namespace, and its write is on the I/O unit"
