@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 EXECS="${1:-1000000}"; shift || true
-TARGETS=("$@"); [[ ${#TARGETS[@]} -gt 0 ]] || TARGETS=(tcp shm wire capsule host_data)
+TARGETS=("$@"); [[ ${#TARGETS[@]} -gt 0 ]] || TARGETS=(tcp shm wire capsule host_data nbd)
 command -v cargo-afl >/dev/null || { echo "run.sh: cargo-afl missing: cargo install cargo-afl" >&2; exit 2; }
 cargo afl build --release >/dev/null
 [[ -d seeds ]] || ./target/release/seeds

@@ -14,6 +14,7 @@ fn targets() -> Vec<(&'static str, Target)> {
         ("wire", chanio::messaging::fuzz::wire),
         ("capsule", chanio::iounit::fuzz::capsule),
         ("host_data", chanio::iounit::fuzz::host_data),
+        ("nbd", chanio::host::nbd::fuzz),
     ]
 }
 

@@ -34,6 +34,69 @@ fn frame_header(opcode: u8, len: u32, psn: u64, addr: u64, rkey: u32, imm: u32, 
     h
 }
 
+/// An NBD option as a client sends it.
+fn nbd_option(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = b"IHAVEOPT".to_vec();
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// NBD_OPT_GO/INFO data for `name`, asking for the items `info`.
+fn nbd_go(name: &str, info: &[u16]) -> Vec<u8> {
+    let mut d = (name.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(name.as_bytes());
+    d.extend_from_slice(&(info.len() as u16).to_be_bytes());
+    info.iter().for_each(|i| d.extend_from_slice(&i.to_be_bytes()));
+    d
+}
+
+/// An NBD request header, and its payload for a write.
+fn nbd_request(flags: u16, kind: u16, offset: u64, len: u32) -> Vec<u8> {
+    let mut out = 0x2560_9513u32.to_be_bytes().to_vec();
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&0x1122_3344u64.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    if kind == 1 {
+        out.extend(std::iter::repeat_n(0x5a, len as usize));
+    }
+    out
+}
+
+/// NBD sessions: client flags, options, requests.
+fn nbd_sessions() -> Vec<Vec<u8>> {
+    let requests: Vec<u8> = [
+        nbd_request(0, 0, 4096, 4096),
+        nbd_request(1, 1, 0, 1024),
+        nbd_request(0, 3, 0, 0),
+        nbd_request(0, 4, 512, 8192),
+        nbd_request(1, 6, 0, 4096),
+        nbd_request(0, 2, 0, 0),
+    ]
+    .concat();
+    let mut go = 3u32.to_be_bytes().to_vec();
+    go.extend(nbd_option(8, &[]));
+    go.extend(nbd_option(7, &nbd_go("1", &[1, 2, 3])));
+    go.extend_from_slice(&requests);
+    let mut old = 1u32.to_be_bytes().to_vec();
+    old.extend(nbd_option(1, b"2"));
+    old.extend_from_slice(&requests);
+    let mut list = 0x8000_0003u32.to_be_bytes().to_vec();
+    list.extend(nbd_option(3, &[]));
+    list.extend(nbd_option(6, &nbd_go("2", &[])));
+    list.extend(nbd_option(10, &[]));
+    list.extend(nbd_option(5, &[]));
+    list.extend(nbd_option(7, &nbd_go("", &[])));
+    list.extend_from_slice(&requests);
+    let mut abort = 3u32.to_be_bytes().to_vec();
+    abort.extend(nbd_option(6, &nbd_go("9", &[])));
+    abort.extend(nbd_option(2, &[]));
+    vec![go, old, list, abort]
+}
+
 fn params() -> Params {
     Params {
         recv_depth: 40,
@@ -166,6 +229,10 @@ fn main() {
         "host_data",
         ChangedNamespaceList::new(vec![Nsid(3)]).expect("list").encode(),
     ));
+
+    for session in nbd_sessions() {
+        seeds.push(("nbd", session));
+    }
 
     let mut counts = std::collections::BTreeMap::new();
     for (target, bytes) in seeds {

@@ -58,6 +58,14 @@ use crate::exec::{self, Spawner};
 use crate::{Host, HostError, IoBuf, Nsid};
 use proto::{Action, Export, Negotiation, Request, Step};
 
+/// The fuzzing entry point (`fuzz/`, target `nbd`): a client's bytes
+/// through the negotiation, then as requests against the export it chose.
+/// Never panics, whatever the input.
+#[doc(hidden)]
+pub fn fuzz(data: &[u8]) {
+    proto::fuzz(data);
+}
+
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {

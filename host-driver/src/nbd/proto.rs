@@ -633,6 +633,68 @@ pub(crate) fn error_reply(structured: bool, cookie: u64, errno: u32, message: &s
     out
 }
 
+/// Runs a client's bytes through the negotiation (client flags, then
+/// options until one serves an export), then as requests with their
+/// payloads against that export: the fuzzing entry point, [`super::fuzz`].
+pub(crate) fn fuzz(data: &[u8]) {
+    let exports = [
+        Export {
+            name: "1".into(),
+            nsid: Nsid(1),
+            size: 1 << 20,
+            block_size: 512,
+        },
+        Export {
+            name: "2".into(),
+            nsid: Nsid(2),
+            size: 8 << 20,
+            block_size: 4096,
+        },
+    ];
+    let Some(flags) = data.get(..4) else {
+        return;
+    };
+    // The last bit of the flags' first byte picks a read-only bridge.
+    let read_only = flags[0] & 0x80 != 0;
+    let mut neg = Negotiation::new(read_only, 1 << 20, None);
+    let mut flags = be::<4>(flags);
+    flags[0] &= 0x7f;
+    if neg.handle_client_flags(u32::from_be_bytes(flags)).is_err() {
+        return;
+    }
+    let mut rest = &data[4..];
+    let export = loop {
+        let Some(header) = rest.get(..OPTION_HEADER_LEN) else {
+            return;
+        };
+        let Ok((option, len)) = neg.handle_option_header(&be(header)) else {
+            return;
+        };
+        let end = OPTION_HEADER_LEN + len as usize;
+        let Some(body) = rest.get(OPTION_HEADER_LEN..end) else {
+            return;
+        };
+        rest = &rest[end..];
+        match neg.handle_option(option, body, &exports) {
+            Step::Continue(_) => {}
+            Step::Serve(_, export) => break export,
+            Step::Close(_) => return,
+        }
+    };
+    while let Some(header) = rest.get(..REQUEST_LEN) {
+        let Some(req) = Request::parse(&be(header)) else {
+            return;
+        };
+        rest = &rest[REQUEST_LEN..];
+        let outcome = check(&req, &export, read_only, 1 << 20);
+        let _ = match &outcome {
+            Ok(action) => ok_reply(neg.structured(), req.cookie, Some((req.offset, action.data_len()))),
+            Err(refusal) => error_reply(neg.structured(), req.cookie, refusal.errno, &refusal.message),
+        };
+        rest = &rest[(req.payload() as usize).min(rest.len())..];
+    }
+}
+
 /// `N` bytes of `b` as an array; callers slice exactly `N`.
 fn be<const N: usize>(b: &[u8]) -> [u8; N] {
     let mut a = [0u8; N];
