@@ -14,6 +14,12 @@
 #   copies it from the base).
 # Prints one line per run and, at the end, clone/plain ratios of the
 # medians. Uses target/release binaries (build them first).
+#
+# Where fio and nbdkit are installed, the same image is then measured
+# through NBD with fio's nbd engine, the anchor the clones answer to:
+# chanio's clone (and plain file) behind `hostctl serve-nbd`, against
+# nbdkit's cow filter over its file plugin (and the file plugin alone), in
+# alternation, with the same fio job (4 KiB, QD32, --time seconds).
 set -euo pipefail
 
 SIZE=256
@@ -26,7 +32,7 @@ while [[ $# -gt 0 ]]; do
         --time) TIME=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
         --dir) DIR=$2; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "clone.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -39,7 +45,8 @@ DIR=${DIR:-$repo/target/bench-clone}
 rm -rf "$DIR"
 mkdir -p "$DIR"
 pid=""
-trap '[[ -n "$pid" ]] && kill "$pid" 2>/dev/null; rm -rf "$DIR"' EXIT
+pids=()
+trap '[[ -n "$pid" ]] && kill "$pid" 2>/dev/null; for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; rm -rf "$DIR"' EXIT
 
 head -c "$((SIZE << 20))" /dev/urandom >"$DIR/base.img"
 cp "$DIR/base.img" "$DIR/plain.img"
@@ -72,4 +79,49 @@ for w in "randread 32" "randread 1" "randwrite 32"; do
     p=$(median <<<"${runs["plain $w"]}")
     c=$(median <<<"${runs["clone $w"]}")
     awk -v w="$w" -v p="$p" -v c="$c" 'BEGIN { printf "%-13s plain %8.0f  clone %8.0f IOPS  clone/plain %.2f\n", w, p, c, c / p }'
+done
+
+# --- through NBD, against nbdkit's cow filter ---------------------------------
+if ! command -v fio >/dev/null || ! command -v nbdkit >/dev/null; then
+    echo "(fio or nbdkit missing: the NBD comparison is skipped)"
+    exit 0
+fi
+"$bin/hostctl" --target "$uri" --queues 2 serve-nbd --listen 127.0.0.1:0 >"$DIR/bridge.out" 2>"$DIR/bridge.log" &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q '^serving NBD' "$DIR/bridge.out" && break; sleep 0.1; done
+bridge=$(awk '/^serving NBD/ { print $4 }' "$DIR/bridge.out")
+port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+cow_port=$(port)
+nbdkit -f -i 127.0.0.1 -p "$cow_port" --filter=cow file "$DIR/base.img" 2>"$DIR/nbdkit-cow.log" &
+pids+=($!)
+file_port=$(port)
+nbdkit -f -i 127.0.0.1 -p "$file_port" file "$DIR/plain.img" 2>"$DIR/nbdkit-file.log" &
+pids+=($!)
+sleep 1
+fio_run() { # round label uri rw
+    local iops
+    iops=$(fio --name=clone --ioengine=nbd --uri="$3" --rw="$4" --bs=4k --iodepth=32 \
+        --time_based --runtime="$TIME" --size="$((SIZE << 20))" --output-format=json 2>/dev/null |
+        python3 -c 'import json, sys; t = sys.stdin.read(); j = json.loads(t[t.index("{"):])["jobs"][0]; print(j["read"]["iops"] + j["write"]["iops"])')
+    printf 'round %s  %-17s %-9s qd32  %10.0f IOPS\n' "$1" "$2" "$4" "$iops"
+    runs["nbd $2 $4"]+="$iops "
+}
+echo
+for r in $(seq 1 "$ROUNDS"); do
+    for rw in randread randwrite; do
+        fio_run "$r" "chanio-plain" "$bridge/1" "$rw"
+        fio_run "$r" "chanio-clone" "$bridge/2" "$rw"
+        fio_run "$r" "nbdkit-file" "nbd://127.0.0.1:$file_port" "$rw"
+        fio_run "$r" "nbdkit-cow" "nbd://127.0.0.1:$cow_port" "$rw"
+    done
+done
+echo
+for rw in randread randwrite; do
+    cp=$(median <<<"${runs["nbd chanio-plain $rw"]}")
+    cc=$(median <<<"${runs["nbd chanio-clone $rw"]}")
+    kp=$(median <<<"${runs["nbd nbdkit-file $rw"]}")
+    kc=$(median <<<"${runs["nbd nbdkit-cow $rw"]}")
+    awk -v w="$rw" -v cp="$cp" -v cc="$cc" -v kp="$kp" -v kc="$kc" 'BEGIN {
+        printf "fio nbd %-9s chanio clone %7.0f (plain %7.0f, %.2f)  nbdkit cow %7.0f (file %7.0f, %.2f)  chanio clone/nbdkit cow %.2f\n",
+            w, cc, cp, cc / cp, kc, kp, kc / kp, cc / kc }'
 done

@@ -60,8 +60,29 @@ impl Inbox {
 
 impl Spawner {
     /// Adds a task; it is first polled by the set's next poll.
+    #[cfg(test)]
     pub(crate) fn spawn(&self, task: Task) {
         self.inbox.update(|st| st.new.push(task));
+    }
+
+    /// Adds a task without waking the set: [`Spawner::notify`] does, once
+    /// for a batch.
+    pub(crate) fn spawn_quietly(&self, task: Task) {
+        self.inbox.state.lock().new.push(task);
+    }
+
+    /// Wakes the set if tasks wait for their first poll.
+    pub(crate) fn notify(&self) {
+        let parent = {
+            let st = self.inbox.state.lock();
+            if st.new.is_empty() {
+                return;
+            }
+            st.parent.clone()
+        };
+        if let Some(w) = parent {
+            w.wake();
+        }
     }
 
     /// No more tasks: the set completes once those it has are done.

@@ -478,11 +478,8 @@ fn read_by(stream: &mut Stream, buf: &mut [u8], deadline: Instant) -> io::Result
     Ok(())
 }
 
-/// Writes a header and its data with as few system calls as the socket
-/// allows.
-fn write_two(stream: &mut Stream, head: &[u8], data: &[u8]) -> io::Result<()> {
-    let mut bufs = [IoSlice::new(head), IoSlice::new(data)];
-    let mut slices: &mut [IoSlice<'_>] = &mut bufs;
+/// Writes every slice, with as few system calls as the socket allows.
+fn write_all(stream: &mut Stream, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
     while !slices.is_empty() {
         match stream.write_vectored(slices) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -596,6 +593,8 @@ impl Shared {
 
 /// Registered buffers kept for reuse, at most this many bytes of them.
 const POOL_BYTES: usize = 64 << 20;
+/// Bytes a connection's reader takes from its socket at once.
+const READ_AHEAD: usize = 64 << 10;
 
 /// One client in the transmission phase.
 struct Connection {
@@ -603,6 +602,10 @@ struct Connection {
     export: Export,
     structured: bool,
     writer: Mutex<Stream>,
+    /// Replies not yet written: a header, and a read's data. The
+    /// dispatcher writes them after each round of completions, in one
+    /// system call when the socket takes them.
+    replies: Mutex<Vec<(Vec<u8>, Option<IoBuf>)>>,
     /// Requests in flight and their data bytes.
     flight: Mutex<(usize, usize)>,
     flight_cv: Condvar,
@@ -618,6 +621,7 @@ impl Connection {
             export,
             structured,
             writer: Mutex::new(writer),
+            replies: Mutex::new(Vec::new()),
             flight: Mutex::new((0, 0)),
             flight_cv: Condvar::new(),
             pool: Mutex::new(Vec::new()),
@@ -628,10 +632,17 @@ impl Connection {
     /// protocol), with a dispatcher thread running them; returns once every
     /// request has been answered.
     fn run(self: Arc<Self>, mut stream: Stream, peer: &str) {
-        let (spawner, set) = exec::task_set();
-        let dispatcher = std::thread::Builder::new()
-            .name("chanio-nbd-io".into())
-            .spawn(move || exec::block_on(set));
+        let (spawner, mut set) = exec::task_set();
+        let conn = self.clone();
+        let dispatcher = std::thread::Builder::new().name("chanio-nbd-io".into()).spawn(move || {
+            // Each poll runs the requests whose completions came in;
+            // their replies then go out together.
+            exec::block_on(std::future::poll_fn(|cx| {
+                let done = std::future::Future::poll(std::pin::Pin::new(&mut set), cx);
+                conn.flush_replies();
+                done
+            }))
+        });
         let dispatcher = match dispatcher {
             Ok(d) => d,
             Err(e) => {
@@ -648,11 +659,19 @@ impl Connection {
         let _ = stream.shutdown();
     }
 
+    /// Reads requests through a buffer: the requests a client pipelines
+    /// arrive in one read and go to the dispatcher with one wake-up, which
+    /// is given before anything that may block (a read from an empty
+    /// buffer, waiting for room in flight).
     fn read_requests(self: &Arc<Self>, stream: &mut Stream, spawner: &Spawner) -> io::Result<()> {
         let cfg = &self.shared.config;
+        let mut input = io::BufReader::with_capacity(READ_AHEAD, stream);
         loop {
+            if input.buffer().len() < proto::REQUEST_LEN {
+                spawner.notify();
+            }
             let mut header = [0u8; proto::REQUEST_LEN];
-            if let Err(e) = stream.read_exact(&mut header) {
+            if let Err(e) = input.read_exact(&mut header) {
                 return match e.kind() {
                     io::ErrorKind::UnexpectedEof => Ok(()),
                     _ => Err(e),
@@ -668,30 +687,37 @@ impl Connection {
                 Ok(Action::Disconnect) => return Ok(()),
                 Ok(a) => a,
                 Err(refusal) => {
-                    discard(stream, u64::from(req.payload()))?;
+                    discard(&mut input, u64::from(req.payload()))?;
                     tracing::warn!("NBD request refused: {}", refusal.message);
                     let reply = proto::error_reply(self.structured, req.cookie, refusal.errno, &refusal.message);
                     self.send(&reply, &[]);
                     continue;
                 }
             };
-            self.admit(action.data_len());
+            if !self.try_admit(action.data_len()) {
+                spawner.notify();
+                self.admit(action.data_len());
+            }
             let buf = match action {
                 Action::Write { len, .. } => match self.take_buf(len as usize) {
                     Ok(mut b) => {
-                        stream.read_exact(&mut b)?;
+                        if input.buffer().len() < len as usize {
+                            spawner.notify();
+                        }
+                        input.read_exact(&mut b)?;
                         Some(b)
                     }
                     Err(e) => {
-                        discard(stream, u64::from(len))?;
+                        discard(&mut input, u64::from(len))?;
                         self.finish(&req, &action, Err(e));
+                        self.flush_replies();
                         continue;
                     }
                 },
                 _ => None,
             };
             let conn = self.clone();
-            spawner.spawn(Box::pin(async move {
+            spawner.spawn_quietly(Box::pin(async move {
                 let outcome = conn.execute(&action, buf).await;
                 conn.finish(&req, &action, outcome);
             }));
@@ -740,15 +766,18 @@ impl Connection {
         }
     }
 
-    /// Answers a request and releases what it held.
+    /// Answers a request (the reply is queued for [`Connection::flush_replies`])
+    /// and releases what it held.
     fn finish(&self, req: &Request, action: &Action, outcome: Result<Option<IoBuf>, HostError>) {
         match outcome {
             Ok(Some(data)) => {
                 let head = proto::ok_reply(self.structured, req.cookie, Some((req.offset, data.len())));
-                self.send(&head, &data);
-                self.put_buf(data);
+                self.replies.lock().push((head, Some(data)));
             }
-            Ok(None) => self.send(&proto::ok_reply(self.structured, req.cookie, None), &[]),
+            Ok(None) => self
+                .replies
+                .lock()
+                .push((proto::ok_reply(self.structured, req.cookie, None), None)),
             Err(e) => {
                 tracing::warn!(
                     export = %self.export.name,
@@ -758,10 +787,8 @@ impl Connection {
                     req.offset
                 );
                 let errno = proto::errno(&e, action);
-                self.send(
-                    &proto::error_reply(self.structured, req.cookie, errno, &e.to_string()),
-                    &[],
-                );
+                let reply = proto::error_reply(self.structured, req.cookie, errno, &e.to_string());
+                self.replies.lock().push((reply, None));
             }
         }
         let mut f = self.flight.lock();
@@ -770,25 +797,73 @@ impl Connection {
         self.flight_cv.notify_one();
     }
 
-    /// Waits until one more request of `bytes` fits the connection's
-    /// limits (one request always fits).
-    fn admit(&self, bytes: usize) {
-        let max = self.shared.config.max_in_flight;
+    /// Whether one more request of `bytes` fits the connection's limits
+    /// (one request always fits).
+    fn fits(&self, f: &(usize, usize), bytes: usize) -> bool {
         let max_bytes = POOL_BYTES.max(self.shared.config.max_payload as usize);
+        f.0 < self.shared.config.max_in_flight && (f.0 == 0 || f.1 + bytes <= max_bytes)
+    }
+
+    /// Counts a request of `bytes` in flight if it fits now.
+    fn try_admit(&self, bytes: usize) -> bool {
         let mut f = self.flight.lock();
-        while f.0 >= max || (f.0 > 0 && f.1 + bytes > max_bytes) {
+        if !self.fits(&f, bytes) {
+            return false;
+        }
+        f.0 += 1;
+        f.1 += bytes;
+        true
+    }
+
+    /// Waits until a request of `bytes` fits, and counts it in flight.
+    fn admit(&self, bytes: usize) {
+        let mut f = self.flight.lock();
+        while !self.fits(&f, bytes) {
             self.flight_cv.wait(&mut f);
         }
         f.0 += 1;
         f.1 += bytes;
     }
 
-    /// Sends a reply; a client that stopped reading loses its connection.
+    /// Sends a reply at once; a client that stopped reading loses its
+    /// connection.
     fn send(&self, head: &[u8], data: &[u8]) {
         let mut w = self.writer.lock();
-        if let Err(e) = write_two(&mut w, head, data) {
+        if let Err(e) = write_all(&mut w, &mut [IoSlice::new(head), IoSlice::new(data)]) {
             tracing::debug!("NBD reply not sent: {e}");
             let _ = w.shutdown();
+        }
+    }
+
+    /// Writes the queued replies, many per system call, and gives their
+    /// buffers back.
+    fn flush_replies(&self) {
+        let replies = std::mem::take(&mut *self.replies.lock());
+        if replies.is_empty() {
+            return;
+        }
+        {
+            let mut w = self.writer.lock();
+            // Linux takes at most 1024 slices per call.
+            for batch in replies.chunks(512) {
+                let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+                for (head, data) in batch {
+                    slices.push(IoSlice::new(head));
+                    if let Some(d) = data {
+                        slices.push(IoSlice::new(d));
+                    }
+                }
+                if let Err(e) = write_all(&mut w, &mut slices) {
+                    tracing::debug!("NBD replies not sent: {e}");
+                    let _ = w.shutdown();
+                    break;
+                }
+            }
+        }
+        for (_, data) in replies {
+            if let Some(d) = data {
+                self.put_buf(d);
+            }
         }
     }
 
@@ -819,8 +894,8 @@ impl Connection {
 }
 
 /// Reads and drops `len` bytes (a refused write's payload).
-fn discard(stream: &mut Stream, len: u64) -> io::Result<()> {
-    let copied = io::copy(&mut Read::by_ref(stream).take(len), &mut io::sink())?;
+fn discard(input: &mut impl Read, len: u64) -> io::Result<()> {
+    let copied = io::copy(&mut input.by_ref().take(len), &mut io::sink())?;
     if copied < len {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
