@@ -915,3 +915,97 @@ fn thin_clones_are_made_at_run_time_and_keep_their_writes_across_a_restart() {
         "the clones hold one cluster each, not copies: {used} bytes"
     );
 }
+
+/// Parses one JSON object from a command's stdout (or stderr).
+fn json_of(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+}
+
+#[test]
+fn every_command_answers_in_json_with_json() {
+    let d = Daemon::start(&["--ns", "ram:1MiB"]);
+    let scratch = Scratch::new("json");
+    let run = |args: &[&str], stdin: Option<&[u8]>| {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        hostctl(&d.uri, &full, stdin).0
+    };
+    let list = json_of(&ok(&run(&["list"], None)));
+    assert_eq!(list["transport"], "tcp");
+    assert_eq!(list["namespaces"][0]["nsid"], 1);
+    assert_eq!(list["namespaces"][0]["bytes"], 1 << 20);
+    assert_eq!(list["namespaces"][0]["block_size"], 512);
+    let ctrl = json_of(&ok(&run(&["identify"], None)));
+    assert!(
+        ctrl["serial"].as_str().is_some_and(|s| s.starts_with("CHANIO")),
+        "{ctrl}"
+    );
+    assert_eq!(ctrl["write_zeroes"], true);
+    let ns = json_of(&ok(&run(&["identify", "--ns", "1"], None)));
+    assert_eq!(
+        (ns["blocks"].as_u64(), ns["block_size"].as_u64()),
+        (Some(2048), Some(512))
+    );
+    let data = pattern(1024, 5);
+    let w = json_of(&ok(&run(&["write", "--ns", "1", "--lba", "4"], Some(&data))));
+    assert_eq!((w["blocks"].as_u64(), w["lba"].as_u64()), (Some(2), Some(4)));
+    let out = scratch.path("back.bin");
+    let r = json_of(&ok(&run(
+        &[
+            "read",
+            "--ns",
+            "1",
+            "--lba",
+            "4",
+            "--blocks",
+            "2",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        None,
+    )));
+    assert_eq!(r["blocks"], 2);
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    for (args, key) in [
+        (&["flush", "--ns", "1"][..], "flushed"),
+        (&["trim", "--ns", "1", "--lba", "0", "--blocks", "1"][..], "trimmed"),
+        (
+            &["write-zeroes", "--ns", "1", "--lba", "0", "--blocks", "1"][..],
+            "zeroed",
+        ),
+    ] {
+        assert_eq!(json_of(&ok(&run(args, None)))[key], true, "{args:?}");
+    }
+    let b = json_of(&ok(&run(&["bench", "--ns", "1", "--qd", "2", "--time", "1s"], None)));
+    assert!(b["iops"].as_f64().is_some_and(|i| i > 0.0), "{b}");
+    assert!(b["latency_us"]["p99"].as_f64().is_some(), "{b}");
+    // A failure: JSON on stderr, with the exit status and the NVMe status.
+    let o = run(
+        &[
+            "read",
+            "--ns",
+            "1",
+            "--lba",
+            "4096",
+            "--blocks",
+            "1",
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(4));
+    let e = json_of(&o.stderr);
+    assert_eq!(e["exit_status"], 4);
+    assert_eq!(e["nvme_status"]["sc"], 0x80, "{e}");
+    assert!(
+        e["error"].as_str().is_some_and(|m| m.contains("LBA Out of Range")),
+        "{e}"
+    );
+    // Raw data and JSON cannot share stdout: a usage error, before connecting.
+    let o = run(&["read", "--ns", "1", "--lba", "0", "--blocks", "1"], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(json_of(&o.stderr)["error"]
+        .as_str()
+        .is_some_and(|m| m.contains("--output")));
+}

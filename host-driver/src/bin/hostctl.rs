@@ -32,6 +32,10 @@ Examples:
   hostctl --target 127.0.0.1:4520 bench --ns 1 --rw randread --bs 4k --qd 32 --time 10s
   hostctl --target 127.0.0.1:4520 bench --ns 1 --rw randwrite --bs 64k --qd 8 --time 5s --json
 
+  # Machine-readable results (and failures, on stderr):
+  hostctl --target 127.0.0.1:4520 --json list
+  hostctl --target 127.0.0.1:4520 --json identify --ns 1
+
   # Print namespace changes as namespaces are attached or detached:
   hostctl --target 127.0.0.1:4520 watch --count 1 --timeout 60s
 
@@ -51,7 +55,9 @@ Exit status:
   3  the I/O unit could not be reached, or the connection was lost or
      timed out
   4  the I/O unit completed a command with an NVMe error status (printed
-     in words)";
+     in words)
+With --json a failure is one JSON object on stderr: error, causes,
+exit_status, and nvme_status (sct, sc, text) for status 4.";
 
 /// Exit statuses, as `--help` documents them.
 const EXIT_OTHER: u8 = 1;
@@ -112,6 +118,10 @@ struct Cli {
     /// I/O queues to ask for.
     #[arg(long, value_name = "N", default_value_t = 1)]
     queues: u16,
+    /// Print results as JSON on stdout (one object, or one per line for
+    /// watch and serve-nbd), and a failure as a JSON object on stderr.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -249,9 +259,6 @@ struct BenchArgs {
     /// How long to run.
     #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
     time: Duration,
-    /// Print one JSON object on stdout instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -269,17 +276,38 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .init();
+    let json = cli.json;
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = format!("hostctl: {e}");
+            let status = exit_status(e.as_ref());
+            let mut causes = Vec::new();
             let mut source = e.source();
             while let Some(s) = source {
-                msg.push_str(&format!("\n  caused by: {s}"));
+                causes.push(s.to_string());
                 source = s.source();
             }
-            eprintln!("{msg}");
-            ExitCode::from(exit_status(e.as_ref()))
+            if json {
+                let nvme = e.downcast_ref::<host::HostError>().and_then(host::HostError::status);
+                let value = serde_json::json!({
+                    "error": e.to_string(),
+                    "causes": causes,
+                    "exit_status": status,
+                    "nvme_status": nvme.map(|s| serde_json::json!({
+                        "sct": s.sct().value(),
+                        "sc": s.sc(),
+                        "text": s.to_string(),
+                    })),
+                });
+                eprintln!("{value}");
+            } else {
+                let mut msg = format!("hostctl: {e}");
+                for c in causes {
+                    msg.push_str(&format!("\n  caused by: {c}"));
+                }
+                eprintln!("{msg}");
+            }
+            ExitCode::from(status)
         }
     }
 }
@@ -312,10 +340,106 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         None => cli.target.clone(),
     };
+    if cli.json {
+        if let Command::Read { output: None, .. } = &cli.command {
+            return Err(Box::new(UsageError(
+                "--json with read needs --output FILE: the data goes to stdout otherwise".into(),
+            )));
+        }
+    }
     let host = Host::connect(&target, opts)?;
-    let result = command(&host, cli.command);
+    let result = if cli.json {
+        command_json(&host, cli.command)
+    } else {
+        command(&host, cli.command)
+    };
     host.close();
     result
+}
+
+/// Runs one subcommand and prints its result as JSON (serde_json values
+/// with the same fields the text shows).
+fn command_json(host: &Host, command: Command) -> Result<(), CliError> {
+    use serde_json::json;
+    let mut out = std::io::stdout().lock();
+    let value = match command {
+        Command::List => {
+            let namespaces: Vec<_> = host
+                .namespaces()?
+                .iter()
+                .map(|ns| {
+                    json!({
+                        "nsid": ns.nsid.0,
+                        "bytes": ns.bytes(),
+                        "block_size": ns.block_size,
+                        "blocks": ns.blocks,
+                    })
+                })
+                .collect();
+            json!({ "transport": host.transport(), "uri": host.uri(), "namespaces": namespaces })
+        }
+        Command::Identify { ns: None } => controller_json(&host.identify_controller()?),
+        Command::Identify { ns: Some(n) } => {
+            let id = host.identify_namespace(Nsid(n))?;
+            let ids = host.namespace_ids(Nsid(n))?;
+            json!({
+                "nsid": n,
+                "blocks": id.nsze,
+                "block_size": id.block_size().ok(),
+                "capacity_blocks": id.ncap,
+                "utilization_blocks": id.nuse,
+                "thin_provisioning": id.nsfeat & host::IdentifyNamespace::NSFEAT_THIN_PROVISIONING != 0,
+                "nguid": id.nguid.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                "uuid": host::describe::uuid_text(&ids.uuid),
+            })
+        }
+        Command::Read { at, output } => {
+            let path = output.ok_or_else(|| UsageError("--json with read needs --output FILE".into()))?;
+            let mut file = std::fs::File::create(&path).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            read_stream(host, Nsid(at.at.ns), at.at.lba, at.blocks, &mut file)?;
+            json!({ "nsid": at.at.ns, "lba": at.at.lba, "blocks": at.blocks, "output": path })
+        }
+        Command::Write { at, input, pad, fua } => {
+            let blocks = write_command(host, &at, input.as_deref(), pad, fua)?;
+            json!({ "nsid": at.ns, "lba": at.lba, "blocks": blocks, "fua": fua })
+        }
+        Command::Flush { ns } => {
+            host.flush(Nsid(ns))?;
+            json!({ "nsid": ns, "flushed": true })
+        }
+        Command::Trim { at } => {
+            host.trim(Nsid(at.at.ns), at.at.lba, at.blocks)?;
+            json!({ "nsid": at.at.ns, "lba": at.at.lba, "blocks": at.blocks, "trimmed": true })
+        }
+        Command::WriteZeroes { at } => {
+            host.write_zeroes(Nsid(at.at.ns), at.at.lba, at.blocks)?;
+            json!({ "nsid": at.at.ns, "lba": at.at.lba, "blocks": at.blocks, "zeroed": true })
+        }
+        Command::Bench(b) => return bench(host, b, true, &mut out),
+        Command::ServeNbd(args) => return serve_nbd(host, args, true, &mut out),
+        Command::Watch { count, timeout } => return watch(host, count, timeout, true, &mut out),
+    };
+    writeln!(out, "{value}")?;
+    Ok(())
+}
+
+/// Identify Controller as JSON.
+fn controller_json(id: &host::IdentifyController) -> serde_json::Value {
+    let ver = id.ver;
+    serde_json::json!({
+        "cntlid": id.cntlid,
+        "model": id.mn.text(),
+        "serial": id.sn.text(),
+        "firmware": id.fr.text(),
+        "version": format!("{}.{}.{}", ver >> 16, (ver >> 8) & 0xff, ver & 0xff),
+        "subnqn": id.subnqn.as_ref().map(ToString::to_string),
+        "max_transfer_bytes": (id.mdts != 0).then(|| 4096u64 << id.mdts.min(40)),
+        "namespaces_max": id.nn,
+        "max_commands": id.maxcmd,
+        "write_zeroes": id.oncs & host::IdentifyController::ONCS_WRITE_ZEROES != 0,
+        "deallocate": id.oncs & host::IdentifyController::ONCS_DATASET_MANAGEMENT != 0,
+        "volatile_write_cache": id.vwc & host::IdentifyController::VWC_PRESENT != 0,
+    })
 }
 
 /// Runs one subcommand. Long: one arm per subcommand, each a few lines.
@@ -357,57 +481,99 @@ fn command(host: &Host, command: Command) -> Result<(), CliError> {
             read_stream(host, Nsid(at.at.ns), at.at.lba, at.blocks, sink)?;
         }
         Command::Write { at, input, pad, fua } => {
-            let nsid = Nsid(at.ns);
-            let bs = host.identify_namespace(nsid)?.block_size()? as u64;
-            let mut file;
-            let mut stdin;
-            let source: &mut dyn Read = match &input {
-                Some(path) => {
-                    file = std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-                    // A file's length is known: refused before anything is written.
-                    let len = file
-                        .metadata()
-                        .map_err(|e| format!("reading {}: {e}", path.display()))?
-                        .len();
-                    check_length(len, bs, pad)?;
-                    &mut file
-                }
-                None => {
-                    stdin = std::io::stdin().lock();
-                    &mut stdin
-                }
-            };
-            let blocks = write_stream(host, nsid, at.lba, bs as usize, pad, fua, source)?;
+            let blocks = write_command(host, &at, input.as_deref(), pad, fua)?;
             eprintln!("wrote {blocks} blocks at LBA {}", at.lba);
         }
         Command::Flush { ns } => host.flush(Nsid(ns))?,
         Command::Trim { at } => host.trim(Nsid(at.at.ns), at.at.lba, at.blocks)?,
         Command::WriteZeroes { at } => host.write_zeroes(Nsid(at.at.ns), at.at.lba, at.blocks)?,
-        Command::Bench(b) => bench(host, b, &mut out)?,
-        Command::ServeNbd(args) => serve_nbd(host, args, &mut out)?,
-        Command::Watch { count, timeout } => {
-            let events = host.events();
-            eprintln!("watching for events from {}", host.uri());
-            let mut seen = 0u64;
-            while count.is_none_or(|c| seen < c) {
-                let event = match timeout {
-                    Some(t) => events
-                        .recv_timeout(t)
-                        .map_err(|_| format!("no event within {}", humantime(t)))?,
-                    None => events.recv().map_err(|_| "the connection closed")?,
-                };
-                if let HostEvent::NamespacesChanged { .. } | HostEvent::AsyncEvent(_) = event {
-                    seen += 1;
-                }
-                writeln!(out, "{event}")?;
-                out.flush()?;
-            }
-        }
+        Command::Bench(b) => bench(host, b, false, &mut out)?,
+        Command::ServeNbd(args) => serve_nbd(host, args, false, &mut out)?,
+        Command::Watch { count, timeout } => watch(host, count, timeout, false, &mut out)?,
     }
     Ok(())
 }
 
-fn serve_nbd(host: &Host, args: ServeNbdArgs, out: &mut impl Write) -> Result<(), CliError> {
+/// `watch`: events as they arrive, as text or one JSON object a line.
+fn watch(
+    host: &Host,
+    count: Option<u64>,
+    timeout: Option<Duration>,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let events = host.events();
+    eprintln!("watching for events from {}", host.uri());
+    let mut seen = 0u64;
+    while count.is_none_or(|c| seen < c) {
+        let event = match timeout {
+            Some(t) => events
+                .recv_timeout(t)
+                .map_err(|_| format!("no event within {}", humantime(t)))?,
+            None => events.recv().map_err(|_| "the connection closed")?,
+        };
+        if let HostEvent::NamespacesChanged { .. } | HostEvent::AsyncEvent(_) = event {
+            seen += 1;
+        }
+        if json {
+            writeln!(out, "{}", event_json(&event))?;
+        } else {
+            writeln!(out, "{event}")?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// A host event as JSON.
+fn event_json(event: &HostEvent) -> serde_json::Value {
+    use serde_json::json;
+    match event {
+        HostEvent::NamespacesChanged { nsids, all } => json!({
+            "event": "namespaces_changed",
+            "nsids": nsids.iter().map(|n| n.0).collect::<Vec<_>>(),
+            "all": all,
+        }),
+        HostEvent::AsyncEvent(_) => json!({ "event": "async_event", "text": event.to_string() }),
+        HostEvent::Disconnected { reason } => json!({ "event": "disconnected", "reason": reason }),
+        HostEvent::Reconnected { controller_id } => json!({ "event": "reconnected", "controller_id": controller_id }),
+        _ => json!({ "event": "other", "text": event.to_string() }),
+    }
+}
+
+/// `write`: stdin or `input` at `at`; returns the blocks written.
+fn write_command(
+    host: &Host,
+    at: &Lba,
+    input: Option<&std::path::Path>,
+    pad: bool,
+    fua: bool,
+) -> Result<u64, CliError> {
+    let nsid = Nsid(at.ns);
+    let bs = host.identify_namespace(nsid)?.block_size()? as u64;
+    let mut file;
+    let mut stdin;
+    let source: &mut dyn Read = match input {
+        Some(path) => {
+            file = std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            // A file's length is known: refused before anything is written.
+            let len = file
+                .metadata()
+                .map_err(|e| format!("reading {}: {e}", path.display()))?
+                .len();
+            check_length(len, bs, pad)?;
+            &mut file
+        }
+        None => {
+            stdin = std::io::stdin().lock();
+            &mut stdin
+        }
+    };
+    let blocks = write_stream(host, nsid, at.lba, bs as usize, pad, fua, source)?;
+    Ok(blocks)
+}
+
+fn serve_nbd(host: &Host, args: ServeNbdArgs, json: bool, out: &mut impl Write) -> Result<(), CliError> {
     use host::nbd::{NbdConfig, NbdServer};
     let config = NbdConfig {
         default_ns: args.ns.map(Nsid),
@@ -434,13 +600,21 @@ fn serve_nbd(host: &Host, args: ServeNbdArgs, out: &mut impl Write) -> Result<()
             }
         })?;
     let exports: Vec<String> = host.namespaces()?.iter().map(|n| n.nsid.0.to_string()).collect();
-    writeln!(out, "serving NBD on {} (exports: {})", server.uri(), exports.join(", "))?;
+    if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "serving": server.uri(), "exports": exports })
+        )?;
+    } else {
+        writeln!(out, "serving NBD on {} (exports: {})", server.uri(), exports.join(", "))?;
+    }
     out.flush()?;
     server.run()?;
     Ok(())
 }
 
-fn bench(host: &Host, b: BenchArgs, out: &mut impl Write) -> Result<(), CliError> {
+fn bench(host: &Host, b: BenchArgs, json: bool, out: &mut impl Write) -> Result<(), CliError> {
     let pattern = match b.rw {
         Pattern::RandRw { .. } => Pattern::RandRw {
             read_percent: b.rwmixread,
@@ -475,8 +649,24 @@ fn bench(host: &Host, b: BenchArgs, out: &mut impl Write) -> Result<(), CliError
         bar.finish_and_clear();
     }
     let report = report?;
-    if b.json {
-        writeln!(out, "{}", report.to_json())?;
+    if json {
+        let value = serde_json::json!({
+            "rw": b.rw.to_string(),
+            "bs": b.bs,
+            "qd": b.qd,
+            "ios": report.ios,
+            "elapsed_s": report.elapsed.as_secs_f64(),
+            "iops": report.iops(),
+            "bandwidth_mbps": report.bandwidth_mbps(),
+            "latency_us": {
+                "mean": report.mean_us,
+                "p50": report.p50_us,
+                "p99": report.p99_us,
+                "p999": report.p999_us,
+                "max": report.max_us,
+            },
+        });
+        writeln!(out, "{value}")?;
     } else {
         writeln!(
             out,
@@ -668,10 +858,11 @@ mod tests {
             "-t", "x:1", "bench", "--ns", "1", "--rw", "randrw", "--bs", "64k", "--qd", "4", "--time", "2s", "--json",
         ])
         .unwrap();
+        assert!(cli.json, "--json after the subcommand is the global flag");
         match cli.command {
             Command::Bench(b) => {
                 assert_eq!(
-                    (b.rw, b.bs, b.qd, b.time, b.json),
+                    (b.rw, b.bs, b.qd, b.time, cli.json),
                     (
                         Pattern::RandRw { read_percent: 50 },
                         65536,
