@@ -999,3 +999,145 @@ fn indications_follow_the_fabric() {
         assert_eq!((&got[..], got.kind()), (&[7u8; 3000][..], ReceivedKind::Push));
     }
 }
+
+/// One-sided Reads and Writes reach memory the peer registered with remote
+/// access, with no part taken by the peer's application; a wrong key, an
+/// address outside the region, a key of another channel, or access the
+/// region lacks fails the transfer and closes only the reader's channel.
+#[test]
+fn one_sided_reads_and_writes_reach_granted_memory_only() {
+    use messaging::provider::RemoteAddr;
+    for (fabric, addr) in fabrics() {
+        let name = fabric.name();
+        let (a, b) = pair(&*fabric, addr);
+        let region = b
+            .domain()
+            .register(
+                65536,
+                1,
+                Access::LOCAL_WRITE | Access::REMOTE_READ | Access::REMOTE_WRITE,
+            )
+            .unwrap();
+        let mut window = region.checkout().unwrap();
+        window.set_len(65536);
+        for (i, byte) in window.iter_mut().enumerate() {
+            *byte = (i % 251) as u8;
+        }
+        let remote = window.remote();
+        let at = |offset: u64| RemoteAddr {
+            addr: remote.addr + offset,
+            rkey: remote.rkey,
+        };
+        let local = a.domain().register(16384, 2, Access::LOCAL_WRITE).unwrap();
+        let mut dst = local.checkout().unwrap();
+        dst.set_len(8192);
+        let dst = a.read_remote(at(4096), dst).unwrap().wait_buf().unwrap();
+        let want: Vec<u8> = (4096..12288).map(|i| (i % 251) as u8).collect();
+        assert!(dst[..] == want[..], "{name}: the read came back different");
+        // A write, then a read of it back (the async forms).
+        let mut src = local.checkout().unwrap();
+        src.fill(&[0xab; 512]).unwrap();
+        let src = block_on(async { a.write_remote_async(at(60000), src).await?.buf_completion().await }).unwrap();
+        assert_eq!(src.len(), 512, "{name}: the written buffer comes back");
+        let mut dst = dst;
+        dst.set_len(1024);
+        let back = block_on(async { a.read_remote_async(at(59744), dst).await?.buf_completion().await }).unwrap();
+        assert!(back[..256]
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x == ((59744 + i) % 251) as u8));
+        assert!(back[256..768].iter().all(|&x| x == 0xab), "{name}: the write landed");
+        assert!(
+            window[60000..60512].iter().all(|&x| x == 0xab),
+            "{name}: in the peer's memory"
+        );
+        // The peer's application saw nothing of it.
+        assert!(
+            b.try_recv().is_err(),
+            "{name}: a one-sided transfer delivered something"
+        );
+        a.send(b"still here").unwrap().wait_timeout(LONG).unwrap();
+        assert_eq!(&b.recv_timeout(LONG).unwrap()[..], b"still here");
+
+        // Violations: each on a channel of its own, which it closes.
+        let bad = [
+            (
+                "a wrong key",
+                RemoteAddr {
+                    addr: remote.addr,
+                    rkey: messaging::mr::RKey(remote.rkey.0 ^ 0x5a5a),
+                },
+                false,
+            ),
+            ("an address past the region", at(65536 - 100), false),
+            ("a key of another channel", at(0), true),
+        ];
+        let mut regions = Vec::new();
+        for (what, target, other_channel) in bad {
+            let (c, d) = pair(&*fabric, addr);
+            let target = if other_channel {
+                target
+            } else {
+                // The same violation against d's own region.
+                let r = d
+                    .domain()
+                    .register(65536, 1, Access::LOCAL_WRITE | Access::REMOTE_READ)
+                    .unwrap();
+                let own = r.checkout().unwrap().remote();
+                let shift = target.addr - remote.addr;
+                let rkey = if target.rkey == remote.rkey {
+                    own.rkey
+                } else {
+                    messaging::mr::RKey(own.rkey.0 ^ 0x5a5a)
+                };
+                regions.push(r);
+                RemoteAddr {
+                    addr: own.addr + shift,
+                    rkey,
+                }
+            };
+            let mut dst = c
+                .domain()
+                .register(4096, 1, Access::LOCAL_WRITE)
+                .unwrap()
+                .checkout()
+                .unwrap();
+            dst.set_len(4096);
+            let outcome = c.read_remote(target, dst).and_then(|t| t.wait_buf());
+            assert!(outcome.is_err(), "{name}: a read with {what} succeeded");
+            assert!(
+                matches!(d.recv_timeout(LONG), Err(Error::Closed(_))),
+                "{name}: {what} closes the channel"
+            );
+        }
+        // Remote write on a region registered for remote read only.
+        let (c, d) = pair(&*fabric, addr);
+        let r = d
+            .domain()
+            .register(4096, 1, Access::LOCAL_WRITE | Access::REMOTE_READ)
+            .unwrap();
+        let ro = r.checkout().unwrap().remote();
+        let mut src = c
+            .domain()
+            .register(4096, 1, Access::LOCAL_WRITE)
+            .unwrap()
+            .checkout()
+            .unwrap();
+        src.fill(&[1; 64]).unwrap();
+        let outcome = c
+            .write_remote(
+                RemoteAddr {
+                    addr: ro.addr,
+                    rkey: ro.rkey,
+                },
+                src,
+            )
+            .and_then(|t| t.wait_buf());
+        assert!(outcome.is_err(), "{name}: a write into read-only memory succeeded");
+        // The first channel is untouched by all of it.
+        a.send(b"and still").unwrap().wait_timeout(LONG).unwrap();
+        assert_eq!(&b.recv_timeout(LONG).unwrap()[..], b"and still");
+        drop(window);
+        eprintln!("{name}: one-sided reads and writes checked");
+    }
+}

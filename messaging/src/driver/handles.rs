@@ -91,6 +91,56 @@ impl Ticket {
         })
     }
 
+    /// Waits for a one-sided transfer ([`Endpoint::read_remote`],
+    /// [`Endpoint::write_remote`]) and takes its buffer back: for a Read,
+    /// holding the bytes read.
+    ///
+    /// # Errors
+    /// `Transfer(status)` when it failed (the buffer is then dropped to its
+    /// pool: the fabric may have written part of it); `BadBuffer` for a
+    /// ticket of another kind of transfer.
+    pub fn wait_buf(mut self) -> Result<Buf, Error> {
+        let shared = self.shared.clone();
+        shared.wait(None, |inner| self.take_buf(inner))?
+    }
+
+    /// Async form of [`Ticket::wait_buf`].
+    pub fn buf_completion(mut self) -> impl Future<Output = Result<Buf, Error>> {
+        std::future::poll_fn(move |cx| {
+            let shared = self.shared.clone();
+            let mut inner = shared.inner.lock();
+            shared.progress(&mut inner);
+            if let Some(r) = self.take_buf(&mut inner) {
+                return Poll::Ready(r);
+            }
+            drop(inner);
+            shared.signal.register(cx.waker());
+            let mut inner = shared.inner.lock();
+            shared.progress(&mut inner);
+            match self.take_buf(&mut inner) {
+                Some(r) => Poll::Ready(r),
+                None => {
+                    drop(inner);
+                    shared.post_held();
+                    Poll::Pending
+                }
+            }
+        })
+    }
+
+    fn take_buf(&mut self, inner: &mut Inner) -> Option<Result<Buf, Error>> {
+        let t = inner.tickets.get_mut(self.key)?;
+        let result = t.result.take()?;
+        let buf = t.buf.take();
+        inner.tickets.remove(self.key);
+        self.done = true;
+        Some(match (result, buf) {
+            (Err(status), _) => Err(Error::Transfer(status)),
+            (Ok(()), Some(buf)) => Ok(buf),
+            (Ok(()), None) => Err(Error::BadBuffer("not a one-sided transfer: no buffer comes back")),
+        })
+    }
+
     fn wait_deadline(mut self, deadline: Option<Instant>) -> Result<(), Error> {
         let shared = self.shared.clone();
         shared.wait(deadline, |inner| self.take(inner))?

@@ -139,6 +139,8 @@ struct Inner {
 
 struct TicketState {
     result: Option<Result<(), WcStatus>>,
+    /// A one-sided transfer's buffer, handed back with its result.
+    buf: Option<crate::mr::Buf>,
     detached: bool,
 }
 

@@ -174,6 +174,17 @@ impl Shared {
                         }
                     }
                 }
+                Event::OneSided { token, result, buf } => {
+                    let key = token as usize;
+                    if let Some(t) = inner.tickets.get_mut(key) {
+                        if t.detached {
+                            inner.tickets.remove(key);
+                        } else {
+                            t.result = Some(result);
+                            t.buf = Some(buf);
+                        }
+                    }
+                }
                 Event::Closed(reason) => inner.closed = Some(reason),
             }
         }

@@ -2,6 +2,7 @@
 //! and the tickets that follow them.
 
 use super::*;
+use crate::provider::RemoteAddr;
 
 impl Endpoint {
     /// Sends one message, gathered from its parts (one slice, or several
@@ -64,6 +65,56 @@ impl Endpoint {
         let parts = message.into();
         let mut slot = Some(tail);
         self.async_op(move |inner, token| push_with(&mut slot, |b| inner.conn.send_gather(token, parts.as_slices(), b)))
+            .await
+    }
+
+    /// Reads `dst.len()` bytes of the peer's memory at `remote` into `dst`
+    /// with a one-sided RDMA Read, which the peer's application takes no
+    /// part in. `remote` is memory the peer registered with remote read
+    /// access and named to us (its [`Buf::remote`]). `dst` must be
+    /// registered in [`Endpoint::domain`]; [`Ticket::wait_buf`] gives it
+    /// back with the data. A wrong key, an address outside the peer's
+    /// region or missing access fails the transfer and closes the channel.
+    ///
+    /// # Errors
+    /// `Closed`; `BadBuffer` for a buffer registered elsewhere or without
+    /// local write access.
+    pub fn read_remote(&self, remote: RemoteAddr, dst: Buf) -> Result<Ticket, Error> {
+        self.check_gather_tail(&dst)?;
+        let mut slot = Some(dst);
+        self.blocking(None, |inner, token| {
+            push_with(&mut slot, |b| inner.conn.read_remote(token, b, remote))
+        })
+    }
+
+    /// Async form of [`Endpoint::read_remote`].
+    pub async fn read_remote_async(&self, remote: RemoteAddr, dst: Buf) -> Result<Ticket, Error> {
+        self.check_gather_tail(&dst)?;
+        let mut slot = Some(dst);
+        self.async_op(move |inner, token| push_with(&mut slot, |b| inner.conn.read_remote(token, b, remote)))
+            .await
+    }
+
+    /// Writes `src` into the peer's memory at `remote` with a one-sided
+    /// RDMA Write (no immediate: the peer's application is not told). The
+    /// rules of [`Endpoint::read_remote`] apply, with remote write access;
+    /// [`Ticket::wait_buf`] gives `src` back.
+    ///
+    /// # Errors
+    /// As [`Endpoint::read_remote`].
+    pub fn write_remote(&self, remote: RemoteAddr, src: Buf) -> Result<Ticket, Error> {
+        self.check_gather_tail(&src)?;
+        let mut slot = Some(src);
+        self.blocking(None, |inner, token| {
+            push_with(&mut slot, |b| inner.conn.write_remote(token, b, remote))
+        })
+    }
+
+    /// Async form of [`Endpoint::write_remote`].
+    pub async fn write_remote_async(&self, remote: RemoteAddr, src: Buf) -> Result<Ticket, Error> {
+        self.check_gather_tail(&src)?;
+        let mut slot = Some(src);
+        self.async_op(move |inner, token| push_with(&mut slot, |b| inner.conn.write_remote(token, b, remote)))
             .await
     }
 
@@ -253,6 +304,7 @@ impl Endpoint {
         let mut inner = self.shared.inner.lock();
         let key = inner.tickets.insert(TicketState {
             result: None,
+            buf: None,
             detached: false,
         });
         // Optimistic: the operation first, on what the last progress left;

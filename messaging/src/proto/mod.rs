@@ -104,6 +104,9 @@ struct Peer {
 
 struct Inflight {
     token: Option<u64>,
+    /// A one-sided Read or Write: its buffer goes back to the application
+    /// ([`Event::OneSided`]).
+    one_sided: bool,
 }
 
 enum State {
@@ -647,6 +650,66 @@ impl Connection {
         Ok(())
     }
 
+    /// Reads `dst.len()` bytes of the peer's memory at `remote` into `dst`
+    /// with a one-sided RDMA Read: the peer's application is not involved,
+    /// and no credit is spent. `remote` names memory the peer registered
+    /// with remote read access and told us about; a wrong key, an address
+    /// outside its region or missing access fails the transfer and closes
+    /// the connection, as a remote access error does on RDMA hardware.
+    /// `dst` comes back in [`Event::OneSided`] under `token`.
+    ///
+    /// # Errors
+    /// The buffer back with `Closed`, `Full` (the send queue has no
+    /// room), `BadBuffer` (`dst` lacks local write access) or `TooLarge`
+    /// (empty).
+    pub fn read_remote(&mut self, token: u64, dst: Buf, remote: RemoteAddr) -> Result<(), PushError> {
+        if !dst.access().contains(Access::LOCAL_WRITE) {
+            return Err(PushError {
+                error: SendError::BadBuffer("a Read's destination needs local write access"),
+                buf: dst,
+            });
+        }
+        self.post_one_sided(token, dst, |buf| SendOp::Read { buf, remote })
+    }
+
+    /// Writes `src` into the peer's memory at `remote` with a one-sided
+    /// RDMA Write (no immediate: the peer's application is not told).
+    /// Access rules as [`Connection::read_remote`]; `src` comes back in
+    /// [`Event::OneSided`].
+    ///
+    /// # Errors
+    /// As [`Connection::read_remote`].
+    pub fn write_remote(&mut self, token: u64, src: Buf, remote: RemoteAddr) -> Result<(), PushError> {
+        self.post_one_sided(token, src, |buf| SendOp::Write { buf, remote, imm: None })
+    }
+
+    fn post_one_sided(&mut self, token: u64, buf: Buf, op: impl FnOnce(Buf) -> SendOp) -> Result<(), PushError> {
+        if let Err(error) = self.check_open() {
+            return Err(PushError { error, buf });
+        }
+        if buf.is_empty() {
+            return Err(PushError {
+                error: SendError::TooLarge { len: 0, max: 0 },
+                buf,
+            });
+        }
+        if !self.has_send_room(1) {
+            return Err(PushError {
+                error: SendError::Full,
+                buf,
+            });
+        }
+        let key = self.inflight.insert(Inflight {
+            token: Some(token),
+            one_sided: true,
+        });
+        self.work.push_back(Work::Send(SendWr {
+            id: WrId(key as u64),
+            op: op(buf),
+        }));
+        Ok(())
+    }
+
     /// Exposes `buf` (registered with remote write) for the peer to push
     /// into directly. The buffer comes back in the [`Received`] of that
     /// push, or through [`Connection::unexpose`].
@@ -710,7 +773,11 @@ impl Connection {
     /// the fabric handed back (their tokens resolve as flushed).
     pub fn handle_post_failure(&mut self, reason: String, wrs: Vec<SendWr>) {
         for wr in wrs {
-            self.complete_send(wr.id, WcStatus::Flushed);
+            let buf = match wr.op {
+                SendOp::Read { buf, .. } | SendOp::Write { buf, .. } => Some(buf),
+                _ => None,
+            };
+            self.complete_send(wr.id, WcStatus::Flushed, buf);
         }
         self.close_with(CloseReason::LocalError(reason));
     }
@@ -729,7 +796,7 @@ impl Connection {
         if c.id.0 & RECV_TAG != 0 {
             self.handle_recv(c);
         } else {
-            self.complete_send(c.id, c.status);
+            self.complete_send(c.id, c.status, Some(c.buf));
         }
         self.maybe_control();
     }

@@ -28,7 +28,10 @@ impl Connection {
     /// the credit and the send room.
     pub(super) fn send_message(&mut self, kind: Kind, token: Option<u64>, payload: &[&[u8]]) -> Result<(), SendError> {
         let buf = self.compose(kind, payload, 0)?;
-        let key = self.inflight.insert(Inflight { token });
+        let key = self.inflight.insert(Inflight {
+            token,
+            one_sided: false,
+        });
         self.work.push_back(Work::Send(SendWr {
             id: WrId(key as u64),
             op: SendOp::Send { buf, imm: None },
@@ -60,7 +63,10 @@ impl Connection {
                 });
             }
         };
-        let key = self.inflight.insert(Inflight { token: Some(token) });
+        let key = self.inflight.insert(Inflight {
+            token: Some(token),
+            one_sided: false,
+        });
         self.work.push_back(Work::Send(SendWr {
             id: WrId(key as u64),
             op: SendOp::SendGather(gather),
@@ -116,7 +122,10 @@ impl Connection {
             None => Work::Send(wr),
         };
         if self.separate {
-            let key = self.inflight.insert(Inflight { token: None });
+            let key = self.inflight.insert(Inflight {
+                token: None,
+                one_sided: false,
+            });
             self.work.push_back(work(SendWr {
                 id: WrId(key as u64),
                 op: SendOp::Write {
@@ -133,7 +142,10 @@ impl Connection {
             let seq = self.tx_seq;
             self.tx_seq = self.tx_seq.wrapping_add(1);
             self.credits -= 1;
-            let key = self.inflight.insert(Inflight { token: Some(token) });
+            let key = self.inflight.insert(Inflight {
+                token: Some(token),
+                one_sided: false,
+            });
             self.work.push_back(work(SendWr {
                 id: WrId(key as u64),
                 op: SendOp::Write {
@@ -208,14 +220,18 @@ impl Connection {
         self.owed += 1;
     }
 
-    pub(super) fn complete_send(&mut self, id: WrId, status: WcStatus) {
+    /// A send-queue request completed; `buf` is its buffer, handed back
+    /// (kept for a one-sided request's owner, else dropped to its pool).
+    pub(super) fn complete_send(&mut self, id: WrId, status: WcStatus, buf: Option<Buf>) {
         let Some(entry) = usize::try_from(id.0).ok().and_then(|k| self.inflight.try_remove(k)) else {
             tracing::warn!(id = id.0, "completion for an unknown send request");
             return;
         };
         let result = if status.is_success() { Ok(()) } else { Err(status) };
-        if let Some(token) = entry.token {
-            self.events.push_back(Event::Sent { token, result });
+        match (entry.token, entry.one_sided, buf) {
+            (Some(token), true, Some(buf)) => self.events.push_back(Event::OneSided { token, result, buf }),
+            (Some(token), _, _) => self.events.push_back(Event::Sent { token, result }),
+            (None, _, _) => {}
         }
         if !status.is_success() {
             self.close_with(if status == WcStatus::Flushed {

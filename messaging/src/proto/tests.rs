@@ -19,6 +19,8 @@ struct Side {
     held: VecDeque<Received>,
     got: Vec<(ReceivedKind, Vec<u8>, u32)>,
     results: HashMap<u64, Result<(), WcStatus>>,
+    /// One-sided transfers' results and their buffers, by token.
+    one_sided: HashMap<u64, (Result<(), WcStatus>, Buf)>,
     closed: Option<CloseReason>,
     next_token: u64,
 }
@@ -61,6 +63,7 @@ impl Pair {
             held: VecDeque::new(),
             got: Vec::new(),
             results: HashMap::new(),
+            one_sided: HashMap::new(),
             closed: None,
             next_token: 0,
         };
@@ -130,6 +133,12 @@ impl Side {
                 Event::Sent { token, result } => {
                     assert!(
                         self.results.insert(token, result).is_none(),
+                        "token {token} resolved twice"
+                    );
+                }
+                Event::OneSided { token, result, buf } => {
+                    assert!(
+                        self.one_sided.insert(token, (result, buf)).is_none(),
                         "token {token} resolved twice"
                     );
                 }
@@ -356,6 +365,74 @@ fn direct_placement_lands_in_the_exposed_buffer() {
         assert_eq!(p.a.results[&99], Ok(()));
         assert!(p.b.conn.unexpose(target.tag).is_none(), "the exposure was consumed");
     }
+}
+
+#[test]
+fn one_sided_transfers_spend_no_credit_and_hand_their_buffers_back() {
+    let mut p = Pair::new(small(), small());
+    let region =
+        p.b.fabric
+            .domain()
+            .register(
+                4096,
+                1,
+                Access::LOCAL_WRITE | Access::REMOTE_READ | Access::REMOTE_WRITE,
+            )
+            .unwrap();
+    let mut mem = region.checkout().unwrap();
+    let pattern: Vec<u8> = (0..4096).map(|i| (i % 253) as u8).collect();
+    mem.fill(&pattern).unwrap();
+    let remote = mem.remote();
+    let at = |offset: u64| RemoteAddr {
+        addr: remote.addr + offset,
+        rkey: remote.rkey,
+    };
+    let credits = p.a.conn.credits();
+    let pool = p.a.fabric.domain().register(4096, 2, Access::LOCAL_WRITE).unwrap();
+    let mut dst = pool.checkout().unwrap();
+    dst.set_len(100);
+    p.a.conn.read_remote(7, dst, at(10)).unwrap();
+    p.drive();
+    let (result, back) = p.a.one_sided.remove(&7).expect("the read resolved");
+    assert_eq!(result, Ok(()));
+    assert_eq!(&back[..], &pattern[10..110]);
+    let mut src = pool.checkout().unwrap();
+    src.fill(&[9; 50]).unwrap();
+    p.a.conn.write_remote(8, src, at(1000)).unwrap();
+    p.drive();
+    let (result, src) = p.a.one_sided.remove(&8).expect("the write resolved");
+    assert_eq!((result, src.len()), (Ok(()), 50));
+    assert!(mem[1000..1050].iter().all(|&b| b == 9));
+    assert_eq!(p.a.conn.credits(), credits, "no credit spent");
+    assert!(
+        p.b.got.is_empty() && p.a.results.is_empty(),
+        "no message, no Sent event"
+    );
+    drop((back, src));
+    // Refused before anything is posted, the buffer handed back.
+    let unwritable = p.a.fabric.domain().register(64, 1, Access::REMOTE_READ).unwrap();
+    let e =
+        p.a.conn
+            .read_remote(9, unwritable.checkout().unwrap(), at(0))
+            .unwrap_err();
+    assert!(matches!(e.error, SendError::BadBuffer(_)), "{:?}", e.error);
+    let e = p.a.conn.read_remote(9, pool.checkout().unwrap(), at(0)).unwrap_err();
+    assert!(
+        matches!(e.error, SendError::TooLarge { .. }),
+        "an empty read: {:?}",
+        e.error
+    );
+    // A wrong key: the transfer fails and the connection closes.
+    let mut dst = e.buf;
+    dst.set_len(16);
+    let wrong = RemoteAddr {
+        addr: remote.addr,
+        rkey: crate::mr::RKey(remote.rkey.0 ^ 1),
+    };
+    p.a.conn.read_remote(10, dst, wrong).unwrap();
+    p.drive();
+    assert!(p.a.one_sided[&10].0.is_err());
+    assert!(matches!(p.a.closed, Some(CloseReason::Fabric(_))), "{:?}", p.a.closed);
 }
 
 #[test]

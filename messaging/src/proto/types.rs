@@ -210,6 +210,20 @@ pub enum Event {
         /// Outcome.
         result: Result<(), WcStatus>,
     },
+    /// A one-sided Read or Write ([`Connection::read_remote`],
+    /// [`Connection::write_remote`]) finished: its buffer comes back (for
+    /// a Read, holding the bytes read when `result` is `Ok`).
+    ///
+    /// [`Connection::read_remote`]: crate::proto::Connection::read_remote
+    /// [`Connection::write_remote`]: crate::proto::Connection::write_remote
+    OneSided {
+        /// The token given to `read_remote`/`write_remote`.
+        token: u64,
+        /// Outcome.
+        result: Result<(), WcStatus>,
+        /// The buffer.
+        buf: Buf,
+    },
     /// The connection closed; in-flight requests resolve with errors.
     Closed(CloseReason),
 }
