@@ -131,16 +131,9 @@ copy_with_libs() { # binary
 }
 copy_with_libs "$hostctl"
 copy_with_libs "$(command -v nbd-client)"
-: >"$stage/modules/order"
-for m in virtio_pci virtio_net nbd ext4; do
-  modprobe -d "$kroot" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" { print $2 }' |
-    while read -r ko; do
-      name=$(basename "$ko")
-      grep -qx "$name" "$stage/modules/order" && continue
-      cp "$ko" "$stage/modules/$name"
-      echo "$name" >>"$stage/modules/order"
-    done
-done
+# shellcheck source=scripts/vm-modules.sh
+. "$repo/scripts/vm-modules.sh"
+collect_modules "$stage" "$kroot" "$kver" virtio_pci virtio_net nbd ext4
 cat >"$stage/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin

@@ -170,21 +170,14 @@ fi
 
 # The initramfs: busybox and the modules that reach the 9p root.
 initrd="$vmdir/initrd-$kver.cpio"
-if [[ ! -f "$initrd" || "$0" -nt "$initrd" ]]; then
+if [[ ! -f "$initrd" || "$0" -nt "$initrd" || "$repo/scripts/vm-modules.sh" -nt "$initrd" ]]; then
   stage=$(mktemp -d)
   trap 'rm -rf "$stage"' EXIT
   mkdir -p "$stage"/{bin,dev,proc,sys,newroot,modules}
   cp "$busybox_bin" "$stage/bin/busybox"
-  : >"$stage/modules/order"
-  for m in virtio_pci 9pnet_virtio 9p; do
-    modprobe -d "$kroot" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" { print $2 }' |
-      while read -r ko; do
-        name=$(basename "$ko")
-        grep -qx "$name" "$stage/modules/order" && continue
-        cp "$ko" "$stage/modules/$name"
-        echo "$name" >>"$stage/modules/order"
-      done
-  done
+  # shellcheck source=scripts/vm-modules.sh
+  . "$repo/scripts/vm-modules.sh"
+  collect_modules "$stage" "$kroot" "$kver" virtio_pci 9pnet_virtio 9p
   cat >"$stage/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin

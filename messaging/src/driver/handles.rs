@@ -66,29 +66,36 @@ impl Ticket {
 
     /// Async form of [`Ticket::wait`].
     pub fn completion(mut self) -> impl Future<Output = Result<(), Error>> {
-        std::future::poll_fn(move |cx| {
-            let shared = self.shared.clone();
-            let mut inner = shared.inner.lock();
-            shared.progress(&mut inner);
-            if let Some(r) = self.take(&mut inner) {
-                return Poll::Ready(r);
+        std::future::poll_fn(move |cx| self.poll_with(cx, Ticket::take))
+    }
+
+    /// Polls for the outcome `take` takes: reaps, and registers the waker
+    /// only to wait, as `Endpoint::async_op` does; the completion may have
+    /// come meanwhile and its signal found no waker, so it reaps again
+    /// before giving up.
+    fn poll_with<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut take: impl FnMut(&mut Ticket, &mut Inner) -> Option<T>,
+    ) -> Poll<T> {
+        let shared = self.shared.clone();
+        let mut inner = shared.inner.lock();
+        shared.progress(&mut inner);
+        if let Some(r) = take(self, &mut inner) {
+            return Poll::Ready(r);
+        }
+        drop(inner);
+        shared.signal.register(cx.waker());
+        let mut inner = shared.inner.lock();
+        shared.progress(&mut inner);
+        match take(self, &mut inner) {
+            Some(r) => Poll::Ready(r),
+            None => {
+                drop(inner);
+                shared.post_held();
+                Poll::Pending
             }
-            drop(inner);
-            // Registered only to wait, as in `Endpoint::async_op`; the
-            // completion may have come meanwhile, and its signal found no
-            // waker: reap again before giving up.
-            shared.signal.register(cx.waker());
-            let mut inner = shared.inner.lock();
-            shared.progress(&mut inner);
-            match self.take(&mut inner) {
-                Some(r) => Poll::Ready(r),
-                None => {
-                    drop(inner);
-                    shared.post_held();
-                    Poll::Pending
-                }
-            }
-        })
+        }
     }
 
     /// Waits for a one-sided transfer ([`Endpoint::read_remote`],
@@ -106,26 +113,7 @@ impl Ticket {
 
     /// Async form of [`Ticket::wait_buf`].
     pub fn buf_completion(mut self) -> impl Future<Output = Result<Buf, Error>> {
-        std::future::poll_fn(move |cx| {
-            let shared = self.shared.clone();
-            let mut inner = shared.inner.lock();
-            shared.progress(&mut inner);
-            if let Some(r) = self.take_buf(&mut inner) {
-                return Poll::Ready(r);
-            }
-            drop(inner);
-            shared.signal.register(cx.waker());
-            let mut inner = shared.inner.lock();
-            shared.progress(&mut inner);
-            match self.take_buf(&mut inner) {
-                Some(r) => Poll::Ready(r),
-                None => {
-                    drop(inner);
-                    shared.post_held();
-                    Poll::Pending
-                }
-            }
-        })
+        std::future::poll_fn(move |cx| self.poll_with(cx, Ticket::take_buf))
     }
 
     fn take_buf(&mut self, inner: &mut Inner) -> Option<Result<Buf, Error>> {

@@ -164,27 +164,8 @@ impl Shared {
             routed = true;
             match event {
                 Event::Received(r) => inner.inbox.push_back(r),
-                Event::Sent { token, result } => {
-                    let key = token as usize;
-                    if let Some(t) = inner.tickets.get_mut(key) {
-                        if t.detached {
-                            inner.tickets.remove(key);
-                        } else {
-                            t.result = Some(result);
-                        }
-                    }
-                }
-                Event::OneSided { token, result, buf } => {
-                    let key = token as usize;
-                    if let Some(t) = inner.tickets.get_mut(key) {
-                        if t.detached {
-                            inner.tickets.remove(key);
-                        } else {
-                            t.result = Some(result);
-                            t.buf = Some(buf);
-                        }
-                    }
-                }
+                Event::Sent { token, result } => resolve(inner, token, result, None),
+                Event::OneSided { token, result, buf } => resolve(inner, token, result, Some(buf)),
                 Event::Closed(reason) => inner.closed = Some(reason),
             }
         }
@@ -365,5 +346,19 @@ impl Drop for Shared {
     fn drop(&mut self) {
         self.qp.set_notify(None);
         self.qp.disconnect();
+    }
+}
+
+/// Hands a transfer's outcome (and a one-sided transfer's buffer) to its
+/// ticket; a detached ticket is forgotten instead.
+fn resolve(inner: &mut Inner, token: u64, result: Result<(), WcStatus>, buf: Option<crate::mr::Buf>) {
+    let key = token as usize;
+    if let Some(t) = inner.tickets.get_mut(key) {
+        if t.detached {
+            inner.tickets.remove(key);
+        } else {
+            t.result = Some(result);
+            t.buf = buf;
+        }
     }
 }
