@@ -1009,3 +1009,28 @@ fn every_command_answers_in_json_with_json() {
         .as_str()
         .is_some_and(|m| m.contains("--output")));
 }
+
+#[test]
+fn the_smart_log_counts_what_hosts_read_and_wrote() {
+    let d = Daemon::start(&["--ns", "ram:1MiB"]);
+    for lba in [0, 8, 16] {
+        write_blocks(&d.uri, 1, lba, &pattern(4096, 1));
+    }
+    for _ in 0..2 {
+        read_blocks(&d.uri, 1, 0, 8);
+    }
+    // Refused by its range check: not a command the device executed.
+    let (o, _) = hostctl(&d.uri, &["read", "--ns", "1", "--lba", "4096", "--blocks", "1"], None);
+    assert_eq!(o.status.code(), Some(4));
+    let s = json_of(&ok(&hostctl(&d.uri, &["--json", "smart-log"], None).0));
+    assert_eq!(s["host_write_commands"], 3, "{s}");
+    assert_eq!(s["host_read_commands"], 2, "{s}");
+    // 12 KiB written and 8 KiB read: one unit of 512,000 bytes each, rounded up.
+    assert_eq!(
+        (s["data_units_written"].as_u64(), s["data_units_read"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(s["available_spare"], 100);
+    let text = String::from_utf8_lossy(&ok(&hostctl(&d.uri, &["smart-log"], None).0)).into_owned();
+    assert!(text.contains("host write commands:   3"), "{text}");
+}

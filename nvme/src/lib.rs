@@ -68,7 +68,7 @@ pub use fabrics::{
 };
 pub use features::{FeatureId, FeatureSelect, KeepAliveTimer, NumberOfQueues};
 pub use identify::{AsciiField, Cns, IdentifyController, IdentifyNamespace, LbaFormat, NamespaceList};
-pub use log::{ChangedNamespaceList, ErrorLogEntry, GetLogPage, LogPageId};
+pub use log::{ChangedNamespaceList, ErrorLogEntry, GetLogPage, LogPageId, SmartLog};
 pub use sgl::{Sgl, SGL_LEN};
 pub use status::{Status, StatusCodeType};
 

@@ -21,6 +21,131 @@ pub const CHANGED_NAMESPACE_LIST_LEN: usize = IDENTIFY_LEN;
 /// Largest transfer one Get Log Page can ask for: 2^32 dwords.
 pub const MAX_LOG_LEN: u64 = 4 << 32;
 
+/// Size of the SMART / Health Information log page.
+pub const SMART_LOG_LEN: usize = 512;
+
+/// The SMART / Health Information log page (02h), controller-wide.
+///
+/// ```text
+/// byte  0       Critical Warning
+///       1..3    Composite Temperature (kelvins; 0: not reported)
+///       3       Available Spare (%)      4  Available Spare Threshold (%)
+///       5       Percentage Used (%)
+///      32..48   Data Units Read          (thousands of 512-byte units, rounded up)
+///      48..64   Data Units Written
+///      64..80   Host Read Commands       80..96   Host Write Commands
+///      96..112  Controller Busy Time (minutes)
+///     112..128  Power Cycles            128..144  Power On Hours
+///     144..160  Unsafe Shutdowns        160..176  Media and Data Integrity Errors
+///     176..192  Number of Error Information Log Entries
+/// ```
+/// The 16-byte counters are little-endian 128-bit integers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SmartLog {
+    /// Critical Warning bits (0: none).
+    pub critical_warning: u8,
+    /// Composite Temperature in kelvins; 0 when not reported.
+    pub temperature_k: u16,
+    /// Available Spare, percent.
+    pub available_spare: u8,
+    /// Available Spare Threshold, percent.
+    pub spare_threshold: u8,
+    /// Percentage Used.
+    pub percentage_used: u8,
+    /// Data Units Read: thousands of 512-byte units read by hosts.
+    pub data_units_read: u128,
+    /// Data Units Written.
+    pub data_units_written: u128,
+    /// Host Read Commands.
+    pub host_read_commands: u128,
+    /// Host Write Commands.
+    pub host_write_commands: u128,
+    /// Controller Busy Time, minutes.
+    pub busy_minutes: u128,
+    /// Power Cycles.
+    pub power_cycles: u128,
+    /// Power On Hours.
+    pub power_on_hours: u128,
+    /// Unsafe Shutdowns.
+    pub unsafe_shutdowns: u128,
+    /// Media and Data Integrity Errors.
+    pub media_errors: u128,
+    /// Number of Error Information Log Entries over the controller's life.
+    pub error_log_entries: u128,
+}
+
+impl SmartLog {
+    /// Data units (thousands of 512-byte units, rounded up) for `bytes`.
+    pub fn data_units(bytes: u128) -> u128 {
+        bytes.div_ceil(512 * 1000)
+    }
+
+    fn counters(&self) -> [(usize, u128); 10] {
+        [
+            (32, self.data_units_read),
+            (48, self.data_units_written),
+            (64, self.host_read_commands),
+            (80, self.host_write_commands),
+            (96, self.busy_minutes),
+            (112, self.power_cycles),
+            (128, self.power_on_hours),
+            (144, self.unsafe_shutdowns),
+            (160, self.media_errors),
+            (176, self.error_log_entries),
+        ]
+    }
+
+    /// The 512-byte page.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; SMART_LOG_LEN];
+        b[0] = self.critical_warning;
+        put_u16(&mut b, 1, self.temperature_k);
+        b[3] = self.available_spare;
+        b[4] = self.spare_threshold;
+        b[5] = self.percentage_used;
+        for (off, v) in self.counters() {
+            b[off..off + 16].copy_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    /// Decodes a page.
+    ///
+    /// # Errors
+    /// [`NvmeError::Length`] unless `b` is 512 bytes.
+    pub fn decode(b: &[u8]) -> Result<SmartLog, NvmeError> {
+        if b.len() != SMART_LOG_LEN {
+            return Err(NvmeError::Length {
+                what: "SMART / Health log page",
+                len: b.len(),
+                expected: SMART_LOG_LEN,
+            });
+        }
+        let at = |off: usize| {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&b[off..off + 16]);
+            u128::from_le_bytes(a)
+        };
+        Ok(SmartLog {
+            critical_warning: b[0],
+            temperature_k: get_u16(b, 1),
+            available_spare: b[3],
+            spare_threshold: b[4],
+            percentage_used: b[5],
+            data_units_read: at(32),
+            data_units_written: at(48),
+            host_read_commands: at(64),
+            host_write_commands: at(80),
+            busy_minutes: at(96),
+            power_cycles: at(112),
+            power_on_hours: at(128),
+            unsafe_shutdowns: at(144),
+            media_errors: at(160),
+            error_log_entries: at(176),
+        })
+    }
+}
+
 /// Log page identifiers (LID).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -420,6 +545,36 @@ mod tests {
         let sqe = offset.to_sqe(CommandId(1), Nsid(0));
         assert_eq!((sqe.cdw12, sqe.cdw13), (0x40, 1));
         assert_eq!(LogPageId::from_u8(0x99), None);
+        let smart = SmartLog {
+            available_spare: 100,
+            spare_threshold: 10,
+            data_units_read: 3,
+            data_units_written: 1,
+            host_read_commands: 1 << 70,
+            host_write_commands: 9,
+            power_on_hours: 5,
+            media_errors: 2,
+            error_log_entries: 4,
+            ..SmartLog::default()
+        };
+        let page = smart.encode();
+        assert_eq!(page.len(), SMART_LOG_LEN);
+        assert_eq!(page[3], 100);
+        assert_eq!(page[32], 3, "Data Units Read at byte 32");
+        assert_eq!(page[64 + 8], 1 << 6, "a 128-bit counter, little-endian");
+        assert_eq!(page[80], 9, "Host Write Commands at byte 80");
+        assert_eq!(page[128], 5, "Power On Hours at byte 128");
+        assert_eq!(page[160], 2);
+        assert_eq!(SmartLog::decode(&page), Ok(smart));
+        assert!(SmartLog::decode(&page[..511]).is_err());
+        assert_eq!(
+            (
+                SmartLog::data_units(1),
+                SmartLog::data_units(512_000),
+                SmartLog::data_units(512_001)
+            ),
+            (1, 1, 2)
+        );
     }
 
     #[test]

@@ -136,6 +136,9 @@ enum Command {
         #[arg(long, value_name = "NSID")]
         ns: Option<u32>,
     },
+    /// Show the SMART / Health log: data read and written, commands, errors,
+    /// hours powered on (as nvme-cli's smart-log).
+    SmartLog,
     /// Read blocks to stdout or a file (raw bytes).
     Read {
         #[command(flatten)]
@@ -379,6 +382,25 @@ fn command_json(host: &Host, command: Command) -> Result<(), CliError> {
             json!({ "transport": host.transport(), "uri": host.uri(), "namespaces": namespaces })
         }
         Command::Identify { ns: None } => controller_json(&host.identify_controller()?),
+        Command::SmartLog => {
+            let s = host.smart_log()?;
+            // The page's counters are 128-bit; JSON numbers here are u64
+            // (saturating, which no daemon's lifetime reaches).
+            let n = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+            json!({
+                "critical_warning": s.critical_warning,
+                "available_spare": s.available_spare,
+                "spare_threshold": s.spare_threshold,
+                "percentage_used": s.percentage_used,
+                "data_units_read": n(s.data_units_read),
+                "data_units_written": n(s.data_units_written),
+                "host_read_commands": n(s.host_read_commands),
+                "host_write_commands": n(s.host_write_commands),
+                "power_on_hours": n(s.power_on_hours),
+                "media_errors": n(s.media_errors),
+                "error_log_entries": n(s.error_log_entries),
+            })
+        }
         Command::Identify { ns: Some(n) } => {
             let id = host.identify_namespace(Nsid(n))?;
             let ids = host.namespace_ids(Nsid(n))?;
@@ -462,6 +484,27 @@ fn command(host: &Host, command: Command) -> Result<(), CliError> {
         }
         Command::Identify { ns: None } => {
             writeln!(out, "{}", ControllerSummary(&host.identify_controller()?))?;
+        }
+        Command::SmartLog => {
+            let s = host.smart_log()?;
+            writeln!(out, "critical warning:      {:#04x}", s.critical_warning)?;
+            writeln!(
+                out,
+                "available spare:       {}% (threshold {}%)",
+                s.available_spare, s.spare_threshold
+            )?;
+            writeln!(out, "percentage used:       {}%", s.percentage_used)?;
+            writeln!(
+                out,
+                "data units read:       {} (units of 512,000 bytes)",
+                s.data_units_read
+            )?;
+            writeln!(out, "data units written:    {}", s.data_units_written)?;
+            writeln!(out, "host read commands:    {}", s.host_read_commands)?;
+            writeln!(out, "host write commands:   {}", s.host_write_commands)?;
+            writeln!(out, "power on hours:        {}", s.power_on_hours)?;
+            writeln!(out, "media errors:          {}", s.media_errors)?;
+            writeln!(out, "error log entries:     {}", s.error_log_entries)?;
         }
         Command::Identify { ns: Some(n) } => {
             writeln!(out, "namespace:          {n}")?;

@@ -9,6 +9,12 @@ impl Inner {
         Ok(IdentifyController::decode(reply_data(&reply))?)
     }
 
+    pub(super) async fn smart_log(&self) -> Result<nvme::SmartLog, HostError> {
+        let op = Op::get_log_page(nvme::LogPageId::SmartHealth, nvme::log::SMART_LOG_LEN)?;
+        let reply = self.run(&op, None).await?;
+        Ok(nvme::SmartLog::decode(reply_data(&reply))?)
+    }
+
     pub(super) async fn identify_namespace(&self, nsid: Nsid) -> Result<IdentifyNamespace, HostError> {
         command::check_nsid(nsid, false)?;
         let reply = self.run(&Op::identify(Cns::Namespace, nsid), None).await?;

@@ -327,6 +327,15 @@ impl Host {
         exec::block_on(self.handle.inner.identify_controller())
     }
 
+    /// The SMART / Health Information log page: the I/O unit's read and
+    /// write counters, errors and time powered on.
+    ///
+    /// # Errors
+    /// See [`HostError`].
+    pub fn smart_log(&self) -> Result<nvme::SmartLog, HostError> {
+        exec::block_on(self.handle.inner.smart_log())
+    }
+
     /// The active namespaces.
     ///
     /// # Errors

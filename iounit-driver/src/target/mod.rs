@@ -181,6 +181,8 @@ pub struct Target {
 }
 
 pub(crate) struct Shared {
+    /// What the SMART / Health log page reports.
+    pub(crate) stats: Stats,
     pub(crate) cfg: TargetConfig,
     pub(crate) nqn: Nqn,
     pub(crate) registry: Arc<Registry>,
@@ -270,6 +272,7 @@ impl Target {
             mask_generation: std::sync::atomic::AtomicU64::new(0),
             serial,
             namespace_ids: parking_lot::RwLock::new(HashMap::new()),
+            stats: Stats::new(),
         });
         let weak = Arc::downgrade(&shared);
         shared.registry.subscribe(move |event| {
@@ -425,6 +428,64 @@ struct Aers {
 }
 
 /// One host's controller: its queues, keep-alive timer, events and error log.
+/// The subsystem's I/O counters since the daemon started, for the SMART /
+/// Health log page: commands accepted for execution (their range checked)
+/// and their bytes, and completions with a media error.
+#[derive(Debug)]
+pub(crate) struct Stats {
+    started: Instant,
+    read_commands: AtomicU64,
+    write_commands: AtomicU64,
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
+    media_errors: AtomicU64,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            started: Instant::now(),
+            read_commands: AtomicU64::new(0),
+            write_commands: AtomicU64::new(0),
+            read_bytes: AtomicU64::new(0),
+            write_bytes: AtomicU64::new(0),
+            media_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// A Read or Write of `bytes` taken for execution.
+    pub(crate) fn count_io(&self, write: bool, bytes: u64) {
+        let (commands, total) = match write {
+            true => (&self.write_commands, &self.write_bytes),
+            false => (&self.read_commands, &self.read_bytes),
+        };
+        commands.fetch_add(1, Ordering::Relaxed);
+        total.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A command completed with a media or data integrity error.
+    pub(crate) fn count_media_error(&self) {
+        self.media_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The page, with `error_entries` for the asking controller's error log.
+    pub(crate) fn smart_log(&self, error_entries: u64) -> crate::nvme::SmartLog {
+        let load = |c: &AtomicU64| u128::from(c.load(Ordering::Relaxed));
+        crate::nvme::SmartLog {
+            available_spare: 100,
+            spare_threshold: 10,
+            data_units_read: crate::nvme::SmartLog::data_units(load(&self.read_bytes)),
+            data_units_written: crate::nvme::SmartLog::data_units(load(&self.write_bytes)),
+            host_read_commands: load(&self.read_commands),
+            host_write_commands: load(&self.write_commands),
+            power_on_hours: u128::from(self.started.elapsed().as_secs() / 3600),
+            media_errors: load(&self.media_errors),
+            error_log_entries: u128::from(error_entries),
+            ..crate::nvme::SmartLog::default()
+        }
+    }
+}
+
 pub(crate) struct Controller {
     pub(crate) cntlid: u16,
     pub(crate) hostnqn: String,
@@ -491,6 +552,11 @@ impl Controller {
             errors.pop_back();
         }
         errors.push_front(ErrorLogEntry::new(count, qid, cid, status));
+    }
+
+    /// Errors logged over the controller's life.
+    pub(crate) fn error_count(&self) -> u64 {
+        self.error_count.load(Ordering::Acquire)
     }
 
     pub(crate) fn error_log(&self) -> Vec<ErrorLogEntry> {

@@ -142,6 +142,8 @@ impl Queue {
         };
         let data = match lp.log_page_id() {
             Some(LogPageId::ErrorInformation) => ErrorLogEntry::encode_list(&self.ctrl.error_log()),
+            // Controller-wide only (LPA bit 0 clear): any NSID reads it.
+            Some(LogPageId::SmartHealth) => self.shared.stats.smart_log(self.ctrl.error_count()).encode(),
             Some(LogPageId::ChangedNamespaceList) => {
                 let nsids = self.ctrl.take_changed().into_iter().map(Nsid).collect();
                 match ChangedNamespaceList::new(nsids) {

@@ -57,6 +57,11 @@ impl Queue {
         let Some(ns) = self.shared.registry.get_cached(&mut self.namespaces, sqe.nsid.0) else {
             return Ok(Outcome::status(Status::INVALID_NAMESPACE.with_dnr()));
         };
+        if matches!(op, IoOpcode::Read | IoOpcode::Write) {
+            if let Ok((_, len)) = transfer_range(sqe, &ns) {
+                self.shared.stats.count_io(op == IoOpcode::Write, len);
+            }
+        }
         Ok(match op {
             IoOpcode::Read => return self.read(sqe, ns),
             IoOpcode::Write => write(sqe, inline, ns),

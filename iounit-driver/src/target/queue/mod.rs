@@ -538,6 +538,9 @@ impl Queue {
     /// Sends the command's response capsule.
     fn complete(&mut self, cid: CommandId, status: Status, dw0: u32) -> Result<(), QueueError> {
         if !status.is_success() {
+            if status.sct() == crate::nvme::StatusCodeType::MEDIA_DATA_INTEGRITY {
+                self.shared.stats.count_media_error();
+            }
             self.ctrl.log_error(self.qid, cid, status);
             tracing::debug!(qid = self.qid, cid = cid.0, %status, "command failed");
         }
