@@ -37,8 +37,11 @@ use super::queue::{Admitted, Queue, Stop, TICK};
 use super::Shared;
 use crate::backend::ring::EventFd;
 
-/// How long a worker keeps polling its busy queues after the last work.
+/// The longest a worker keeps polling its busy queues after the last work.
 const SPIN: Duration = Duration::from_micros(50);
+/// The shortest: a worker whose spins keep finding nothing polls this long,
+/// enough to notice when the traffic becomes dense again.
+const MIN_SPIN: Duration = Duration::from_micros(2);
 /// The `epoll` data of the worker's eventfd.
 const WAKE_TOKEN: u64 = u64::MAX;
 
@@ -170,6 +173,12 @@ struct Worker {
     keys: Vec<usize>,
     arrived: Vec<(Endpoint, Admitted)>,
     ready: Vec<usize>,
+    /// How long the next spin polls after the last work: doubled (up to
+    /// [`SPIN`]) by a spin that caught new work after going idle, halved
+    /// (down to [`MIN_SPIN`]) by one that caught none. Hosts that answer
+    /// within microseconds keep the whole spin; sparse traffic gives the
+    /// CPU back to other processes instead of polling for nothing.
+    spin_budget: Duration,
 }
 
 impl Worker {
@@ -194,6 +203,7 @@ impl Worker {
             keys: Vec::new(),
             arrived: Vec::new(),
             ready: Vec::new(),
+            spin_budget: SPIN,
         };
         w.watch(libc::EPOLL_CTL_ADD, w.handle.wake.raw(), WAKE_TOKEN)?;
         Ok(w)
@@ -242,8 +252,10 @@ impl Worker {
                 continue;
             }
             let left = next_tick.saturating_duration_since(Instant::now());
+            let slept = Instant::now();
             if let Some(key) = hot {
                 self.sleep_in(key, left);
+                self.woke_after(slept.elapsed());
                 continue;
             }
             let ms = libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
@@ -257,6 +269,7 @@ impl Worker {
                     ms,
                 )
             };
+            self.woke_after(slept.elapsed());
             for ev in &events[..usize::try_from(n).unwrap_or(0)] {
                 match ev.u64 {
                     WAKE_TOKEN => self.handle.wake.reset(),
@@ -356,11 +369,13 @@ impl Worker {
         }
     }
 
-    /// Polls the busy queues until none did work for `SPIN`.
+    /// Polls the busy queues until none did work for the spin budget, and
+    /// adapts the budget to what the spin caught.
     fn spin(&mut self) {
         let mut last_work = Instant::now();
         let mut keys = std::mem::take(&mut self.keys);
-        while last_work.elapsed() < SPIN {
+        let (mut idle, mut caught, mut ended) = (false, false, false);
+        while last_work.elapsed() < self.spin_budget {
             keys.clear();
             keys.extend(self.busy.iter().copied());
             let mut any = false;
@@ -374,15 +389,33 @@ impl Worker {
                 any = true;
             }
             if any {
+                caught |= idle;
+                idle = false;
                 last_work = Instant::now();
             } else {
+                idle = true;
                 std::hint::spin_loop();
             }
             if self.busy.is_empty() {
+                ended = true;
                 break;
             }
         }
         self.keys = keys;
+        // A spin cut short by its queues going quiet says nothing either way.
+        if caught {
+            self.spin_budget = (self.spin_budget * 2).min(SPIN);
+        } else if !ended {
+            self.spin_budget = (self.spin_budget / 2).max(MIN_SPIN);
+        }
+    }
+
+    /// A sleep that ended within a spin's length: a longer spin would have
+    /// caught what woke the worker, so the budget grows back.
+    fn woke_after(&mut self, slept: Duration) {
+        if slept < SPIN {
+            self.spin_budget = (self.spin_budget * 2).min(SPIN);
+        }
     }
 
     fn has_inbox(&self) -> bool {
