@@ -328,3 +328,18 @@ fn qemu_bios_boots_from_a_namespace_written_with_hostctl() {
         std::fs::read_to_string(&serial).unwrap_or_default()
     );
 }
+
+#[test]
+fn serve_nbd_stops_on_sigterm_and_removes_its_socket() {
+    let d = Daemon::start(&["--ns", "ram:1MiB"]);
+    let scratch = Scratch::new("nbd-sigterm");
+    let sock = scratch.path("nbd.sock");
+    let mut b = Bridge::start(&d.uri, &format!("unix:{}", sock.display()), &[]);
+    assert!(sock.exists(), "the bridge listens on its socket");
+    let pid = b.child.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    assert!(sent.success());
+    let status = wait_exit(&mut b.child, Duration::from_secs(20), "hostctl serve-nbd after SIGTERM");
+    assert!(status.success(), "a stop on SIGTERM is a clean exit: {status}");
+    assert!(!sock.exists(), "the socket is removed when the bridge stops");
+}
