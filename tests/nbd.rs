@@ -269,6 +269,58 @@ fn boot_sector(message: &str) -> Vec<u8> {
     s
 }
 
+/// Boots QEMU's BIOS (TCG, no NIC) from the NBD export `drive` and
+/// returns whether `message` appeared on its serial port within 90 s (and
+/// what it printed otherwise).
+fn boots_and_prints(drive: &str, message: &str, scratch: &Scratch) -> Result<(), String> {
+    let serial = scratch.path(&format!("serial-{}.txt", message.len()));
+    let _ = std::fs::remove_file(&serial);
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "pc,accel=tcg",
+            "-m",
+            "64",
+            "-display",
+            "none",
+            "-nic",
+            "none",
+        ])
+        .args(["-monitor", "none", "-no-reboot", "-serial"])
+        .arg(format!("file:{}", serial.display()))
+        .arg("-drive")
+        .arg(format!("file={drive},format=raw,if=ide"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu");
+    let started = Instant::now();
+    let printed = loop {
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        if text.contains(message) {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(90) || qemu.try_wait().ok().flatten().is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = qemu.kill();
+    let _ = wait_exit(&mut qemu, Duration::from_secs(10), "qemu");
+    if printed {
+        return Ok(());
+    }
+    let mut err = String::new();
+    if let Some(mut e) = qemu.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    Err(format!(
+        "the machine did not print {message:?} on its serial port; serial: {:?}; qemu: {err}",
+        std::fs::read_to_string(&serial).unwrap_or_default()
+    ))
+}
+
 #[test]
 fn qemu_bios_boots_from_a_namespace_written_with_hostctl() {
     if !have("qemu-system-x86_64") {
@@ -284,49 +336,42 @@ fn qemu_bios_boots_from_a_namespace_written_with_hostctl() {
     ok(&o);
     let b = Bridge::start(&d.uri, "127.0.0.1:0", &[]);
     let scratch = Scratch::new("qemu-boot");
-    let serial = scratch.path("serial.txt");
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args([
-            "-machine",
-            "pc,accel=tcg",
-            "-m",
-            "64",
-            "-display",
-            "none",
-            "-nic",
-            "none",
-        ])
-        .args(["-monitor", "none", "-no-reboot", "-serial"])
-        .arg(format!("file:{}", serial.display()))
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=ide", b.export("1")))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start qemu");
-    let started = Instant::now();
-    let printed = loop {
-        let text = std::fs::read_to_string(&serial).unwrap_or_default();
-        if text.contains(&message) {
-            break true;
-        }
-        if started.elapsed() > Duration::from_secs(90) || qemu.try_wait().ok().flatten().is_some() {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let _ = qemu.kill();
-    let _ = wait_exit(&mut qemu, Duration::from_secs(10), "qemu");
-    let mut err = String::new();
-    if let Some(mut e) = qemu.stderr.take() {
-        let _ = e.read_to_string(&mut err);
+    boots_and_prints(&b.export("1"), &message, &scratch).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Many machines, one golden image: each boots from its own thin clone,
+/// and what one machine's clone changes is its own.
+#[test]
+fn machines_boot_from_thin_clones_of_one_golden_image() {
+    if !have("qemu-system-x86_64") {
+        return;
     }
-    assert!(
-        printed,
-        "the machine did not print {message:?} on its serial port; serial: {:?}; qemu: {err}",
-        std::fs::read_to_string(&serial).unwrap_or_default()
-    );
+    let scratch = Scratch::new("golden");
+    let golden = format!("golden image {}", std::process::id());
+    let mut image = boot_sector(&golden);
+    image.resize(4 << 20, 0);
+    let base = scratch.path("golden.img");
+    std::fs::write(&base, &image).expect("write the golden image");
+    let clone = |n: u32| {
+        format!(
+            "clone:{}:{}",
+            base.display(),
+            scratch.path(&format!("vm{n}.img")).display()
+        )
+    };
+    let d = Daemon::start(&["--ns", &clone(1), "--ns", &clone(2)]);
+    let b = Bridge::start(&d.uri, "127.0.0.1:0", &[]);
+    for ns in ["1", "2"] {
+        boots_and_prints(&b.export(ns), &golden, &scratch).unwrap_or_else(|e| panic!("clone {ns}: {e}"));
+    }
+    // Machine 1 installs its own boot sector; machine 2 still boots the
+    // golden one, and the golden image is untouched.
+    let own = format!("machine one {}", std::process::id());
+    let (o, _) = hostctl(&d.uri, &["write", "--ns", "1", "--lba", "0"], Some(&boot_sector(&own)));
+    ok(&o);
+    boots_and_prints(&b.export("1"), &own, &scratch).unwrap_or_else(|e| panic!("clone 1: {e}"));
+    boots_and_prints(&b.export("2"), &golden, &scratch).unwrap_or_else(|e| panic!("clone 2: {e}"));
+    assert!(std::fs::read(&base).expect("read the golden image") == image);
 }
 
 #[test]
