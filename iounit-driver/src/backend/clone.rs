@@ -71,6 +71,8 @@ pub struct CloneBackend {
     dirty: AtomicBool,
     /// Whether dropping flushes (not when a test plays a crash).
     flush_on_drop: bool,
+    /// The running kernel's boot ID, written in the log's header.
+    boot: [u8; BOOT_ID_LEN],
 }
 
 #[derive(Debug)]
@@ -264,6 +266,7 @@ impl CloneBackend {
             alloc: Mutex::new(Log { file: log_file, len: 0 }),
             dirty: AtomicBool::new(false),
             flush_on_drop: true,
+            boot: boot_id(),
         };
         backend.replay_log(&log_path)?;
         // The map now says everything the clone holds: written down, and
@@ -295,8 +298,7 @@ impl CloneBackend {
             ));
         }
         let entries = content[LOG_HEADER as usize..].chunks_exact(8).map(le64);
-        let now = boot_id();
-        let same_boot = now != [0u8; BOOT_ID_LEN] && content[8..8 + BOOT_ID_LEN] == now;
+        let same_boot = self.boot != [0u8; BOOT_ID_LEN] && content[8..8 + BOOT_ID_LEN] == self.boot;
         let clusters = self.base_len.div_ceil(CLUSTER);
         if same_boot {
             let mut taken = 0;
@@ -489,7 +491,7 @@ impl BlockIo for CloneBackend {
                 .map_err(|e| self.io_error(ErrorKind::WriteFailed, "cannot write", &map_path, MAP_HEADER, e))?;
             let mut header = vec![0u8; LOG_HEADER as usize];
             header[..8].copy_from_slice(LOG_MAGIC);
-            header[8..8 + BOOT_ID_LEN].copy_from_slice(&boot_id());
+            header[8..8 + BOOT_ID_LEN].copy_from_slice(&self.boot);
             let log_path = with_ext(&self.path, ".log");
             log.file
                 .set_len(LOG_HEADER)
