@@ -15,7 +15,9 @@
 //!   cluster the clone took since the map was last written.
 //!
 //! Creating a clone writes the headers and sizes two sparse files: O(1) in
-//! the image's size.
+//! the image's size. The map is made first and the data file last, under
+//! `PATH.new` renamed into place, so that where `PATH` exists its map is
+//! whole; what an interrupted creation left is made anew.
 //!
 //! # Durability
 //! The first write to a cluster copies the rest of it from the base, writes
@@ -182,28 +184,41 @@ impl CloneBackend {
         let map_path = with_ext(path, ".map");
         let log_path = with_ext(path, ".log");
         let created = !path.exists();
-        let open_rw = |p: &Path, create: bool| {
+        let open_rw = |p: &Path| {
             OpenOptions::new()
                 .read(true)
                 .write(true)
-                .create_new(create)
                 .open(p)
-                .map_err(|e| fail(if create { "cannot create" } else { "cannot open" }, p, e))
+                .map_err(|e| fail("cannot open", p, e))
         };
-        let data = open_rw(path, created)?;
-        super::uring::lock(&data, path)?;
+        // A new clone's map is made first, its data file under a temporary
+        // name renamed into place last: where PATH exists, its map is
+        // whole. What an interrupted creation left is made anew.
+        let create = |p: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(p)
+                .map_err(|e| fail("cannot create", p, e))
+        };
+        let data;
         let map;
         let mut bits: Vec<AtomicU64> = (0..bitmap_len / 8).map(|_| AtomicU64::new(0)).collect();
         if created {
-            data.set_len(stamp.len).map_err(|e| fail("cannot size", path, e))?;
-            map = open_rw(&map_path, true)?;
+            map = create(&map_path)?;
             map.write_all_at(&stamp.header(), 0)
                 .map_err(|e| fail("cannot write", &map_path, e))?;
             map.set_len(MAP_HEADER + bitmap_len)
                 .map_err(|e| fail("cannot size", &map_path, e))?;
-            for (f, p) in [(&data, path), (&map, map_path.as_path())] {
-                f.sync_all().map_err(|e| fail("cannot sync", p, e))?;
-            }
+            map.sync_all().map_err(|e| fail("cannot sync", &map_path, e))?;
+            let fresh = with_ext(path, ".new");
+            data = create(&fresh)?;
+            super::uring::lock(&data, path)?;
+            data.set_len(stamp.len).map_err(|e| fail("cannot size", &fresh, e))?;
+            data.sync_all().map_err(|e| fail("cannot sync", &fresh, e))?;
+            std::fs::rename(&fresh, path).map_err(|e| fail("cannot rename the new clone to", path, e))?;
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 File::open(dir)
                     .and_then(|d| d.sync_all())
@@ -211,7 +226,9 @@ impl CloneBackend {
             }
             tracing::info!(clone = %path.display(), base = %base.display(), "clone created");
         } else {
-            map = open_rw(&map_path, false)?;
+            data = open_rw(path)?;
+            super::uring::lock(&data, path)?;
+            map = open_rw(&map_path)?;
             let mut header = vec![0u8; MAP_HEADER as usize];
             map.read_exact_at(&mut header, 0)
                 .map_err(|e| fail("cannot read the header of", &map_path, e))?;

@@ -161,6 +161,24 @@ fn a_changed_base_or_a_damaged_map_is_refused() {
 }
 
 #[test]
+fn an_interrupted_creation_is_made_anew() {
+    let dir = Dir::new("interrupted");
+    let (b, want) = base(&dir, 1 << 20);
+    let path = dir.path("c.img");
+    // What a crash during creation may leave: a map and a data file under
+    // its temporary name, but no PATH.
+    std::fs::write(with_ext(&path, ".map"), b"half").unwrap();
+    std::fs::write(with_ext(&path, ".new"), b"partial").unwrap();
+    let c = CloneBackend::open(&b, &path, 512).unwrap();
+    assert!(read_all(&c) == want, "a fresh clone of the base");
+    c.write(0, &[4; 512], false).unwrap();
+    drop(c);
+    assert!(!with_ext(&path, ".new").exists());
+    let c = CloneBackend::open(&b, &path, 512).unwrap();
+    assert_eq!(c.clusters_held(), 1, "and it keeps what it was given since");
+}
+
+#[test]
 fn writers_racing_into_one_new_cluster_all_land() {
     let dir = Dir::new("race");
     let (b, mut want) = base(&dir, 1 << 20);
