@@ -1011,7 +1011,7 @@ fn every_command_answers_in_json_with_json() {
 }
 
 #[test]
-fn the_smart_log_counts_what_hosts_read_and_wrote() {
+fn the_smart_log_and_status_count_what_hosts_read_and_wrote() {
     let d = Daemon::start(&["--ns", "ram:1MiB"]);
     for lba in [0, 8, 16] {
         write_blocks(&d.uri, 1, lba, &pattern(4096, 1));
@@ -1033,4 +1033,14 @@ fn the_smart_log_counts_what_hosts_read_and_wrote() {
     assert_eq!(s["available_spare"], 100);
     let text = String::from_utf8_lossy(&ok(&hostctl(&d.uri, &["smart-log"], None).0)).into_owned();
     assert!(text.contains("host write commands:   3"), "{text}");
+    // `status` shows the same counters with the connection.
+    let st = json_of(&ok(&hostctl(&d.uri, &["--json", "status"], None).0));
+    assert_eq!(
+        (st["host_write_commands"].as_u64(), st["host_read_commands"].as_u64()),
+        (Some(3), Some(2))
+    );
+    assert_eq!(st["transport"], "tcp");
+    assert_eq!(st["namespaces"][0]["bytes"], 1 << 20);
+    let text = String::from_utf8_lossy(&ok(&hostctl(&d.uri, &["status"], None).0)).into_owned();
+    assert!(text.contains("writes:         3 commands, 1 data units"), "{text}");
 }

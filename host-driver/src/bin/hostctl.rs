@@ -136,6 +136,9 @@ enum Command {
         #[arg(long, value_name = "NSID")]
         ns: Option<u32>,
     },
+    /// One look at the connection and the I/O unit: transport, controller,
+    /// queues, namespaces, and the SMART counters.
+    Status,
     /// Show the SMART / Health log: data read and written, commands, errors,
     /// hours powered on (as nvme-cli's smart-log).
     SmartLog,
@@ -382,6 +385,32 @@ fn command_json(host: &Host, command: Command) -> Result<(), CliError> {
             json!({ "transport": host.transport(), "uri": host.uri(), "namespaces": namespaces })
         }
         Command::Identify { ns: None } => controller_json(&host.identify_controller()?),
+        Command::Status => {
+            let id = host.identify_controller()?;
+            let s = host.smart_log()?;
+            let n = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+            let namespaces: Vec<_> = host
+                .namespaces()?
+                .iter()
+                .map(|ns| json!({ "nsid": ns.nsid.0, "bytes": ns.bytes(), "block_size": ns.block_size }))
+                .collect();
+            json!({
+                "uri": host.uri(),
+                "transport": host.transport(),
+                "controller_id": host.controller_id(),
+                "serial": id.sn.text(),
+                "model": id.mn.text(),
+                "io_queues": host.io_queues(),
+                "namespaces": namespaces,
+                "host_read_commands": n(s.host_read_commands),
+                "host_write_commands": n(s.host_write_commands),
+                "data_units_read": n(s.data_units_read),
+                "data_units_written": n(s.data_units_written),
+                "media_errors": n(s.media_errors),
+                "error_log_entries": n(s.error_log_entries),
+                "power_on_hours": n(s.power_on_hours),
+            })
+        }
         Command::SmartLog => {
             let s = host.smart_log()?;
             // The page's counters are 128-bit; JSON numbers here are u64
@@ -484,6 +513,38 @@ fn command(host: &Host, command: Command) -> Result<(), CliError> {
         }
         Command::Identify { ns: None } => {
             writeln!(out, "{}", ControllerSummary(&host.identify_controller()?))?;
+        }
+        Command::Status => {
+            let id = host.identify_controller()?;
+            let namespaces = host.namespaces()?;
+            let s = host.smart_log()?;
+            let bytes: u64 = namespaces.iter().map(|n| n.bytes()).sum();
+            writeln!(out, "target:         {} ({})", host.uri(), host.transport())?;
+            writeln!(
+                out,
+                "controller:     {} (serial {}, model {})",
+                host.controller_id(),
+                id.sn.text(),
+                id.mn.text()
+            )?;
+            writeln!(out, "I/O queues:     {}", host.io_queues())?;
+            writeln!(out, "namespaces:     {} ({})", namespaces.len(), Bytes(bytes))?;
+            writeln!(
+                out,
+                "reads:          {} commands, {} data units",
+                s.host_read_commands, s.data_units_read
+            )?;
+            writeln!(
+                out,
+                "writes:         {} commands, {} data units",
+                s.host_write_commands, s.data_units_written
+            )?;
+            writeln!(
+                out,
+                "errors:         {} media, {} logged for this controller",
+                s.media_errors, s.error_log_entries
+            )?;
+            writeln!(out, "powered on:     {} hours", s.power_on_hours)?;
         }
         Command::SmartLog => {
             let s = host.smart_log()?;
