@@ -35,8 +35,9 @@
 //! [`HostOptions::reconnect_deadline`](crate::HostOptions::reconnect_deadline)
 //! has passed: none hangs. A client that breaks the protocol loses its own
 //! connection only. A connection must finish its negotiation within
-//! [`NbdConfig::handshake_timeout`], and at most
-//! [`NbdConfig::max_connections`] are served at once.
+//! [`NbdConfig::handshake_timeout`], a client that stops reading its
+//! replies loses its connection after [`NbdConfig::reply_timeout`], and at
+//! most [`NbdConfig::max_connections`] are served at once.
 
 mod proto;
 
@@ -112,6 +113,9 @@ pub struct NbdConfig {
     pub max_payload: u32,
     /// The time a connection has to finish its negotiation.
     pub handshake_timeout: Duration,
+    /// How long a reply may wait for a client that does not read: past it
+    /// the connection closes (a client cannot hold a thread by not reading).
+    pub reply_timeout: Duration,
 }
 
 impl Default for NbdConfig {
@@ -123,6 +127,7 @@ impl Default for NbdConfig {
             max_in_flight: 64,
             max_payload: 32 << 20,
             handshake_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -427,6 +432,13 @@ impl Stream {
             Stream::Unix(s) => s.set_read_timeout(t),
         }
     }
+
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
 }
 
 impl Read for Stream {
@@ -494,6 +506,12 @@ fn write_all(stream: &mut Stream, mut slices: &mut [IoSlice<'_>]) -> io::Result<
 impl Shared {
     /// Serves one client connection to its end.
     fn serve(self: Arc<Self>, stream: Stream, peer: &str) {
+        // Shared by the writer's clone: every write to this client is bounded.
+        let timeout = Some(self.config.reply_timeout).filter(|t| !t.is_zero());
+        if let Err(e) = stream.set_write_timeout(timeout) {
+            tracing::warn!(%peer, "NBD connection dropped: {e}");
+            return;
+        }
         let key = match stream.try_clone() {
             Ok(s) => self.conns.lock().insert(s),
             Err(e) => {
@@ -610,7 +628,14 @@ struct Connection {
     flight: Mutex<(usize, usize)>,
     flight_cv: Condvar,
     /// Free registered buffers, by capacity (powers of two).
-    pool: Mutex<Vec<IoBuf>>,
+    pool: Mutex<Pool>,
+}
+
+/// Free registered buffers and the bytes they hold.
+#[derive(Default)]
+struct Pool {
+    free: Vec<IoBuf>,
+    bytes: usize,
 }
 
 impl Connection {
@@ -624,7 +649,7 @@ impl Connection {
             replies: Mutex::new(Vec::new()),
             flight: Mutex::new((0, 0)),
             flight_cv: Condvar::new(),
-            pool: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool::default()),
         }))
     }
 
@@ -872,9 +897,11 @@ impl Connection {
         let cap = len.next_power_of_two().max(4096);
         let found = {
             let mut pool = self.pool.lock();
-            pool.iter()
-                .position(|b| b.capacity() == cap)
-                .map(|i| pool.swap_remove(i))
+            let i = pool.free.iter().position(|b| b.capacity() == cap);
+            i.map(|i| {
+                pool.bytes -= cap;
+                pool.free.swap_remove(i)
+            })
         };
         let mut b = match found {
             Some(b) => b,
@@ -886,9 +913,9 @@ impl Connection {
 
     fn put_buf(&self, b: IoBuf) {
         let mut pool = self.pool.lock();
-        let held: usize = pool.iter().map(IoBuf::capacity).sum();
-        if held + b.capacity() <= POOL_BYTES {
-            pool.push(b);
+        if pool.bytes + b.capacity() <= POOL_BYTES {
+            pool.bytes += b.capacity();
+            pool.free.push(b);
         }
     }
 }

@@ -385,6 +385,41 @@ fn a_silent_client_is_dropped_at_the_handshake_deadline_and_connections_are_capp
 }
 
 #[test]
+fn a_client_that_never_reads_its_replies_loses_its_connection() {
+    let t = target(&["ram:64MiB"]);
+    let host = Host::connect(&t.local_uris()[0], HostOptions::default()).unwrap();
+    let server = Running::start(
+        host,
+        NbdConfig {
+            reply_timeout: Duration::from_millis(300),
+            ..NbdConfig::default()
+        },
+    );
+    let mut greedy = Client::go(server.addr, "1", true);
+    // 64 reads of 1 MiB: far more than the sockets buffer.
+    for i in 0..64u64 {
+        greedy.send(READ, 0, i, i << 20, 1 << 20, &[]);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    // What the sockets held comes, then the end: not all 64 MiB, since the
+    // server gave up on a client that did not read.
+    let mut sink = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    loop {
+        match greedy.s.read(&mut sink) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the connection stayed open ({e}) after {got} bytes"),
+        }
+    }
+    assert!(got < 64 << 20, "every reply was sent: {got} bytes");
+    // The server goes on serving others.
+    let mut c = Client::go(server.addr, "1", true);
+    assert!(c.call(READ, 0, 0, 512, &[]).is_ok());
+}
+
+#[test]
 fn stopping_closes_every_connection() {
     let t = target(&["ram:1MiB"]);
     let host = Host::connect(&t.local_uris()[0], HostOptions::default()).unwrap();
