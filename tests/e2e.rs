@@ -342,6 +342,173 @@ fn write_from_lands_at_every_size(t: &str) {
     host.close();
 }
 
+/// Storage windows (issue 18): data written by command is read through a
+/// window and the reverse, with RDMA Reads and Writes the I/O unit's
+/// threads take no part in (on rdma, the NIC's); a closed window's key,
+/// an address outside a window, a wrong key and a write into a read-only
+/// window are each refused by the responder (the NIC on rdma) and cost the
+/// host that connection only, after which it reconnects.
+fn storage_windows_reach_namespace_data_and_refuse_violations(t: &str) {
+    use chanio::host::{Host, HostError, HostOptions, Nsid};
+    let d = Daemon::start_on(t, &["--ns", "ram:8MiB"]);
+    let host = Host::connect(&d.uri, HostOptions::default()).unwrap_or_else(|e| panic!("{t}: connect: {e}"));
+    let other = Host::connect(&d.uri, HostOptions::default()).unwrap_or_else(|e| panic!("{t}: connect: {e}"));
+    let data = pattern(64 << 10, 61);
+    host.write(Nsid(1), 256, &data, false).unwrap();
+    let ro = host
+        .open_window(Nsid(1), 128, 1024, false)
+        .unwrap_or_else(|e| panic!("{t}: open: {e}"));
+    let mut buf = host.alloc(data.len()).unwrap();
+    ro.read_at(128 * 512, &mut buf)
+        .unwrap_or_else(|e| panic!("{t}: window read: {e}"));
+    assert!(buf[..] == data[..], "{t}: a window read of command data");
+
+    let rw = host.open_window(Nsid(1), 4096, 256, true).unwrap();
+    let written = pattern(100 << 10, 62);
+    let mut src = host.alloc(written.len()).unwrap();
+    src.copy_from_slice(&written);
+    rw.write_at(1000, &mut src)
+        .unwrap_or_else(|e| panic!("{t}: window write: {e}"));
+    rw.commit().unwrap_or_else(|e| panic!("{t}: commit: {e}"));
+    let back = host.read(Nsid(1), 4096, 256).unwrap();
+    assert!(
+        back[1000..1000 + written.len()] == written[..],
+        "{t}: a command read of window data"
+    );
+
+    let gone = |r: Result<(), HostError>| matches!(r, Err(HostError::WindowClosed(_)));
+    let mut probe = host.alloc(64).unwrap();
+    // Each violation is probed on a fresh window's connection (the one
+    // before closed the last), against that window's own key and bounds.
+    type Aim = fn(u32, u64, u64) -> (u32, u64);
+    let violations: [(&str, Aim, bool); 5] = [
+        ("a closed window's key", |stag, addr, _| (stag, addr), false),
+        ("past a window's end", |stag, addr, len| (stag, addr + len - 8), false),
+        ("before a window's start", |stag, addr, _| (stag, addr - 1), false),
+        ("a wrong key", |stag, addr, _| (stag ^ 0x0101_0101, addr), false),
+        ("a write into a read-only window", |stag, addr, _| (stag, addr), true),
+    ];
+    for (i, (what, aim, write)) in violations.into_iter().enumerate() {
+        let w = host
+            .open_window(Nsid(1), 8, 8, false)
+            .unwrap_or_else(|e| panic!("{t}: {what}: open: {e}"));
+        let (mut stag, mut addr) = w.stag();
+        if i == 0 {
+            let closed = host.open_window(Nsid(1), 8, 8, false).unwrap();
+            (stag, addr) = closed.stag();
+            closed.close().unwrap();
+        }
+        let (stag, addr) = aim(stag, addr, w.len());
+        assert!(
+            gone(w.transfer_unchecked(addr, stag, &mut probe, write)),
+            "{t}: {what} was not refused"
+        );
+        if i == 0 {
+            // Every window of that connection went with it.
+            assert!(gone(rw.read_at(0, &mut probe)), "{t}: a window outlived its connection");
+            assert!(gone(ro.read_at(0, &mut probe)), "{t}: a window outlived its connection");
+        }
+        assert!(
+            other.read(Nsid(1), 256, 1).is_ok(),
+            "{t}: {what}: another host lost service"
+        );
+        assert!(
+            host.read(Nsid(1), 256, 128).unwrap() == data,
+            "{t}: {what}: the host did not recover"
+        );
+    }
+    host.close();
+    other.close();
+}
+
+/// `hostctl window`: writes through a window land in the namespace,
+/// reads through one give what commands wrote, and what cannot be
+/// windowed or lies outside the window is refused with the reason.
+#[test]
+fn hostctl_window_reads_writes_and_explains_refusals() {
+    let scratch = Scratch::new("window-cli");
+    let img = scratch.path("disk.img");
+    let file_ns = format!("file:{}:1MiB", img.display());
+    let d = Daemon::start(&["--ns", "ram:4MiB", "--ns", &file_ns]);
+    let data = pattern(3 * 512 + 17, 71);
+    let (out, _) = hostctl(
+        &d.uri,
+        &[
+            "window", "write", "--ns", "1", "--lba", "40", "--blocks", "8", "--offset", "100",
+        ],
+        Some(&data),
+    );
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("committed"));
+    let back = read_blocks(&d.uri, 1, 40, 8);
+    assert!(
+        back[100..100 + data.len()] == data[..],
+        "window write read back by command"
+    );
+    let (out, _) = hostctl(
+        &d.uri,
+        &[
+            "window",
+            "read",
+            "--ns",
+            "1",
+            "--lba",
+            "40",
+            "--blocks",
+            "8",
+            "--offset",
+            "100",
+            "--len",
+            &data.len().to_string(),
+        ],
+        None,
+    );
+    assert!(ok(&out) == data, "window read");
+    let (out, _) = hostctl(
+        &d.uri,
+        &["--json", "window", "info", "--ns", "1", "--lba", "0", "--blocks", "2"],
+        None,
+    );
+    let text = String::from_utf8_lossy(&ok(&out)).into_owned();
+    assert!(
+        text.contains("\"len\":1024") && text.contains("\"writable\":false"),
+        "{text}"
+    );
+
+    let refused = |args: &[&str], input: Option<&[u8]>, want: &str, code: i32| {
+        let (out, _) = hostctl(&d.uri, args, input);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    };
+    refused(
+        &["window", "info", "--ns", "2", "--lba", "0", "--blocks", "1"],
+        None,
+        "Cannot Be Windowed",
+        4,
+    );
+    refused(
+        &["window", "info", "--ns", "1", "--lba", "8190", "--blocks", "4"],
+        None,
+        "LBA Out of Range",
+        4,
+    );
+    refused(
+        &["window", "write", "--ns", "1", "--lba", "0", "--blocks", "1"],
+        Some(&[0u8; 513]),
+        "longer than the 512 bytes",
+        1,
+    );
+    refused(
+        &[
+            "window", "read", "--ns", "1", "--lba", "0", "--blocks", "1", "--len", "513",
+        ],
+        None,
+        "513 bytes",
+        2,
+    );
+}
+
 // Every scenario runs over tcp and shm, and over rdma (verbs) in a build
 // with the `verbs` feature. `CHANIO_TEST_FABRICS` narrows the fabrics; the
 // rdma tests skip without an RDMA device unless `CHANIO_REQUIRE_VERBS=1`
@@ -393,6 +560,7 @@ on_every_fabric!(
     namespace_hot_detach_and_attach_deliver_events,
     every_command_works,
     write_from_lands_at_every_size,
+    storage_windows_reach_namespace_data_and_refuse_violations,
 );
 
 /// The line of `hostctl identify` output that starts with `label`.

@@ -116,6 +116,17 @@ impl<'a> Op<'a> {
         Ok(Op::io("Flush", Sqe::flush(CID, nsid), OpData::None))
     }
 
+    /// A storage window command (`nvme::window`) on an I/O queue.
+    pub(crate) fn window(nsid: Nsid, cmd: nvme::WindowCommand) -> Result<Op<'static>, HostError> {
+        check_nsid(nsid, false)?;
+        let sqe = cmd.to_sqe(CID, nsid);
+        Ok(match cmd {
+            nvme::WindowCommand::Open { .. } => Op::io("Window Open", sqe, OpData::In(nvme::WindowDescriptor::LEN)),
+            nvme::WindowCommand::Close { .. } => Op::io("Window Close", sqe, OpData::None),
+            nvme::WindowCommand::Commit { .. } => Op::io("Window Commit", sqe, OpData::None),
+        })
+    }
+
     /// Write Zeroes of `blocks` blocks at `slba`.
     pub(crate) fn write_zeroes(nsid: Nsid, slba: u64, blocks: u32) -> Result<Op<'static>, HostError> {
         check_nsid(nsid, false)?;

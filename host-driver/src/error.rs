@@ -74,6 +74,10 @@ pub enum HostError {
     /// The host was closed.
     #[error("the host connection is closed")]
     Closed,
+    /// A storage window is gone: closed, revoked by the I/O unit, or lost
+    /// with its queue's connection. Open a new one.
+    #[error("the storage window is gone: {0}")]
+    WindowClosed(String),
     /// The messaging layer failed.
     #[error(transparent)]
     Messaging(#[from] messaging::Error),

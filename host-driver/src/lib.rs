@@ -84,7 +84,7 @@ mod queue;
 
 pub use buf::IoBuf;
 pub use error::HostError;
-pub use host::{Host, HostEvent, NamespaceInfo, ADMIN_QUEUE_DEPTH};
+pub use host::{Host, HostEvent, NamespaceInfo, Window, ADMIN_QUEUE_DEPTH};
 pub use nvme::{IdentifyController, IdentifyNamespace, Nsid, Status};
 pub use options::{default_hostnqn, HostOptions, TargetUri, Transport, MAX_IO_QUEUES};
 

@@ -10,6 +10,7 @@
 //! threads = 0                              # threads serving them (0: one per CPU)
 //! max_controllers_per_host = 8             # controllers one host NQN may hold
 //! max_connections_per_address = 256        # tcp connections from one address
+//! max_windows_per_host = 64                # storage windows one host NQN holds
 //! shm_allow_uids = [1000]                  # users let in on shm:// listeners
 //! shm_allow_gids = []                      # ... or groups (primary group)
 //! shm_allow_any_user = false               # default: only the daemon's user
@@ -102,6 +103,7 @@ struct File {
     threads: Option<usize>,
     max_controllers_per_host: Option<usize>,
     max_connections_per_address: Option<usize>,
+    max_windows_per_host: Option<usize>,
     #[serde(default)]
     shm_allow_uids: Vec<u32>,
     #[serde(default)]
@@ -186,6 +188,7 @@ pub fn parse(text: &str, origin: &str) -> Result<DaemonConfig, ConfigError> {
                 .max_connections_per_address
                 .unwrap_or(defaults.max_connections_per_address),
             serial: None,
+            max_windows_per_host: file.max_windows_per_host.unwrap_or(defaults.max_windows_per_host),
         },
         namespaces,
     })

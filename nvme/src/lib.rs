@@ -55,6 +55,7 @@ pub mod log;
 pub mod sgl;
 pub mod status;
 pub mod transport;
+pub mod window;
 
 use std::fmt;
 
@@ -71,6 +72,7 @@ pub use identify::{AsciiField, Cns, IdentifyController, IdentifyNamespace, LbaFo
 pub use log::{ChangedNamespaceList, ErrorLogEntry, GetLogPage, LogPageId, SmartLog};
 pub use sgl::{Sgl, SGL_LEN};
 pub use status::{Status, StatusCodeType};
+pub use window::{WindowCommand, WindowDescriptor};
 
 /// Namespace identifier (NSID).
 ///

@@ -300,6 +300,10 @@ impl Status {
             (2, 0x84) => "End-to-end Reference Tag Check Error",
             (2, 0x85) => "Compare Failure",
             (2, 0x86) => "Access Denied",
+            // chanio's storage windows (`crate::window::status`).
+            (7, 0x01) => "Namespace Cannot Be Windowed (chanio)",
+            (7, 0x02) => "Window Limit Exceeded (chanio)",
+            (7, 0x03) => "Unknown Window (chanio)",
             (2, 0x87) => "Deallocated or Unwritten Logical Block",
             (3, 0x00) => "Internal Path Error",
             (3, 0x01) => "Asymmetric Access Persistent Loss",

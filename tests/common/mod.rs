@@ -211,9 +211,19 @@ pub fn hostctl(uri: &str, args: &[&str], stdin: Option<&[u8]>) -> (Output, Durat
 pub fn run_bounded(mut cmd: Command, stdin: Option<&[u8]>) -> (Output, Duration) {
     let started = Instant::now();
     let mut child = cmd.spawn().expect("spawn");
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(data).expect("write stdin");
-    }
+    // Fed from a thread, while the output is drained: a command that
+    // exits early (its stdin then breaks) still shows why, and one that
+    // writes much before it reads cannot deadlock the test.
+    let feeder = match (stdin, child.stdin.take()) {
+        (Some(data), Some(mut pipe)) => {
+            let data = data.to_vec();
+            Some(std::thread::spawn(move || match pipe.write_all(&data) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => panic!("write stdin: {e}"),
+                _ => {}
+            }))
+        }
+        _ => None,
+    };
     let out = child.stdout.take().map(|mut s| {
         std::thread::spawn(move || {
             let mut v = Vec::new();
@@ -238,6 +248,9 @@ pub fn run_bounded(mut cmd: Command, stdin: Option<&[u8]>) -> (Output, Duration)
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
     let output = Output {
         status,
         stdout: out.map(|t| t.join().unwrap_or_default()).unwrap_or_default(),

@@ -36,6 +36,12 @@ Examples:
   hostctl --target 127.0.0.1:4520 --json list
   hostctl --target 127.0.0.1:4520 --json identify --ns 1
 
+  # A storage window over 64 blocks of a RAM namespace: data moves by
+  # one-sided RDMA, without a command per access; a write is committed:
+  hostctl --target 127.0.0.1:4520 window info --ns 1 --lba 0 --blocks 64
+  head -c 8192 /dev/urandom | hostctl --target 127.0.0.1:4520 window write --ns 1 --lba 0 --blocks 64
+  hostctl --target 127.0.0.1:4520 window read --ns 1 --lba 0 --blocks 64 --offset 100 --len 16 | xxd
+
   # Print namespace changes as namespaces are attached or detached:
   hostctl --target 127.0.0.1:4520 watch --count 1 --timeout 60s
 
@@ -77,6 +83,7 @@ fn exit_status(e: &(dyn std::error::Error + 'static)) -> u8 {
             host::HostError::Connect { .. }
             | host::HostError::ConnectionLost { .. }
             | host::HostError::Timeout { .. }
+            | host::HostError::WindowClosed(_)
             | host::HostError::Messaging(_),
         ) => EXIT_CONNECTION,
         _ => EXIT_OTHER,
@@ -180,6 +187,13 @@ enum Command {
         #[command(flatten)]
         at: BlockRange,
     },
+    /// Try a storage window: open one over --blocks blocks of a namespace
+    /// from --lba, then print it (info), read from it (to stdout or
+    /// --output) or write to it (from stdin or --input, then commit), and
+    /// close it. The data moves by one-sided RDMA Reads and Writes that the
+    /// I/O unit's command threads take no part in. Only RAM namespaces can
+    /// be windowed.
+    Window(WindowArgs),
     /// Measure IOPS, bandwidth and latency.
     Bench(BenchArgs),
     /// Serve the namespaces over NBD until SIGINT or SIGTERM, for nbdinfo,
@@ -209,6 +223,40 @@ struct Lba {
     /// Starting logical block address.
     #[arg(long, value_name = "LBA")]
     lba: u64,
+}
+
+#[derive(Debug, Args)]
+struct WindowArgs {
+    /// info: open the window and print its steering tag, address and
+    /// length; read: copy window bytes out; write: copy bytes in, commit.
+    #[arg(value_enum)]
+    action: WindowAction,
+    /// The window: namespace, first block and number of blocks.
+    #[command(flatten)]
+    at: BlockRange,
+    /// With info: ask for a writable window.
+    #[arg(long)]
+    writable: bool,
+    /// Byte offset in the window where the read or write starts (any
+    /// alignment).
+    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    offset: u64,
+    /// Bytes to read (default: to the window's end).
+    #[arg(long, value_name = "BYTES")]
+    len: Option<u64>,
+    /// With read: write the data here instead of stdout.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// With write: read the data from here instead of stdin.
+    #[arg(long, short = 'i', value_name = "FILE")]
+    input: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WindowAction {
+    Info,
+    Read,
+    Write,
 }
 
 #[derive(Debug, Args)]
@@ -352,6 +400,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 "--json with read needs --output FILE: the data goes to stdout otherwise".into(),
             )));
         }
+        if let Command::Window(WindowArgs {
+            action: WindowAction::Read,
+            output: None,
+            ..
+        }) = &cli.command
+        {
+            return Err(Box::new(UsageError(
+                "--json with window read needs --output FILE: the data goes to stdout otherwise".into(),
+            )));
+        }
     }
     let host = Host::connect(&target, opts)?;
     let result = if cli.json {
@@ -466,6 +524,7 @@ fn command_json(host: &Host, command: Command) -> Result<(), CliError> {
             host.write_zeroes(Nsid(at.at.ns), at.at.lba, at.blocks)?;
             json!({ "nsid": at.at.ns, "lba": at.at.lba, "blocks": at.blocks, "zeroed": true })
         }
+        Command::Window(args) => return window(host, args, true, &mut out),
         Command::Bench(b) => return bench(host, b, true, &mut out),
         Command::ServeNbd(args) => return serve_nbd(host, args, true, &mut out),
         Command::Watch { count, timeout } => return watch(host, count, timeout, true, &mut out),
@@ -591,6 +650,7 @@ fn command(host: &Host, command: Command) -> Result<(), CliError> {
         Command::Flush { ns } => host.flush(Nsid(ns))?,
         Command::Trim { at } => host.trim(Nsid(at.at.ns), at.at.lba, at.blocks)?,
         Command::WriteZeroes { at } => host.write_zeroes(Nsid(at.at.ns), at.at.lba, at.blocks)?,
+        Command::Window(args) => window(host, args, false, &mut out)?,
         Command::Bench(b) => bench(host, b, false, &mut out)?,
         Command::ServeNbd(args) => serve_nbd(host, args, false, &mut out)?,
         Command::Watch { count, timeout } => watch(host, count, timeout, false, &mut out)?,
@@ -675,6 +735,151 @@ fn write_command(
     };
     let blocks = write_stream(host, nsid, at.lba, bs as usize, pad, fua, source)?;
     Ok(blocks)
+}
+
+/// Bytes a window read or write moves per RDMA operation.
+const WINDOW_CHUNK: u64 = 1 << 20;
+
+/// `window`: opens a window, does the one action, closes it.
+fn window(host: &Host, args: WindowArgs, json: bool, out: &mut impl Write) -> Result<(), CliError> {
+    let blocks = u32::try_from(args.at.blocks).map_err(|_| {
+        UsageError(format!(
+            "--blocks {}: a window has at most {} blocks",
+            args.at.blocks,
+            u32::MAX
+        ))
+    })?;
+    let (ns, lba) = (Nsid(args.at.at.ns), args.at.at.lba);
+    if args.input.is_some() && args.action != WindowAction::Write {
+        return Err(Box::new(UsageError("--input applies to window write only".into())));
+    }
+    if args.output.is_some() && args.action != WindowAction::Read {
+        return Err(Box::new(UsageError("--output applies to window read only".into())));
+    }
+    let writable = args.writable || args.action == WindowAction::Write;
+    let w = host.open_window(ns, lba, blocks, writable)?;
+    let (stag, addr) = w.stag();
+    if args.offset > w.len() {
+        return Err(Box::new(UsageError(format!(
+            "--offset {} is past the window's {} bytes",
+            args.offset,
+            w.len()
+        ))));
+    }
+    let moved = match args.action {
+        WindowAction::Info => 0,
+        WindowAction::Read => {
+            let len = args.len.unwrap_or(w.len() - args.offset);
+            let mut file;
+            let mut stdout;
+            let sink: &mut dyn Write = match &args.output {
+                Some(path) => {
+                    file = std::fs::File::create(path).map_err(|e| format!("writing {}: {e}", path.display()))?;
+                    &mut file
+                }
+                None => {
+                    stdout = std::io::stdout().lock();
+                    &mut stdout
+                }
+            };
+            let mut buf = host.alloc(len.clamp(1, WINDOW_CHUNK) as usize)?;
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(WINDOW_CHUNK) as usize;
+                buf.set_len(n)?;
+                w.read_at(args.offset + done, &mut buf)?;
+                sink.write_all(&buf)?;
+                done += n as u64;
+            }
+            sink.flush()?;
+            len
+        }
+        WindowAction::Write => {
+            if args.len.is_some() {
+                return Err(Box::new(UsageError(
+                    "--len applies to window read; a write writes all its input".into(),
+                )));
+            }
+            let mut file;
+            let mut stdin;
+            let source: &mut dyn Read = match &args.input {
+                Some(path) => {
+                    file = std::fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+                    &mut file
+                }
+                None => {
+                    stdin = std::io::stdin().lock();
+                    &mut stdin
+                }
+            };
+            let mut chunk = vec![0u8; WINDOW_CHUNK as usize];
+            let mut buf = host.alloc(WINDOW_CHUNK as usize)?;
+            let mut done = 0u64;
+            loop {
+                let n = read_full(source, &mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                if args.offset + done + n as u64 > w.len() {
+                    return Err(format!(
+                        "the input is longer than the {} bytes from --offset {} to the window's end",
+                        w.len() - args.offset,
+                        args.offset
+                    )
+                    .into());
+                }
+                buf.set_len(n)?;
+                buf.copy_from_slice(&chunk[..n]);
+                w.write_at(args.offset + done, &mut buf)?;
+                done += n as u64;
+            }
+            w.commit()?;
+            done
+        }
+    };
+    let value = serde_json::json!({
+        "nsid": ns.0, "lba": lba, "blocks": blocks, "writable": w.writable(),
+        "stag": format!("{stag:#010x}"), "addr": format!("{addr:#x}"), "len": w.len(),
+        "action": format!("{:?}", args.action).to_lowercase(), "bytes": moved,
+    });
+    w.close()?;
+    match (json, args.action) {
+        (true, _) => writeln!(out, "{value}")?,
+        (false, WindowAction::Info) => {
+            writeln!(
+                out,
+                "window:        namespace {} blocks {lba}..{}",
+                ns.0,
+                lba + u64::from(blocks)
+            )?;
+            writeln!(out, "steering tag:  {stag:#010x}")?;
+            writeln!(out, "address:       {addr:#x}")?;
+            writeln!(out, "length:        {} bytes", value["len"])?;
+            writeln!(
+                out,
+                "access:        {}",
+                if writable { "read-write" } else { "read-only" }
+            )?;
+        }
+        (false, WindowAction::Read) => {}
+        (false, WindowAction::Write) => eprintln!("wrote {moved} bytes through the window and committed them"),
+    }
+    Ok(())
+}
+
+/// Fills `buf` from `source` as far as it goes; the bytes read (fewer only
+/// at the end of the input).
+fn read_full(source: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match source.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 fn serve_nbd(host: &Host, args: ServeNbdArgs, json: bool, out: &mut impl Write) -> Result<(), CliError> {

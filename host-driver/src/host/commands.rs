@@ -55,7 +55,7 @@ impl Inner {
 
     /// Block size and capacity of `nsid`, from the cache or Identify. An
     /// error identifying it is reported as the failure of `command`.
-    async fn namespace_info(&self, nsid: Nsid, command: &'static str) -> Result<NamespaceInfo, HostError> {
+    pub(super) async fn namespace_info(&self, nsid: Nsid, command: &'static str) -> Result<NamespaceInfo, HostError> {
         command::check_nsid(nsid, false)?;
         if let Some(info) = self.namespaces.lock().get(&nsid.0) {
             return Ok(*info);

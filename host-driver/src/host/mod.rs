@@ -32,8 +32,10 @@ use crate::HostError;
 mod background;
 mod commands;
 mod session;
+mod window;
 
 use session::*;
+pub use window::Window;
 
 /// Entries of the admin queue.
 pub const ADMIN_QUEUE_DEPTH: u16 = 32;

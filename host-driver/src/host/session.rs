@@ -218,7 +218,7 @@ impl Inner {
 
     /// The current session, waiting while reconnecting (until the reconnect
     /// deadline or `deadline`).
-    fn session(&self, deadline: Instant) -> impl Future<Output = Result<Arc<Session>, HostError>> + '_ {
+    pub(super) fn session(&self, deadline: Instant) -> impl Future<Output = Result<Arc<Session>, HostError>> + '_ {
         // Dropped with the future: the timer forgets the wake-up.
         let mut entry = None;
         std::future::poll_fn(move |cx| {

@@ -196,6 +196,11 @@ impl Cell {
 }
 
 impl Queue {
+    /// The queue's channel (storage windows do one-sided RDMA on it).
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.ep
+    }
+
     /// Opens the channel of queue `qid` and runs the Fabrics Connect
     /// exchange. Returns the queue and the controller ID.
     ///

@@ -166,6 +166,24 @@ pub trait BlockIo: Send + Sync + fmt::Debug {
     fn may_block(&self) -> bool {
         true
     }
+
+    /// The memory that holds this backend's blocks, byte 0 being block 0,
+    /// for storage windows to register in place (hosts then reach it with
+    /// one-sided RDMA). `None` (the default): the backend cannot be
+    /// windowed.
+    fn window_memory(&self) -> Option<Arc<dyn messaging::mr::ExternalMemory>> {
+        None
+    }
+
+    /// Makes `len` bytes at `offset` that a window wrote durable (a
+    /// window's commit). The default flushes the whole backend.
+    ///
+    /// # Errors
+    /// `OutOfRange`, or what [`BlockIo::flush`] gives.
+    fn commit(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(self.geometry(), offset, len)?;
+        self.flush()
+    }
 }
 
 /// Zeroing a range without sending zeros.

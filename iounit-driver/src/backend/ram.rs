@@ -8,7 +8,9 @@
 //! two-dimensional page walk).
 
 use std::ptr::NonNull;
+use std::sync::Arc;
 
+use messaging::mr::ExternalMemory;
 use parking_lot::Mutex;
 
 use super::{check_range, BlockError, BlockIo, Discard, ErrorKind, Geometry, WriteZeroes};
@@ -18,7 +20,8 @@ const STRIPE: u64 = 1 << 20;
 /// A memory-backed namespace.
 pub struct RamBackend {
     geometry: Geometry,
-    arena: Arena,
+    /// Shared with the storage windows that expose it.
+    arena: Arc<Arena>,
     /// One lock per [`STRIPE`] bytes of `arena`.
     stripes: Vec<Mutex<()>>,
 }
@@ -55,6 +58,7 @@ impl RamBackend {
             )
         })?;
         let arena = Arena::new(len)
+            .map(Arc::new)
             .map_err(|e| BlockError::new(ErrorKind::Open, format!("cannot map {size} bytes of RAM: {e}")))?;
         let stripes = (0..size.div_ceil(STRIPE)).map(|_| Mutex::new(())).collect();
         Ok(RamBackend {
@@ -130,6 +134,9 @@ fn copy_streaming(dst: &mut [u8], src: &[u8]) {
 }
 
 /// An anonymous private mapping, zero-filled by the kernel on first touch.
+/// Storage windows register it in place: a host's RDMA reaches it without
+/// the stripe locks, as DMA would (`docs/protocol.md` §9.6 says what a
+/// command and a window access to the same blocks at once give).
 struct Arena {
     ptr: NonNull<u8>,
     len: usize,
@@ -165,6 +172,21 @@ impl Arena {
         // SAFETY: advises on exactly the mapping made above.
         unsafe { libc::madvise(raw, len, libc::MADV_HUGEPAGE) };
         Ok(Arena { ptr, len })
+    }
+}
+
+// SAFETY: one mapping of `len` readable and writable bytes, unmapped only
+// when the arena is dropped, so for as long as any holder of the `Arc`
+// lives. The backend reaches the bytes only for the length of one copy,
+// under a stripe lock; a peer's RDMA racing with it changes bytes, never
+// memory safety (bytes have no invalid values).
+unsafe impl ExternalMemory for Arena {
+    fn as_ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
+    fn len(&self) -> usize {
+        self.len
     }
 }
 
@@ -213,6 +235,16 @@ impl BlockIo for RamBackend {
 
     fn may_block(&self) -> bool {
         false
+    }
+
+    fn window_memory(&self) -> Option<Arc<dyn ExternalMemory>> {
+        Some(self.arena.clone())
+    }
+
+    fn commit(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        // Memory is this namespace's storage: what a window write placed is
+        // as durable as a command's write once it landed.
+        check_range(self.geometry, offset, len)
     }
 }
 

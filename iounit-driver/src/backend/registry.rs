@@ -32,6 +32,9 @@ pub const MAX_NAMESPACES: u32 = 1024;
 pub enum RegistryEvent {
     /// A namespace was attached.
     Attached(u32),
+    /// A namespace left the registry: no new command finds it, and those
+    /// running are being waited for (`Detached` follows).
+    Detaching(u32),
     /// A namespace was detached (its in-flight commands finished).
     Detached(u32),
 }
@@ -175,6 +178,7 @@ impl Registry {
             ns.detached.store(true, Ordering::SeqCst);
             ns
         };
+        self.notify(RegistryEvent::Detaching(nsid));
         let started = Instant::now();
         let deadline = started + timeout;
         let mut guard = ns.idle_lock.lock();
@@ -330,6 +334,7 @@ mod tests {
                 RegistryEvent::Attached(1),
                 RegistryEvent::Attached(5),
                 RegistryEvent::Attached(2),
+                RegistryEvent::Detaching(2),
                 RegistryEvent::Detached(2)
             ]
         );

@@ -37,6 +37,7 @@ use crate::transport;
 mod blocking;
 mod lobby;
 pub mod queue;
+mod windows;
 mod worker;
 
 pub use crate::transport::DEFAULT_NQN;
@@ -80,6 +81,9 @@ pub struct TargetConfig {
     /// 20 printable ASCII characters); `None` makes a new one at start
     /// ([`crate::identity`] keeps one across restarts).
     pub serial: Option<String>,
+    /// Storage windows one host NQN may hold open at once (Window Open
+    /// beyond it fails with Window Limit Exceeded).
+    pub max_windows_per_host: usize,
 }
 
 impl Default for TargetConfig {
@@ -97,6 +101,7 @@ impl Default for TargetConfig {
             shm_access: messaging::provider::shm::ShmAccess::default(),
             max_connections_per_address: 256,
             serial: None,
+            max_windows_per_host: 64,
         }
     }
 }
@@ -212,6 +217,8 @@ pub(crate) struct Shared {
     pub(crate) serial: String,
     /// Each namespace's NGUID and UUID (zero, so not reported, when unset).
     namespace_ids: parking_lot::RwLock<HashMap<u32, nvme::NamespaceIds>>,
+    /// Every open storage window.
+    pub(crate) windows: windows::Windows,
 }
 
 impl Target {
@@ -253,6 +260,7 @@ impl Target {
             listeners.push(listener);
         }
         let serial = cfg.serial.clone().unwrap_or_else(crate::identity::new_serial);
+        let cfg_windows = cfg.max_windows_per_host;
         let shared = Arc::new(Shared {
             cfg,
             nqn,
@@ -273,6 +281,7 @@ impl Target {
             serial,
             namespace_ids: parking_lot::RwLock::new(HashMap::new()),
             stats: Stats::new(),
+            windows: windows::Windows::new(cfg_windows),
         });
         let weak = Arc::downgrade(&shared);
         shared.registry.subscribe(move |event| {
@@ -344,6 +353,10 @@ impl Target {
             masks.insert(nsid, hosts.to_vec());
         }
         self.shared.mask_generation.fetch_add(1, Ordering::AcqRel);
+        drop(masks);
+        self.shared
+            .windows
+            .revoke_namespace(nsid, "its namespace's hosts changed");
         Ok(())
     }
 
@@ -387,6 +400,7 @@ impl Target {
                 None => break,
             }
         }
+        self.shared.windows.revoke_all();
         tracing::info!("shut down");
     }
 }
@@ -682,8 +696,13 @@ impl Shared {
 
     fn namespace_changed(&self, event: &RegistryEvent) {
         let nsid = match event {
+            RegistryEvent::Detaching(n) => {
+                self.windows.revoke_namespace(*n, "its namespace is being detached");
+                return;
+            }
             RegistryEvent::Attached(n) | RegistryEvent::Detached(n) => *n,
         };
+        self.windows.revoke_namespace(nsid, "its namespace changed");
         let ctrls: Vec<Arc<Controller>> = self.controllers.lock().values().cloned().collect();
         for c in ctrls {
             c.namespace_changed(nsid);

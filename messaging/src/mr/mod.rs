@@ -62,7 +62,7 @@ use parking_lot::{Mutex, RwLock};
 mod region;
 
 use region::*;
-pub use region::{Buf, BufPool, RemoteTarget};
+pub use region::{Buf, BufPool, Exposure, RemoteTarget};
 
 /// Access rights of a registration, as verbs' `ibv_access_flags`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -302,6 +302,31 @@ pub unsafe trait RegionAllocator: Send + Sync {
     unsafe fn free(&self, ptr: NonNull<u8>, len: usize, handle: u64);
 }
 
+/// Memory owned by something else (a storage backend's arena, a file
+/// mapped shared) that a domain registers in place
+/// ([`ProtectionDomain::register_external`]): peers then read and write it
+/// by remote key with no copy through a buffer of ours.
+///
+/// # Safety
+/// Implementors promise that `as_ptr()..as_ptr() + len()` is one mapping
+/// of readable and writable bytes that stays mapped, at that address, for
+/// as long as the value lives; that both methods always return the same
+/// values; and that the bytes carry no invariant beyond being bytes: they
+/// may be read and written from any thread at any time (a peer's RDMA
+/// lands in them while local code uses them, as DMA does; the owner's own
+/// accesses go through raw pointers, never through a reference that
+/// claims the bytes unchanging or exclusive for longer than a copy).
+pub unsafe trait ExternalMemory: Send + Sync {
+    /// The first byte.
+    fn as_ptr(&self) -> NonNull<u8>;
+    /// The length in bytes.
+    fn len(&self) -> usize;
+    /// Whether the memory is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Why a one-sided access by remote key was refused. Every kind maps to the
 /// verbs completion status "remote access error" for the initiator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -470,13 +495,7 @@ impl ProtectionDomain {
                 }
             }
             None => {
-                let key = loop {
-                    let n = self.inner.key_counter.fetch_add(1, Ordering::Relaxed);
-                    let k = self.inner.key_hash.hash_one(n) as u32;
-                    if k != 0 && !self.inner.regions.read().contains_key(&k) {
-                        break k;
-                    }
-                };
+                let key = self.fresh_key();
                 (LKey(key), RKey(key), None)
             }
         };
@@ -494,9 +513,88 @@ impl ProtectionDomain {
             pd: Arc::downgrade(&self.inner),
             device,
             allocation,
+            external: None,
         });
         self.inner.regions.write().insert(lkey.0, Arc::downgrade(&region));
         Ok(BufPool { region })
+    }
+
+    /// Registers `len` bytes at `offset` of memory owned elsewhere (a
+    /// storage backend's arena, a shared file mapping) in place, with the
+    /// given remote rights: peers of this domain's queue pairs then reach
+    /// exactly that range by the returned [`Exposure`]'s key, and the data
+    /// moves straight to and from it (a device registers it too). Nothing
+    /// can be checked out of it locally. Dropping the exposure revokes the
+    /// key at once (a transfer already under way finishes), and the owner
+    /// is released once the device let go of the memory.
+    ///
+    /// # Errors
+    /// [`MrError::InvalidSize`] for an empty range or one outside the
+    /// memory, [`MrError::InvalidAccess`] for remote write without local
+    /// write, or the registrar's error when the device refuses.
+    pub fn register_external(
+        &self,
+        memory: Arc<dyn ExternalMemory>,
+        offset: usize,
+        len: usize,
+        access: Access,
+    ) -> Result<Exposure, MrError> {
+        if access.contains(Access::REMOTE_WRITE) && !access.contains(Access::LOCAL_WRITE) {
+            return Err(MrError::InvalidAccess);
+        }
+        let invalid = MrError::InvalidSize {
+            chunk_size: len,
+            count: 1,
+        };
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > memory.len()) || len > isize::MAX as usize / 2 {
+            return Err(invalid);
+        }
+        let layout = Layout::from_size_align(len, 1).map_err(|_| invalid)?;
+        // SAFETY: `offset + len` is within the memory (checked above), which
+        // `ExternalMemory` promises is one live mapping while `memory` lives.
+        let ptr = unsafe { NonNull::new_unchecked(memory.as_ptr().as_ptr().add(offset)) };
+        let (lkey, rkey, device) = match &self.inner.registrar {
+            Some(registrar) => {
+                // SAFETY: the range is live for as long as `memory`, which
+                // the region keeps until after `deregister` returned `Ok`
+                // (and leaks when it does not).
+                let reg = unsafe { registrar.register(ptr.as_ptr(), len, access) }?;
+                (reg.lkey, reg.rkey, Some((registrar.clone(), reg.handle)))
+            }
+            None => {
+                let key = self.fresh_key();
+                (LKey(key), RKey(key), None)
+            }
+        };
+        let region = Arc::new(Region {
+            ptr,
+            layout,
+            chunk_size: len,
+            count: 1,
+            lkey,
+            rkey,
+            access,
+            free: Mutex::new(Vec::new()),
+            free_count: AtomicUsize::new(0),
+            pieces: vec![AtomicU32::new(0)].into_boxed_slice(),
+            pd: Arc::downgrade(&self.inner),
+            device,
+            allocation: None,
+            external: Some(memory),
+        });
+        self.inner.regions.write().insert(lkey.0, Arc::downgrade(&region));
+        Ok(Exposure { region })
+    }
+
+    /// A software key no live registration of this domain holds.
+    fn fresh_key(&self) -> u32 {
+        loop {
+            let n = self.inner.key_counter.fetch_add(1, Ordering::Relaxed);
+            let k = self.inner.key_hash.hash_one(n) as u32;
+            if k != 0 && !self.inner.regions.read().contains_key(&k) {
+                break k;
+            }
+        }
     }
 
     /// Looks up `len` bytes at `addr` under remote key `rkey`, needing the

@@ -26,6 +26,10 @@ pub(super) struct Region {
     pub(super) device: Option<(Arc<dyn Registrar>, u64)>,
     /// The allocator that provided the memory and its handle (heap if none).
     pub(super) allocation: Option<(Arc<dyn RegionAllocator>, u64)>,
+    /// The owner of memory registered in place
+    /// ([`ProtectionDomain::register_external`]): kept alive while the
+    /// region lives, and never freed by it.
+    pub(super) external: Option<Arc<dyn ExternalMemory>>,
 }
 
 /// Frees region memory where it came from.
@@ -99,8 +103,15 @@ impl Drop for Region {
                     bytes = self.layout.size(),
                     "deregistration failed; leaking the memory instead of freeing it"
                 );
+                // Memory owned elsewhere must outlive the device's reach
+                // too: its owner is leaked with it.
+                std::mem::forget(self.external.take());
                 return;
             }
+        }
+        if self.external.take().is_some() {
+            // Registered in place: the owner frees its memory.
+            return;
         }
         // SAFETY: `ptr` came from `map_anonymous(self.layout.size())` (or the
         // allocator in `allocation`) and is freed once, here, after the last
@@ -427,6 +438,77 @@ impl fmt::Debug for RemoteTarget {
             .field("rkey", &self.region.rkey)
             .field("offset", &self.offset)
             .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// Memory owned elsewhere, registered in place
+/// ([`ProtectionDomain::register_external`]): peers of the domain reach
+/// it by [`Exposure::rkey`] until the exposure is dropped, which revokes
+/// the key at once.
+pub struct Exposure {
+    pub(super) region: Arc<Region>,
+}
+
+impl Exposure {
+    fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// The remote key peers name the memory by.
+    pub fn rkey(&self) -> RKey {
+        self.region().rkey
+    }
+
+    /// The local key (for this side's own work requests on the device).
+    pub fn lkey(&self) -> LKey {
+        self.region().lkey
+    }
+
+    /// The address of the first byte, as peers name it.
+    pub fn addr(&self) -> u64 {
+        self.region().ptr.as_ptr() as u64
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> u64 {
+        self.region().layout.size() as u64
+    }
+
+    /// Whether the exposure is empty (never: registration refuses that).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rights peers have.
+    pub fn access(&self) -> Access {
+        self.region().access
+    }
+}
+
+impl Drop for Exposure {
+    fn drop(&mut self) {
+        let region = &self.region;
+        // Revoked now, even while a transfer under way holds the region:
+        // no new access finds the key.
+        if let Some(pd) = region.pd.upgrade() {
+            let mut regions = pd.regions.write();
+            if regions
+                .get(&region.lkey.0)
+                .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(region)))
+            {
+                regions.remove(&region.lkey.0);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Exposure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Exposure")
+            .field("rkey", &self.rkey())
+            .field("len", &self.len())
+            .field("access", &self.access())
             .finish()
     }
 }

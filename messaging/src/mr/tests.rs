@@ -273,3 +273,115 @@ fn split_pieces_are_disjoint_and_the_chunk_returns_with_the_last() {
     let other = pool.checkout().unwrap();
     assert_eq!(again.capacity() + other.capacity(), 2000);
 }
+
+/// Test memory owned outside the domain; counts its owners' drops.
+struct Owned {
+    bytes: Box<[std::cell::UnsafeCell<u8>]>,
+    dropped: Arc<AtomicU32>,
+}
+
+// SAFETY: the bytes are `UnsafeCell`s, written only through raw pointers.
+unsafe impl Sync for Owned {}
+
+// SAFETY: one boxed allocation that lives as long as the value; the
+// bytes are cells, so concurrent writes through the pointer are allowed.
+unsafe impl ExternalMemory for Owned {
+    fn as_ptr(&self) -> NonNull<u8> {
+        NonNull::new(self.bytes.as_ptr() as *mut u8).unwrap()
+    }
+    fn len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn owned(len: usize) -> (Arc<Owned>, Arc<AtomicU32>) {
+    let dropped = Arc::new(AtomicU32::new(0));
+    let bytes = (0..len).map(|i| std::cell::UnsafeCell::new(i as u8)).collect();
+    (
+        Arc::new(Owned {
+            bytes,
+            dropped: dropped.clone(),
+        }),
+        dropped,
+    )
+}
+
+#[test]
+fn external_memory_is_reached_in_place_within_its_range_and_rights() {
+    let pd = ProtectionDomain::new().child().unwrap();
+    let (mem, dropped) = owned(8192);
+    let base = mem.as_ptr().as_ptr() as u64;
+    let x = pd
+        .register_external(mem.clone(), 4096, 1024, Access::REMOTE_READ)
+        .unwrap();
+    assert_eq!(
+        (x.addr(), x.len(), x.access()),
+        (base + 4096, 1024, Access::REMOTE_READ)
+    );
+    // The owner's bytes, in place: what it holds at 4096.. is what a peer reads.
+    let t = pd
+        .remote_target(x.rkey(), x.addr() + 10, 4, Access::REMOTE_READ)
+        .unwrap();
+    assert_eq!(t.as_slice(), &[10, 11, 12, 13]);
+    drop(t);
+    for (addr, len, need) in [
+        (x.addr() - 1, 1, Access::REMOTE_READ),
+        (x.addr() + 1020, 8, Access::REMOTE_READ),
+        (x.addr(), 1, Access::REMOTE_WRITE),
+    ] {
+        assert!(
+            pd.remote_target(x.rkey(), addr, len, need).is_err(),
+            "{addr:#x}+{len} {need:?}"
+        );
+    }
+    // Another domain does not know the key.
+    let other = ProtectionDomain::new();
+    assert!(other.remote_target(x.rkey(), x.addr(), 1, Access::REMOTE_READ).is_err());
+
+    // A writable exposure writes the owner's memory.
+    let w = pd
+        .register_external(mem.clone(), 0, 4096, Access::LOCAL_WRITE | Access::REMOTE_WRITE)
+        .unwrap();
+    pd.remote_target(w.rkey(), w.addr() + 1, 2, Access::REMOTE_WRITE)
+        .unwrap()
+        .as_mut_slice()
+        .copy_from_slice(&[0xaa, 0xbb]);
+    // SAFETY: test-only read of bytes nothing writes concurrently.
+    let seen = unsafe { std::slice::from_raw_parts(mem.as_ptr().as_ptr(), 4) }.to_vec();
+    assert_eq!(seen, [0, 0xaa, 0xbb, 3]);
+
+    // Dropping revokes at once, even while a transfer holds the region;
+    // the owner goes when the last holder does.
+    let in_flight = pd.remote_target(x.rkey(), x.addr(), 1, Access::REMOTE_READ).unwrap();
+    let key = x.rkey();
+    drop(x);
+    assert!(matches!(
+        pd.remote_target(key, base + 4096, 1, Access::REMOTE_READ),
+        Err(RemoteAccessError::BadKey(_))
+    ));
+    drop((in_flight, w, mem));
+    assert_eq!(dropped.load(Ordering::Relaxed), 1);
+    assert_eq!(pd.registrations(), 0);
+}
+
+#[test]
+fn external_ranges_outside_the_memory_or_empty_are_refused() {
+    let pd = ProtectionDomain::new();
+    let (mem, _) = owned(4096);
+    for (offset, len) in [(0, 0), (0, 4097), (4096, 1), (usize::MAX, 2)] {
+        assert!(matches!(
+            pd.register_external(mem.clone(), offset, len, Access::REMOTE_READ),
+            Err(MrError::InvalidSize { .. })
+        ));
+    }
+    assert!(matches!(
+        pd.register_external(mem, 0, 1, Access::REMOTE_WRITE),
+        Err(MrError::InvalidAccess)
+    ));
+}

@@ -209,7 +209,7 @@ impl Queue {
 
 /// Copies the first `dest.len()` bytes of `data` into `dest`
 /// (`push_to_host` never asks for more than `data` holds).
-fn copy_out(data: &[u8], dest: &mut [u8]) -> Result<(), Status> {
+pub(super) fn copy_out(data: &[u8], dest: &mut [u8]) -> Result<(), Status> {
     let src = data.get(..dest.len()).ok_or(Status::INTERNAL_ERROR)?;
     dest.copy_from_slice(src);
     Ok(())

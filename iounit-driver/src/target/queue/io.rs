@@ -44,6 +44,9 @@ impl Queue {
     }
 
     fn io_checked(&mut self, sqe: &Sqe, inline: &[u8]) -> Result<Outcome, QueueError> {
+        if let Some(cmd) = crate::nvme::WindowCommand::decode(sqe) {
+            return self.window(sqe, cmd);
+        }
         let Some(op) = IoOpcode::from_u8(sqe.opcode) else {
             return Ok(Outcome::status(Status::INVALID_OPCODE.with_dnr()));
         };

@@ -72,6 +72,7 @@ mod io;
 mod storage;
 #[cfg(test)]
 mod tests;
+mod window;
 
 pub(crate) use connect::{admit_first, Admission, Admitted};
 use io::{block_status, PendingWrite};
@@ -249,6 +250,8 @@ pub(crate) struct Queue {
     offload: storage::Offloaded,
     /// Since when the queue drains for a shutdown.
     draining_since: Option<Instant>,
+    /// Names this queue's storage windows (`super::windows`).
+    serial: u64,
     /// The queue's place among the `workers` served at once.
     _worker: connect::WorkerSlot,
 }
@@ -299,6 +302,7 @@ impl Queue {
             ring: None,
             offload: storage::Offloaded::default(),
             draining_since: None,
+            serial: shared.windows.queue_serial(),
             _worker: worker,
         })
     }
@@ -318,6 +322,8 @@ impl Queue {
         // namespaces.
         self.writes.clear();
         self.awaiting.clear();
+        // Its windows' keys live in the channel's domain: revoked with it.
+        self.shared.windows.revoke_queue(self.serial);
         self.ep.close();
         if self.qid == 0 {
             self.shared.remove_controller(self.ctrl.cntlid);
