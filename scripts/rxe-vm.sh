@@ -33,6 +33,11 @@ Options:
   --env NAME=VALUE  set a variable for CMD (repeatable); PATH, RUST_LOG,
                     RUST_BACKTRACE and every CHANIO_* variable pass through
   --no-rxe          boot without creating rxe0 (rdma_rxe is still loaded)
+  --disk FILE       attach FILE as a raw virtio disk (the guest's /dev/vda
+                    once CMD runs `modprobe virtio_blk`), written through
+                    to FILE with no cache on this side (cache=directsync):
+                    what the guest wrote and flushed is in FILE whenever
+                    the guest stops, a power cut included
   --kernel-only     fetch the kernel and build the initramfs, then exit
   -h, --help        this text
 
@@ -110,6 +115,7 @@ timeout_s=3600
 rxe=1
 kernel_only=0
 extra_env=()
+disk=()
 while (($#)); do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -118,6 +124,10 @@ while (($#)); do
     --timeout) timeout_s=${2:?--timeout needs seconds}; shift ;;
     --env) [[ "${2:-}" == *=* ]] || die "--env takes NAME=VALUE"; extra_env+=("$2"); shift ;;
     --no-rxe) rxe=0 ;;
+    --disk)
+      [[ -f "${2:-}" ]] || die "--disk needs an existing file"
+      disk=(-drive "file=$(cd "$(dirname "$2")" && pwd)/$(basename "$2"),if=virtio,format=raw,cache=directsync")
+      shift ;;
     --kernel-only) kernel_only=1 ;;
     --) shift; break ;;
     -*) die "unknown option $1 (see --help)" ;;
@@ -272,7 +282,7 @@ timeout --foreground -k 10 "$timeout_s" \
     -chardev stdio,id=con,signal=off -serial chardev:con \
     -kernel "$kroot/boot/vmlinuz-$kver" -initrd "$initrd" \
     -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init" \
-    "${qemu_args[@]}" </dev/null || status=$?
+    "${qemu_args[@]}" "${disk[@]}" </dev/null || status=$?
 if ((status == 124 || status == 137)); then
   echo "rxe-vm: the guest ran past --timeout ${timeout_s}s" >&2
   exit 124

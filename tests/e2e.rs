@@ -350,7 +350,9 @@ fn write_from_lands_at_every_size(t: &str) {
 /// host that connection only, after which it reconnects.
 fn storage_windows_reach_namespace_data_and_refuse_violations(t: &str) {
     use chanio::host::{Host, HostError, HostOptions, Nsid};
-    let d = Daemon::start_on(t, &["--ns", "ram:8MiB"]);
+    let scratch = Scratch::new(&format!("windows-{t}"));
+    let file_ns = format!("file:{}:4MiB", scratch.path("ns.img").display());
+    let d = Daemon::start_on(t, &["--ns", "ram:8MiB", "--ns", &file_ns]);
     let host = Host::connect(&d.uri, HostOptions::default()).unwrap_or_else(|e| panic!("{t}: connect: {e}"));
     let other = Host::connect(&d.uri, HostOptions::default()).unwrap_or_else(|e| panic!("{t}: connect: {e}"));
     let data = pattern(64 << 10, 61);
@@ -375,6 +377,25 @@ fn storage_windows_reach_namespace_data_and_refuse_violations(t: &str) {
         back[1000..1000 + written.len()] == written[..],
         "{t}: a command read of window data"
     );
+
+    // A file namespace: its windows are the file's pages, mapped shared
+    // (over rdma the guest's /tmp is tmpfs, whose pages a NIC can pin).
+    let fw = host
+        .open_window(Nsid(2), 16, 256, true)
+        .unwrap_or_else(|e| panic!("{t}: open on a file: {e}"));
+    fw.write_at(512, &mut src)
+        .unwrap_or_else(|e| panic!("{t}: file window write: {e}"));
+    fw.commit().unwrap_or_else(|e| panic!("{t}: file window commit: {e}"));
+    let back = host.read(Nsid(2), 17, 200).unwrap();
+    assert!(
+        back[..written.len()] == written[..],
+        "{t}: a command read of file window data"
+    );
+    host.write(Nsid(2), 40, &data, false).unwrap();
+    let mut seen = host.alloc(data.len()).unwrap();
+    fw.read_at(24 * 512, &mut seen).unwrap();
+    assert!(seen[..] == data[..], "{t}: a file window read of command data");
+    fw.close().unwrap();
 
     let gone = |r: Result<(), HostError>| matches!(r, Err(HostError::WindowClosed(_)));
     let mut probe = host.alloc(64).unwrap();
@@ -427,9 +448,11 @@ fn storage_windows_reach_namespace_data_and_refuse_violations(t: &str) {
 #[test]
 fn hostctl_window_reads_writes_and_explains_refusals() {
     let scratch = Scratch::new("window-cli");
-    let img = scratch.path("disk.img");
-    let file_ns = format!("file:{}:1MiB", img.display());
-    let d = Daemon::start(&["--ns", "ram:4MiB", "--ns", &file_ns]);
+    // A thin clone cannot be windowed (its blocks are in two files).
+    let base = scratch.path("base.img");
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    let clone_ns = format!("clone:{}:{}", base.display(), scratch.path("clone.img").display());
+    let d = Daemon::start(&["--ns", "ram:4MiB", "--ns", &clone_ns]);
     let data = pattern(3 * 512 + 17, 71);
     let (out, _) = hostctl(
         &d.uri,

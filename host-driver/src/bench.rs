@@ -1,7 +1,9 @@
 //! A small I/O benchmark: `queue_depth` commands kept in flight for a fixed
 //! time by `threads` submitting threads (one by default, as a fio job), each
 //! running its share of the commands as futures over the async API; latencies
-//! go into an HDR histogram.
+//! go into an HDR histogram. With `window`, the I/Os are one-sided RDMA
+//! Reads and Writes through one storage window over the namespace
+//! ([`Host::open_window`]) instead of commands.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -14,6 +16,7 @@
 //!     queue_depth: 32,
 //!     threads: 1,
 //!     duration: Duration::from_secs(10),
+//!     window: false,
 //! };
 //! let report = host::bench::run(&host, &cfg, &|_, _| {})?;
 //! println!("{:.0} IOPS", report.iops());
@@ -117,6 +120,10 @@ pub struct BenchConfig {
     pub threads: usize,
     /// How long to run.
     pub duration: Duration,
+    /// Read and write through a storage window over the namespace (its
+    /// first 2^32 - 1 blocks at most) instead of with commands; writes are
+    /// not committed (in memory at the I/O unit, not promised durable).
+    pub window: bool,
 }
 
 /// What a run measured.
@@ -220,7 +227,20 @@ pub fn run(host: &Host, cfg: &BenchConfig, progress: &dyn Fn(Duration, u64)) -> 
         )));
     }
     let threads = cfg.threads.clamp(1, cfg.queue_depth);
-    let slots = ns.blocks / blocks_per_io;
+    let window = match cfg.window {
+        true => {
+            let blocks = u32::try_from(ns.blocks).unwrap_or(u32::MAX);
+            let writes = !matches!(cfg.pattern, Pattern::RandRead | Pattern::Read);
+            Some(host.open_window(cfg.nsid, 0, blocks, writes)?)
+        }
+        false => None,
+    };
+    let window = window.as_ref();
+    let span = match window {
+        Some(w) => w.len() / bs as u64,
+        None => ns.blocks,
+    };
+    let slots = span / blocks_per_io;
     let done = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     // Thread t runs streams t, t + threads, t + 2 * threads, ..., each with
@@ -244,7 +264,10 @@ pub fn run(host: &Host, cfg: &BenchConfig, progress: &dyn Fn(Duration, u64)) -> 
                 s.spawn(move || {
                     let runs = streams
                         .into_iter()
-                        .map(|(i, buf)| worker(host, cfg, i, buf, slots, blocks_per_io, end, done, stop))
+                        .map(|(i, buf)| {
+                            let target = Target { host, window, bs };
+                            worker(target, cfg, i, buf, slots, blocks_per_io, end, done, stop)
+                        })
                         .collect();
                     let mut hist = new_histogram()?;
                     for h in crate::exec::block_on(crate::exec::join_all(runs)) {
@@ -287,10 +310,18 @@ pub fn run(host: &Host, cfg: &BenchConfig, progress: &dyn Fn(Duration, u64)) -> 
     })
 }
 
+/// Where a stream's I/Os go: commands to the host, or a window.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    host: &'a Host,
+    window: Option<&'a crate::Window>,
+    bs: usize,
+}
+
 /// One stream of I/Os, one in flight at a time.
 #[allow(clippy::too_many_arguments)]
 async fn worker(
-    host: &Host,
+    target: Target<'_>,
     cfg: &BenchConfig,
     index: u64,
     mut buf: IoBuf,
@@ -324,10 +355,11 @@ async fn worker(
         let lba = slot * blocks_per_io;
         let write = cfg.pattern.writes(r);
         let t0 = now;
-        let result = if write {
-            host.write_from_async(cfg.nsid, lba, &mut buf, false).await
-        } else {
-            host.read_into_async(cfg.nsid, lba, &mut buf).await
+        let result = match (target.window, write) {
+            (Some(w), true) => w.write_at_async(lba * target.bs as u64, &mut buf).await,
+            (Some(w), false) => w.read_at_async(lba * target.bs as u64, &mut buf).await,
+            (None, true) => target.host.write_from_async(cfg.nsid, lba, &mut buf, false).await,
+            (None, false) => target.host.read_into_async(cfg.nsid, lba, &mut buf).await,
         };
         if let Err(e) = result {
             stop.store(true, Ordering::Relaxed);

@@ -190,6 +190,7 @@ fn queued_per_io(host: &Host, pattern: Pattern, idle: f64, runs: QueuedRuns) -> 
         queue_depth: 32,
         threads: 1,
         duration,
+        window: false,
     };
     let measure = |duration| {
         let before = allocations();

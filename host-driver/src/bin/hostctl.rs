@@ -191,8 +191,8 @@ enum Command {
     /// from --lba, then print it (info), read from it (to stdout or
     /// --output) or write to it (from stdin or --input, then commit), and
     /// close it. The data moves by one-sided RDMA Reads and Writes that the
-    /// I/O unit's command threads take no part in. Only RAM namespaces can
-    /// be windowed.
+    /// I/O unit's command threads take no part in. RAM and file namespaces
+    /// can be windowed.
     Window(WindowArgs),
     /// Measure IOPS, bandwidth and latency.
     Bench(BenchArgs),
@@ -250,6 +250,10 @@ struct WindowArgs {
     /// With write: read the data from here instead of stdin.
     #[arg(long, short = 'i', value_name = "FILE")]
     input: Option<PathBuf>,
+    /// With write: do not commit. The data is in the I/O unit's memory
+    /// (commands see it) but not promised durable: a power cut may lose it.
+    #[arg(long)]
+    no_commit: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -313,6 +317,12 @@ struct BenchArgs {
     /// How long to run.
     #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
     time: Duration,
+    /// Read and write through a storage window over the namespace (one-sided
+    /// RDMA, no command per I/O; RAM and file namespaces) instead of with
+    /// commands.
+    /// Window writes are not committed.
+    #[arg(long)]
+    window: bool,
 }
 
 fn main() -> ExitCode {
@@ -756,6 +766,9 @@ fn window(host: &Host, args: WindowArgs, json: bool, out: &mut impl Write) -> Re
     if args.output.is_some() && args.action != WindowAction::Read {
         return Err(Box::new(UsageError("--output applies to window read only".into())));
     }
+    if args.no_commit && args.action != WindowAction::Write {
+        return Err(Box::new(UsageError("--no-commit applies to window write only".into())));
+    }
     let writable = args.writable || args.action == WindowAction::Write;
     let w = host.open_window(ns, lba, blocks, writable)?;
     let (stag, addr) = w.stag();
@@ -833,7 +846,9 @@ fn window(host: &Host, args: WindowArgs, json: bool, out: &mut impl Write) -> Re
                 w.write_at(args.offset + done, &mut buf)?;
                 done += n as u64;
             }
-            w.commit()?;
+            if !args.no_commit {
+                w.commit()?;
+            }
             done
         }
     };
@@ -841,6 +856,7 @@ fn window(host: &Host, args: WindowArgs, json: bool, out: &mut impl Write) -> Re
         "nsid": ns.0, "lba": lba, "blocks": blocks, "writable": w.writable(),
         "stag": format!("{stag:#010x}"), "addr": format!("{addr:#x}"), "len": w.len(),
         "action": format!("{:?}", args.action).to_lowercase(), "bytes": moved,
+        "committed": args.action == WindowAction::Write && !args.no_commit,
     });
     w.close()?;
     match (json, args.action) {
@@ -862,6 +878,9 @@ fn window(host: &Host, args: WindowArgs, json: bool, out: &mut impl Write) -> Re
             )?;
         }
         (false, WindowAction::Read) => {}
+        (false, WindowAction::Write) if args.no_commit => {
+            eprintln!("wrote {moved} bytes through the window, not committed (not promised durable)")
+        }
         (false, WindowAction::Write) => eprintln!("wrote {moved} bytes through the window and committed them"),
     }
     Ok(())
@@ -937,6 +956,7 @@ fn bench(host: &Host, b: BenchArgs, json: bool, out: &mut impl Write) -> Result<
         queue_depth: b.qd,
         threads: b.threads,
         duration: b.time,
+        window: b.window,
     };
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(b.time.as_millis() as u64);
@@ -963,6 +983,7 @@ fn bench(host: &Host, b: BenchArgs, json: bool, out: &mut impl Write) -> Result<
             "rw": b.rw.to_string(),
             "bs": b.bs,
             "qd": b.qd,
+            "window": b.window,
             "ios": report.ios,
             "elapsed_s": report.elapsed.as_secs_f64(),
             "iops": report.iops(),
@@ -979,12 +1000,13 @@ fn bench(host: &Host, b: BenchArgs, json: bool, out: &mut impl Write) -> Result<
     } else {
         writeln!(
             out,
-            "{} {} qd={} on {} ({})",
+            "{} {} qd={} on {} ({}){}",
             b.rw,
             Bytes(b.bs),
             b.qd,
             host.uri(),
-            host.transport()
+            host.transport(),
+            if b.window { ", through a window" } else { "" }
         )?;
         writeln!(out, "{report}")?;
     }

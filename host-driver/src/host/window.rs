@@ -31,6 +31,8 @@ use super::*;
 pub struct Window {
     host: Host,
     queue: Arc<Queue>,
+    /// Drives the channel for a thread blocked on a transfer.
+    driver: Arc<Driver>,
     nsid: Nsid,
     slba: u64,
     block_size: u32,
@@ -45,8 +47,8 @@ impl Host {
     /// # Errors
     /// [`HostError::InvalidArgument`] for 0 blocks; [`HostError::Nvme`]
     /// with the I/O unit's refusal: LBA Out of Range, Invalid Namespace,
-    /// Namespace Cannot Be Windowed (its backend is not memory), Window
-    /// Limit Exceeded; see [`HostError`] for the rest.
+    /// Namespace Cannot Be Windowed (a thin clone; a file the NIC cannot
+    /// pin), Window Limit Exceeded; see [`HostError`] for the rest.
     pub fn open_window(&self, nsid: Nsid, slba: u64, blocks: u32, writable: bool) -> Result<Window, HostError> {
         exec::block_on(self.open_window_async(nsid, slba, blocks, writable))
     }
@@ -80,9 +82,13 @@ impl Host {
         let queue = session.pick(&inner.next_queue).clone();
         let reply = inner.run_once(&queue, &op, deadline).await?;
         let desc = WindowDescriptor::decode(reply_data(&reply))?;
+        let driver = Arc::new(Driver {
+            ep: queue.endpoint().clone(),
+        });
         let window = Window {
             host: self.clone(),
             queue,
+            driver,
             nsid,
             slba,
             block_size: ns.block_size,
@@ -145,8 +151,11 @@ impl Window {
         // mid-read: the Read may still land in the lent memory.
         let (raw, lent) = buf.lend()?;
         let ep = self.queue.endpoint();
-        let ticket = ep.read_remote_async(remote, raw).await.map_err(|e| self.gone(e))?;
-        let raw = ticket.buf_completion().await.map_err(|e| self.gone(e))?;
+        let read = self.helped(async {
+            let ticket = ep.read_remote_async(remote, raw).await?;
+            ticket.buf_completion().await
+        });
+        let raw = read.await.map_err(|e| self.gone(e))?;
         lent.restore(raw)
     }
 
@@ -168,10 +177,12 @@ impl Window {
         let remote = self.remote(offset, buf.len(), true)?;
         let (raw, lent) = buf.lend_out()?;
         let ep = self.queue.endpoint();
-        let sent = match ep.write_remote_async(remote, raw).await {
-            Ok(ticket) => ticket.buf_completion().await.map(drop),
-            Err(e) => Err(e),
-        };
+        let sent = self
+            .helped(async {
+                let ticket = ep.write_remote_async(remote, raw).await?;
+                ticket.buf_completion().await.map(drop)
+            })
+            .await;
         lent.reclaim()?;
         sent.map_err(|e| self.gone(e))
     }
@@ -271,6 +282,22 @@ impl Window {
         })
     }
 
+    /// Runs `fut`, which waits for a transfer on the window's channel: a
+    /// thread blocked on it drives the channel meanwhile (its completion
+    /// then wakes it at once), as a command's caller reaps its queue.
+    async fn helped<F: std::future::Future>(&self, fut: F) -> F::Output {
+        let mut fut = std::pin::pin!(fut);
+        let driver = Arc::downgrade(&self.driver);
+        std::future::poll_fn(|cx| {
+            let r = fut.as_mut().poll(cx);
+            if r.is_pending() {
+                exec::offer_help(&driver);
+            }
+            r
+        })
+        .await
+    }
+
     /// Where `len` bytes at `offset` are on the I/O unit.
     fn remote(&self, offset: u64, len: usize, write: bool) -> Result<RemoteAddr, HostError> {
         if !self.open.load(Ordering::Acquire) {
@@ -343,6 +370,32 @@ impl fmt::Debug for Window {
             .field("writable", &self.desc.write)
             .field("id", &self.desc.id)
             .finish()
+    }
+}
+
+/// A window's channel, driven by a thread blocked on one of its transfers
+/// ([`exec::offer_help`]): one-sided completions arrive by the channel's
+/// progress, not as deliveries a queue's reaper waits for.
+struct Driver {
+    ep: messaging::Endpoint,
+}
+
+/// How long one round of driving waits for the channel to move.
+const DRIVE_SLICE: Duration = Duration::from_millis(1);
+
+impl exec::Helper for Driver {
+    fn help(&self, woken: &std::sync::atomic::AtomicBool) {
+        while !woken.load(Ordering::Acquire) {
+            if let Err(messaging::Error::Closed(_)) = self.ep.wait_progress(DRIVE_SLICE) {
+                // The transfer fails with the channel: re-polled, it ends.
+                return;
+            }
+        }
+    }
+
+    fn corked(&self, f: &mut dyn FnMut()) {
+        let _cork = self.ep.cork();
+        f();
     }
 }
 

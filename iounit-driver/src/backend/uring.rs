@@ -14,6 +14,12 @@
 //! is a write with `RWF_DSYNC`, Flush an `fdatasync`; Write Zeroes and
 //! Deallocate use `fallocate` (zero range, punch hole) and fall back to
 //! writing zeros where the file system refuses.
+//!
+//! Storage windows map the file shared ([`FileMapping`], made at the first
+//! window): hosts' RDMA then reaches the page cache, which the kernel
+//! keeps coherent with the commands' I/O as above (a direct write drops the
+//! cached pages it covers, so the mapping faults them in anew), and a
+//! window's commit is an `msync` of its range.
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
@@ -21,7 +27,8 @@ use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::ptr::NonNull;
+use std::sync::{Arc, OnceLock};
 
 use io_uring::{opcode, types, IoUring};
 
@@ -52,6 +59,101 @@ pub struct FileBackend {
     files: Arc<Files>,
     geometry: Geometry,
     block_device: bool,
+    /// The file mapped shared for storage windows, made at the first
+    /// (`None` when it could not be mapped; the reason was logged).
+    mapping: OnceLock<Option<Arc<FileMapping>>>,
+}
+
+/// A file (or block device) mapped shared, read-write, whole: what storage
+/// windows register in place.
+pub struct FileMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl FileMapping {
+    fn new(file: &File, len: u64) -> std::io::Result<FileMapping> {
+        let len = usize::try_from(len).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: a new shared mapping of an open file at an address the
+        // kernel picks aliases no memory of ours; the result is checked.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        Ok(FileMapping { ptr, len })
+    }
+
+    /// Writes `len` bytes at `offset` back to the file and waits for the
+    /// device (`msync(MS_SYNC)` of the pages they lie in).
+    fn sync(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let page = 4096u64;
+        let start = offset / page * page;
+        let end = (offset + len).div_ceil(page) * page;
+        let end = end.min(self.len as u64);
+        if end <= start {
+            return Ok(());
+        }
+        // SAFETY: `start..end` lies inside the mapping (clamped to its
+        // length), which is live while `self` is; msync reads no memory.
+        let rc = unsafe {
+            libc::msync(
+                self.ptr.as_ptr().add(start as usize).cast(),
+                (end - start) as usize,
+                libc::MS_SYNC,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+// SAFETY: the mapping is plain shared memory that nothing frees before
+// `Drop`; bytes have no invalid values, so concurrent access from threads
+// (and peers' RDMA) changes data, never memory safety.
+unsafe impl Send for FileMapping {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for FileMapping {}
+
+// SAFETY: one shared mapping of `len` readable and writable bytes, unmapped
+// only on drop, so for as long as any holder of the `Arc` lives; the
+// backend itself never reaches the bytes through it (its I/O goes through
+// the files). The file is locked for this namespace alone and never
+// shrunk by the daemon; a process that truncates it anyway makes accesses
+// past its new end fault (SIGBUS), as with any mapped file.
+unsafe impl messaging::mr::ExternalMemory for FileMapping {
+    fn as_ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl std::fmt::Debug for FileMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileMapping").field("len", &self.len).finish()
+    }
+}
+
+impl Drop for FileMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made, once; the last
+        // holder (a window's registration, or the backend) is going.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }
 
 /// The open files of a file namespace, shared with the requests in flight
@@ -196,6 +298,7 @@ impl FileBackend {
             }),
             geometry: Geometry { block_size, blocks },
             block_device,
+            mapping: OnceLock::new(),
         })
     }
 
@@ -391,6 +494,30 @@ impl BlockIo for FileBackend {
 
     fn flush(&self) -> Result<(), BlockError> {
         self.datasync()
+    }
+
+    fn window_memory(&self) -> Option<Arc<dyn messaging::mr::ExternalMemory>> {
+        let mapping =
+            self.mapping
+                .get_or_init(|| match FileMapping::new(&self.files.buffered, self.geometry.bytes()) {
+                    Ok(m) => Some(Arc::new(m)),
+                    Err(e) => {
+                        tracing::warn!(path = %self.files.path.display(), "cannot map the file for windows: {e}");
+                        None
+                    }
+                });
+        mapping.clone().map(|m| m as Arc<dyn messaging::mr::ExternalMemory>)
+    }
+
+    fn commit(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(self.geometry, offset, len)?;
+        match self.mapping.get() {
+            Some(Some(m)) => m
+                .sync(offset, len)
+                .map_err(|e| self.io_error(ErrorKind::WriteFailed, "msync", offset, e)),
+            // Never mapped: no window wrote anything.
+            _ => Ok(()),
+        }
     }
 }
 

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use messaging::mr::{Access, Exposure, ExternalMemory, ProtectionDomain};
+use messaging::mr::{Access, Exposure, ExternalMemory, MrError, ProtectionDomain};
 use parking_lot::Mutex;
 
 use crate::nvme::window::status as window_status;
@@ -105,7 +105,12 @@ impl Windows {
             .register_external(req.memory, offset, len, access)
             .map_err(|e| {
                 tracing::warn!(host = %req.hostnqn, nsid = req.nsid, "cannot register a window: {e}");
-                Status::INTERNAL_ERROR
+                match e {
+                    // The device refuses this memory (a NIC cannot pin the
+                    // pages of a file on a disk file system, for one).
+                    MrError::Device { .. } => window_status::NOT_WINDOWABLE.with_dnr(),
+                    _ => Status::INTERNAL_ERROR,
+                }
             })?;
         let mut t = self.inner.lock();
         // Checked again under the lock: two queues of one host may race.

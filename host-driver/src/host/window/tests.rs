@@ -267,3 +267,56 @@ fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A file namespace's windows are the file's page cache, mapped shared:
+/// window writes reach the file (committed with an fdatasync), command
+/// writes (O_DIRECT where the file system allows it) are seen by the
+/// window, and window writes by command reads, at once.
+#[test]
+fn a_file_namespace_is_windowed_coherently_with_commands() {
+    let dir = std::env::temp_dir().join(format!("chanio-window-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for fabric in fabrics() {
+        let path = dir.join("ns.img");
+        let _ = std::fs::remove_file(&path);
+        let t = Target::start(TargetConfig {
+            listen: vec![fabric.clone()],
+            namespaces: vec![format!("file:{}:2MiB", path.display()).parse().unwrap()],
+            ..TargetConfig::default()
+        })
+        .unwrap();
+        let h = host(&t, NQN);
+        let w = h.open_window(Nsid(1), 64, 64, true).unwrap();
+        // Command first (a direct write drops the pages it covers), then
+        // read through the window.
+        let by_command = pattern(8192, 11);
+        h.write(Nsid(1), 72, &by_command, false).unwrap();
+        let mut b = h.alloc(by_command.len()).unwrap();
+        w.read_at(8 * 512, &mut b).unwrap();
+        assert!(
+            b[..] == by_command[..],
+            "{fabric}: a command write seen through the window"
+        );
+        // Window first, then read by command (a direct read writes the
+        // dirty pages back first).
+        let by_window = pattern(3 * 4096, 12);
+        w.write_at(16 * 512, &mut filled(&h, &by_window)).unwrap();
+        assert!(
+            h.read(Nsid(1), 80, 24).unwrap() == by_window,
+            "{fabric}: a window write seen by a command"
+        );
+        w.commit().unwrap();
+        block_on(w.commit_range_async(4096, 8)).unwrap();
+        w.close().unwrap();
+        h.close();
+        t.shutdown();
+        // In the file itself, at the window's place.
+        let file = std::fs::read(&path).unwrap();
+        let at = (64 + 16) * 512;
+        assert!(
+            file[at..at + by_window.len()] == by_window[..],
+            "{fabric}: the file holds the window's write"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -168,7 +168,7 @@ impl Queue {
 
 /// Whether `ns`'s requests leave the worker: on the queue's io_uring
 /// (files) or on a blocking thread (a backend that may wait).
-fn deferred(ns: &NamespaceRef) -> bool {
+pub(super) fn deferred(ns: &NamespaceRef) -> bool {
     ns.files().is_some() || ns.may_block()
 }
 

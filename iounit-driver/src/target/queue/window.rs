@@ -25,7 +25,7 @@ impl Queue {
                 true => Status::SUCCESS,
                 false => window_status::UNKNOWN_WINDOW.with_dnr(),
             })),
-            WindowCommand::Commit { id, slba, blocks } => Ok(Outcome::status(self.commit_window(id, slba, blocks))),
+            WindowCommand::Commit { id, slba, blocks } => Ok(self.commit_window(id, slba, blocks)),
         }
     }
 
@@ -80,20 +80,23 @@ impl Queue {
     /// Commit: the blocks (all of the window's when `blocks` is 0) must
     /// lie in the window. They reached memory before the command did (the
     /// host's RDMA Writes go first on the same channel, and RC executes in
-    /// order); the backend makes them durable.
-    fn commit_window(&mut self, id: u32, slba: u64, blocks: u32) -> Status {
+    /// order); the backend makes them durable: a RAM namespace at once, a
+    /// file's with an `fdatasync` on the queue's ring (the window's pages
+    /// are the file's page cache, dirty since the writes), as a Flush.
+    fn commit_window(&mut self, id: u32, slba: u64, blocks: u32) -> Outcome {
+        let status = |s: Status| Outcome::status(s);
         let Some(window) = self.shared.windows.placement(self.serial, id) else {
-            return window_status::UNKNOWN_WINDOW.with_dnr();
+            return status(window_status::UNKNOWN_WINDOW.with_dnr());
         };
         let Some(ns) = self.shared.registry.get_cached(&mut self.namespaces, window.nsid) else {
-            return Status::INVALID_NAMESPACE.with_dnr();
+            return status(Status::INVALID_NAMESPACE.with_dnr());
         };
         let bs = u64::from(ns.geometry().block_size);
         let (offset, len) = match blocks {
             0 => (window.offset, window.len),
             n => match slba.checked_mul(bs) {
                 Some(offset) => (offset, u64::from(n) * bs),
-                None => return Status::LBA_OUT_OF_RANGE.with_dnr(),
+                None => return status(Status::LBA_OUT_OF_RANGE.with_dnr()),
             },
         };
         let inside = offset >= window.offset
@@ -101,13 +104,14 @@ impl Queue {
                 .checked_add(len)
                 .is_some_and(|end| end <= window.offset + window.len);
         if !inside {
-            return Status::LBA_OUT_OF_RANGE.with_dnr();
+            return status(Status::LBA_OUT_OF_RANGE.with_dnr());
         }
-        // Only backends whose memory is their storage are windowed today;
-        // their commit never waits, so it runs here on the worker.
-        match ns.commit(offset, len) {
+        if io::deferred(&ns) {
+            return Outcome::Start(Start::Flush { ns });
+        }
+        status(match ns.commit(offset, len) {
             Ok(()) => Status::SUCCESS,
             Err(e) => block_status(&e),
-        }
+        })
     }
 }
