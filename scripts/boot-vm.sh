@@ -10,7 +10,8 @@
 # `busybox nc` to iounitd's port on 127.0.0.1 here, and nothing else goes
 # anywhere. Its initramfs holds busybox, hostctl and
 # nbd-client: hostctl connects to the I/O unit over tcp and serves the
-# namespace over NBD on a unix socket, the kernel's NBD client attaches it
+# namespace over NBD on a unix socket (reads through a read-only storage
+# window, under a steering tag; writes by command), the kernel's NBD client attaches it
 # as /dev/nbd0, and the initramfs switches root to it. The root's init
 # prints where / is mounted, writes a file, remounts / read-only and powers
 # off; the script then reads the namespace back with hostctl, checks the
@@ -140,6 +141,7 @@ copy_with_libs() { # binary
 }
 copy_with_libs "$hostctl"
 copy_with_libs "$(command -v nbd-client)"
+cp "$repo/packaging/chanio-boot/chanio-boot" "$stage/bin/"
 # shellcheck source=scripts/vm-modules.sh
 . "$repo/scripts/vm-modules.sh"
 collect_modules "$stage" "$kroot" "$kver" virtio_pci virtio_net nbd ext4
@@ -150,20 +152,15 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs run /run
-fail() { echo "chanio-boot: $*"; cat /run/nbd.log 2>/dev/null; echo o >/proc/sysrq-trigger; sleep 10; }
+fail() { echo "chanio-boot: $*"; echo o >/proc/sysrq-trigger; sleep 10; }
 for m in $(cat /modules/order); do insmod "/modules/$m" || echo "chanio-boot: insmod $m failed"; done
-target=$(sed -n 's/.*chanio\.target=\([^ ]*\).*/\1/p' /proc/cmdline)
-ns=$(sed -n 's/.*chanio\.ns=\([0-9]*\).*/\1/p' /proc/cmdline)
 ip link set lo up
 for _ in $(seq 1 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
-echo "chanio-boot: serving namespace $ns of $target over NBD"
-hostctl --target "$target" serve-nbd --listen unix:/run/nbd.sock --ns "$ns" >/run/nbd.out 2>/run/nbd.log &
-for _ in $(seq 1 600); do grep -q '^serving NBD' /run/nbd.out 2>/dev/null && break; sleep 0.1; done
-grep -q '^serving NBD' /run/nbd.out || fail "hostctl serve-nbd did not start"
-nbd-client -unix /run/nbd.sock /dev/nbd0 -name "$ns" || fail "nbd-client could not attach /dev/nbd0"
-mount -t ext4 /dev/nbd0 /newroot || fail "cannot mount /dev/nbd0"
+# The hook this repository ships (packaging/chanio-boot, docs/boot.md):
+# reads through a read-only storage window, writes by command.
+chanio-boot /newroot || fail "chanio-boot could not mount the root"
 echo "chanio-boot: switching root to /dev/nbd0"
 exec switch_root /newroot /sbin/init
 INIT
@@ -182,7 +179,7 @@ timeout -k 10 "$timeout_s" \
     -display none -no-reboot -monitor none -serial "file:$work/serial.log" \
     -nic "user,model=virtio-net-pci,restrict=on,guestfwd=tcp:10.0.2.100:4520-cmd:$busybox_bin nc 127.0.0.1 $port" \
     -kernel "$kroot/boot/vmlinuz-$kver" -initrd "$work/initrd.cpio" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init chanio.target=tcp://10.0.2.100:4520 chanio.ns=1" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init chanio.target=10.0.2.100:4520 chanio.transport=tcp chanio.ns=1" \
     </dev/null &
 qemu_pid=$!
 # Under TCG on a loaded machine the guest's power-off has been seen to
@@ -211,6 +208,8 @@ grep -q '^chanio-root: / is /dev/nbd0 ext4' <<<"$serial" \
   || die "the guest did not report its root on /dev/nbd0; serial log:
 $serial"
 grep -q '^chanio-root: wrote /booted' <<<"$serial" || die "the guest did not write /booted"
+grep -q '^chanio-boot: reads go through a storage window' <<<"$serial" \
+  || die "the guest's reads did not go through a storage window"
 
 # --- what the guest wrote is on the I/O unit --------------------------------
 blocks=$(($(stat -c %s "$work/root.img") / 512))

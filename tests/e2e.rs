@@ -532,6 +532,87 @@ fn hostctl_window_reads_writes_and_explains_refusals() {
     );
 }
 
+/// Storage windows revoked by the I/O unit itself: a namespace detached by
+/// a reload, and one whose host list changed. The old key is then refused
+/// by the responder (the NIC on rdma): the probe costs that connection.
+fn storage_windows_are_revoked_by_detach_and_masking(t: &str) {
+    use chanio::host::{Host, HostError, HostOptions, Nsid};
+    let scratch = Scratch::new(&format!("window-revoke-{t}"));
+    let cfg = scratch.path("iounit.toml");
+    let hostnqn = "nqn.2026-12.io.chanio:window-revoke";
+    let two = "[[namespace]]\nbackend = \"ram:1MiB\"\n[[namespace]]\nbackend = \"ram:2MiB\"\n";
+    std::fs::write(&cfg, two).unwrap();
+    let mut cmd = Command::new(common::binary("iounitd"));
+    cmd.args([
+        "--config",
+        cfg.to_str().unwrap(),
+        "--listen",
+        &common::listen_address(t),
+    ])
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let d = Daemon::spawn(cmd);
+    let opts = || HostOptions {
+        hostnqn: hostnqn.into(),
+        ..HostOptions::default()
+    };
+    let host = Host::connect(&d.uri, opts()).unwrap_or_else(|e| panic!("{t}: connect: {e}"));
+    let gone = |r: Result<(), HostError>| matches!(r, Err(HostError::WindowClosed(_)));
+    let mut probe = host.alloc(512).unwrap();
+    // Polls until `f` holds: a reload is applied on the daemon's own time.
+    let eventually = |what: &str, f: &mut dyn FnMut() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !f() {
+            assert!(Instant::now() < deadline, "{t}: {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+
+    // Detach: namespace 2 leaves the config.
+    let w = host
+        .open_window(Nsid(2), 0, 8, false)
+        .unwrap_or_else(|e| panic!("{t}: open: {e}"));
+    let (stag, addr) = w.stag();
+    std::fs::write(&cfg, "[[namespace]]\nbackend = \"ram:1MiB\"\n").unwrap();
+    d.signal("-HUP");
+    eventually("namespace 2 was not detached", &mut || {
+        host.identify_namespace(Nsid(2)).map(|n| n.nsze == 0).unwrap_or(true)
+    });
+    let p = host.open_window(Nsid(1), 0, 8, false).unwrap();
+    assert!(
+        gone(p.transfer_unchecked(addr, stag, &mut probe, false)),
+        "{t}: a detached namespace's window"
+    );
+    drop((w, p));
+
+    // Masking: namespace 1 is given to another host only.
+    let w = host
+        .open_window(Nsid(1), 0, 8, false)
+        .unwrap_or_else(|e| panic!("{t}: open: {e}"));
+    let (stag, addr) = w.stag();
+    std::fs::write(
+        &cfg,
+        "[[namespace]]\nbackend = \"ram:1MiB\"\nhosts = [\"nqn.2026-12.io.chanio:someone-else\"]\n",
+    )
+    .unwrap();
+    d.signal("-HUP");
+    eventually("namespace 1 was not masked", &mut || host.read(Nsid(1), 0, 1).is_err());
+    let refused = host.open_window(Nsid(1), 0, 8, false).unwrap_err();
+    assert!(refused.to_string().contains("Invalid Namespace"), "{t}: {refused}");
+    // Unmasked again: a fresh window works, the old key does not.
+    std::fs::write(&cfg, "[[namespace]]\nbackend = \"ram:1MiB\"\n").unwrap();
+    d.signal("-HUP");
+    eventually("namespace 1 was not unmasked", &mut || host.read(Nsid(1), 0, 1).is_ok());
+    let p = host.open_window(Nsid(1), 0, 8, false).unwrap();
+    assert!(
+        gone(p.transfer_unchecked(addr, stag, &mut probe, false)),
+        "{t}: a masked namespace's window"
+    );
+    drop((w, p));
+    host.close();
+}
+
 // Every scenario runs over tcp and shm, and over rdma (verbs) in a build
 // with the `verbs` feature. `CHANIO_TEST_FABRICS` narrows the fabrics; the
 // rdma tests skip without an RDMA device unless `CHANIO_REQUIRE_VERBS=1`
@@ -584,6 +665,7 @@ on_every_fabric!(
     every_command_works,
     write_from_lands_at_every_size,
     storage_windows_reach_namespace_data_and_refuse_violations,
+    storage_windows_are_revoked_by_detach_and_masking,
 );
 
 /// The line of `hostctl identify` output that starts with `label`.

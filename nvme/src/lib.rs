@@ -72,7 +72,7 @@ pub use identify::{AsciiField, Cns, IdentifyController, IdentifyNamespace, LbaFo
 pub use log::{ChangedNamespaceList, ErrorLogEntry, GetLogPage, LogPageId, SmartLog};
 pub use sgl::{Sgl, SGL_LEN};
 pub use status::{Status, StatusCodeType};
-pub use window::{WindowCommand, WindowDescriptor};
+pub use window::{SharedWindow, WindowCommand, WindowDescriptor};
 
 /// Namespace identifier (NSID).
 ///

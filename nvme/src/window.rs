@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! opcode  command        data         CDW10..CDW13
-//!  82h    Window Open    C2H 32 bytes SLBA (10-11), blocks (12), access (13 bit 0: write)
+//!  82h    Window Open    C2H 48 bytes SLBA (10-11), blocks (12), access (13 bit 0: write)
 //!  80h    Window Close   none         window ID (10)
 //!  84h    Window Commit  none         window ID (10), SLBA (11-12), blocks (13)
 //! ```
@@ -139,10 +139,12 @@ impl WindowCommand {
 /// What Window Open answers: where the window is and the key to it.
 ///
 /// ```text
-/// 0  version (1)   1  access (bit 0 read, bit 1 write)   2..4 reserved
-/// 4  window ID     8  steering tag (remote key)         12..16 reserved
+/// 0  version (1)   1  access (bit 0 read, bit 1 write, bit 2 shared)
+/// 2..4 reserved    4  window ID     8  steering tag (remote key)
+/// 12..16 reserved
 /// 16 address of the window's first byte (the first block asked for)
 /// 24 length in bytes
+/// 32 shared memory token, 40 the window's offset in it (bit 2 set; else 0)
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowDescriptor {
@@ -156,22 +158,45 @@ pub struct WindowDescriptor {
     pub len: u64,
     /// Whether the host may write.
     pub write: bool,
+    /// Over shm, to a host of the I/O unit's own user: the memory the
+    /// window lies in, shared with the host's process (the token its
+    /// channel maps it by), and the window's offset in it.
+    pub shared: Option<SharedWindow>,
+}
+
+/// Where a window lies in memory the I/O unit shared with the host
+/// (`messaging::Endpoint::share_memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedWindow {
+    /// The channel's token for the memory.
+    pub token: u64,
+    /// The window's first byte in it.
+    pub offset: u64,
 }
 
 impl WindowDescriptor {
     /// Encoded size.
-    pub const LEN: usize = 32;
+    pub const LEN: usize = 48;
     const VERSION: u8 = 1;
+    const READ: u8 = 1;
+    const WRITE: u8 = 2;
+    const SHARED: u8 = 4;
 
-    /// Encodes as 32 little-endian bytes.
+    /// Encodes as 48 little-endian bytes.
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
         b[0] = Self::VERSION;
-        b[1] = 1 | if self.write { 2 } else { 0 };
+        b[1] = Self::READ
+            | if self.write { Self::WRITE } else { 0 }
+            | if self.shared.is_some() { Self::SHARED } else { 0 };
         put_u32(&mut b, 4, self.id);
         put_u32(&mut b, 8, self.stag);
         put_u64(&mut b, 16, self.addr);
         put_u64(&mut b, 24, self.len);
+        if let Some(shared) = self.shared {
+            put_u64(&mut b, 32, shared.token);
+            put_u64(&mut b, 40, shared.offset);
+        }
         b
     }
 
@@ -179,7 +204,8 @@ impl WindowDescriptor {
     ///
     /// # Errors
     /// `Length` for another size; `Unknown` for another version; `Reserved`
-    /// for reserved bits or bytes set, or a window without read access.
+    /// for reserved bits or bytes set, a window without read access, or
+    /// shared-memory fields without the shared bit.
     pub fn decode(b: &[u8]) -> Result<WindowDescriptor, NvmeError> {
         if b.len() != Self::LEN {
             return Err(NvmeError::Length {
@@ -194,13 +220,15 @@ impl WindowDescriptor {
                 value: b[0].into(),
             });
         }
-        if b[1] & !3 != 0 || b[1] & 1 == 0 {
+        let access = b[1];
+        if access & !(Self::READ | Self::WRITE | Self::SHARED) != 0 || access & Self::READ == 0 {
             return Err(NvmeError::Reserved {
                 field: "window descriptor access",
-                value: b[1].into(),
+                value: access.into(),
             });
         }
-        if b[2..4] != [0, 0] || b[12..16] != [0; 4] {
+        let shared = access & Self::SHARED != 0;
+        if b[2..4] != [0, 0] || b[12..16] != [0; 4] || (!shared && b[32..48] != [0; 16]) {
             return Err(NvmeError::Reserved {
                 field: "window descriptor reserved bytes",
                 value: 0,
@@ -211,7 +239,11 @@ impl WindowDescriptor {
             stag: get_u32(b, 8),
             addr: get_u64(b, 16),
             len: get_u64(b, 24),
-            write: b[1] & 2 != 0,
+            write: access & Self::WRITE != 0,
+            shared: shared.then(|| SharedWindow {
+                token: get_u64(b, 32),
+                offset: get_u64(b, 40),
+            }),
         })
     }
 }
@@ -269,11 +301,17 @@ mod tests {
             addr: 0x7f00_1234_5000,
             len: 1 << 33,
             write: true,
+            shared: None,
         };
         let b = d.encode();
         assert_eq!(WindowDescriptor::decode(&b).unwrap(), d);
-        assert!(WindowDescriptor::decode(&b[..31]).is_err());
-        for (at, v) in [(0, 2), (1, 0), (1, 2), (1, 7), (2, 1), (13, 1)] {
+        let s = WindowDescriptor {
+            shared: Some(SharedWindow { token: 9, offset: 4096 }),
+            ..d
+        };
+        assert_eq!(WindowDescriptor::decode(&s.encode()).unwrap(), s);
+        assert!(WindowDescriptor::decode(&b[..47]).is_err());
+        for (at, v) in [(0, 2), (1, 0), (1, 2), (1, 9), (2, 1), (13, 1), (33, 1)] {
             let mut m = b;
             m[at] = v;
             assert!(WindowDescriptor::decode(&m).is_err(), "byte {at} = {v}");

@@ -290,6 +290,12 @@ struct ServeNbdArgs {
     /// Requests in flight per client connection.
     #[arg(long, value_name = "N", default_value_t = 64)]
     max_in_flight: usize,
+    /// Serve reads through a read-only storage window over each namespace
+    /// (one-sided RDMA under a steering tag, no Read command per request;
+    /// RAM and file namespaces), falling back to commands where none can
+    /// be opened. Writes stay commands.
+    #[arg(long)]
+    window: bool,
 }
 
 #[derive(Debug, Args)]
@@ -857,6 +863,7 @@ fn window(host: &Host, args: WindowArgs, json: bool, out: &mut impl Write) -> Re
         "stag": format!("{stag:#010x}"), "addr": format!("{addr:#x}"), "len": w.len(),
         "action": format!("{:?}", args.action).to_lowercase(), "bytes": moved,
         "committed": args.action == WindowAction::Write && !args.no_commit,
+        "shared_memory": w.shared_memory(),
     });
     w.close()?;
     match (json, args.action) {
@@ -876,6 +883,11 @@ fn window(host: &Host, args: WindowArgs, json: bool, out: &mut impl Write) -> Re
                 "access:        {}",
                 if writable { "read-write" } else { "read-only" }
             )?;
+            let path = match value["shared_memory"].as_bool() {
+                Some(true) => "copies into memory the I/O unit shared (shm)",
+                _ => "one-sided RDMA",
+            };
+            writeln!(out, "data path:     {path}")?;
         }
         (false, WindowAction::Read) => {}
         (false, WindowAction::Write) if args.no_commit => {
@@ -908,6 +920,7 @@ fn serve_nbd(host: &Host, args: ServeNbdArgs, json: bool, out: &mut impl Write) 
         read_only: args.read_only,
         max_connections: args.max_connections,
         max_in_flight: args.max_in_flight,
+        windows: args.window,
         ..NbdConfig::default()
     };
     let server = NbdServer::bind(host.clone(), &args.listen, config)?;

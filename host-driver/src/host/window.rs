@@ -14,8 +14,10 @@ use super::*;
 ///
 /// Reads and writes go straight to the I/O unit's storage memory by RDMA
 /// (the I/O unit's command threads take no part); the host's `IoBuf`s are
-/// the other end, with no copy. Offsets are bytes from the window's first
-/// block, at any alignment.
+/// the other end, with no copy. Over shm, with an I/O unit running as this
+/// process's user, the I/O unit shares the memory itself and reads and
+/// writes are copies this process makes, with no round trip. Offsets are
+/// bytes from the window's first block, at any alignment.
 ///
 /// What is promised (`docs/protocol.md` §9.6): a [`Window::read_at`] sees
 /// every [`Window::write_at`] that completed before it started, and every
@@ -27,12 +29,17 @@ use super::*;
 /// trip to the I/O unit). The I/O unit revokes it when its queue's
 /// connection ends (a reconnect included), when its namespace is detached
 /// or changes, and when the namespace is masked: calls then fail with
-/// [`HostError::WindowClosed`], and a window is opened anew.
+/// [`HostError::WindowClosed`], and a window is opened anew. A window
+/// copied to over shared memory learns of a revocation at its next
+/// commit or close (until then its copies go on).
 pub struct Window {
     host: Host,
     queue: Arc<Queue>,
     /// Drives the channel for a thread blocked on a transfer.
     driver: Arc<Driver>,
+    /// Over shm: the I/O unit's memory the window lies in, mapped here,
+    /// and the window's offset in it. Reads and writes are then copies.
+    mapped: Option<(messaging::provider::PeerMemory, u64)>,
     nsid: Nsid,
     slba: u64,
     block_size: u32,
@@ -82,6 +89,17 @@ impl Host {
         let queue = session.pick(&inner.next_queue).clone();
         let reply = inner.run_once(&queue, &op, deadline).await?;
         let desc = WindowDescriptor::decode(reply_data(&reply))?;
+        let mapped = match desc.shared {
+            Some(shared) => match queue.endpoint().peer_memory(shared.token) {
+                Ok(Some(memory)) => Some((memory, shared.offset)),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::debug!("a window's shared memory cannot be mapped, using RDMA: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
         let driver = Arc::new(Driver {
             ep: queue.endpoint().clone(),
         });
@@ -89,6 +107,7 @@ impl Host {
             host: self.clone(),
             queue,
             driver,
+            mapped,
             nsid,
             slba,
             block_size: ns.block_size,
@@ -96,6 +115,14 @@ impl Host {
             open: AtomicBool::new(true),
         };
         let want = u64::from(blocks) * u64::from(ns.block_size);
+        if let Some((memory, offset)) = &window.mapped {
+            if offset.checked_add(want).is_none_or(|end| end > memory.len() as u64) {
+                return Err(HostError::Protocol(format!(
+                    "a window of {want} bytes at {offset} of shared memory of {} bytes",
+                    memory.len()
+                )));
+            }
+        }
         if desc.len != want || desc.write != writable {
             return Err(HostError::Protocol(format!(
                 "Window Open of {want} bytes (writable: {writable}) answered with {} bytes (writable: {})",
@@ -127,6 +154,12 @@ impl Window {
         (self.nsid, self.slba)
     }
 
+    /// Whether reads and writes are copies this process makes into memory
+    /// the I/O unit shared with it (over shm, same user), not RDMA.
+    pub fn shared_memory(&self) -> bool {
+        self.mapped.is_some()
+    }
+
     /// The steering tag (remote key) and address the I/O unit gave it.
     pub fn stag(&self) -> (u32, u64) {
         (self.desc.stag, self.desc.addr)
@@ -147,6 +180,12 @@ impl Window {
     /// As [`Window::read_at`].
     pub async fn read_at_async(&self, offset: u64, buf: &mut IoBuf) -> Result<(), HostError> {
         let remote = self.remote(offset, buf.len(), false)?;
+        if let Some((memory, base)) = &self.mapped {
+            return match memory.read(base + offset, buf) {
+                true => Ok(()),
+                false => Err(HostError::Protocol("a window outside its shared memory".into())),
+            };
+        }
         // `lent` gives the IoBuf fresh memory if this future is dropped
         // mid-read: the Read may still land in the lent memory.
         let (raw, lent) = buf.lend()?;
@@ -175,6 +214,12 @@ impl Window {
     /// As [`Window::write_at`].
     pub async fn write_at_async(&self, offset: u64, buf: &mut IoBuf) -> Result<(), HostError> {
         let remote = self.remote(offset, buf.len(), true)?;
+        if let Some((memory, base)) = &self.mapped {
+            return match memory.write(base + offset, buf) {
+                true => Ok(()),
+                false => Err(HostError::Protocol("a window outside its shared memory".into())),
+            };
+        }
         let (raw, lent) = buf.lend_out()?;
         let ep = self.queue.endpoint();
         let sent = self
@@ -302,6 +347,14 @@ impl Window {
     fn remote(&self, offset: u64, len: usize, write: bool) -> Result<RemoteAddr, HostError> {
         if !self.open.load(Ordering::Acquire) {
             return Err(HostError::WindowClosed("closed by this host".into()));
+        }
+        // A copy through shared memory would not notice by itself that the
+        // window went with its connection (an RDMA transfer fails then).
+        if self.mapped.is_some() {
+            if let Some(reason) = self.queue.endpoint().close_reason() {
+                self.open.store(false, Ordering::Release);
+                return Err(HostError::WindowClosed(format!("its connection closed: {reason}")));
+            }
         }
         if write && !self.desc.write {
             return Err(HostError::InvalidArgument("a write through a read-only window".into()));

@@ -15,7 +15,10 @@
 //!   unix socket or a trusted address.
 //! - **Commands**: read, write (with FUA), flush, trim, write zeroes (FUA
 //!   adds a flush) and disconnect, translated one for one into the host's
-//!   calls. Replies go out of order as commands complete. A flush covers
+//!   calls. With [`NbdConfig::windows`], reads go through a read-only
+//!   storage window per namespace instead (one-sided RDMA under a steering
+//!   tag, as the seed's boot path does), falling back to Read commands
+//!   where a namespace cannot be windowed or its window was lost. Replies go out of order as commands complete. A flush covers
 //!   every write completed before it on any connection of the bridge (they
 //!   share one controller), so multi-conn is advertised.
 //!
@@ -41,6 +44,7 @@
 
 mod proto;
 
+use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -116,6 +120,13 @@ pub struct NbdConfig {
     /// How long a reply may wait for a client that does not read: past it
     /// the connection closes (a client cannot hold a thread by not reading).
     pub reply_timeout: Duration,
+    /// Serve reads through a read-only storage window over each namespace
+    /// ([`Host::open_window`], opened at the first read) instead of Read
+    /// commands. Writes stay commands; the window sees them once they
+    /// completed. A namespace that cannot be windowed, or whose window is
+    /// revoked or lost with its connection, is read with commands, and a
+    /// new window is tried again after a while.
+    pub windows: bool,
 }
 
 impl Default for NbdConfig {
@@ -128,6 +139,7 @@ impl Default for NbdConfig {
             max_payload: 32 << 20,
             handshake_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(30),
+            windows: false,
         }
     }
 }
@@ -189,7 +201,23 @@ struct Shared {
     stopping: AtomicBool,
     /// Live connections (a clone of each socket, to shut it down on stop).
     conns: Mutex<Slab<Stream>>,
+    /// With [`NbdConfig::windows`]: each namespace's read window.
+    windows: Mutex<HashMap<u32, ReadWindow>>,
 }
+
+/// A namespace's read window, for [`NbdConfig::windows`].
+#[derive(Debug)]
+enum ReadWindow {
+    /// A task is opening it; reads meanwhile use commands.
+    Opening,
+    Open(Arc<crate::Window>),
+    /// None could be opened (or the last was lost): commands until then.
+    NotBefore(Instant),
+}
+
+/// How long reads use commands after a window could not be opened or was
+/// lost, before another is tried.
+const WINDOW_RETRY: Duration = Duration::from_secs(5);
 
 impl NbdServer {
     /// Binds `listen` for `host`'s namespaces.
@@ -248,6 +276,7 @@ impl NbdServer {
                 config,
                 stopping: AtomicBool::new(false),
                 conns: Mutex::new(Slab::new()),
+                windows: Mutex::new(HashMap::new()),
             }),
             uri,
         })
@@ -504,6 +533,61 @@ fn write_all(stream: &mut Stream, mut slices: &mut [IoSlice<'_>]) -> io::Result<
 }
 
 impl Shared {
+    /// Namespace `ns`'s read window, opened here the first time (with
+    /// [`NbdConfig::windows`]); `None`: read with commands.
+    async fn read_window(&self, export: &Export) -> Option<Arc<crate::Window>> {
+        if !self.config.windows {
+            return None;
+        }
+        let ns = export.nsid;
+        {
+            let mut windows = self.windows.lock();
+            match windows.get(&ns.0) {
+                Some(ReadWindow::Open(w)) => return Some(w.clone()),
+                Some(ReadWindow::Opening) => return None,
+                Some(ReadWindow::NotBefore(t)) if Instant::now() < *t => return None,
+                _ => {
+                    windows.insert(ns.0, ReadWindow::Opening);
+                }
+            }
+        }
+        let blocks = export.size / u64::from(export.block_size.max(1));
+        let blocks = u32::try_from(blocks).unwrap_or(u32::MAX);
+        let opened = self.host.open_window_async(ns, 0, blocks, false).await;
+        let mut windows = self.windows.lock();
+        match opened {
+            Ok(w) => {
+                tracing::info!(
+                    nsid = ns.0,
+                    stag = format_args!("{:#010x}", w.stag().0),
+                    "reads go through a window"
+                );
+                let w = Arc::new(w);
+                windows.insert(ns.0, ReadWindow::Open(w.clone()));
+                Some(w)
+            }
+            Err(e) => {
+                tracing::info!(nsid = ns.0, "no window, reading by command: {e}");
+                windows.insert(ns.0, ReadWindow::NotBefore(Instant::now() + WINDOW_RETRY));
+                None
+            }
+        }
+    }
+
+    /// A read through `lost` failed: reads go by command for a while.
+    fn window_lost(&self, ns: Nsid, lost: &Arc<crate::Window>) {
+        let mut windows = self.windows.lock();
+        let gone = match windows.get(&ns.0) {
+            Some(ReadWindow::Open(w)) if Arc::ptr_eq(w, lost) => {
+                windows.insert(ns.0, ReadWindow::NotBefore(Instant::now() + WINDOW_RETRY))
+            }
+            _ => None,
+        };
+        // Closed (a round trip) outside the lock.
+        drop(windows);
+        drop(gone);
+    }
+
     /// Serves one client connection to its end.
     fn serve(self: Arc<Self>, stream: Stream, peer: &str) {
         // Shared by the writer's clone: every write to this client is bounded.
@@ -756,6 +840,22 @@ impl Connection {
         match *action {
             Action::Read { lba, len } => {
                 let mut b = self.take_buf(len as usize)?;
+                let at = lba * u64::from(self.export.block_size);
+                if let Some(w) = self.shared.read_window(&self.export).await {
+                    // A window covers at most 2^32 - 1 blocks: reads past
+                    // it go by command.
+                    if at + u64::from(len) <= w.len() {
+                        match w.read_at_async(at, &mut b).await {
+                            Ok(()) => return Ok(Some(b)),
+                            Err(e) => {
+                                // Lost or revoked: this read and the next
+                                // ones go by command for a while.
+                                tracing::debug!(nsid = ns.0, "window read failed, reading by command: {e}");
+                                self.shared.window_lost(ns, &w);
+                            }
+                        }
+                    }
+                }
                 match host.read_into_async(ns, lba, &mut b).await {
                     Ok(()) => Ok(Some(b)),
                     Err(e) => {

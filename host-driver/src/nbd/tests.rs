@@ -522,3 +522,37 @@ fn a_unix_socket_replaces_a_stale_one_and_refuses_a_live_one() {
     assert!(matches!(e, NbdError::NoNamespace(9)), "{e}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn reads_go_through_a_window_and_see_every_write() {
+    let t = target(&["ram:8MiB"]);
+    let host = Host::connect(&t.local_uris()[0], HostOptions::default()).unwrap();
+    let server = Running::start(
+        host.clone(),
+        NbdConfig {
+            windows: true,
+            ..NbdConfig::default()
+        },
+    );
+    let reads = || host.smart_log().unwrap().host_read_commands;
+    let mut c = Client::go(server.addr, "1", true);
+    for round in 0..3u64 {
+        let data = pattern(round, 64 << 10);
+        let at = round * (1 << 20) + 4096;
+        assert!(c.call(WRITE, 0, at, data.len() as u32, &data).is_ok());
+        let before = reads();
+        assert_eq!(
+            c.call(READ, 0, at, data.len() as u32, &[]).unwrap(),
+            data,
+            "round {round}"
+        );
+        // Through the window: no Read command reached the I/O unit.
+        assert_eq!(reads(), before, "round {round}: the read went by command");
+    }
+    // A window the I/O unit revokes: the read still succeeds, by command,
+    // and a new window comes later.
+    t.set_namespace_hosts(1, &[crate::default_hostnqn()]).unwrap();
+    let data = pattern(9, 4096);
+    assert!(c.call(WRITE, 0, 0, 4096, &data).is_ok());
+    assert_eq!(c.call(READ, 0, 0, 4096, &[]).unwrap(), data);
+}

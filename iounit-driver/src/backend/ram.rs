@@ -2,10 +2,12 @@
 //! locked stripes so that concurrent I/O to different places does not
 //! contend.
 //!
-//! The memory is one anonymous mapping the kernel is asked to back with
-//! transparent huge pages: random 4 KiB I/O across a large namespace would
-//! otherwise miss the TLB on nearly every request (on a VM each miss is a
-//! two-dimensional page walk).
+//! The memory is one sealed memfd, mapped shared (so that storage windows
+//! can hand it to a host process over shm), which the kernel is asked to
+//! back with transparent huge pages: random 4 KiB I/O across a large
+//! namespace would otherwise miss the TLB on nearly every request (on a VM
+//! each miss is a two-dimensional page walk). Whether it does depends on
+//! `/sys/kernel/mm/transparent_hugepage/shmem_enabled` (`advise` lets it).
 
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -133,32 +135,58 @@ fn copy_streaming(dst: &mut [u8], src: &[u8]) {
     dst.copy_from_slice(src);
 }
 
-/// An anonymous private mapping, zero-filled by the kernel on first touch.
-/// Storage windows register it in place: a host's RDMA reaches it without
-/// the stripe locks, as DMA would (`docs/protocol.md` §9.6 says what a
-/// command and a window access to the same blocks at once give).
+/// The namespace's memory: a sealed memfd (its size can never change),
+/// mapped shared, zero-filled by the kernel on first touch. Storage
+/// windows register it in place: a host's RDMA reaches it without the
+/// stripe locks, as DMA would (`docs/protocol.md` §9.6 says what a command
+/// and a window access to the same blocks at once give); over shm a host
+/// of the daemon's own user maps the memfd and copies itself.
 struct Arena {
     ptr: NonNull<u8>,
     len: usize,
+    fd: std::os::fd::OwnedFd,
+    /// The memfd's process-wide ID ([`messaging::mr::memory_id`]).
+    id: u64,
 }
 
-// SAFETY: the arena is plain memory owned by its backend; every access
-// goes through `RamBackend::each_piece`, which serialises it per stripe.
+// SAFETY: the arena is plain memory owned by its backend; every access of
+// the backend's goes through `RamBackend::each_piece`, which serialises it
+// per stripe.
 unsafe impl Send for Arena {}
 // SAFETY: as above: shared references only hand out bytes under a lock.
 unsafe impl Sync for Arena {}
 
 impl Arena {
     fn new(len: usize) -> std::io::Result<Arena> {
-        // SAFETY: a fresh anonymous mapping aliases no existing memory;
-        // the result is checked before use.
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let cvt = |rc: libc::c_int| {
+            if rc < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(rc)
+            }
+        };
+        // SAFETY: the name is a NUL-terminated literal; the result is checked.
+        let raw =
+            cvt(unsafe { libc::memfd_create(c"chanio-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) })?;
+        // SAFETY: `raw` was just created by the call above and is owned by
+        // nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let size = libc::off_t::try_from(len).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: plain calls on a descriptor we own.
+        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size) })?;
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+        // SAFETY: a fresh shared mapping of our memfd at an address the
+        // kernel picks aliases no existing memory; the result is checked.
         let raw = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
                 0,
             )
         };
@@ -166,20 +194,27 @@ impl Arena {
             return Err(std::io::Error::last_os_error());
         }
         let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
-        // A hint: where transparent huge pages are disabled (or only
-        // allowed for madvised memory and this fails) the namespace still
-        // works on small pages.
+        // A hint: where transparent huge pages for shared memory are off
+        // (`shmem_enabled`, "never" by default) or this fails, the
+        // namespace works on small pages.
         // SAFETY: advises on exactly the mapping made above.
         unsafe { libc::madvise(raw, len, libc::MADV_HUGEPAGE) };
-        Ok(Arena { ptr, len })
+        Ok(Arena {
+            ptr,
+            len,
+            fd,
+            id: messaging::mr::memory_id(),
+        })
     }
 }
 
 // SAFETY: one mapping of `len` readable and writable bytes, unmapped only
 // when the arena is dropped, so for as long as any holder of the `Arc`
-// lives. The backend reaches the bytes only for the length of one copy,
-// under a stripe lock; a peer's RDMA racing with it changes bytes, never
-// memory safety (bytes have no invalid values).
+// lives; the memfd holds them from offset 0 and is sealed against any
+// change of size. The backend reaches the bytes only for the length of
+// one copy, under a stripe lock; a peer's RDMA (or a peer process's copy)
+// racing with it changes bytes, never memory safety (bytes have no
+// invalid values).
 unsafe impl ExternalMemory for Arena {
     fn as_ptr(&self) -> NonNull<u8> {
         self.ptr
@@ -187,6 +222,14 @@ unsafe impl ExternalMemory for Arena {
 
     fn len(&self) -> usize {
         self.len
+    }
+
+    fn memfd(&self) -> Option<messaging::mr::SharedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(messaging::mr::SharedFd {
+            fd: self.fd.as_fd(),
+            id: self.id,
+        })
     }
 }
 

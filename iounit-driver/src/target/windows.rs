@@ -130,6 +130,7 @@ impl Windows {
             addr: exposure.addr(),
             len: exposure.len(),
             write: req.write,
+            shared: None,
         };
         tracing::debug!(host = %req.hostnqn, nsid = req.nsid, id, offset, len, write = req.write, "window open");
         t.open.insert(

@@ -336,6 +336,31 @@ impl Endpoint {
         self.shared.fabric
     }
 
+    /// Shares memory owned elsewhere with the peer process, where the
+    /// fabric moves data between processes through shared memory (shm) and
+    /// the peer runs as this process's user: the peer maps it with
+    /// [`Endpoint::peer_memory`] under the returned token and reads and
+    /// writes all of it itself, beyond any key's bounds or revocation
+    /// (`QueuePair::share_memory`). `Ok(None)` where the fabric does not
+    /// share (tcp, verbs, loopback; memory without a memfd).
+    ///
+    /// # Errors
+    /// The fabric's error when the memory cannot be sent.
+    pub fn share_memory(&self, memory: &dyn crate::mr::ExternalMemory) -> Result<Option<u64>, Error> {
+        Ok(self.shared.qp.share_memory(memory)?)
+    }
+
+    /// The memory the peer shared under `token` ([`Endpoint::share_memory`]
+    /// on its side), mapped here; `Ok(None)` where the fabric does not
+    /// share memory.
+    ///
+    /// # Errors
+    /// The fabric's error when the peer never sent it or it cannot be
+    /// mapped safely.
+    pub fn peer_memory(&self, token: u64) -> Result<Option<crate::provider::PeerMemory>, Error> {
+        Ok(self.shared.qp.peer_memory(token)?)
+    }
+
     /// The channel's protection domain: register buffers to expose on this
     /// channel here (the peer reaches nothing else). Buffers to send or
     /// push from may also come from the fabric's domain.

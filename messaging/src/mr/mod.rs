@@ -325,6 +325,32 @@ pub unsafe trait ExternalMemory: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The sealed memfd that holds the memory from its first byte, for
+    /// providers that share memory with a peer process
+    /// ([`QueuePair::share_memory`](crate::provider::QueuePair::share_memory)):
+    /// `None` (the default) when there is none.
+    fn memfd(&self) -> Option<SharedFd<'_>> {
+        None
+    }
+}
+
+/// A sealed memfd (its size can never change) holding an
+/// [`ExternalMemory`], with the process-wide ID it is shared under.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedFd<'a> {
+    /// The memfd; the memory's first byte is at offset 0.
+    pub fd: std::os::fd::BorrowedFd<'a>,
+    /// From [`memory_id`], once per memfd.
+    pub id: u64,
+}
+
+static NEXT_MEMORY_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A new process-wide ID for memory shared with peers (never 0, never
+/// repeated; the shm provider names its registrations' memfds with the
+/// same sequence).
+pub fn memory_id() -> u64 {
+    NEXT_MEMORY_ID.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Why a one-sided access by remote key was refused. Every kind maps to the

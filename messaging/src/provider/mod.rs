@@ -645,6 +645,84 @@ pub trait QueuePair: Send + Sync + fmt::Debug {
     fn placement(&self) -> Option<&dyn Placement> {
         None
     }
+
+    /// Shares `memory` with the peer process, where this provider moves
+    /// data between processes through shared memory (shm) and the memory
+    /// has a memfd ([`ExternalMemory::memfd`](crate::mr::ExternalMemory::memfd)):
+    /// its descriptor goes to the peer once, ahead of anything posted
+    /// later, and the peer maps it with [`QueuePair::peer_memory`] under
+    /// the returned token. The peer can then read and write **all** of it,
+    /// for as long as it keeps the mapping: no key, bound or revocation
+    /// applies there, so a provider shares only with a peer that runs as
+    /// this process's own user. `Ok(None)` (the default) where it does not
+    /// share.
+    ///
+    /// # Errors
+    /// `Io` on a failed queue pair or when the descriptor cannot be sent.
+    fn share_memory(&self, memory: &dyn crate::mr::ExternalMemory) -> Result<Option<u64>, FabricError> {
+        let _ = memory;
+        Ok(None)
+    }
+
+    /// The memory the peer shared under `token` ([`QueuePair::share_memory`]),
+    /// mapped here; `Ok(None)` where this provider does not share memory.
+    ///
+    /// # Errors
+    /// `Io` when the peer never sent it (within the handshake timeout) or
+    /// sent a descriptor that cannot be mapped safely (not sealed).
+    fn peer_memory(&self, token: u64) -> Result<Option<PeerMemory>, FabricError> {
+        let _ = token;
+        Ok(None)
+    }
+}
+
+/// Memory a peer process shared ([`QueuePair::share_memory`]), mapped here:
+/// copies in and out are checked against its length. The peer may change
+/// the bytes at any time; a copy sees each byte as it was at some moment.
+#[derive(Clone)]
+pub struct PeerMemory {
+    map: Arc<dyn PeerMap>,
+}
+
+/// A mapping of a peer's memory, as a provider keeps it.
+pub(crate) trait PeerMap: Send + Sync {
+    fn len(&self) -> usize;
+    fn read_into(&self, offset: usize, dest: &mut [u8]) -> bool;
+    fn write_from(&self, offset: usize, src: &[u8]) -> bool;
+}
+
+impl PeerMemory {
+    pub(crate) fn new(map: Arc<dyn PeerMap>) -> PeerMemory {
+        PeerMemory { map }
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// Copies `dest.len()` bytes from `offset`; `false` (nothing copied)
+    /// when the range leaves the memory.
+    pub fn read(&self, offset: u64, dest: &mut [u8]) -> bool {
+        usize::try_from(offset).is_ok_and(|o| self.map.read_into(o, dest))
+    }
+
+    /// Copies `src` to `offset`; `false` (nothing copied) when the range
+    /// leaves the memory.
+    pub fn write(&self, offset: u64, src: &[u8]) -> bool {
+        usize::try_from(offset).is_ok_and(|o| self.map.write_from(o, src))
+    }
+}
+
+impl fmt::Debug for PeerMemory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerMemory").field("len", &self.map.len()).finish()
+    }
 }
 
 /// Initiator-side placement (ADR 5), a capability of some providers only,

@@ -71,6 +71,13 @@ fn data_crosses_between_windows_and_commands_both_ways() {
         let mut odd = h.alloc(7).unwrap();
         w.read_at(4 * 512 + 3, &mut odd).unwrap();
         assert_eq!(&odd[..], &by_command[3..10], "{fabric}");
+        // Over shm the I/O unit (this process's user) shares the memory and
+        // the host copies; the RDMA path still serves the same bytes.
+        assert_eq!(w.shared_memory(), fabric.starts_with("shm"), "{fabric}");
+        let (stag, addr) = w.stag();
+        let mut rdma = h.alloc(by_command.len()).unwrap();
+        w.transfer_unchecked(addr + 4 * 512, stag, &mut rdma, false).unwrap();
+        assert!(rdma[..] == by_command[..], "{fabric}: an RDMA Read of the window");
 
         // Written through a writable window, committed, read by command.
         let rw = h.open_window(Nsid(1), 1000, 16, true).unwrap();

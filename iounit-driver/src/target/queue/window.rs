@@ -48,19 +48,31 @@ impl Queue {
             _ => return Ok(Outcome::status(window_status::NOT_WINDOWABLE.with_dnr())),
         };
         let bs = u64::from(geo.block_size);
+        let offset = slba * bs;
         let opened = self.shared.windows.open(OpenRequest {
             hostnqn: &self.ctrl.hostnqn,
             queue: self.serial,
             domain: self.ep.domain(),
             nsid,
-            memory,
-            offset: slba * bs,
+            memory: memory.clone(),
+            offset,
             len: u64::from(blocks) * bs,
             write,
         });
-        let desc = match opened {
+        let mut desc = match opened {
             Ok(desc) => desc,
             Err(status) => return Ok(Outcome::status(status)),
+        };
+        // Over shm, to a host of the daemon's own user, the memory itself
+        // (once per channel): the host then copies to and from it without
+        // a round trip. Elsewhere (or where it cannot be shared) RDMA.
+        desc.shared = match self.ep.share_memory(&*memory) {
+            Ok(Some(token)) => Some(crate::nvme::SharedWindow { token, offset }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, "cannot share a window's memory, RDMA only: {e}");
+                None
+            }
         };
         let data = desc.encode();
         let answered = self.push_to_host(sqe, data.len(), |dest| copy_out(&data, dest));

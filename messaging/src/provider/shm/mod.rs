@@ -244,10 +244,6 @@ struct MemfdAllocator {
     live: Mutex<IntMap<u64, (Arc<OwnedFd>, Mapping)>>,
 }
 
-/// Names memfds process-wide, so that a buffer of another fabric never
-/// matches an export of this one.
-static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
-
 impl MemfdAllocator {
     fn fd(&self, serial: u64) -> Option<Arc<OwnedFd>> {
         self.live.lock().get(&serial).map(|(fd, _)| fd.clone())
@@ -275,7 +271,9 @@ unsafe impl RegionAllocator for MemfdAllocator {
         let fd = sys::sealed_memfd("chanio-shm", len).map_err(oom)?;
         let map = Mapping::new(&fd, len).map_err(oom)?;
         let ptr = map.ptr();
-        let serial = NEXT_SERIAL.fetch_add(1, Ordering::Relaxed);
+        // Process-wide, so that a buffer of another fabric (or memory
+        // shared by its owner) never matches an export of this one.
+        let serial = crate::mr::memory_id();
         self.live.lock().insert(serial, (Arc::new(fd), map));
         Ok((ptr, serial))
     }

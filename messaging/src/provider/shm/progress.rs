@@ -235,7 +235,7 @@ impl Progress {
 
     /// The peer's memfd `serial`, waiting for its export if it is not here
     /// yet (the peer sends it before publishing the request).
-    fn ensure_mapped(&mut self, sh: &Shared, serial: u64) -> Result<(), Fatal> {
+    pub(super) fn ensure_mapped(&mut self, sh: &Shared, serial: u64) -> Result<(), Fatal> {
         let deadline = Instant::now() + sh.fabric.opts.handshake_timeout;
         while !self.maps.contains_key(&serial) {
             let msg = sh

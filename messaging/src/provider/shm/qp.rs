@@ -59,6 +59,9 @@ pub(super) struct State {
     pub(super) recvs: VecDeque<RecvWr>,
     /// Memfds (by serial) this side has sent to the peer.
     exported: IntSet<u64>,
+    /// Of those, memory shared by its owner (`share_memory`): not a
+    /// registration of the fabric's, so never unexported as a dead one.
+    pub(super) shared_out: IntSet<u64>,
     /// Memfds (by serial) found to be live registrations of this fabric
     /// (inline Sends use them without exporting them).
     checked: IntSet<u64>,
@@ -132,6 +135,7 @@ pub(super) fn start(
             outstanding: VecDeque::new(),
             recvs: recvs.into(),
             exported: IntSet::default(),
+            shared_out: IntSet::default(),
             checked: IntSet::default(),
             publish: Vec::new(),
             publish_data: Vec::new(),
@@ -353,6 +357,67 @@ impl QueuePair for ShmQp {
     fn placement(&self) -> Option<&dyn Placement> {
         Some(self)
     }
+
+    fn share_memory(&self, memory: &dyn crate::mr::ExternalMemory) -> Result<Option<u64>, FabricError> {
+        let Some(shared) = memory.memfd() else {
+            return Ok(None);
+        };
+        let sh = &self.shared;
+        // The whole memory goes to the peer, beyond any key's reach: only
+        // to a process of this one's own user, which could read this
+        // process's memory anyway.
+        match sh.links.sock.peer_cred() {
+            Ok(c) if c.uid == sys::effective_uid() => {}
+            _ => return Ok(None),
+        }
+        let mut st = sh.state.lock();
+        if st.failed {
+            return Err(FabricError::Io {
+                op: "share memory",
+                source: std::io::Error::from(std::io::ErrorKind::NotConnected),
+            });
+        }
+        if st.exported.contains(&shared.id) {
+            return Ok(Some(shared.id));
+        }
+        sh.links
+            .sock
+            .send(&control(CTL_EXPORT, shared.id), &[shared.fd.as_raw_fd()])
+            .map_err(|source| FabricError::Io {
+                op: "share memory",
+                source,
+            })?;
+        st.exported.insert(shared.id);
+        st.shared_out.insert(shared.id);
+        Ok(Some(shared.id))
+    }
+
+    fn peer_memory(&self, token: u64) -> Result<Option<crate::provider::PeerMemory>, FabricError> {
+        let sh = &self.shared;
+        let mut progress = sh.progress.lock();
+        if let Err(fatal) = progress.ensure_mapped(sh, token) {
+            return Err(FabricError::Io {
+                op: "map the peer's shared memory",
+                source: std::io::Error::other(fatal.reason),
+            });
+        }
+        let map = progress.maps[&token].clone();
+        Ok(Some(crate::provider::PeerMemory::new(map)))
+    }
+}
+
+impl crate::provider::PeerMap for Mapping {
+    fn len(&self) -> usize {
+        Mapping::len(self)
+    }
+
+    fn read_into(&self, offset: usize, dest: &mut [u8]) -> bool {
+        Mapping::read_into(self, offset, dest)
+    }
+
+    fn write_from(&self, offset: usize, src: &[u8]) -> bool {
+        Mapping::write_from(self, offset, src)
+    }
 }
 
 impl Placement for ShmQp {
@@ -551,7 +616,12 @@ impl Shared {
             return Ok(());
         }
         let memory = &self.fabric.memory;
-        let dead: Vec<u64> = st.exported.iter().copied().filter(|s| !memory.is_live(*s)).collect();
+        let dead: Vec<u64> = st
+            .exported
+            .iter()
+            .copied()
+            .filter(|s| !memory.is_live(*s) && !st.shared_out.contains(s))
+            .collect();
         for s in dead {
             st.exported.remove(&s);
             self.links
