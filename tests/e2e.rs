@@ -352,7 +352,13 @@ fn storage_windows_reach_namespace_data_and_refuse_violations(t: &str) {
     use chanio::host::{Host, HostError, HostOptions, Nsid};
     let scratch = Scratch::new(&format!("windows-{t}"));
     let file_ns = format!("file:{}:4MiB", scratch.path("ns.img").display());
-    let d = Daemon::start_on(t, &["--ns", "ram:8MiB", "--ns", &file_ns]);
+    // A file on the disk (in the soft-RoCE VM the repository is a 9p
+    // share); over rdma a file window is a cached extent.
+    let disk_dir =
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("windows-{t}-{}", std::process::id()));
+    std::fs::create_dir_all(&disk_dir).unwrap();
+    let disk_ns = format!("file:{}:4MiB", disk_dir.join("ns.img").display());
+    let d = Daemon::start_on(t, &["--ns", "ram:8MiB", "--ns", &file_ns, "--ns", &disk_ns]);
     let host = Host::connect(&d.uri, HostOptions::default()).unwrap_or_else(|e| panic!("{t}: connect: {e}"));
     let other = Host::connect(&d.uri, HostOptions::default()).unwrap_or_else(|e| panic!("{t}: connect: {e}"));
     let data = pattern(64 << 10, 61);
@@ -379,7 +385,7 @@ fn storage_windows_reach_namespace_data_and_refuse_violations(t: &str) {
     );
 
     // A file namespace: its windows are the file's pages, mapped shared
-    // (over rdma the guest's /tmp is tmpfs, whose pages a NIC can pin).
+    // (over rdma, a cached extent of them, which the log says).
     let fw = host
         .open_window(Nsid(2), 16, 256, true)
         .unwrap_or_else(|e| panic!("{t}: open on a file: {e}"));
@@ -396,6 +402,36 @@ fn storage_windows_reach_namespace_data_and_refuse_violations(t: &str) {
     fw.read_at(24 * 512, &mut seen).unwrap();
     assert!(seen[..] == data[..], "{t}: a file window read of command data");
     fw.close().unwrap();
+    if t == "rdma" {
+        d.wait_log("window as a cached extent", Duration::from_secs(10));
+    }
+    // The same on the disk file.
+    let dw = host
+        .open_window(Nsid(3), 16, 256, true)
+        .unwrap_or_else(|e| panic!("{t}: open on a disk file: {e}"));
+    dw.write_at(512, &mut src)
+        .unwrap_or_else(|e| panic!("{t}: disk window write: {e}"));
+    let back = host.read(Nsid(3), 17, 200).unwrap();
+    assert!(
+        back[..written.len()] == written[..],
+        "{t}: a command read of disk window data"
+    );
+    dw.commit().unwrap_or_else(|e| panic!("{t}: disk window commit: {e}"));
+    host.write(Nsid(3), 40, &data, false).unwrap();
+    fw_read_check(&dw, &host, &data, t);
+    dw.close().unwrap();
+    let on_disk = std::fs::read(disk_dir.join("ns.img")).unwrap();
+    // The window's write up to LBA 40, the command's from there (written
+    // later, over it).
+    assert!(
+        on_disk[17 * 512..40 * 512] == written[..23 * 512],
+        "{t}: the disk file holds the window's write"
+    );
+    assert!(
+        on_disk[40 * 512..40 * 512 + data.len()] == data[..],
+        "{t}: the disk file holds the command's write"
+    );
+    let _ = std::fs::remove_dir_all(&disk_dir);
 
     let gone = |r: Result<(), HostError>| matches!(r, Err(HostError::WindowClosed(_)));
     let mut probe = host.alloc(64).unwrap();
@@ -530,6 +566,13 @@ fn hostctl_window_reads_writes_and_explains_refusals() {
         "513 bytes",
         2,
     );
+}
+
+/// A window read of `data` at LBA 40 through a window from LBA 16.
+fn fw_read_check(w: &chanio::host::Window, host: &chanio::host::Host, data: &[u8], t: &str) {
+    let mut seen = host.alloc(data.len()).unwrap();
+    w.read_at(24 * 512, &mut seen).unwrap();
+    assert!(seen[..] == data[..], "{t}: a window read of command data");
 }
 
 /// Storage windows revoked by the I/O unit itself: a namespace detached by

@@ -11,6 +11,7 @@
 //! max_controllers_per_host = 8             # controllers one host NQN may hold
 //! max_connections_per_address = 256        # tcp connections from one address
 //! max_windows_per_host = 64                # storage windows one host NQN holds
+//! window_file_cache = false                # file windows as cached extents
 //! shm_allow_uids = [1000]                  # users let in on shm:// listeners
 //! shm_allow_gids = []                      # ... or groups (primary group)
 //! shm_allow_any_user = false               # default: only the daemon's user
@@ -105,6 +106,8 @@ struct File {
     max_connections_per_address: Option<usize>,
     max_windows_per_host: Option<usize>,
     #[serde(default)]
+    window_file_cache: bool,
+    #[serde(default)]
     shm_allow_uids: Vec<u32>,
     #[serde(default)]
     shm_allow_gids: Vec<u32>,
@@ -189,6 +192,7 @@ pub fn parse(text: &str, origin: &str) -> Result<DaemonConfig, ConfigError> {
                 .unwrap_or(defaults.max_connections_per_address),
             serial: None,
             max_windows_per_host: file.max_windows_per_host.unwrap_or(defaults.max_windows_per_host),
+            window_file_cache: file.window_file_cache,
         },
         namespaces,
     })

@@ -304,6 +304,8 @@ impl Status {
             (7, 0x01) => "Namespace Cannot Be Windowed (chanio)",
             (7, 0x02) => "Window Limit Exceeded (chanio)",
             (7, 0x03) => "Unknown Window (chanio)",
+            (7, 0x04) => "Window Cache Limit Exceeded (chanio)",
+            (7, 0x05) => "Window Overlaps A Cached Window (chanio)",
             (2, 0x87) => "Deallocated or Unwritten Logical Block",
             (3, 0x00) => "Internal Path Error",
             (3, 0x01) => "Asymmetric Access Persistent Loss",

@@ -42,6 +42,11 @@ pub mod status {
     /// No window of this host's with that ID (never opened, closed or
     /// revoked).
     pub const UNKNOWN_WINDOW: Status = Status::new(StatusCodeType::VENDOR_SPECIFIC, 0x03);
+    /// A window that must be a cached extent (a file the device cannot
+    /// register in place) is larger than a cached extent may be.
+    pub const CACHE_LIMIT: Status = Status::new(StatusCodeType::VENDOR_SPECIFIC, 0x04);
+    /// A window that must be a cached extent overlaps another one.
+    pub const OVERLAPS: Status = Status::new(StatusCodeType::VENDOR_SPECIFIC, 0x05);
 }
 
 /// A window command, decoded.

@@ -54,8 +54,10 @@ impl Host {
     /// # Errors
     /// [`HostError::InvalidArgument`] for 0 blocks; [`HostError::Nvme`]
     /// with the I/O unit's refusal: LBA Out of Range, Invalid Namespace,
-    /// Namespace Cannot Be Windowed (a thin clone; a file the NIC cannot
-    /// pin), Window Limit Exceeded; see [`HostError`] for the rest.
+    /// Namespace Cannot Be Windowed (a thin clone), Window Limit Exceeded,
+    /// and for a file window that is a cached extent (over verbs), Window
+    /// Cache Limit Exceeded (over 64 MiB) and Window Overlaps A Cached
+    /// Window; see [`HostError`] for the rest.
     pub fn open_window(&self, nsid: Nsid, slba: u64, blocks: u32, writable: bool) -> Result<Window, HostError> {
         exec::block_on(self.open_window_async(nsid, slba, blocks, writable))
     }

@@ -84,6 +84,10 @@ pub struct TargetConfig {
     /// Storage windows one host NQN may hold open at once (Window Open
     /// beyond it fails with Window Limit Exceeded).
     pub max_windows_per_host: usize,
+    /// Make every file namespace's window a cached extent (a copy of its
+    /// blocks, written back at Commit) instead of the file's mapping; it
+    /// is one anyway where the device refuses the mapping.
+    pub window_file_cache: bool,
 }
 
 impl Default for TargetConfig {
@@ -102,6 +106,7 @@ impl Default for TargetConfig {
             max_connections_per_address: 256,
             serial: None,
             max_windows_per_host: 64,
+            window_file_cache: false,
         }
     }
 }

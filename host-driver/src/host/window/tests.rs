@@ -327,3 +327,99 @@ fn a_file_namespace_is_windowed_coherently_with_commands() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With `window_file_cache` (what a window over verbs always
+/// gets anyway), a file window is a cached extent: a copy of its blocks
+/// that commands keep coherent both ways, written to the file at Commit
+/// and only then.
+#[test]
+fn a_cached_extent_is_coherent_with_commands_and_reaches_the_file_at_commit() {
+    let dir = std::env::temp_dir().join(format!("chanio-window-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for fabric in fabrics() {
+        let path = dir.join("ns.img");
+        let big = dir.join("big.img");
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(&big);
+        let t = Target::start(TargetConfig {
+            listen: vec![fabric.clone()],
+            namespaces: vec![
+                format!("file:{}:2MiB", path.display()).parse().unwrap(),
+                format!("file:{}:80MiB", big.display()).parse().unwrap(),
+            ],
+            window_file_cache: true,
+            ..TargetConfig::default()
+        })
+        .unwrap();
+        let h = host(&t, NQN);
+        let file_at = |at: usize, len: usize| std::fs::read(&path).unwrap()[at..at + len].to_vec();
+        // What the file held before the window is in it.
+        let before = pattern(4096, 21);
+        h.write(Nsid(1), 64, &before, false).unwrap();
+        let w = h.open_window(Nsid(1), 64, 64, true).unwrap();
+        assert_eq!(
+            w.shared_memory(),
+            fabric.starts_with("shm"),
+            "{fabric}: a cached extent is shared over shm"
+        );
+        let mut b = h.alloc(4096).unwrap();
+        w.read_at(0, &mut b).unwrap();
+        assert!(b[..] == before[..], "{fabric}: the cache was filled from the file");
+        // A window write: commands see it at once, the file only after
+        // Commit.
+        let by_window = pattern(3000, 22);
+        w.write_at(8192 + 7, &mut filled(&h, &by_window)).unwrap();
+        let seen = h.read(Nsid(1), 64 + 16, 8).unwrap();
+        assert!(
+            seen[7..7 + 3000] == by_window[..],
+            "{fabric}: a command read of a cached window write"
+        );
+        assert!(
+            file_at((64 + 16) * 512 + 7, 3000) != by_window,
+            "{fabric}: in the file before Commit"
+        );
+        w.commit().unwrap();
+        assert!(
+            file_at((64 + 16) * 512 + 7, 3000) == by_window,
+            "{fabric}: not in the file after Commit"
+        );
+        // A command write and a zeroing reach the window.
+        let by_command = pattern(1024, 23);
+        h.write(Nsid(1), 100, &by_command, false).unwrap();
+        let mut c = h.alloc(1024).unwrap();
+        w.read_at(36 * 512, &mut c).unwrap();
+        assert!(c[..] == by_command[..], "{fabric}: a window read of a command write");
+        h.write_zeroes(Nsid(1), 100, 1).unwrap();
+        w.read_at(36 * 512, &mut c).unwrap();
+        assert!(
+            c[..512].iter().all(|&x| x == 0) && c[512..] == by_command[512..],
+            "{fabric}: zeroes"
+        );
+        // Extents never overlap; they are bounded.
+        let refused = h.open_window(Nsid(1), 100, 8, false).unwrap_err();
+        assert!(
+            refused
+                .status()
+                .is_some_and(|s| s.same_code(nvme::window::status::OVERLAPS)),
+            "{fabric}: {refused}"
+        );
+        let refused = h.open_window(Nsid(2), 0, (65 << 20) / 512, false).unwrap_err();
+        assert!(
+            refused
+                .status()
+                .is_some_and(|s| s.same_code(nvme::window::status::CACHE_LIMIT)),
+            "{fabric}: {refused}"
+        );
+        // Uncommitted window writes go with the window.
+        let lost = pattern(512, 24);
+        w.write_at(0, &mut filled(&h, &lost)).unwrap();
+        w.close().unwrap();
+        assert!(
+            h.read(Nsid(1), 64, 1).unwrap() == before[..512],
+            "{fabric}: an uncommitted write outlived its window"
+        );
+        h.close();
+        t.shutdown();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

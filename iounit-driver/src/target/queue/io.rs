@@ -4,6 +4,7 @@
 //! of pushed write data, each taken to storage as it lands.
 
 use super::*;
+use crate::target::windows::Windows;
 
 /// A write waiting for its pushed data.
 pub(super) struct PendingWrite {
@@ -67,11 +68,11 @@ impl Queue {
         }
         Ok(match op {
             IoOpcode::Read => return self.read(sqe, ns),
-            IoOpcode::Write => write(sqe, inline, ns),
+            IoOpcode::Write => write(sqe, inline, ns, &self.shared.windows),
             IoOpcode::Flush if deferred(&ns) => Outcome::Start(Start::Flush { ns }),
             IoOpcode::Flush => Outcome::status(ns.flush().map_or_else(|e| block_status(&e), |()| Status::SUCCESS)),
-            IoOpcode::WriteZeroes => write_zeroes(sqe, &ns),
-            IoOpcode::DatasetManagement => dataset_management(sqe, inline, &ns),
+            IoOpcode::WriteZeroes => write_zeroes(sqe, &ns, &self.shared.windows),
+            IoOpcode::DatasetManagement => dataset_management(sqe, inline, &ns, &self.shared.windows),
         })
     }
 
@@ -197,7 +198,7 @@ fn block_range(sqe: &Sqe, ns: &NamespaceRef) -> Result<(u64, u64), Status> {
     Ok((sqe.slba() * bs, blocks * bs))
 }
 
-fn write(sqe: &Sqe, inline: &[u8], ns: NamespaceRef) -> Outcome {
+fn write(sqe: &Sqe, inline: &[u8], ns: NamespaceRef, windows: &Windows) -> Outcome {
     let (offset, len) = match transfer_range(sqe, &ns) {
         Ok(r) => r,
         Err(s) => return Outcome::status(s),
@@ -221,7 +222,11 @@ fn write(sqe: &Sqe, inline: &[u8], ns: NamespaceRef) -> Outcome {
                 });
             }
             Outcome::status(match ns.write(offset, inline, sqe.fua()) {
-                Ok(()) => Status::SUCCESS,
+                Ok(()) => {
+                    // Cached extents over these blocks take it too.
+                    windows.absorb(ns.nsid(), offset, inline);
+                    Status::SUCCESS
+                }
                 Err(e) => block_status(&e),
             })
         }
@@ -245,7 +250,8 @@ fn write(sqe: &Sqe, inline: &[u8], ns: NamespaceRef) -> Outcome {
     }
 }
 
-fn write_zeroes(sqe: &Sqe, ns: &NamespaceRef) -> Outcome {
+/// Write Zeroes; cached extents over the blocks are zeroed too.
+fn write_zeroes(sqe: &Sqe, ns: &NamespaceRef, windows: &Windows) -> Outcome {
     let (offset, len) = match block_range(sqe, ns) {
         Ok(r) => r,
         Err(s) => return Outcome::status(s),
@@ -255,10 +261,15 @@ fn write_zeroes(sqe: &Sqe, ns: &NamespaceRef) -> Outcome {
     } else {
         ns.write_zeroes(offset, len)
     };
+    if r.is_ok() {
+        windows.zero(ns.nsid(), offset, len);
+    }
     Outcome::status(r.map_or_else(|e| block_status(&e), |()| Status::SUCCESS))
 }
 
-fn dataset_management(sqe: &Sqe, inline: &[u8], ns: &NamespaceRef) -> Outcome {
+/// Dataset Management (deallocate); cached extents over the ranges are
+/// zeroed too, as the blocks read after a deallocate.
+fn dataset_management(sqe: &Sqe, inline: &[u8], ns: &NamespaceRef, windows: &Windows) -> Outcome {
     let geo = ns.geometry();
     let bs = u64::from(geo.block_size);
     let ranges = match DsmRange::decode_list(inline, sqe.dsm_range_count()) {
@@ -276,6 +287,7 @@ fn dataset_management(sqe: &Sqe, inline: &[u8], ns: &NamespaceRef) -> Outcome {
             if let Err(e) = ns.discard(r.slba * bs, u64::from(r.block_count) * bs) {
                 return Outcome::status(block_status(&e));
             }
+            windows.zero(ns.nsid(), r.slba * bs, u64::from(r.block_count) * bs);
         }
     }
     Outcome::status(Status::SUCCESS)

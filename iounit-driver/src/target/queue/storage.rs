@@ -363,13 +363,15 @@ impl Queue {
                 Io::Read {
                     cid,
                     _ns,
-                    buf,
+                    offset,
+                    mut buf,
                     target,
                     by_data,
-                    ..
                 },
                 Ok(()),
             ) => {
+                // Window writes a cached extent holds, not yet in the file.
+                self.shared.windows.overlay(_ns.nsid(), offset, &mut buf);
                 drop(_ns);
                 State::ToHost {
                     cid,
@@ -379,7 +381,20 @@ impl Queue {
                 }
             }
             (Io::Read { cid, .. }, Err(e)) => State::complete(cid, block_status(&e)),
-            (Io::Inline { cid, _ns, capsule, .. }, r) => {
+            (
+                Io::Inline {
+                    cid,
+                    _ns,
+                    capsule,
+                    offset,
+                    ..
+                },
+                r,
+            ) => {
+                if r.is_ok() {
+                    let data = capsule.get(SQE_LEN..).unwrap_or_default();
+                    self.shared.windows.absorb(_ns.nsid(), offset, data);
+                }
                 // The receive (a credit) and the namespace go back first.
                 drop((capsule, _ns));
                 State::complete(cid, r.map_or_else(|e| block_status(&e), |()| Status::SUCCESS))
@@ -388,7 +403,15 @@ impl Queue {
                 drop(_ns);
                 State::complete(cid, r.map_or_else(|e| block_status(&e), |()| Status::SUCCESS))
             }
-            (Io::Chunk { write, data, .. }, r) => {
+            (
+                Io::Chunk {
+                    write, data, offset, ..
+                },
+                r,
+            ) => {
+                if let (Ok(()), Some(ns)) = (&r, self.writes.get(write).and_then(|w| w.ns.as_ref())) {
+                    self.shared.windows.absorb(ns.nsid(), offset, &data);
+                }
                 drop(data);
                 if let Some(w) = self.writes.get_mut(write) {
                     w.outstanding = w.outstanding.saturating_sub(1);

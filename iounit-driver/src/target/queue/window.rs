@@ -8,7 +8,7 @@ use super::admin::copy_out;
 use super::*;
 use crate::nvme::window::status as window_status;
 use crate::nvme::WindowCommand;
-use crate::target::windows::OpenRequest;
+use crate::target::windows::{OpenRequest, Refused, WindowCache, MAX_CACHED_WINDOW};
 
 impl Queue {
     pub(super) fn window(&mut self, sqe: &Sqe, cmd: Result<WindowCommand, NvmeError>) -> Result<Outcome, QueueError> {
@@ -43,31 +43,63 @@ impl Queue {
         if blocks == 0 || !in_range {
             return Ok(Outcome::status(Status::LBA_OUT_OF_RANGE.with_dnr()));
         }
-        let memory = match ns.window_memory() {
-            Some(m) if m.len() as u64 >= geo.bytes() => m,
-            _ => return Ok(Outcome::status(window_status::NOT_WINDOWABLE.with_dnr())),
-        };
         let bs = u64::from(geo.block_size);
         let offset = slba * bs;
-        let opened = self.shared.windows.open(OpenRequest {
-            hostnqn: &self.ctrl.hostnqn,
-            queue: self.serial,
-            domain: self.ep.domain(),
-            nsid,
-            memory: memory.clone(),
-            offset,
-            len: u64::from(blocks) * bs,
-            write,
-        });
-        let mut desc = match opened {
-            Ok(desc) => desc,
-            Err(status) => return Ok(Outcome::status(status)),
+        let len = u64::from(blocks) * bs;
+        let files = ns.files().is_some();
+        let in_place = match ns.window_memory() {
+            Some(m) if m.len() as u64 >= geo.bytes() => Some(m),
+            _ => None,
+        };
+        // A file's window is its mapping, registered in place, where the
+        // software responder writes it (through the page tables, so that
+        // the page cache knows what is dirty). A NIC writes pinned pages
+        // behind the page cache's back (its direct I/O would read stale
+        // blocks; newer kernels refuse such pins): over a device, and where
+        // the target caches file windows, a cached extent.
+        // Over shm too, a cached extent: its memory (a sealed memfd, unlike
+        // a file) can be shared with the host's process.
+        let device = self.ep.domain().registrar().is_some();
+        let cache = device || self.ep.fabric() == "shm" || self.shared.cfg.window_file_cache;
+        let direct = match in_place {
+            Some(memory) if !(files && cache) => {
+                let opened = self.shared.windows.open(OpenRequest {
+                    hostnqn: &self.ctrl.hostnqn,
+                    queue: self.serial,
+                    domain: self.ep.domain(),
+                    nsid,
+                    memory: memory.clone(),
+                    memory_offset: offset,
+                    offset,
+                    len,
+                    write,
+                    cache: None,
+                });
+                match opened {
+                    Ok(desc) => Some((desc, memory)),
+                    Err(Refused::Status(status)) => return Ok(Outcome::status(status)),
+                    Err(Refused::Device) if files => None,
+                    Err(Refused::Device) => return Ok(Outcome::status(window_status::NOT_WINDOWABLE.with_dnr())),
+                }
+            }
+            Some(_) | None if files => None,
+            _ => return Ok(Outcome::status(window_status::NOT_WINDOWABLE.with_dnr())),
+        };
+        let (mut desc, memory, memory_offset) = match direct {
+            Some((desc, memory)) => (desc, memory, offset),
+            None => match self.open_cached(&ns, nsid, offset, len, write) {
+                Ok((desc, cache)) => (desc, cache as Arc<dyn messaging::mr::ExternalMemory>, 0),
+                Err(status) => return Ok(Outcome::status(status)),
+            },
         };
         // Over shm, to a host of the daemon's own user, the memory itself
-        // (once per channel): the host then copies to and from it without
-        // a round trip. Elsewhere (or where it cannot be shared) RDMA.
+        // (once per channel): the host then copies to and from it without a
+        // round trip. Elsewhere RDMA.
         desc.shared = match self.ep.share_memory(&*memory) {
-            Ok(Some(token)) => Some(crate::nvme::SharedWindow { token, offset }),
+            Ok(Some(token)) => Some(crate::nvme::SharedWindow {
+                token,
+                offset: memory_offset,
+            }),
             Ok(None) => None,
             Err(e) => {
                 tracing::debug!(peer = %self.peer, "cannot share a window's memory, RDMA only: {e}");
@@ -87,6 +119,55 @@ impl Queue {
             _ => {}
         }
         answered
+    }
+
+    /// A cached extent over `len` bytes at `offset` of a file namespace:
+    /// registered (so that commands keep it current) before it is filled
+    /// from the file, here on the worker (it is at most
+    /// `MAX_CACHED_WINDOW` bytes).
+    fn open_cached(
+        &mut self,
+        ns: &NamespaceRef,
+        nsid: u32,
+        offset: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<(crate::nvme::WindowDescriptor, Arc<WindowCache>), Status> {
+        if len > MAX_CACHED_WINDOW {
+            return Err(window_status::CACHE_LIMIT.with_dnr());
+        }
+        if self.shared.windows.cached_overlap(nsid, offset, len) {
+            return Err(window_status::OVERLAPS.with_dnr());
+        }
+        let cache = WindowCache::new(len as usize).map(Arc::new).map_err(|e| {
+            tracing::warn!(peer = %self.peer, "no memory for a window's cache of {len} bytes: {e}");
+            Status::INTERNAL_ERROR
+        })?;
+        let desc = self
+            .shared
+            .windows
+            .open(OpenRequest {
+                hostnqn: &self.ctrl.hostnqn,
+                queue: self.serial,
+                domain: self.ep.domain(),
+                nsid,
+                memory: cache.clone(),
+                memory_offset: 0,
+                offset,
+                len,
+                write,
+                cache: Some(cache.clone()),
+            })
+            .map_err(|r| match r {
+                Refused::Status(s) => s,
+                Refused::Device => window_status::NOT_WINDOWABLE.with_dnr(),
+            })?;
+        if let Err(e) = cache.fill(|bytes| ns.read(offset, bytes)) {
+            self.shared.windows.close(self.serial, desc.id);
+            return Err(block_status(&e));
+        }
+        tracing::info!(peer = %self.peer, nsid, offset, len, "window as a cached extent");
+        Ok((desc, cache))
     }
 
     /// Commit: the blocks (all of the window's when `blocks` is 0) must
@@ -117,6 +198,15 @@ impl Queue {
                 .is_some_and(|end| end <= window.offset + window.len);
         if !inside {
             return status(Status::LBA_OUT_OF_RANGE.with_dnr());
+        }
+        if let Some(cache) = &window.cache {
+            // A cached extent: its bytes go to the file, durably (FUA),
+            // here on the worker (at most `MAX_CACHED_WINDOW` bytes).
+            let data = cache.copy_out((offset - window.offset) as usize, len as usize);
+            return status(match ns.write(offset, &data, true) {
+                Ok(()) => Status::SUCCESS,
+                Err(e) => block_status(&e),
+            });
         }
         if io::deferred(&ns) {
             return Outcome::Start(Start::Flush { ns });
