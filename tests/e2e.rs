@@ -212,17 +212,7 @@ fn namespace_hot_detach_and_attach_deliver_events(t: &str) {
     let with_two = "[[namespace]]\nbackend = \"ram:1MiB\"\n[[namespace]]\nbackend = \"ram:2MiB\"\n";
     let with_one = "[[namespace]]\nbackend = \"ram:1MiB\"\n";
     std::fs::write(&cfg, with_two).unwrap();
-    let mut cmd = Command::new(common::binary("iounitd"));
-    cmd.args([
-        "--config",
-        cfg.to_str().unwrap(),
-        "--listen",
-        &common::listen_address(t),
-    ])
-    .env("RUST_LOG", "info")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let d = Daemon::spawn(cmd);
+    let d = Daemon::with_config(t, &cfg);
     // A watcher that has said it is listening: it hears every later event.
     let watch = |count: &str| {
         let mut child = Command::new(common::binary("hostctl"))
@@ -585,17 +575,7 @@ fn storage_windows_are_revoked_by_detach_and_masking(t: &str) {
     let hostnqn = "nqn.2026-12.io.chanio:window-revoke";
     let two = "[[namespace]]\nbackend = \"ram:1MiB\"\n[[namespace]]\nbackend = \"ram:2MiB\"\n";
     std::fs::write(&cfg, two).unwrap();
-    let mut cmd = Command::new(common::binary("iounitd"));
-    cmd.args([
-        "--config",
-        cfg.to_str().unwrap(),
-        "--listen",
-        &common::listen_address(t),
-    ])
-    .env("RUST_LOG", "info")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let d = Daemon::spawn(cmd);
+    let d = Daemon::with_config(t, &cfg);
     let opts = || HostOptions {
         hostnqn: hostnqn.into(),
         ..HostOptions::default()

@@ -114,6 +114,19 @@ impl Daemon {
         Daemon::spawn(cmd)
     }
 
+    /// Starts `iounitd` with its config file `cfg` (reloaded on SIGHUP),
+    /// listening on `transport`.
+    pub fn with_config(transport: &str, cfg: &Path) -> Daemon {
+        let mut cmd = Command::new(binary("iounitd"));
+        cmd.arg("--config")
+            .arg(cfg)
+            .args(["--listen", &listen_address(transport)])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Daemon::spawn(cmd)
+    }
+
     /// Starts `iounitd` with a full command (no listen address added).
     pub fn spawn(mut cmd: Command) -> Daemon {
         let mut child = cmd.spawn().expect("start iounitd");

@@ -188,6 +188,11 @@ impl Window {
                 false => Err(HostError::Protocol("a window outside its shared memory".into())),
             };
         }
+        self.rdma_read(remote, buf).await
+    }
+
+    /// An RDMA Read of `buf.len()` bytes at `remote` into `buf`.
+    async fn rdma_read(&self, remote: RemoteAddr, buf: &mut IoBuf) -> Result<(), HostError> {
         // `lent` gives the IoBuf fresh memory if this future is dropped
         // mid-read: the Read may still land in the lent memory.
         let (raw, lent) = buf.lend()?;
@@ -222,6 +227,11 @@ impl Window {
                 false => Err(HostError::Protocol("a window outside its shared memory".into())),
             };
         }
+        self.rdma_write(remote, buf).await
+    }
+
+    /// An RDMA Write of `buf` at `remote`.
+    async fn rdma_write(&self, remote: RemoteAddr, buf: &mut IoBuf) -> Result<(), HostError> {
         let (raw, lent) = buf.lend_out()?;
         let ep = self.queue.endpoint();
         let sent = self
@@ -310,21 +320,10 @@ impl Window {
     #[doc(hidden)]
     pub fn transfer_unchecked(&self, addr: u64, stag: u32, buf: &mut IoBuf, write: bool) -> Result<(), HostError> {
         let remote = RemoteAddr { addr, rkey: RKey(stag) };
-        let ep = self.queue.endpoint();
         exec::block_on(async {
-            if write {
-                let (raw, lent) = buf.lend_out()?;
-                let sent = match ep.write_remote_async(remote, raw).await {
-                    Ok(ticket) => ticket.buf_completion().await.map(drop),
-                    Err(e) => Err(e),
-                };
-                lent.reclaim()?;
-                sent.map_err(|e| self.gone(e))
-            } else {
-                let (raw, lent) = buf.lend()?;
-                let ticket = ep.read_remote_async(remote, raw).await.map_err(|e| self.gone(e))?;
-                let raw = ticket.buf_completion().await.map_err(|e| self.gone(e))?;
-                lent.restore(raw)
+            match write {
+                true => self.rdma_write(remote, buf).await,
+                false => self.rdma_read(remote, buf).await,
             }
         })
     }

@@ -9,10 +9,10 @@
 //! each miss is a two-dimensional page walk). Whether it does depends on
 //! `/sys/kernel/mm/transparent_hugepage/shmem_enabled` (`advise` lets it).
 
-use std::ptr::NonNull;
 use std::sync::Arc;
 
 use messaging::mr::ExternalMemory;
+use messaging::provider::shm::SealedMemory;
 use parking_lot::Mutex;
 
 use super::{check_range, BlockError, BlockIo, Discard, ErrorKind, Geometry, WriteZeroes};
@@ -59,9 +59,15 @@ impl RamBackend {
                 format!("RAM size {size} does not fit this machine's address space"),
             )
         })?;
-        let arena = Arena::new(len)
+        let arena = Arena::new("chanio-ram", len)
             .map(Arc::new)
             .map_err(|e| BlockError::new(ErrorKind::Open, format!("cannot map {size} bytes of RAM: {e}")))?;
+        // A hint: where transparent huge pages for shared memory are off
+        // (`shmem_enabled`, "never" by default) or this fails, the
+        // namespace works on small pages.
+        // SAFETY: advises on exactly the arena's mapping, which it leaves
+        // mapped and its contents unchanged.
+        unsafe { libc::madvise(arena.as_ptr().as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
         let stripes = (0..size.div_ceil(STRIPE)).map(|_| Mutex::new(())).collect();
         Ok(RamBackend {
             geometry: Geometry {
@@ -81,7 +87,7 @@ impl RamBackend {
         while pos < len {
             let at = offset + pos;
             let stripe = (at / STRIPE) as usize;
-            let stripe_end = ((stripe as u64 + 1) * STRIPE).min(self.arena.len as u64);
+            let stripe_end = ((stripe as u64 + 1) * STRIPE).min(self.arena.len() as u64);
             let n = (stripe_end - at).min(len - pos) as usize;
             let _guard = self.stripes[stripe].lock();
             // SAFETY: `[at, at + n)` lies inside the arena (the caller
@@ -90,7 +96,7 @@ impl RamBackend {
             // `f` returns, is the only way to reach those bytes, so this
             // is the one live reference to them. The arena lives as long
             // as `self`, which outlives the borrow.
-            let piece = unsafe { std::slice::from_raw_parts_mut(self.arena.ptr.as_ptr().add(at as usize), n) };
+            let piece = unsafe { std::slice::from_raw_parts_mut(self.arena.as_ptr().as_ptr().add(at as usize), n) };
             f(piece, pos as usize);
             pos += n as u64;
         }
@@ -135,111 +141,14 @@ fn copy_streaming(dst: &mut [u8], src: &[u8]) {
     dst.copy_from_slice(src);
 }
 
-/// The namespace's memory: a sealed memfd (its size can never change),
-/// mapped shared, zero-filled by the kernel on first touch. Storage
-/// windows register it in place: a host's RDMA reaches it without the
-/// stripe locks, as DMA would (`docs/protocol.md` §9.6 says what a command
-/// and a window access to the same blocks at once give); over shm a host
-/// of the daemon's own user maps the memfd and copies itself.
-struct Arena {
-    ptr: NonNull<u8>,
-    len: usize,
-    fd: std::os::fd::OwnedFd,
-    /// The memfd's process-wide ID ([`messaging::mr::memory_id`]).
-    id: u64,
-}
-
-// SAFETY: the arena is plain memory owned by its backend; every access of
-// the backend's goes through `RamBackend::each_piece`, which serialises it
-// per stripe.
-unsafe impl Send for Arena {}
-// SAFETY: as above: shared references only hand out bytes under a lock.
-unsafe impl Sync for Arena {}
-
-impl Arena {
-    fn new(len: usize) -> std::io::Result<Arena> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let cvt = |rc: libc::c_int| {
-            if rc < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(rc)
-            }
-        };
-        // SAFETY: the name is a NUL-terminated literal; the result is checked.
-        let raw =
-            cvt(unsafe { libc::memfd_create(c"chanio-ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) })?;
-        // SAFETY: `raw` was just created by the call above and is owned by
-        // nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let size = libc::off_t::try_from(len).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        // SAFETY: plain calls on a descriptor we own.
-        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size) })?;
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        // SAFETY: as above.
-        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
-        // SAFETY: a fresh shared mapping of our memfd at an address the
-        // kernel picks aliases no existing memory; the result is checked.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
-        // A hint: where transparent huge pages for shared memory are off
-        // (`shmem_enabled`, "never" by default) or this fails, the
-        // namespace works on small pages.
-        // SAFETY: advises on exactly the mapping made above.
-        unsafe { libc::madvise(raw, len, libc::MADV_HUGEPAGE) };
-        Ok(Arena {
-            ptr,
-            len,
-            fd,
-            id: messaging::mr::memory_id(),
-        })
-    }
-}
-
-// SAFETY: one mapping of `len` readable and writable bytes, unmapped only
-// when the arena is dropped, so for as long as any holder of the `Arc`
-// lives; the memfd holds them from offset 0 and is sealed against any
-// change of size. The backend reaches the bytes only for the length of
-// one copy, under a stripe lock; a peer's RDMA (or a peer process's copy)
-// racing with it changes bytes, never memory safety (bytes have no
-// invalid values).
-unsafe impl ExternalMemory for Arena {
-    fn as_ptr(&self) -> NonNull<u8> {
-        self.ptr
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn memfd(&self) -> Option<messaging::mr::SharedFd<'_>> {
-        use std::os::fd::AsFd;
-        Some(messaging::mr::SharedFd {
-            fd: self.fd.as_fd(),
-            id: self.id,
-        })
-    }
-}
-
-impl Drop for Arena {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `new` made; no reference into
-        // it outlives the backend that owns the arena.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
+/// The namespace's memory: a sealed memfd, mapped shared, zero-filled by
+/// the kernel on first touch ([`SealedMemory`]). Storage windows register
+/// it in place: a host's RDMA reaches it without the stripe locks, as DMA
+/// would (`docs/protocol.md` §9.6 says what a command and a window access
+/// to the same blocks at once give); over shm a host of the daemon's own
+/// user maps the memfd and copies itself. The backend reaches the bytes
+/// only for the length of one copy, under a stripe lock.
+type Arena = SealedMemory;
 
 impl std::fmt::Debug for RamBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

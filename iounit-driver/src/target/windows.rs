@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use messaging::mr::{Access, Exposure, ExternalMemory, MrError, ProtectionDomain};
+use messaging::provider::shm::SealedMemory;
 use parking_lot::Mutex;
 
 use crate::nvme::window::status as window_status;
@@ -97,84 +98,29 @@ pub(crate) struct Windows {
 
 /// Memory holding a copy of a cached extent's blocks: a sealed memfd,
 /// mapped shared, so that over shm a host of the daemon's user can map it
-/// too.
+/// too. Its bytes are reached only by copies (here, a peer's RDMA, a peer
+/// process's copies), never through a reference that outlives one copy.
 #[derive(Debug)]
-pub(crate) struct WindowCache {
-    ptr: NonNull<u8>,
-    len: usize,
-    fd: std::os::fd::OwnedFd,
-    /// The memfd's process-wide ID ([`messaging::mr::memory_id`]).
-    id: u64,
-}
-
-// SAFETY: plain memory this value owns; its bytes are reached only by
-// copies through raw pointers (here, a peer's RDMA, a peer process's
-// copies), never through a reference that outlives one copy.
-unsafe impl Send for WindowCache {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for WindowCache {}
+pub(crate) struct WindowCache(SealedMemory);
 
 impl WindowCache {
     /// `len` (non-zero) zeroed bytes.
     pub(crate) fn new(len: usize) -> std::io::Result<WindowCache> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let cvt = |rc: libc::c_int| {
-            if rc < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(rc)
-            }
-        };
-        let size = libc::off_t::try_from(len)
-            .ok()
-            .filter(|&s| s > 0)
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        // SAFETY: the name is a NUL-terminated literal; the result is checked.
-        let raw =
-            cvt(unsafe { libc::memfd_create(c"chanio-window".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) })?;
-        // SAFETY: `raw` was just created above and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: plain calls on a descriptor we own.
-        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size) })?;
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
-        // SAFETY: as above.
-        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
-        // SAFETY: a fresh shared mapping of our memfd aliases no memory of
-        // ours; the result is checked.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(raw.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
-        Ok(WindowCache {
-            ptr,
-            len,
-            fd,
-            id: messaging::mr::memory_id(),
-        })
+        SealedMemory::new("chanio-window", len).map(WindowCache)
     }
 
     /// Runs `f` on `len` bytes at `at` (inside the cache: the callers
     /// clip to it), for the length of one copy.
     fn with_bytes<R>(&self, at: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
         assert!(
-            at.checked_add(len).is_some_and(|end| end <= self.len),
+            at.checked_add(len).is_some_and(|end| end <= self.len()),
             "a cache range outside the cache"
         );
         // SAFETY: the range lies inside the live mapping (asserted above);
         // the slice lives for one copy only (see `unsafe impl Send`), and
         // bytes have no invalid values, so a peer's concurrent RDMA can
         // only change what is copied.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(at), len) };
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.as_ptr().as_ptr().add(at), len) };
         f(bytes)
     }
 
@@ -183,7 +129,7 @@ impl WindowCache {
         &self,
         read: impl FnOnce(&mut [u8]) -> Result<(), crate::backend::BlockError>,
     ) -> Result<(), crate::backend::BlockError> {
-        self.with_bytes(0, self.len, read)
+        self.with_bytes(0, self.len(), read)
     }
 
     /// A copy of `len` bytes at `at`.
@@ -192,31 +138,18 @@ impl WindowCache {
     }
 }
 
-// SAFETY: one shared mapping of `len` readable and writable bytes of a
-// memfd sealed against any change of size (holding them from offset 0),
-// unmapped only on drop, so for as long as any holder of the `Arc` lives.
+// SAFETY: the sealed memory's own promise (see `SealedMemory`), passed on.
 unsafe impl ExternalMemory for WindowCache {
     fn as_ptr(&self) -> NonNull<u8> {
-        self.ptr
+        self.0.as_ptr()
     }
 
     fn len(&self) -> usize {
-        self.len
+        self.0.len()
     }
 
     fn memfd(&self) -> Option<messaging::mr::SharedFd<'_>> {
-        use std::os::fd::AsFd;
-        Some(messaging::mr::SharedFd {
-            fd: self.fd.as_fd(),
-            id: self.id,
-        })
-    }
-}
-
-impl Drop for WindowCache {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `new` made, once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        self.0.memfd()
     }
 }
 

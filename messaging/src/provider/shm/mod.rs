@@ -85,7 +85,7 @@ use super::{
     SendWr, WcOpcode, WcStatus,
 };
 use crate::intmap::{IntMap, IntSet};
-use crate::mr::{Access, MrError, ProtectionDomain, RKey, RegionAllocator, RemoteTarget};
+use crate::mr::{Access, ExternalMemory, MrError, ProtectionDomain, RKey, RegionAllocator, RemoteTarget};
 use crate::provider::{flushed_recv, flushed_send};
 
 mod listener;
@@ -235,6 +235,67 @@ impl ShmFabric {
 impl Default for ShmFabric {
     fn default() -> Self {
         ShmFabric::new()
+    }
+}
+
+/// Memory in a sealed memfd (its size can never change), mapped shared
+/// and read-write, zero-filled: memory owned outside a domain (a RAM
+/// namespace, a storage window's cache) that a domain registers in place
+/// ([`ProtectionDomain::register_external`](crate::mr::ProtectionDomain::register_external))
+/// and that this provider can share with a peer process
+/// ([`QueuePair::share_memory`](crate::provider::QueuePair::share_memory)).
+pub struct SealedMemory {
+    map: Mapping,
+    fd: OwnedFd,
+    id: u64,
+}
+
+impl SealedMemory {
+    /// `len` (non-zero) zeroed bytes in a new memfd named `name` (for
+    /// `/proc/PID/maps` and the like).
+    ///
+    /// # Errors
+    /// The system's, when the memfd cannot be made, sized, sealed or
+    /// mapped.
+    pub fn new(name: &str, len: usize) -> std::io::Result<SealedMemory> {
+        let fd = sys::sealed_memfd(name, len)?;
+        let map = Mapping::new(&fd, len)?;
+        Ok(SealedMemory {
+            map,
+            fd,
+            id: crate::mr::memory_id(),
+        })
+    }
+}
+
+impl std::fmt::Debug for SealedMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedMemory")
+            .field("len", &self.map.len())
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+// SAFETY: one shared mapping of `len` readable and writable bytes of a
+// memfd that holds them from offset 0 and is sealed against any change of
+// size; unmapped only when this value drops. Bytes have no invalid values,
+// and nothing here hands out a reference to them.
+unsafe impl ExternalMemory for SealedMemory {
+    fn as_ptr(&self) -> NonNull<u8> {
+        self.map.ptr()
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn memfd(&self) -> Option<crate::mr::SharedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(crate::mr::SharedFd {
+            fd: self.fd.as_fd(),
+            id: self.id,
+        })
     }
 }
 
