@@ -3,13 +3,15 @@
 # on a machine whose power can be cut (a QEMU guest, scripts/rxe-vm.sh).
 #
 # The guest's iounitd serves a raw virtio disk (/dev/vda, written through
-# to a file here with no cache on this side) as a block-device namespace.
-# hostctl writes data A through a window and commits it, then writes data
-# B through another window without committing; the guest's background
-# writeback is off, so B sits only in the guest's page cache. Then the
-# guest's power is cut (sysrq b: no sync, no shutdown). Here the disk file
-# must hold A at its place (Commit promised it durable); whether B is there
-# is reported (nothing was promised).
+# to a file here with no cache on this side) as a block-device namespace,
+# on tcp, shm and rdma (soft-RoCE). Over each, hostctl writes data A
+# through a window and commits it, then writes data B through another
+# window without committing (over tcp the window is the device's page
+# cache, over shm and rdma a cached extent; the guest's background
+# writeback is off, so B sits only in memory). Then the guest's power is
+# cut (sysrq b: no sync, no shutdown). Here the disk file must hold every
+# A at its place (Commit promised it durable); whether each B is there is
+# reported (nothing was promised).
 #
 # Exits 0 when A survived; 1 with the reason otherwise.
 set -euo pipefail
@@ -18,10 +20,11 @@ usage() {
   cat <<'USAGE'
 Usage: scripts/window-power-vm.sh [--bin-dir DIR] [--timeout SECS]
 
-Builds iounitd and hostctl (debug, unless --bin-dir names built ones),
-boots the soft-RoCE VM of scripts/rxe-vm.sh with a 64 MiB disk, writes
-through storage windows there and cuts the guest's power, then checks
-the disk. Work files go to target/window-power/.
+Builds iounitd and hostctl with the verbs feature (debug, unless
+--bin-dir names built ones), boots the soft-RoCE VM of scripts/rxe-vm.sh
+with a 64 MiB disk, writes through storage windows there over tcp, shm
+and rdma and cuts the guest's power, then checks the disk. Work files go
+to target/window-power/.
 USAGE
 }
 
@@ -41,16 +44,24 @@ if [[ "${1:-}" == "--in-guest" ]]; then
   # soon as anything is dirtied.)
   echo 360000 >/proc/sys/vm/dirty_writeback_centisecs
   echo 360000 >/proc/sys/vm/dirty_expire_centisecs
-  RUST_LOG=warn "$bin/iounitd" --listen tcp://127.0.0.1:4520 --ns file:/dev/vda \
-    >"$work/iounitd.out" 2>>"$work/guest.log" &
-  for _ in $(seq 1 300); do grep -q '^listening on ' "$work/iounitd.out" 2>/dev/null && break; sleep 0.1; done
-  t=tcp://127.0.0.1:4520
-  "$bin/hostctl" --target "$t" window write --ns 1 --lba 2048 --blocks 128 --input "$work/a.bin" \
-    2>>"$work/guest.log" || { say "window write A failed"; exit 1; }
-  "$bin/hostctl" --target "$t" window write --ns 1 --lba 4096 --blocks 128 --input "$work/b.bin" --no-commit \
-    2>>"$work/guest.log" || { say "window write B failed"; exit 1; }
-  # (No command reads B here: a direct read writes dirty pages back
-  # first, which would make B durable.)
+  RUST_LOG=warn "$bin/iounitd" --listen tcp://127.0.0.1:4520 --listen shm://window-power \
+    --listen rdma://127.0.0.1:4521 --ns file:/dev/vda >"$work/iounitd.out" 2>>"$work/guest.log" &
+  for _ in $(seq 1 300); do
+    n=$(grep -c '^listening on ' "$work/iounitd.out" 2>/dev/null || true)
+    ((${n:-0} >= 3)) && break
+    sleep 0.1
+  done
+  i=0
+  for t in tcp://127.0.0.1:4520 shm://window-power rdma://127.0.0.1:4521; do
+    a=$((2048 + i * 256)) b=$((8192 + i * 256))
+    say "over $t:"
+    timeout 120 "$bin/hostctl" --target "$t" window write --ns 1 --lba "$a" --blocks 128 --input "$work/a$i.bin" \
+      2>>"$work/guest.log" || { say "window write A over $t failed"; exit 1; }
+    # (No command reads B: a direct read writes dirty pages back first.)
+    timeout 120 "$bin/hostctl" --target "$t" window write --ns 1 --lba "$b" --blocks 128 --input "$work/b$i.bin" \
+      --no-commit 2>>"$work/guest.log" || { say "window write B over $t failed"; exit 1; }
+    i=$((i + 1))
+  done
   say "written; cutting the power"
   echo b >/proc/sysrq-trigger
   sleep 10
@@ -70,7 +81,8 @@ while (($#)); do
   shift
 done
 if [[ -z "$bindir" ]]; then
-  (cd "$repo" && cargo build -q --locked -p chanio-iounit --bin iounitd -p chanio-host --bin hostctl)
+  (cd "$repo" && cargo build -q --locked --features chanio-iounit/verbs,chanio-host/verbs \
+    -p chanio-iounit --bin iounitd -p chanio-host --bin hostctl)
   bindir="$repo/target/debug"
 fi
 bindir=$(cd "$bindir" && pwd)
@@ -81,11 +93,13 @@ work="$repo/target/window-power"
 rm -rf "$work"
 mkdir -p "$work"
 truncate -s 64M "$work/disk.img"
-head -c 65536 /dev/urandom >"$work/a.bin"
-head -c 65536 /dev/urandom >"$work/b.bin"
+for i in 0 1 2; do
+  head -c 65536 /dev/urandom >"$work/a$i.bin"
+  head -c 65536 /dev/urandom >"$work/b$i.bin"
+done
 
 status=0
-"$repo/scripts/rxe-vm.sh" --no-rxe --mem 1G --timeout "$timeout_s" --disk "$work/disk.img" \
+"$repo/scripts/rxe-vm.sh" --mem 1G --timeout "$timeout_s" --disk "$work/disk.img" \
   -- bash "$repo/scripts/window-power-vm.sh" --in-guest "$work" "$bindir" || status=$?
 sed 's/^/  guest: /' "$work/guest.log" 2>/dev/null || true
 ((status == 124)) && die "the guest ran past ${timeout_s}s"
@@ -96,13 +110,16 @@ python3 - "$work" <<'PY' || exit 1
 import sys
 work = sys.argv[1]
 disk = open(f"{work}/disk.img", "rb").read()
-a = open(f"{work}/a.bin", "rb").read()
-b = open(f"{work}/b.bin", "rb").read()
-at_a, at_b = 2048 * 512, 4096 * 512
-if disk[at_a:at_a + len(a)] != a:
-    print("window-power-vm.sh: the committed window write A is not on the disk after the power cut", file=sys.stderr)
-    sys.exit(1)
-kept = disk[at_b:at_b + len(b)] == b
-print("window-power: committed data survived the power cut;",
-      "the uncommitted write", "survived too (not promised)" if kept else "was lost (not promised)")
+kept = []
+for i, t in enumerate(["tcp", "shm", "rdma"]):
+    a = open(f"{work}/a{i}.bin", "rb").read()
+    b = open(f"{work}/b{i}.bin", "rb").read()
+    at_a, at_b = (2048 + i * 256) * 512, (8192 + i * 256) * 512
+    if disk[at_a:at_a + len(a)] != a:
+        print(f"window-power-vm.sh: the window write committed over {t} is not on the disk after the power cut",
+              file=sys.stderr)
+        sys.exit(1)
+    kept.append(f"{t}: {'survived' if disk[at_b:at_b + len(b)] == b else 'lost'}")
+print("window-power: committed data survived the power cut over tcp, shm and rdma;",
+      "the uncommitted writes (not promised):", ", ".join(kept))
 PY
