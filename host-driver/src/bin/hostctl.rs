@@ -191,7 +191,8 @@ enum Command {
     /// from --lba, then print it (info), read from it (to stdout or
     /// --output) or write to it (from stdin or --input, then commit), and
     /// close it. The data moves by one-sided RDMA Reads and Writes that the
-    /// I/O unit's command threads take no part in. RAM and file namespaces
+    /// I/O unit's command threads take no part in (over shm, to a daemon of
+    /// this user, by copies into memory it shares). RAM and file namespaces
     /// can be windowed.
     Window(WindowArgs),
     /// Measure IOPS, bandwidth and latency.
