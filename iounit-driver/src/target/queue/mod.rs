@@ -217,9 +217,25 @@ impl Outcome {
 /// What an I/O command needs started on the ring once its capsule is
 /// decoded (the capsule itself may go with it).
 enum Start {
-    Read { ns: NamespaceRef, offset: u64, len: usize },
-    InlineWrite { ns: NamespaceRef, offset: u64, fua: bool },
-    Flush { ns: NamespaceRef },
+    Read {
+        ns: NamespaceRef,
+        offset: u64,
+        len: usize,
+    },
+    InlineWrite {
+        ns: NamespaceRef,
+        offset: u64,
+        fua: bool,
+    },
+    Flush {
+        ns: NamespaceRef,
+    },
+    /// A cached extent's Commit: these bytes to `offset`, with FUA.
+    Writeback {
+        ns: NamespaceRef,
+        offset: u64,
+        data: Vec<u8>,
+    },
 }
 
 pub(crate) struct Queue {
@@ -524,6 +540,12 @@ impl Queue {
                 fua,
             }),
             Outcome::Start(Start::Flush { ns }) => State::Storage(Io::Flush { cid, _ns: ns }),
+            Outcome::Start(Start::Writeback { ns, offset, data }) => State::Storage(Io::Writeback {
+                cid,
+                _ns: ns,
+                offset,
+                data,
+            }),
         })
     }
 

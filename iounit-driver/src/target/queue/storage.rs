@@ -37,12 +37,21 @@ pub(super) enum Io {
         cid: CommandId,
         _ns: NamespaceRef,
     },
+    /// A cached extent's Commit: its bytes, copied out, written with FUA.
+    Writeback {
+        cid: CommandId,
+        _ns: NamespaceRef,
+        offset: u64,
+        data: Vec<u8>,
+    },
 }
 
 // SAFETY: every variant names memory that neither moves nor resizes while
 // the request lives: a staging `Buf` (a chunk of a registration) whose
-// length is set before the request starts, or a `Delivery`'s receive buffer
-// or slot, which it holds until dropped; `op` writes nothing.
+// length is set before the request starts, a `Delivery`'s receive buffer
+// or slot, which it holds until dropped, or a `Vec`'s heap buffer, which
+// moving the request does not move and nothing resizes; `op` writes
+// nothing.
 unsafe impl Transfer for Io {
     fn op(&mut self) -> IoOp<'_> {
         match self {
@@ -63,6 +72,11 @@ unsafe impl Transfer for Io {
                 fua: *fua,
             },
             Io::Flush { .. } => IoOp::Flush,
+            Io::Writeback { offset, data, .. } => IoOp::Write {
+                offset: *offset,
+                data,
+                fua: true,
+            },
         }
     }
 }
@@ -190,7 +204,10 @@ impl Queue {
     /// The namespace `io` runs against.
     fn namespace_of<'a>(&'a self, io: &'a Io) -> Option<&'a NamespaceRef> {
         match io {
-            Io::Read { _ns: ns, .. } | Io::Inline { _ns: ns, .. } | Io::Flush { _ns: ns, .. } => Some(ns),
+            Io::Read { _ns: ns, .. }
+            | Io::Inline { _ns: ns, .. }
+            | Io::Flush { _ns: ns, .. }
+            | Io::Writeback { _ns: ns, .. } => Some(ns),
             Io::Chunk { write, .. } => self.writes.get(*write)?.ns.as_ref(),
         }
     }
@@ -399,7 +416,7 @@ impl Queue {
                 drop((capsule, _ns));
                 State::complete(cid, r.map_or_else(|e| block_status(&e), |()| Status::SUCCESS))
             }
-            (Io::Flush { cid, _ns }, r) => {
+            (Io::Flush { cid, _ns }, r) | (Io::Writeback { cid, _ns, .. }, r) => {
                 drop(_ns);
                 State::complete(cid, r.map_or_else(|e| block_status(&e), |()| Status::SUCCESS))
             }
@@ -434,6 +451,7 @@ fn run_sync(io: &mut Io, ns: &NamespaceRef) -> Result<(), BlockError> {
         } => ns.write(*offset, capsule.get(SQE_LEN..).unwrap_or_default(), *fua),
         Io::Flush { .. } => ns.flush(),
         Io::Chunk { offset, data, fua, .. } => ns.write(*offset, data, *fua),
+        Io::Writeback { offset, data, .. } => ns.write(*offset, data, true),
     }
 }
 

@@ -200,13 +200,12 @@ impl Queue {
             return status(Status::LBA_OUT_OF_RANGE.with_dnr());
         }
         if let Some(cache) = &window.cache {
-            // A cached extent: its bytes go to the file, durably (FUA),
-            // here on the worker (at most `MAX_CACHED_WINDOW` bytes).
+            // A cached extent: a copy of its bytes goes to the file, durably
+            // (FUA), on the queue's ring (the copy is what the request owns
+            // while the kernel writes it; window writes after it are the
+            // next Commit's).
             let data = cache.copy_out((offset - window.offset) as usize, len as usize);
-            return status(match ns.write(offset, &data, true) {
-                Ok(()) => Status::SUCCESS,
-                Err(e) => block_status(&e),
-            });
+            return Outcome::Start(Start::Writeback { ns, offset, data });
         }
         if io::deferred(&ns) {
             return Outcome::Start(Start::Flush { ns });
