@@ -374,8 +374,8 @@ fn storage_windows_reach_namespace_data_and_refuse_violations(t: &str) {
         "{t}: a command read of window data"
     );
 
-    // A file namespace: its windows are the file's pages, mapped shared
-    // (over rdma, a cached extent of them, which the log says).
+    // A file namespace: over tcp its windows are the file's pages, mapped
+    // shared; over shm and rdma cached extents (over rdma the log says so).
     let fw = host
         .open_window(Nsid(2), 16, 256, true)
         .unwrap_or_else(|e| panic!("{t}: open on a file: {e}"));

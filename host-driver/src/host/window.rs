@@ -350,12 +350,11 @@ impl Window {
             return Err(HostError::WindowClosed("closed by this host".into()));
         }
         // A copy through shared memory would not notice by itself that the
-        // window went with its connection (an RDMA transfer fails then).
-        if self.mapped.is_some() {
-            if let Some(reason) = self.queue.endpoint().close_reason() {
-                self.open.store(false, Ordering::Release);
-                return Err(HostError::WindowClosed(format!("its connection closed: {reason}")));
-            }
+        // window went with its connection (an RDMA transfer fails then); an
+        // atomic load, not the channel's lock, on this path.
+        if self.mapped.is_some() && self.queue.endpoint().is_failed() {
+            self.open.store(false, Ordering::Release);
+            return Err(HostError::WindowClosed("its connection closed".into()));
         }
         if write && !self.desc.write {
             return Err(HostError::InvalidArgument("a write through a read-only window".into()));

@@ -393,6 +393,14 @@ impl Endpoint {
         self.shared.inner.lock().closed.clone()
     }
 
+    /// Whether the channel's queue pair failed or was disconnected (by
+    /// either side): one atomic load and no lock, for a path that does not
+    /// otherwise touch the channel (copies into memory the peer shared).
+    /// [`Endpoint::close_reason`] says why, once the channel saw it.
+    pub fn is_failed(&self) -> bool {
+        self.shared.qp.is_failed()
+    }
+
     /// Hands the channel's progress to the provider's fallback until a
     /// caller drives again: for a thread about to sleep elsewhere (an
     /// io_uring, an event loop) after registering a waker through

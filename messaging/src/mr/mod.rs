@@ -373,6 +373,9 @@ pub enum RemoteAccessError {
     NoPermission(Access),
 }
 
+/// A region's local and remote keys, and its device registration.
+type RegionKeys = (LKey, RKey, Option<(Arc<dyn Registrar>, u64)>);
+
 /// A protection domain: the set of registrations that peers may reach by
 /// remote key. Each fabric instance owns one, and each connection gets a
 /// [`child`](ProtectionDomain::child) of it, so that a peer reaches only
@@ -505,24 +508,16 @@ impl ProtectionDomain {
             }
             None => (map_anonymous(bytes).ok_or(MrError::OutOfMemory { bytes })?, None),
         };
-        let (lkey, rkey, device) = match &self.inner.registrar {
-            Some(registrar) => {
-                // SAFETY: `ptr` is a live allocation of `bytes` bytes that is
-                // freed only in `Region::drop`, after `deregister` (below, or
-                // right here on failure, where nothing was registered).
-                match unsafe { registrar.register(ptr.as_ptr(), bytes, access) } {
-                    Ok(reg) => (reg.lkey, reg.rkey, Some((registrar.clone(), reg.handle))),
-                    Err(e) => {
-                        // SAFETY: allocated above with `layout` (or by the
-                        // allocator), never shared, freed once here.
-                        unsafe { release(ptr, layout, allocation) };
-                        return Err(e);
-                    }
-                }
-            }
-            None => {
-                let key = self.fresh_key();
-                (LKey(key), RKey(key), None)
+        // SAFETY: `ptr` is a live allocation of `bytes` bytes that is freed
+        // only in `Region::drop`, after `deregister` (or right here on
+        // failure, where nothing was registered).
+        let (lkey, rkey, device) = match unsafe { self.keys(ptr, bytes, access) } {
+            Ok(keys) => keys,
+            Err(e) => {
+                // SAFETY: allocated above with `layout` (or by the
+                // allocator), never shared, freed once here.
+                unsafe { release(ptr, layout, allocation) };
+                return Err(e);
             }
         };
         let region = Arc::new(Region {
@@ -579,19 +574,10 @@ impl ProtectionDomain {
         // SAFETY: `offset + len` is within the memory (checked above), which
         // `ExternalMemory` promises is one live mapping while `memory` lives.
         let ptr = unsafe { NonNull::new_unchecked(memory.as_ptr().as_ptr().add(offset)) };
-        let (lkey, rkey, device) = match &self.inner.registrar {
-            Some(registrar) => {
-                // SAFETY: the range is live for as long as `memory`, which
-                // the region keeps until after `deregister` returned `Ok`
-                // (and leaks when it does not).
-                let reg = unsafe { registrar.register(ptr.as_ptr(), len, access) }?;
-                (reg.lkey, reg.rkey, Some((registrar.clone(), reg.handle)))
-            }
-            None => {
-                let key = self.fresh_key();
-                (LKey(key), RKey(key), None)
-            }
-        };
+        // SAFETY: the range is live for as long as `memory`, which the
+        // region keeps until after `deregister` returned `Ok` (and leaks
+        // when it does not).
+        let (lkey, rkey, device) = unsafe { self.keys(ptr, len, access) }?;
         let region = Arc::new(Region {
             ptr,
             layout,
@@ -610,6 +596,27 @@ impl ProtectionDomain {
         });
         self.inner.regions.write().insert(lkey.0, Arc::downgrade(&region));
         Ok(Exposure { region })
+    }
+
+    /// The keys of a new region at `ptr`: the device's, registering it,
+    /// or fresh software ones.
+    ///
+    /// # Safety
+    /// As [`Registrar::register`]: `ptr..ptr + len` stays allocated until
+    /// the returned handle is deregistered with `Ok` (for good after
+    /// `Err`).
+    unsafe fn keys(&self, ptr: NonNull<u8>, len: usize, access: Access) -> Result<RegionKeys, MrError> {
+        match &self.inner.registrar {
+            Some(registrar) => {
+                // SAFETY: the caller's promise, passed on.
+                let reg = unsafe { registrar.register(ptr.as_ptr(), len, access) }?;
+                Ok((reg.lkey, reg.rkey, Some((registrar.clone(), reg.handle))))
+            }
+            None => {
+                let key = self.fresh_key();
+                Ok((LKey(key), RKey(key), None))
+            }
+        }
     }
 
     /// A software key no live registration of this domain holds.

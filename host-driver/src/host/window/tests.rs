@@ -275,10 +275,10 @@ fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
-/// A file namespace's windows are the file's page cache, mapped shared:
-/// window writes reach the file (committed with an fdatasync), command
-/// writes (O_DIRECT where the file system allows it) are seen by the
-/// window, and window writes by command reads, at once.
+/// A file namespace's windows are coherent with commands both ways, at
+/// once, and reach the file at Commit: over tcp the window is the file's
+/// page cache mapped shared (committed with an fdatasync; command writes
+/// go O_DIRECT where the file system allows it), over shm a cached extent.
 #[test]
 fn a_file_namespace_is_windowed_coherently_with_commands() {
     let dir = std::env::temp_dir().join(format!("chanio-window-file-{}", std::process::id()));

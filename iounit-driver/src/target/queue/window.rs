@@ -52,13 +52,12 @@ impl Queue {
             _ => None,
         };
         // A file's window is its mapping, registered in place, where the
-        // software responder writes it (through the page tables, so that
-        // the page cache knows what is dirty). A NIC writes pinned pages
-        // behind the page cache's back (its direct I/O would read stale
-        // blocks; newer kernels refuse such pins): over a device, and where
-        // the target caches file windows, a cached extent.
-        // Over shm too, a cached extent: its memory (a sealed memfd, unlike
-        // a file) can be shared with the host's process.
+        // software responder writes it through the page tables (so that the
+        // page cache knows what is dirty): tcp. It is a cached extent over
+        // a device (a NIC writes pinned pages behind the page cache's back,
+        // and newer kernels refuse such pins), over shm (a sealed memfd can
+        // be shared with the host's process, a file cannot), and where the
+        // target caches file windows.
         let device = self.ep.domain().registrar().is_some();
         let cache = device || self.ep.fabric() == "shm" || self.shared.cfg.window_file_cache;
         let direct = match in_place {
