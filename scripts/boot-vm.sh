@@ -17,20 +17,38 @@
 # off; the script then reads the namespace back with hostctl, checks the
 # filesystem clean with e2fsck, and finds the file in the image.
 #
+# With --transport rdma the I/O unit is a second QEMU guest instead
+# (scripts/rxe-vm.sh --link): it runs iounitd on a RAM namespace over
+# soft-RoCE, and the two guests share one QEMU-internal link (a unix
+# socket between the two QEMUs, nothing else on it). The booting guest's
+# initramfs adds rdma_rxe and the RDMA user space, makes its own rxe
+# device on that link, and chanio-boot connects over rdma: the window its
+# reads go through is the I/O unit's memory under a steering tag, read by
+# RDMA Read. The I/O unit's guest reads the namespace back for the checks.
+#
 # Exits 0 when all of that held; 1 with the reason otherwise.
 set -euo pipefail
 
 usage() {
   cat <<'USAGE'
-Usage: scripts/boot-vm.sh [--bin-dir DIR] [--timeout SECS] [--keep]
+Usage: scripts/boot-vm.sh [--transport tcp|rdma] [--bin-dir DIR]
+                          [--timeout SECS] [--keep]
 
-Builds iounitd and hostctl (debug, unless --bin-dir names built ones),
-makes a root image and an initramfs, boots a QEMU guest from a namespace
-served by iounitd (TCG where KVM is unusable), and checks what the guest
-did. Work files go to target/boot-vm/ (kept with --keep).
+Builds iounitd and hostctl (unless --bin-dir names built ones), makes a
+root image and an initramfs, boots a QEMU guest from a namespace served
+by iounitd (TCG where KVM is unusable), and checks what the guest did.
+Work files go to target/boot-vm/ (kept with --keep).
+
+  --transport tcp   (default) iounitd runs here on 127.0.0.1; the guest
+                    reaches it through one QEMU user-network forward
+  --transport rdma  iounitd runs in a second guest with soft-RoCE; the two
+                    guests share a QEMU-internal link and the boot goes
+                    over rdma. Binaries need the verbs feature: without
+                    --bin-dir, a release build with it is made
 
 Needs: qemu-system-x86, busybox-static, kmod, cpio, e2fsprogs, nbd-client,
-and the kernel that scripts/rxe-vm.sh --kernel-only fetches.
+and the kernel that scripts/rxe-vm.sh --kernel-only fetches; for rdma also
+rdma-core, ibverbs-providers and iproute2 (their files go into the guest).
 USAGE
 }
 
@@ -40,18 +58,23 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bindir=""
 timeout_s=900
 keep=0
+transport=tcp
 while (($#)); do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --bin-dir) bindir=${2:?--bin-dir needs a directory}; shift ;;
     --timeout) timeout_s=${2:?--timeout needs seconds}; shift ;;
     --keep) keep=1 ;;
+    --transport) transport=${2:?--transport needs tcp or rdma}; shift ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
 
-for t in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs \
+[[ "$transport" == tcp || "$transport" == rdma ]] || die "--transport is tcp or rdma, not '$transport'"
+rdma_tools=()
+[[ "$transport" == rdma ]] && rdma_tools=(rdma:iproute2)
+for t in "${rdma_tools[@]}" qemu-system-x86_64:qemu-system-x86 busybox:busybox-static cpio:cpio mkfs.ext4:e2fsprogs \
   debugfs:e2fsprogs nbd-client:nbd-client modprobe:kmod; do
   command -v "${t%%:*}" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "${t%%:*}" >/dev/null 2>&1 \
     || die "'${t%%:*}' not found: install the Debian package ${t#*:}"
@@ -59,10 +82,15 @@ done
 export PATH="$PATH:/usr/sbin:/sbin"
 busybox_bin=$(command -v busybox)
 
-if [[ -z "$bindir" ]]; then
+if [[ -z "$bindir" && "$transport" == tcp ]]; then
   (cd "$repo" && cargo build -q --locked -p chanio-iounit --bin iounitd -p chanio-host --bin hostctl)
   bindir="$repo/target/debug"
+elif [[ -z "$bindir" ]]; then
+  # The build scripts/rxe-tests.sh makes (TCG runs release code far faster).
+  (cd "$repo" && cargo build -q --locked --release --features chanio/verbs --workspace --bins)
+  bindir="$repo/target/release"
 fi
+bindir=$(cd "$bindir" && pwd)
 iounitd="$bindir/iounitd"
 hostctl="$bindir/hostctl"
 [[ -x "$iounitd" && -x "$hostctl" ]] || die "no iounitd and hostctl in $bindir"
@@ -76,8 +104,11 @@ work="$repo/target/boot-vm"
 rm -rf "$work"
 mkdir -p "$work"
 daemon_pid=""
+iounit_pid=""
 cleanup() {
   [[ -n "$daemon_pid" ]] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
+  # The I/O unit's guest runs in its own process group (setsid below).
+  [[ -n "$iounit_pid" ]] && kill -- "-$iounit_pid" 2>/dev/null && wait "$iounit_pid" 2>/dev/null
   ((keep)) || rm -rf "$work"
 }
 trap cleanup EXIT
@@ -113,27 +144,73 @@ chmod +x "$root/sbin/init"
 mkfs.ext4 -q -F -L chanio-root -d "$root" "$work/root.img" 32M
 
 # --- the I/O unit, and the image written into its namespace ---------------
-RUST_LOG=warn "$iounitd" --listen tcp://127.0.0.1:0 --ns "file:$work/ns.img:64MiB" \
-  >"$work/iounitd.out" 2>"$work/iounitd.log" &
-daemon_pid=$!
-for _ in $(seq 1 300); do
-  grep -q '^listening on ' "$work/iounitd.out" 2>/dev/null && break
-  kill -0 "$daemon_pid" 2>/dev/null || die "iounitd exited: $(cat "$work/iounitd.log")"
+if [[ "$transport" == tcp ]]; then
+  RUST_LOG=warn "$iounitd" --listen tcp://127.0.0.1:0 --ns "file:$work/ns.img:64MiB" \
+    >"$work/iounitd.out" 2>"$work/iounitd.log" &
+  daemon_pid=$!
+  for _ in $(seq 1 300); do
+    grep -q '^listening on ' "$work/iounitd.out" 2>/dev/null && break
+    kill -0 "$daemon_pid" 2>/dev/null || die "iounitd exited: $(cat "$work/iounitd.log")"
+    sleep 0.1
+  done
+  uri=$(sed -n 's/^listening on //p' "$work/iounitd.out" | head -n 1)
+  [[ -n "$uri" ]] || die "iounitd did not start: $(cat "$work/iounitd.log")"
+  port=${uri##*:}
+  "$hostctl" --target "$uri" write --ns 1 --lba 0 --input "$work/root.img" >/dev/null 2>&1 \
+    || die "hostctl could not write the root image"
+  echo "boot-vm: root image ($(du -k "$work/root.img" | cut -f1) KiB) written to $uri namespace 1"
+else
+  # The I/O unit's guest: iounitd over rdma on its end of the link, the
+  # image written into a RAM namespace by hostctl over rdma; it says
+  # "ready", waits for "booted" (the other guest is done), reads the
+  # namespace back and stops. Its files are in $work, shared over 9p.
+  uri=rdma://192.0.2.1:4520
+  cat >"$work/iounit.sh" <<EOF
+#!/bin/bash
+set -u
+cd "$work"
+RUST_LOG=warn "$iounitd" --listen $uri --ns ram:64MiB >iounitd.out 2>iounitd.log &
+pid=\$!
+for _ in \$(seq 1 600); do
+  grep -q '^listening on ' iounitd.out 2>/dev/null && break
+  kill -0 \$pid 2>/dev/null || { echo "iounitd exited: \$(cat iounitd.log)" >&2; exit 1; }
   sleep 0.1
 done
-uri=$(sed -n 's/^listening on //p' "$work/iounitd.out" | head -n 1)
-[[ -n "$uri" ]] || die "iounitd did not start: $(cat "$work/iounitd.log")"
-port=${uri##*:}
-"$hostctl" --target "$uri" write --ns 1 --lba 0 --input "$work/root.img" >/dev/null 2>&1 \
-  || die "hostctl could not write the root image"
-echo "boot-vm: root image ($(du -k "$work/root.img" | cut -f1) KiB) written to $uri namespace 1"
+"$hostctl" --target $uri write --ns 1 --lba 0 --input root.img >/dev/null \
+  || { echo "hostctl could not write the root image over rdma" >&2; exit 1; }
+echo ready >ready
+for _ in \$(seq 1 $((timeout_s * 10))); do
+  [ -e booted ] && break
+  kill -0 \$pid 2>/dev/null || { echo "iounitd exited: \$(cat iounitd.log)" >&2; exit 1; }
+  sleep 0.1
+done
+[ -e booted ] || { echo "the booting guest never finished" >&2; exit 1; }
+"$hostctl" --target $uri read --ns 1 --lba 0 --blocks $(($(stat -c %s "$work/root.img") / 512)) \
+  --output back.img >/dev/null || { echo "hostctl could not read the namespace back" >&2; exit 1; }
+kill \$pid
+wait \$pid
+exit 0
+EOF
+  chmod +x "$work/iounit.sh"
+  setsid "$repo/scripts/rxe-vm.sh" --mem 2G --timeout "$timeout_s" --link "$work/link.sock" -- "$work/iounit.sh" \
+    >"$work/iounit-vm.log" 2>&1 &
+  iounit_pid=$!
+  for _ in $(seq 1 $((timeout_s * 2))); do
+    [[ -e "$work/ready" ]] && break
+    kill -0 "$iounit_pid" 2>/dev/null || die "the I/O unit's guest stopped: $(cat "$work/iounit-vm.log")"
+    sleep 0.5
+  done
+  [[ -e "$work/ready" ]] || die "the I/O unit's guest was not ready in ${timeout_s}s"
+  echo "boot-vm: root image ($(du -k "$work/root.img" | cut -f1) KiB) written to $uri namespace 1 in the I/O unit's guest"
+fi
 
 # --- the initramfs: busybox, hostctl, nbd-client, their libraries, modules --
 stage="$work/initramfs"
 mkdir -p "$stage"/{bin,dev,proc,sys,run,newroot,modules}
 cp "$busybox_bin" "$stage/bin/busybox"
-copy_with_libs() { # binary
-  cp "$1" "$stage/bin/"
+copy_with_libs() { # binary [directory in the initramfs, default /bin]
+  mkdir -p "$stage${2:-/bin}"
+  cp "$1" "$stage${2:-/bin}/"
   ldd "$1" | awk '/=> \// { print $3 } /^[ \t]*\/lib/ { print $1 }' | while read -r lib; do
     mkdir -p "$stage$(dirname "$lib")"
     cp -L "$lib" "$stage$lib"
@@ -144,7 +221,34 @@ copy_with_libs "$(command -v nbd-client)"
 cp "$repo/packaging/chanio-boot/chanio-boot" "$stage/bin/"
 # shellcheck source=scripts/vm-modules.sh
 . "$repo/scripts/vm-modules.sh"
-collect_modules "$stage" "$kroot" "$kver" virtio_pci virtio_net nbd ext4
+modules=(virtio_pci virtio_net nbd ext4)
+if [[ "$transport" == tcp ]]; then
+  # QEMU's user network: the I/O unit is at 10.0.2.100:4520 (a forward).
+  target=10.0.2.100:4520
+  net_setup='ip addr add 10.0.2.15/24 dev eth0'
+else
+  # The link to the I/O unit's guest: soft-RoCE on it, as there. rdma_rxe
+  # computes its ICRC with crc32, which it does not pull in itself;
+  # libibverbs finds its rxe provider through /etc/libibverbs.d.
+  modules+=(crc32_generic rdma_rxe)
+  copy_with_libs "$(command -v rdma)"
+  verbs_lib=/usr/lib/x86_64-linux-gnu/libibverbs
+  [[ -f "$verbs_lib/librxe-rdmav34.so" && -f /etc/libibverbs.d/rxe.driver ]] \
+    || die "no rxe provider for libibverbs: install the Debian packages rdma-core and ibverbs-providers"
+  copy_with_libs "$verbs_lib/librxe-rdmav34.so" "$verbs_lib"
+  mkdir -p "$stage/etc/libibverbs.d"
+  cp /etc/libibverbs.d/rxe.driver "$stage/etc/libibverbs.d/"
+  target=192.0.2.1:4520
+  net_setup='ip addr add 192.0.2.2/24 dev eth0
+rdma link add rxe0 type rxe netdev eth0 || fail "rdma link add rxe0 failed"
+for _ in $(seq 1 100); do
+  rdma link show rxe0/1 2>/dev/null | grep -q "state ACTIVE" && break
+  sleep 0.1
+done
+rdma link show rxe0/1 | grep -q "state ACTIVE" || fail "rxe0 did not become ACTIVE"
+echo "chanio-boot: rxe0 is up on the link to the I/O unit"'
+fi
+collect_modules "$stage" "$kroot" "$kver" "${modules[@]}"
 cat >"$stage/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -157,7 +261,9 @@ for m in $(cat /modules/order); do insmod "/modules/$m" || echo "chanio-boot: in
 ip link set lo up
 for _ in $(seq 1 50); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done
 ip link set eth0 up
-ip addr add 10.0.2.15/24 dev eth0
+INIT
+echo "$net_setup" >>"$stage/init"
+cat >>"$stage/init" <<'INIT'
 # The hook this repository ships (packaging/chanio-boot, docs/boot.md):
 # reads through a read-only storage window, writes by command.
 chanio-boot /newroot || fail "chanio-boot could not mount the root"
@@ -173,13 +279,18 @@ if [[ -w /dev/kvm ]] && grep -qE '\b(vmx|svm)\b' /proc/cpuinfo; then
   accel=(-accel kvm -cpu host)
 fi
 echo "boot-vm: booting (serial log: $work/serial.log)"
+if [[ "$transport" == tcp ]]; then
+  nic=(-nic "user,model=virtio-net-pci,restrict=on,guestfwd=tcp:$target-cmd:$busybox_bin nc 127.0.0.1 $port")
+else
+  nic=(-netdev "stream,id=link,server=off,addr.type=unix,addr.path=$work/link.sock"
+    -device virtio-net-pci,netdev=link,mac=52:54:00:c4:a1:02)
+fi
 status=0
 timeout -k 10 "$timeout_s" \
   qemu-system-x86_64 -machine q35 "${accel[@]}" -smp 2 -m 1G \
-    -display none -no-reboot -monitor none -serial "file:$work/serial.log" \
-    -nic "user,model=virtio-net-pci,restrict=on,guestfwd=tcp:10.0.2.100:4520-cmd:$busybox_bin nc 127.0.0.1 $port" \
+    -display none -no-reboot -monitor none -serial "file:$work/serial.log" "${nic[@]}" \
     -kernel "$kroot/boot/vmlinuz-$kver" -initrd "$work/initrd.cpio" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init chanio.target=10.0.2.100:4520 chanio.transport=tcp chanio.ns=1" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init chanio.target=$target chanio.transport=$transport chanio.ns=1" \
     </dev/null &
 qemu_pid=$!
 # Under TCG on a loaded machine the guest's power-off has been seen to
@@ -212,12 +323,20 @@ grep -q '^chanio-boot: reads go through a storage window' <<<"$serial" \
   || die "the guest's reads did not go through a storage window"
 
 # --- what the guest wrote is on the I/O unit --------------------------------
-blocks=$(($(stat -c %s "$work/root.img") / 512))
-"$hostctl" --target "$uri" read --ns 1 --lba 0 --blocks "$blocks" --output "$work/back.img" 2>/dev/null \
-  || die "hostctl could not read the namespace back"
+if [[ "$transport" == tcp ]]; then
+  blocks=$(($(stat -c %s "$work/root.img") / 512))
+  "$hostctl" --target "$uri" read --ns 1 --lba 0 --blocks "$blocks" --output "$work/back.img" 2>/dev/null \
+    || die "hostctl could not read the namespace back"
+else
+  # The I/O unit's guest reads it back over rdma, then stops.
+  touch "$work/booted"
+  wait "$iounit_pid" || die "the I/O unit's guest failed: $(cat "$work/iounit-vm.log")"
+  iounit_pid=""
+  [[ -f "$work/back.img" ]] || die "the I/O unit's guest read nothing back"
+fi
 fsck_out=$(e2fsck -fn "$work/back.img" 2>&1) \
   || die "the image read back is not a clean filesystem (e2fsck -fn):
 $fsck_out"
 got=$(debugfs -R 'cat /booted' "$work/back.img" 2>/dev/null)
 [[ "$got" == "booted $token" ]] || die "the image read back holds '$got' in /booted, not 'booted $token'"
-echo "boot-vm: the guest booted from the namespace, and its write is on the I/O unit"
+echo "boot-vm: the guest booted from the namespace over $transport, and its write is on the I/O unit"

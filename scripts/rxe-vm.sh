@@ -33,6 +33,11 @@ Options:
   --env NAME=VALUE  set a variable for CMD (repeatable); PATH, RUST_LOG,
                     RUST_BACKTRACE and every CHANIO_* variable pass through
   --no-rxe          boot without creating rxe0 (rdma_rxe is still loaded)
+  --link PATH       give the guest a virtio network device (eth0) on a
+                    QEMU-internal link: QEMU listens on the unix socket
+                    PATH, where one other QEMU (scripts/boot-vm.sh) can
+                    join; nothing else is on it. rxe0 then sits on eth0,
+                    with address 192.0.2.1/24, instead of a dummy device
   --disk FILE       attach FILE as a raw virtio disk (the guest's /dev/vda
                     once CMD runs `modprobe virtio_blk`), written through
                     to FILE with no cache on this side (cache=directsync):
@@ -85,10 +90,21 @@ if [[ "${1:-}" == "--in-guest" ]]; then
   modprobe crc32_generic || guest_fail "modprobe crc32_generic failed"
   modprobe rdma_rxe || guest_fail "modprobe rdma_rxe failed"
   if [[ "$RXE_VM_RXE" == 1 ]]; then
-    ip link add dummy0 type dummy || guest_fail "ip link add dummy0 failed"
-    ip addr add 192.0.2.1/24 dev dummy0
-    ip link set dummy0 mtu 9000 up
-    rdma link add rxe0 type rxe netdev dummy0 || guest_fail "rdma link add rxe0 failed"
+    if [[ "$RXE_VM_LINK" == 1 ]]; then
+      modprobe virtio_net || guest_fail "modprobe virtio_net failed"
+      for _ in $(seq 1 100); do
+        [[ -e /sys/class/net/eth0 ]] && break
+        sleep 0.1
+      done
+      netdev=eth0
+      ip link set eth0 up || guest_fail "the link's interface eth0 did not appear"
+    else
+      netdev=dummy0
+      ip link add dummy0 type dummy || guest_fail "ip link add dummy0 failed"
+      ip link set dummy0 mtu 9000 up
+    fi
+    ip addr add 192.0.2.1/24 dev "$netdev"
+    rdma link add rxe0 type rxe netdev "$netdev" || guest_fail "rdma link add rxe0 failed"
     for _ in $(seq 1 100); do
       rdma link show rxe0/1 2>/dev/null | grep -q 'state ACTIVE' && break
       sleep 0.1
@@ -116,6 +132,8 @@ rxe=1
 kernel_only=0
 extra_env=()
 disk=()
+link=()
+link_on=0
 while (($#)); do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -127,6 +145,12 @@ while (($#)); do
     --disk)
       [[ -f "${2:-}" ]] || die "--disk needs an existing file"
       disk=(-drive "file=$(cd "$(dirname "$2")" && pwd)/$(basename "$2"),if=virtio,format=raw,cache=directsync")
+      shift ;;
+    --link)
+      [[ -n "${2:-}" ]] || die "--link needs a socket path"
+      link=(-netdev "stream,id=link,server=on,addr.type=unix,addr.path=$2"
+        -device virtio-net-pci,netdev=link,mac=52:54:00:c4:a1:01)
+      link_on=1
       shift ;;
     --kernel-only) kernel_only=1 ;;
     --) shift; break ;;
@@ -236,7 +260,7 @@ trap 'rm -rf "$ctl"' EXIT
 echo "$repo" >"$ctl/repo"
 echo "$kroot" >"$ctl/kroot"
 {
-  printf 'export RXE_VM_KROOT=%q RXE_VM_RXE=%q RXE_VM_CWD=%q\n' "$kroot" "$rxe" "$PWD"
+  printf 'export RXE_VM_KROOT=%q RXE_VM_RXE=%q RXE_VM_LINK=%q RXE_VM_CWD=%q\n' "$kroot" "$rxe" "$link_on" "$PWD"
   printf 'export HOME=/root TERM=dumb\n'
   printf 'export PATH=%q\n' "$PATH"
   while IFS='=' read -r name _; do
@@ -282,7 +306,7 @@ timeout --foreground -k 10 "$timeout_s" \
     -chardev stdio,id=con,signal=off -serial chardev:con \
     -kernel "$kroot/boot/vmlinuz-$kver" -initrd "$initrd" \
     -append "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init" \
-    "${qemu_args[@]}" "${disk[@]}" </dev/null || status=$?
+    "${qemu_args[@]}" "${disk[@]}" "${link[@]}" </dev/null || status=$?
 if ((status == 124 || status == 137)); then
   echo "rxe-vm: the guest ran past --timeout ${timeout_s}s" >&2
   exit 124
