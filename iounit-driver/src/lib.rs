@@ -20,6 +20,7 @@ pub mod backend;
 pub mod config;
 pub mod fuzz;
 pub mod identity;
+pub mod replica;
 pub mod service;
 pub mod target;
 

@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use iounit::backend::{self, BackendSpec};
+use iounit::backend::{self, BackendSpec, BlockBackend};
 use iounit::config::{self, DaemonConfig, NamespaceEntry};
 use iounit::identity::Identity;
+use iounit::replica::membership::Membership;
+use iounit::replica::{ReplicaSpec, ReplicatedBackend};
 use iounit::service;
 use iounit::target::{Target, TargetConfig};
 
@@ -42,6 +44,9 @@ Examples:
   iounitd --listen tcp://0.0.0.0:4520 --ns clone:/srv/golden.img:/srv/vm1.img \
           --ns clone:/srv/golden.img:/srv/vm2.img
   iounitd --config /etc/chanio/iounit.toml
+  iounitd --listen tcp://0.0.0.0:4520 --ns ram:1GiB --node a --etcd http://10.0.0.9:2379 \
+          --replica 1=b@tcp://10.0.0.2:4520
+          (primary of namespace 1, replicated synchronously to node b, membership in etcd)
 
 Signals: SIGINT/SIGTERM drain in-flight I/O and exit; SIGHUP re-reads --config and
 attaches or detaches namespaces to match it (hosts receive an asynchronous event);
@@ -115,6 +120,77 @@ struct Args {
     /// identity at every start.
     #[arg(long, value_name = "FILE")]
     state: Option<PathBuf>,
+    /// Replicate namespace NSID to node NODE, which serves it at URI (an
+    /// iounitd with a namespace at least as large, same block size);
+    /// repeatable. Needs --etcd and --node.
+    #[arg(long = "replica", value_name = "NSID=NODE@URI", help_heading = "Replication")]
+    replicas: Vec<ReplicaSpec>,
+    /// etcd endpoint holding the replication membership (who is primary,
+    /// which replicas are in sync), repeatable: http://HOST:PORT.
+    #[arg(long = "etcd", value_name = "URL", help_heading = "Replication")]
+    etcd: Vec<String>,
+    /// This node's name in the replication membership (unique per cluster).
+    #[arg(long, value_name = "NAME", help_heading = "Replication")]
+    node: Option<String>,
+    /// Lease time-to-live in etcd: a primary that cannot renew its lease
+    /// stops acknowledging writes before it ends.
+    #[arg(long, value_name = "SECS", default_value_t = 5, help_heading = "Replication")]
+    lease_ttl: u64,
+    /// Key prefix of the membership in etcd (default: /chanio/ and the
+    /// subsystem NQN).
+    #[arg(long, value_name = "PREFIX", help_heading = "Replication")]
+    etcd_prefix: Option<String>,
+}
+
+/// Replication of this node's namespaces: its etcd session and its
+/// replicas, when any are configured.
+struct Replication {
+    membership: Option<Arc<Membership>>,
+    replicas: Vec<ReplicaSpec>,
+}
+
+impl Replication {
+    fn start(args: &Args, nqn: &str) -> Res<Replication> {
+        if args.replicas.is_empty() {
+            if !args.etcd.is_empty() {
+                tracing::warn!("--etcd without --replica: no namespace is replicated");
+            }
+            return Ok(Replication {
+                membership: None,
+                replicas: Vec::new(),
+            });
+        }
+        if args.etcd.is_empty() {
+            return Err("--replica needs --etcd (the membership store) and --node".into());
+        }
+        let Some(node) = &args.node else {
+            return Err("--replica needs --node (this node's name in the membership)".into());
+        };
+        if args.lease_ttl < 2 {
+            return Err("--lease-ttl: use at least 2 seconds".into());
+        }
+        let prefix = args.etcd_prefix.clone().unwrap_or_else(|| format!("/chanio/{nqn}"));
+        let membership = Membership::join(&args.etcd, &prefix, node, Duration::from_secs(args.lease_ttl))
+            .map_err(|e| format!("replication: joining etcd at {}: {e}", args.etcd.join(", ")))?;
+        Ok(Replication {
+            membership: Some(Arc::new(membership)),
+            replicas: args.replicas.clone(),
+        })
+    }
+
+    /// `backend` as namespace `nsid`: replicated when it has replicas.
+    fn wrap(&self, nsid: u32, backend: Arc<dyn BlockBackend>) -> Res<Arc<dyn BlockBackend>> {
+        let replicas: Vec<ReplicaSpec> = self.replicas.iter().filter(|r| r.nsid == nsid).cloned().collect();
+        let Some(membership) = &self.membership else {
+            return Ok(backend);
+        };
+        if replicas.is_empty() {
+            return Ok(backend);
+        }
+        let replicated = ReplicatedBackend::start(backend, nsid, &replicas, membership.clone())?;
+        tracing::info!(nsid, in_sync = ?replicated.in_sync(), "primary of a replicated namespace");
+        Ok(Arc::new(replicated))
+    }
 }
 
 /// How log lines are written (`--log-format`).
@@ -240,10 +316,11 @@ fn run(args: Args) -> Res<()> {
     let mut cfg = settings(&args)?;
     let mut identity = identity(&args)?;
     cfg.target.serial = Some(identity.serial().to_string());
+    let replication = Replication::start(&args, &cfg.target.nqn)?;
     let target = Target::start(cfg.target.clone())?;
     let mut attached = BTreeMap::new();
     for ns in &cfg.namespaces {
-        attach(&target, &mut identity, ns, &mut attached)?;
+        attach(&target, &mut identity, &replication, ns, &mut attached)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let reload = Arc::new(AtomicBool::new(false));
@@ -286,7 +363,7 @@ fn run(args: Args) -> Res<()> {
             tell_manager(service::State::Reloading);
             match &args.config {
                 Some(path) => match config::load(path) {
-                    Ok(new) => resync(&target, &mut identity, &new.namespaces, &mut attached),
+                    Ok(new) => resync(&target, &mut identity, &replication, &new.namespaces, &mut attached),
                     Err(e) => tracing::error!("reload failed, keeping the current namespaces: {e}"),
                 },
                 None => tracing::warn!("SIGHUP ignored: no --config file to reload"),
@@ -340,6 +417,7 @@ fn identity(args: &Args) -> Res<Identity> {
 fn attach(
     target: &Target,
     identity: &mut Identity,
+    replication: &Replication,
     ns: &NamespaceEntry,
     attached: &mut BTreeMap<u32, BackendSpec>,
 ) -> Res<u32> {
@@ -347,6 +425,7 @@ fn attach(
     let nsid = ns
         .nsid
         .unwrap_or_else(|| (1..).find(|n| !attached.contains_key(n)).unwrap_or(u32::MAX));
+    let backend = replication.wrap(nsid, backend)?;
     // Opened, so a file given by a relative path or a link resolves.
     let backing = match &ns.spec {
         BackendSpec::File { path, .. } | BackendSpec::Clone { path, .. } => {
@@ -372,6 +451,7 @@ fn attach(
 fn resync(
     target: &Target,
     identity: &mut Identity,
+    replication: &Replication,
     wanted: &[NamespaceEntry],
     attached: &mut BTreeMap<u32, BackendSpec>,
 ) {
@@ -397,7 +477,7 @@ fn resync(
         }
     }
     for w in plan.attach {
-        match attach(target, identity, w, attached) {
+        match attach(target, identity, replication, w, attached) {
             Ok(nsid) => tracing::info!(nsid, spec = %w.spec, "namespace attached by reload"),
             Err(e) => tracing::error!("{e}"),
         }

@@ -1,0 +1,364 @@
+//! Replication membership in etcd: which node is a namespace's primary and
+//! which nodes hold every acknowledged write (the in-sync set). Nothing is
+//! decided here that etcd does not decide: the primary is whoever created
+//! the primary key under its lease, and every change of the in-sync set is
+//! a transaction that holds only while this node still holds that key
+//! under that lease and the set is the one it last read
+//! (docs/decisions.md, "Replication membership").
+//!
+//! Keys, under a prefix (by default `/chanio/<subsystem NQN>`):
+//!
+//! ```text
+//! PREFIX/ns/NSID/primary   the primary's node name, attached to its lease
+//! PREFIX/ns/NSID/in_sync   the in-sync nodes, comma-separated, primary first
+//! ```
+//!
+//! Fencing: a node acknowledges writes only while [`Membership::is_live`]:
+//! until the instant it sent its last answered keep-alive, plus the TTL
+//! etcd granted in that answer, less a margin for clock-rate error. etcd
+//! expires the lease no earlier than the TTL after it received that
+//! keep-alive, later than it was sent, so this node stops acknowledging
+//! before any other node can become primary.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp};
+use parking_lot::Mutex;
+
+/// What can go wrong with the membership store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MembershipError {
+    /// etcd could not be reached or refused a request.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// The local runtime that drives the etcd client could not start.
+    #[error("cannot start the etcd client's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// Another node holds the namespace's primary key.
+    #[error("namespace {nsid}: node {holder:?} is its primary")]
+    NotPrimary {
+        /// The namespace.
+        nsid: u32,
+        /// Who holds the key.
+        holder: String,
+    },
+    /// The in-sync set recorded in etcd does not include this node: its
+    /// copy may miss acknowledged writes, so it may not become primary.
+    #[error("namespace {nsid}: this node is not in the in-sync set {in_sync:?}")]
+    NotInSync {
+        /// The namespace.
+        nsid: u32,
+        /// The set etcd holds.
+        in_sync: Vec<String>,
+    },
+    /// A transaction's conditions no longer held: this node lost the
+    /// primary key or its lease, or the in-sync set changed behind it.
+    #[error("namespace {nsid}: {what}: this node is no longer its primary, or the in-sync set changed")]
+    Lost {
+        /// The namespace.
+        nsid: u32,
+        /// What was attempted.
+        what: String,
+    },
+    /// The lease ran out (or etcd has not answered a keep-alive in time).
+    #[error("the membership lease has lapsed")]
+    Lapsed,
+    /// A node name or value is unusable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// This node's session with etcd: one lease, kept alive in the background.
+pub struct Membership {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    node: String,
+    prefix: String,
+    lease: i64,
+    /// Until when this node may acknowledge writes (see the module docs).
+    live_until: Arc<Mutex<Instant>>,
+}
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Membership")
+            .field("node", &self.node)
+            .field("prefix", &self.prefix)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A namespace this node is primary of, as etcd last confirmed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// The namespace.
+    pub nsid: u32,
+    /// The in-sync nodes, this one first.
+    pub in_sync: Vec<String>,
+    /// The in-sync key's modification revision: a change is made only
+    /// against this one.
+    pub revision: i64,
+}
+
+/// How long each etcd request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Membership {
+    /// Connects to etcd at `endpoints` (`http://HOST:PORT` or `HOST:PORT`)
+    /// as node `node`, grants a lease of `ttl` and keeps it alive.
+    ///
+    /// # Errors
+    /// `Invalid` for an empty node name or one with a comma or slash,
+    /// `Etcd` when etcd cannot be reached or refuses the lease.
+    pub fn join(endpoints: &[String], prefix: &str, node: &str, ttl: Duration) -> Result<Membership, MembershipError> {
+        if node.is_empty() || node.contains([',', '/']) {
+            return Err(MembershipError::Invalid(format!(
+                "node name {node:?}: use a non-empty name without ',' or '/'"
+            )));
+        }
+        let ttl_s = ttl.as_secs().max(1);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("chanio-etcd")
+            .enable_all()
+            .build()
+            .map_err(MembershipError::Runtime)?;
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT);
+        let (client, lease, live_until) = rt.block_on(async {
+            let mut client = Client::connect(endpoints, Some(opts)).await?;
+            let sent = Instant::now();
+            let granted = client.lease_grant(ttl_s as i64, None).await?;
+            let live_until = sent + fence(Duration::from_secs(granted.ttl().max(0) as u64));
+            Ok::<_, MembershipError>((client, granted.id(), live_until))
+        })?;
+        let live_until = Arc::new(Mutex::new(live_until));
+        rt.spawn(keep_alive(
+            client.clone(),
+            lease,
+            Duration::from_secs(ttl_s),
+            live_until.clone(),
+        ));
+        tracing::info!(node, lease = format!("{lease:x}"), ttl_s, "joined etcd");
+        Ok(Membership {
+            rt,
+            client,
+            node: node.to_owned(),
+            prefix: prefix.trim_end_matches('/').to_owned(),
+            lease,
+            live_until,
+        })
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether this node may acknowledge writes now: its lease is certainly
+    /// still held.
+    pub fn is_live(&self) -> bool {
+        Instant::now() < *self.live_until.lock()
+    }
+
+    fn key(&self, nsid: u32, name: &str) -> String {
+        format!("{}/ns/{nsid}/{name}", self.prefix)
+    }
+
+    /// Becomes `nsid`'s primary with `replicas`: creates the primary key
+    /// under this node's lease, and the in-sync set (this node and
+    /// `replicas`) where none exists yet. Where one exists, this node must
+    /// be in it, and it is kept as it is.
+    ///
+    /// # Errors
+    /// `NotPrimary` when another node holds the key, `NotInSync` when the
+    /// recorded set lacks this node, `Etcd` when etcd cannot be reached.
+    pub fn claim(&self, nsid: u32, replicas: &[String]) -> Result<Group, MembershipError> {
+        let primary = self.key(nsid, "primary");
+        let in_sync = self.key(nsid, "in_sync");
+        let mut client = self.client.clone();
+        self.rt.block_on(async {
+            let existing = client.get(in_sync.as_str(), None).await?;
+            let (members, compare, create) = match existing.kvs().first() {
+                Some(kv) => {
+                    let members = split(kv.value_str()?);
+                    if !members.contains(&self.node) {
+                        return Err(MembershipError::NotInSync { nsid, in_sync: members });
+                    }
+                    let cmp = Compare::mod_revision(in_sync.as_str(), CompareOp::Equal, kv.mod_revision());
+                    (members, cmp, false)
+                }
+                None => {
+                    let mut members = vec![self.node.clone()];
+                    members.extend(replicas.iter().filter(|r| **r != self.node).cloned());
+                    let cmp = Compare::create_revision(in_sync.as_str(), CompareOp::Equal, 0);
+                    (members, cmp, true)
+                }
+            };
+            let mut ops = vec![TxnOp::put(
+                primary.as_str(),
+                self.node.as_str(),
+                Some(PutOptions::new().with_lease(self.lease)),
+            )];
+            if create {
+                ops.push(TxnOp::put(in_sync.as_str(), members.join(","), None));
+            }
+            let txn = Txn::new()
+                .when([Compare::create_revision(primary.as_str(), CompareOp::Equal, 0), compare])
+                .and_then(ops);
+            let resp = client.txn(txn).await?;
+            if !resp.succeeded() {
+                let holder = client.get(primary.as_str(), None).await?;
+                let holder = holder
+                    .kvs()
+                    .first()
+                    .map(|kv| kv.value_str().unwrap_or("?").to_owned())
+                    .unwrap_or_default();
+                return Err(MembershipError::NotPrimary { nsid, holder });
+            }
+            let revision = resp.header().map_or(0, |h| h.revision());
+            // The set read above is now confirmed at this revision (or was
+            // created at it).
+            let revision = if create {
+                revision
+            } else {
+                client
+                    .get(in_sync.as_str(), None)
+                    .await?
+                    .kvs()
+                    .first()
+                    .map_or(revision, |kv| kv.mod_revision())
+            };
+            Ok(Group {
+                nsid,
+                in_sync: members,
+                revision,
+            })
+        })
+    }
+
+    /// Removes `node` from `group`'s in-sync set, in etcd first: the
+    /// transaction holds only while this node holds the primary key under
+    /// its lease and the set is still at `group.revision`. On success
+    /// `group` is updated.
+    ///
+    /// # Errors
+    /// `Lapsed` when the lease has lapsed, `Lost` when the conditions no
+    /// longer held, `Etcd` when etcd cannot be reached.
+    pub fn remove(&self, group: &mut Group, node: &str) -> Result<(), MembershipError> {
+        if !self.is_live() {
+            return Err(MembershipError::Lapsed);
+        }
+        let members: Vec<String> = group.in_sync.iter().filter(|m| *m != node).cloned().collect();
+        let primary = self.key(group.nsid, "primary");
+        let in_sync = self.key(group.nsid, "in_sync");
+        let mut client = self.client.clone();
+        let resp = self.rt.block_on(async {
+            let txn = Txn::new()
+                .when([
+                    Compare::lease(primary.as_str(), CompareOp::Equal, self.lease),
+                    Compare::value(primary.as_str(), CompareOp::Equal, self.node.as_str()),
+                    Compare::mod_revision(in_sync.as_str(), CompareOp::Equal, group.revision),
+                ])
+                .and_then([TxnOp::put(in_sync.as_str(), members.join(","), None)]);
+            client.txn(txn).await
+        })?;
+        if !resp.succeeded() {
+            return Err(MembershipError::Lost {
+                nsid: group.nsid,
+                what: format!("removing {node} from the in-sync set"),
+            });
+        }
+        group.revision = resp.header().map_or(group.revision, |h| h.revision());
+        group.in_sync = members;
+        Ok(())
+    }
+
+    /// The in-sync set etcd holds for `nsid` (empty when there is none).
+    ///
+    /// # Errors
+    /// `Etcd` when etcd cannot be reached.
+    pub fn in_sync(&self, nsid: u32) -> Result<Vec<String>, MembershipError> {
+        let key = self.key(nsid, "in_sync");
+        let mut client = self.client.clone();
+        self.rt.block_on(async {
+            let resp = client.get(key.as_str(), None).await?;
+            Ok(match resp.kvs().first() {
+                Some(kv) => split(kv.value_str()?),
+                None => Vec::new(),
+            })
+        })
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        // A clean stop gives the primary keys up at once instead of when
+        // the lease runs out.
+        let mut client = self.client.clone();
+        let lease = self.lease;
+        let _ = self
+            .rt
+            .block_on(async { tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(lease)).await });
+    }
+}
+
+/// How long after sending a keep-alive that etcd answered with `ttl` this
+/// node may still act on its lease: `ttl` less a tenth (at least 100 ms)
+/// for clocks that run at different rates.
+fn fence(ttl: Duration) -> Duration {
+    ttl.saturating_sub((ttl / 10).max(Duration::from_millis(100)))
+}
+
+fn split(v: &str) -> Vec<String> {
+    v.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+/// Renews the lease every third of its TTL. Each answer moves
+/// `live_until`; an answer with no TTL (the lease is gone) fences the node
+/// for good.
+async fn keep_alive(mut client: Client, lease: i64, ttl: Duration, live_until: Arc<Mutex<Instant>>) {
+    let period = ttl / 3;
+    loop {
+        let renewed = async {
+            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+            loop {
+                let sent = Instant::now();
+                keeper.keep_alive().await?;
+                match tokio::time::timeout(REQUEST_TIMEOUT, stream.message()).await {
+                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                        *live_until.lock() = sent + fence(Duration::from_secs(resp.ttl() as u64));
+                    }
+                    Ok(Ok(Some(_))) => {
+                        *live_until.lock() = Instant::now();
+                        tracing::error!(
+                            lease = format!("{lease:x}"),
+                            "the membership lease expired in etcd: this node acknowledges no more writes"
+                        );
+                        return Ok::<bool, etcd_client::Error>(true);
+                    }
+                    Ok(Ok(None)) => return Ok(false),
+                    Ok(Err(e)) => return Err(e),
+                    // A late answer must not be taken for the next
+                    // keep-alive's (it would date the lease too late): the
+                    // stream is dropped and reopened.
+                    Err(_) => {
+                        tracing::warn!("etcd did not answer a keep-alive within {REQUEST_TIMEOUT:?}");
+                        return Ok(false);
+                    }
+                }
+                tokio::time::sleep(period).await;
+            }
+        };
+        match renewed.await {
+            Ok(true) => return,
+            Ok(false) => tracing::warn!("etcd closed the keep-alive stream; reopening it"),
+            Err(e) => tracing::warn!("etcd keep-alive: {e}; retrying"),
+        }
+        tokio::time::sleep(period.min(Duration::from_millis(500))).await;
+    }
+}
