@@ -5,12 +5,15 @@
 
 mod common;
 
-use std::net::TcpListener;
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chanio::host::{Host, HostOptions, Nsid, Status};
 use chanio::iounit::replica::membership::Membership;
+use chanio::iounit::replica::replication_hostnqn;
 use common::{pattern, Daemon, Scratch};
 
 const BLOCK: usize = 512;
@@ -83,15 +86,6 @@ impl Etcd {
         }
     }
 
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill {sig} etcd failed");
-    }
-
     /// The in-sync set etcd holds for namespace 1 under `prefix`.
     fn in_sync(&self, prefix: &str) -> Vec<String> {
         let m = Membership::join(
@@ -112,35 +106,112 @@ impl Drop for Etcd {
     }
 }
 
-/// A replica `iounitd` (a plain one) and a primary replicating its
-/// namespace 1 to it.
-fn pair(etcd: &Etcd, prefix: &str, ttl: &str) -> (Daemon, Daemon) {
-    let replica = Daemon::start(&["--ns", "ram:16MiB"]);
-    let spec = format!("1=b@{}", replica.uri);
-    let primary = Daemon::start(&[
-        "--ns",
-        "ram:16MiB",
-        "--etcd",
-        &etcd.url,
-        "--etcd-prefix",
-        prefix,
-        "--node",
-        "a",
-        "--lease-ttl",
-        ttl,
-        "--replica",
-        &spec,
-    ]);
-    primary.wait_log("primary of a replicated namespace", Duration::from_secs(20));
-    (primary, replica)
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The members of one replication group of namespace 1, each an
+/// `iounitd` with a 16 MiB RAM namespace on its own port.
+struct Group {
+    etcd_url: String,
+    prefix: String,
+    ttl: String,
+    uris: Vec<(String, String)>,
+}
+
+impl Group {
+    fn new(etcd: &Etcd, prefix: &str, ttl: &str, nodes: &[&str]) -> Group {
+        Group {
+            etcd_url: etcd.url.clone(),
+            prefix: prefix.to_owned(),
+            ttl: ttl.to_owned(),
+            uris: nodes
+                .iter()
+                .map(|n| (n.to_string(), format!("tcp://127.0.0.1:{}", free_port())))
+                .collect(),
+        }
+    }
+
+    fn uri(&self, node: &str) -> &str {
+        &self.uris.iter().find(|(n, _)| n == node).expect("a member").1
+    }
+
+    /// Starts member `node`; returns once it has its role.
+    fn start(&self, node: &str) -> Daemon {
+        self.start_via(node, &self.etcd_url)
+    }
+
+    /// Starts member `node`, reaching etcd at `etcd_url`.
+    fn start_via(&self, node: &str, etcd_url: &str) -> Daemon {
+        let mut cmd = Command::new(common::binary("iounitd"));
+        cmd.args(["--listen", self.uri(node), "--ns", "ram:16MiB", "--etcd", etcd_url])
+            .args(["--etcd-prefix", &self.prefix, "--node", node, "--lease-ttl", &self.ttl])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (n, uri) in &self.uris {
+            cmd.arg("--replica").arg(format!("1={n}@{uri}"));
+        }
+        let d = Daemon::spawn(cmd);
+        d.wait_log("of a replicated namespace", Duration::from_secs(20));
+        d
+    }
+}
+
+/// Waits until etcd's in-sync set for namespace 1 is `want`.
+fn wait_in_sync(etcd: &Etcd, prefix: &str, want: &[&str], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = etcd.in_sync(prefix);
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the in-sync set stayed {now:?}, not {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A group of two, `a` primary and `b` resynchronised into the set.
+fn pair(etcd: &Etcd, prefix: &str, ttl: &str) -> (Group, Daemon, Daemon) {
+    let group = Group::new(etcd, prefix, ttl, &["a", "b"]);
+    let primary = group.start("a");
+    primary.wait_log("primary of a replicated namespace", Duration::from_secs(5));
+    let replica = group.start("b");
+    wait_in_sync(etcd, prefix, &["a", "b"], Duration::from_secs(30));
+    (group, primary, replica)
 }
 
 fn connect(uri: &str) -> Host {
-    let opts = HostOptions {
+    connect_as(uri, None)
+}
+
+/// Connects as `nqn` (a member's replication NQN reaches a replica).
+fn connect_as(uri: &str, nqn: Option<String>) -> Host {
+    let mut opts = HostOptions {
         command_timeout: Duration::from_secs(20),
         ..HostOptions::default()
     };
+    if let Some(nqn) = nqn {
+        opts.hostnqn = nqn;
+    }
     Host::connect(uri, opts).expect("connect")
+}
+
+/// Namespace 1's whole content, read as member `reader` would.
+fn content(uri: &str, as_member: Option<&str>) -> Vec<u8> {
+    let host = connect_as(uri, as_member.map(replication_hostnqn));
+    let mut all = Vec::new();
+    for lba in (0..32768).step_by(2048) {
+        all.extend(host.read(Nsid(1), lba, 2048).expect("read the namespace"));
+    }
+    all
 }
 
 #[test]
@@ -149,15 +220,17 @@ fn a_killed_replica_leaves_the_in_sync_set_and_no_acknowledged_write_is_lost() {
         return;
     };
     let prefix = "/test/kill-replica";
-    let (primary, mut replica) = pair(&etcd, prefix, "5");
-    assert_eq!(etcd.in_sync(prefix), ["a", "b"]);
+    let (_group, primary, mut replica) = pair(&etcd, prefix, "5");
     let host = connect(&primary.uri);
     let ns = Nsid(1);
 
-    // In sync: what the primary acknowledged is on the replica too.
+    // In sync: what the primary acknowledged is on the replica too (read
+    // as the primary: hosts do not see a replica's namespace).
     let first = pattern(64 * BLOCK, 1);
     host.write(ns, 0, &first, false).expect("write while in sync");
-    let on_replica = connect(&replica.uri).read(ns, 0, 64).expect("read the replica");
+    let on_replica = connect_as(&replica.uri, Some(replication_hostnqn("a")))
+        .read(ns, 0, 64)
+        .expect("read the replica");
     assert!(on_replica == first, "the replica does not hold the acknowledged write");
 
     // A stream of writes, the replica killed in its middle: every write is
@@ -190,39 +263,102 @@ fn a_killed_replica_leaves_the_in_sync_set_and_no_acknowledged_write_is_lost() {
     primary.wait_log("replica left the in-sync set", Duration::from_secs(5));
 }
 
+/// A TCP relay to etcd that the test can cut: one node's only way to
+/// etcd, so that the test partitions that node alone.
+struct Relay {
+    url: String,
+    cut: Arc<AtomicBool>,
+    streams: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    fn start(etcd_url: &str) -> Relay {
+        let upstream = etcd_url.trim_start_matches("http://").to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let url = format!("http://{}", listener.local_addr().expect("relay address"));
+        let cut = Arc::new(AtomicBool::new(false));
+        let streams: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (c, st) = (cut.clone(), streams.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (mut from, mut to) = (from.try_clone().expect("clone"), to.try_clone().expect("clone"));
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+                st.lock().unwrap().extend([client, server]);
+            }
+        });
+        Relay { url, cut, streams }
+    }
+
+    /// From now on nothing passes.
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 #[test]
-fn a_primary_that_cannot_renew_its_lease_acknowledges_nothing_after_it_ends() {
-    let Some(etcd) = Etcd::start("fence") else { return };
-    let prefix = "/test/fence";
+fn a_partitioned_primary_acknowledges_nothing_after_its_lease_and_another_takes_over() {
+    let Some(etcd) = Etcd::start("partition") else { return };
+    let prefix = "/test/partition";
     let ttl = Duration::from_secs(2);
-    let (primary, _replica) = pair(&etcd, prefix, "2");
-    let host = connect(&primary.uri);
+    let relay = Relay::start(&etcd.url);
+    let group = Group::new(&etcd, prefix, "2", &["a", "b"]);
+    let a = group.start_via("a", &relay.url);
+    a.wait_log("primary of a replicated namespace", Duration::from_secs(5));
+    let b = group.start("b");
+    wait_in_sync(&etcd, prefix, &["a", "b"], Duration::from_secs(30));
+    let host = connect(group.uri("a"));
     let ns = Nsid(1);
     host.write(ns, 0, &pattern(8 * BLOCK, 3), false)
         .expect("write with the lease held");
 
-    // etcd stops answering: the primary's lease ends at most `ttl` after
-    // its last renewal, which came before this instant.
-    etcd.signal("-STOP");
-    let stopped = Instant::now();
+    // a loses etcd, and only a: its lease ends at most `ttl` after its last
+    // renewal, which came before this instant. It still reaches b.
+    relay.cut();
+    let cut = Instant::now();
     let mut refused = 0;
-    while stopped.elapsed() < ttl + Duration::from_secs(2) {
+    while cut.elapsed() < ttl + Duration::from_secs(3) {
         let attempt = Instant::now();
         match host.write(ns, 8, &pattern(8 * BLOCK, 4), false) {
             Ok(()) => assert!(
-                attempt.elapsed() + (attempt - stopped) < ttl,
-                "a write was acknowledged {:?} after etcd stopped answering, past the lease",
-                stopped.elapsed()
+                attempt.elapsed() + (attempt - cut) < ttl,
+                "a write was acknowledged {:?} after the partition, past the lease",
+                cut.elapsed()
             ),
             Err(e) if e.status() == Some(Status::NAMESPACE_NOT_READY) => refused += 1,
-            Err(e) => panic!("unexpected error while fenced: {e}"),
+            Err(e) => panic!("unexpected error while partitioned: {e}"),
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    etcd.signal("-CONT");
+    assert!(refused > 0, "the partitioned primary never refused a write");
+
+    // b took over, and serves what a acknowledged; a still refuses.
+    b.wait_log("primary of a replicated namespace", Duration::from_secs(10));
+    let on_b = connect(group.uri("b"))
+        .read(ns, 0, 8)
+        .expect("read from the new primary");
     assert!(
-        refused > 0,
-        "the primary never refused a write while its lease was lapsed"
+        on_b == pattern(8 * BLOCK, 3),
+        "the new primary lacks an acknowledged write"
+    );
+    let late = host.write(ns, 16, &pattern(8 * BLOCK, 5), false);
+    assert!(
+        late.is_err(),
+        "the old primary acknowledged a write after another took over"
     );
 }
 
@@ -230,37 +366,111 @@ fn a_primary_that_cannot_renew_its_lease_acknowledges_nothing_after_it_ends() {
 fn a_second_node_cannot_take_a_namespace_another_is_primary_of() {
     let Some(etcd) = Etcd::start("second") else { return };
     let prefix = "/test/second";
-    let (_primary, replica) = pair(&etcd, prefix, "5");
-    let spec = format!("1=a@{}", replica.uri);
-    let claim = |node: &str| {
-        let out = Command::new(common::binary("iounitd"))
-            .args([
-                "--listen",
-                "tcp://127.0.0.1:0",
-                "--ns",
-                "ram:16MiB",
-                "--etcd",
-                &etcd.url,
-            ])
-            .args(["--etcd-prefix", prefix, "--node", node, "--replica", &spec])
-            .stdin(Stdio::null())
-            .output()
-            .expect("run iounitd");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "node {node} became a second primary: {stderr}");
-        stderr
+    let (group, _primary, _replica) = pair(&etcd, prefix, "5");
+
+    // A second process with a member's name is refused at once.
+    let out = Command::new(common::binary("iounitd"))
+        .args([
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--ns",
+            "ram:16MiB",
+            "--etcd",
+            &etcd.url,
+        ])
+        .args(["--etcd-prefix", prefix, "--node", "b"])
+        .arg("--replica")
+        .arg(format!("1=a@{}", group.uri("a")))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run iounitd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second node b started: {stderr}");
+    assert!(
+        stderr.contains("another process is node \"b\""),
+        "the refusal does not say why: {stderr}"
+    );
+
+    // A new member c is not in sync: it becomes a replica, and the
+    // primary stays a.
+    let third = Group {
+        uris: vec![
+            ("a".into(), group.uri("a").into()),
+            ("c".into(), format!("tcp://127.0.0.1:{}", free_port())),
+        ],
+        ..group
     };
-    // b is in sync, but a holds the primary key under its live lease.
-    let refused = claim("b");
+    let c = third.start("c");
+    c.wait_log("replica of a replicated namespace", Duration::from_secs(5));
+    assert!(!c.log.lock().unwrap().contains("primary of a replicated namespace"));
+    assert_eq!(etcd.in_sync(prefix).first().map(String::as_str), Some("a"));
+}
+
+#[test]
+fn a_replica_takes_over_from_a_killed_primary_with_every_acknowledged_write() {
+    let Some(etcd) = Etcd::start("kill-primary") else {
+        return;
+    };
+    let prefix = "/test/kill-primary";
+    let (group, mut primary, replica) = pair(&etcd, prefix, "2");
+    let ns = Nsid(1);
+
+    // A stream of writes to the primary, killed in its middle: what it
+    // acknowledged before it died is what counts.
+    let host = {
+        let mut opts = HostOptions {
+            command_timeout: Duration::from_secs(3),
+            reconnect_deadline: Duration::ZERO,
+            ..HostOptions::default()
+        };
+        opts.io_queues = 1;
+        Host::connect(&primary.uri, opts).expect("connect")
+    };
+    let mut acknowledged = Vec::new();
+    for i in 0..400u64 {
+        if i == 150 {
+            primary.child.kill().expect("kill -9 the primary");
+            let _ = primary.child.wait();
+        }
+        let lba = (i * 8) % 32000;
+        let data = pattern(8 * BLOCK, (i % 253) as u8);
+        if host.write(ns, lba, &data, false).is_ok() {
+            acknowledged.retain(|(l, _)| *l != lba);
+            acknowledged.push((lba, data));
+        }
+    }
     assert!(
-        refused.contains("node \"a\" is its primary"),
-        "the refusal does not name the primary: {refused}"
+        acknowledged.len() >= 150,
+        "only {} writes were acknowledged",
+        acknowledged.len()
     );
-    // c may miss acknowledged writes: it may never become primary.
-    let refused = claim("c");
-    assert!(
-        refused.contains("this node is not in the in-sync set"),
-        "the refusal does not say c is out of sync: {refused}"
-    );
-    assert_eq!(etcd.in_sync(prefix), ["a", "b"]);
+    host.close();
+
+    // b takes over once a's lease is gone, alone in the set, and serves
+    // hosts every acknowledged write.
+    replica.wait_log("primary of a replicated namespace", Duration::from_secs(20));
+    wait_in_sync(&etcd, prefix, &["b"], Duration::from_secs(5));
+    let host = connect(group.uri("b"));
+    for (lba, data) in &acknowledged {
+        let back = host.read(ns, *lba, 8).expect("read from the new primary");
+        assert!(
+            back == *data,
+            "acknowledged write at LBA {lba} is missing on the new primary"
+        );
+    }
+    host.write(ns, 0, &pattern(8 * BLOCK, 9), true)
+        .expect("the new primary takes writes");
+
+    // a comes back empty (a RAM namespace): it is no longer in sync, is
+    // served to no host until it is, and is resynchronised from b.
+    let returned = group.start("a");
+    returned.wait_log("replica of a replicated namespace", Duration::from_secs(5));
+    let refused = Host::connect(group.uri("a"), HostOptions::default())
+        .ok()
+        .and_then(|h| h.read(ns, 0, 8).ok());
+    assert!(refused.is_none(), "a stale replica served a read to a host");
+    wait_in_sync(&etcd, prefix, &["b", "a"], Duration::from_secs(60));
+    let on_b = content(group.uri("b"), None);
+    let on_a = content(group.uri("a"), Some("b"));
+    assert!(on_a == on_b, "after the resync the two copies differ");
 }

@@ -480,4 +480,15 @@ fn a_masked_namespace_is_seen_only_by_its_hosts() {
     assert!(cqe.status().same_code(Status::INVALID_NAMESPACE), "{}", cqe.status());
     // A malformed host NQN is refused.
     assert!(t.set_namespace_hosts(2, &["not an NQN".to_string()]).is_err());
+    // Refused hosts lose it whatever the hosts allowed (all, here), the
+    // others keep it; an empty refusal list gives it back.
+    t.set_namespace_hosts(2, &[]).unwrap();
+    t.set_namespace_refused(2, &[OTHER.to_string()]).unwrap();
+    assert_eq!(active_namespaces(&mut other), [1]);
+    assert_eq!(active_namespaces(&mut mine), [1, 2]);
+    let cid = io.next();
+    let (cqe, _) = io.fetch(Sqe::read(cid, Nsid(2), 0, 1).unwrap(), 4096);
+    assert!(cqe.status().same_code(Status::INVALID_NAMESPACE), "{}", cqe.status());
+    t.set_namespace_refused(2, &[]).unwrap();
+    assert_eq!(active_namespaces(&mut other), [1, 2]);
 }

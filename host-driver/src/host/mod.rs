@@ -302,6 +302,15 @@ impl Host {
         self.handle.inner.last_cntlid.load(Ordering::Relaxed) as u16
     }
 
+    /// How many controllers this host has connected: 1 after
+    /// [`Host::connect`], one more at each reconnect. A caller that must
+    /// know its commands all reached one controller incarnation (an I/O
+    /// unit that restarted may have lost what the last one stored)
+    /// compares it before and after them.
+    pub fn connections(&self) -> u64 {
+        self.handle.inner.generation.load(Ordering::Acquire)
+    }
+
     /// The transport in use (`"tcp"`).
     pub fn transport(&self) -> &'static str {
         self.handle.inner.resolved.scheme.as_str()

@@ -22,7 +22,7 @@ impl Inner {
     /// Controller, I/O queues.
     pub(super) fn connect_session(self: &Arc<Self>) -> Result<Arc<Session>, HostError> {
         let uri = self.uri.to_string();
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let weak: Weak<Inner> = Arc::downgrade(self);
         let on_lost: Arc<dyn Fn(u64) + Send + Sync> = Arc::new(move |g| {
             if let Some(inner) = weak.upgrade() {

@@ -14,7 +14,7 @@ use iounit::backend::{self, BackendSpec, BlockBackend};
 use iounit::config::{self, DaemonConfig, NamespaceEntry};
 use iounit::identity::Identity;
 use iounit::replica::membership::Membership;
-use iounit::replica::{ReplicaSpec, ReplicatedBackend};
+use iounit::replica::{self, ReplicaSpec, ReplicatedBackend, Role};
 use iounit::service;
 use iounit::target::{Target, TargetConfig};
 
@@ -120,9 +120,12 @@ struct Args {
     /// identity at every start.
     #[arg(long, value_name = "FILE")]
     state: Option<PathBuf>,
-    /// Replicate namespace NSID to node NODE, which serves it at URI (an
-    /// iounitd with a namespace at least as large, same block size);
-    /// repeatable. Needs --etcd and --node.
+    /// A member of namespace NSID's replication group: node NODE serves
+    /// it at URI (a namespace at least as large, same block size);
+    /// repeatable, the same list on every member (this node's own entry
+    /// is skipped). The member that claims the namespace in etcd first is
+    /// its primary; the others are replicas, masked to the primary, and
+    /// take over when it goes. Needs --etcd and --node.
     #[arg(long = "replica", value_name = "NSID=NODE@URI", help_heading = "Replication")]
     replicas: Vec<ReplicaSpec>,
     /// etcd endpoint holding the replication membership (who is primary,
@@ -178,17 +181,48 @@ impl Replication {
         })
     }
 
-    /// `backend` as namespace `nsid`: replicated when it has replicas.
-    fn wrap(&self, nsid: u32, backend: Arc<dyn BlockBackend>) -> Res<Arc<dyn BlockBackend>> {
-        let replicas: Vec<ReplicaSpec> = self.replicas.iter().filter(|r| r.nsid == nsid).cloned().collect();
+    /// `backend` as namespace `nsid` (its copy named `instance`, served
+    /// to `hosts`): replicated when it has members. As a replica it is
+    /// masked to the other members' replication NQNs; as primary, to
+    /// `hosts`.
+    fn wrap(
+        &self,
+        target: &Target,
+        nsid: u32,
+        backend: Arc<dyn BlockBackend>,
+        instance: &str,
+        hosts: &[String],
+    ) -> Res<Arc<dyn BlockBackend>> {
+        let members: Vec<ReplicaSpec> = self.replicas.iter().filter(|r| r.nsid == nsid).cloned().collect();
         let Some(membership) = &self.membership else {
             return Ok(backend);
         };
-        if replicas.is_empty() {
+        if members.is_empty() {
             return Ok(backend);
         }
-        let replicated = ReplicatedBackend::start(backend, nsid, &replicas, membership.clone())?;
-        tracing::info!(nsid, in_sync = ?replicated.in_sync(), "primary of a replicated namespace");
+        let me = membership.node().to_owned();
+        let peers: Vec<String> = members
+            .iter()
+            .filter(|m| m.node != me)
+            .map(|m| replica::replication_hostnqn(&m.node))
+            .collect();
+        let (target, hosts) = (target.clone(), hosts.to_vec());
+        // A replica shows the namespace to the other members' replication
+        // connections only. Taking over, it first refuses them (a deposed
+        // primary's late writes), then, once primary, shows it to hosts.
+        let on_role = Box::new(move |role: Role| {
+            let masked = match role {
+                Role::Replica => target
+                    .set_namespace_refused(nsid, &[])
+                    .and_then(|()| target.set_namespace_hosts(nsid, &peers)),
+                Role::TakingOver => target.set_namespace_refused(nsid, &peers),
+                Role::Primary => target.set_namespace_hosts(nsid, &hosts),
+            };
+            if let Err(e) = masked {
+                tracing::error!(nsid, "cannot mask the namespace for its role ({role:?}): {e}");
+            }
+        });
+        let replicated = ReplicatedBackend::start(backend, nsid, instance, &members, membership.clone(), on_role)?;
         Ok(Arc::new(replicated))
     }
 }
@@ -425,7 +459,6 @@ fn attach(
     let nsid = ns
         .nsid
         .unwrap_or_else(|| (1..).find(|n| !attached.contains_key(n)).unwrap_or(u32::MAX));
-    let backend = replication.wrap(nsid, backend)?;
     // Opened, so a file given by a relative path or a link resolves.
     let backing = match &ns.spec {
         BackendSpec::File { path, .. } | BackendSpec::Clone { path, .. } => {
@@ -438,6 +471,14 @@ fn attach(
         .map_err(|e| format!("namespace {}: {e}", ns.spec))?;
     target.set_namespace_ids(nsid, ids);
     target.set_namespace_hosts(nsid, &ns.hosts)?;
+    let instance = nvme::descriptors::uuid_text(&ids.uuid);
+    let backend = match replication.wrap(target, nsid, backend, &instance, &ns.hosts) {
+        Ok(b) => b,
+        Err(e) => {
+            target.set_namespace_hosts(nsid, &[])?;
+            return Err(e);
+        }
+    };
     if let Err(e) = target.registry().attach(Some(nsid), backend) {
         target.set_namespace_hosts(nsid, &[])?;
         return Err(format!("namespace {}: {e}", ns.spec).into());

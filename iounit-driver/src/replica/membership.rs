@@ -10,7 +10,8 @@
 //!
 //! ```text
 //! PREFIX/ns/NSID/primary   the primary's node name, attached to its lease
-//! PREFIX/ns/NSID/in_sync   the in-sync nodes, comma-separated, primary first
+//! PREFIX/ns/NSID/in_sync   the in-sync copies, NODE=INSTANCE, comma-separated,
+//!                          primary first (INSTANCE: the copy's namespace UUID)
 //! ```
 //!
 //! Fencing: a node acknowledges writes only while [`Membership::is_live`]:
@@ -96,7 +97,7 @@ impl std::fmt::Debug for Membership {
 pub struct Group {
     /// The namespace.
     pub nsid: u32,
-    /// The in-sync nodes, this one first.
+    /// The in-sync copies (`NODE=INSTANCE`), this one first.
     pub in_sync: Vec<String>,
     /// The in-sync key's modification revision: a change is made only
     /// against this one.
@@ -111,12 +112,12 @@ impl Membership {
     /// as node `node`, grants a lease of `ttl` and keeps it alive.
     ///
     /// # Errors
-    /// `Invalid` for an empty node name or one with a comma or slash,
+    /// `Invalid` for an empty node name or one with ',', '/' or '=',
     /// `Etcd` when etcd cannot be reached or refuses the lease.
     pub fn join(endpoints: &[String], prefix: &str, node: &str, ttl: Duration) -> Result<Membership, MembershipError> {
-        if node.is_empty() || node.contains([',', '/']) {
+        if node.is_empty() || node.contains([',', '/', '=']) {
             return Err(MembershipError::Invalid(format!(
-                "node name {node:?}: use a non-empty name without ',' or '/'"
+                "node name {node:?}: use a non-empty name without ',', '/' or '='"
             )));
         }
         let ttl_s = ttl.as_secs().max(1);
@@ -136,6 +137,29 @@ impl Membership {
             let live_until = sent + fence(Duration::from_secs(granted.ttl().max(0) as u64));
             Ok::<_, MembershipError>((client, granted.id(), live_until))
         })?;
+        // One process per node name: the name is taken under the lease.
+        let prefix = prefix.trim_end_matches('/').to_owned();
+        let name_key = format!("{prefix}/nodes/{node}");
+        let taken = rt.block_on(async {
+            let mut c = client.clone();
+            let txn = Txn::new()
+                .when([Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    name_key.as_str(),
+                    "",
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            let resp = c.txn(txn).await?;
+            if !resp.succeeded() {
+                let _ = c.lease_revoke(lease).await;
+            }
+            Ok::<_, MembershipError>(!resp.succeeded())
+        })?;
+        if taken {
+            return Err(MembershipError::Invalid(format!(
+                "another process is node {node:?} under {prefix} (or was, and its lease has not ended yet)"
+            )));
+        }
         let live_until = Arc::new(Mutex::new(live_until));
         rt.spawn(keep_alive(
             client.clone(),
@@ -148,7 +172,7 @@ impl Membership {
             rt,
             client,
             node: node.to_owned(),
-            prefix: prefix.trim_end_matches('/').to_owned(),
+            prefix,
             lease,
             live_until,
         })
@@ -169,47 +193,47 @@ impl Membership {
         format!("{}/ns/{nsid}/{name}", self.prefix)
     }
 
-    /// Becomes `nsid`'s primary with `replicas`: creates the primary key
-    /// under this node's lease, and the in-sync set (this node and
-    /// `replicas`) where none exists yet. Where one exists, this node must
-    /// be in it, and it is kept as it is.
+    /// Becomes `nsid`'s primary, its copy being `instance` (the local
+    /// namespace's UUID: a copy that was lost, a RAM namespace restarted,
+    /// has a new one). The transaction creates the primary key under this
+    /// node's lease, and sets the in-sync set to this node alone: where a
+    /// set exists it must list this node with this instance, and the
+    /// others leave it, since they may hold writes the last primary never
+    /// acknowledged; they are resynchronised from this node.
     ///
     /// # Errors
     /// `NotPrimary` when another node holds the key, `NotInSync` when the
-    /// recorded set lacks this node, `Etcd` when etcd cannot be reached.
-    pub fn claim(&self, nsid: u32, replicas: &[String]) -> Result<Group, MembershipError> {
+    /// recorded set lacks this copy, `Etcd` when etcd cannot be reached.
+    pub fn claim(&self, nsid: u32, instance: &str) -> Result<Group, MembershipError> {
         let primary = self.key(nsid, "primary");
         let in_sync = self.key(nsid, "in_sync");
+        let me = member(&self.node, instance);
         let mut client = self.client.clone();
         self.rt.block_on(async {
             let existing = client.get(in_sync.as_str(), None).await?;
-            let (members, compare, create) = match existing.kvs().first() {
+            let compare = match existing.kvs().first() {
                 Some(kv) => {
                     let members = split(kv.value_str()?);
-                    if !members.contains(&self.node) {
-                        return Err(MembershipError::NotInSync { nsid, in_sync: members });
+                    if !members.contains(&me) {
+                        return Err(MembershipError::NotInSync {
+                            nsid,
+                            in_sync: members.iter().map(|m| node_of(m).to_owned()).collect(),
+                        });
                     }
-                    let cmp = Compare::mod_revision(in_sync.as_str(), CompareOp::Equal, kv.mod_revision());
-                    (members, cmp, false)
+                    Compare::mod_revision(in_sync.as_str(), CompareOp::Equal, kv.mod_revision())
                 }
-                None => {
-                    let mut members = vec![self.node.clone()];
-                    members.extend(replicas.iter().filter(|r| **r != self.node).cloned());
-                    let cmp = Compare::create_revision(in_sync.as_str(), CompareOp::Equal, 0);
-                    (members, cmp, true)
-                }
+                None => Compare::create_revision(in_sync.as_str(), CompareOp::Equal, 0),
             };
-            let mut ops = vec![TxnOp::put(
-                primary.as_str(),
-                self.node.as_str(),
-                Some(PutOptions::new().with_lease(self.lease)),
-            )];
-            if create {
-                ops.push(TxnOp::put(in_sync.as_str(), members.join(","), None));
-            }
             let txn = Txn::new()
                 .when([Compare::create_revision(primary.as_str(), CompareOp::Equal, 0), compare])
-                .and_then(ops);
+                .and_then([
+                    TxnOp::put(
+                        primary.as_str(),
+                        self.node.as_str(),
+                        Some(PutOptions::new().with_lease(self.lease)),
+                    ),
+                    TxnOp::put(in_sync.as_str(), me.as_str(), None),
+                ]);
             let resp = client.txn(txn).await?;
             if !resp.succeeded() {
                 let holder = client.get(primary.as_str(), None).await?;
@@ -220,25 +244,23 @@ impl Membership {
                     .unwrap_or_default();
                 return Err(MembershipError::NotPrimary { nsid, holder });
             }
-            let revision = resp.header().map_or(0, |h| h.revision());
-            // The set read above is now confirmed at this revision (or was
-            // created at it).
-            let revision = if create {
-                revision
-            } else {
-                client
-                    .get(in_sync.as_str(), None)
-                    .await?
-                    .kvs()
-                    .first()
-                    .map_or(revision, |kv| kv.mod_revision())
-            };
             Ok(Group {
                 nsid,
-                in_sync: members,
-                revision,
+                in_sync: vec![me],
+                revision: resp.header().map_or(0, |h| h.revision()),
             })
         })
+    }
+
+    /// Whether `nsid` has a primary now (its key exists).
+    ///
+    /// # Errors
+    /// `Etcd` when etcd cannot be reached.
+    pub fn has_primary(&self, nsid: u32) -> Result<bool, MembershipError> {
+        let key = self.key(nsid, "primary");
+        let mut client = self.client.clone();
+        self.rt
+            .block_on(async { Ok(!client.get(key.as_str(), None).await?.kvs().is_empty()) })
     }
 
     /// Removes `node` from `group`'s in-sync set, in etcd first: the
@@ -250,10 +272,25 @@ impl Membership {
     /// `Lapsed` when the lease has lapsed, `Lost` when the conditions no
     /// longer held, `Etcd` when etcd cannot be reached.
     pub fn remove(&self, group: &mut Group, node: &str) -> Result<(), MembershipError> {
+        let members: Vec<String> = group.in_sync.iter().filter(|m| node_of(m) != node).cloned().collect();
+        self.change(group, members, format!("removing {node} from the in-sync set"))
+    }
+
+    /// Adds `node`, whose copy is `instance`, to `group`'s in-sync set,
+    /// under the same conditions as [`Membership::remove`].
+    ///
+    /// # Errors
+    /// As [`Membership::remove`].
+    pub fn add(&self, group: &mut Group, node: &str, instance: &str) -> Result<(), MembershipError> {
+        let mut members: Vec<String> = group.in_sync.iter().filter(|m| node_of(m) != node).cloned().collect();
+        members.push(member(node, instance));
+        self.change(group, members, format!("adding {node} to the in-sync set"))
+    }
+
+    fn change(&self, group: &mut Group, members: Vec<String>, what: String) -> Result<(), MembershipError> {
         if !self.is_live() {
             return Err(MembershipError::Lapsed);
         }
-        let members: Vec<String> = group.in_sync.iter().filter(|m| *m != node).cloned().collect();
         let primary = self.key(group.nsid, "primary");
         let in_sync = self.key(group.nsid, "in_sync");
         let mut client = self.client.clone();
@@ -268,17 +305,15 @@ impl Membership {
             client.txn(txn).await
         })?;
         if !resp.succeeded() {
-            return Err(MembershipError::Lost {
-                nsid: group.nsid,
-                what: format!("removing {node} from the in-sync set"),
-            });
+            return Err(MembershipError::Lost { nsid: group.nsid, what });
         }
         group.revision = resp.header().map_or(group.revision, |h| h.revision());
         group.in_sync = members;
         Ok(())
     }
 
-    /// The in-sync set etcd holds for `nsid` (empty when there is none).
+    /// The nodes of the in-sync set etcd holds for `nsid`, primary first
+    /// (empty when there is none).
     ///
     /// # Errors
     /// `Etcd` when etcd cannot be reached.
@@ -288,7 +323,7 @@ impl Membership {
         self.rt.block_on(async {
             let resp = client.get(key.as_str(), None).await?;
             Ok(match resp.kvs().first() {
-                Some(kv) => split(kv.value_str()?),
+                Some(kv) => split(kv.value_str()?).iter().map(|m| node_of(m).to_owned()).collect(),
                 None => Vec::new(),
             })
         })
@@ -312,6 +347,16 @@ impl Drop for Membership {
 /// for clocks that run at different rates.
 fn fence(ttl: Duration) -> Duration {
     ttl.saturating_sub((ttl / 10).max(Duration::from_millis(100)))
+}
+
+/// An in-sync set's entry: `NODE=INSTANCE`.
+fn member(node: &str, instance: &str) -> String {
+    format!("{node}={instance}")
+}
+
+/// The node of an in-sync set's entry.
+pub fn node_of(member: &str) -> &str {
+    member.split_once('=').map_or(member, |(n, _)| n)
 }
 
 fn split(v: &str) -> Vec<String> {

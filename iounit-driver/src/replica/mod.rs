@@ -60,34 +60,91 @@ impl std::str::FromStr for ReplicaSpec {
 /// How the primary reaches its replicas: a forwarded command that takes
 /// longer than this fails, and the replica leaves the in-sync set.
 const REPLICA_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-/// A replica whose connection dropped has this long to come back before
-/// the commands waiting for it fail.
-const REPLICA_RECONNECT: Duration = Duration::from_secs(1);
+/// Commands to a replica whose connection dropped fail at once (the
+/// replica leaves the set; it comes back through a resync).
+const REPLICA_RECONNECT: Duration = Duration::ZERO;
+/// How often the supervisor looks at etcd and at missing replicas.
+const SUPERVISE: Duration = Duration::from_millis(250);
+/// The unit of resynchronisation and of the dirty map.
+const CHUNK: u64 = 1 << 20;
+/// Locks that keep a resync copy and a host's write of the same chunk
+/// apart (chunk index modulo this).
+const STRIPES: usize = 64;
+/// The share of its time the resync copy may take: it sleeps as long as
+/// each copy took, so foreground I/O keeps at least half.
+const RESYNC_DUTY: f64 = 0.5;
 
-struct Replica {
+/// What this node is for a replicated namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// It serves hosts and replicates their writes.
+    Primary,
+    /// It takes writes only from the primary (the namespace is masked to
+    /// the other members' replication NQNs) and waits to take over.
+    Replica,
+    /// Told before it becomes primary: the other members must be refused
+    /// from now on.
+    TakingOver,
+}
+
+/// Told each role change, so that the daemon masks the namespace.
+pub type RoleHook = Box<dyn Fn(Role) + Send + Sync>;
+
+/// A replica getting this primary's writes.
+struct Target {
     node: String,
     host: Host,
+    /// `Host::connections` when it was connected: a forward that finds it
+    /// changed reached another incarnation of the replica.
+    connections: u64,
+    /// In etcd's in-sync set; false while it is being resynchronised.
+    in_sync: bool,
+}
+
+/// What a member that gets no writes missed: some chunks, or anything.
+#[derive(Debug, Clone)]
+enum Missed {
+    Chunks(Vec<bool>),
+    All,
 }
 
 struct State {
-    group: Group,
-    replicas: Vec<Replica>,
+    role: Role,
+    group: Option<Group>,
+    targets: Vec<Target>,
+    /// Members that get no writes, and what they missed since.
+    missed: std::collections::HashMap<String, Missed>,
+    /// Members whose resync is running.
+    resyncing: std::collections::HashSet<String>,
 }
 
-/// A namespace replicated to other I/O units (see the module docs).
-pub struct ReplicatedBackend {
+struct Inner {
     local: Arc<dyn BlockBackend>,
     nsid: u32,
-    block_size: u64,
+    geo: Geometry,
+    /// The local copy's identity in the in-sync set.
+    instance: String,
     membership: Arc<Membership>,
+    /// The other members.
+    members: Vec<ReplicaSpec>,
     state: Mutex<State>,
+    stripes: Vec<parking_lot::RwLock<()>>,
+    /// Held (shared) by each write taken as a replica; taking over waits
+    /// for those in progress.
+    replica_writes: parking_lot::RwLock<()>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+/// A replicated namespace on one of its members (see the module docs).
+pub struct ReplicatedBackend {
+    inner: Arc<Inner>,
 }
 
 impl fmt::Debug for ReplicatedBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReplicatedBackend")
-            .field("nsid", &self.nsid)
-            .field("local", &self.local)
+            .field("nsid", &self.inner.nsid)
+            .field("local", &self.inner.local)
             .finish_non_exhaustive()
     }
 }
@@ -98,65 +155,157 @@ pub fn replication_hostnqn(node: &str) -> String {
 }
 
 impl ReplicatedBackend {
-    /// Makes this node the primary of `nsid`, served from `local`, with
-    /// `replicas`: claims the namespace in etcd, then connects to each
-    /// replica in the in-sync set. A replica that cannot be reached, or
-    /// whose namespace does not match, leaves the in-sync set at once.
+    /// Serves `nsid` from `local` as a member of its replication group
+    /// with `members` (the others; an entry for this node is ignored).
+    /// `instance` names the local copy (the namespace's UUID). The node
+    /// becomes primary if it can claim the namespace in etcd, else a
+    /// replica that takes over when the primary's key goes away; `on_role`
+    /// is told its role now and at each change.
     ///
     /// # Errors
-    /// `Open` when the claim fails (another primary, this node not in
-    /// sync, etcd unreachable) or a replica cannot be dropped.
+    /// `Open` when etcd cannot be reached.
     pub fn start(
         local: Arc<dyn BlockBackend>,
         nsid: u32,
-        replicas: &[ReplicaSpec],
+        instance: &str,
+        members: &[ReplicaSpec],
         membership: Arc<Membership>,
+        on_role: RoleHook,
     ) -> Result<ReplicatedBackend, BlockError> {
-        let nodes: Vec<String> = replicas.iter().map(|r| r.node.clone()).collect();
-        let group = membership
-            .claim(nsid, &nodes)
-            .map_err(|e| BlockError::with_source(ErrorKind::Open, "replication", e))?;
-        let geo = local.geometry();
-        let backend = ReplicatedBackend {
+        let me = membership.node().to_owned();
+        let inner = Arc::new(Inner {
+            geo: local.geometry(),
             local,
             nsid,
-            block_size: u64::from(geo.block_size),
+            instance: instance.to_owned(),
             membership,
+            members: members.iter().filter(|m| m.node != me).cloned().collect(),
             state: Mutex::new(State {
-                group: group.clone(),
-                replicas: Vec::new(),
+                role: Role::Replica,
+                group: None,
+                targets: Vec::new(),
+                missed: Default::default(),
+                resyncing: Default::default(),
             }),
-        };
-        for spec in replicas {
-            if !group.in_sync.contains(&spec.node) {
-                tracing::warn!(
-                    nsid,
-                    replica = %spec.node,
-                    "replica out of sync: it gets no writes until it is resynchronised"
-                );
-                continue;
+            stripes: (0..STRIPES).map(|_| parking_lot::RwLock::new(())).collect(),
+            replica_writes: parking_lot::RwLock::new(()),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        });
+        match inner.try_claim(&on_role) {
+            Ok(_) => {}
+            Err(MembershipError::NotPrimary { holder, .. }) => {
+                tracing::info!(nsid, primary = %holder, "replica of a replicated namespace");
+                on_role(Role::Replica);
             }
-            match connect(spec, backend.membership.node(), geo) {
-                Ok(host) => {
-                    tracing::info!(nsid, replica = %spec.node, uri = %spec.uri, "replica in sync");
-                    backend.state.lock().replicas.push(Replica {
-                        node: spec.node.clone(),
-                        host,
-                    });
-                }
-                Err(e) => backend.drop_replica(&spec.node, &e)?,
+            Err(e @ MembershipError::NotInSync { .. }) => {
+                tracing::info!(nsid, "replica of a replicated namespace, to be resynchronised: {e}");
+                on_role(Role::Replica);
             }
+            Err(e) => return Err(BlockError::with_source(ErrorKind::Open, "replication", e)),
         }
-        Ok(backend)
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name(format!("chanio-repl-{nsid}"))
+            .spawn(move || supervise(&weak, &on_role))
+            .map_err(|e| BlockError::with_source(ErrorKind::Open, "replication: starting its supervisor", e))?;
+        Ok(ReplicatedBackend { inner })
     }
 
-    /// The in-sync set as this primary last confirmed it in etcd.
+    /// This node's role now.
+    pub fn role(&self) -> Role {
+        self.inner.state.lock().role
+    }
+
+    /// The in-sync nodes as this primary last confirmed them in etcd
+    /// (empty on a replica).
     pub fn in_sync(&self) -> Vec<String> {
-        self.state.lock().group.in_sync.clone()
+        let st = self.inner.state.lock();
+        st.group.as_ref().map_or_else(Vec::new, |g| {
+            g.in_sync.iter().map(|m| membership::node_of(m).to_owned()).collect()
+        })
+    }
+}
+
+impl Drop for ReplicatedBackend {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Every `SUPERVISE`: a replica takes over when the primary's key is
+/// gone; a primary starts the resync of each member that gets no writes
+/// and can be reached. Ends when the backend is dropped.
+fn supervise(inner: &std::sync::Weak<Inner>, on_role: &RoleHook) {
+    loop {
+        std::thread::sleep(SUPERVISE);
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.stop.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let role = inner.state.lock().role;
+        match role {
+            Role::Replica => match inner.membership.has_primary(inner.nsid) {
+                Ok(false) => match inner.try_claim(on_role) {
+                    Ok(_) | Err(MembershipError::NotPrimary { .. }) | Err(MembershipError::NotInSync { .. }) => {}
+                    Err(e) => tracing::warn!(nsid = inner.nsid, "cannot take over: {e}"),
+                },
+                Ok(true) => {}
+                Err(e) => tracing::debug!(nsid = inner.nsid, "etcd: {e}"),
+            },
+            // (Never stored: a state only the hook is told.)
+            Role::Primary | Role::TakingOver => {
+                for spec in inner.members.clone() {
+                    let waiting = {
+                        let st = inner.state.lock();
+                        st.missed.contains_key(&spec.node) && !st.resyncing.contains(&spec.node)
+                    };
+                    if waiting {
+                        let job = inner.clone();
+                        inner.state.lock().resyncing.insert(spec.node.clone());
+                        let spawned = std::thread::Builder::new()
+                            .name(format!("chanio-resync-{}", spec.node))
+                            .spawn(move || job.resync(&spec));
+                        if let Err(e) = spawned {
+                            tracing::warn!("cannot start a resync thread: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Claims the namespace; on success this node is primary, alone in
+    /// the in-sync set, and every other member is to be resynchronised.
+    fn try_claim(&self, on_role: &RoleHook) -> Result<(), MembershipError> {
+        let group = self.membership.claim(self.nsid, &self.instance)?;
+        // The other members' connections are refused before this node
+        // acts as primary, and the writes they sent that are under way
+        // finish first.
+        on_role(Role::TakingOver);
+        {
+            let _drained = self.replica_writes.write();
+            let mut st = self.state.lock();
+            st.role = Role::Primary;
+            st.group = Some(group);
+            for m in &self.members {
+                st.missed.insert(m.node.clone(), Missed::All);
+            }
+        }
+        tracing::info!(nsid = self.nsid, "primary of a replicated namespace");
+        on_role(Role::Primary);
+        Ok(())
     }
 
     /// Fails unless this node may acknowledge writes.
     fn live(&self) -> Result<(), BlockError> {
+        if self.state.lock().role != Role::Primary {
+            return Err(BlockError::new(
+                ErrorKind::NotReady,
+                format!("namespace {}: this node is not its primary", self.nsid),
+            ));
+        }
         if self.membership.is_live() {
             Ok(())
         } else {
@@ -170,41 +319,103 @@ impl ReplicatedBackend {
         }
     }
 
-    /// Runs `op` on every in-sync replica; each one that fails leaves the
-    /// in-sync set (in etcd) before this returns.
-    fn forward(&self, what: &str, op: impl Fn(&Host, Nsid) -> Result<(), HostError>) -> Result<(), BlockError> {
-        let targets: Vec<(String, Host)> = {
-            let st = self.state.lock();
-            st.replicas.iter().map(|r| (r.node.clone(), r.host.clone())).collect()
-        };
-        for (node, host) in targets {
-            if let Err(e) = op(&host, Nsid(self.nsid)) {
-                let why = format!("{what}: {e}");
-                self.drop_replica(&node, &why)?;
+    fn chunks(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        offset / CHUNK..(offset + len.max(1)).div_ceil(CHUNK)
+    }
+
+    /// Shared locks on the stripes of `chunks`, in ascending order (a
+    /// resync's copy of one of them waits).
+    fn lock_chunks(&self, chunks: std::ops::Range<u64>) -> Vec<parking_lot::RwLockReadGuard<'_, ()>> {
+        let mut stripes: Vec<usize> = chunks.map(|c| (c % STRIPES as u64) as usize).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes.iter().map(|&i| self.stripes[i].read()).collect()
+    }
+
+    /// A change of the namespace: `local` on this copy, then `op` on every
+    /// replica getting writes. On a replica (the primary's own writes)
+    /// only `local`.
+    fn replicate(
+        &self,
+        what: &str,
+        range: Option<(u64, u64)>,
+        local: impl FnOnce() -> Result<(), BlockError>,
+        op: impl Fn(&Host, Nsid) -> Result<(), HostError>,
+    ) -> Result<(), BlockError> {
+        {
+            let _replica = self.replica_writes.read();
+            if self.state.lock().role == Role::Replica {
+                return local();
             }
         }
-        Ok(())
+        self.live()?;
+        let chunks = range.map(|(o, l)| self.chunks(o, l));
+        let _held = chunks.clone().map(|c| self.lock_chunks(c));
+        local()?;
+        let targets: Vec<(String, Host, u64, bool)> = {
+            let mut st = self.state.lock();
+            if let Some(chunks) = &chunks {
+                for missed in st.missed.values_mut() {
+                    if let Missed::Chunks(map) = missed {
+                        for c in chunks.clone() {
+                            if let Some(bit) = map.get_mut(c as usize) {
+                                *bit = true;
+                            }
+                        }
+                    }
+                }
+            }
+            st.targets
+                .iter()
+                .map(|t| (t.node.clone(), t.host.clone(), t.connections, t.in_sync))
+                .collect()
+        };
+        for (node, host, connections, in_sync) in targets {
+            let result = op(&host, Nsid(self.nsid)).map_err(|e| e.to_string()).and_then(|()| {
+                if host.connections() == connections {
+                    Ok(())
+                } else {
+                    Err("the replica was reconnected: it may not hold what this node sent it before".into())
+                }
+            });
+            if let Err(e) = result {
+                let why = format!("{what}: {e}");
+                if in_sync {
+                    self.drop_replica(&node, &why)?;
+                } else {
+                    self.abort_resync(&node, &why);
+                }
+            }
+        }
+        self.live()
     }
 
     /// Takes `node` out of the in-sync set, in etcd first; the write that
     /// found it failed is acknowledged only if that succeeded.
     fn drop_replica(&self, node: &str, why: &dyn fmt::Display) -> Result<(), BlockError> {
         let mut st = self.state.lock();
-        if !st.group.in_sync.iter().any(|m| m == node) {
-            st.replicas.retain(|r| r.node != node);
+        let State {
+            group, targets, missed, ..
+        } = &mut *st;
+        let Some(group) = group.as_mut() else {
+            return Ok(());
+        };
+        if !group.in_sync.iter().any(|m| membership::node_of(m) == node) {
             return Ok(());
         }
-        match self.membership.remove(&mut st.group, node) {
+        match self.membership.remove(group, node) {
             Ok(()) => {
                 tracing::warn!(
                     nsid = self.nsid,
                     replica = node,
-                    in_sync = ?st.group.in_sync,
+                    in_sync = ?group.in_sync,
                     "replica left the in-sync set ({why}); writes go on degraded"
                 );
-                if let Some(i) = st.replicas.iter().position(|r| r.node == node) {
-                    st.replicas.remove(i).host.close();
+                if let Some(i) = targets.iter().position(|t| t.node == node) {
+                    targets.remove(i).host.close();
                 }
+                let chunks = self.geo.bytes().div_ceil(CHUNK) as usize;
+                missed.insert(node.to_owned(), Missed::Chunks(vec![false; chunks]));
                 Ok(())
             }
             Err(e) => {
@@ -223,71 +434,206 @@ impl ReplicatedBackend {
         }
     }
 
-    fn lba(&self, offset: u64) -> u64 {
-        offset / self.block_size
+    /// Stops feeding a member being resynchronised; it starts over later,
+    /// from nothing known.
+    fn abort_resync(&self, node: &str, why: &dyn fmt::Display) {
+        let mut st = self.state.lock();
+        if let Some(i) = st.targets.iter().position(|t| t.node == node && !t.in_sync) {
+            st.targets.remove(i).host.close();
+            st.missed.insert(node.to_owned(), Missed::All);
+            tracing::warn!(nsid = self.nsid, replica = node, "resync abandoned: {why}");
+        }
     }
 
-    fn blocks(&self, len: u64) -> u64 {
-        len / self.block_size
+    /// Brings `spec`'s member back: it gets every new write from now on,
+    /// then the chunks it missed (all of them when that is not known) are
+    /// copied to it, each under its stripe's lock, at most `RESYNC_DUTY`
+    /// of the time; then it joins the in-sync set through etcd.
+    fn resync(self: Arc<Self>, spec: &ReplicaSpec) {
+        let node = spec.node.clone();
+        let outcome = self.resync_inner(spec);
+        let mut st = self.state.lock();
+        st.resyncing.remove(&node);
+        if let Err(e) = outcome {
+            if let Some(i) = st.targets.iter().position(|t| t.node == node && !t.in_sync) {
+                st.targets.remove(i).host.close();
+            }
+            // Not reached: what it missed is still known. Failed midway:
+            // anything may be missing.
+            st.missed.entry(node.clone()).or_insert(Missed::All);
+            tracing::debug!(nsid = self.nsid, replica = %node, "resync not done: {e}");
+        }
+    }
+
+    fn resync_inner(&self, spec: &ReplicaSpec) -> Result<(), String> {
+        let (host, instance) = connect(spec, self.membership.node(), self.geo)?;
+        let connections = host.connections();
+        let missed = {
+            let mut st = self.state.lock();
+            if st.role != Role::Primary {
+                host.close();
+                return Err("no longer primary".into());
+            }
+            st.targets.push(Target {
+                node: spec.node.clone(),
+                host: host.clone(),
+                connections,
+                in_sync: false,
+            });
+            st.missed.remove(&spec.node).unwrap_or(Missed::All)
+        };
+        // Writes that began before the member was added may not reach it:
+        // each holds its chunks' stripes until it is done.
+        for stripe in &self.stripes {
+            drop(stripe.write());
+        }
+        let total = self.geo.bytes().div_ceil(CHUNK);
+        let todo: Vec<u64> = match &missed {
+            Missed::All => (0..total).collect(),
+            Missed::Chunks(map) => (0..total)
+                .filter(|&c| map.get(c as usize).copied().unwrap_or(true))
+                .collect(),
+        };
+        tracing::info!(
+            nsid = self.nsid,
+            replica = %spec.node,
+            chunks = todo.len(),
+            of = total,
+            "resynchronising replica"
+        );
+        let mut buf = vec![0u8; CHUNK as usize];
+        let started = std::time::Instant::now();
+        let mut last_report = started;
+        for (done, &c) in todo.iter().enumerate() {
+            if self.stop.load(std::sync::atomic::Ordering::Acquire) {
+                return Err("stopping".into());
+            }
+            let offset = c * CHUNK;
+            let len = CHUNK.min(self.geo.bytes() - offset) as usize;
+            let copy = std::time::Instant::now();
+            {
+                let _held = self.stripes[(c % STRIPES as u64) as usize].write();
+                if !self.state.lock().targets.iter().any(|t| t.node == spec.node) {
+                    return Err("abandoned".into());
+                }
+                self.local
+                    .read(offset, &mut buf[..len])
+                    .map_err(|e| format!("reading the local copy: {e}"))?;
+                host.write(
+                    Nsid(self.nsid),
+                    offset / u64::from(self.geo.block_size),
+                    &buf[..len],
+                    false,
+                )
+                .map_err(|e| format!("writing to the replica: {e}"))?;
+                if host.connections() != connections {
+                    return Err("the replica was reconnected".into());
+                }
+            }
+            std::thread::sleep(copy.elapsed().mul_f64((1.0 - RESYNC_DUTY) / RESYNC_DUTY));
+            if last_report.elapsed() >= Duration::from_secs(2) {
+                last_report = std::time::Instant::now();
+                tracing::info!(
+                    nsid = self.nsid,
+                    replica = %spec.node,
+                    "resync {}/{} chunks ({:.0} %)",
+                    done + 1,
+                    todo.len(),
+                    100.0 * (done + 1) as f64 / todo.len() as f64
+                );
+            }
+        }
+        host.flush(Nsid(self.nsid))
+            .map_err(|e| format!("flushing the replica: {e}"))?;
+        let mut st = self.state.lock();
+        let State { group, targets, .. } = &mut *st;
+        let Some(group) = group.as_mut() else {
+            return Err("no longer primary".into());
+        };
+        let Some(target) = targets.iter_mut().find(|t| t.node == spec.node) else {
+            return Err("abandoned".into());
+        };
+        self.membership
+            .add(group, &spec.node, &instance)
+            .map_err(|e| format!("joining the in-sync set: {e}"))?;
+        target.in_sync = true;
+        tracing::info!(
+            nsid = self.nsid,
+            replica = %spec.node,
+            in_sync = ?group.in_sync,
+            secs = started.elapsed().as_secs_f64(),
+            "replica resynchronised and back in the in-sync set"
+        );
+        Ok(())
     }
 }
 
-/// Connects to one replica and checks its namespace can hold this one.
-fn connect(spec: &ReplicaSpec, node: &str, geo: Geometry) -> Result<Host, String> {
+/// Connects to one member and checks its namespace can hold this one;
+/// returns the connection and the member's copy's instance (its
+/// namespace UUID).
+fn connect(spec: &ReplicaSpec, node: &str, geo: Geometry) -> Result<(Host, String), String> {
     let opts = HostOptions {
         hostnqn: replication_hostnqn(node),
         command_timeout: REPLICA_COMMAND_TIMEOUT,
         reconnect_deadline: REPLICA_RECONNECT,
-        connect_timeout: REPLICA_COMMAND_TIMEOUT,
+        connect_timeout: Duration::from_secs(1),
         ..HostOptions::default()
     };
     let host = Host::connect(&spec.uri, opts).map_err(|e| format!("cannot connect to {}: {e}", spec.uri))?;
-    let info = host
-        .namespaces()
-        .map_err(|e| format!("{}: {e}", spec.uri))?
-        .into_iter()
-        .find(|n| n.nsid == Nsid(spec.nsid))
-        .ok_or_else(|| format!("{} serves no namespace {}", spec.uri, spec.nsid))?;
-    if info.block_size != geo.block_size || info.blocks < geo.blocks {
-        host.close();
-        return Err(format!(
-            "{} namespace {}: {} blocks of {} bytes cannot hold {} blocks of {}",
-            spec.uri, spec.nsid, info.blocks, info.block_size, geo.blocks, geo.block_size
-        ));
+    let checked = (|| {
+        let info = host
+            .namespaces()
+            .map_err(|e| format!("{}: {e}", spec.uri))?
+            .into_iter()
+            .find(|n| n.nsid == Nsid(spec.nsid))
+            .ok_or_else(|| format!("{} serves no namespace {} to this node", spec.uri, spec.nsid))?;
+        if info.block_size != geo.block_size || info.blocks < geo.blocks {
+            return Err(format!(
+                "{} namespace {}: {} blocks of {} bytes cannot hold {} blocks of {}",
+                spec.uri, spec.nsid, info.blocks, info.block_size, geo.blocks, geo.block_size
+            ));
+        }
+        let ids = host
+            .namespace_ids(Nsid(spec.nsid))
+            .map_err(|e| format!("{}: namespace identifiers: {e}", spec.uri))?;
+        Ok(nvme::descriptors::uuid_text(&ids.uuid))
+    })();
+    match checked {
+        Ok(instance) => Ok((host, instance)),
+        Err(e) => {
+            host.close();
+            Err(e)
+        }
     }
-    Ok(host)
 }
 
 impl BlockIo for ReplicatedBackend {
     fn describe(&self) -> String {
-        format!(
-            "{} replicated (in sync: {})",
-            self.local.describe(),
-            self.in_sync().join(",")
-        )
+        format!("{} replicated", self.inner.local.describe())
     }
 
     fn geometry(&self) -> Geometry {
-        self.local.geometry()
+        self.inner.geo
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.local.read(offset, buf)
+        self.inner.local.read(offset, buf)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
-        self.live()?;
-        self.local.write(offset, data, fua)?;
-        let lba = self.lba(offset);
-        self.forward("write", |h, ns| h.write(ns, lba, data, fua))?;
-        self.live()
+        let i = &self.inner;
+        let lba = offset / u64::from(i.geo.block_size);
+        i.replicate(
+            "write",
+            Some((offset, data.len() as u64)),
+            || i.local.write(offset, data, fua),
+            |h, ns| h.write(ns, lba, data, fua),
+        )
     }
 
     fn flush(&self) -> Result<(), BlockError> {
-        self.live()?;
-        self.local.flush()?;
-        self.forward("flush", |h, ns| h.flush(ns))?;
-        self.live()
+        let i = &self.inner;
+        i.replicate("flush", None, || i.local.flush(), |h, ns| h.flush(ns))
     }
 
     /// Every command runs on a blocking thread: a write waits for the
@@ -302,21 +648,27 @@ impl BlockIo for ReplicatedBackend {
 
 impl WriteZeroes for ReplicatedBackend {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.live()?;
-        self.local.write_zeroes(offset, len)?;
-        let (lba, blocks) = (self.lba(offset), self.blocks(len));
-        self.forward("write zeroes", |h, ns| h.write_zeroes(ns, lba, blocks))?;
-        self.live()
+        let i = &self.inner;
+        let bs = u64::from(i.geo.block_size);
+        i.replicate(
+            "write zeroes",
+            Some((offset, len)),
+            || i.local.write_zeroes(offset, len),
+            |h, ns| h.write_zeroes(ns, offset / bs, len / bs),
+        )
     }
 }
 
 impl Discard for ReplicatedBackend {
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.live()?;
-        self.local.discard(offset, len)?;
-        let (lba, blocks) = (self.lba(offset), self.blocks(len));
-        self.forward("deallocate", |h, ns| h.trim(ns, lba, blocks))?;
-        self.live()
+        let i = &self.inner;
+        let bs = u64::from(i.geo.block_size);
+        i.replicate(
+            "deallocate",
+            Some((offset, len)),
+            || i.local.discard(offset, len),
+            |h, ns| h.trim(ns, offset / bs, len / bs),
+        )
     }
 }
 

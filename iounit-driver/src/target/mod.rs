@@ -184,6 +184,20 @@ pub fn parse_uri(uri: &str) -> Result<TransportUri, FabricError> {
     TransportUri::parse(uri)
 }
 
+/// Who sees one namespace: the hosts allowed (all when empty), less the
+/// hosts refused.
+#[derive(Debug, Default)]
+struct Mask {
+    allow: Vec<String>,
+    deny: Vec<String>,
+}
+
+impl Mask {
+    fn shows(&self, hostnqn: &str) -> bool {
+        !self.deny.iter().any(|h| h == hostnqn) && (self.allow.is_empty() || self.allow.iter().any(|h| h == hostnqn))
+    }
+}
+
 /// A running I/O-unit target. Clones share it.
 #[derive(Clone)]
 pub struct Target {
@@ -214,7 +228,7 @@ pub(crate) struct Shared {
     pub(crate) blocking: blocking::Blocking,
     /// Namespace masking: the host NQNs each masked namespace is visible
     /// to (a namespace not named here is visible to every allowed host).
-    masks: parking_lot::RwLock<HashMap<u32, Vec<String>>>,
+    masks: parking_lot::RwLock<HashMap<u32, Mask>>,
     /// Bumped on every change of `masks`, so that queues can cache what
     /// they looked up.
     pub(crate) mask_generation: std::sync::atomic::AtomicU64,
@@ -348,14 +362,29 @@ impl Target {
     /// # Errors
     /// [`TargetError::Config`] when a host NQN is malformed.
     pub fn set_namespace_hosts(&self, nsid: u32, hosts: &[String]) -> Result<(), TargetError> {
+        self.change_mask(nsid, hosts, |m| m.allow = hosts.to_vec())
+    }
+
+    /// Hides namespace `nsid` from the hosts in `hosts` whatever
+    /// [`Target::set_namespace_hosts`] allows (a replicated namespace's
+    /// primary refuses the other members' replication connections); an
+    /// empty list refuses none.
+    ///
+    /// # Errors
+    /// [`TargetError::Config`] when a host NQN is malformed.
+    pub fn set_namespace_refused(&self, nsid: u32, hosts: &[String]) -> Result<(), TargetError> {
+        self.change_mask(nsid, hosts, |m| m.deny = hosts.to_vec())
+    }
+
+    fn change_mask(&self, nsid: u32, hosts: &[String], change: impl FnOnce(&mut Mask)) -> Result<(), TargetError> {
         for host in hosts {
             Nqn::new(host.clone()).map_err(|e| TargetError::Config(format!("namespace {nsid}: host {host:?}: {e}")))?;
         }
         let mut masks = self.shared.masks.write();
-        if hosts.is_empty() {
+        let mask = masks.entry(nsid).or_default();
+        change(mask);
+        if mask.allow.is_empty() && mask.deny.is_empty() {
             masks.remove(&nsid);
-        } else {
-            masks.insert(nsid, hosts.to_vec());
         }
         self.shared.mask_generation.fetch_add(1, Ordering::AcqRel);
         drop(masks);
@@ -685,17 +714,14 @@ impl Shared {
 
     /// Whether namespace `nsid` is visible to `hostnqn` (masking).
     pub(crate) fn visible(&self, nsid: u32, hostnqn: &str) -> bool {
-        self.masks
-            .read()
-            .get(&nsid)
-            .is_none_or(|hosts| hosts.iter().any(|h| h == hostnqn))
+        self.masks.read().get(&nsid).is_none_or(|m| m.shows(hostnqn))
     }
 
     /// The attached namespaces `hostnqn` sees, in order.
     pub(crate) fn visible_nsids(&self, hostnqn: &str) -> Vec<u32> {
         let masks = self.masks.read();
         let mut nsids = self.registry.nsids();
-        nsids.retain(|n| masks.get(n).is_none_or(|hosts| hosts.iter().any(|h| h == hostnqn)));
+        nsids.retain(|n| masks.get(n).is_none_or(|m| m.shows(hostnqn)));
         nsids
     }
 
