@@ -232,6 +232,18 @@ fn a_killed_replica_leaves_the_in_sync_set_and_no_acknowledged_write_is_lost() {
         .read(ns, 0, 64)
         .expect("read the replica");
     assert!(on_replica == first, "the replica does not hold the acknowledged write");
+    // hostctl status shows each member's role and state.
+    let status = host
+        .replication_status()
+        .expect("status")
+        .expect("a replication status");
+    assert!(
+        status.contains("primary on node a") && status.contains("in sync: a, b"),
+        "{status}"
+    );
+    let (out, _) = common::hostctl(&replica.uri, &["status"], None);
+    let out = String::from_utf8_lossy(&common::ok(&out)).into_owned();
+    assert!(out.contains("replica on node b"), "{out}");
 
     // A stream of writes, the replica killed in its middle: every write is
     // acknowledged, and each acknowledged one is on the primary.
@@ -261,6 +273,11 @@ fn a_killed_replica_leaves_the_in_sync_set_and_no_acknowledged_write_is_lost() {
         "etcd still lists the dead replica as in sync"
     );
     primary.wait_log("replica left the in-sync set", Duration::from_secs(5));
+    let status = host
+        .replication_status()
+        .expect("status")
+        .expect("a replication status");
+    assert!(status.contains("out of sync, not reachable; missed"), "{status}");
 }
 
 /// A TCP relay to etcd that the test can cut: one node's only way to
@@ -473,4 +490,205 @@ fn a_replica_takes_over_from_a_killed_primary_with_every_acknowledged_write() {
     let on_b = content(group.uri("b"), None);
     let on_a = content(group.uri("a"), Some("b"));
     assert!(on_a == on_b, "after the resync the two copies differ");
+}
+
+#[test]
+fn a_host_fails_over_to_the_new_primary_and_loses_no_write() {
+    let Some(etcd) = Etcd::start("failover") else { return };
+    let prefix = "/test/failover";
+    let (group, mut primary, replica) = pair(&etcd, prefix, "2");
+    let ns = Nsid(1);
+    // The primary first, the other member as its alternate: commands wait
+    // through the takeover and are re-issued to the new primary.
+    let uri = format!("{},{}", group.uri("a"), group.uri("b").trim_start_matches("tcp://"));
+    let opts = HostOptions {
+        command_timeout: Duration::from_secs(30),
+        reconnect_deadline: Duration::from_secs(20),
+        ..HostOptions::default()
+    };
+    let host = Host::connect(&uri, opts).expect("connect with an alternate");
+    let mut written = Vec::new();
+    for i in 0..300u64 {
+        if i == 100 {
+            primary.child.kill().expect("kill -9 the primary");
+            let _ = primary.child.wait();
+        }
+        let lba = i * 8;
+        let data = pattern(8 * BLOCK, (i % 249) as u8);
+        host.write(ns, lba, &data, false)
+            .unwrap_or_else(|e| panic!("write {i} failed across the failover: {e}"));
+        written.push((lba, data));
+    }
+    assert_eq!(host.address(), group.uri("b").trim_start_matches("tcp://"));
+    replica.wait_log("primary of a replicated namespace", Duration::from_secs(1));
+    for (lba, data) in &written {
+        let back = host.read(ns, *lba, 8).expect("read after the failover");
+        assert!(back == *data, "the write at LBA {lba} is missing after the failover");
+    }
+}
+
+/// A small generator for the soak's choices: its seed is printed, and
+/// `CHANIO_SOAK_SEED` replays one.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+fn twenty_random_kills_and_restarts_lose_no_acknowledged_write() {
+    let Some(etcd) = Etcd::start("soak") else { return };
+    let prefix = "/test/soak";
+    let seed = std::env::var("CHANIO_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| u64::from(std::process::id()) ^ 0x9e37_79b9);
+    eprintln!("soak seed {seed} (CHANIO_SOAK_SEED={seed} replays it)");
+    let mut rng = Lcg(seed);
+    let names = ["a", "b", "c"];
+    let group = Group::new(&etcd, prefix, "2", &names);
+    let mut nodes: Vec<Option<Daemon>> = Vec::new();
+    for n in names {
+        nodes.push(Some(group.start(n)));
+    }
+    wait_in_sync_of(&etcd, prefix, &names, Duration::from_secs(60));
+    let uri = format!(
+        "{},{},{}",
+        group.uri("a"),
+        group.uri("b").trim_start_matches("tcp://"),
+        group.uri("c").trim_start_matches("tcp://")
+    );
+    let opts = HostOptions {
+        command_timeout: Duration::from_secs(30),
+        reconnect_deadline: Duration::from_secs(20),
+        ..HostOptions::default()
+    };
+    let host = Host::connect(&uri, opts).expect("connect with alternates");
+    let ns = Nsid(1);
+    // The last data acknowledged at each LBA.
+    let mut acknowledged: std::collections::HashMap<u64, Vec<u8>> = Default::default();
+    let mut seq = 0u64;
+    for round in 0..20 {
+        // One node down at most: a round restarts the dead one, or kills
+        // one of the three, in the middle of a stream of writes.
+        let dead = nodes.iter().position(Option::is_none);
+        let victim = rng.next(3) as usize;
+        for i in 0..60 {
+            if i == 20 {
+                match dead {
+                    Some(d) => nodes[d] = Some(group.start(names[d])),
+                    None => {
+                        let mut d = nodes[victim].take().expect("running");
+                        d.child.kill().expect("kill -9");
+                        let _ = d.child.wait();
+                    }
+                }
+            }
+            seq += 1;
+            let lba = rng.next(4000) * 8;
+            let data = pattern(8 * BLOCK, (seq % 251) as u8);
+            host.write(ns, lba, &data, matches!(seq % 7, 0))
+                .unwrap_or_else(|e| panic!("round {round} (seed {seed}): write {i} failed: {e}"));
+            acknowledged.insert(lba, data);
+        }
+        let running: Vec<&str> = names
+            .iter()
+            .zip(&nodes)
+            .filter(|(_, d)| d.is_some())
+            .map(|(n, _)| *n)
+            .collect();
+        let in_sync = wait_in_sync_of(&etcd, prefix, &running, Duration::from_secs(60));
+        let primary = in_sync[0].clone();
+        // Every acknowledged write is on the primary, and every replica
+        // holds what the primary holds.
+        let on_primary = content(group.uri(&primary), None);
+        for (lba, data) in &acknowledged {
+            let at = *lba as usize * BLOCK;
+            assert!(
+                on_primary[at..at + data.len()] == data[..],
+                "round {round} (seed {seed}): acknowledged write at LBA {lba} missing on primary {primary}"
+            );
+        }
+        for n in running.iter().filter(|n| **n != primary) {
+            let copy = content(group.uri(n), Some(&primary));
+            assert!(
+                copy == on_primary,
+                "round {round} (seed {seed}): replica {n} differs from primary {primary}"
+            );
+        }
+        eprintln!("soak round {round}: primary {primary}, in sync {in_sync:?}");
+    }
+}
+
+/// Waits until etcd's in-sync set holds exactly `nodes` (in any order);
+/// returns it, primary first.
+fn wait_in_sync_of(etcd: &Etcd, prefix: &str, nodes: &[&str], limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let now = etcd.in_sync(prefix);
+        let mut sorted = now.clone();
+        sorted.sort();
+        let mut want: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+        want.sort();
+        if sorted == want {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the in-sync set stayed {now:?}, not {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_client_side_mirror_writes_every_leg_reads_any_and_goes_on_without_a_dead_one() {
+    use chanio::host::Mirror;
+    let one = Daemon::start(&["--ns", "ram:16MiB"]);
+    let mut two = Daemon::start(&["--ns", "ram:16MiB"]);
+    let opts = HostOptions {
+        command_timeout: Duration::from_secs(10),
+        reconnect_deadline: Duration::ZERO,
+        ..HostOptions::default()
+    };
+    let mirror = Mirror::connect(&[one.uri.as_str(), two.uri.as_str()], opts).expect("connect the mirror");
+    let ns = Nsid(1);
+    let first = pattern(64 * BLOCK, 1);
+    mirror.write(ns, 0, &first, false).expect("write to both legs");
+    // Each leg holds it, and reads come from either.
+    for uri in [&one.uri, &two.uri] {
+        assert!(
+            connect(uri).read(ns, 0, 64).expect("read a leg") == first,
+            "a leg lacks the write"
+        );
+    }
+    for _ in 0..4 {
+        assert!(mirror.read(ns, 0, 64).expect("read the mirror") == first);
+    }
+    // A leg dies in a stream of writes: none fails, the dead leg leaves
+    // the mirror, and reads come from the other.
+    let mut written = Vec::new();
+    for i in 0..100u64 {
+        if i == 30 {
+            two.child.kill().expect("kill -9 a leg");
+            let _ = two.child.wait();
+        }
+        let data = pattern(8 * BLOCK, (i % 200) as u8);
+        mirror
+            .write(ns, 64 + i * 8, &data, false)
+            .unwrap_or_else(|e| panic!("write {i} failed with one leg left: {e}"));
+        written.push((64 + i * 8, data));
+    }
+    let legs = mirror.legs();
+    assert!(legs[0].failed.is_none() && legs[1].failed.is_some(), "{legs:?}");
+    for (lba, data) in &written {
+        assert!(mirror.read(ns, *lba, 8).expect("read, degraded") == *data);
+        assert!(connect(&one.uri).read(ns, *lba, 8).expect("read the live leg") == *data);
+    }
 }

@@ -77,14 +77,24 @@ pub mod describe;
 mod error;
 mod exec;
 mod host;
+pub mod mirror;
 #[cfg(feature = "nbd")]
 pub mod nbd;
 mod options;
 mod queue;
 
 pub use buf::IoBuf;
+
+/// Runs one of this library's futures to completion on the calling thread,
+/// as the blocking calls do: the thread reaps the completion its future
+/// waits for itself instead of sleeping until another thread hands it
+/// over. For callers that mix blocking and async calls without a runtime.
+pub fn block_on<F: std::future::Future>(fut: F) -> F::Output {
+    exec::block_on(fut)
+}
 pub use error::HostError;
 pub use host::{Host, HostEvent, NamespaceInfo, Window, ADMIN_QUEUE_DEPTH};
+pub use mirror::{LegState, Mirror};
 pub use nvme::{IdentifyController, IdentifyNamespace, Nsid, Status};
 pub use options::{default_hostnqn, HostOptions, TargetUri, Transport, MAX_IO_QUEUES};
 

@@ -245,6 +245,46 @@ impl fmt::Display for TargetUri {
     }
 }
 
+impl TargetUri {
+    /// Parses a URI that may list alternate addresses of the same
+    /// subsystem after the first, comma-separated, each `HOST:PORT` (or a
+    /// name for shm) or with the same scheme spelled out:
+    /// `tcp://10.0.0.1:4520,10.0.0.2:4520`. The host reconnects to them in
+    /// turn when the current one is lost (a replicated namespace's new
+    /// primary). Returns the first, and the others' addresses.
+    ///
+    /// # Errors
+    /// As [`TargetUri::parse`]; alternates with another scheme, or with
+    /// `auto` (the transport must be one for all), are refused.
+    pub fn parse_with_alternates(uri: &str) -> Result<(TargetUri, Vec<String>), HostError> {
+        let mut parts = uri.split(',');
+        let first = TargetUri::parse(parts.next().unwrap_or_default())?;
+        let mut alternates = Vec::new();
+        for part in parts {
+            let part = part.trim();
+            if first.transport() == Transport::Auto {
+                return Err(HostError::InvalidUri {
+                    uri: uri.to_string(),
+                    reason: "alternate addresses need one transport for all: start with tcp://, rdma:// or shm://"
+                        .into(),
+                });
+            }
+            let alt = match part.contains("://") {
+                true => TargetUri::parse(part)?,
+                false => TargetUri::parse(&format!("{}://{part}", first.transport().name()))?,
+            };
+            if alt.transport() != first.transport() {
+                return Err(HostError::InvalidUri {
+                    uri: uri.to_string(),
+                    reason: format!("alternate {part:?} uses another transport than {first}"),
+                });
+            }
+            alternates.push(alt.addr().to_string());
+        }
+        Ok((first, alternates))
+    }
+}
+
 impl FromStr for TargetUri {
     type Err = HostError;
 
@@ -355,6 +395,18 @@ fn parse_uuid(text: &str) -> Option<[u8; 16]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alternates_share_the_first_addresses_transport() {
+        let (first, alts) = TargetUri::parse_with_alternates("tcp://10.0.0.1:4520,10.0.0.2:4520,tcp://h:1").unwrap();
+        assert_eq!(first.to_string(), "tcp://10.0.0.1:4520");
+        assert_eq!(alts, ["10.0.0.2:4520", "h:1"]);
+        let (_, none) = TargetUri::parse_with_alternates("shm://x").unwrap();
+        assert!(none.is_empty());
+        for bad in ["tcp://a:1,shm://b", "a:1,b:2", "tcp://a:1,", "tcp://a:1,b"] {
+            assert!(TargetUri::parse_with_alternates(bad).is_err(), "{bad} parsed");
+        }
+    }
 
     #[test]
     fn the_machines_nvme_identity_is_used_when_it_is_there() {

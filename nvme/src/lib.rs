@@ -69,7 +69,7 @@ pub use fabrics::{
 };
 pub use features::{FeatureId, FeatureSelect, KeepAliveTimer, NumberOfQueues};
 pub use identify::{AsciiField, Cns, IdentifyController, IdentifyNamespace, LbaFormat, NamespaceList};
-pub use log::{ChangedNamespaceList, ErrorLogEntry, GetLogPage, LogPageId, SmartLog};
+pub use log::{ChangedNamespaceList, ErrorLogEntry, GetLogPage, LogPageId, ReplicationStatus, SmartLog};
 pub use sgl::{Sgl, SGL_LEN};
 pub use status::{Status, StatusCodeType};
 pub use window::{SharedWindow, WindowCommand, WindowDescriptor};

@@ -162,6 +162,9 @@ pub enum LogPageId {
     CommandsSupportedAndEffects = 0x05,
     /// 70h Discovery (fabrics discovery controllers).
     Discovery = 0x70,
+    /// C0h (vendor specific): chanio's replication status, a
+    /// [`ReplicationStatus`].
+    ReplicationStatus = 0xC0,
 }
 
 impl LogPageId {
@@ -175,6 +178,7 @@ impl LogPageId {
             0x04 => LogPageId::ChangedNamespaceList,
             0x05 => LogPageId::CommandsSupportedAndEffects,
             0x70 => LogPageId::Discovery,
+            0xC0 => LogPageId::ReplicationStatus,
             _ => return None,
         })
     }
@@ -424,6 +428,60 @@ impl ErrorLogEntry {
     }
 }
 
+/// The vendor log page C0h: the state of each replicated namespace of the
+/// I/O unit, as text for people (its role, the in-sync set, each replica's
+/// state and resync progress). Layout: the text's length in bytes (32-bit
+/// little endian), then the text (UTF-8, one line per fact); the rest of
+/// the page is zeros.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct ReplicationStatus {
+    /// The text.
+    pub text: String,
+}
+
+impl ReplicationStatus {
+    /// Bytes of the page a host reads.
+    pub const PAGE_LEN: usize = 4096;
+
+    /// Encodes the page (the text cut, at a character, to what fits).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut end = self.text.len().min(Self::PAGE_LEN - 4);
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut b = vec![0u8; 4];
+        put_u32(&mut b, 0, end as u32);
+        b.extend_from_slice(&self.text.as_bytes()[..end]);
+        b
+    }
+
+    /// Decodes a page.
+    ///
+    /// # Errors
+    /// [`NvmeError::Length`] for a page shorter than its length says,
+    /// [`NvmeError::InvalidField`] for text that is not UTF-8.
+    pub fn decode(b: &[u8]) -> Result<ReplicationStatus, NvmeError> {
+        if b.len() < 4 {
+            return Err(NvmeError::Length {
+                what: "replication status log page",
+                len: b.len(),
+                expected: 4,
+            });
+        }
+        let len = get_u32(b, 0) as usize;
+        let text = b.get(4..4 + len).ok_or(NvmeError::Length {
+            what: "replication status log page",
+            len: b.len(),
+            expected: 4 + len,
+        })?;
+        let text = std::str::from_utf8(text).map_err(|e| NvmeError::InvalidField {
+            field: "replication status text",
+            reason: e.to_string(),
+        })?;
+        Ok(ReplicationStatus { text: text.to_owned() })
+    }
+}
+
 /// The Changed Namespace List log page (LID 04h): namespaces whose Identify
 /// data changed since the page was last read, as up to 1024 NSIDs in 4096
 /// bytes. When more than 1024 changed, the page holds FFFFFFFFh alone.
@@ -504,6 +562,26 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn replication_status_round_trips_and_cuts_at_a_character() {
+        let st = ReplicationStatus {
+            text: "namespace 1: primary on node a; in sync: a, b\n".into(),
+        };
+        assert_eq!(ReplicationStatus::decode(&st.encode()).unwrap(), st);
+        let mut page = st.encode();
+        page.resize(ReplicationStatus::PAGE_LEN, 0);
+        assert_eq!(ReplicationStatus::decode(&page).unwrap(), st);
+        let long = ReplicationStatus {
+            text: "é".repeat(3000)
+        };
+        let page = long.encode();
+        assert!(page.len() <= ReplicationStatus::PAGE_LEN);
+        let back = ReplicationStatus::decode(&page).unwrap();
+        assert!(back.text.len() < long.text.len() && back.text.chars().all(|c| c == 'é'));
+        assert!(ReplicationStatus::decode(&[9, 0, 0, 0, b'x']).is_err());
+        assert!(ReplicationStatus::decode(&[2, 0, 0, 0, 0xff, 0xfe]).is_err());
+    }
 
     #[test]
     fn get_log_page_fields_match_spec() {

@@ -106,7 +106,7 @@ impl std::error::Error for UsageError {}
 #[derive(Debug, Parser)]
 #[command(name = "hostctl", version, after_help = EXAMPLES)]
 struct Cli {
-    /// The I/O unit: tcp://HOST:PORT, rdma://HOST:PORT, shm://NAME, or auto://HOST:PORT (also plain HOST:PORT: the best transport both ends have).
+    /// The I/O unit: tcp://HOST:PORT, rdma://HOST:PORT, shm://NAME, or auto://HOST:PORT (also plain HOST:PORT: the best transport both ends have). Alternates may follow, comma-separated, with the same transport (tcp://A:4520,B:4520): the other members of a replicated namespace, to which the host fails over, re-issuing its commands, when the connection is lost.
     #[arg(long, short = 't', value_name = "URI")]
     target: String,
     /// Transport to use, replacing the scheme of --target: tcp, rdma, shm or auto.
@@ -144,7 +144,9 @@ enum Command {
         ns: Option<u32>,
     },
     /// One look at the connection and the I/O unit: transport, controller,
-    /// queues, namespaces, and the SMART counters.
+    /// queues, namespaces, the SMART counters, and where the I/O unit
+    /// replicates namespaces, each one's role, in-sync set, replicas and
+    /// resync progress.
     Status,
     /// Show the SMART / Health log: data read and written, commands, errors,
     /// hours powered on (as nvme-cli's smart-log).
@@ -484,6 +486,7 @@ fn command_json(host: &Host, command: Command) -> Result<(), CliError> {
                 "media_errors": n(s.media_errors),
                 "error_log_entries": n(s.error_log_entries),
                 "power_on_hours": n(s.power_on_hours),
+                "replication": host.replication_status()?,
             })
         }
         Command::SmartLog => {
@@ -621,6 +624,12 @@ fn command(host: &Host, command: Command) -> Result<(), CliError> {
                 s.media_errors, s.error_log_entries
             )?;
             writeln!(out, "powered on:     {} hours", s.power_on_hours)?;
+            if let Some(text) = host.replication_status()? {
+                writeln!(out, "replication:")?;
+                for line in text.lines() {
+                    writeln!(out, "  {line}")?;
+                }
+            }
         }
         Command::SmartLog => {
             let s = host.smart_log()?;

@@ -20,7 +20,16 @@ impl Inner {
         };
         tracing::warn!(uri = %self.uri, "connection lost: {reason}; reconnecting");
         session.close();
-        self.namespaces.lock().clear();
+        {
+            // Forgotten (a new controller may say otherwise), but kept as
+            // what a controller to go on with must show.
+            let mut cache = self.namespaces.lock();
+            let mut used = self.used_nsids.lock();
+            used.extend(cache.keys().copied());
+            used.sort_unstable();
+            used.dedup();
+            cache.clear();
+        }
         self.notify_state();
         self.emit(HostEvent::Disconnected {
             reason: reason.to_string(),
@@ -48,12 +57,30 @@ impl Inner {
             }
             let mut backoff = Duration::from_millis(50);
             let mut attempt = 0u32;
+            // The address lost first, then each alternate in turn.
+            let start = self.current.load(Ordering::Relaxed);
             loop {
                 if !matches!(*self.state.lock(), ConnState::Reconnecting { .. }) {
                     break;
                 }
+                self.current
+                    .store((start + attempt as usize) % self.addrs.len(), Ordering::Relaxed);
                 attempt += 1;
-                match self.connect_session() {
+                let connected = self.connect_session().and_then(|session| {
+                    // An alternate that does not show the namespaces in use
+                    // (a replica, not the primary) is no place to go on.
+                    match self.missing_namespace(&session) {
+                        None => Ok(session),
+                        Some(nsid) => {
+                            session.close();
+                            Err(HostError::Protocol(format!(
+                                "{} does not show namespace {nsid}",
+                                self.addrs[self.current.load(Ordering::Relaxed)]
+                            )))
+                        }
+                    }
+                });
+                match connected {
                     Ok(session) => {
                         let mut st = self.state.lock();
                         if matches!(*st, ConnState::Closed) {
@@ -82,6 +109,35 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// A namespace this host has used that `session`'s controller does not
+    /// list as active; `None` when it shows them all (or none was used,
+    /// or there are no alternates to choose from).
+    fn missing_namespace(&self, session: &Session) -> Option<u32> {
+        let known: Vec<u32> = self.used_nsids.lock().clone();
+        if known.is_empty() || self.addrs.len() < 2 {
+            return None;
+        }
+        let op = Op::identify(Cns::ActiveNamespaceList, Nsid(0));
+        let deadline = Instant::now() + self.opts.command_timeout;
+        let reply = exec::block_on(
+            session
+                .admin
+                .execute(&op, None, &self.cache, Some(deadline), &self.timer),
+        );
+        let active = match reply {
+            Ok(r) if r.cqe.status().is_success() => r
+                .data
+                .as_deref()
+                .and_then(|d| nvme::NamespaceList::decode(d).ok())
+                .map(|l| l.nsids().iter().map(|n| n.0).collect::<Vec<u32>>()),
+            _ => None,
+        };
+        let Some(active) = active else {
+            return known.first().copied();
+        };
+        known.into_iter().find(|n| !active.contains(n))
     }
 
     /// Sends Keep Alive every half KATO; a keep alive that times out means

@@ -15,6 +15,15 @@ impl Inner {
         Ok(nvme::SmartLog::decode(reply_data(&reply))?)
     }
 
+    pub(super) async fn replication_status(&self) -> Result<Option<String>, HostError> {
+        let op = Op::get_log_page(nvme::LogPageId::ReplicationStatus, nvme::ReplicationStatus::PAGE_LEN)?;
+        match self.run(&op, None).await {
+            Ok(reply) => Ok(Some(nvme::ReplicationStatus::decode(reply_data(&reply))?.text)),
+            Err(e) if e.status().is_some_and(|s| s.same_code(nvme::Status::INVALID_LOG_PAGE)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub(super) async fn identify_namespace(&self, nsid: Nsid) -> Result<IdentifyNamespace, HostError> {
         command::check_nsid(nsid, false)?;
         let reply = self.run(&Op::identify(Cns::Namespace, nsid), None).await?;

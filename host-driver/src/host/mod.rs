@@ -142,6 +142,15 @@ struct Inner {
     uri: TargetUri,
     /// The concrete transport address in use (auto resolved).
     resolved: TransportUri,
+    /// Every address of the subsystem, `resolved.addr` first: alternates
+    /// given after it in the URI (`tcp://A:P,B:P`), tried in turn when a
+    /// reconnect to the current one fails.
+    addrs: Vec<String>,
+    /// The index in `addrs` the current (or last) controller came from.
+    current: AtomicUsize,
+    /// The namespaces this host has used (known when a connection was
+    /// lost): an alternate must show them to be taken.
+    used_nsids: Mutex<Vec<u32>>,
     opts: HostOptions,
     hostnqn: Nqn,
     subnqn: Nqn,
@@ -203,7 +212,7 @@ impl Host {
     /// options, [`HostError::Connect`] (with the cause) when the I/O unit
     /// cannot be reached or refuses.
     pub fn connect(uri: &str, opts: HostOptions) -> Result<Host, HostError> {
-        let uri = TargetUri::parse(uri)?;
+        let (uri, alternates) = TargetUri::parse_with_alternates(uri)?;
         opts.validate()?;
         let fabrics = Arc::new(Fabrics::new().with_connect_timeout(opts.connect_timeout));
         let candidates = match uri.transport() {
@@ -212,7 +221,7 @@ impl Host {
         };
         let mut last = None;
         for resolved in candidates {
-            match Host::connect_via(&uri, resolved.clone(), &fabrics, &opts) {
+            match Host::connect_via(&uri, resolved.clone(), &alternates, &fabrics, &opts) {
                 Ok(host) => {
                     if uri.transport() == Transport::Auto {
                         tracing::info!(%uri, chosen = %resolved, "auto transport selection");
@@ -234,6 +243,7 @@ impl Host {
     fn connect_via(
         uri: &TargetUri,
         resolved: TransportUri,
+        alternates: &[String],
         fabrics: &Arc<Fabrics>,
         opts: &HostOptions,
     ) -> Result<Host, HostError> {
@@ -253,9 +263,14 @@ impl Host {
             source,
         })?;
         let (lost_tx, lost_rx) = mpsc::channel();
+        let mut addrs = vec![resolved.addr.clone()];
+        addrs.extend(alternates.iter().cloned());
         let inner = Arc::new(Inner {
             uri: uri.clone(),
             resolved,
+            addrs,
+            current: AtomicUsize::new(0),
+            used_nsids: Mutex::new(Vec::new()),
             cache: BufCache::new(domain.clone()),
             fabrics: fabrics.clone(),
             domain,
@@ -277,7 +292,17 @@ impl Host {
         let host = Host {
             handle: Arc::new(Handle { inner: inner.clone() }),
         };
-        let session = inner.connect_session()?;
+        // The first address that answers (the others are alternates).
+        let mut first = Err(HostError::Closed);
+        for i in 0..inner.addrs.len() {
+            inner.current.store(i, Ordering::Relaxed);
+            first = inner.connect_session();
+            match &first {
+                Ok(_) => break,
+                Err(e) => tracing::debug!(addr = %inner.addrs[i], "connect failed: {e}"),
+            }
+        }
+        let session = first?;
         inner.last_cntlid.store(u64::from(session.cntlid), Ordering::Relaxed);
         *inner.state.lock() = ConnState::Connected(session);
         inner.spawn("chanio-host-supervisor", {
@@ -316,9 +341,22 @@ impl Host {
         self.handle.inner.resolved.scheme.as_str()
     }
 
-    /// The target URI.
+    /// The target URI (with its alternates, if any).
     pub fn uri(&self) -> String {
-        self.handle.inner.uri.to_string()
+        let inner = &self.handle.inner;
+        let mut uri = inner.uri.to_string();
+        for alt in &inner.addrs[1..] {
+            uri.push(',');
+            uri.push_str(alt);
+        }
+        uri
+    }
+
+    /// The address the current (or last) controller was reached at: the
+    /// URI's first, or one of its alternates after a failover.
+    pub fn address(&self) -> String {
+        let inner = &self.handle.inner;
+        inner.addrs[inner.current.load(Ordering::Relaxed) % inner.addrs.len()].clone()
     }
 
     /// The I/O queues in use (what the I/O unit granted); 0 while
@@ -353,6 +391,16 @@ impl Host {
     /// See [`HostError`].
     pub fn namespaces(&self) -> Result<Vec<NamespaceInfo>, HostError> {
         exec::block_on(self.handle.inner.namespaces())
+    }
+
+    /// The I/O unit's replication status (the vendor log page C0h): each
+    /// replicated namespace's role, in-sync set and replicas, as text;
+    /// `None` where the I/O unit replicates nothing.
+    ///
+    /// # Errors
+    /// See [`HostError`].
+    pub fn replication_status(&self) -> Result<Option<String>, HostError> {
+        exec::block_on(self.handle.inner.replication_status())
     }
 
     /// Identify Namespace of `nsid` (also refreshes the host's cached block

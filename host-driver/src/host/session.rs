@@ -45,7 +45,7 @@ impl Inner {
         let mut params = QueueParams {
             fabric,
             domain: &self.domain,
-            addr: &self.resolved.addr,
+            addr: &self.addrs[self.current.load(Ordering::Relaxed) % self.addrs.len()],
             depth: ADMIN_QUEUE_DEPTH,
             kato_ms: self.opts.kato_ms(),
             data: &data,

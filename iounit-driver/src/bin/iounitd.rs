@@ -150,6 +150,8 @@ struct Args {
 struct Replication {
     membership: Option<Arc<Membership>>,
     replicas: Vec<ReplicaSpec>,
+    /// The replicated namespaces, for the status log page.
+    backends: Arc<parking_lot::Mutex<Vec<std::sync::Weak<ReplicatedBackend>>>>,
 }
 
 impl Replication {
@@ -161,6 +163,7 @@ impl Replication {
             return Ok(Replication {
                 membership: None,
                 replicas: Vec::new(),
+                backends: Arc::default(),
             });
         }
         if args.etcd.is_empty() {
@@ -178,7 +181,25 @@ impl Replication {
         Ok(Replication {
             membership: Some(Arc::new(membership)),
             replicas: args.replicas.clone(),
+            backends: Arc::default(),
         })
+    }
+
+    /// Has `target` report each replicated namespace's state in the
+    /// vendor log page C0h (`hostctl status`).
+    fn report_to(&self, target: &Target) {
+        if self.membership.is_none() {
+            return;
+        }
+        let backends = self.backends.clone();
+        target.set_replication_status(Arc::new(move || {
+            backends
+                .lock()
+                .iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .map(|b| b.status())
+                .collect()
+        }));
     }
 
     /// `backend` as namespace `nsid` (its copy named `instance`, served
@@ -222,8 +243,18 @@ impl Replication {
                 tracing::error!(nsid, "cannot mask the namespace for its role ({role:?}): {e}");
             }
         });
-        let replicated = ReplicatedBackend::start(backend, nsid, instance, &members, membership.clone(), on_role)?;
-        Ok(Arc::new(replicated))
+        let replicated = Arc::new(ReplicatedBackend::start(
+            backend,
+            nsid,
+            instance,
+            &members,
+            membership.clone(),
+            on_role,
+        )?);
+        let mut backends = self.backends.lock();
+        backends.retain(|b| b.strong_count() > 0);
+        backends.push(Arc::downgrade(&replicated));
+        Ok(replicated)
     }
 }
 
@@ -352,6 +383,7 @@ fn run(args: Args) -> Res<()> {
     cfg.target.serial = Some(identity.serial().to_string());
     let replication = Replication::start(&args, &cfg.target.nqn)?;
     let target = Target::start(cfg.target.clone())?;
+    replication.report_to(&target);
     let mut attached = BTreeMap::new();
     for ns in &cfg.namespaces {
         attach(&target, &mut identity, &replication, ns, &mut attached)?;
@@ -409,6 +441,11 @@ fn run(args: Args) -> Res<()> {
     }
     tell_manager(service::State::Stopping);
     target.shutdown();
+    // A clean stop hands a primary's namespaces over at once, instead of
+    // when its lease would have ended.
+    if let Some(m) = &replication.membership {
+        m.leave();
+    }
     Ok(())
 }
 

@@ -21,6 +21,7 @@
 //! keep-alive, later than it was sent, so this node stops acknowledging
 //! before any other node can become primary.
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -80,6 +81,8 @@ pub struct Membership {
     lease: i64,
     /// Until when this node may acknowledge writes (see the module docs).
     live_until: Arc<Mutex<Instant>>,
+    /// The lease was given back ([`Membership::leave`]).
+    left: AtomicBool,
 }
 
 impl std::fmt::Debug for Membership {
@@ -137,29 +140,6 @@ impl Membership {
             let live_until = sent + fence(Duration::from_secs(granted.ttl().max(0) as u64));
             Ok::<_, MembershipError>((client, granted.id(), live_until))
         })?;
-        // One process per node name: the name is taken under the lease.
-        let prefix = prefix.trim_end_matches('/').to_owned();
-        let name_key = format!("{prefix}/nodes/{node}");
-        let taken = rt.block_on(async {
-            let mut c = client.clone();
-            let txn = Txn::new()
-                .when([Compare::create_revision(name_key.as_str(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    name_key.as_str(),
-                    "",
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
-            let resp = c.txn(txn).await?;
-            if !resp.succeeded() {
-                let _ = c.lease_revoke(lease).await;
-            }
-            Ok::<_, MembershipError>(!resp.succeeded())
-        })?;
-        if taken {
-            return Err(MembershipError::Invalid(format!(
-                "another process is node {node:?} under {prefix} (or was, and its lease has not ended yet)"
-            )));
-        }
         let live_until = Arc::new(Mutex::new(live_until));
         rt.spawn(keep_alive(
             client.clone(),
@@ -167,15 +147,71 @@ impl Membership {
             Duration::from_secs(ttl_s),
             live_until.clone(),
         ));
-        tracing::info!(node, lease = format!("{lease:x}"), ttl_s, "joined etcd");
-        Ok(Membership {
+        let membership = Membership {
             rt,
             client,
             node: node.to_owned(),
-            prefix,
+            prefix: prefix.trim_end_matches('/').to_owned(),
             lease,
             live_until,
+            left: AtomicBool::new(false),
+        };
+        // One process per node name: the name is taken under the lease. A
+        // process that just died still holds it until its lease ends (a
+        // restart waits that long); one that is alive keeps it.
+        let wait = Duration::from_secs(ttl_s * 2 + 1);
+        let started = Instant::now();
+        let mut said = false;
+        while !membership.take_name()? {
+            if started.elapsed() >= wait {
+                return Err(MembershipError::Invalid(format!(
+                    "another process is node {node:?} under {} (it held the name for {wait:?})",
+                    membership.prefix
+                )));
+            }
+            if !said {
+                tracing::info!(
+                    node,
+                    "node name held by another process: waiting up to {wait:?} for its lease to end"
+                );
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        tracing::info!(node, lease = format!("{lease:x}"), ttl_s, "joined etcd");
+        Ok(membership)
+    }
+
+    /// Takes `PREFIX/nodes/NODE` under this node's lease, if free.
+    fn take_name(&self) -> Result<bool, MembershipError> {
+        let key = format!("{}/nodes/{}", self.prefix, self.node);
+        let mut client = self.client.clone();
+        self.rt.block_on(async {
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.as_str(),
+                    "",
+                    Some(PutOptions::new().with_lease(self.lease)),
+                )]);
+            Ok(client.txn(txn).await?.succeeded())
         })
+    }
+
+    /// Gives the lease back: every key this node holds under it (its name,
+    /// a primary key) goes at once instead of when the lease would end,
+    /// and the node acknowledges nothing more. Done once; dropping the
+    /// membership does it too.
+    pub fn leave(&self) {
+        if self.left.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        *self.live_until.lock() = Instant::now();
+        let mut client = self.client.clone();
+        let lease = self.lease;
+        let _ = self
+            .rt
+            .block_on(async { tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(lease)).await });
     }
 
     /// This node's name.
@@ -332,13 +368,7 @@ impl Membership {
 
 impl Drop for Membership {
     fn drop(&mut self) {
-        // A clean stop gives the primary keys up at once instead of when
-        // the lease runs out.
-        let mut client = self.client.clone();
-        let lease = self.lease;
-        let _ = self
-            .rt
-            .block_on(async { tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(lease)).await });
+        self.leave();
     }
 }
 

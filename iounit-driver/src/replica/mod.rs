@@ -63,6 +63,8 @@ const REPLICA_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Commands to a replica whose connection dropped fail at once (the
 /// replica leaves the set; it comes back through a resync).
 const REPLICA_RECONNECT: Duration = Duration::ZERO;
+/// I/O queues of a connection to a replica.
+const REPLICA_QUEUES: u16 = 2;
 /// How often the supervisor looks at etcd and at missing replicas.
 const SUPERVISE: Duration = Duration::from_millis(250);
 /// The unit of resynchronisation and of the dirty map.
@@ -99,12 +101,16 @@ struct Target {
     connections: u64,
     /// In etcd's in-sync set; false while it is being resynchronised.
     in_sync: bool,
+    /// The member's copy (its namespace UUID).
+    instance: String,
 }
 
-/// What a member that gets no writes missed: some chunks, or anything.
+/// What a member that gets no writes missed: some chunks of the copy it
+/// held (`instance`: a member that comes back as another copy, restarted
+/// empty, missed everything), or anything.
 #[derive(Debug, Clone)]
 enum Missed {
-    Chunks(Vec<bool>),
+    Chunks { map: Vec<bool>, instance: String },
     All,
 }
 
@@ -116,6 +122,8 @@ struct State {
     missed: std::collections::HashMap<String, Missed>,
     /// Members whose resync is running.
     resyncing: std::collections::HashSet<String>,
+    /// Each running resync's chunks copied and to copy.
+    progress: std::collections::HashMap<String, (usize, usize)>,
 }
 
 struct Inner {
@@ -186,6 +194,7 @@ impl ReplicatedBackend {
                 targets: Vec::new(),
                 missed: Default::default(),
                 resyncing: Default::default(),
+                progress: Default::default(),
             }),
             stripes: (0..STRIPES).map(|_| parking_lot::RwLock::new(())).collect(),
             replica_writes: parking_lot::RwLock::new(()),
@@ -214,6 +223,61 @@ impl ReplicatedBackend {
     /// This node's role now.
     pub fn role(&self) -> Role {
         self.inner.state.lock().role
+    }
+
+    /// This member's state, for people (the vendor log page C0h, `hostctl
+    /// status`): its role, the in-sync set, and each other member's state
+    /// and resync progress.
+    pub fn status(&self) -> String {
+        let i = &self.inner;
+        let st = i.state.lock();
+        let me = i.membership.node();
+        let live = if i.membership.is_live() {
+            ""
+        } else {
+            " (lease lapsed: acknowledging nothing)"
+        };
+        match st.role {
+            Role::Replica | Role::TakingOver => {
+                format!(
+                    "namespace {}: replica on node {me}, taking writes from the primary only{live}\n",
+                    i.nsid
+                )
+            }
+            Role::Primary => {
+                let in_sync: Vec<&str> = st
+                    .group
+                    .as_ref()
+                    .map(|g| g.in_sync.iter().map(|m| membership::node_of(m)).collect())
+                    .unwrap_or_default();
+                let mut out = format!(
+                    "namespace {}: primary on node {me}{live}; in sync: {}\n",
+                    i.nsid,
+                    in_sync.join(", ")
+                );
+                for m in &i.members {
+                    let state = if in_sync.contains(&m.node.as_str()) {
+                        "in sync".to_owned()
+                    } else if let Some((done, total)) = st.progress.get(&m.node) {
+                        format!(
+                            "resynchronising: {done}/{total} chunks ({:.0} %)",
+                            100.0 * *done as f64 / (*total).max(1) as f64
+                        )
+                    } else {
+                        match st.missed.get(&m.node) {
+                            Some(Missed::Chunks { map, .. }) => format!(
+                                "out of sync, not reachable; missed {} of {} chunks",
+                                map.iter().filter(|c| **c).count(),
+                                map.len()
+                            ),
+                            _ => "out of sync, not reachable; to be copied in full".to_owned(),
+                        }
+                    };
+                    out.push_str(&format!("  {} ({}): {state}\n", m.node, m.uri));
+                }
+                out
+            }
+        }
     }
 
     /// The in-sync nodes as this primary last confirmed them in etcd
@@ -335,12 +399,12 @@ impl Inner {
     /// A change of the namespace: `local` on this copy, then `op` on every
     /// replica getting writes. On a replica (the primary's own writes)
     /// only `local`.
-    fn replicate(
+    fn replicate<'d>(
         &self,
         what: &str,
         range: Option<(u64, u64)>,
         local: impl FnOnce() -> Result<(), BlockError>,
-        op: impl Fn(&Host, Nsid) -> Result<(), HostError>,
+        op: impl Fn(Host, Nsid) -> Forward<'d>,
     ) -> Result<(), BlockError> {
         {
             let _replica = self.replica_writes.read();
@@ -356,7 +420,7 @@ impl Inner {
             let mut st = self.state.lock();
             if let Some(chunks) = &chunks {
                 for missed in st.missed.values_mut() {
-                    if let Missed::Chunks(map) = missed {
+                    if let Missed::Chunks { map, .. } = missed {
                         for c in chunks.clone() {
                             if let Some(bit) = map.get_mut(c as usize) {
                                 *bit = true;
@@ -370,8 +434,15 @@ impl Inner {
                 .map(|t| (t.node.clone(), t.host.clone(), t.connections, t.in_sync))
                 .collect()
         };
-        for (node, host, connections, in_sync) in targets {
-            let result = op(&host, Nsid(self.nsid)).map_err(|e| e.to_string()).and_then(|()| {
+        // Every replica at once; the write waits for the slowest.
+        let results = join_all(
+            targets
+                .iter()
+                .map(|(_, host, ..)| op(host.clone(), Nsid(self.nsid)))
+                .collect(),
+        );
+        for ((node, host, connections, in_sync), result) in targets.into_iter().zip(results) {
+            let result = result.map_err(|e| e.to_string()).and_then(|()| {
                 if host.connections() == connections {
                     Ok(())
                 } else {
@@ -411,11 +482,19 @@ impl Inner {
                     in_sync = ?group.in_sync,
                     "replica left the in-sync set ({why}); writes go on degraded"
                 );
-                if let Some(i) = targets.iter().position(|t| t.node == node) {
-                    targets.remove(i).host.close();
-                }
-                let chunks = self.geo.bytes().div_ceil(CHUNK) as usize;
-                missed.insert(node.to_owned(), Missed::Chunks(vec![false; chunks]));
+                let left = match targets.iter().position(|t| t.node == node) {
+                    Some(i) => {
+                        let t = targets.remove(i);
+                        t.host.close();
+                        let chunks = self.geo.bytes().div_ceil(CHUNK) as usize;
+                        Missed::Chunks {
+                            map: vec![false; chunks],
+                            instance: t.instance,
+                        }
+                    }
+                    None => Missed::All,
+                };
+                missed.insert(node.to_owned(), left);
                 Ok(())
             }
             Err(e) => {
@@ -454,6 +533,7 @@ impl Inner {
         let outcome = self.resync_inner(spec);
         let mut st = self.state.lock();
         st.resyncing.remove(&node);
+        st.progress.remove(&node);
         if let Err(e) = outcome {
             if let Some(i) = st.targets.iter().position(|t| t.node == node && !t.in_sync) {
                 st.targets.remove(i).host.close();
@@ -479,8 +559,15 @@ impl Inner {
                 host: host.clone(),
                 connections,
                 in_sync: false,
+                instance: instance.clone(),
             });
-            st.missed.remove(&spec.node).unwrap_or(Missed::All)
+            match st.missed.remove(&spec.node) {
+                // The same copy: only what it missed.
+                Some(m @ Missed::Chunks { .. }) if matches!(&m, Missed::Chunks { instance: i, .. } if *i == instance) => {
+                    m
+                }
+                _ => Missed::All,
+            }
         };
         // Writes that began before the member was added may not reach it:
         // each holds its chunks' stripes until it is done.
@@ -490,7 +577,7 @@ impl Inner {
         let total = self.geo.bytes().div_ceil(CHUNK);
         let todo: Vec<u64> = match &missed {
             Missed::All => (0..total).collect(),
-            Missed::Chunks(map) => (0..total)
+            Missed::Chunks { map, .. } => (0..total)
                 .filter(|&c| map.get(c as usize).copied().unwrap_or(true))
                 .collect(),
         };
@@ -501,6 +588,7 @@ impl Inner {
             of = total,
             "resynchronising replica"
         );
+        self.state.lock().progress.insert(spec.node.clone(), (0, todo.len()));
         let mut buf = vec![0u8; CHUNK as usize];
         let started = std::time::Instant::now();
         let mut last_report = started;
@@ -530,6 +618,10 @@ impl Inner {
                     return Err("the replica was reconnected".into());
                 }
             }
+            self.state
+                .lock()
+                .progress
+                .insert(spec.node.clone(), (done + 1, todo.len()));
             std::thread::sleep(copy.elapsed().mul_f64((1.0 - RESYNC_DUTY) / RESYNC_DUTY));
             if last_report.elapsed() >= Duration::from_secs(2) {
                 last_report = std::time::Instant::now();
@@ -568,6 +660,56 @@ impl Inner {
     }
 }
 
+/// One forwarded command (it holds a clone of the replica's connection,
+/// and borrows the data).
+type Forward<'h> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), HostError>> + Send + 'h>>;
+
+/// Runs `forwards` to completion together on this thread (a blocking
+/// thread of the target's), which sleeps between their wake-ups. One runs
+/// through the host library's blocking path, which reaps its own
+/// completion.
+fn join_all(mut forwards: Vec<Forward<'_>>) -> Vec<Result<(), HostError>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::task::{Context, Poll, Wake, Waker};
+
+    struct Unpark {
+        thread: std::thread::Thread,
+        woken: AtomicBool,
+    }
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.woken.store(true, Ordering::Release);
+            self.thread.unpark();
+        }
+    }
+    if forwards.len() == 1 {
+        return forwards.drain(..).map(host::block_on).collect();
+    }
+    let unpark = Arc::new(Unpark {
+        thread: std::thread::current(),
+        woken: AtomicBool::new(false),
+    });
+    let waker = Waker::from(unpark.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut results: Vec<Option<Result<(), HostError>>> = forwards.iter().map(|_| None).collect();
+    loop {
+        unpark.woken.store(false, Ordering::Release);
+        for (f, r) in forwards.iter_mut().zip(results.iter_mut()) {
+            if r.is_none() {
+                if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                    *r = Some(v);
+                }
+            }
+        }
+        if results.iter().all(Option::is_some) {
+            return results.into_iter().flatten().collect();
+        }
+        if !unpark.woken.load(Ordering::Acquire) {
+            std::thread::park();
+        }
+    }
+}
+
 /// Connects to one member and checks its namespace can hold this one;
 /// returns the connection and the member's copy's instance (its
 /// namespace UUID).
@@ -577,6 +719,9 @@ fn connect(spec: &ReplicaSpec, node: &str, geo: Geometry) -> Result<(Host, Strin
         command_timeout: REPLICA_COMMAND_TIMEOUT,
         reconnect_deadline: REPLICA_RECONNECT,
         connect_timeout: Duration::from_secs(1),
+        // Forwards come from many blocking threads at once.
+        io_queues: REPLICA_QUEUES,
+        queue_depth: 128,
         ..HostOptions::default()
     };
     let host = Host::connect(&spec.uri, opts).map_err(|e| format!("cannot connect to {}: {e}", spec.uri))?;
@@ -627,19 +772,25 @@ impl BlockIo for ReplicatedBackend {
             "write",
             Some((offset, data.len() as u64)),
             || i.local.write(offset, data, fua),
-            |h, ns| h.write(ns, lba, data, fua),
+            |h, ns| Box::pin(async move { h.write_async(ns, lba, data, fua).await }),
         )
     }
 
     fn flush(&self) -> Result<(), BlockError> {
         let i = &self.inner;
-        i.replicate("flush", None, || i.local.flush(), |h, ns| h.flush(ns))
+        i.replicate(
+            "flush",
+            None,
+            || i.local.flush(),
+            |h, ns| Box::pin(async move { h.flush_async(ns).await }),
+        )
     }
 
-    /// Every command runs on a blocking thread: a write waits for the
-    /// replicas.
+    /// On the primary every command runs on a blocking thread (a write
+    /// waits for the replicas); a replica's writes are local only, and run
+    /// where the local storage's would.
     fn may_block(&self) -> bool {
-        true
+        self.inner.state.lock().role == Role::Primary || self.inner.local.may_block()
     }
 
     // No `files` and no `window_memory`: every write must come through
@@ -654,7 +805,7 @@ impl WriteZeroes for ReplicatedBackend {
             "write zeroes",
             Some((offset, len)),
             || i.local.write_zeroes(offset, len),
-            |h, ns| h.write_zeroes(ns, offset / bs, len / bs),
+            |h, ns| Box::pin(async move { h.write_zeroes_async(ns, offset / bs, len / bs).await }),
         )
     }
 }
@@ -667,7 +818,7 @@ impl Discard for ReplicatedBackend {
             "deallocate",
             Some((offset, len)),
             || i.local.discard(offset, len),
-            |h, ns| h.trim(ns, offset / bs, len / bs),
+            |h, ns| Box::pin(async move { h.trim_async(ns, offset / bs, len / bs).await }),
         )
     }
 }

@@ -184,6 +184,9 @@ pub fn parse_uri(uri: &str) -> Result<TransportUri, FabricError> {
     TransportUri::parse(uri)
 }
 
+/// Text for a status log page, made when a host reads it.
+pub type StatusSource = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// Who sees one namespace: the hosts allowed (all when empty), less the
 /// hosts refused.
 #[derive(Debug, Default)]
@@ -229,6 +232,8 @@ pub(crate) struct Shared {
     /// Namespace masking: the host NQNs each masked namespace is visible
     /// to (a namespace not named here is visible to every allowed host).
     masks: parking_lot::RwLock<HashMap<u32, Mask>>,
+    /// What the vendor log page C0h reports (the daemon's replication).
+    pub(crate) replication_status: parking_lot::RwLock<Option<StatusSource>>,
     /// Bumped on every change of `masks`, so that queues can cache what
     /// they looked up.
     pub(crate) mask_generation: std::sync::atomic::AtomicU64,
@@ -296,6 +301,7 @@ impl Target {
             workers: std::sync::OnceLock::new(),
             blocking: blocking::Blocking::default(),
             masks: parking_lot::RwLock::new(HashMap::new()),
+            replication_status: parking_lot::RwLock::new(None),
             mask_generation: std::sync::atomic::AtomicU64::new(0),
             serial,
             namespace_ids: parking_lot::RwLock::new(HashMap::new()),
@@ -363,6 +369,13 @@ impl Target {
     /// [`TargetError::Config`] when a host NQN is malformed.
     pub fn set_namespace_hosts(&self, nsid: u32, hosts: &[String]) -> Result<(), TargetError> {
         self.change_mask(nsid, hosts, |m| m.allow = hosts.to_vec())
+    }
+
+    /// Makes the vendor log page C0h (`nvme::ReplicationStatus`) report
+    /// what `source` says when a host reads it; without one, hosts get
+    /// Invalid Log Page.
+    pub fn set_replication_status(&self, source: StatusSource) {
+        *self.shared.replication_status.write() = Some(source);
     }
 
     /// Hides namespace `nsid` from the hosts in `hosts` whatever

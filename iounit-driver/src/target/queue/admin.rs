@@ -151,6 +151,13 @@ impl Queue {
                     Err(_) => return Ok(Outcome::status(Status::INTERNAL_ERROR)),
                 }
             }
+            Some(LogPageId::ReplicationStatus) => {
+                let source = self.shared.replication_status.read().clone();
+                match source {
+                    Some(text) => crate::nvme::ReplicationStatus { text: text() }.encode(),
+                    None => return Ok(Outcome::status(Status::INVALID_LOG_PAGE.with_dnr())),
+                }
+            }
             _ => return Ok(Outcome::status(Status::INVALID_LOG_PAGE.with_dnr())),
         };
         let offset = lp.offset.min(data.len() as u64) as usize;
