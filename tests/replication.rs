@@ -408,17 +408,30 @@ fn a_second_node_cannot_take_a_namespace_another_is_primary_of() {
         "the refusal does not say why: {stderr}"
     );
 
-    // A new member c is not in sync: it becomes a replica, and the
-    // primary stays a.
-    let third = Group {
-        uris: vec![
-            ("a".into(), group.uri("a").into()),
-            ("c".into(), format!("tcp://127.0.0.1:{}", free_port())),
-        ],
-        ..group
-    };
-    let c = third.start("c");
-    c.wait_log("replica of a replicated namespace", Duration::from_secs(5));
+    // A new member c (configured by file) is not in sync: it becomes a
+    // replica, and the primary stays a.
+    let dir = Scratch::new("replication-config");
+    let cfg = dir.path("iounitd.toml");
+    let c_uri = format!("tcp://127.0.0.1:{}", free_port());
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"{c_uri}\"]\n\n[replication]\nnode = \"c\"\netcd = [\"{}\"]\netcd_prefix = \"{prefix}\"\n\
+             lease_ttl = 5\n\n[[namespace]]\nbackend = \"ram:16MiB\"\nreplicas = [\"a@{}\", \"c@{c_uri}\"]\n",
+            etcd.url,
+            group.uri("a")
+        ),
+    )
+    .expect("write the config");
+    let mut cmd = Command::new(common::binary("iounitd"));
+    cmd.arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let c = Daemon::spawn(cmd);
+    c.wait_log("replica of a replicated namespace", Duration::from_secs(10));
     assert!(!c.log.lock().unwrap().contains("primary of a replicated namespace"));
     assert_eq!(etcd.in_sync(prefix).first().map(String::as_str), Some("a"));
 }

@@ -24,6 +24,15 @@
 //! backend = "file:/var/lib/chanio/disk.img:1GiB"
 //! hosts = ["nqn.2014-08.org.nvmexpress:uuid:..."]  # masking: only these
 //!                                          # hosts see it (default: all)
+//! replicas = ["a@tcp://10.0.0.1:4520", "b@tcp://10.0.0.2:4520"]
+//!                                          # its replication group, the same
+//!                                          # list on every member
+//!
+//! [replication]                            # needed by `replicas`
+//! node = "a"                               # this node's name in the group
+//! etcd = ["http://10.0.0.9:2379"]          # the membership store
+//! lease_ttl = 5                            # seconds
+//! etcd_prefix = "/chanio/<nqn>"            # optional
 //! ```
 //!
 //! On SIGHUP the daemon re-reads the file and attaches or detaches
@@ -49,6 +58,24 @@ pub struct NamespaceEntry {
     pub spec: BackendSpec,
     /// The host NQNs that see it; empty: every allowed host.
     pub hosts: Vec<String>,
+    /// Its replication group's members, `NODE@URI` (empty: not
+    /// replicated).
+    pub replicas: Vec<String>,
+}
+
+/// The `[replication]` table: this node's place in replication groups.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// This node's name.
+    pub node: Option<String>,
+    /// etcd endpoints.
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    /// Lease time-to-live in seconds.
+    pub lease_ttl: Option<u64>,
+    /// Key prefix in etcd.
+    pub etcd_prefix: Option<String>,
 }
 
 /// A loaded configuration: target settings plus the namespaces.
@@ -58,6 +85,8 @@ pub struct DaemonConfig {
     pub target: TargetConfig,
     /// Namespaces in file order.
     pub namespaces: Vec<NamespaceEntry>,
+    /// The `[replication]` table, if any.
+    pub replication: ReplicationConfig,
 }
 
 /// Errors reading the configuration.
@@ -115,6 +144,8 @@ struct File {
     shm_allow_any_user: bool,
     #[serde(default)]
     namespace: Vec<Namespace>,
+    #[serde(default)]
+    replication: ReplicationConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +155,8 @@ struct Namespace {
     backend: String,
     #[serde(default)]
     hosts: Vec<String>,
+    #[serde(default)]
+    replicas: Vec<String>,
 }
 
 /// Who may connect over shm: the users and groups listed, or, when none
@@ -167,10 +200,22 @@ pub fn parse(text: &str, origin: &str) -> Result<DaemonConfig, ConfigError> {
             path: origin.to_string(),
             message: format!("namespace #{}: {m}", i + 1),
         })?;
+        for r in &ns.replicas {
+            if !r
+                .split_once('@')
+                .is_some_and(|(n, u)| !n.is_empty() && u.contains("://"))
+            {
+                return Err(ConfigError::Invalid {
+                    path: origin.to_string(),
+                    message: format!("namespace #{}: replica {r:?}: use NODE@URI", i + 1),
+                });
+            }
+        }
         namespaces.push(NamespaceEntry {
             nsid: ns.nsid,
             spec,
             hosts: ns.hosts.clone(),
+            replicas: ns.replicas.clone(),
         });
     }
     Ok(DaemonConfig {
@@ -195,6 +240,7 @@ pub fn parse(text: &str, origin: &str) -> Result<DaemonConfig, ConfigError> {
             window_file_cache: file.window_file_cache,
         },
         namespaces,
+        replication: file.replication,
     })
 }
 
@@ -304,12 +350,36 @@ fn is_ram(spec: &BackendSpec) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn replication_comes_from_its_table_and_each_namespace_s_replicas() {
+        let cfg = parse(
+            "[replication]\nnode = \"a\"\netcd = [\"http://10.0.0.9:2379\"]\nlease_ttl = 3\n\n\
+             [[namespace]]\nbackend = \"ram:1MiB\"\nreplicas = [\"a@tcp://10.0.0.1:4520\", \"b@tcp://10.0.0.2:4520\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(cfg.replication.node.as_deref(), Some("a"));
+        assert_eq!(cfg.replication.etcd, ["http://10.0.0.9:2379"]);
+        assert_eq!(cfg.replication.lease_ttl, Some(3));
+        assert_eq!(cfg.namespaces[0].replicas.len(), 2);
+        for bad in [
+            "replicas = [\"b\"]",
+            "replicas = [\"@tcp://x:1\"]",
+            "replicas = [\"b@x\"]",
+        ] {
+            let text = format!("[[namespace]]\nbackend = \"ram:1MiB\"\n{bad}\n");
+            assert!(parse(&text, "t").is_err(), "{bad} parsed");
+        }
+        assert!(parse("[replication]\nnodes = \"a\"\n", "t").is_err());
+    }
+
     fn entries(list: &[(Option<u32>, &str)]) -> Vec<NamespaceEntry> {
         list.iter()
             .map(|&(nsid, spec)| NamespaceEntry {
                 nsid,
                 spec: spec.parse().expect("spec"),
                 hosts: Vec::new(),
+                replicas: Vec::new(),
             })
             .collect()
     }

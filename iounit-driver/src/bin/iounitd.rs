@@ -136,9 +136,9 @@ struct Args {
     #[arg(long, value_name = "NAME", help_heading = "Replication")]
     node: Option<String>,
     /// Lease time-to-live in etcd: a primary that cannot renew its lease
-    /// stops acknowledging writes before it ends.
-    #[arg(long, value_name = "SECS", default_value_t = 5, help_heading = "Replication")]
-    lease_ttl: u64,
+    /// stops acknowledging writes before it ends (default 5).
+    #[arg(long, value_name = "SECS", help_heading = "Replication")]
+    lease_ttl: Option<u64>,
     /// Key prefix of the membership in etcd (default: /chanio/ and the
     /// subsystem NQN).
     #[arg(long, value_name = "PREFIX", help_heading = "Replication")]
@@ -155,10 +155,23 @@ struct Replication {
 }
 
 impl Replication {
-    fn start(args: &Args, nqn: &str) -> Res<Replication> {
-        if args.replicas.is_empty() {
-            if !args.etcd.is_empty() {
-                tracing::warn!("--etcd without --replica: no namespace is replicated");
+    /// Joins etcd when a namespace has replicas (`--replica`, or
+    /// `replicas` in the config file); options override `[replication]`.
+    fn start(args: &Args, cfg: &DaemonConfig) -> Res<Replication> {
+        let file = &cfg.replication;
+        let nqn = &cfg.target.nqn;
+        let wanted = !args.replicas.is_empty() || cfg.namespaces.iter().any(|n| !n.replicas.is_empty());
+        let etcd = if args.etcd.is_empty() {
+            file.etcd.clone()
+        } else {
+            args.etcd.clone()
+        };
+        let node = args.node.clone().or_else(|| file.node.clone());
+        let lease_ttl = args.lease_ttl.or(file.lease_ttl).unwrap_or(5);
+        let etcd_prefix = args.etcd_prefix.clone().or_else(|| file.etcd_prefix.clone());
+        if !wanted {
+            if !etcd.is_empty() {
+                tracing::warn!("etcd given, but no namespace has replicas: none is replicated");
             }
             return Ok(Replication {
                 membership: None,
@@ -166,18 +179,18 @@ impl Replication {
                 backends: Arc::default(),
             });
         }
-        if args.etcd.is_empty() {
-            return Err("--replica needs --etcd (the membership store) and --node".into());
+        if etcd.is_empty() {
+            return Err("replicas need etcd (--etcd, or etcd in [replication]) and a node name".into());
         }
-        let Some(node) = &args.node else {
-            return Err("--replica needs --node (this node's name in the membership)".into());
+        let Some(node) = node else {
+            return Err("replicas need this node's name (--node, or node in [replication])".into());
         };
-        if args.lease_ttl < 2 {
-            return Err("--lease-ttl: use at least 2 seconds".into());
+        if lease_ttl < 2 {
+            return Err("lease TTL: use at least 2 seconds".into());
         }
-        let prefix = args.etcd_prefix.clone().unwrap_or_else(|| format!("/chanio/{nqn}"));
-        let membership = Membership::join(&args.etcd, &prefix, node, Duration::from_secs(args.lease_ttl))
-            .map_err(|e| format!("replication: joining etcd at {}: {e}", args.etcd.join(", ")))?;
+        let prefix = etcd_prefix.unwrap_or_else(|| format!("/chanio/{nqn}"));
+        let membership = Membership::join(&etcd, &prefix, &node, Duration::from_secs(lease_ttl))
+            .map_err(|e| format!("replication: joining etcd at {}: {e}", etcd.join(", ")))?;
         Ok(Replication {
             membership: Some(Arc::new(membership)),
             replicas: args.replicas.clone(),
@@ -203,9 +216,9 @@ impl Replication {
     }
 
     /// `backend` as namespace `nsid` (its copy named `instance`, served
-    /// to `hosts`): replicated when it has members. As a replica it is
-    /// masked to the other members' replication NQNs; as primary, to
-    /// `hosts`.
+    /// to `hosts`, with `listed` members from the config file):
+    /// replicated when it has members. As a replica it is masked to the
+    /// other members' replication NQNs; as primary, to `hosts`.
     fn wrap(
         &self,
         target: &Target,
@@ -213,8 +226,17 @@ impl Replication {
         backend: Arc<dyn BlockBackend>,
         instance: &str,
         hosts: &[String],
+        listed: &[String],
     ) -> Res<Arc<dyn BlockBackend>> {
-        let members: Vec<ReplicaSpec> = self.replicas.iter().filter(|r| r.nsid == nsid).cloned().collect();
+        let mut members: Vec<ReplicaSpec> = self.replicas.iter().filter(|r| r.nsid == nsid).cloned().collect();
+        for m in listed {
+            let spec: ReplicaSpec = format!("{nsid}={m}")
+                .parse()
+                .map_err(|e| format!("namespace {nsid}: {e}"))?;
+            if !members.iter().any(|x| x.node == spec.node) {
+                members.push(spec);
+            }
+        }
         let Some(membership) = &self.membership else {
             return Ok(backend);
         };
@@ -320,6 +342,7 @@ fn settings(args: &Args) -> Res<DaemonConfig> {
         None => DaemonConfig {
             target: TargetConfig::default(),
             namespaces: Vec::new(),
+            replication: Default::default(),
         },
     };
     if !args.listen.is_empty() {
@@ -335,6 +358,7 @@ fn settings(args: &Args) -> Res<DaemonConfig> {
                         nsid: None,
                         spec,
                         hosts: Vec::new(),
+                        replicas: Vec::new(),
                     })
                     .map_err(|m| format!("--ns {s}: {m}"))
             })
@@ -381,7 +405,7 @@ fn run(args: Args) -> Res<()> {
     let mut cfg = settings(&args)?;
     let mut identity = identity(&args)?;
     cfg.target.serial = Some(identity.serial().to_string());
-    let replication = Replication::start(&args, &cfg.target.nqn)?;
+    let replication = Replication::start(&args, &cfg)?;
     let target = Target::start(cfg.target.clone())?;
     replication.report_to(&target);
     let mut attached = BTreeMap::new();
@@ -509,7 +533,7 @@ fn attach(
     target.set_namespace_ids(nsid, ids);
     target.set_namespace_hosts(nsid, &ns.hosts)?;
     let instance = nvme::descriptors::uuid_text(&ids.uuid);
-    let backend = match replication.wrap(target, nsid, backend, &instance, &ns.hosts) {
+    let backend = match replication.wrap(target, nsid, backend, &instance, &ns.hosts, &ns.replicas) {
         Ok(b) => b,
         Err(e) => {
             target.set_namespace_hosts(nsid, &[])?;
