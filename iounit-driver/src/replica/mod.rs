@@ -67,6 +67,9 @@ const REPLICA_RECONNECT: Duration = Duration::ZERO;
 const REPLICA_QUEUES: u16 = 2;
 /// How often the supervisor looks at etcd and at missing replicas.
 const SUPERVISE: Duration = Duration::from_millis(250);
+/// The longest pause between attempts to resynchronise an unreachable
+/// member.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 /// The unit of resynchronisation and of the dirty map.
 const CHUNK: u64 = 1 << 20;
 /// Locks that keep a resync copy and a host's write of the same chunk
@@ -124,6 +127,9 @@ struct State {
     resyncing: std::collections::HashSet<String>,
     /// Each running resync's chunks copied and to copy.
     progress: std::collections::HashMap<String, (usize, usize)>,
+    /// Members whose last resync failed: when to try again, and the
+    /// pause after that (doubling up to `RETRY_MAX`).
+    retry: std::collections::HashMap<String, (std::time::Instant, Duration)>,
 }
 
 struct Inner {
@@ -195,6 +201,7 @@ impl ReplicatedBackend {
                 missed: Default::default(),
                 resyncing: Default::default(),
                 progress: Default::default(),
+                retry: Default::default(),
             }),
             stripes: (0..STRIPES).map(|_| parking_lot::RwLock::new(())).collect(),
             replica_writes: parking_lot::RwLock::new(()),
@@ -321,7 +328,12 @@ fn supervise(inner: &std::sync::Weak<Inner>, on_role: &RoleHook) {
                 for spec in inner.members.clone() {
                     let waiting = {
                         let st = inner.state.lock();
-                        st.missed.contains_key(&spec.node) && !st.resyncing.contains(&spec.node)
+                        st.missed.contains_key(&spec.node)
+                            && !st.resyncing.contains(&spec.node)
+                            && st
+                                .retry
+                                .get(&spec.node)
+                                .is_none_or(|(at, _)| *at <= std::time::Instant::now())
                     };
                     if waiting {
                         let job = inner.clone();
@@ -534,7 +546,13 @@ impl Inner {
         let mut st = self.state.lock();
         st.resyncing.remove(&node);
         st.progress.remove(&node);
+        if outcome.is_ok() {
+            st.retry.remove(&node);
+        }
         if let Err(e) = outcome {
+            let pause = st.retry.get(&node).map_or(SUPERVISE, |(_, p)| (*p * 2).min(RETRY_MAX));
+            st.retry
+                .insert(node.clone(), (std::time::Instant::now() + pause, pause));
             if let Some(i) = st.targets.iter().position(|t| t.node == node && !t.in_sync) {
                 st.targets.remove(i).host.close();
             }
