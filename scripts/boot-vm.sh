@@ -137,6 +137,9 @@ if $B mount -o remount,ro /; then
 else
   echo "chanio-root: cannot remount / read-only"
 fi
+# The console drains before the power goes: a power-off right after the
+# echo has cut its line short on the serial port.
+$B sleep 1
 echo o >/proc/sysrq-trigger
 $B sleep 10
 INIT
