@@ -495,10 +495,15 @@ fn a_replica_takes_over_from_a_killed_primary_with_every_acknowledged_write() {
     // served to no host until it is, and is resynchronised from b.
     let returned = group.start("a");
     returned.wait_log("replica of a replicated namespace", Duration::from_secs(5));
-    let refused = Host::connect(group.uri("a"), HostOptions::default())
-        .ok()
-        .and_then(|h| h.read(ns, 0, 8).ok());
-    assert!(refused.is_none(), "a stale replica served a read to a host");
+    let stale = Host::connect(group.uri("a"), HostOptions::default()).expect("connect to the stale replica");
+    let refused = stale
+        .read(ns, 0, 8)
+        .expect_err("a stale replica served a read to a host");
+    assert!(
+        refused.status().is_some_and(|s| s.same_code(Status::INVALID_NAMESPACE)),
+        "a stale replica refused a read with {refused}, not Invalid Namespace"
+    );
+    stale.close();
     wait_in_sync(&etcd, prefix, &["b", "a"], Duration::from_secs(60));
     let on_b = content(group.uri("b"), None);
     let on_a = content(group.uri("a"), Some("b"));

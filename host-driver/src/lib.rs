@@ -92,6 +92,13 @@ pub use buf::IoBuf;
 pub fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     exec::block_on(fut)
 }
+
+/// Runs `futs` together and returns their outputs in order: with
+/// [`block_on`], several of this library's calls (to one I/O unit or many)
+/// in flight at once from one thread.
+pub async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    exec::join_all(futs).await
+}
 pub use error::HostError;
 pub use host::{Host, HostEvent, NamespaceInfo, Window, ADMIN_QUEUE_DEPTH};
 pub use mirror::{LegState, Mirror};

@@ -118,7 +118,6 @@ enum Missed {
 }
 
 struct State {
-    role: Role,
     group: Option<Group>,
     targets: Vec<Target>,
     /// Members that get no writes, and what they missed since.
@@ -146,6 +145,9 @@ struct Inner {
     /// Held (shared) by each write taken as a replica; taking over waits
     /// for those in progress.
     replica_writes: parking_lot::RwLock<()>,
+    /// Set, once and for good, when this node becomes primary (read on
+    /// every I/O, without the state's lock).
+    primary: std::sync::atomic::AtomicBool,
     stop: std::sync::atomic::AtomicBool,
 }
 
@@ -195,7 +197,6 @@ impl ReplicatedBackend {
             membership,
             members: members.iter().filter(|m| m.node != me).cloned().collect(),
             state: Mutex::new(State {
-                role: Role::Replica,
                 group: None,
                 targets: Vec::new(),
                 missed: Default::default(),
@@ -205,6 +206,7 @@ impl ReplicatedBackend {
             }),
             stripes: (0..STRIPES).map(|_| parking_lot::RwLock::new(())).collect(),
             replica_writes: parking_lot::RwLock::new(()),
+            primary: std::sync::atomic::AtomicBool::new(false),
             stop: std::sync::atomic::AtomicBool::new(false),
         });
         match inner.try_claim(&on_role) {
@@ -229,7 +231,7 @@ impl ReplicatedBackend {
 
     /// This node's role now.
     pub fn role(&self) -> Role {
-        self.inner.state.lock().role
+        self.inner.role()
     }
 
     /// This member's state, for people (the vendor log page C0h, `hostctl
@@ -237,6 +239,7 @@ impl ReplicatedBackend {
     /// and resync progress.
     pub fn status(&self) -> String {
         let i = &self.inner;
+        let role = i.role();
         let st = i.state.lock();
         let me = i.membership.node();
         let live = if i.membership.is_live() {
@@ -244,7 +247,7 @@ impl ReplicatedBackend {
         } else {
             " (lease lapsed: acknowledging nothing)"
         };
-        match st.role {
+        match role {
             Role::Replica | Role::TakingOver => {
                 format!(
                     "namespace {}: replica on node {me}, taking writes from the primary only{live}\n",
@@ -313,8 +316,7 @@ fn supervise(inner: &std::sync::Weak<Inner>, on_role: &RoleHook) {
         if inner.stop.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        let role = inner.state.lock().role;
-        match role {
+        match inner.role() {
             Role::Replica => match inner.membership.has_primary(inner.nsid) {
                 Ok(false) => match inner.try_claim(on_role) {
                     Ok(_) | Err(MembershipError::NotPrimary { .. }) | Err(MembershipError::NotInSync { .. }) => {}
@@ -363,20 +365,28 @@ impl Inner {
         {
             let _drained = self.replica_writes.write();
             let mut st = self.state.lock();
-            st.role = Role::Primary;
             st.group = Some(group);
             for m in &self.members {
                 st.missed.insert(m.node.clone(), Missed::All);
             }
+            self.primary.store(true, std::sync::atomic::Ordering::Release);
         }
         tracing::info!(nsid = self.nsid, "primary of a replicated namespace");
         on_role(Role::Primary);
         Ok(())
     }
 
+    fn role(&self) -> Role {
+        if self.primary.load(std::sync::atomic::Ordering::Acquire) {
+            Role::Primary
+        } else {
+            Role::Replica
+        }
+    }
+
     /// Fails unless this node may acknowledge writes.
     fn live(&self) -> Result<(), BlockError> {
-        if self.state.lock().role != Role::Primary {
+        if self.role() != Role::Primary {
             return Err(BlockError::new(
                 ErrorKind::NotReady,
                 format!("namespace {}: this node is not its primary", self.nsid),
@@ -420,7 +430,7 @@ impl Inner {
     ) -> Result<(), BlockError> {
         {
             let _replica = self.replica_writes.read();
-            if self.state.lock().role == Role::Replica {
+            if self.role() == Role::Replica {
                 return local();
             }
         }
@@ -446,13 +456,13 @@ impl Inner {
                 .map(|t| (t.node.clone(), t.host.clone(), t.connections, t.in_sync))
                 .collect()
         };
-        // Every replica at once; the write waits for the slowest.
-        let results = join_all(
-            targets
-                .iter()
-                .map(|(_, host, ..)| op(host.clone(), Nsid(self.nsid)))
-                .collect(),
-        );
+        // Every replica at once; the write waits for the slowest. This
+        // (blocking) thread reaps the completions itself.
+        let forwards: Vec<Forward<'d>> = targets
+            .iter()
+            .map(|(_, host, ..)| op(host.clone(), Nsid(self.nsid)))
+            .collect();
+        let results = host::block_on(host::join_all(forwards));
         for ((node, host, connections, in_sync), result) in targets.into_iter().zip(results) {
             let result = result.map_err(|e| e.to_string()).and_then(|()| {
                 if host.connections() == connections {
@@ -568,7 +578,7 @@ impl Inner {
         let connections = host.connections();
         let missed = {
             let mut st = self.state.lock();
-            if st.role != Role::Primary {
+            if self.role() != Role::Primary {
                 host.close();
                 return Err("no longer primary".into());
             }
@@ -682,52 +692,6 @@ impl Inner {
 /// and borrows the data).
 type Forward<'h> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), HostError>> + Send + 'h>>;
 
-/// Runs `forwards` to completion together on this thread (a blocking
-/// thread of the target's), which sleeps between their wake-ups. One runs
-/// through the host library's blocking path, which reaps its own
-/// completion.
-fn join_all(mut forwards: Vec<Forward<'_>>) -> Vec<Result<(), HostError>> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::task::{Context, Poll, Wake, Waker};
-
-    struct Unpark {
-        thread: std::thread::Thread,
-        woken: AtomicBool,
-    }
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.woken.store(true, Ordering::Release);
-            self.thread.unpark();
-        }
-    }
-    if forwards.len() == 1 {
-        return forwards.drain(..).map(host::block_on).collect();
-    }
-    let unpark = Arc::new(Unpark {
-        thread: std::thread::current(),
-        woken: AtomicBool::new(false),
-    });
-    let waker = Waker::from(unpark.clone());
-    let mut cx = Context::from_waker(&waker);
-    let mut results: Vec<Option<Result<(), HostError>>> = forwards.iter().map(|_| None).collect();
-    loop {
-        unpark.woken.store(false, Ordering::Release);
-        for (f, r) in forwards.iter_mut().zip(results.iter_mut()) {
-            if r.is_none() {
-                if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-                    *r = Some(v);
-                }
-            }
-        }
-        if results.iter().all(Option::is_some) {
-            return results.into_iter().flatten().collect();
-        }
-        if !unpark.woken.load(Ordering::Acquire) {
-            std::thread::park();
-        }
-    }
-}
-
 /// Connects to one member and checks its namespace can hold this one;
 /// returns the connection and the member's copy's instance (its
 /// namespace UUID).
@@ -808,7 +772,7 @@ impl BlockIo for ReplicatedBackend {
     /// waits for the replicas); a replica's writes are local only, and run
     /// where the local storage's would.
     fn may_block(&self) -> bool {
-        self.inner.state.lock().role == Role::Primary || self.inner.local.may_block()
+        self.inner.role() == Role::Primary || self.inner.local.may_block()
     }
 
     // No `files` and no `window_memory`: every write must come through
